@@ -1,0 +1,8 @@
+"""Datasets, in their official on-disk layouts, and loaders that deliver device-ready batches."""
+
+from .batch import Batch
+from .builders import DataBundle, build_data
+from .images import DatasetError, ImageTensors
+from .tensor_loader import LoaderOptions, TensorLoader
+
+__all__ = ["Batch", "DataBundle", "DatasetError", "ImageTensors", "LoaderOptions", "TensorLoader", "build_data"]

@@ -1,0 +1,124 @@
+"""Batched augmentation of uint8 image tensors on their own device (GPU or CPU).
+
+Small-resolution datasets live in memory as uint8; every batch is augmented here in a handful of
+kernels, with no DataLoader workers and no host round trip. Randomness comes from an explicit
+``torch.Generator`` so a (seed, epoch, step) triple reproduces a batch exactly (exact resume).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.ops import roi_align
+
+TRAIN_AUGMENTS = ("crop_pad", "random_resized_crop", "none")
+
+
+def _uniform(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> Tensor:
+    return torch.rand(shape, generator=generator, device=device)
+
+
+def random_crop_with_padding(images: Tensor, size: int, padding: int, generator: torch.Generator) -> Tensor:
+    """torchvision RandomCrop(size, padding) with zero padding, one offset per image."""
+    n = images.shape[0]
+    padded = F.pad(images, (padding, padding, padding, padding))
+    max_offset = padded.shape[-1] - size
+    offsets = (_uniform((n, 2), generator, images.device) * (max_offset + 1)).long().clamp_(max=max_offset)
+    span = torch.arange(size, device=images.device)
+    rows = (offsets[:, 0:1] + span)[:, :, None]  # N x size x 1
+    cols = (offsets[:, 1:2] + span)[:, None, :]  # N x 1 x size
+    batch = torch.arange(n, device=images.device)[:, None, None]
+    # Advanced indexing gathers N x size x size x C in one kernel.
+    return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
+
+
+def random_resized_crop_boxes(
+    n: int,
+    height: int,
+    width: int,
+    generator: torch.Generator,
+    device: torch.device,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    attempts: int = 10,
+) -> Tensor:
+    """Boxes (x1, y1, x2, y2) drawn as torchvision's RandomResizedCrop draws them: up to ``attempts``
+    (area, log-ratio) tries per image, the first that fits wins, else the central crop of clamped ratio.
+    Vectorised over images and attempts."""
+    area = height * width
+    target_area = area * (scale[0] + (scale[1] - scale[0]) * _uniform((n, attempts), generator, device))
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * _uniform((n, attempts), generator, device))
+    w = torch.sqrt(target_area * aspect).round()
+    h = torch.sqrt(target_area / aspect).round()
+    fits = (w > 0) & (h > 0) & (w <= width) & (h <= height)
+    # First fitting attempt per image (argmax of a boolean picks the first True).
+    first = torch.argmax(fits.int(), dim=1, keepdim=True)
+    any_fit = fits.any(dim=1)
+    w = w.gather(1, first).squeeze(1)
+    h = h.gather(1, first).squeeze(1)
+    u = _uniform((n, 2), generator, device)
+    x1 = torch.floor(u[:, 0] * (width - w + 1))
+    y1 = torch.floor(u[:, 1] * (height - h + 1))
+    # Fallback: central crop with the ratio clamped into range (torchvision's behaviour).
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        fw, fh = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        fw, fh = round(height * ratio[1]), height
+    else:
+        fw, fh = width, height
+    fallback = torch.tensor([(width - fw) // 2, (height - fh) // 2, fw, fh], device=device, dtype=w.dtype)
+    x1 = torch.where(any_fit, x1, fallback[0])
+    y1 = torch.where(any_fit, y1, fallback[1])
+    w = torch.where(any_fit, w, fallback[2])
+    h = torch.where(any_fit, h, fallback[3])
+    return torch.stack([x1, y1, x1 + w, y1 + h], dim=1)
+
+
+def crop_and_resize(images: Tensor, boxes: Tensor, size: int) -> Tensor:
+    """Crop every image to its box and resize to size x size (bilinear, averaging several samples per
+    output pixel when shrinking, like antialiased resizing). images float N x C x H x W."""
+    n = images.shape[0]
+    rois = torch.cat([torch.arange(n, device=images.device, dtype=boxes.dtype)[:, None], boxes], dim=1)
+    # sampling_ratio: enough points per output bin to average the covered source pixels.
+    sampling = max(2, int(math.ceil(float(images.shape[-1]) / size)))
+    return roi_align(images, rois.to(images.dtype), output_size=size, spatial_scale=1.0, sampling_ratio=sampling, aligned=True)
+
+
+def random_flip(images: Tensor, generator: torch.Generator) -> Tensor:
+    flip = _uniform((images.shape[0],), generator, images.device) < 0.5
+    return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+
+def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """uint8 or 0..255 float -> (x / 255 - mean) / std, float32."""
+    mean_t = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+    std_t = torch.tensor(std, device=images.device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+    return (images.float() - mean_t) / std_t
+
+
+def resize_uint8(images: Tensor, size: int) -> Tensor:
+    """Antialiased bilinear resize (torchvision Resize on tensors), kept uint8."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    out = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def augment_train(images: Tensor, kind: str, size: int, generator: torch.Generator) -> Tensor:
+    """uint8 N x 3 x H x W -> float N x 3 x size x size in 0..255, augmented per ``kind`` + flip."""
+    if kind == "crop_pad":
+        out = random_crop_with_padding(images, size, padding=4, generator=generator).float()
+    elif kind == "random_resized_crop":
+        boxes = random_resized_crop_boxes(images.shape[0], images.shape[-2], images.shape[-1], generator, images.device)
+        out = crop_and_resize(images.float(), boxes, size)
+    elif kind == "none":
+        out = resize_uint8(images, size).float()
+    else:
+        raise ValueError(f"dataset.train_augment must be one of {TRAIN_AUGMENTS}, got {kind!r}")
+    return random_flip(out, generator)

@@ -1,0 +1,89 @@
+"""From a dataset config to train/val loaders. ``dataset.name`` picks a builder in ``DATASETS``.
+
+In-memory datasets (CIFAR-100, TinyImageNet) share one builder: a reader turns the official files
+into :class:`ImageTensors`; subsets are taken; :class:`TensorLoader` does the rest. File-based
+datasets (ImageNet, INAT21) register their own builder returning the same :class:`DataBundle`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from .batch import Batch
+from .cifar100 import read_cifar100
+from .images import DatasetError, ImageTensors, take_subset
+from .tensor_loader import LoaderOptions, TensorLoader
+from .tinyimagenet import read_tinyimagenet
+
+
+class Loader(Protocol):
+    def __len__(self) -> int: ...
+
+    def epoch(self, epoch: int, start_step: int = 0): ...  # -> Iterator[Batch]
+
+
+@dataclass
+class DataBundle:
+    train: Loader
+    val: Loader
+    num_classes: int
+    train_size: int
+    val_size: int
+    classes: list[str]
+
+
+Reader = Callable[[Mapping[str, Any], str], ImageTensors]  # (dataset config, "train"|"val") -> images
+
+IN_MEMORY_READERS: dict[str, Reader] = {
+    "tinyimagenet": lambda cfg, split: read_tinyimagenet(Path(cfg["root"]), split, cfg.get("format", "auto")),
+    "cifar100": lambda cfg, split: read_cifar100(Path(cfg["root"]), split, bool(cfg.get("download", False))),
+}
+
+# Builders of file-based datasets: "module:function" taking (dataset config, LoaderOptions).
+FILE_DATASETS: dict[str, str] = {
+    "imagenet": "zipfls_train.data.imagenet:build_imagenet",
+    "inat21": "zipfls_train.data.inat21:build_inat21",
+}
+
+
+def read_in_memory(cfg: Mapping[str, Any], split: str) -> ImageTensors:
+    data = IN_MEMORY_READERS[cfg["name"]](cfg, split)
+    per_class = cfg.get("train_per_class") if split == "train" else cfg.get("val_per_class")
+    return take_subset(data, cfg.get("num_classes_subset"), per_class)
+
+
+def build_in_memory(cfg: Mapping[str, Any], options: LoaderOptions) -> DataBundle:
+    train = read_in_memory(cfg, "train")
+    val = read_in_memory(cfg, "val")
+    expected = cfg.get("num_classes_subset") or cfg["num_classes"]
+    if len(train.classes) != expected:
+        raise DatasetError(
+            f"dataset.num_classes is {cfg['num_classes']} but the {cfg['name']} files under "
+            f"{cfg['root']} hold {len(train.classes)} classes (subset: {cfg.get('num_classes_subset')})"
+        )
+    common = dict(image_size=int(cfg["image_size"]), mean=list(cfg["mean"]), std=list(cfg["std"]))
+    return DataBundle(
+        train=TensorLoader(train, options, train=True, augment=str(cfg["train_augment"]), **common),
+        val=TensorLoader(val, options, train=False, augment="none", **common),
+        num_classes=len(train.classes),
+        train_size=len(train),
+        val_size=len(val),
+        classes=train.classes,
+    )
+
+
+def build_data(cfg: Mapping[str, Any], options: LoaderOptions) -> DataBundle:
+    name = cfg.get("name")
+    if name in IN_MEMORY_READERS:
+        return build_in_memory(cfg, options)
+    if name in FILE_DATASETS:
+        module_name, function_name = FILE_DATASETS[name].split(":")
+        return getattr(importlib.import_module(module_name), function_name)(cfg, options)
+    raise DatasetError(f"unknown dataset.name {name!r}; expected one of {sorted([*IN_MEMORY_READERS, *FILE_DATASETS])}")
+
+
+__all__ = ["Batch", "DataBundle", "DatasetError", "LoaderOptions", "build_data"]

@@ -1,0 +1,68 @@
+"""In-memory image sets (small-resolution datasets): uint8 pixels + labels, and subsetting."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+
+class DatasetError(RuntimeError):
+    """A dataset is missing, malformed or inconsistent; the message says what and where."""
+
+
+@dataclass
+class ImageTensors:
+    """images: N x 3 x H x W uint8; targets: N int64 in [0, len(classes)); classes: class ids (wnids)."""
+
+    images: Tensor
+    targets: Tensor
+    classes: list[str]
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4 or self.images.shape[1] != 3:
+            raise DatasetError(f"expected N x 3 x H x W uint8 images, got {tuple(self.images.shape)} {self.images.dtype}")
+        if self.targets.shape[0] != self.images.shape[0]:
+            raise DatasetError(f"{self.images.shape[0]} images but {self.targets.shape[0]} labels")
+        if self.targets.numel() and (int(self.targets.min()) < 0 or int(self.targets.max()) >= len(self.classes)):
+            raise DatasetError(
+                f"label out of range: labels span [{int(self.targets.min())}, {int(self.targets.max())}] "
+                f"but there are {len(self.classes)} classes"
+            )
+
+    def __len__(self) -> int:
+        return int(self.targets.shape[0])
+
+
+def take_subset(data: ImageTensors, num_classes: int | None, per_class: int | None) -> ImageTensors:
+    """The first ``num_classes`` classes (labels kept, as they are 0..K-1) and the first ``per_class``
+    images of each class, in dataset order. ``None`` keeps everything."""
+    if num_classes is None and per_class is None:
+        return data
+    keep_classes = len(data.classes) if num_classes is None else int(num_classes)
+    if not 2 <= keep_classes <= len(data.classes):
+        raise DatasetError(f"dataset.num_classes_subset must be in [2, {len(data.classes)}], got {num_classes}")
+    targets = data.targets
+    in_classes = targets < keep_classes
+    if per_class is not None:
+        if per_class < 1:
+            raise DatasetError(f"per-class subset must be >= 1, got {per_class}")
+        # Rank of each sample within its class, in dataset order.
+        order = torch.argsort(targets, stable=True)
+        sorted_targets = targets[order]
+        first_of_class = torch.searchsorted(sorted_targets, sorted_targets, right=False)
+        rank_sorted = torch.arange(len(targets)) - first_of_class
+        rank = torch.empty_like(rank_sorted)
+        rank[order] = rank_sorted
+        in_classes &= rank < per_class
+    index = torch.nonzero(in_classes).squeeze(1)
+    return ImageTensors(data.images[index], targets[index], data.classes[:keep_classes])
+
+
+def missing_dataset_error(name: str, root: Path, layout: str, how_to_get: str) -> DatasetError:
+    return DatasetError(
+        f"{name} not found under dataset.root={str(root)!r} (resolved: {root.resolve()}).\n"
+        f"Expected layout:\n{layout}\nHow to get it: {how_to_get}"
+    )

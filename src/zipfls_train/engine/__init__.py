@@ -1,0 +1,1 @@
+"""Training engine: the loop, distributed set-up, checkpoints, metrics and logging."""

@@ -1,0 +1,372 @@
+"""The training loop. It knows devices, precision, DDP, schedules, checkpoints and logging; it knows
+nothing about methods beyond :class:`zipfls_train.losses.base.Method`'s interface."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import resource
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from tqdm import tqdm
+
+from ..data import Batch, DataBundle, LoaderOptions, build_data
+from ..losses import Method, build_method
+from ..models import build_model, unwrap
+from .checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_atomic
+from .distributed import DistContext, all_reduce_sum
+from .metrics import RunRecords, TermAccumulator, topk_correct
+from .optim import build_optimizer, build_scheduler
+
+# Config keys that may differ between a checkpoint and the resuming command (they change how the run
+# is executed, not what it computes).
+RESUME_TOLERATED = {
+    "trainer.device", "trainer.devices", "trainer.progress_bar", "trainer.log_every", "trainer.num_workers",
+    "trainer.checkpoint_every_steps", "trainer.resume", "trainer.compile", "trainer.data_on",
+    "trainer.max_steps_per_epoch", "trainer.eval_batch_size", "dataset.root",
+}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when a loss term becomes NaN/inf; the last good checkpoint is left in place."""
+
+
+class ResumeError(RuntimeError):
+    """The run folder holds a checkpoint of a different configuration."""
+
+
+@dataclass
+class Progress:
+    epoch: int = 0  # completed epochs
+    step_in_epoch: int = 0  # optimiser steps done in the current epoch (mid-epoch checkpoints)
+    global_step: int = 0
+    best_top1: float = -1.0
+    best_epoch: int = 0
+
+
+def resolve_precision(requested: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32."""
+    if requested == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return None
+    table = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if requested not in table:
+        raise ValueError(f"trainer.precision must be auto, fp32, bf16 or fp16, got {requested!r}")
+    return table[requested]
+
+
+def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(config, dict):
+        out: dict[str, Any] = {}
+        for key, value in config.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: config}
+
+
+def peak_cpu_memory_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, ctx: DistContext, run_dir: Path) -> None:
+        self.cfg = cfg
+        self.ctx = ctx
+        self.run_dir = run_dir
+        self.device = ctx.device
+        tcfg = cfg.trainer
+        self.epochs = int(tcfg.epochs)
+        self.autocast_dtype = resolve_precision(str(tcfg.precision), self.device)
+        self.channels_last = bool(tcfg.channels_last) and self.device.type == "cuda"
+        if bool(tcfg.deterministic):
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.manual_seed(int(cfg.seed) + ctx.rank)
+
+        num_classes = int(cfg.dataset.get("num_classes_subset") or cfg.dataset.num_classes)
+        self.method: Method = build_method(OmegaConf.to_container(cfg.loss, resolve=True), num_classes)
+        needs = self.method.needs
+        self.data: DataBundle = build_data(
+            OmegaConf.to_container(cfg.dataset, resolve=True),
+            LoaderOptions(
+                batch_size=int(tcfg.batch_size),
+                eval_batch_size=int(tcfg.eval_batch_size),
+                device=self.device,
+                seed=int(cfg.seed),
+                rank=ctx.rank,
+                world_size=ctx.world_size,
+                pairs=needs.pairs,
+                two_views=needs.two_views,
+                channels_last=self.channels_last,
+                data_device=torch.device("cpu") if tcfg.data_on == "cpu" else None,
+                num_workers=int(tcfg.num_workers),
+            ),
+        )
+        if len(self.data.train) == 0:
+            raise ValueError(
+                f"trainer.batch_size={tcfg.batch_size} x {ctx.world_size} process(es) is larger than the "
+                f"{self.data.train_size} training images: no full batch per epoch"
+            )
+        model_options = OmegaConf.to_container(cfg.model.get("options", {}), resolve=True) or {}
+        self.build_fresh_model = lambda: build_model(str(cfg.model.name), self.data.num_classes, **model_options)
+        model = build_model(
+            str(cfg.model.name), self.data.num_classes, aux_stages=needs.aux_stages, aux_head=needs.aux_head, **model_options
+        ).to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.method.to(self.device)
+        self.method.setup(num_classes=self.data.num_classes, dataset_size=self.data.train_size, model_factory=self.build_fresh_model)
+        self.model: nn.Module = model
+        self.train_model: nn.Module = self._wrap_for_training(model)
+
+        self.accumulate = int(tcfg.accumulate_steps)
+        self.steps_per_epoch = self._steps_per_epoch()
+        parameters = [p for p in [*model.parameters(), *self.method.parameters()] if p.requires_grad]
+        global_batch = int(tcfg.batch_size) * ctx.world_size * self.accumulate
+        self.optimizer = build_optimizer(cfg.optim, parameters, global_batch, self.device)
+        self.scheduler = build_scheduler(cfg.sched, self.optimizer, self.epochs, self.steps_per_epoch)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
+        self.progress = Progress()
+        self.running = TermAccumulator()
+
+    # --- set-up helpers -----------------------------------------------------------------------
+    def _wrap_for_training(self, model: nn.Module) -> nn.Module:
+        wrapped = model
+        if self.ctx.enabled:
+            if bool(self.cfg.trainer.sync_batchnorm):
+                wrapped = nn.SyncBatchNorm.convert_sync_batchnorm(wrapped)
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            wrapped = nn.parallel.DistributedDataParallel(wrapped, device_ids=device_ids)
+        if bool(self.cfg.trainer.compile):
+            wrapped = torch.compile(wrapped)
+        return wrapped
+
+    def _steps_per_epoch(self) -> int:
+        batches = len(self.data.train)
+        limit = self.cfg.trainer.get("max_steps_per_epoch")
+        if limit:
+            batches = min(batches, int(limit) * self.accumulate)
+        return max(1, batches // self.accumulate)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    # --- checkpoints --------------------------------------------------------------------------
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "method": self.method.state_dict(),
+            "progress": asdict(self.progress),
+            "running": self.running.state_dict(),
+            "rng": capture_rng_state(),
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+        }
+
+    def save(self, name: str = "last.pt") -> None:
+        if self.ctx.is_main:
+            save_atomic(self.state_dict(), self.checkpoint_dir / name)
+
+    def maybe_resume(self) -> bool:
+        mode = str(self.cfg.trainer.resume)
+        path = self.checkpoint_dir / "last.pt"
+        if mode not in ("auto", "never", "must"):
+            raise ValueError(f"trainer.resume must be auto, never or must, got {mode!r}")
+        if mode == "never" or (mode == "auto" and not path.exists()):
+            return False
+        state = load_checkpoint(path, map_location=self.device)
+        self._check_same_config(state["config"], path)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.method.load_state_dict(state["method"])
+        self.progress = Progress(**state["progress"])
+        self.running.load_state_dict(state["running"], self.device)
+        restore_rng_state(state["rng"])
+        return True
+
+    def _check_same_config(self, saved: dict[str, Any], path: Path) -> None:
+        now = flatten(OmegaConf.to_container(self.cfg, resolve=True))
+        before = flatten(saved)
+        differing = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k) and k not in RESUME_TOLERATED)
+        if differing:
+            details = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in differing[:8])
+            raise ResumeError(
+                f"{path} was written by a different configuration ({details}). Use another run folder "
+                "(hydra.run.dir=... or tag=...), or trainer.resume=never to start over in this one."
+            )
+
+    # --- the loop -----------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        resumed = self.maybe_resume()
+        records = RunRecords(self.run_dir, self.progress.epoch, self.progress.global_step, enabled=self.ctx.is_main)
+        if self.ctx.is_main:
+            state = "resumed at epoch %d, step %d" % (self.progress.epoch, self.progress.step_in_epoch) if resumed else "started"
+            print(f"[zipfls-train] run {state}: {self.run_dir}", flush=True)
+        try:
+            while self.progress.epoch < self.epochs:
+                self._train_epoch(records)
+            summary = self._summary("finished")
+        finally:
+            records.close()
+        if self.ctx.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+    def _train_epoch(self, records: RunRecords) -> None:
+        epoch = self.progress.epoch
+        self.method.on_epoch_start(epoch, self.epochs)
+        self.train_model.train()
+        start_step = self.progress.step_in_epoch
+        epoch_lr = self.optimizer.param_groups[0]["lr"]  # the lr this epoch trains with (recorded below)
+        if start_step == 0:
+            self.running = TermAccumulator()
+        started = time.perf_counter()
+        batches = self.data.train.epoch(epoch, start_step=start_step * self.accumulate)
+        bar = tqdm(
+            total=self.steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}/{self.epochs}",
+            disable=not (self.ctx.is_main and self.cfg.trainer.progress_bar), leave=False, dynamic_ncols=True,
+        )
+        log_every = max(1, int(self.cfg.trainer.log_every))
+        window_start = self.progress.global_step
+        window = TermAccumulator()
+        for step in range(start_step, self.steps_per_epoch):
+            terms = self._optimizer_step(batches)
+            self.running.add(terms)
+            window.add(terms)
+            self.progress.step_in_epoch = step + 1
+            self.progress.global_step += 1
+            bar.update(1)
+            if self.progress.global_step % log_every == 0 or step + 1 == self.steps_per_epoch:
+                means = self._check_finite(window, window_start)  # the only host sync of the step loop
+                records.scalars("train", {**means, "lr": self.optimizer.param_groups[0]["lr"]}, self.progress.global_step)
+                bar.set_postfix(loss=f"{means['loss']:.4f}")
+                window, window_start = TermAccumulator(), self.progress.global_step
+            every = int(self.cfg.trainer.checkpoint_every_steps)
+            if every and self.progress.global_step % every == 0 and step + 1 < self.steps_per_epoch:
+                self.save()
+        bar.close()
+        train_means = self.running.means()
+        seen = self.steps_per_epoch * self.accumulate * int(self.cfg.trainer.batch_size) * self.ctx.world_size
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - started
+        top1, top5 = self.evaluate()
+        self.progress.epoch += 1
+        self.progress.step_in_epoch = 0
+        improved = top1 > self.progress.best_top1
+        if improved:
+            self.progress.best_top1, self.progress.best_epoch = top1, self.progress.epoch
+        record = {
+            "epoch": self.progress.epoch,
+            **{f"train_{name}": value for name, value in train_means.items()},
+            "val_top1": top1,
+            "val_top5": top5,
+            "best_val_top1": self.progress.best_top1,
+            "lr": epoch_lr,
+            "epoch_time_s": elapsed,
+            "images_per_s": seen / elapsed if elapsed > 0 else None,
+            "peak_gpu_mem_mb": torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else None,
+            "peak_cpu_mem_mb": peak_cpu_memory_mb(),
+        }
+        # Checkpoints first, then the metrics line: a kill in between re-runs the epoch's evaluation
+        # record on resume rather than leaving a line the checkpoint does not know.
+        self.save()
+        if improved:
+            self.save_best()
+        records.epoch(record, self.progress.global_step)
+        if self.ctx.is_main:
+            tqdm.write(
+                f"epoch {self.progress.epoch}/{self.epochs}  loss {train_means.get('loss', float('nan')):.4f}  "
+                f"val top-1 {top1:.2f}%  top-5 {top5:.2f}%  best {self.progress.best_top1:.2f}%  "
+                f"{record['images_per_s'] or 0:.0f} img/s"
+            )
+
+    def save_best(self) -> None:
+        if self.ctx.is_main:
+            state = {
+                "model": self.model.state_dict(),
+                "epoch": self.progress.epoch,
+                "val_top1": self.progress.best_top1,
+                "config": OmegaConf.to_container(self.cfg, resolve=True),
+            }
+            save_atomic(state, self.checkpoint_dir / "best.pt")
+
+    def _optimizer_step(self, batches) -> dict[str, torch.Tensor]:  # noqa: ANN001
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, torch.Tensor] = {}
+        for micro in range(self.accumulate):
+            batch: Batch = next(batches)
+            last = micro == self.accumulate - 1
+            sync = contextlib.nullcontext() if last or not self.ctx.enabled else self.train_model.no_sync()
+            with sync:
+                with self._autocast():
+                    terms = self.method.training_step(self.train_model, batch)
+                self.scaler.scale(terms["loss"] / self.accumulate).backward()
+            for name, value in terms.items():
+                value = value.detach() / self.accumulate
+                totals[name] = totals[name] + value if name in totals else value
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return totals
+
+    def _check_finite(self, window: TermAccumulator, window_start: int) -> dict[str, float]:
+        means = window.means()
+        bad = {name: value for name, value in means.items() if not torch.isfinite(torch.tensor(value))}
+        if bad:
+            last = self.checkpoint_dir / "last.pt"
+            raise NonFiniteLossError(
+                f"non-finite loss at global step {window_start + 1}"
+                + (f"..{self.progress.global_step}" if self.progress.global_step > window_start + 1 else "")
+                + f" (epoch {self.progress.epoch + 1}): "
+                + ", ".join(f"{k}={v}" for k, v in means.items())
+                + f". Stopped; the last good checkpoint is {last if last.exists() else '(none written yet)'}. "
+                "Set trainer.log_every=1 to pin the exact step."
+            )
+        return means
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float]:
+        """Top-1/top-5 (%) over the whole val set: each rank scores its own unpadded shard and the
+        counts are summed, so every image is counted exactly once."""
+        model = self.model
+        model.eval()
+        counts = torch.zeros(3, dtype=torch.float64, device=self.device)
+        for batch in self.data.val.epoch(0):
+            with self._autocast():
+                logits = model(batch.inputs).logits
+            counts[:2] += topk_correct(logits.float(), batch.targets)
+            counts[2] += batch.size
+        all_reduce_sum(counts)
+        correct1, correct5, total = counts.tolist()
+        model.train()
+        return 100.0 * correct1 / max(total, 1.0), 100.0 * correct5 / max(total, 1.0)
+
+    def _summary(self, status: str) -> dict[str, Any]:
+        from .metrics import read_metrics
+
+        metrics = read_metrics(self.run_dir) if self.ctx.is_main else []
+        return {
+            "status": status,
+            "best_val_top1": self.progress.best_top1,
+            "best_epoch": self.progress.best_epoch,
+            "last_val_top1": metrics[-1]["val_top1"] if metrics else None,
+            "epochs": self.progress.epoch,
+            "run_dir": str(self.run_dir),
+        }

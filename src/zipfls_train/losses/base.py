@@ -1,0 +1,57 @@
+"""The one interface every training method implements (CE, LS, Zipf's LS and the baselines).
+
+A method is an ``nn.Module`` so that it can hold state (PS-KD's memory, BAN's frozen teacher) that
+goes into checkpoints through ``state_dict``/``load_state_dict``. It declares what it needs from the
+loop in :class:`Needs`; the trainer provides exactly that and never asks which method it runs.
+
+The trainer calls, per step, ``method.training_step(model, batch)`` and back-propagates
+``terms["loss"]``; every other entry is logged under its name. Methods whose forward pass is not a
+plain ``model(batch.inputs)`` (two views, a paired sample, a teacher) override ``training_step``;
+all others only implement ``loss_terms``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from ..data.batch import Batch
+from ..models.outputs import ModelOutput
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a method asks of the model and the loop.
+
+    feature_stages: dense maps to return in ``ModelOutput.features`` (``final``, ``penultimate``, ``stage<i>``).
+    aux_stages:     stages that get an auxiliary classifier head (training only), in ``aux_logits``.
+    aux_head:       kind of auxiliary head (see ``models.wrapper.AUX_HEADS``).
+    pairs:          each batch carries ``pair_inputs``: another sample of the same class (CS-KD).
+    two_views:      each batch carries ``second_view``: a second augmentation of the same images (DDGSD).
+    """
+
+    feature_stages: tuple[str, ...] = ()
+    aux_stages: tuple[str, ...] = ()
+    aux_head: str = "linear"
+    pairs: bool = False
+    two_views: bool = False
+
+
+class Method(nn.Module):
+    needs: Needs = Needs()
+
+    def setup(self, *, num_classes: int, dataset_size: int, model_factory) -> None:  # noqa: ANN001
+        """Called once before training, after the model exists. ``model_factory()`` builds a fresh,
+        unwrapped model of the run's architecture (BAN's teacher). Default: nothing to do."""
+
+    def on_epoch_start(self, epoch: int, num_epochs: int) -> None:
+        """Called at the start of every training epoch (0-based). Default: nothing to do."""
+
+    def training_step(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
+        outputs = model(batch.inputs, features=self.needs.feature_stages, aux=bool(self.needs.aux_stages))
+        return self.loss_terms(outputs, batch, model)
+
+    def loss_terms(self, outputs: ModelOutput, batch: Batch, model: nn.Module) -> dict[str, Tensor]:
+        """``{"loss": total, <term>: value, ...}``; every value a 0-dim tensor (no host sync)."""
+        raise NotImplementedError

@@ -1,0 +1,67 @@
+"""Pre-activation ResNet-18 for 32 px inputs (He et al. 2016, "Identity Mappings").
+
+3x3 stem, no max-pool, four stages of two pre-activation basic blocks (64, 128, 256, 512 channels
+at 32, 16, 8, 4 px). The last stage ends with BN + ReLU, so the final map is post-activation, as the
+dense votes need (the classifier sees exactly what it sees after pooling).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+import torch.nn.functional as F
+
+from .wrapper import kaiming_init
+
+
+class PreActBasicBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.shortcut: nn.Module | None = None
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Conv2d(in_channels, out_channels, 1, stride, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(x))
+        # The projection shortcut takes the pre-activated input, as in the reference pre-act design.
+        shortcut = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + shortcut
+
+
+class CifarPreActResNet(nn.Module):
+    def __init__(self, blocks_per_stage: tuple[int, ...] = (2, 2, 2, 2), width: int = 64) -> None:
+        super().__init__()
+        widths = [width * 2**i for i in range(len(blocks_per_stage))]
+        self.stem = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        stages = []
+        in_channels = widths[0]
+        for index, (blocks, out_channels) in enumerate(zip(blocks_per_stage, widths)):
+            stride = 1 if index == 0 else 2
+            layers = []
+            for block in range(blocks):
+                layers.append(PreActBasicBlock(in_channels, out_channels, stride if block == 0 else 1))
+                in_channels = out_channels
+            stages.append(nn.Sequential(*layers))
+        self.stages = nn.ModuleList(stages)
+        self.final_norm = nn.BatchNorm2d(in_channels)
+        self.stage_channels = widths
+        kaiming_init(self)
+
+    def forward_stages(self, x: Tensor) -> list[Tensor]:
+        maps = []
+        out = self.stem(x)
+        for index, stage in enumerate(self.stages):
+            out = stage(out)
+            if index == len(self.stages) - 1:
+                out = F.relu(self.final_norm(out))
+            maps.append(out)
+        return maps
+
+
+def cifar_resnet18(width: int = 64) -> CifarPreActResNet:
+    return CifarPreActResNet((2, 2, 2, 2), width=width)
