@@ -1,0 +1,335 @@
+"""Zipf's label smoothing (Liang et al., ECCV 2022): the method this framework reproduces.
+
+Per training sample (SPEC.md section 1):
+
+1. **Dense votes.** The model's own classifier is applied to every pixel of a feature map (a 1x1
+   convolution with the classifier's weights; optionally after a bilinear x2 upsample), and each
+   pixel's arg-max class is one vote (:func:`dense_votes`, :func:`vote_counts`). With
+   ``rank_by="logits"`` the detached logits are the scores instead.
+2. **Ranks.** ``rank_c = 1 + #{k : score_k > score_c}`` over all classes, target included (ties
+   share the smallest rank; all classes without a vote tie at the lowest rank).
+3. **Soft label.** ``P_c = w(rank_c) / sum_{k != y} w(rank_k)`` for ``c != y``, ``P_y = 0``, with
+   ``w(r) = r^-alpha`` for Zipf (:func:`zipf_soft_labels`; other shapes for the Table 6 ablation).
+4. **Loss.** ``KL(P || Q)`` with ``Q`` the softmax over the non-target logits
+   (:func:`nontarget_kl`), added to cross-entropy with weight lambda (config key ``weight``).
+
+Everything here stays on the inputs' device and never synchronises with the host (no ``.item()``,
+``.cpu()``, ``.tolist()`` or boolean-mask indexing), so the training step runs ahead of the GPU.
+Votes and ranks are computed under ``no_grad`` from detached tensors; only the KL is differentiated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..data.batch import Batch
+from ..models.outputs import ModelOutput
+from ..models.wrapper import unwrap
+from .base import Method, Needs
+from .ce import cross_entropy
+
+UPSAMPLE_MODES = (None, "none", "bilinear")
+DISTRIBUTIONS = ("zipf", "constant", "linear_decay", "random_uniform", "random_pareto")
+RANK_BY = ("dense", "logits")
+
+# Upper bound on the elements of one chunk of dense logits (rows x classes). Dense classification
+# of a 2048 x 7 x 7 map into 10,000 classes at batch 256 would otherwise materialise 125M logits
+# (500 MB in float32) only to take their arg-max; chunking over samples bounds that temporary
+# without changing the arithmetic. CIFAR-sized problems (64 votes x 100-200 classes x 128) fit in
+# one chunk, so they pay no loop overhead.
+_MAX_DENSE_LOGITS = 1 << 24
+
+
+def _dense_argmax(feature_map: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """Arg-max class of ``weight @ f + bias`` for every pixel ``f`` of ``feature_map`` (N x D x H x W)
+    -> LongTensor N x (H*W), pixels in row-major (h, w) order."""
+    n, d, h, w = feature_map.shape
+    num_classes = weight.shape[0]
+    pixels = h * w
+    per_chunk = max(1, _MAX_DENSE_LOGITS // max(1, num_classes * pixels))
+    # channels_last maps (the GPU default in this framework) are already (N*H*W) x D rows: classify
+    # them with one addmm and reduce over the contiguous class dimension. NCHW maps are used as
+    # N x D x HW without a transposing copy: a batched W @ F, reduced over the class dimension.
+    channels_last = feature_map.permute(0, 2, 3, 1).is_contiguous()
+    bias_or_zero = bias if bias is not None else weight.new_zeros(num_classes)
+    votes = []
+    for start in range(0, n, per_chunk):
+        chunk = feature_map[start : start + per_chunk]
+        m = chunk.shape[0]
+        if channels_last:
+            rows = chunk.permute(0, 2, 3, 1).reshape(m * pixels, d)
+            logits = torch.addmm(bias_or_zero, rows, weight.t())  # (m*HW) x C
+            votes.append(logits.argmax(dim=1).view(m, pixels))
+        else:
+            columns = chunk.reshape(m, d, pixels)
+            logits = torch.matmul(weight, columns)  # m x C x HW
+            logits += bias_or_zero[None, :, None]
+            votes.append(logits.argmax(dim=1))
+    return votes[0] if len(votes) == 1 else torch.cat(votes)
+
+
+@torch.no_grad()
+def dense_votes(feature_map: Tensor, weight: Tensor, bias: Tensor | None, upsample: str | None = None) -> Tensor:
+    """Votes of the classifier ``(weight C x D, bias C)`` applied to every pixel of ``feature_map``.
+
+    ``feature_map``: N x D x H x W (detached here). ``upsample``: ``None``/``"none"`` (use the map as
+    is) or ``"bilinear"`` (x2, ``align_corners=False``, before classifying). Returns a LongTensor
+    N x (H'*W') of class indices (pixels in row-major order; ties go to the lowest class index, as
+    ``argmax``). Computed in the feature map's dtype (bfloat16/float16 maps are classified in that
+    precision; the classifier is cast to it), which is plenty to pick a winner.
+    """
+    if feature_map.dim() != 4:
+        raise ValueError(f"dense_votes expects an N x D x H x W feature map, got shape {tuple(feature_map.shape)}")
+    if upsample not in UPSAMPLE_MODES:
+        raise ValueError(f"upsample must be one of {list(UPSAMPLE_MODES)}, got {upsample!r}")
+    if weight.dim() != 2 or weight.shape[1] != feature_map.shape[1]:
+        raise ValueError(
+            f"classifier weight must be C x {feature_map.shape[1]} (the map's channels), got {tuple(weight.shape)}"
+        )
+    feature_map = feature_map.detach()
+    if upsample == "bilinear":
+        feature_map = F.interpolate(feature_map, scale_factor=2, mode="bilinear", align_corners=False)
+    dtype = feature_map.dtype
+    weight = weight.detach().to(dtype)
+    bias = bias.detach().to(dtype) if bias is not None else None
+    return _dense_argmax(feature_map, weight, bias)
+
+
+@torch.no_grad()
+def vote_counts(votes: Tensor, num_classes: int) -> Tensor:
+    """Histogram of ``votes`` (N x V class indices) per sample: an int64 tensor N x ``num_classes``.
+
+    One ``scatter_add_`` (O(N*V) work into an N x C buffer; no one-hot N x V x C temporary). Counts of
+    several stages are pooled by adding their histograms (or by concatenating their votes)."""
+    if votes.dim() != 2:
+        raise ValueError(f"votes must be N x V, got shape {tuple(votes.shape)}")
+    counts = torch.zeros(votes.shape[0], num_classes, dtype=torch.int64, device=votes.device)
+    return counts.scatter_add_(1, votes.long(), torch.ones_like(votes, dtype=torch.int64))
+
+
+@torch.no_grad()
+def min_ranks(scores: Tensor) -> Tensor:
+    """``rank_c = 1 + #{k : score_k > score_c}`` per row (ties share the smallest rank), int64 N x C.
+
+    One sort plus a binary search per entry: ``#{k : s_k > v} = C - #{k : s_k <= v}`` and the latter
+    is ``searchsorted(sorted_row, v, right=True)``. O(N C log C) time and O(N C) memory (never the
+    N x C x C comparison), cheap for C = 10,000 on a GPU."""
+    if scores.is_floating_point():
+        scores = scores.float()  # exact for half/bfloat16 input; searchsorted wants one dtype
+    scores = scores.contiguous()
+    ascending, _ = torch.sort(scores, dim=1)
+    not_greater = torch.searchsorted(ascending, scores, right=True)
+    return (scores.shape[1] + 1) - not_greater
+
+
+def _log_weights(ranks: Tensor, alpha: float, distribution: str, generator: torch.Generator | None) -> Tensor:
+    """Unnormalised log-weights (float32, N x C) of every class; see :func:`zipf_soft_labels`."""
+    num_classes = ranks.shape[1]
+    if distribution == "zipf":
+        return ranks.float().log_().mul_(-alpha)
+    if distribution == "constant":
+        return torch.zeros(ranks.shape, dtype=torch.float32, device=ranks.device)
+    if distribution == "linear_decay":
+        return (num_classes + 1 - ranks).float().log_()
+    uniform = torch.rand(ranks.shape, dtype=torch.float32, device=ranks.device, generator=generator)
+    if distribution == "random_uniform":
+        return uniform.log_()  # a draw of exactly 0 is a weight of 0 (log -inf), not an error
+    if distribution == "random_pareto":
+        # Lomax draw X = (1 - U)^(-1/alpha) - 1 (numpy's ``random.pareto(alpha)``), in log space:
+        # with x = -log(1 - U) / alpha >= 0, log X = log(e^x - 1) = x + log(1 - e^-x). Stable for
+        # heavy tails (small alpha), where X itself would overflow float32.
+        x = torch.log1p(-uniform).div_(-alpha)
+        return x + torch.log(-torch.expm1(-x))
+    raise ValueError(f"distribution must be one of {list(DISTRIBUTIONS)}, got {distribution!r}")
+
+
+@torch.no_grad()
+def zipf_soft_labels(
+    scores: Tensor,
+    targets: Tensor,
+    alpha: float = 1.0,
+    distribution: str = "zipf",
+    *,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Soft labels P (float32, N x C) from per-class ``scores`` (vote counts or logits, N x C).
+
+    ``rank_c = 1 + #{k : score_k > score_c}`` over all C classes, target included, ties sharing the
+    smallest rank; non-target ranks are not renumbered after the target is dropped. Each class gets a
+    weight ``w_c``, the target's weight is set to 0 and the row is normalised:
+    ``P_c = w_c / sum_{k != y} w_k``, ``P_y = 0``. ``distribution`` picks ``w`` (Table 6):
+
+    - ``zipf``:           ``w_c = rank_c ** -alpha`` (the method; alpha = 1 in the paper).
+    - ``constant``:       ``w_c = 1``: uniform over the non-target classes.
+    - ``linear_decay``:   ``w_c = C + 1 - rank_c``: linear in the rank, C at rank 1 down to 1 at rank C
+      (the released code's linear decay with its smallest-probability knob at 2 / (C (C + 1)), i.e.
+      the line reaching 0 at the virtual rank C + 1; the released code averages a tied group's
+      weights over its rank span, we use the shared smallest rank as for zipf).
+    - ``random_uniform``: ``w_c ~ U[0, 1)``, independent per sample and class, fresh every call.
+    - ``random_pareto``:  ``w_c ~ Lomax(alpha)`` = ``Pareto(shape alpha, scale 1) - 1`` (numpy's
+      ``random.pareto(alpha)``; alpha = 1 reproduces the released code), independent per sample
+      and class, fresh every call.
+
+    The random weights ignore the ranks (they are *not* sorted so that higher-ranked classes get
+    larger weights): the paper's ablation contrasts rank-following shapes ("decay style", Zipf) with
+    "random style" soft labels, and the released code draws ``np.random.rand`` /
+    ``np.random.pareto(1)`` per class without sorting (sorting is a separate ``sorted_pareto``
+    option there). They use torch's RNG on the scores' device (or ``generator``).
+
+    ``alpha`` is used by ``zipf`` and ``random_pareto`` only. Normalisation is a softmax of the
+    log-weights with the target at -inf, so it is exact at the target (0) and cannot overflow.
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be N x C, got shape {tuple(scores.shape)}")
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"distribution must be one of {list(DISTRIBUTIONS)}, got {distribution!r}")
+    if not alpha > 0:
+        raise ValueError(f"alpha must be > 0, got {alpha}")
+    ranks = min_ranks(scores.detach())
+    log_weights = _log_weights(ranks, float(alpha), distribution, generator)
+    log_weights.scatter_(1, targets.view(-1, 1).long(), float("-inf"))
+    return torch.softmax(log_weights, dim=1)
+
+
+def nontarget_kl(logits: Tensor, targets: Tensor, soft_labels: Tensor) -> Tensor:
+    """Batch mean of ``KL(P || Q) = sum_{c != y} P_c (log P_c - log Q_c)``, differentiable in ``logits``.
+
+    ``Q`` is the softmax over the non-target logits (the target logit replaced by -inf through a
+    scatter, so no boolean indexing). Computed in float32 whatever the logits' dtype. Terms with
+    ``P_c = 0`` contribute exactly 0 (``xlogy``; ``log Q_c`` is kept finite as ``z_c - logsumexp``).
+    Gradient (paper eq. 6): ``(Q_c - P_c) / N`` for ``c != y`` and exactly 0 for the target, provided
+    the rows of ``soft_labels`` sum to 1 and are 0 at the target (as :func:`zipf_soft_labels`).
+    """
+    z = logits.float()
+    p = soft_labels.detach().float()
+    target_column = targets.view(-1, 1).long()
+    log_normaliser = torch.logsumexp(z.scatter(1, target_column, float("-inf")), dim=1, keepdim=True)
+    per_class = torch.xlogy(p, p) - p * (z - log_normaliser)
+    return per_class.sum(dim=1).mean()
+
+
+def _stage_classifier(model: nn.Module, stage: str) -> nn.Linear:
+    """The linear layer whose dense application gives ``stage``'s votes: the model's own classifier
+    for ``final``, the stage's auxiliary head's ``fc`` otherwise (Dense2)."""
+    wrapper = unwrap(model)
+    if stage == "final":
+        return wrapper.classifier
+    if stage not in wrapper.aux_heads:
+        raise KeyError(
+            f"loss.stages has {stage!r} but the model has no auxiliary head there (heads: "
+            f"{list(wrapper.aux_heads)}); build the model with aux_stages=method.needs.aux_stages"
+        )
+    fc = getattr(wrapper.aux_heads[stage], "fc", None)
+    if not isinstance(fc, nn.Linear):
+        raise TypeError(f"the auxiliary head on {stage!r} has no linear `fc` to apply densely (need aux_head=linear)")
+    return fc
+
+
+def _is_stage_name(stage: object) -> bool:
+    if not isinstance(stage, str):
+        return False
+    return stage in ("final", "penultimate") or (stage.startswith("stage") and stage[5:].isdigit() and int(stage[5:]) >= 1)
+
+
+class ZipfLabelSmoothing(Method):
+    """``loss = CE(z, y) + weight * KL(P_zipf || Q_nontarget) (+ aux_weight * CE(aux logits, y))``.
+
+    Options (``configs/loss/zipf.yaml``): ``weight`` is the paper's lambda; ``alpha`` the Zipf
+    exponent; ``distribution`` the soft-label shape; ``rank_by`` dense votes or the logits;
+    ``stages`` the maps that vote (``[final]``, or ``[final, penultimate]`` = the paper's Dense2,
+    where every non-final stage gets its own auxiliary linear head whose CE is weighted
+    ``aux_weight``, the paper's beta, and whose classifier casts that stage's votes); ``upsample``
+    of every voting map before classifying.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        weight: float = 1.0,
+        alpha: float = 1.0,
+        distribution: str = "zipf",
+        rank_by: str = "dense",
+        stages: Sequence[str] = ("final",),
+        upsample: str | None = "bilinear",
+        aux_weight: float = 0.5,
+    ) -> None:
+        super().__init__()
+        # Hydra hands a ListConfig; a bare string is a config mistake ("final" is not ["final"]).
+        if isinstance(stages, str) or not isinstance(stages, Iterable):
+            raise ValueError(f"loss.stages must be a list of stage names, e.g. [final] or [final, penultimate]; got {stages!r}")
+        stages = tuple(stages)
+        if not _is_number(weight) or not weight >= 0 or weight == float("inf"):
+            raise ValueError(f"loss.weight (the paper's lambda) must be a finite number >= 0, got {weight!r}")
+        if not _is_number(alpha) or not alpha > 0 or alpha == float("inf"):
+            raise ValueError(f"loss.alpha (the Zipf exponent) must be a finite number > 0, got {alpha!r}")
+        if distribution not in DISTRIBUTIONS:
+            raise ValueError(f"loss.distribution must be one of {list(DISTRIBUTIONS)}, got {distribution!r}")
+        if rank_by not in RANK_BY:
+            raise ValueError(f"loss.rank_by must be one of {list(RANK_BY)}, got {rank_by!r}")
+        if not stages or "final" not in stages or not all(_is_stage_name(s) for s in stages) or len(set(stages)) != len(stages):
+            raise ValueError(
+                "loss.stages must be a list of distinct stage names containing 'final' ('final', "
+                f"'penultimate' or 'stage<i>'), e.g. [final] or [final, penultimate]; got {list(stages)!r}"
+            )
+        if rank_by == "logits" and stages != ("final",):
+            raise ValueError(f"loss.stages only applies to rank_by=dense; with rank_by=logits leave it [final], got {list(stages)!r}")
+        if upsample not in UPSAMPLE_MODES:
+            raise ValueError(f"loss.upsample must be one of ['none', 'bilinear'] (or null), got {upsample!r}")
+        if not _is_number(aux_weight) or not aux_weight >= 0 or aux_weight == float("inf"):
+            raise ValueError(f"loss.aux_weight (the paper's beta) must be a finite number >= 0, got {aux_weight!r}")
+        self.num_classes = int(num_classes)
+        self.weight = float(weight)
+        self.alpha = float(alpha)
+        self.distribution = str(distribution)
+        self.rank_by = str(rank_by)
+        self.stages = tuple(str(s) for s in stages)
+        self.upsample = None if upsample in (None, "none") else str(upsample)
+        self.aux_weight = float(aux_weight)
+        dense = self.rank_by == "dense"
+        self.aux_stages = tuple(s for s in self.stages if s != "final") if dense else ()
+        self.needs = Needs(feature_stages=self.stages if dense else (), aux_stages=self.aux_stages)
+
+    @torch.no_grad()
+    def scores(self, outputs: ModelOutput, model: nn.Module) -> Tensor:
+        """Per-class scores that rank the classes: pooled vote counts of all stages, or the logits."""
+        if self.rank_by == "logits":
+            return outputs.logits.detach()
+        votes = []
+        for stage in self.stages:
+            if stage not in outputs.features:
+                raise KeyError(f"model output lacks the dense map {stage!r} (Needs.feature_stages={self.needs.feature_stages})")
+            classifier = _stage_classifier(model, stage)
+            votes.append(dense_votes(outputs.features[stage], classifier.weight, classifier.bias, self.upsample))
+        return vote_counts(votes[0] if len(votes) == 1 else torch.cat(votes, dim=1), self.num_classes)
+
+    def loss_terms(self, outputs: ModelOutput, batch: Batch, model: nn.Module) -> dict[str, Tensor]:
+        targets = batch.targets
+        ce = cross_entropy(outputs.logits, targets)
+        soft = zipf_soft_labels(self.scores(outputs, model), targets, self.alpha, self.distribution)
+        zipf = nontarget_kl(outputs.logits, targets, soft)
+        loss = ce + self.weight * zipf
+        terms = {"ce": ce, "zipf": zipf}
+        if self.aux_stages:
+            aux_ce = sum(cross_entropy(outputs.aux_logits[stage], targets) for stage in self.aux_stages)
+            loss = loss + self.aux_weight * aux_ce
+            terms["aux_ce"] = aux_ce
+        return {"loss": loss, **terms}
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # not NaN
+
+
+__all__ = [
+    "DISTRIBUTIONS",
+    "ZipfLabelSmoothing",
+    "dense_votes",
+    "min_ranks",
+    "nontarget_kl",
+    "vote_counts",
+    "zipf_soft_labels",
+]
