@@ -1,0 +1,314 @@
+"""Read run folders and reduce them to table cells (mean ± std over seeds).
+
+A run folder is any folder holding ``config.yaml`` (the resolved config the trainer writes) next to
+``metrics.jsonl`` (one JSON object per completed epoch). ``metrics.jsonl`` is the source of truth:
+``summary.json`` is ignored, and a run with fewer epochs than ``trainer.epochs`` is incomplete.
+
+    runs = load_runs(["outputs/multirun/table2_tinyimagenet_resnet18"])
+    for key, cell_runs in group_cells(runs).items():
+        print(key.method, summarise(cell_runs).best_mean)
+
+No torch import here: the table CLI must start fast and run anywhere the files are.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Reference values of options a config may predate (SPEC.md section 1): filled in when a zipf run's
+# config lacks them, so such runs still match the paper's cells.
+OPTION_DEFAULTS: dict[str, dict[str, Any]] = {
+    "zipf": {"rank_by": "dense", "stages": ("final",), "distribution": "zipf"},
+}
+# Loss options that name files (a BAN teacher checkpoint, ...) differ per seed and say nothing about
+# the method's setting, so they never split cells.
+_PATH_LIKE_WORDS = ("path", "ckpt", "checkpoint", "teacher", "dir", "file")
+# Dataset keys that change what is trained on; they are part of a cell's recipe.
+_RECIPE_DATASET_KEYS = ("image_size", "num_classes_subset", "train_per_class", "val_per_class")
+
+Hashable = Any  # a value made hashable by _freeze (tuples instead of lists)
+
+
+class RunFolderError(ValueError):
+    """A folder, config or metrics file that cannot be read as runs; the message names it."""
+
+
+@dataclass(frozen=True)
+class CellKey:
+    """What makes runs comparable: everything but the seed."""
+
+    dataset: str
+    model: str
+    method: str
+    # Loss options other than the name, sorted (key, value) pairs; lists become tuples.
+    options: tuple[tuple[str, Hashable], ...] = ()
+    # Planned epochs and dataset subset/resolution keys, sorted (key, value) pairs.
+    recipe: tuple[tuple[str, Hashable], ...] = ()
+
+    def option(self, name: str, default: Any = None) -> Any:
+        return dict(self.options).get(name, default)
+
+    @property
+    def planned_epochs(self) -> int:
+        return int(dict(self.recipe)["epochs"])
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run folder, read."""
+
+    path: Path
+    seed: int
+    experiment_name: str
+    key: CellKey
+    epochs_done: int
+    best_top1: float | None  # max val_top1 over the completed epochs
+    best_epoch: int | None
+    last_top1: float | None  # val_top1 of the last completed epoch
+    epoch_times_s: tuple[float, ...] = ()
+    peak_gpu_mem_mb: float | None = None  # max over epochs; None on CPU
+    peak_cpu_mem_mb: float | None = None
+
+    @property
+    def planned_epochs(self) -> int:
+        return self.key.planned_epochs
+
+    @property
+    def complete(self) -> bool:
+        return self.epochs_done >= self.planned_epochs
+
+
+@dataclass(frozen=True)
+class CellSummary:
+    """The statistics of one cell. Stats use the complete runs; only when none is complete do they use
+    the incomplete ones (then ``from_incomplete`` is set and the table says so)."""
+
+    key: CellKey
+    counted: tuple[Run, ...]  # the runs the statistics are over (one per seed)
+    incomplete: tuple[Run, ...]  # incomplete runs of this cell (counted only if none is complete)
+    duplicates: tuple[Run, ...]  # further runs of an already counted seed, ignored
+    best_mean: float | None
+    best_std: float | None  # sample std (ddof=1); None with fewer than two seeds
+    last_mean: float | None
+    from_incomplete: bool = False
+    seeds: tuple[int, ...] = field(default=())
+
+    @property
+    def n_seeds(self) -> int:
+        return len(self.counted)
+
+
+# ---------------------------------------------------------------- reading
+
+
+def find_run_dirs(folder: Path) -> list[Path]:
+    """Folders under ``folder`` (itself included) holding config.yaml next to metrics.jsonl."""
+    candidates = [folder / "metrics.jsonl", *folder.rglob("metrics.jsonl")]
+    found = {p.parent.resolve() for p in candidates if p.is_file() and (p.parent / "config.yaml").is_file()}
+    return sorted(found)
+
+
+def _freeze(value: Any) -> Hashable:
+    if isinstance(value, Mapping):
+        return tuple(sorted((str(k), _freeze(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, prefix=f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _is_path_like(name: str, value: Any) -> bool:
+    lowered = name.lower()
+    return any(word in lowered for word in _PATH_LIKE_WORDS) or (isinstance(value, str) and "/" in value)
+
+
+def _require(config: Mapping[str, Any], dotted: str, source: Path) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            raise RunFolderError(f"{source}: missing key {dotted!r} (expected the trainer's resolved config)")
+        node = node[part]
+    return node
+
+
+def cell_key_from_config(config: Mapping[str, Any], source: Path) -> CellKey:
+    """The cell a run belongs to, from its resolved config."""
+    dataset = _require(config, "dataset.name", source)
+    loss = _require(config, "loss", source)
+    method = _require(config, "loss.name", source)
+    options = {k: v for k, v in _flatten({k: v for k, v in loss.items() if k != "name"}).items() if not _is_path_like(k, v)}
+    for name, default in OPTION_DEFAULTS.get(method, {}).items():
+        options.setdefault(name, default)
+    recipe: dict[str, Any] = {"epochs": int(_require(config, "trainer.epochs", source))}
+    for name in _RECIPE_DATASET_KEYS:
+        recipe[name] = config["dataset"].get(name)
+    return CellKey(
+        dataset=str(dataset),
+        model=str(_require(config, "model.name", source)),
+        method=str(method),
+        options=tuple(sorted((k, _freeze(v)) for k, v in options.items())),
+        recipe=tuple(sorted((k, _freeze(v)) for k, v in recipe.items())),
+    )
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Epoch records of metrics.jsonl, one per epoch (a re-logged epoch keeps its last record).
+
+    A malformed last line is a write cut short by a kill and is dropped; a malformed line before
+    the last is corruption and raises.
+    """
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    by_epoch: dict[int, dict[str, Any]] = {}
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+            epoch = int(record["epoch"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+            if number == len(lines):
+                print(f"warning: {path}:{number}: ignoring a truncated last line", file=sys.stderr)
+                break
+            raise RunFolderError(f"{path}:{number}: not a JSON object with an 'epoch' ({error})") from error
+        by_epoch[epoch] = record
+    return [by_epoch[epoch] for epoch in sorted(by_epoch)]
+
+
+def _finite(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def read_run(run_dir: Path) -> Run:
+    """One run folder -> :class:`Run`."""
+    config_path = run_dir / "config.yaml"
+    try:
+        config = yaml.safe_load(config_path.read_text())
+    except yaml.YAMLError as error:
+        raise RunFolderError(f"{config_path}: not valid YAML ({error})") from error
+    if not isinstance(config, Mapping):
+        raise RunFolderError(f"{config_path}: expected a mapping (the resolved config)")
+    key = cell_key_from_config(config, config_path)
+    records = read_metrics(run_dir / "metrics.jsonl")
+    scored = [(int(r["epoch"]), top1) for r in records if (top1 := _finite(r.get("val_top1"))) is not None]
+    best_epoch, best_top1 = max(scored, key=lambda pair: (pair[1], -pair[0])) if scored else (None, None)
+    gpu = [m for r in records if (m := _finite(r.get("peak_gpu_mem_mb"))) is not None]
+    cpu = [m for r in records if (m := _finite(r.get("peak_cpu_mem_mb"))) is not None]
+    return Run(
+        path=run_dir,
+        seed=int(_require(config, "seed", config_path)),
+        experiment_name=str(config.get("experiment_name", "")),
+        key=key,
+        epochs_done=int(records[-1]["epoch"]) if records else 0,
+        best_top1=best_top1,
+        best_epoch=best_epoch,
+        last_top1=_finite(records[-1].get("val_top1")) if records else None,
+        epoch_times_s=tuple(t for r in records if (t := _finite(r.get("epoch_time_s"))) is not None),
+        peak_gpu_mem_mb=max(gpu) if gpu else None,
+        peak_cpu_mem_mb=max(cpu) if cpu else None,
+    )
+
+
+def load_runs(folders: Iterable[str | Path]) -> list[Run]:
+    """Every run under the given folders (searched recursively), each folder read once.
+
+    Raises :class:`RunFolderError` naming the folder when it does not exist or holds no run.
+    """
+    runs: dict[Path, Run] = {}
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            raise RunFolderError(f"{folder}: no such folder")
+        run_dirs = find_run_dirs(folder)
+        if not run_dirs:
+            raise RunFolderError(
+                f"{folder}: no runs found (looked recursively for a folder holding config.yaml next to "
+                "metrics.jsonl, as the trainer writes them: outputs/<experiment>/<run>/ or "
+                "outputs/multirun/<experiment>/<overrides>/)"
+            )
+        for run_dir in run_dirs:
+            if run_dir not in runs:
+                runs[run_dir] = read_run(run_dir)
+    return list(runs.values())
+
+
+# ---------------------------------------------------------------- grouping and statistics
+
+
+def _sort_key(key: CellKey) -> str:
+    return repr((key.dataset, key.model, key.method, key.options, key.recipe))
+
+
+def group_cells(runs: Iterable[Run]) -> dict[CellKey, list[Run]]:
+    """Runs by cell (every config difference but the seed), in a deterministic order."""
+    cells: dict[CellKey, list[Run]] = {}
+    for run in sorted(runs, key=lambda r: (_sort_key(r.key), r.seed, str(r.path))):
+        cells.setdefault(run.key, []).append(run)
+    return dict(sorted(cells.items(), key=lambda item: _sort_key(item[0])))
+
+
+def _one_per_seed(runs: Sequence[Run]) -> tuple[list[Run], list[Run]]:
+    """Keep, per seed, the run with the most completed epochs (then the first path); the rest are duplicates."""
+    chosen: dict[int, Run] = {}
+    duplicates: list[Run] = []
+    for run in sorted(runs, key=lambda r: (r.seed, -r.epochs_done, str(r.path))):
+        if run.seed in chosen:
+            duplicates.append(run)
+        else:
+            chosen[run.seed] = run
+    return list(chosen.values()), duplicates
+
+
+def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (ddof=1; None for fewer than two values)."""
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def summarise(runs: Sequence[Run]) -> CellSummary:
+    """Mean ± std of best-epoch top-1 and mean last-epoch top-1 over the seeds of one cell."""
+    if not runs:
+        raise ValueError("summarise() needs at least one run")
+    keys = {run.key for run in runs}
+    if len(keys) != 1:
+        raise ValueError(f"runs of different cells given to summarise(): {sorted(map(_sort_key, keys))}")
+    per_seed, duplicates = _one_per_seed(runs)
+    complete = [run for run in per_seed if run.complete]
+    incomplete = [run for run in per_seed if not run.complete]
+    from_incomplete = not complete
+    counted = complete or [run for run in incomplete if run.best_top1 is not None]
+    best_mean, best_std = mean_std([run.best_top1 for run in counted if run.best_top1 is not None])
+    last_mean, _ = mean_std([run.last_top1 for run in counted if run.last_top1 is not None])
+    return CellSummary(
+        key=runs[0].key,
+        counted=tuple(counted),
+        incomplete=tuple(incomplete),
+        duplicates=tuple(duplicates),
+        best_mean=best_mean,
+        best_std=best_std,
+        last_mean=last_mean,
+        from_incomplete=from_incomplete,
+        seeds=tuple(run.seed for run in counted),
+    )
+
+
+def summarise_all(runs: Iterable[Run]) -> list[CellSummary]:
+    return [summarise(cell_runs) for cell_runs in group_cells(runs).values()]
