@@ -13,6 +13,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from zipfls_train.engine.naming import register_resolvers
+
+register_resolvers()  # before Hydra composes: the sweep subdir uses ${safe_dirname:...}
+
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:

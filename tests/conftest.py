@@ -136,6 +136,7 @@ def compose(overrides: Sequence[str] = ()):
 TINY_RUN = [
     "dataset=tinyimagenet",
     "dataset.format=pack",
+    "dataset.num_classes=10",
     "model=cifar_resnet18",
     "model.options.width=8",
     "trainer.device=cpu",

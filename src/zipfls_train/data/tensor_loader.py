@@ -113,9 +113,9 @@ class TensorLoader:
     # --- batches ---------------------------------------------------------------------------
     def _prepare(self, pixels: Tensor) -> Tensor:
         out = normalize(pixels, self.mean, self.std).to(self.options.device, non_blocking=True)
-        if self.options.channels_last:
-            out = out.contiguous(memory_format=torch.channels_last)
-        return out
+        # Augmentation may leave any memory layout; pin the one the model runs in.
+        layout = torch.channels_last if self.options.channels_last else torch.contiguous_format
+        return out.contiguous(memory_format=layout)
 
     def _view(self, index: Tensor, generator: torch.Generator | None) -> Tensor:
         pixels = self.images[index]

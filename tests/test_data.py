@@ -1,0 +1,198 @@
+"""Dataset readers on fixtures in the official layouts and on ../shared/data, subsets, augmentation
+and the in-memory loader."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import shared_data, write_cifar100, write_tinyimagenet_pack, write_tinyimagenet_tree
+from zipfls_train.data import DatasetError, ImageTensors, LoaderOptions, TensorLoader
+from zipfls_train.data.augment import normalize, random_crop_with_padding, random_resized_crop_boxes
+from zipfls_train.data.cifar100 import read_cifar100
+from zipfls_train.data.images import take_subset
+from zipfls_train.data.tinyimagenet import read_pack, read_tinyimagenet, read_tree
+
+WNIDS = ["n02000001", "n01000002", "n03000003"]
+
+
+def test_tree_reader_sorts_wnids_and_reads_every_image(tmp_path):
+    root = write_tinyimagenet_tree(tmp_path, WNIDS, train_per_class=4, val_per_class=2)
+    train = read_tree(root, "train")
+    val = read_tree(root, "val")
+    assert train.classes == sorted(WNIDS)
+    assert train.images.shape == (12, 3, 64, 64) and train.images.dtype == torch.uint8
+    assert train.targets.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    # val_annotations.txt lists wnids; our label is the sorted position.
+    rows = (root / "tiny-imagenet-200/val/val_annotations.txt").read_text().splitlines()
+    expected = [sorted(WNIDS).index(row.split("\t")[1]) for row in rows]
+    assert val.targets.tolist() == expected
+    # Pixels are the decoded JPEG, not something else.
+    first = np.asarray(Image.open(root / f"tiny-imagenet-200/train/{sorted(WNIDS)[0]}/images/{sorted(WNIDS)[0]}_0.JPEG").convert("RGB"))
+    assert torch.equal(train.images[0], torch.from_numpy(first).permute(2, 0, 1))
+
+
+def test_official_subset_from_shared_data(official_subset_root):
+    train = read_tree(official_subset_root, "train")
+    val = read_tree(official_subset_root, "val")
+    wnids = (official_subset_root / "tiny-imagenet-200/wnids.txt").read_text().split()
+    assert len(wnids) == 20 and train.classes == sorted(wnids)
+    assert len(train) == 20 * 60 and len(val) == 20 * 50
+    assert torch.bincount(val.targets).tolist() == [50] * 20
+    # Grayscale JPEGs in the official set come out as 3 equal channels.
+    assert train.images.shape[1:] == (3, 64, 64)
+
+
+def test_pack_matches_official_tree_labels_on_shared_data(official_subset_root):
+    """The pack's class order is sorted wnids, like the tree reader's: wnid -> label agrees."""
+    data = shared_data()
+    meta = json.loads((data / "tinyimagenet-32/meta.json").read_text())
+    pack_val = read_pack(data, "val")
+    assert len(pack_val) == 10_000 and len(pack_val.classes) == 200
+    tree_val = read_tree(official_subset_root, "val")
+    for label, wnid in enumerate(tree_val.classes[:3]):
+        pack_label = meta["wnids"].index(wnid)
+        # Mean colour of the class in both sources agrees (same photos, 64 px vs 32 px JPEG).
+        tree_mean = tree_val.images[tree_val.targets == label].float().mean()
+        pack_mean = pack_val.images[pack_val.targets == pack_label].float().mean()
+        assert abs(tree_mean - pack_mean) < 6.0
+
+
+def test_pack_reader_tiles_in_row_major_order(tmp_path):
+    root = write_tinyimagenet_pack(tmp_path, num_classes=2, train_per_class=30, val_per_class=12)
+    train = read_pack(root, "train")
+    assert train.images.shape == (60, 3, 32, 32)
+    grid = np.asarray(Image.open(root / f"tinyimagenet-32/train_{train.classes[0]}.jpg").convert("RGB"))
+    tile_27 = grid[32:64, 2 * 32 : 3 * 32]  # tile 27 of a 25-wide grid: row 1, column 2
+    assert torch.equal(train.images[27], torch.from_numpy(tile_27.copy()).permute(2, 0, 1))
+
+
+def test_missing_dataset_names_path_layout_and_source(tmp_path):
+    with pytest.raises(DatasetError) as error:
+        read_tinyimagenet(tmp_path / "nowhere", "train")
+    message = str(error.value)
+    assert "nowhere" in message and "val_annotations.txt" in message and "tiny-imagenet-200.zip" in message
+
+
+def test_corrupt_image_names_the_file(tmp_path):
+    root = write_tinyimagenet_tree(tmp_path, WNIDS[:2], train_per_class=2, val_per_class=1)
+    bad = root / f"tiny-imagenet-200/train/{sorted(WNIDS[:2])[1]}/images/{sorted(WNIDS[:2])[1]}_1.JPEG"
+    bad.write_bytes(b"not a jpeg")
+    with pytest.raises(DatasetError, match=bad.name):
+        read_tree(root, "train")
+
+
+def test_empty_class_folder_is_named(tmp_path):
+    root = write_tinyimagenet_tree(tmp_path, WNIDS[:2], train_per_class=2, val_per_class=1)
+    folder = root / f"tiny-imagenet-200/train/{sorted(WNIDS[:2])[0]}/images"
+    for file in folder.iterdir():
+        file.unlink()
+    with pytest.raises(DatasetError, match="empty or missing class folder"):
+        read_tree(root, "train")
+
+
+@pytest.mark.parametrize("bytes_keys", [True, False])
+def test_cifar100_pickles_with_bytes_or_str_keys(tmp_path, bytes_keys):
+    root = write_cifar100(tmp_path, train_per_class=3, test_per_class=2, num_classes=100, bytes_keys=bytes_keys)
+    train = read_cifar100(root, "train")
+    test = read_cifar100(root, "val")
+    assert train.images.shape == (300, 3, 32, 32) and len(test) == 200
+    assert train.classes[5] == "class_5"
+    # Row-major CHW layout of the pickle: first 1024 bytes are the red plane.
+    import pickle
+
+    with (root / "cifar-100-python/train").open("rb") as handle:
+        record = pickle.load(handle, encoding="bytes")
+    data = record[b"data" if bytes_keys else "data"]
+    assert torch.equal(train.images[7, 0].flatten(), torch.from_numpy(data[7, :1024]))
+
+
+def test_cifar100_missing_without_download_explains(tmp_path):
+    with pytest.raises(DatasetError, match="cifar-100-python"):
+        read_cifar100(tmp_path, "train", download=False)
+
+
+def test_label_out_of_range_is_rejected():
+    with pytest.raises(DatasetError, match="label out of range"):
+        ImageTensors(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.tensor([0, 5]), ["a", "b"])
+
+
+def test_subset_keeps_first_classes_and_first_images_per_class():
+    targets = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 3, 2, 2).contiguous()
+    subset = take_subset(ImageTensors(images, targets, ["a", "b", "c"]), num_classes=2, per_class=2)
+    assert subset.classes == ["a", "b"]
+    assert subset.images[:, 0, 0, 0].tolist() == [0, 1, 3, 4]
+    assert subset.targets.tolist() == [0, 1, 0, 1]
+
+
+def test_crop_with_padding_matches_an_explicit_crop():
+    images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
+    generator = torch.Generator().manual_seed(3)
+    out = random_crop_with_padding(images, 8, 4, generator)
+    # Recover the offsets the same generator drew and crop by hand.
+    offsets = (torch.rand((6, 2), generator=torch.Generator().manual_seed(3)) * 9).long().clamp(max=8)
+    padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
+    for i in range(6):
+        y, x = offsets[i].tolist()
+        assert torch.equal(out[i], padded[i, :, y : y + 8, x : x + 8])
+
+
+def test_random_resized_crop_boxes_stay_inside_and_follow_scale_and_ratio():
+    boxes = random_resized_crop_boxes(4000, 64, 64, torch.Generator().manual_seed(0), torch.device("cpu"))
+    w = boxes[:, 2] - boxes[:, 0]
+    h = boxes[:, 3] - boxes[:, 1]
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 64).all() and (boxes[:, 3] <= 64).all()
+    area = w * h / 64**2
+    assert area.min() >= 0.07 and area.max() <= 1.0
+    ratio = w / h
+    assert ratio.min() > 0.7 and ratio.max() < 1.45  # 3/4..4/3 up to rounding
+    # torchvision draws the area uniformly in [0.08, 1] (before rejection): mean ~0.5.
+    assert 0.4 < area.mean() < 0.6
+
+
+def test_normalize_matches_torchvision_definition():
+    pixels = torch.tensor([[[[0]], [[128]], [[255]]]], dtype=torch.uint8)
+    out = normalize(pixels, [0.5, 0.5, 0.5], [0.25, 0.5, 1.0])
+    assert out.flatten().tolist() == pytest.approx([(0 - 0.5) / 0.25, (128 / 255 - 0.5) / 0.5, (1 - 0.5) / 1.0])
+
+
+def _loader(data: ImageTensors, *, train: bool, rank: int = 0, world: int = 1, batch: int = 4, **extra) -> TensorLoader:
+    options = LoaderOptions(batch_size=batch, eval_batch_size=batch, device=torch.device("cpu"), seed=7, rank=rank, world_size=world, **extra)
+    return TensorLoader(data, options, train=train, augment="crop_pad", image_size=8, mean=[0.5] * 3, std=[0.5] * 3)
+
+
+def _numbered(count: int, classes: int = 3) -> ImageTensors:
+    images = torch.randint(0, 256, (count, 3, 8, 8), dtype=torch.uint8)
+    return ImageTensors(images, torch.arange(count) % classes, [str(i) for i in range(classes)])
+
+
+def test_loader_is_deterministic_and_resumes_mid_epoch():
+    data = _numbered(40)
+    full = list(_loader(data, train=True).epoch(3))
+    resumed = list(_loader(data, train=True).epoch(3, start_step=6))
+    assert len(full) == 10 and len(resumed) == 4
+    for a, b in zip(full[6:], resumed):
+        assert torch.equal(a.inputs, b.inputs) and torch.equal(a.indices, b.indices)
+    other_epoch = next(_loader(data, train=True).epoch(4))
+    assert not torch.equal(full[0].indices, other_epoch.indices)
+
+
+def test_train_shards_are_disjoint_and_val_shards_count_every_sample_once():
+    data = _numbered(23)
+    shards = [torch.cat([b.indices for b in _loader(data, train=True, rank=r, world=2).epoch(0)]) for r in range(2)]
+    assert not set(shards[0].tolist()) & set(shards[1].tolist())
+    val = [torch.cat([b.indices for b in _loader(data, train=False, rank=r, world=2, batch=5).epoch(0)]) for r in range(2)]
+    assert sorted(torch.cat(val).tolist()) == list(range(23))
+
+
+def test_pairs_are_same_class_and_second_view_differs():
+    data = _numbered(30)
+    batch = next(_loader(data, train=True, pairs=True, two_views=True).epoch(0))
+    assert torch.equal(batch.pair_targets, batch.targets)
+    assert batch.second_view.shape == batch.inputs.shape and not torch.equal(batch.second_view, batch.inputs)

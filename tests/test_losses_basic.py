@@ -1,0 +1,63 @@
+"""CE and label smoothing against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from zipfls_train.losses import build_method
+from zipfls_train.losses.ce import cross_entropy
+from zipfls_train.losses.ls import label_smoothing_loss, smoothed_targets
+
+
+def test_cross_entropy_hand_value():
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    targets = torch.tensor([0, 2])
+    # sample 0: -log(e^2 / (e^2 + e + 1)); sample 1: log 3
+    first = -(2.0 - math.log(math.exp(2) + math.exp(1) + 1))
+    expected = (first + math.log(3)) / 2
+    assert cross_entropy(logits, targets).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_label_smoothing_targets_put_eps_over_c_minus_1_off_target():
+    soft = smoothed_targets(torch.tensor([1]), num_classes=5, epsilon=0.1)
+    assert soft.tolist()[0] == pytest.approx([0.025, 0.9, 0.025, 0.025, 0.025])
+
+
+def test_label_smoothing_hand_value():
+    logits = torch.tensor([[1.0, 0.0, -1.0]])
+    eps = 0.2
+    log_z = math.log(math.e + 1 + math.exp(-1))
+    log_p = [1.0 - log_z, 0.0 - log_z, -1.0 - log_z]
+    # target 0: 0.8 on class 0, 0.1 on each of the two others.
+    expected = -(0.8 * log_p[0] + 0.1 * log_p[1] + 0.1 * log_p[2])
+    assert label_smoothing_loss(logits, torch.tensor([0]), eps).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_label_smoothing_is_not_torchs_eps_over_c():
+    logits = torch.randn(4, 7)
+    targets = torch.tensor([0, 3, 6, 2])
+    ours = label_smoothing_loss(logits, targets, 0.1)
+    torch_variant = torch.nn.functional.cross_entropy(logits, targets, label_smoothing=0.1)
+    assert not torch.isclose(ours, torch_variant)
+
+
+def test_low_precision_logits_are_computed_in_float32():
+    logits = torch.randn(8, 10)
+    targets = torch.randint(0, 10, (8,))
+    reference = label_smoothing_loss(logits, targets, 0.1)
+    half = label_smoothing_loss(logits.bfloat16(), targets, 0.1)
+    assert half.dtype == torch.float32
+    assert half.item() == pytest.approx(reference.item(), abs=2e-2)
+
+
+def test_unknown_loss_option_names_the_key_and_the_allowed_ones():
+    with pytest.raises(ValueError, match=r"no option\(s\) \['epsilonn'\].*epsilon"):
+        build_method({"name": "ls", "epsilonn": 0.1}, num_classes=10)
+
+
+def test_unknown_loss_name_lists_the_choices():
+    with pytest.raises(KeyError, match="unknown loss 'nope'.*zipf"):
+        build_method({"name": "nope"}, num_classes=10)

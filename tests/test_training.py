@@ -1,0 +1,115 @@
+"""End-to-end runs on tiny data: learning, run-folder contents, auto-resume, multirun, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, TINY_RUN
+from zipfls_train.engine import metrics as metrics_module
+from zipfls_train.engine.checkpoint import load_checkpoint
+from zipfls_train.engine.trainer import ResumeError
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_two_epochs_learn_and_fill_the_run_folder(run_tiny):
+    summary, run_dir = run_tiny("loss=ce", "trainer.epochs=4", "optim.lr=0.05")
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    assert [m["epoch"] for m in metrics] == [1, 2, 3, 4]
+    assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
+    for key in ("train_loss", "train_ce", "val_top1", "val_top5", "best_val_top1", "lr", "images_per_s"):
+        assert key in metrics[0]
+    assert summary["best_val_top1"] == max(m["val_top1"] for m in metrics)
+    assert (run_dir / "config.yaml").read_text().count("name: tinyimagenet") == 1
+    assert (run_dir / "checkpoints/last.pt").is_file() and (run_dir / "checkpoints/best.pt").is_file()
+    assert any((run_dir / "tb").iterdir())
+    # lr recorded is the one the epoch trained with: 0.05, then x0.1 from epoch 3 (50%) and x0.01
+    # from epoch 4 (75%).
+    assert [round(m["lr"], 6) for m in metrics] == [0.05, 0.05, 0.005, 0.0005]
+    # Chance is 10% on this 10-class set; the class patterns are easy.
+    assert summary["best_val_top1"] > 30.0
+
+
+def test_zipf_run_logs_every_term(run_tiny):
+    _, run_dir = run_tiny("loss=zipf", "trainer.max_steps_per_epoch=3")
+    record = read_jsonl(run_dir / "metrics.jsonl")[0]
+    assert {"train_loss", "train_ce", "train_zipf"} <= set(record)
+    assert record["train_loss"] == pytest.approx(record["train_ce"] + 1.0 * record["train_zipf"], rel=1e-5)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_auto_resume_continues_at_the_next_epoch_with_identical_state(run_tiny, tmp_path, monkeypatch):
+    args = ("loss=ce", "trainer.epochs=2", "trainer.max_steps_per_epoch=4")
+    _, straight = run_tiny(*args, run_dir=tmp_path / "straight")
+
+    original = metrics_module.RunRecords.epoch
+
+    def stop_after_first_epoch(self, record, step):
+        original(self, record, step)
+        if record["epoch"] == 1:
+            raise Interrupted
+
+    monkeypatch.setattr(metrics_module.RunRecords, "epoch", stop_after_first_epoch)
+    with pytest.raises(Interrupted):
+        run_tiny(*args, run_dir=tmp_path / "resumed")
+    monkeypatch.setattr(metrics_module.RunRecords, "epoch", original)
+    assert load_checkpoint(tmp_path / "resumed/checkpoints/last.pt")["progress"]["epoch"] == 1
+
+    run_tiny(*args, run_dir=tmp_path / "resumed")  # the same command again
+    resumed_metrics = read_jsonl(tmp_path / "resumed/metrics.jsonl")
+    assert [m["epoch"] for m in resumed_metrics] == [1, 2]
+    a = load_checkpoint(straight / "checkpoints/last.pt")
+    b = load_checkpoint(tmp_path / "resumed/checkpoints/last.pt")
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert a["progress"] == b["progress"]
+    straight_metrics = read_jsonl(straight / "metrics.jsonl")
+    assert resumed_metrics[-1]["val_top1"] == straight_metrics[-1]["val_top1"]
+    assert resumed_metrics[-1]["train_loss"] == pytest.approx(straight_metrics[-1]["train_loss"], rel=1e-6)
+
+
+def test_resume_refuses_a_checkpoint_of_another_configuration(run_tiny, tmp_path):
+    run_tiny("loss=ce", "trainer.max_steps_per_epoch=1", run_dir=tmp_path / "run")
+    with pytest.raises(ResumeError, match=r"loss.name: 'ce' -> 'ls'"):
+        run_tiny("loss=ls", "trainer.max_steps_per_epoch=1", run_dir=tmp_path / "run")
+
+
+def _train_py(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "train.py", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_multirun_sweeps_losses_and_seeds(tiny_pack_root, tmp_path):
+    result = _train_py(
+        "-m", *TINY_RUN, f"dataset.root={tiny_pack_root}", "trainer.epochs=1", "trainer.max_steps_per_epoch=2",
+        "loss=ce,ls", "seed=0,1", f"hydra.sweep.dir={tmp_path}/sweep",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    import yaml
+
+    folders = [p.parent for p in (tmp_path / "sweep").glob("*/metrics.jsonl")]
+    cells = sorted((c["loss"]["name"], c["seed"]) for c in (yaml.safe_load((f / "config.yaml").read_text()) for f in folders))
+    assert cells == [("ce", 0), ("ce", 1), ("ls", 0), ("ls", 1)]
+    # Folder names come from the overrides, without the machine-specific dataset.root.
+    assert all("loss=" in f.name and "seed=" in f.name and "dataset.root" not in f.name for f in folders)
+
+
+def test_unknown_config_choice_names_the_group_and_options():
+    result = _train_py("loss=nope", "--cfg", "job")
+    assert result.returncode != 0
+    assert "nope" in result.stderr and "loss" in result.stderr and "zipf" in result.stderr
+
+
+def test_missing_dataset_fails_with_the_expected_layout(tmp_path):
+    result = _train_py("dataset=tinyimagenet", f"dataset.root={tmp_path}/empty", "trainer.device=cpu")
+    assert result.returncode != 0
+    assert "tiny-imagenet-200/wnids.txt" in result.stderr and f"{tmp_path}/empty" in result.stderr
