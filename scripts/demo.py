@@ -1,0 +1,68 @@
+"""`make demo`: find (or fetch) TinyImageNet, train the demo experiment, print the result.
+
+    python scripts/demo.py --data ../shared/data
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from zipfls_train.data.tinyimagenet import OFFICIAL_URL, PACK_DIR, TREE_DIR, download_tinyimagenet  # noqa: E402
+
+
+def internet_reachable(url: str = OFFICIAL_URL, timeout: float = 5.0) -> bool:
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout)
+        return True
+    except OSError:
+        return False
+
+
+def locate_data(data: Path) -> Path:
+    """The folder holding tiny-imagenet-200/ or tinyimagenet-32/: DATA, else ./data (downloading there)."""
+    for candidate in (data, REPO / "data"):
+        if (candidate / TREE_DIR / "wnids.txt").is_file() or (candidate / PACK_DIR / "meta.json").is_file():
+            return candidate
+    target = REPO / "data"
+    if internet_reachable():
+        print(f"TinyImageNet not found under {data}; downloading {OFFICIAL_URL} into {target} ...", flush=True)
+        download_tinyimagenet(target)
+        return target
+    sys.exit(
+        f"TinyImageNet not found under {data.resolve()} nor {target}, and the internet is not reachable.\n"
+        f"Put either the official tree at {target}/{TREE_DIR}/ (from {OFFICIAL_URL}, unzipped)\n"
+        f"or the 32 px pack at {target}/{PACK_DIR}/ (it ships in ../shared/data), or run: make demo DATA=<folder holding one of them>"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data", type=Path, default=REPO / "data", help="folder holding tiny-imagenet-200/ or tinyimagenet-32/")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. trainer.epochs=2")
+    args = parser.parse_args()
+    root = locate_data(args.data).resolve()
+    command = [sys.executable, str(REPO / "train.py"), "experiment=demo", f"dataset.root={root}", *args.overrides]
+    print("$ " + " ".join(command), flush=True)
+    completed = subprocess.run(command, cwd=REPO)
+    if completed.returncode != 0:
+        sys.exit(completed.returncode)
+    summaries = sorted((REPO / "outputs" / "demo").glob("*/summary.json"), key=lambda p: p.stat().st_mtime)
+    summary = json.loads(summaries[-1].read_text())
+    run_dir = Path(summary["run_dir"])
+    print()
+    print(f"Demo finished: best val top-1 {summary['best_val_top1']:.2f}% (epoch {summary['best_epoch']}; "
+          f"chance is 5.00% on these 20 classes), last-epoch top-1 {summary['last_val_top1']:.2f}%")
+    print(f"Run folder:       {run_dir}")
+    print(f"TensorBoard logs: tensorboard --logdir {run_dir / 'tb'}")
+
+
+if __name__ == "__main__":
+    main()
