@@ -44,31 +44,32 @@ RANK_BY = ("dense", "logits")
 _MAX_DENSE_LOGITS = 1 << 24
 
 
-def _dense_argmax(feature_map: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """Arg-max class of ``weight @ f + bias`` for every pixel ``f`` of ``feature_map`` (N x D x H x W)
-    -> LongTensor N x (H*W), pixels in row-major (h, w) order."""
+def _dense_argmax(feature_map: Tensor, weight: Tensor, bias: Tensor | None, upsample: bool) -> Tensor:
+    """Arg-max class of ``weight @ f + bias`` for every pixel ``f`` of ``feature_map`` (N x D x H x W),
+    after a bilinear x2 upsample of the map when ``upsample`` -> LongTensor N x (H'*W'), pixels in
+    row-major (h, w) order.
+
+    Upsampling is done on the *logits*: classify the H x W pixels, then bilinearly upsample the C
+    logit maps. Both steps are linear and bilinear weights sum to 1, so this equals classifying the
+    upsampled features (bias included) up to float rounding, with 4x fewer multiply-adds and no
+    upsampled D-channel copy of the features.
+    """
     n, d, h, w = feature_map.shape
     num_classes = weight.shape[0]
-    pixels = h * w
-    per_chunk = max(1, _MAX_DENSE_LOGITS // max(1, num_classes * pixels))
-    # channels_last maps (the GPU default in this framework) are already (N*H*W) x D rows: classify
-    # them with one addmm and reduce over the contiguous class dimension. NCHW maps are used as
-    # N x D x HW without a transposing copy: a batched W @ F, reduced over the class dimension.
-    channels_last = feature_map.permute(0, 2, 3, 1).is_contiguous()
+    out_pixels = h * w * (4 if upsample else 1)
+    per_chunk = max(1, _MAX_DENSE_LOGITS // max(1, num_classes * out_pixels))
     bias_or_zero = bias if bias is not None else weight.new_zeros(num_classes)
     votes = []
     for start in range(0, n, per_chunk):
         chunk = feature_map[start : start + per_chunk]
         m = chunk.shape[0]
-        if channels_last:
-            rows = chunk.permute(0, 2, 3, 1).reshape(m * pixels, d)
-            logits = torch.addmm(bias_or_zero, rows, weight.t())  # (m*HW) x C
-            votes.append(logits.argmax(dim=1).view(m, pixels))
-        else:
-            columns = chunk.reshape(m, d, pixels)
-            logits = torch.matmul(weight, columns)  # m x C x HW
-            logits += bias_or_zero[None, :, None]
-            votes.append(logits.argmax(dim=1))
+        # (m*H*W) x D rows: a free view of a channels_last map (the GPU default here), one copy of an
+        # NCHW chunk; one addmm then classifies every pixel (faster on CPU than a batched W @ F).
+        rows = chunk.permute(0, 2, 3, 1).reshape(m * h * w, d)
+        logits = torch.addmm(bias_or_zero, rows, weight.t()).view(m, h, w, num_classes).permute(0, 3, 1, 2)
+        if upsample:  # the logits stay channels_last, so the arg-max reduces a contiguous dimension
+            logits = F.interpolate(logits, scale_factor=2, mode="bilinear", align_corners=False)
+        votes.append(logits.argmax(dim=1).reshape(m, out_pixels))
     return votes[0] if len(votes) == 1 else torch.cat(votes)
 
 
@@ -79,7 +80,8 @@ def dense_votes(feature_map: Tensor, weight: Tensor, bias: Tensor | None, upsamp
     ``feature_map``: N x D x H x W (detached here). ``upsample``: ``None``/``"none"`` (use the map as
     is) or ``"bilinear"`` (x2, ``align_corners=False``, before classifying). Returns a LongTensor
     N x (H'*W') of class indices (pixels in row-major order; ties go to the lowest class index, as
-    ``argmax``). Computed in the feature map's dtype (bfloat16/float16 maps are classified in that
+    ``argmax``). The upsample is applied to the logit maps instead, which is the same (see
+    ``_dense_argmax``). Computed in the feature map's dtype (bfloat16/float16 maps are classified in that
     precision; the classifier is cast to it), which is plenty to pick a winner.
     """
     if feature_map.dim() != 4:
@@ -91,12 +93,11 @@ def dense_votes(feature_map: Tensor, weight: Tensor, bias: Tensor | None, upsamp
             f"classifier weight must be C x {feature_map.shape[1]} (the map's channels), got {tuple(weight.shape)}"
         )
     feature_map = feature_map.detach()
-    if upsample == "bilinear":
-        feature_map = F.interpolate(feature_map, scale_factor=2, mode="bilinear", align_corners=False)
     dtype = feature_map.dtype
     weight = weight.detach().to(dtype)
     bias = bias.detach().to(dtype) if bias is not None else None
-    return _dense_argmax(feature_map, weight, bias)
+    return _dense_argmax(feature_map, weight, bias, upsample=upsample == "bilinear")
+
 
 
 @torch.no_grad()
