@@ -241,6 +241,7 @@ def write_run(
     epochs: int | None = None,
     loss_options: dict[str, Any] | None = None,
     dataset_options: dict[str, Any] | None = None,
+    model_options: dict[str, Any] | None = None,
     epoch_times: Sequence[float] | None = None,
     gpu_mb: float | None = None,
     cpu_mb: float = 1000.0,
@@ -254,7 +255,7 @@ def write_run(
         "tag": "",
         "dataset": {"name": dataset, "image_size": 224 if dataset in ("imagenet", "inat21") else 32,
                     "num_classes_subset": None, "train_per_class": None, "val_per_class": None, **(dataset_options or {})},
-        "model": {"name": model},
+        "model": {"name": model, "options": model_options or {}},
         "loss": {"name": method, **(loss_options or {})},
         "trainer": {"epochs": epochs if epochs is not None else len(top1), "batch_size": 128},
     }  # fmt: skip
@@ -342,6 +343,18 @@ def test_short_schedules_and_subsets_are_labelled(tmp_path):
     report = build_report(load_runs([tmp_path]), load_paper(PAPER_TABLES), table="2")
     cell = table_rows(report, "Table 2")["Vanilla"]["TinyImageNet ResNet18"]
     assert "short schedule 2/200 ep" in cell and "100 train img/class" in cell
+
+
+def test_model_options_split_cells_and_are_labelled(tmp_path):
+    # A half-width demo ResNet never mixes with the paper's width (64) and says so.
+    write_run(tmp_path / "w8", top1=(30.0,), model_options={"width": 8})
+    write_run(tmp_path / "w64", top1=(50.0,), model_options={"width": 64})
+    runs = load_runs([tmp_path])
+    assert len(group_cells(runs)) == 2
+    rows = table_rows(build_report(runs, load_paper(PAPER_TABLES), table="2"), "Table 2")
+    narrow, full = rows["Vanilla [model.width=8]"], rows["Vanilla [model.width=64]"]
+    assert narrow["TinyImageNet ResNet18"].startswith("30.00") and "model width=8 (paper 64)" in narrow["TinyImageNet ResNet18"]
+    assert full["TinyImageNet ResNet18"].startswith("50.00") and "model width" not in full["TinyImageNet ResNet18"]
 
 
 def test_incomplete_runs_are_marked(tmp_path):

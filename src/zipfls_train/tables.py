@@ -74,6 +74,7 @@ class Paper:
     epochs: Mapping[str, int]
     image_size: Mapping[str, int]
     labels: Mapping[str, Mapping[str, str]]
+    model_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def label(self, kind: str, name: str) -> str:
         return self.labels.get(kind, {}).get(name, name)
@@ -138,7 +139,13 @@ def load_paper(path: Path | None = None) -> Paper:
         )
         for table_id, raw in data["tables"].items()
     }
-    return Paper(tables=tables, epochs=data["epochs"], image_size=data["image_size"], labels=data["labels"])
+    return Paper(
+        tables=tables,
+        epochs=data["epochs"],
+        image_size=data["image_size"],
+        labels=data["labels"],
+        model_options=data.get("model_options") or {},
+    )
 
 
 def matches(cell: PaperCell, key: CellKey) -> bool:
@@ -188,6 +195,11 @@ def recipe_notes(key: CellKey, paper: Paper) -> list[str]:
     size = recipe.get("image_size")
     if size is not None and paper.image_size.get(key.dataset) not in (None, size):
         notes.append(f"{size} px")
+    reference = paper.model_options.get(key.model, {})
+    for name, value in recipe.items():
+        option = name.removeprefix("model.")
+        if name.startswith("model.") and option in reference and reference[option] != value:
+            notes.append(f"model {option}={_value(value)} (paper {reference[option]})")
     return notes
 
 

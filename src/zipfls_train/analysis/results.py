@@ -51,7 +51,7 @@ class CellKey:
     method: str
     # Loss options other than the name, sorted (key, value) pairs; lists become tuples.
     options: tuple[tuple[str, Hashable], ...] = ()
-    # Planned epochs and dataset subset/resolution keys, sorted (key, value) pairs.
+    # Planned epochs, dataset subset/resolution keys and model options ("model.<key>"), sorted pairs.
     recipe: tuple[tuple[str, Hashable], ...] = ()
 
     def option(self, name: str, default: Any = None) -> Any:
@@ -153,6 +153,7 @@ def _require(config: Mapping[str, Any], dotted: str, source: Path) -> Any:
 def cell_key_from_config(config: Mapping[str, Any], source: Path) -> CellKey:
     """The cell a run belongs to, from its resolved config."""
     dataset = _require(config, "dataset.name", source)
+    model = _require(config, "model.name", source)
     loss = _require(config, "loss", source)
     method = _require(config, "loss.name", source)
     options = {k: v for k, v in _flatten({k: v for k, v in loss.items() if k != "name"}).items() if not _is_path_like(k, v)}
@@ -161,9 +162,12 @@ def cell_key_from_config(config: Mapping[str, Any], source: Path) -> CellKey:
     recipe: dict[str, Any] = {"epochs": int(_require(config, "trainer.epochs", source))}
     for name in _RECIPE_DATASET_KEYS:
         recipe[name] = config["dataset"].get(name)
+    # Model options (e.g. a narrower CIFAR ResNet) change the model: runs that differ never mix.
+    for name, value in _flatten(config["model"].get("options") or {}).items():
+        recipe[f"model.{name}"] = value
     return CellKey(
         dataset=str(dataset),
-        model=str(_require(config, "model.name", source)),
+        model=str(model),
         method=str(method),
         options=tuple(sorted((k, _freeze(v)) for k, v in options.items())),
         recipe=tuple(sorted((k, _freeze(v)) for k, v in recipe.items())),
