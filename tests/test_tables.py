@@ -456,6 +456,8 @@ def test_duplicate_seeds_and_path_options_do_not_split_cells(tmp_path):
     assert ce.n_seeds == 1 and ce.best_mean == 51.0 and len(ce.duplicates) == 1 and not ce.incomplete
     rows = table_rows(build_report(runs, load_paper(PAPER_TABLES), table="2"), "Table 2")
     assert "1 duplicate seed run(s) ignored" in rows["Vanilla"]["TinyImageNet ResNet18"]
+    # BAN rows always name their generation (generation 1 is the CE teacher).
+    assert rows["BAN [generation=2]"]["TinyImageNet ResNet18"].startswith("58.50 ± 0.71, n=2")
 
 
 def test_zipf_defaults_filled_for_older_configs(tmp_path):

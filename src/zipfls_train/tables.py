@@ -33,6 +33,9 @@ from zipfls_train.analysis.results import CellKey, CellSummary, Run, RunFolderEr
 TABLE_IDS = ("1", "2", "3", "4", "5", "6")
 AUTO_TABLE_IDS = ("2", "3", "4", "5", "6")  # Table 1's accuracies repeat Tables 2 and 3's
 PAPER_TABLES_ENV = "ZIPFLS_PAPER_TABLES"
+# Options shown in a row's label even when every run has the same value: BAN's generation 1 is the
+# CE-trained teacher, so a BAN row must say which generation it holds.
+ALWAYS_LABELLED = ("generation",)
 
 
 # ---------------------------------------------------------------- the paper's numbers
@@ -289,7 +292,8 @@ def render_table(table: PaperTable, summaries: Sequence[CellSummary], paper: Pap
     for row_cells in rows.values():
         matched = {id(cell): [s for s in summaries if matches(cell, s.key)] for cell in row_cells}
         # Options/recipe keys that tell apart several run cells fitting one paper cell split the row.
-        split_keys: list[str] = []
+        all_matched = [s for found in matched.values() for s in found]
+        split_keys = [name for name in ALWAYS_LABELLED if any(name in dict(s.key.options) for s in all_matched)]
         for found in matched.values():
             for name in sorted({k for s in found for k in _distinguishing(s.key)}):
                 if len({_distinguishing(s.key).get(name) for s in found}) > 1 and name not in split_keys:
