@@ -270,16 +270,45 @@ def _distinguishing(key: CellKey) -> dict[str, Any]:
 
 def _baseline(summary: CellSummary, summaries: Sequence[CellSummary]) -> CellSummary | None:
     """Our CE cell of the same dataset, model and recipe (for gains)."""
+    key = summary.key
     for other in summaries:
-        key = other.key
-        if key.method == "ce" and (key.dataset, key.model, key.recipe) == (summary.key.dataset, summary.key.model, summary.key.recipe):
+        if other.key.method == "ce" and (other.key.dataset, other.key.model, other.key.recipe) == (key.dataset, key.model, key.recipe):
             return other
     return None
 
 
+def _split_keys(matched: Sequence[Sequence[CellSummary]]) -> list[str]:
+    """Option/recipe keys that tell apart the run cells fitting one paper cell (they split its row),
+    plus the always-labelled options the runs have."""
+    runs = [s for found in matched for s in found]
+    keys = [name for name in ALWAYS_LABELLED if any(name in dict(s.key.options) for s in runs)]
+    for found in matched:
+        for name in sorted({k for s in found for k in _distinguishing(s.key)}):
+            if name not in keys and len({_distinguishing(s.key).get(name) for s in found}) > 1:
+                keys.append(name)
+    return keys
+
+
+def _variant(summary: CellSummary, split_keys: Sequence[str]) -> str:
+    values = _distinguishing(summary.key)
+    return ", ".join(f"{name.removeprefix('recipe.')}={_value(values.get(name))}" for name in split_keys)
+
+
+def _cell_texts(table: PaperTable, cell: PaperCell, summary: CellSummary | None, summaries: Sequence[CellSummary], paper: Paper) -> list[str]:
+    """[ours, paper, Δ] of one column of one row."""
+    gain = diff = None
+    if summary is not None and summary.best_mean is not None:
+        base = _baseline(summary, summaries)
+        if table.has_gains and summary.key.method != "ce" and base is not None and base.best_mean is not None:
+            gain = summary.best_mean - base.best_mean
+        diff = summary.best_mean - cell.top1 if cell.top1 is not None else None
+    return [ours_text(summary, paper, gain), paper_text(cell), _signed(diff)]
+
+
 def render_table(table: PaperTable, summaries: Sequence[CellSummary], paper: Paper) -> tuple[str, set[CellKey]]:
     """One paper table in its own shape, ours / paper / Δ per column. Returns the markdown and the
-    run cells it used."""
+    run cells it used. Several run cells fitting one paper cell (e.g. two Zipf variants) each get
+    a row, labelled by what tells them apart."""
     rows: dict[tuple[Any, ...], list[PaperCell]] = {}
     columns: list[tuple[str, ...]] = []
     for cell in table.cells:
@@ -290,42 +319,22 @@ def render_table(table: PaperTable, summaries: Sequence[CellSummary], paper: Pap
     used: set[CellKey] = set()
     body: list[list[str]] = []
     for row_cells in rows.values():
+        by_column = {_column_id(table, cell): cell for cell in row_cells}
         matched = {id(cell): [s for s in summaries if matches(cell, s.key)] for cell in row_cells}
-        # Options/recipe keys that tell apart several run cells fitting one paper cell split the row.
-        all_matched = [s for found in matched.values() for s in found]
-        split_keys = [name for name in ALWAYS_LABELLED if any(name in dict(s.key.options) for s in all_matched)]
-        for found in matched.values():
-            for name in sorted({k for s in found for k in _distinguishing(s.key)}):
-                if len({_distinguishing(s.key).get(name) for s in found}) > 1 and name not in split_keys:
-                    split_keys.append(name)
-
-        def variant(summary: CellSummary) -> str:
-            values = _distinguishing(summary.key)
-            return ", ".join(f"{name.removeprefix('recipe.')}={_value(values.get(name))}" for name in split_keys)
-
-        variants: list[str] = []
-        for found in matched.values():
-            for summary in found:
-                if variant(summary) not in variants:
-                    variants.append(variant(summary))
+        split_keys = _split_keys(list(matched.values()))
+        variants = list(dict.fromkeys(_variant(s, split_keys) for found in matched.values() for s in found)) or [""]
         label = _row_label(table, row_cells[0], paper)
-        for name in variants or [""]:
-            line = [f"{label} [{name}]" if name else label]
-            by_column = {_column_id(table, cell): cell for cell in row_cells}
+        for variant in variants:
+            line = [f"{label} [{variant}]" if variant else label]
             for column in columns:
                 cell = by_column.get(column)
                 if cell is None:  # the paper has no value here
                     line += ["", "", ""]
                     continue
-                summary = next((s for s in matched[id(cell)] if variant(s) == name), None)
-                gain = None
+                summary = next((s for s in matched[id(cell)] if _variant(s, split_keys) == variant), None)
                 if summary is not None:
                     used.add(summary.key)
-                    base = _baseline(summary, summaries)
-                    if table.has_gains and summary.key.method != "ce" and base and base.best_mean is not None and summary.best_mean is not None:
-                        gain = summary.best_mean - base.best_mean
-                diff = summary.best_mean - cell.top1 if summary and summary.best_mean is not None and cell.top1 is not None else None
-                line += [ours_text(summary, paper, gain), paper_text(cell), _signed(diff)]
+                line += _cell_texts(table, cell, summary, summaries, paper)
             body.append(line)
 
     header = ["Method" if table.row_fields == ("method",) else " · ".join(f.capitalize() for f in table.row_fields)]
@@ -395,6 +404,10 @@ def paper_cost_ratios(paper: Paper, method: str) -> dict[str, float | None]:
     return {name: _ratio(own.get(name), base.get(name)) if own else None for name in names}
 
 
+def _rank(order: Sequence[str], name: str) -> int:
+    return order.index(name) if name in order else len(order)
+
+
 def render_cost(runs: Sequence[Run], paper: Paper) -> str:
     """Per setting (dataset, model, recipe) and method: median epoch time, max peak GPU/CPU memory,
     each over CE's of the same setting, beside Table 1's ratios."""
@@ -407,7 +420,7 @@ def render_cost(runs: Sequence[Run], paper: Paper) -> str:
               "peak GPU MB", "× CE", "paper × CE", "peak CPU MB", "× CE", "paper × CE"]  # fmt: skip
     body = []
     for (dataset, model, recipe), found in settings.items():
-        found.sort(key=lambda c: (method_order.index(c.key.method) if c.key.method in method_order else len(method_order), repr(c.key.options)))
+        found.sort(key=lambda c: (_rank(method_order, c.key.method), repr(c.key.options)))
         base = next((c for c in found if c.key.method == "ce"), None)
         setting = "; ".join([f"{paper.label('dataset', dataset)} {model}", *recipe_notes(found[0].key, paper)])
         for cell in found:
