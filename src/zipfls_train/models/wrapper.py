@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from .aux_heads import byot_bottleneck_head
 from .outputs import ModelOutput
 
 
@@ -35,6 +36,7 @@ AuxHeadFactory = Callable[[int, int, int], nn.Module]  # (in_channels, num_class
 
 AUX_HEADS: dict[str, AuxHeadFactory] = {
     "linear": lambda in_channels, num_classes, stage_index: LinearAuxHead(in_channels, num_classes),
+    "byot_bottleneck": byot_bottleneck_head,
 }
 
 

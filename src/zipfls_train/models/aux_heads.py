@@ -1,0 +1,86 @@
+"""Auxiliary classifier heads beyond the wrapper's linear one.
+
+``BottleneckAuxHead`` is the shallow classifier of "Be Your Own Teacher" (BYOT, Zhang et al., ICCV
+2019; the authors' ``branchBottleNeck``): a bottleneck that brings an intermediate stage to the final
+stage's width and resolution -- 1x1 conv to out/4 channels, a k x k conv with stride k (k = the
+resolution ratio to the final stage), 1x1 conv to ``out_channels``, each followed by BN + ReLU --
+then global average pooling and a linear classifier. The pooled bottleneck output is the head's
+*feature* (BYOT's ``middle<i>_fea``), which BYOT pulls towards the final stage's pooled features with
+an L2 term, so its width must equal the final stage's width.
+
+Heads are ordinary modules of the ``ClassifierWrapper`` (``aux_heads``), so they are in the model's
+parameters (optimiser, DDP) and its training checkpoints, and vanish from the evaluated model
+(``without_aux_heads()``; the eval forward never calls them).
+
+Factory (``AUX_HEADS["byot_bottleneck"]``, signature ``(in_channels, num_classes, stage_index)``):
+the wrapper does not tell a factory the final stage's width or resolution, so
+:func:`byot_bottleneck_head` derives them from the standard four-stage layout in which every stage
+after the first doubles the width and halves the resolution (CIFAR/torchvision ResNets and ResNeXts,
+CIFAR DenseNet-121: 128-256-512-1024): ``out = in * 2^(3 - i)``, ``k = 2^(3 - i)`` for the 0-based
+stage i. These are exactly BYOT's heads for ResNet-18/50 (k = 8, 4, 2). ``final_channels`` and
+``downsample`` override the rule for backbones that do not follow it; BYOT checks the widths at its
+first step and names the mismatch.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+STANDARD_NUM_STAGES = 4
+
+
+class BottleneckAuxHead(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, num_classes: int, downsample: int) -> None:
+        super().__init__()
+        if out_channels < 4:
+            raise ValueError(f"BottleneckAuxHead needs out_channels >= 4, got {out_channels}")
+        if downsample < 1:
+            raise ValueError(f"BottleneckAuxHead needs downsample >= 1, got {downsample}")
+        middle = out_channels // 4
+        # Convolutions carry no bias: each is followed by BatchNorm, which absorbs it (the authors'
+        # code keeps nn.Conv2d's default bias; it has no effect on what the head computes).
+        self.bottleneck = nn.Sequential(
+            nn.Conv2d(in_channels, middle, 1, bias=False),
+            nn.BatchNorm2d(middle),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(middle, middle, downsample, stride=downsample, bias=False),
+            nn.BatchNorm2d(middle),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(middle, out_channels, 1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+        self.fc = nn.Linear(out_channels, num_classes)
+        self.feature_channels = out_channels
+        for module in self.bottleneck:
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward_features(self, feature_map: Tensor) -> Tensor:
+        """N x out_channels: the pooled bottleneck output (BYOT's feature for the L2 term)."""
+        return self.bottleneck(feature_map).mean(dim=(2, 3))
+
+    def forward(self, feature_map: Tensor) -> Tensor:
+        """N x C logits (what the wrapper's ``aux=True`` path puts in ``aux_logits``)."""
+        return self.fc(self.forward_features(feature_map))
+
+
+def byot_bottleneck_head(
+    in_channels: int,
+    num_classes: int,
+    stage_index: int,
+    *,
+    num_stages: int = STANDARD_NUM_STAGES,
+    final_channels: int | None = None,
+    downsample: int | None = None,
+) -> BottleneckAuxHead:
+    """BYOT's head for the 0-based ``stage_index`` of a ``num_stages``-stage backbone (see the module
+    docstring for the width/resolution rule and its overrides)."""
+    steps = num_stages - 1 - stage_index
+    if steps < 0:
+        raise ValueError(f"stage_index {stage_index} is beyond a {num_stages}-stage backbone")
+    out_channels = final_channels if final_channels is not None else in_channels * 2**steps
+    return BottleneckAuxHead(in_channels, out_channels, num_classes, downsample if downsample is not None else 2**steps)
+
+
+__all__ = ["BottleneckAuxHead", "byot_bottleneck_head"]
