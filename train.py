@@ -7,6 +7,7 @@ composed config to it.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import hydra
@@ -21,8 +22,13 @@ register_resolvers()  # before Hydra composes: the sweep subdir uses ${safe_dirn
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     from zipfls_train.engine.run import run_training
+    from zipfls_train.errors import user_errors
 
-    summary = run_training(cfg, Path(HydraConfig.get().runtime.output_dir))
+    try:
+        summary = run_training(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except user_errors() as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
     # Returned for Hydra sweepers that optimise a metric.
     return None if summary is None else summary.get("best_val_top1")
 

@@ -1,8 +1,10 @@
 """Batched augmentation of uint8 image tensors on their own device (GPU or CPU).
 
 Small-resolution datasets live in memory as uint8; every batch is augmented here in a handful of
-kernels, with no DataLoader workers and no host round trip. Randomness comes from an explicit
-``torch.Generator`` so a (seed, epoch, step) triple reproduces a batch exactly (exact resume).
+kernels, with no DataLoader workers and no host round trip. Randomness comes from
+:class:`RandomDraws`: numbers are drawn for the whole *global* batch from a generator seeded by
+(seed, epoch, step) and each rank keeps its own rows, so a batch is reproduced exactly on resume and
+the augmentation of an image does not depend on how many processes share the batch.
 """
 
 from __future__ import annotations
@@ -18,16 +20,33 @@ from torchvision.ops import roi_align
 TRAIN_AUGMENTS = ("crop_pad", "random_resized_crop", "none")
 
 
-def _uniform(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> Tensor:
-    return torch.rand(shape, generator=generator, device=device)
+class RandomDraws:
+    """Uniform draws for ``total`` samples of which this process keeps ``rows``."""
+
+    def __init__(self, generator: torch.Generator, total: int | None = None, rows: slice | None = None) -> None:
+        self.generator = generator
+        self.total = total
+        self.rows = rows
+
+    def uniform(self, n: int, *trailing: int, device: torch.device) -> Tensor:
+        total = self.total if self.total is not None else n
+        draws = torch.rand((total, *trailing), generator=self.generator, device=device)
+        out = draws[self.rows] if self.rows is not None else draws
+        if out.shape[0] != n:
+            raise ValueError(f"RandomDraws keeps {out.shape[0]} rows but the batch has {n} images")
+        return out
 
 
-def random_crop_with_padding(images: Tensor, size: int, padding: int, generator: torch.Generator) -> Tensor:
+def _as_draws(randomness: RandomDraws | torch.Generator) -> RandomDraws:
+    return randomness if isinstance(randomness, RandomDraws) else RandomDraws(randomness)
+
+
+def random_crop_with_padding(images: Tensor, size: int, padding: int, randomness: RandomDraws | torch.Generator) -> Tensor:
     """torchvision RandomCrop(size, padding) with zero padding, one offset per image."""
     n = images.shape[0]
     padded = F.pad(images, (padding, padding, padding, padding))
     max_offset = padded.shape[-1] - size
-    offsets = (_uniform((n, 2), generator, images.device) * (max_offset + 1)).long().clamp_(max=max_offset)
+    offsets = (_as_draws(randomness).uniform(n, 2, device=images.device) * (max_offset + 1)).long().clamp_(max=max_offset)
     span = torch.arange(size, device=images.device)
     rows = (offsets[:, 0:1] + span)[:, :, None]  # N x size x 1
     cols = (offsets[:, 1:2] + span)[:, None, :]  # N x 1 x size
@@ -40,7 +59,7 @@ def random_resized_crop_boxes(
     n: int,
     height: int,
     width: int,
-    generator: torch.Generator,
+    randomness: RandomDraws | torch.Generator,
     device: torch.device,
     scale: tuple[float, float] = (0.08, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
@@ -49,10 +68,11 @@ def random_resized_crop_boxes(
     """Boxes (x1, y1, x2, y2) drawn as torchvision's RandomResizedCrop draws them: up to ``attempts``
     (area, log-ratio) tries per image, the first that fits wins, else the central crop of clamped ratio.
     Vectorised over images and attempts."""
+    draws = _as_draws(randomness)
     area = height * width
-    target_area = area * (scale[0] + (scale[1] - scale[0]) * _uniform((n, attempts), generator, device))
+    target_area = area * (scale[0] + (scale[1] - scale[0]) * draws.uniform(n, attempts, device=device))
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(log_lo + (log_hi - log_lo) * _uniform((n, attempts), generator, device))
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * draws.uniform(n, attempts, device=device))
     w = torch.sqrt(target_area * aspect).round()
     h = torch.sqrt(target_area / aspect).round()
     fits = (w > 0) & (h > 0) & (w <= width) & (h <= height)
@@ -61,7 +81,7 @@ def random_resized_crop_boxes(
     any_fit = fits.any(dim=1)
     w = w.gather(1, first).squeeze(1)
     h = h.gather(1, first).squeeze(1)
-    u = _uniform((n, 2), generator, device)
+    u = draws.uniform(n, 2, device=device)
     x1 = torch.floor(u[:, 0] * (width - w + 1))
     y1 = torch.floor(u[:, 1] * (height - h + 1))
     # Fallback: central crop with the ratio clamped into range (torchvision's behaviour).
@@ -90,8 +110,8 @@ def crop_and_resize(images: Tensor, boxes: Tensor, size: int) -> Tensor:
     return roi_align(images, rois.to(images.dtype), output_size=size, spatial_scale=1.0, sampling_ratio=sampling, aligned=True)
 
 
-def random_flip(images: Tensor, generator: torch.Generator) -> Tensor:
-    flip = _uniform((images.shape[0],), generator, images.device) < 0.5
+def random_flip(images: Tensor, randomness: RandomDraws | torch.Generator) -> Tensor:
+    flip = _as_draws(randomness).uniform(images.shape[0], device=images.device) < 0.5
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
 
 
@@ -110,15 +130,16 @@ def resize_uint8(images: Tensor, size: int) -> Tensor:
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
-def augment_train(images: Tensor, kind: str, size: int, generator: torch.Generator) -> Tensor:
+def augment_train(images: Tensor, kind: str, size: int, randomness: RandomDraws | torch.Generator) -> Tensor:
     """uint8 N x 3 x H x W -> float N x 3 x size x size in 0..255, augmented per ``kind`` + flip."""
+    randomness = _as_draws(randomness)
     if kind == "crop_pad":
-        out = random_crop_with_padding(images, size, padding=4, generator=generator).float()
+        out = random_crop_with_padding(images, size, padding=4, randomness=randomness).float()
     elif kind == "random_resized_crop":
-        boxes = random_resized_crop_boxes(images.shape[0], images.shape[-2], images.shape[-1], generator, images.device)
+        boxes = random_resized_crop_boxes(images.shape[0], images.shape[-2], images.shape[-1], randomness, images.device)
         out = crop_and_resize(images.float(), boxes, size)
     elif kind == "none":
         out = resize_uint8(images, size).float()
     else:
         raise ValueError(f"dataset.train_augment must be one of {TRAIN_AUGMENTS}, got {kind!r}")
-    return random_flip(out, generator)
+    return random_flip(out, randomness)

@@ -1,8 +1,9 @@
 """Loader for datasets that fit in memory (CIFAR-100, TinyImageNet at 32 px): the whole set is one
 uint8 tensor on the training device; batches are indexed and augmented there (no workers).
 
-Order and augmentation are pure functions of (seed, epoch, step, rank), so a run resumed at any
-step sees exactly the batches it would have seen (no sampler state to save).
+Order and augmentation are pure functions of (seed, epoch, step): a run resumed at any step sees
+exactly the batches it would have seen (no sampler state to save), and under DDP each rank takes its
+slice of the same global batch, drawn with the same random numbers as a single process would use.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .augment import augment_train, normalize, resize_uint8
+from .augment import RandomDraws, augment_train, normalize, resize_uint8
 from .batch import Batch
 from .images import ImageTensors
 
@@ -73,28 +74,26 @@ class TensorLoader:
             self._prepare_class_index(data.targets.to(storage), len(data.classes))
 
     # --- sharding --------------------------------------------------------------------------
-    def _shard_size(self) -> int:
-        world, rank = self.options.world_size, self.options.rank
-        if self.train:
-            return self.num_samples // world
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.options.world_size
+
+    def _val_shard(self) -> tuple[int, int]:
         # Contiguous, unpadded shards for evaluation: every sample is counted exactly once.
-        return (rank + 1) * self.num_samples // world - rank * self.num_samples // world
+        world, rank = self.options.world_size, self.options.rank
+        return rank * self.num_samples // world, (rank + 1) * self.num_samples // world
 
     def __len__(self) -> int:
-        shard = self._shard_size()
         if self.train:
-            return shard // self.batch_size
-        return (shard + self.batch_size - 1) // self.batch_size
+            return self.num_samples // self.global_batch  # drop the last incomplete global batch
+        start, stop = self._val_shard()
+        return (stop - start + self.batch_size - 1) // self.batch_size
 
     def _indices(self, epoch: int) -> Tensor:
-        world, rank = self.options.world_size, self.options.rank
         if not self.train:
-            start = rank * self.num_samples // world
-            return torch.arange(start, start + self._shard_size(), device=self.images.device)
+            return torch.arange(*self._val_shard(), device=self.images.device)
         generator = torch.Generator().manual_seed(_mix(self.options.seed, epoch))
-        order = torch.randperm(self.num_samples, generator=generator)
-        usable = (self.num_samples // world) * world
-        return order[:usable][rank::world].to(self.images.device, non_blocking=True)
+        return torch.randperm(self.num_samples, generator=generator).to(self.images.device, non_blocking=True)
 
     # --- pairs (CS-KD) ---------------------------------------------------------------------
     def _prepare_class_index(self, targets: Tensor, num_classes: int) -> None:
@@ -103,10 +102,10 @@ class TensorLoader:
         self._class_count = counts
         self._class_start = torch.cumsum(counts, 0) - counts
 
-    def _pair_indices(self, targets: Tensor, generator: torch.Generator) -> Tensor:
+    def _pair_indices(self, targets: Tensor, draws: RandomDraws) -> Tensor:
         """Another sample of the same class for each target, uniformly (it may be the sample itself,
         as in CS-KD's PairBatchSampler)."""
-        u = torch.rand(targets.shape, generator=generator, device=targets.device)
+        u = draws.uniform(targets.shape[0], device=targets.device)
         offset = (u * self._class_count[targets]).long().clamp_max_(self._class_count[targets] - 1)
         return self._by_class[self._class_start[targets] + offset]
 
@@ -117,31 +116,35 @@ class TensorLoader:
         layout = torch.channels_last if self.options.channels_last else torch.contiguous_format
         return out.contiguous(memory_format=layout)
 
-    def _view(self, index: Tensor, generator: torch.Generator | None) -> Tensor:
+    def _view(self, index: Tensor, draws: RandomDraws | None) -> Tensor:
         pixels = self.images[index]
-        if generator is None:
+        if draws is None:
             return self._prepare(pixels)
-        return self._prepare(augment_train(pixels, self.augment, self.image_size, generator))
+        return self._prepare(augment_train(pixels, self.augment, self.image_size, draws))
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         indices = self._indices(epoch)
+        if not self.train:
+            for step in range(start_step, len(self)):
+                index = indices[step * self.batch_size : (step + 1) * self.batch_size]
+                yield Batch(self._view(index, None), self.targets[index].to(self.options.device), index.to(self.options.device))
+            return
+        mine = slice(self.options.rank * self.batch_size, (self.options.rank + 1) * self.batch_size)
         for step in range(start_step, len(self)):
-            index = indices[step * self.batch_size : (step + 1) * self.batch_size]
+            index = indices[step * self.global_batch : (step + 1) * self.global_batch][mine]
             targets = self.targets[index]
-            if not self.train:
-                yield Batch(self._view(index, None), targets.to(self.options.device), index.to(self.options.device))
-                continue
             generator = torch.Generator(device=self.images.device)
-            generator.manual_seed(_mix(self.options.seed, epoch, step, self.options.rank))
+            generator.manual_seed(_mix(self.options.seed, epoch, step))
+            draws = RandomDraws(generator, total=self.global_batch, rows=mine)
             batch = Batch(
-                inputs=self._view(index, generator),
+                inputs=self._view(index, draws),
                 targets=targets.to(self.options.device, non_blocking=True),
                 indices=index.to(self.options.device, non_blocking=True),
             )
             if self.options.two_views:
-                batch.second_view = self._view(index, generator)
+                batch.second_view = self._view(index, draws)
             if self.options.pairs:
-                pair = self._pair_indices(targets, generator)
-                batch.pair_inputs = self._view(pair, generator)
+                pair = self._pair_indices(targets, draws)
+                batch.pair_inputs = self._view(pair, draws)
                 batch.pair_targets = self.targets[pair].to(self.options.device, non_blocking=True)
             yield batch

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from omegaconf import DictConfig, OmegaConf
 
 
@@ -40,3 +42,18 @@ def validate_config(cfg: DictConfig) -> None:
             raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
     if float(cfg.optim.lr) <= 0:
         raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
+    # Under torchrun the world comes from its environment; otherwise trainer.devices ranks are spawned.
+    world = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else int(cfg.trainer.devices)
+    parts = world * int(cfg.trainer.accumulate_steps)
+    if int(cfg.trainer.batch_size) % parts:
+        raise ConfigError(
+            f"trainer.batch_size={cfg.trainer.batch_size} (the global batch) must be divisible by the number of "
+            f"processes ({world}) x trainer.accumulate_steps ({cfg.trainer.accumulate_steps})"
+        )
+    # Constructing the method checks every loss option (unknown keys, bad values) before any work.
+    from ..losses import build_method
+
+    try:
+        build_method(OmegaConf.to_container(cfg.loss, resolve=True), int(cfg.dataset.get("num_classes_subset") or cfg.dataset.num_classes))
+    except (KeyError, TypeError, ValueError) as error:
+        raise ConfigError(str(error).strip("'\"")) from error

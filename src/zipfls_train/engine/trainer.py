@@ -71,6 +71,18 @@ def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: config}
 
 
+def per_process_batch(global_batch: int, world_size: int, accumulate_steps: int) -> int:
+    """trainer.batch_size is the global batch of one optimiser step (the paper's 128 or 256, whatever
+    the number of GPUs); each process loads global / (world_size * accumulate_steps) per micro-step."""
+    parts = world_size * accumulate_steps
+    if global_batch % parts:
+        raise ValueError(
+            f"trainer.batch_size={global_batch} (the global batch) is not divisible by "
+            f"{world_size} process(es) x trainer.accumulate_steps={accumulate_steps}"
+        )
+    return global_batch // parts
+
+
 def peak_cpu_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
@@ -95,7 +107,7 @@ class Trainer:
         self.data: DataBundle = build_data(
             OmegaConf.to_container(cfg.dataset, resolve=True),
             LoaderOptions(
-                batch_size=int(tcfg.batch_size),
+                batch_size=per_process_batch(int(tcfg.batch_size), ctx.world_size, int(tcfg.accumulate_steps)),
                 eval_batch_size=int(tcfg.eval_batch_size),
                 device=self.device,
                 seed=int(cfg.seed),
@@ -110,8 +122,8 @@ class Trainer:
         )
         if len(self.data.train) == 0:
             raise ValueError(
-                f"trainer.batch_size={tcfg.batch_size} x {ctx.world_size} process(es) is larger than the "
-                f"{self.data.train_size} training images: no full batch per epoch"
+                f"trainer.batch_size={tcfg.batch_size} is larger than the {self.data.train_size} training "
+                "images: no full batch per epoch"
             )
         model_options = OmegaConf.to_container(cfg.model.get("options", {}), resolve=True) or {}
         self.build_fresh_model = lambda: build_model(str(cfg.model.name), self.data.num_classes, **model_options)
@@ -128,8 +140,7 @@ class Trainer:
         self.accumulate = int(tcfg.accumulate_steps)
         self.steps_per_epoch = self._steps_per_epoch()
         parameters = [p for p in [*model.parameters(), *self.method.parameters()] if p.requires_grad]
-        global_batch = int(tcfg.batch_size) * ctx.world_size * self.accumulate
-        self.optimizer = build_optimizer(cfg.optim, parameters, global_batch, self.device)
+        self.optimizer = build_optimizer(cfg.optim, parameters, int(tcfg.batch_size), self.device)
         self.scheduler = build_scheduler(cfg.sched, self.optimizer, self.epochs, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
         self.progress = Progress()
@@ -262,7 +273,7 @@ class Trainer:
                 self.save()
         bar.close()
         train_means = self.running.means()
-        seen = self.steps_per_epoch * self.accumulate * int(self.cfg.trainer.batch_size) * self.ctx.world_size
+        seen = self.steps_per_epoch * int(self.cfg.trainer.batch_size)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - started
@@ -284,12 +295,12 @@ class Trainer:
             "peak_gpu_mem_mb": torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else None,
             "peak_cpu_mem_mb": peak_cpu_memory_mb(),
         }
-        # Checkpoints first, then the metrics line: a kill in between re-runs the epoch's evaluation
-        # record on resume rather than leaving a line the checkpoint does not know.
-        self.save()
+        # The metrics line first, then the checkpoint: a kill in between leaves a line for an epoch the
+        # checkpoint does not hold, which the resumed run drops and writes again (RunRecords).
+        records.epoch(record, self.progress.global_step)
         if improved:
             self.save_best()
-        records.epoch(record, self.progress.global_step)
+        self.save()
         if self.ctx.is_main:
             tqdm.write(
                 f"epoch {self.progress.epoch}/{self.epochs}  loss {train_means.get('loss', float('nan')):.4f}  "

@@ -12,13 +12,25 @@ import torch.nn.functional as F
 
 from .wrapper import kaiming_init
 
+NORMS = ("batch", "group")
+
+
+def norm_layer(kind: str, channels: int) -> nn.Module:
+    """BatchNorm (the paper) or GroupNorm (per-sample statistics: results independent of how a batch
+    is split across processes, which DDP equivalence tests rely on)."""
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(min(32, channels), channels)
+    raise ValueError(f"model.options.norm must be one of {NORMS}, got {kind!r}")
+
 
 class PreActBasicBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: int, norm: str = "batch") -> None:
         super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_channels)
+        self.bn1 = norm_layer(norm, in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.bn2 = norm_layer(norm, out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
         self.shortcut: nn.Module | None = None
         if stride != 1 or in_channels != out_channels:
@@ -34,7 +46,7 @@ class PreActBasicBlock(nn.Module):
 
 
 class CifarPreActResNet(nn.Module):
-    def __init__(self, blocks_per_stage: tuple[int, ...] = (2, 2, 2, 2), width: int = 64) -> None:
+    def __init__(self, blocks_per_stage: tuple[int, ...] = (2, 2, 2, 2), width: int = 64, norm: str = "batch") -> None:
         super().__init__()
         widths = [width * 2**i for i in range(len(blocks_per_stage))]
         self.stem = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
@@ -44,11 +56,11 @@ class CifarPreActResNet(nn.Module):
             stride = 1 if index == 0 else 2
             layers = []
             for block in range(blocks):
-                layers.append(PreActBasicBlock(in_channels, out_channels, stride if block == 0 else 1))
+                layers.append(PreActBasicBlock(in_channels, out_channels, stride if block == 0 else 1, norm))
                 in_channels = out_channels
             stages.append(nn.Sequential(*layers))
         self.stages = nn.ModuleList(stages)
-        self.final_norm = nn.BatchNorm2d(in_channels)
+        self.final_norm = norm_layer(norm, in_channels)
         self.stage_channels = widths
         kaiming_init(self)
 
@@ -63,5 +75,5 @@ class CifarPreActResNet(nn.Module):
         return maps
 
 
-def cifar_resnet18(width: int = 64) -> CifarPreActResNet:
-    return CifarPreActResNet((2, 2, 2, 2), width=width)
+def cifar_resnet18(width: int = 64, norm: str = "batch") -> CifarPreActResNet:
+    return CifarPreActResNet((2, 2, 2, 2), width=width, norm=norm)

@@ -1,0 +1,93 @@
+"""DDP on CPU (gloo, 2 processes) and exact resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, TINY_RUN, compose
+from zipfls_train.engine.checkpoint import load_checkpoint
+from zipfls_train.engine.run import run_training
+
+# GroupNorm: per-sample statistics, so splitting a batch over processes changes nothing but the
+# gradient all-reduce, which is what these tests check (BatchNorm would see half-batches per rank).
+DDP_RUN = [*TINY_RUN, "model.options.norm=group", "trainer.batch_size=32", "trainer.epochs=1", "loss=ce",
+           "dataset.num_classes_subset=5", "dataset.val_per_class=7", "trainer.eval_batch_size=4"]
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run_dir / "checkpoints/last.pt")["model"]
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_process_ddp_matches_one_process_on_the_global_batch(tiny_pack_root, tmp_path):
+    common = [*DDP_RUN, f"dataset.root={tiny_pack_root}", "trainer.max_steps_per_epoch=4"]
+    run_training(compose([*common, "trainer.devices=1"]), tmp_path / "single")
+    run_training(compose([*common, "trainer.devices=2"]), tmp_path / "ddp")
+    single, ddp = _weights(tmp_path / "single"), _weights(tmp_path / "ddp")
+    for name, tensor in single.items():
+        torch.testing.assert_close(ddp[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    # 35 val images over 2 ranks (18 + 17): each counted once, so accuracies agree exactly.
+    a, b = _metrics(tmp_path / "single")[-1], _metrics(tmp_path / "ddp")[-1]
+    assert a["val_top1"] == b["val_top1"] and a["val_top5"] == b["val_top5"]
+    correct = a["val_top1"] * 35 / 100
+    assert abs(correct - round(correct)) < 1e-9  # a whole number of images out of 35
+
+
+def _launch(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _kill_mid_epoch(args: list[str], checkpoint: Path, timeout: float = 300) -> None:
+    """Start a run and SIGKILL its whole process group once a mid-epoch checkpoint exists."""
+    process = _launch(args)
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        if checkpoint.exists():
+            state = load_checkpoint(checkpoint)
+            if state["progress"]["step_in_epoch"] > 0 and state["progress"]["epoch"] >= 1:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                return
+        time.sleep(0.05)
+    process.kill()
+    pytest.fail(f"run ended or timed out before a mid-epoch checkpoint: {process.stderr.read()[-2000:]}")
+
+
+def test_sigkill_mid_epoch_then_same_command_ends_identically(tiny_pack_root, tmp_path):
+    """Under DDP (2 processes) and with a stateful method (PS-KD's per-sample memory, all-gathered
+    across ranks): killed mid-epoch 2, the rerun ends with the same weights, memory and metrics."""
+    base = [*TINY_RUN, f"dataset.root={tiny_pack_root}", "trainer.epochs=2", "trainer.max_steps_per_epoch=4",
+            "trainer.checkpoint_every_steps=1", "loss=pskd", "trainer.devices=2", "model.options.norm=group"]
+    straight = tmp_path / "straight"
+    killed = tmp_path / "killed"
+    done = subprocess.run([sys.executable, "train.py", *base, f"hydra.run.dir={straight}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _kill_mid_epoch([*base, f"hydra.run.dir={killed}"], killed / "checkpoints/last.pt")
+    again = subprocess.run([sys.executable, "train.py", *base, f"hydra.run.dir={killed}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "run resumed at epoch 1, step " in again.stdout
+    a, b = _weights(straight), _weights(killed)
+    for name, tensor in a.items():
+        assert torch.equal(tensor, b[name]), name
+    ma, mb = _metrics(straight), _metrics(killed)
+    assert [m["epoch"] for m in mb] == [1, 2]
+    for key in ("val_top1", "val_top5", "train_loss", "best_val_top1"):
+        assert mb[-1][key] == pytest.approx(ma[-1][key], rel=1e-6), key
+    sa = load_checkpoint(straight / "checkpoints/last.pt")["method"]
+    sb = load_checkpoint(killed / "checkpoints/last.pt")["method"]
+    assert sa, "PS-KD keeps its memory in the method state"
+    for name, tensor in sa.items():
+        assert torch.equal(tensor, sb[name]), name
