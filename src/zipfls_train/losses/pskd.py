@@ -1,0 +1,153 @@
+"""Progressive self-knowledge distillation, PS-KD (Kim et al., ICCV 2021).
+
+    target_i = (1 - a_t) onehot(y_i) + a_t p_prev(x_i),    a_t = a_T (t + 1) / E  (t: 0-based epoch)
+    L = batch mean of -sum_c target_ic log softmax(z_i)_c                  (soft cross-entropy)
+
+p_prev(x_i) is the softmax this sample got when it was last trained on, i.e. in the previous epoch,
+kept in a per-sample memory indexed by ``batch.indices``. After each step the batch's detached
+softmax (of the same forward that the loss used, as in the released code) overwrites its rows.
+
+Epoch 0 (checked against the released code, lgcnsai/PS-KD-Pytorch ``main.py``): before building the
+targets of a batch in epoch 0 the code writes the one-hot labels into ``all_predictions`` for that
+batch, so epoch-0 targets are exactly one-hot (plain CE), *not* the current detached prediction. We
+generalise this with a ``seen`` flag per sample: a sample whose prediction was never stored uses its
+one-hot label. In an ordinary run that is precisely every sample of epoch 0 (each sample is drawn
+once per epoch); it also covers samples a run never drew (``trainer.max_steps_per_epoch``, the
+remainder dropped by full batches), where the released code would read a zero row.
+
+Memory (a registered buffer, so it goes into checkpoints and is restored on resume; sized in
+``setup`` from the dataset size):
+* ``memory: full``: N x C in ``memory_dtype`` (float16 by default, float32 as in the released
+  code). CIFAR-100: 50k x 100 x 2 B = 10 MB; ImageNet: 1.28M x 1000 x 2 B = 2.6 GB.
+* ``memory: topk``: the top ``topk`` probabilities and their class indices per sample (INAT21
+  train_mini: 500k x 10,000 would be 10 GB in float16; top-10 is 30 MB). The stored probabilities
+  are renormalised to sum to 1 when read back (the dropped tail mass is spread over the kept
+  classes, which keeps the target a distribution).
+
+Under DDP every rank trains on a different shard, so each step all-gathers (indices, predictions)
+from every rank before writing, and every rank keeps the whole memory (as the released code does).
+The memory lives on the device of the method (the training device).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..data.batch import Batch
+from ..models.outputs import ModelOutput
+from .base import Method
+
+MEMORY_KINDS = ("full", "topk")
+MEMORY_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def pskd_alpha(final_alpha: float, epoch: int, num_epochs: int) -> float:
+    """a_t = a_T * (t + 1) / E for the 0-based epoch t (the released code's schedule)."""
+    return max(0.0, final_alpha * (epoch + 1) / num_epochs)
+
+
+def soft_cross_entropy(logits: Tensor, soft_targets: Tensor) -> Tensor:
+    """Batch mean of -sum_c t_c log softmax(z)_c, in float32."""
+    return -(soft_targets * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
+
+
+def all_gather_rows(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Concatenate each tensor's rows from every rank (rank order); identity outside DDP."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensors
+    world = dist.get_world_size()
+    gathered = []
+    for tensor in tensors:
+        tensor = tensor.contiguous()
+        out = tensor.new_empty((world * tensor.shape[0], *tensor.shape[1:]))
+        dist.all_gather_into_tensor(out, tensor)
+        gathered.append(out)
+    return tuple(gathered)
+
+
+class ProgressiveSelfKD(Method):
+    def __init__(
+        self,
+        num_classes: int,
+        final_alpha: float = 0.8,
+        memory: str = "full",
+        topk: int = 10,
+        memory_dtype: str = "float16",
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= final_alpha <= 1.0:
+            raise ValueError(f"loss.final_alpha must be in [0, 1], got {final_alpha}")
+        if memory not in MEMORY_KINDS:
+            raise ValueError(f"loss.memory must be one of {list(MEMORY_KINDS)}, got {memory!r}")
+        if memory_dtype not in MEMORY_DTYPES:
+            raise ValueError(f"loss.memory_dtype must be one of {list(MEMORY_DTYPES)}, got {memory_dtype!r}")
+        if memory == "topk" and not 1 <= topk <= num_classes:
+            raise ValueError(f"loss.topk must be in [1, {num_classes}] (the number of classes), got {topk}")
+        self.num_classes = num_classes
+        self.final_alpha = float(final_alpha)
+        self.memory_kind = memory
+        self.topk = int(topk)
+        self.dtype = MEMORY_DTYPES[memory_dtype]
+        self.alpha = 0.0
+        # Empty until setup() knows the dataset size; registered now so .to(device) places them.
+        self.register_buffer("seen", torch.zeros(0, dtype=torch.bool))
+        if memory == "full":
+            self.register_buffer("memory", torch.zeros(0, num_classes, dtype=self.dtype))
+        else:
+            self.register_buffer("memory_values", torch.zeros(0, self.topk, dtype=self.dtype))
+            self.register_buffer("memory_indices", torch.zeros(0, self.topk, dtype=torch.int32))
+
+    # --- lifecycle --------------------------------------------------------------------------
+    def setup(self, *, num_classes: int, dataset_size: int, model_factory) -> None:  # noqa: ANN001
+        if num_classes != self.num_classes:
+            raise ValueError(f"PS-KD was built for {self.num_classes} classes but the data has {num_classes}")
+        device = self.seen.device
+        self.seen = torch.zeros(dataset_size, dtype=torch.bool, device=device)
+        if self.memory_kind == "full":
+            self.memory = torch.zeros(dataset_size, num_classes, dtype=self.dtype, device=device)
+        else:
+            self.memory_values = torch.zeros(dataset_size, self.topk, dtype=self.dtype, device=device)
+            self.memory_indices = torch.zeros(dataset_size, self.topk, dtype=torch.int32, device=device)
+
+    def on_epoch_start(self, epoch: int, num_epochs: int) -> None:
+        self.alpha = pskd_alpha(self.final_alpha, epoch, num_epochs)
+
+    # --- memory -----------------------------------------------------------------------------
+    def previous_predictions(self, indices: Tensor, targets: Tensor) -> Tensor:
+        """p_prev for these samples (N x C, float32): the stored softmax, or one-hot if never stored."""
+        onehot = F.one_hot(targets, self.num_classes).float()
+        if self.memory_kind == "full":
+            stored = self.memory[indices].float()
+        else:
+            values = self.memory_values[indices].float()
+            stored = torch.zeros_like(onehot).scatter_(1, self.memory_indices[indices].long(), values)
+            stored = stored / stored.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        return torch.where(self.seen[indices].unsqueeze(1), stored, onehot)
+
+    @torch.no_grad()
+    def store(self, indices: Tensor, probabilities: Tensor) -> None:
+        """Write this step's predictions (all ranks' under DDP) into the memory."""
+        if self.memory_kind == "full":
+            indices, values = all_gather_rows(indices, probabilities.to(self.dtype))
+            self.memory[indices] = values
+        else:
+            top = probabilities.topk(self.topk, dim=1)
+            indices, values, classes = all_gather_rows(indices, top.values.to(self.dtype), top.indices.to(torch.int32))
+            self.memory_values[indices] = values
+            self.memory_indices[indices] = classes
+        self.seen[indices] = True
+
+    # --- loss -------------------------------------------------------------------------------
+    def loss_terms(self, outputs: ModelOutput, batch: Batch, model: nn.Module) -> dict[str, Tensor]:
+        if self.seen.shape[0] == 0:
+            raise RuntimeError("PS-KD's memory is empty: setup(dataset_size=...) must run before training")
+        logits = outputs.logits
+        alpha = self.alpha
+        onehot = F.one_hot(batch.targets, self.num_classes).float()
+        targets = (1.0 - alpha) * onehot + alpha * self.previous_predictions(batch.indices, batch.targets)
+        loss = soft_cross_entropy(logits, targets)
+        self.store(batch.indices, F.softmax(logits.detach().float(), dim=1))
+        return {"loss": loss, "pskd_ce": loss, "alpha_t": logits.new_full((), alpha, dtype=torch.float32)}
