@@ -1,0 +1,144 @@
+"""Born-again networks, BAN (Furlanello et al., ICML 2018): generation k is trained from scratch to
+match the frozen generation k - 1 of the same architecture.
+
+    generation 1:   L = CE(z, y)                                  (the born-again teacher)
+    generation k>1: L = (1 - a) CE(z, y) + a T^2 KL(softmax(t / T) || softmax(z / T))
+
+t: logits of generation k - 1 (frozen, eval mode, under ``no_grad``). KL: batch mean, times T^2
+(Hinton's scale correction, so the KD gradient keeps its magnitude at T = 20; ``temperature_squared:
+false`` drops it). Defaults a = 0.2, T = 20, 3 generations (the paper's Table 2 protocol).
+
+Teacher: ``teacher_checkpoint`` is a zipfls-train checkpoint (``<run>/checkpoints/best.pt`` or
+``last.pt``) of generation k - 1. ``setup`` builds a fresh model with the run's ``model_factory()``,
+loads the checkpoint's ``model`` state (auxiliary-head entries, if the teacher run had any, are
+ignored: they never affect the logits), freezes it (``requires_grad_(False)``, eval mode) and moves it
+to the training device at the first step. It is deliberately *not* a registered submodule: it stays
+out of the optimiser (the trainer optimises ``method.parameters()``), out of ``train()`` calls and out
+of this method's ``state_dict`` (checkpoints stay small; the teacher is reloaded from its path on
+resume).
+
+Chaining generations: the basic launcher cannot pass one job's output folder to the next, so
+generations are chained by path, e.g. ``scripts/run_ban.sh`` (each generation in its own folder,
+generation k's teacher = generation k - 1's ``checkpoints/best.pt``)::
+
+    python train.py loss=ban loss.generation=1 hydra.run.dir=outputs/ban/gen1
+    python train.py loss=ban loss.generation=2 loss.teacher_checkpoint=outputs/ban/gen1/checkpoints/best.pt \
+        hydra.run.dir=outputs/ban/gen2
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..data.batch import Batch
+from ..engine.checkpoint import load_checkpoint
+from ..models.outputs import ModelOutput
+from .base import Method
+from .ce import cross_entropy
+
+
+class TeacherCheckpointError(FileNotFoundError):
+    """BAN's teacher checkpoint is missing or does not fit the run's model."""
+
+
+def distillation_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """Batch mean of KL(softmax(teacher / T) || softmax(student / T)) (no T^2), float32."""
+    log_p = F.log_softmax(student_logits.float() / temperature, dim=1)
+    log_q = F.log_softmax(teacher_logits.detach().float() / temperature, dim=1)
+    return (log_q.exp() * (log_q - log_p)).sum(dim=1).mean()
+
+
+def load_teacher(path: Path, model_factory) -> nn.Module:  # noqa: ANN001
+    """A frozen, eval-mode model of the run's architecture with the checkpoint's weights."""
+    state = load_checkpoint(path)["model"]
+    teacher = model_factory()
+    weights = {k: v for k, v in state.items() if not k.startswith("aux_heads.")}
+    try:
+        teacher.load_state_dict(weights)
+    except RuntimeError as error:
+        raise TeacherCheckpointError(
+            f"BAN teacher checkpoint {path} does not fit this run's model (a teacher must have the same "
+            f"architecture and number of classes as its student): {error}"
+        ) from error
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+class BornAgainNetwork(Method):
+    def __init__(
+        self,
+        num_classes: int,
+        generation: int = 1,
+        teacher_checkpoint: str | None = None,
+        alpha: float = 0.2,
+        temperature: float = 20.0,
+        temperature_squared: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(generation, int) or generation < 1:
+            raise ValueError(f"loss.generation must be an integer >= 1, got {generation!r}")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"loss.alpha must be in [0, 1], got {alpha}")
+        if temperature <= 0:
+            raise ValueError(f"loss.temperature must be > 0, got {temperature}")
+        if generation == 1 and teacher_checkpoint:
+            raise ValueError(
+                f"loss.generation=1 is the born-again teacher (plain CE) and takes no teacher, but "
+                f"loss.teacher_checkpoint={teacher_checkpoint!r}; use loss.generation=2 to distil from it"
+            )
+        if generation > 1:
+            if not teacher_checkpoint:
+                raise ValueError(
+                    f"loss.generation={generation} distils from generation {generation - 1}: set "
+                    "loss.teacher_checkpoint to its checkpoints/best.pt (scripts/run_ban.sh chains generations)"
+                )
+            if not Path(teacher_checkpoint).is_file():
+                raise TeacherCheckpointError(
+                    f"BAN generation {generation} needs the checkpoint of generation {generation - 1}, but "
+                    f"loss.teacher_checkpoint={str(teacher_checkpoint)!r} does not exist (resolved: "
+                    f"{Path(teacher_checkpoint).resolve()}); train generation {generation - 1} first"
+                )
+        self.num_classes = num_classes
+        self.generation = generation
+        self.teacher_checkpoint = Path(teacher_checkpoint) if teacher_checkpoint else None
+        self.alpha = float(alpha)
+        self.temperature = float(temperature)
+        self.kd_scale = self.temperature**2 if temperature_squared else 1.0
+        # Not a submodule (see the module docstring): object.__setattr__ bypasses registration.
+        object.__setattr__(self, "_teacher", None)
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        return self._teacher
+
+    def setup(self, *, num_classes: int, dataset_size: int, model_factory) -> None:  # noqa: ANN001
+        if self.teacher_checkpoint is not None:
+            object.__setattr__(self, "_teacher", load_teacher(self.teacher_checkpoint, model_factory))
+
+    def _teacher_logits(self, inputs: Tensor) -> Tensor:
+        teacher = self._teacher
+        if teacher is None:
+            raise RuntimeError(f"BAN generation {self.generation}: setup() has not loaded the teacher")
+        parameter = next(teacher.parameters())
+        if parameter.device != inputs.device:
+            teacher.to(inputs.device)
+            if inputs.is_contiguous(memory_format=torch.channels_last) and inputs.dim() == 4:
+                teacher.to(memory_format=torch.channels_last)
+        with torch.no_grad():
+            return teacher(inputs).logits
+
+    def loss_terms(self, outputs: ModelOutput, batch: Batch, model: nn.Module) -> dict[str, Tensor]:
+        if self.generation == 1:
+            ce = cross_entropy(outputs.logits, batch.targets)
+            return {"loss": ce, "ce": ce}
+        return self._distil_terms(outputs.logits, self._teacher_logits(batch.inputs), batch.targets)
+
+    def _distil_terms(self, logits: Tensor, teacher_logits: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        ce = cross_entropy(logits, targets)
+        kd = distillation_kl(logits, teacher_logits, self.temperature)
+        loss = (1.0 - self.alpha) * ce + self.alpha * self.kd_scale * kd
+        return {"loss": loss, "ce": ce, "ban_kl": kd}
