@@ -1,0 +1,348 @@
+"""The baselines of Tables 1-3 (TF-KD, CS-KD, PS-KD, BYOT, DDGSD, BAN): each loss against a value
+computed independently from SPEC.md's formula (float64, plain tensor ops or by hand), the machinery
+each needs (pairs, memory, heads, teacher) and two real training steps of each."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import compose
+
+from zipfls_train.data.batch import Batch
+from zipfls_train.data.images import ImageTensors
+from zipfls_train.data.tensor_loader import LoaderOptions, TensorLoader
+from zipfls_train.losses import build_method
+from zipfls_train.models import build_model
+from zipfls_train.models.aux_heads import BottleneckAuxHead
+from zipfls_train.models.outputs import ModelOutput
+
+# --- independent float64 references (written from SPEC.md, not from the code under test) ---------
+
+
+def log_softmax64(z: torch.Tensor) -> torch.Tensor:
+    z = z.double()
+    shifted = z - z.max(dim=1, keepdim=True).values
+    return shifted - shifted.exp().sum(dim=1, keepdim=True).log()
+
+
+def ce64(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return -log_softmax64(z)[torch.arange(len(y)), y].mean()
+
+
+def kl_rows64(teacher_logits: torch.Tensor, student_logits: torch.Tensor, t: float) -> torch.Tensor:
+    """Per-sample KL(softmax(teacher/T) || softmax(student/T))."""
+    log_q = log_softmax64(teacher_logits / t)
+    return (log_q.exp() * (log_q - log_softmax64(student_logits / t))).sum(dim=1)
+
+
+def close(value: torch.Tensor, expected: torch.Tensor | float, tol: float = 1e-5) -> bool:
+    value, expected = float(torch.as_tensor(value).detach()), float(torch.as_tensor(expected).detach())
+    return abs(value - expected) <= tol * max(1.0, abs(float(expected)))
+
+
+def outputs_of(logits: torch.Tensor, pooled: torch.Tensor | None = None) -> ModelOutput:
+    return ModelOutput(logits=logits, pooled=pooled)
+
+
+def make_batch(targets: list[int], **extra) -> Batch:  # noqa: ANN003
+    y = torch.tensor(targets)
+    return Batch(inputs=torch.zeros(len(y), 3, 8, 8), targets=y, indices=torch.arange(len(y)), **extra)
+
+
+# --- TF-KD ---------------------------------------------------------------------------------------
+
+
+def test_tfkd_hand_value_one_sample():
+    # C = 3, y = 0, z = [1, 0, -1], T = 2, correct_prob 0.9: q = [0.9, 0.05, 0.05].
+    z = [1.0, 0.0, -1.0]
+    log_z = math.log(sum(math.exp(v) for v in z))
+    log_p = [v - log_z for v in z]
+    e = [math.exp(0.45), math.exp(0.025), math.exp(0.025)]
+    teacher = [v / sum(e) for v in e]
+    kl_sum = sum(t * (math.log(t) - lp) for t, lp in zip(teacher, log_p))
+    ce = -log_p[0]
+    method = build_method({"name": "tfkd", "alpha": 0.3, "temperature": 2.0, "multiplier": 5.0, "correct_prob": 0.9}, 3)
+    terms = method.loss_terms(outputs_of(torch.tensor([z])), make_batch([0]), None)
+    # reduction 'mean' divides the summed KL by N * C = 3.
+    assert close(terms["tfkd_kl"], kl_sum / 3)
+    assert close(terms["loss"], 0.7 * ce + 0.3 * 5.0 * kl_sum / 3)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "batchmean"])
+def test_tfkd_matches_float64_reference(reduction):
+    torch.manual_seed(0)
+    n, c, t, a, m = 6, 7, 20.0, 0.1, 100.0
+    z, y = torch.randn(n, c) * 3, torch.randint(0, c, (n,))
+    q = torch.full((n, c), 0.01 / (c - 1), dtype=torch.float64)
+    q[torch.arange(n), y] = 0.99
+    kl_rows = kl_rows64(q / t, z, 1.0)  # teacher softmax(q / T), untempered student
+    kl = kl_rows.sum() / (n * c if reduction == "mean" else n)
+    method = build_method({"name": "tfkd", "alpha": a, "temperature": t, "multiplier": m, "reduction": reduction}, c)
+    terms = method.loss_terms(outputs_of(z), make_batch(y.tolist()), None)
+    assert close(terms["tfkd_kl"], kl, 1e-5)
+    assert close(terms["loss"], (1 - a) * ce64(z, y) + a * m * kl, 1e-5)
+
+
+def test_tfkd_config_defaults_and_model_dependent_overrides():
+    base = compose(["loss=tfkd", "model=cifar_resnet18"]).loss
+    assert (base.temperature, base.multiplier, base.alpha, base.reduction) == (20, 1.0, 0.1, "mean")
+    tuned = compose(["loss=tfkd", "+model.tfkd.temperature=40", "+model.tfkd.multiplier=100"]).loss
+    assert (tuned.temperature, tuned.multiplier) == (40, 100)
+    with pytest.raises(ValueError, match="reduction"):
+        build_method({"name": "tfkd", "reduction": "sum"}, 10)
+
+
+# --- CS-KD ---------------------------------------------------------------------------------------
+
+
+def test_cskd_matches_float64_reference():
+    torch.manual_seed(1)
+    n, c, t, lam = 5, 6, 4.0, 1.5
+    za, zb, y = torch.randn(n, c) * 2, torch.randn(n, c) * 2, torch.randint(0, c, (n,))
+    method = build_method({"name": "cskd", "temperature": t, "weight": lam}, c)
+    terms = method._terms(za, zb, y)
+    expected = ce64(za, y) + lam * t**2 * kl_rows64(zb, za, t).mean()
+    assert close(terms["loss"], expected)
+    assert close(terms["cskd_kl"], t**2 * kl_rows64(zb, za, t).mean())
+
+
+def test_cskd_training_step_gives_no_gradient_to_the_pair():
+    model = build_model("cifar_resnet18", 4, width=4)
+    method = build_method({"name": "cskd"}, 4)
+    x = torch.randn(4, 3, 16, 16, requires_grad=True)
+    pair = torch.randn(4, 3, 16, 16, requires_grad=True)
+    batch = Batch(inputs=x, targets=torch.tensor([0, 1, 2, 3]), indices=torch.arange(4), pair_inputs=pair)
+    method.training_step(model, batch)["loss"].backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert pair.grad is None
+
+
+def test_cskd_pairs_are_same_class_and_cover_the_dataset():
+    # 3 classes with 5, 3 and 4 images; each image's pixels hold its dataset index, so the pair
+    # drawn for a sample can be read back from the pixels (augment=none keeps them exact).
+    targets = torch.tensor([0] * 5 + [1] * 3 + [2] * 4)
+    images = torch.arange(len(targets), dtype=torch.uint8).view(-1, 1, 1, 1).expand(-1, 3, 8, 8).contiguous()
+    data = ImageTensors(images=images, targets=targets, classes=["a", "b", "c"])
+    options = LoaderOptions(batch_size=4, eval_batch_size=4, device=torch.device("cpu"), seed=0, pairs=True)
+    loader = TensorLoader(data, options, train=True, augment="none", image_size=8, mean=[0.0] * 3, std=[1.0] * 3)
+    drawn: set[int] = set()
+    for epoch in range(30):
+        for batch in loader.epoch(epoch):
+            pair_index = (batch.pair_inputs[:, 0, 0, 0] * 255).round().long()
+            own_index = (batch.inputs[:, 0, 0, 0] * 255).round().long()
+            assert torch.equal(own_index, batch.indices)
+            assert torch.equal(targets[pair_index], batch.targets)
+            assert torch.equal(batch.pair_targets, batch.targets)
+            drawn.update(pair_index.tolist())
+    assert drawn == set(range(len(targets)))
+
+
+# --- PS-KD ---------------------------------------------------------------------------------------
+
+
+def test_pskd_alpha_schedule():
+    method = build_method({"name": "pskd", "final_alpha": 0.8}, 5)
+    seen = []
+    for epoch in range(4):
+        method.on_epoch_start(epoch, 4)
+        seen.append(method.alpha)
+    assert seen == pytest.approx([0.2, 0.4, 0.6, 0.8])
+
+
+def test_pskd_epoch0_is_onehot_then_uses_last_epochs_softmax():
+    torch.manual_seed(2)
+    n, c = 4, 5
+    method = build_method({"name": "pskd", "memory_dtype": "float32"}, c)
+    method.setup(num_classes=c, dataset_size=10, model_factory=None)
+    y = torch.randint(0, c, (n,))
+    batch = Batch(inputs=torch.zeros(n, 3, 8, 8), targets=y, indices=torch.tensor([7, 1, 3, 9]))
+    first = torch.randn(n, c)
+    method.on_epoch_start(0, 10)
+    terms = method.loss_terms(outputs_of(first), batch, None)
+    assert close(terms["loss"], ce64(first, y))  # epoch 0: one-hot targets (released code)
+    second = torch.randn(n, c)
+    method.on_epoch_start(1, 10)
+    a = 0.8 * 2 / 10
+    target = (1 - a) * torch.nn.functional.one_hot(y, c).double() + a * log_softmax64(first).exp()
+    expected = -(target * log_softmax64(second)).sum(dim=1).mean()
+    assert close(method.loss_terms(outputs_of(second), batch, None)["loss"], expected)
+    assert method.seen.nonzero().flatten().tolist() == [1, 3, 7, 9]
+
+
+@pytest.mark.parametrize("memory", ["full", "topk"])
+def test_pskd_memory_survives_a_checkpoint_round_trip(memory, tmp_path):
+    torch.manual_seed(3)
+    c = 12
+    method = build_method({"name": "pskd", "memory": memory, "topk": 3}, c)
+    method.setup(num_classes=c, dataset_size=20, model_factory=None)
+    method.on_epoch_start(0, 5)
+    batch = Batch(inputs=torch.zeros(6, 3, 8, 8), targets=torch.randint(0, c, (6,)), indices=torch.arange(6) * 3)
+    logits = torch.randn(6, c) * 3
+    method.loss_terms(outputs_of(logits), batch, None)
+    torch.save(method.state_dict(), tmp_path / "method.pt")
+    fresh = build_method({"name": "pskd", "memory": memory, "topk": 3}, c)
+    fresh.setup(num_classes=c, dataset_size=20, model_factory=None)
+    fresh.load_state_dict(torch.load(tmp_path / "method.pt"))
+    for name, tensor in method.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], tensor), name
+    prev = fresh.previous_predictions(batch.indices, batch.targets)
+    probs = torch.softmax(logits, dim=1)
+    if memory == "full":
+        assert torch.allclose(prev, probs, atol=1e-3)
+    else:  # the top 3, renormalised
+        top = probs.topk(3, dim=1)
+        expected = torch.zeros_like(probs).scatter_(1, top.indices, top.values)
+        assert torch.allclose(prev, expected / expected.sum(1, keepdim=True), atol=2e-3)
+    unseen = fresh.previous_predictions(torch.tensor([1]), torch.tensor([4]))
+    assert unseen.tolist() == [[0, 0, 0, 0, 1.0] + [0] * 7]
+
+
+# --- BYOT ----------------------------------------------------------------------------------------
+
+
+def test_byot_loss_matches_float64_reference():
+    torch.manual_seed(4)
+    method = build_method({"name": "byot", "alpha": 0.3, "temperature": 3.0, "feature_weight": 1e-3}, 6)
+    model = build_model("cifar_resnet18", 6, aux_stages=method.needs.aux_stages, aux_head=method.needs.aux_head, width=4)
+    model.train()
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 5, 2, 2])
+    terms = method.training_step(model, Batch(inputs=x, targets=y, indices=torch.arange(4)))
+    # Reference: the same forward (same BN batch statistics), losses in float64 from SPEC's formula.
+    maps = model.backbone.forward_stages(x)
+    final_features = maps[-1].mean(dim=(2, 3)).double()
+    final_logits = model.classifier(maps[-1].mean(dim=(2, 3))).double()
+    ce_sum, kd_sum, l2_sum = ce64(final_logits, y), 0.0, 0.0
+    for i, name in enumerate(("stage1", "stage2", "stage3")):
+        head = model.aux_heads[name]
+        features = head.bottleneck(maps[i]).mean(dim=(2, 3)).double()
+        logits = features @ head.fc.weight.double().T + head.fc.bias.double()
+        ce_sum = ce_sum + ce64(logits, y)
+        kd_sum = kd_sum + 9.0 * kl_rows64(final_logits, logits, 3.0).mean()
+        l2_sum = l2_sum + ((features - final_features) ** 2).sum()
+    expected = 0.7 * ce_sum + 0.3 * kd_sum + 1e-3 * l2_sum
+    assert close(terms["loss"], expected, 1e-4)
+    assert close(terms["byot_feature_l2"], l2_sum, 1e-4)
+    assert close(terms["byot_kl"], kd_sum, 1e-4)
+
+
+def test_byot_heads_follow_the_stage_layout_and_vanish_from_the_evaluated_model():
+    method = build_method({"name": "byot"}, 10)
+    model = build_model("cifar_resnet18", 10, aux_stages=method.needs.aux_stages, aux_head=method.needs.aux_head, width=8)
+    plain = build_model("cifar_resnet18", 10, width=8)
+    for index, name in enumerate(("stage1", "stage2", "stage3")):
+        head = model.aux_heads[name]
+        assert isinstance(head, BottleneckAuxHead) and head.feature_channels == 64  # the final width
+        assert head.bottleneck[3].stride == (2 ** (3 - index),) * 2  # down to the final resolution
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+    assert before.aux_logits == {}  # the eval forward never runs the heads
+    evaluated = model.without_aux_heads()
+    assert len(evaluated.aux_heads) == 0
+    assert sum(p.numel() for p in evaluated.parameters()) == sum(p.numel() for p in plain.parameters())
+    assert not any(k.startswith("aux_heads.") for k in evaluated.state_dict())
+    with torch.no_grad():
+        assert torch.equal(evaluated(x).logits, before.logits)
+
+
+# --- DDGSD ---------------------------------------------------------------------------------------
+
+
+def test_ddgsd_matches_float64_reference():
+    torch.manual_seed(6)
+    n, c, d, lam, mu = 4, 5, 7, 1.0, 5e-4
+    z, f, y = torch.randn(2 * n, c) * 2, torch.rand(2 * n, d) * 3, torch.randint(0, c, (n,))
+    method = build_method({"name": "ddgsd", "weight": lam, "mmd_weight": mu}, c)
+    terms = method.loss_terms(outputs_of(z, f), make_batch(y.tolist()), None)
+    z1, z2 = z[:n], z[n:]
+    kl = kl_rows64(z2, z1, 1.0).mean() + kl_rows64(z1, z2, 1.0).mean()
+    mmd = ((f[:n].double().mean(0) - f[n:].double().mean(0)) ** 2).sum()
+    assert close(terms["ddgsd_kl"], kl)
+    assert close(terms["ddgsd_mmd"], mmd)
+    assert close(terms["loss"], ce64(z1, y) + ce64(z2, y) + lam * kl + mu * mmd)
+
+
+def test_ddgsd_kl_targets_are_stop_gradient():
+    z = torch.randn(4, 3, requires_grad=True)
+    method = build_method({"name": "ddgsd", "mmd_weight": 0.0}, 3)
+    terms = method.loss_terms(outputs_of(z, torch.zeros(4, 2)), make_batch([0, 1]), None)
+    terms["ddgsd_kl"].backward()
+    # d/dz1 of KL(sg(p2)||p1) = p1 - p2 (batch mean over 2): only the student side gets gradient.
+    p = torch.softmax(z.detach(), dim=1)
+    expected = torch.cat([p[:2] - p[2:], p[2:] - p[:2]]) / 2
+    assert torch.allclose(z.grad, expected, atol=1e-6)
+
+
+# --- BAN -----------------------------------------------------------------------------------------
+
+
+def test_ban_distillation_matches_float64_reference():
+    torch.manual_seed(7)
+    n, c, a, t = 5, 6, 0.2, 20.0
+    z, teacher, y = torch.randn(n, c) * 4, torch.randn(n, c) * 4, torch.randint(0, c, (n,))
+    method = build_method({"name": "ban"}, c)
+    terms = method._distil_terms(z, teacher, y)
+    expected = (1 - a) * ce64(z, y) + a * t**2 * kl_rows64(teacher, z, t).mean()
+    assert close(terms["loss"], expected)
+
+
+def test_ban_requires_an_existing_teacher_and_names_the_path(tmp_path):
+    missing = tmp_path / "gen1" / "checkpoints" / "best.pt"
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        build_method({"name": "ban", "generation": 2, "teacher_checkpoint": str(missing)}, 10)
+    with pytest.raises(ValueError, match="teacher_checkpoint"):
+        build_method({"name": "ban", "generation": 2}, 10)
+    with pytest.raises(ValueError, match="generation=1"):
+        build_method({"name": "ban", "generation": 1, "teacher_checkpoint": str(missing)}, 10)
+
+
+def test_ban_trains_generation_2_from_a_real_best_checkpoint(run_tiny, tmp_path):
+    _, teacher_dir = run_tiny("loss=ce", "trainer.max_steps_per_epoch=2", run_dir=tmp_path / "gen1")
+    best = teacher_dir / "checkpoints" / "best.pt"
+    assert best.is_file()
+    cfg = compose(["loss=ban", "loss.generation=2", f"loss.teacher_checkpoint={best}", "model=cifar_resnet18", "model.options.width=8"])
+    method = build_method(dict(cfg.loss), 10)
+    method.setup(num_classes=10, dataset_size=400, model_factory=lambda: build_model("cifar_resnet18", 10, width=8))
+    teacher = method.teacher
+    saved = torch.load(best, weights_only=False)["model"]
+    assert all(torch.equal(teacher.state_dict()[k], v) for k, v in saved.items())
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert list(method.parameters()) == [] and method.state_dict() == {}  # out of optimiser and checkpoints
+    summary, run_dir = run_tiny(
+        "loss=ban", "loss.generation=2", f"loss.teacher_checkpoint={best}", "trainer.max_steps_per_epoch=2",
+        run_dir=tmp_path / "gen2",
+    )
+    assert summary["status"] == "finished"
+    record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert all(math.isfinite(record[f"train_{term}"]) for term in ("loss", "ce", "ban_kl"))
+    assert record["train_ban_kl"] >= 0
+
+
+# --- two real training steps of every method ---------------------------------------------------
+
+EXPECTED_TERMS = {
+    "tfkd": {"loss", "ce", "tfkd_kl"},
+    "cskd": {"loss", "ce", "cskd_kl"},
+    "pskd": {"loss", "pskd_ce", "alpha_t"},
+    "byot": {"loss", "ce", "ce_stage1", "ce_stage2", "ce_stage3", "byot_kl", "byot_feature_l2"},
+    "ddgsd": {"loss", "ce", "ddgsd_kl", "ddgsd_mmd"},
+    # ban: generation 1 is plain CE; generation 2's steps run in test_ban_trains_generation_2_...
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_TERMS))
+def test_two_training_steps_log_finite_terms(run_tiny, name):
+    summary, run_dir = run_tiny(f"loss={name}", "trainer.max_steps_per_epoch=2", "trainer.epochs=1")
+    assert summary["status"] == "finished"
+    record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    logged = {key[len("train_"):] for key in record if key.startswith("train_")}
+    assert EXPECTED_TERMS[name] <= logged, logged
+    assert all(math.isfinite(record[f"train_{term}"]) for term in EXPECTED_TERMS[name])
+    if name == "pskd":
+        state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["method"]
+        assert int(state["seen"].sum()) == 2 * 16  # two steps of 16 samples were stored
