@@ -16,7 +16,8 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"
-SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
+# ZIPFLS_SHARED_DATA points elsewhere (e.g. a copy carried to a GPU machine).
+SHARED_DATA = Path(os.environ.get("ZIPFLS_SHARED_DATA", REPO / ".." / "shared" / "data")).resolve()
 
 
 def shared_data() -> Path:

@@ -159,7 +159,7 @@ def test_random_resized_crop_boxes_stay_inside_and_follow_scale_and_ratio():
 def test_normalize_matches_torchvision_definition():
     pixels = torch.tensor([[[[0]], [[128]], [[255]]]], dtype=torch.uint8)
     out = normalize(pixels, [0.5, 0.5, 0.5], [0.25, 0.5, 1.0])
-    assert out.flatten().tolist() == pytest.approx([(0 - 0.5) / 0.25, (128 / 255 - 0.5) / 0.5, (1 - 0.5) / 1.0])
+    assert out.flatten().tolist() == pytest.approx([(0 - 0.5) / 0.25, (128 / 255 - 0.5) / 0.5, (1 - 0.5) / 1.0], abs=1e-6)
 
 
 def _loader(data: ImageTensors, *, train: bool, rank: int = 0, world: int = 1, batch: int = 4, **extra) -> TensorLoader:

@@ -92,11 +92,11 @@ def random_resized_crop_boxes(
         fw, fh = round(height * ratio[1]), height
     else:
         fw, fh = width, height
-    fallback = torch.tensor([(width - fw) // 2, (height - fh) // 2, fw, fh], device=device, dtype=w.dtype)
-    x1 = torch.where(any_fit, x1, fallback[0])
-    y1 = torch.where(any_fit, y1, fallback[1])
-    w = torch.where(any_fit, w, fallback[2])
-    h = torch.where(any_fit, h, fallback[3])
+    # Python scalars, not a new device tensor: no host-to-device copy in the step.
+    x1 = torch.where(any_fit, x1, float((width - fw) // 2))
+    y1 = torch.where(any_fit, y1, float((height - fh) // 2))
+    w = torch.where(any_fit, w, float(fw))
+    h = torch.where(any_fit, h, float(fh))
     return torch.stack([x1, y1, x1 + w, y1 + h], dim=1)
 
 
@@ -115,11 +115,26 @@ def random_flip(images: Tensor, randomness: RandomDraws | torch.Generator) -> Te
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
 
 
+class Normalizer:
+    """(x / 255 - mean) / std for uint8 or 0..255 float images, as one fused multiply-add with
+    constants made once per device (no host-to-device copy per batch)."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.mean, self.std = list(mean), list(std)
+        self._constants: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+    def __call__(self, images: Tensor) -> Tensor:
+        if images.device not in self._constants:
+            std = torch.tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+            mean = torch.tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+            self._constants[images.device] = ((1.0 / std).to(images.device), (-mean / std).to(images.device))
+        scale, shift = self._constants[images.device]
+        return torch.addcmul(shift, images.float(), scale)
+
+
 def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """uint8 or 0..255 float -> (x / 255 - mean) / std, float32."""
-    mean_t = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
-    std_t = torch.tensor(std, device=images.device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
-    return (images.float() - mean_t) / std_t
+    return Normalizer(mean, std)(images)
 
 
 def resize_uint8(images: Tensor, size: int) -> Tensor:

@@ -47,6 +47,7 @@ IN_MEMORY_READERS: dict[str, Reader] = {
 FILE_DATASETS: dict[str, str] = {
     "imagenet": "zipfls_train.data.imagenet:build_imagenet",
     "inat21": "zipfls_train.data.inat21:build_inat21",
+    "synthetic": "zipfls_train.data.synthetic:build_synthetic",
 }
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .augment import RandomDraws, augment_train, normalize, resize_uint8
+from .augment import Normalizer, RandomDraws, augment_train, resize_uint8
 from .batch import Batch
 from .images import ImageTensors
 
@@ -62,7 +62,7 @@ class TensorLoader:
         self.train = train
         self.augment = augment
         self.image_size = image_size
-        self.mean, self.std = list(mean), list(std)
+        self.normalize = Normalizer(mean, std)
         storage = options.data_device or options.device
         # Test images are resized once, at load time (test transform "resize to image_size").
         images = data.images if train else resize_uint8(data.images, image_size)
@@ -111,7 +111,7 @@ class TensorLoader:
 
     # --- batches ---------------------------------------------------------------------------
     def _prepare(self, pixels: Tensor) -> Tensor:
-        out = normalize(pixels, self.mean, self.std).to(self.options.device, non_blocking=True)
+        out = self.normalize(pixels).to(self.options.device, non_blocking=True)
         # Augmentation may leave any memory layout; pin the one the model runs in.
         layout = torch.channels_last if self.options.channels_last else torch.contiguous_format
         return out.contiguous(memory_format=layout)

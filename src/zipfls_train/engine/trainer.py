@@ -71,6 +71,20 @@ def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: config}
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_mode(value: Any) -> str | None:
+    """trainer.compile: false | true (= default) | one of COMPILE_MODES."""
+    if value is False or value is None or value == "false":
+        return None
+    if value is True or value == "true":
+        return "default"
+    if value in COMPILE_MODES:
+        return str(value)
+    raise ValueError(f"trainer.compile must be false, true or one of {list(COMPILE_MODES)}, got {value!r}")
+
+
 def per_process_batch(global_batch: int, world_size: int, accumulate_steps: int) -> int:
     """trainer.batch_size is the global batch of one optimiser step (the paper's 128 or 256, whatever
     the number of GPUs); each process loads global / (world_size * accumulate_steps) per micro-step."""
@@ -154,8 +168,10 @@ class Trainer:
                 wrapped = nn.SyncBatchNorm.convert_sync_batchnorm(wrapped)
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             wrapped = nn.parallel.DistributedDataParallel(wrapped, device_ids=device_ids)
-        if bool(self.cfg.trainer.compile):
-            wrapped = torch.compile(wrapped)
+        mode = compile_mode(self.cfg.trainer.compile)
+        if mode is not None:
+            # "reduce-overhead" also captures CUDA graphs: the launch-bound small-batch regime.
+            wrapped = torch.compile(wrapped, mode=None if mode == "default" else mode)
         return wrapped
 
     def _steps_per_epoch(self) -> int:
@@ -257,7 +273,7 @@ class Trainer:
         window_start = self.progress.global_step
         window = TermAccumulator()
         for step in range(start_step, self.steps_per_epoch):
-            terms = self._optimizer_step(batches)
+            terms = self.train_step(batches)
             self.running.add(terms)
             window.add(terms)
             self.progress.step_in_epoch = step + 1
@@ -318,7 +334,9 @@ class Trainer:
             }
             save_atomic(state, self.checkpoint_dir / "best.pt")
 
-    def _optimizer_step(self, batches) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    def train_step(self, batches) -> dict[str, torch.Tensor]:  # noqa: ANN001
+        """One optimiser step (over ``accumulate_steps`` micro-batches drawn from ``batches``); returns
+        the loss terms as device tensors (no host sync)."""
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, torch.Tensor] = {}
         for micro in range(self.accumulate):

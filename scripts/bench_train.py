@@ -1,0 +1,127 @@
+"""Training-step throughput (images/s), measured side by side in one process.
+
+For each case the exact training step of the trainer (Trainer.train_step: method forward, loss,
+backward, optimiser, schedule) runs on (a) synthetic batches already on the device and (b) the real
+in-memory loader (TinyImageNet 32 px pack, augmentation on the device), so the data-stall fraction
+1 - real/synthetic is visible. Methods are interleaved in rounds and medians reported, so drift
+cancels out of the ratios.
+
+    python scripts/bench_train.py --device cuda --data ../shared/data
+    python scripts/bench_train.py --device cpu --cases small --batch-size 32 --width 16 --steps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from zipfls_train.engine.distributed import DistContext, resolve_device  # noqa: E402
+from zipfls_train.engine.trainer import Trainer  # noqa: E402
+
+
+def make_trainer(overrides: list[str], device: torch.device) -> Trainer:
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    return Trainer(cfg, DistContext(device=device), Path(tempfile.mkdtemp(prefix="bench_train_")))
+
+
+def endless(trainer: Trainer):
+    epoch = 0
+    while True:
+        yield from trainer.data.train.epoch(epoch)
+        epoch += 1
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(trainer: Trainer, batches, steps: int) -> float:
+    """Seconds per step over ``steps`` steps, with one sync at each end (as in training)."""
+    sync(trainer.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step(batches)
+    sync(trainer.device)
+    return (time.perf_counter() - start) / steps
+
+
+def run_case(name: str, variants: dict[str, list[str]], args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    trainers = {label: make_trainer(overrides, device) for label, overrides in variants.items()}
+    streams = {label: endless(t) for label, t in trainers.items()}
+    for label, trainer in trainers.items():  # warm-up: kernels, allocator, autotuning, compilation
+        time_steps(trainer, streams[label], args.warmup)
+    samples: dict[str, list[float]] = {label: [] for label in trainers}
+    for _ in range(args.rounds):
+        for label, trainer in trainers.items():
+            samples[label].append(time_steps(trainer, streams[label], args.steps))
+    result = {}
+    for label, trainer in trainers.items():
+        batch = int(trainer.cfg.trainer.batch_size)
+        seconds = statistics.median(samples[label])
+        result[label] = batch / seconds
+        print(f"{name:<28} {label:<22} {seconds * 1e3:8.2f} ms/step  {batch / seconds:10.0f} img/s", flush=True)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data", help="folder holding tinyimagenet-32/")
+    parser.add_argument("--cases", default="small,small_real,resnet50", help="comma list of: small, small_real, resnet50, compile")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--r50-batch-size", type=int, default=256)
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    torch.backends.cudnn.benchmark = True
+    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; torch {torch.__version__}", flush=True)
+    common = [f"trainer.device={device.type}", f"trainer.precision={args.precision}", "trainer.progress_bar=false"]
+    small = [*common, "model=cifar_resnet18", f"model.options.width={args.width}", f"trainer.batch_size={args.batch_size}"]
+    synthetic32 = ["dataset=synthetic", "dataset.image_size=32", "dataset.num_classes=200", "dataset.steps_per_epoch=100",
+                   "dataset.zipf.upsample=bilinear", "dataset.zipf.weight=1.0"]
+    cases = args.cases.split(",")
+    results: dict[str, dict[str, float]] = {}
+    if "small" in cases:
+        results["small"] = run_case("cifar_resnet18 32px synthetic", {f"loss={m}": [*small, *synthetic32, f"loss={m}"] for m in ("ce", "ls", "zipf")}, args, device)
+        r = results["small"]
+        print(f"  ratio zipf/ce step time: {r['loss=ce'] / r['loss=zipf']:.3f}   zipf/ls: {r['loss=ls'] / r['loss=zipf']:.3f}", flush=True)
+    if "small_real" in cases:
+        real = ["dataset=tinyimagenet", "dataset.format=pack", f"dataset.root={args.data}"]
+        results["real"] = run_case("cifar_resnet18 32px real", {f"loss={m}": [*small, *real, f"loss={m}"] for m in ("ce", "zipf")}, args, device)
+        if "small" in results:
+            for m in ("ce", "zipf"):
+                stall = 1 - results["real"][f"loss={m}"] / results["small"][f"loss={m}"]
+                print(f"  data-stall fraction (loss={m}): {stall:.3f}  (1 - real / synthetic images/s)", flush=True)
+    if "compile" in cases:
+        variants = {f"compile={mode},loss={m}": [*small, *synthetic32, f"loss={m}", f"trainer.compile={mode}"]
+                    for mode in ("true", "reduce-overhead") for m in ("ce", "zipf")}
+        results["compile"] = run_case("cifar_resnet18 32px compiled", variants, args, device)
+    if "resnet50" in cases:
+        r50 = [*common, "model=resnet50", "dataset=synthetic", "dataset.image_size=224", "dataset.num_classes=1000",
+               f"trainer.batch_size={args.r50_batch_size}"]
+        results["r50"] = run_case("resnet50 224px synthetic", {f"loss={m}": [*r50, f"loss={m}"] for m in ("ce", "zipf")}, args, device)
+        r = results["r50"]
+        print(f"  ratio zipf/ce step time: {r['loss=ce'] / r['loss=zipf']:.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""``dataset=synthetic``: random tensors already on the device, for benchmarks and smoke runs that
+must measure the training step without any data cost (the upper bound a real loader is compared to)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+
+from .batch import Batch
+from .tensor_loader import LoaderOptions
+
+
+class SyntheticLoader:
+    """``steps`` batches per epoch, all the same pre-made batch (no per-step data work at all)."""
+
+    def __init__(self, options: LoaderOptions, *, image_size: int, num_classes: int, steps: int, train: bool) -> None:
+        self.steps = steps
+        batch_size = options.batch_size if train else options.eval_batch_size
+        generator = torch.Generator().manual_seed(options.seed)
+        inputs = torch.randn(batch_size, 3, image_size, image_size, generator=generator)
+        targets = torch.randint(0, num_classes, (batch_size,), generator=generator)
+        layout = torch.channels_last if options.channels_last else torch.contiguous_format
+        self.batch = Batch(
+            inputs=inputs.to(options.device).contiguous(memory_format=layout),
+            targets=targets.to(options.device),
+            indices=torch.arange(batch_size, device=options.device),
+        )
+        if options.pairs:
+            self.batch.pair_inputs, self.batch.pair_targets = self.batch.inputs.flip(0), self.batch.targets
+        if options.two_views:
+            self.batch.second_view = self.batch.inputs.flip(-1)
+        self.num_samples = batch_size * steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        for _ in range(start_step, self.steps):
+            yield self.batch
+
+
+def build_synthetic(cfg: Mapping[str, Any], options: LoaderOptions):  # noqa: ANN201 - DataBundle
+    from .builders import DataBundle
+
+    size, classes = int(cfg["image_size"]), int(cfg["num_classes"])
+    train = SyntheticLoader(options, image_size=size, num_classes=classes, steps=int(cfg["steps_per_epoch"]), train=True)
+    val = SyntheticLoader(options, image_size=size, num_classes=classes, steps=1, train=False)
+    return DataBundle(train=train, val=val, num_classes=classes, train_size=train.num_samples,
+                      val_size=val.num_samples, classes=[str(c) for c in range(classes)])
