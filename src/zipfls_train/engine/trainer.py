@@ -249,6 +249,7 @@ class Trainer:
             while self.progress.epoch < self.epochs:
                 self._train_epoch(records)
             summary = self._summary("finished")
+            summary["zipf_alpha"] = self._zipf_fit_at_end(records)
         finally:
             records.close()
         if self.ctx.is_main:
@@ -323,6 +324,22 @@ class Trainer:
                 f"val top-1 {top1:.2f}%  top-5 {top5:.2f}%  best {self.progress.best_top1:.2f}%  "
                 f"{record['images_per_s'] or 0:.0f} img/s"
             )
+
+    def _zipf_fit_at_end(self, records: RunRecords) -> float | None:
+        """Figure 2 for this run: the final model's mean sorted softmax on the val set, its Zipf fit,
+        saved as zipf_fit.png and logged to TensorBoard (every rank scores its shard)."""
+        if not bool(self.cfg.trainer.get("zipf_fit_at_end", True)):
+            return None
+        from ..analysis.zipf_fit import mean_sorted_softmax, report_fit
+
+        with self._autocast():
+            curves = mean_sorted_softmax(self.model, self.data.val, self.device)
+        self.model.train()
+        if not self.ctx.is_main:
+            return None
+        title = f"{self.cfg.dataset.name} / {self.cfg.model.name} / loss={self.cfg.loss.name} / epoch {self.progress.epoch}"
+        fit = report_fit(curves, title, self.run_dir / "zipf_fit.png", records.writer, self.progress.global_step)
+        return fit.alpha
 
     def save_best(self) -> None:
         if self.ctx.is_main:

@@ -1,0 +1,157 @@
+"""Figure 2 of the paper: a trained model's softmax, sorted and averaged over its val set, follows
+Zipf's law. We plot it on log-log axes with the least-squares line log p = -alpha log r + c.
+
+Two curves per model:
+* ``non_target``: per image, the softmax over the non-target classes (the distribution Zipf's LS
+  shapes, Q in SPEC.md), sorted descending, averaged; ranks 1..C-1. The exponent is fitted on it.
+* ``all``: the plain softmax sorted descending and averaged (rank 1 is mostly the target).
+
+    python -m zipfls_train.analysis.zipf_fit outputs/demo/<run>            # run folder (best.pt)
+    python -m zipfls_train.analysis.zipf_fit path/to/checkpoint.pt --data-root ../shared/data
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..engine.distributed import all_reduce_sum
+
+
+@dataclass
+class ZipfFit:
+    alpha: float  # fitted exponent (the slope is -alpha)
+    intercept: float  # c in log p = -alpha log r + c (natural logs)
+    r_squared: float  # of the fit in log-log space
+
+
+def fit_zipf(mean_sorted: Tensor, max_rank: int | None = None) -> ZipfFit:
+    """Least squares of log p_r on log r over ranks 1..max_rank (all by default), in float64."""
+    p = mean_sorted.double().flatten()[: max_rank or None]
+    ranks = torch.arange(1, p.numel() + 1, dtype=torch.float64)
+    keep = p > 0
+    x, y = torch.log(ranks[keep]), torch.log(p[keep])
+    x_mean, y_mean = x.mean(), y.mean()
+    slope = ((x - x_mean) * (y - y_mean)).sum() / ((x - x_mean) ** 2).sum()
+    intercept = y_mean - slope * x_mean
+    residual = ((y - (slope * x + intercept)) ** 2).sum()
+    total = ((y - y_mean) ** 2).sum()
+    return ZipfFit(alpha=float(-slope), intercept=float(intercept), r_squared=float(1 - residual / total))
+
+
+def sorted_softmax_sums(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Per batch: sums over samples of the sorted softmax (C) and of the sorted non-target softmax (C-1)."""
+    logits = logits.float()
+    probabilities = torch.softmax(logits, dim=1)
+    masked = logits.scatter(1, targets[:, None], float("-inf"))
+    non_target = torch.softmax(masked, dim=1).sort(dim=1, descending=True).values[:, :-1]  # drop the 0 at y
+    return probabilities.sort(dim=1, descending=True).values.sum(0), non_target.sum(0)
+
+
+@torch.no_grad()
+def mean_sorted_softmax(model: nn.Module, loader, device: torch.device) -> dict[str, Tensor]:  # noqa: ANN001
+    """Mean sorted softmax (``all``) and non-target softmax (``non_target``) over ``loader``'s epoch,
+    summed across DDP ranks when a process group is up."""
+    model.eval()
+    total_all = total_non = None
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    for batch in loader.epoch(0):
+        logits = model(batch.inputs).logits
+        part_all, part_non = sorted_softmax_sums(logits, batch.targets)
+        total_all = part_all.double() if total_all is None else total_all + part_all.double()
+        total_non = part_non.double() if total_non is None else total_non + part_non.double()
+        count += batch.size
+    for tensor in (total_all, total_non, count):
+        all_reduce_sum(tensor)
+    return {"all": (total_all / count).cpu(), "non_target": (total_non / count).cpu()}
+
+
+def plot(curves: dict[str, Tensor], fit: ZipfFit, title: str, path: Path):  # noqa: ANN201 - a Figure
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5.5, 4.2))
+    for name, style in (("non_target", "o"), ("all", ".")):
+        values = curves[name]
+        ranks = torch.arange(1, values.numel() + 1)
+        axis.loglog(ranks, values, style, markersize=3, label=f"mean sorted softmax ({name.replace('_', '-')})")
+    ranks = torch.arange(1, curves["non_target"].numel() + 1, dtype=torch.float64)
+    axis.loglog(ranks, torch.exp(fit.intercept - fit.alpha * torch.log(ranks)), "-", color="black",
+                label=f"Zipf fit: alpha = {fit.alpha:.2f} (R^2 {fit.r_squared:.3f})")
+    axis.set_xlabel("rank")
+    axis.set_ylabel("probability")
+    axis.set_title(title, fontsize=9)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    return figure
+
+
+def report_fit(curves: dict[str, Tensor], title: str, png: Path, writer=None, step: int = 0) -> ZipfFit:  # noqa: ANN001
+    """Fit + PNG (+ TensorBoard figure and scalars when ``writer`` is given)."""
+    import matplotlib.pyplot as plt
+
+    fit = fit_zipf(curves["non_target"])
+    figure = plot(curves, fit, title, png)
+    if writer is not None:
+        writer.add_figure("zipf_fit/mean_sorted_softmax", figure, step)
+        writer.add_scalar("zipf_fit/alpha", fit.alpha, step)
+        writer.add_scalar("zipf_fit/r_squared", fit.r_squared, step)
+    plt.close(figure)
+    return fit
+
+
+def _load(path: Path, data_root: str | None, device: torch.device):  # noqa: ANN202
+    from omegaconf import OmegaConf
+
+    from ..data import LoaderOptions, build_data
+    from ..engine.checkpoint import load_checkpoint
+    from ..models import build_model
+
+    checkpoint_path = path / "checkpoints" / "best.pt" if path.is_dir() else path
+    state = load_checkpoint(checkpoint_path, map_location="cpu")
+    cfg = OmegaConf.create(state["config"])
+    if data_root is not None:
+        cfg.dataset.root = data_root
+    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
+    options = LoaderOptions(batch_size=int(cfg.trainer.batch_size), eval_batch_size=int(cfg.trainer.eval_batch_size),
+                            device=device, seed=int(cfg.seed))
+    data = build_data(dataset, options)
+    model_options = OmegaConf.to_container(cfg.model.get("options", {}), resolve=True) or {}
+    model = build_model(str(cfg.model.name), data.num_classes, **model_options)
+    # Auxiliary heads are training-only: load the weights the evaluated model has.
+    weights = {k: v for k, v in state["model"].items() if not k.startswith("aux_heads.")}
+    model.load_state_dict(weights)
+    title = f"{cfg.dataset.name} / {cfg.model.name} / loss={cfg.loss.name} / seed {cfg.seed}"
+    return model.to(device), data.val, title, checkpoint_path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("path", type=Path, help="a run folder (uses checkpoints/best.pt) or a checkpoint file")
+    parser.add_argument("--data-root", default=None, help="override dataset.root stored in the checkpoint's config")
+    parser.add_argument("--out", type=Path, default=None, help="PNG path (default: <run>/zipf_fit.png)")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    from ..engine.distributed import resolve_device
+
+    device = resolve_device(args.device)
+    model, loader, title, checkpoint = _load(args.path, args.data_root, device)
+    png = args.out or (checkpoint.parent.parent / "zipf_fit.png" if checkpoint.parent.name == "checkpoints" else checkpoint.with_suffix(".zipf_fit.png"))
+    fit = report_fit(mean_sorted_softmax(model, loader, device), title, png)
+    print(f"Zipf fit of the mean sorted non-target softmax: alpha = {fit.alpha:.3f}, R^2 = {fit.r_squared:.4f}")
+    print(f"plot: {png}")
+    if not math.isfinite(fit.alpha):
+        raise SystemExit("the fit is not finite (all probabilities zero?)")
+
+
+if __name__ == "__main__":
+    main()
