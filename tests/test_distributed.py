@@ -45,6 +45,44 @@ def test_two_process_ddp_matches_one_process_on_the_global_batch(tiny_pack_root,
     assert abs(correct - round(correct)) < 1e-9  # a whole number of images out of 35
 
 
+def test_torchrun_two_processes_match_one_process(tiny_pack_root, tmp_path):
+    common = [*DDP_RUN, f"dataset.root={tiny_pack_root}", "trainer.max_steps_per_epoch=3"]
+    run_training(compose(common), tmp_path / "single")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    result = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node=2", "train.py", *common, f"hydra.run.dir={tmp_path}/torchrun"],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single, ranked = _weights(tmp_path / "single"), _weights(tmp_path / "torchrun")
+    for name, tensor in single.items():
+        torch.testing.assert_close(ranked[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    assert _metrics(tmp_path / "torchrun")[-1]["val_top1"] == _metrics(tmp_path / "single")[-1]["val_top1"]
+
+
+def test_slurm_launcher_runs_a_sweep_through_submitit_local_executor(tiny_pack_root, tmp_path):
+    """hydra/launcher=submitit_slurm shares everything with submitit_local but the cluster: the local
+    executor pickles and runs our job function in fresh processes, as SLURM nodes would."""
+    result = subprocess.run(
+        [sys.executable, "train.py", "-m", "hydra/launcher=submitit_local", *TINY_RUN, f"dataset.root={tiny_pack_root}",
+         "trainer.epochs=1", "trainer.max_steps_per_epoch=2", "loss=ce,zipf", f"hydra.sweep.dir={tmp_path}/sweep",
+         "hydra.launcher.timeout_min=10"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list((tmp_path / "sweep").glob("*/summary.json"))) == 2
+
+
+def test_slurm_preset_asks_one_task_with_the_run_gpus():
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from conftest import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = hydra_compose("train", overrides=["hydra/launcher=slurm", "trainer.devices=4"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.gpus_per_node == 4 and launcher.tasks_per_node == 1 and launcher.nodes == 1
+
+
 def _launch(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
