@@ -20,6 +20,16 @@ from zipfls_train.models import build_model
 from zipfls_train.models.aux_heads import BottleneckAuxHead
 from zipfls_train.models.outputs import ModelOutput
 
+@pytest.fixture(scope="module", autouse=True)
+def one_intra_op_thread():
+    """Tiny CPU batches gain nothing from intra-op threads, and OpenMP threads on a busy 2-core
+    machine stall each other (a two-step run took 15-30 s instead of ~1 s); restored after the module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # --- independent float64 references (written from SPEC.md, not from the code under test) ---------
 
 
