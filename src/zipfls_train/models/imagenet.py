@@ -1,0 +1,94 @@
+"""ImageNet-scale backbones (paper Table 4): the torchvision-style architectures, built by timm.
+
+timm's ``resnet*``, ``resnext*``, ``densenet121`` and ``mobilenetv2_100`` are the same networks as
+torchvision's (same layers, same parameter counts), and they share one API,
+``forward_intermediates``, so every architecture here is a row in :data:`ARCHITECTURES` and a
+config file, not a code path.
+
+Stages (the wrapper's contract, see wrapper.py): the outputs timm reports in ``feature_info`` at
+stride >= 4 (the stem at stride 2 is not a stage), followed by the final map when it is a different
+tensor (MobileNetV2's ``conv_head`` + BN + ReLU6, 1280 channels). The last stage is always exactly
+what timm's ``forward_features`` returns, i.e. the map the classifier is applied to after pooling:
+
+* ResNet / ResNeXt: layer1 .. layer4 (post-ReLU block outputs; 7 x 7 at 224 px);
+* DenseNet-121: denseblock1 .. denseblock3 (before their transitions, timm's taps) and
+  ``norm5`` = ReLU(BN(denseblock4)) (timm's ``BatchNormAct2d``), 1024 x 7 x 7;
+* MobileNetV2: the last block at strides 4, 8, 16, 32 (24, 32, 96, 320 channels) and
+  ReLU6(BN(conv_head)), 1280 x 7 x 7.
+
+So the dense votes of Zipf's LS always use the trained classifier of the model (the paper's
+released code used an untrained layer for DenseNet and MobileNetV2; we do not).
+
+Initialisation: MSRA (Kaiming normal, fan_out, ReLU gain) for every convolution and BN gamma = 1,
+beta = 0, through :func:`zipfls_train.models.wrapper.kaiming_init` (timm's own inits differ per
+family: fan_in for DenseNet, zero-initialised last BN gamma for ResNets; neither is the paper's).
+The wrapper's classifier keeps PyTorch's default Linear init. torchvision's MobileNetV2 has a
+dropout (0.2) before its classifier; the wrapper has none, so neither does ours.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import timm
+from torch import Tensor, nn
+
+from . import register_backbone
+from .wrapper import kaiming_init
+
+# Our model name -> (timm model name, timm keyword arguments). Published parameter counts at 1000
+# classes (torchvision's model docs; timm's are identical) are checked in tests/test_imagenet_models.py.
+ARCHITECTURES: Mapping[str, tuple[str, dict[str, Any]]] = {
+    "resnet18": ("resnet18", {"zero_init_last": False}),
+    "resnet50": ("resnet50", {"zero_init_last": False}),
+    "resnet101": ("resnet101", {"zero_init_last": False}),
+    "resnext50_32x4d": ("resnext50_32x4d", {"zero_init_last": False}),
+    "resnext101_32x8d": ("resnext101_32x8d", {"zero_init_last": False}),
+    "densenet121": ("densenet121", {}),
+    "mobilenetv2": ("mobilenetv2_100", {}),
+}
+
+# feature_info entries below this stride belong to the stem, not to a stage.
+MIN_STAGE_REDUCTION = 4
+
+
+class TimmBackbone(nn.Module):
+    """A timm classifier without its head, exposing its stages to :class:`ClassifierWrapper`."""
+
+    def __init__(self, timm_name: str, **timm_kwargs: Any) -> None:
+        super().__init__()
+        # num_classes=0 and global_pool="": no pooling, no classifier (the wrapper owns both).
+        self.model = timm.create_model(timm_name, pretrained=False, num_classes=0, global_pool="", **timm_kwargs)
+        info = self.model.feature_info
+        self.feature_indices = [i for i, f in enumerate(info) if int(f["reduction"]) >= MIN_STAGE_REDUCTION]
+        channels = [int(info[i]["num_chs"]) for i in self.feature_indices]
+        # The final map is a separate stage when forward_features goes beyond the last feature tap
+        # (MobileNetV2's conv_head); otherwise it is the last tap itself (ResNets, DenseNet).
+        self.final_is_extra = int(info[-1]["num_chs"]) != int(self.model.num_features)
+        if self.final_is_extra:
+            channels.append(int(self.model.num_features))
+        self.stage_channels: list[int] = channels
+        kaiming_init(self.model)
+
+    def forward_stages(self, x: Tensor) -> list[Tensor]:
+        final, maps = self.model.forward_intermediates(x, indices=self.feature_indices)
+        maps = list(maps)
+        if self.final_is_extra:
+            maps.append(final)
+        return maps
+
+
+def _builder(name: str):  # noqa: ANN202
+    timm_name, defaults = ARCHITECTURES[name]
+
+    def build(**options: Any) -> TimmBackbone:
+        """Model options from the config (``model.options``) are passed to timm (e.g. drop_rate)."""
+        return TimmBackbone(timm_name, **{**defaults, **options})
+
+    build.__name__ = name
+    return build
+
+
+for _name in ARCHITECTURES:
+    register_backbone(_name, _builder(_name))

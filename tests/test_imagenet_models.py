@@ -1,0 +1,139 @@
+"""The seven ImageNet-scale architectures of Table 4: published sizes, stage maps, dense-vote contract,
+MSRA init."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from zipfls_train.models import BACKBONES, build_model, count_parameters
+
+# Parameter counts at 1000 classes, as published in torchvision's model documentation
+# (https://pytorch.org/vision/stable/models.html: "num_params"); timm reports the same numbers.
+PUBLISHED_PARAMETERS = {
+    "resnet18": 11_689_512,
+    "resnet50": 25_557_032,
+    "resnet101": 44_549_160,
+    "resnext50_32x4d": 25_028_904,
+    "resnext101_32x8d": 88_791_336,
+    "densenet121": 7_978_856,
+    "mobilenetv2": 3_504_872,
+}
+# Channels of every stage (the last is the map the classifier pools) and its stride.
+STAGES = {
+    "resnet18": ([64, 128, 256, 512], [4, 8, 16, 32]),
+    "resnet50": ([256, 512, 1024, 2048], [4, 8, 16, 32]),
+    "resnet101": ([256, 512, 1024, 2048], [4, 8, 16, 32]),
+    "resnext50_32x4d": ([256, 512, 1024, 2048], [4, 8, 16, 32]),
+    "resnext101_32x8d": ([256, 512, 1024, 2048], [4, 8, 16, 32]),
+    "densenet121": ([256, 512, 1024, 1024], [4, 8, 16, 32]),
+    "mobilenetv2": ([24, 32, 96, 320, 1280], [4, 8, 16, 32, 32]),
+}
+MODELS = list(PUBLISHED_PARAMETERS)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_intra_op_thread():
+    """Small CPU batches gain nothing from intra-op threads, and OpenMP threads on a busy (or
+    xdist-shared) 2-core machine can make a forward pass 20x slower; restored after this module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def imagenet_models() -> dict[str, nn.Module]:
+    torch.manual_seed(0)
+    return {name: build_model(name, 1000).eval() for name in MODELS}
+
+
+def test_every_architecture_is_registered() -> None:
+    build_model("resnet18", 10)  # triggers the lazy registration
+    assert set(MODELS) <= set(BACKBONES)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_parameter_count_matches_published(imagenet_models, name: str) -> None:
+    assert count_parameters(imagenet_models[name]) == PUBLISHED_PARAMETERS[name]
+
+
+def test_resnet50_is_25_6_million_parameters(imagenet_models) -> None:
+    assert round(count_parameters(imagenet_models["resnet50"]) / 1e6, 1) == 25.6
+
+
+@pytest.mark.parametrize("name", MODELS)
+@torch.no_grad()
+def test_stages_and_dense_final_map_feed_the_trained_classifier(imagenet_models, name: str) -> None:
+    model = imagenet_models[name]
+    channels, strides = STAGES[name]
+    assert list(model.backbone.stage_channels) == channels
+    x = torch.randn(1, 3, 64, 64)  # 64 px keeps a 2 x 2 final map at a sixth of 224 px's cost
+    out = model(x, features=tuple(model.stage_names) + ("final", "penultimate"))
+    shapes = [tuple(out.features[stage].shape) for stage in model.stage_names]
+    assert shapes == [(1, c, 64 // s, 64 // s) for c, s in zip(channels, strides)]
+    assert out.logits.shape == (1, 1000)
+    final = out.features["final"]
+    assert final.shape == (1, channels[-1], 2, 2)
+    assert out.features["penultimate"].shape[1] == channels[-2]
+    # The dense votes use the same classifier and the same map as the logits (SPEC.md 1).
+    torch.testing.assert_close(model.classifier(final.mean(dim=(2, 3))), out.logits, rtol=1e-5, atol=1e-5)
+    # The final map is post-activation (ReLU; ReLU6 for MobileNetV2), as the classifier sees it.
+    assert float(final.min()) >= 0.0
+    if name == "mobilenetv2":
+        assert float(final.max()) <= 6.0
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenetv2", "densenet121"])
+@torch.no_grad()
+def test_final_map_is_7x7_at_224_px_giving_49_votes(imagenet_models, name: str) -> None:
+    from zipfls_train.losses.zipf import dense_votes
+
+    model = imagenet_models[name]
+    out = model(torch.randn(1, 3, 224, 224), features=("final",))
+    final = out.features["final"]
+    assert final.shape[-2:] == (7, 7)
+    votes = dense_votes(final, model.classifier.weight, model.classifier.bias, upsample="none")
+    assert votes.shape == (1, 49)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_msra_init_and_no_zero_init_of_last_bn(imagenet_models, name: str) -> None:
+    model = imagenet_models[name]
+    for module in model.backbone.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            assert torch.all(module.weight == 1) and torch.all(module.bias == 0)
+    # Kaiming normal, fan_out, ReLU gain: std = sqrt(2 / fan_out) for the largest convolution.
+    conv = max((m for m in model.backbone.modules() if isinstance(m, nn.Conv2d)), key=lambda m: m.weight.numel())
+    fan_out = conv.weight.shape[0] * conv.weight.shape[2] * conv.weight.shape[3]
+    expected = math.sqrt(2.0 / fan_out)
+    assert abs(float(conv.weight.detach().std()) - expected) / expected < 0.05
+
+
+def test_aux_head_on_penultimate_stage_and_num_classes() -> None:
+    model = build_model("resnet18", 37, aux_stages=("penultimate",))
+    out = model(torch.randn(2, 3, 64, 64), aux=True)
+    assert out.logits.shape == (2, 37)
+    assert out.aux_logits["penultimate"].shape == (2, 37)
+    assert model.aux_heads["penultimate"].fc.in_features == 256
+
+
+def test_training_step_backward_reaches_every_parameter() -> None:
+    model = build_model("mobilenetv2", 5).train()
+    out = model(torch.randn(2, 3, 32, 32))
+    nn.functional.cross_entropy(out.logits, torch.tensor([0, 3])).backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None]
+    assert not missing
+
+
+def test_model_options_reach_timm() -> None:
+    model = build_model("resnet18", 10, drop_path_rate=0.1)
+    assert any(type(m).__name__ == "DropPath" for m in model.modules())
+
+
+def test_unknown_model_lists_the_choices() -> None:
+    with pytest.raises(KeyError, match="resnext101_32x8d"):
+        build_model("resnet9000", 10)
