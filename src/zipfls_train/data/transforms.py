@@ -1,0 +1,156 @@
+"""Per-image transforms of the 224 px recipe (SPEC.md section 3), run in DataLoader workers.
+
+Each transform opens a file, decodes it with PIL and returns an ``H x W x 3`` uint8 array of the
+final size (normalisation happens later, on the training device):
+
+* train: ``RandomResizedCrop(size, scale=(0.08, 1), ratio=(3/4, 4/3))`` + horizontal flip (p = 0.5),
+  with torchvision's sampling of the crop box;
+* test:  ``Resize(round(size * 256 / 224))`` of the shorter side + ``CenterCrop(size)``
+  (256 / 224 at the recipe's 224 px), with torchvision's rounding of sizes and offsets.
+
+Reduced-size JPEG decoding (``Image.draft``): libjpeg can decode at 1/2, 1/4 or 1/8 scale in the DCT
+domain, which is much cheaper than decoding at full size and then shrinking. We ask for the
+smallest scale at which the region we need still has at least as many pixels as the output on each
+side (the crop box for training; the resized image for testing), so the final antialiased resize
+still *shrinks* (or keeps) the image and the result differs from full-size decoding only by the
+(small) difference between DCT-domain and bilinear downscaling, never by upsampling. At the
+recipe's 224 px this rarely triggers on ImageNet (typical images are ~500 x 375: a crop must be at
+least 448 px on both sides), but it does for large photographs and for reduced ``image_size`` runs.
+Pass ``draft=False`` to disable it.
+
+Randomness comes from an explicit ``random.Random`` so an image's augmentation is a pure function of
+the seed the loader derives from (run seed, epoch, sample index, view): independent of the worker
+that happens to decode it, and exactly reproducible on resume.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from .images import DatasetError
+
+# Errors PIL raises on unreadable, truncated or malformed files.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def eval_resize_size(image_size: int) -> int:
+    """Shorter side before the center crop: 256 for 224 (the recipe's ratio)."""
+    return int(round(image_size * 256 / 224))
+
+
+def random_resized_crop_box(
+    width: int,
+    height: int,
+    rng: random.Random,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tuple[int, int, int, int]:
+    """(left, top, w, h) as torchvision's ``RandomResizedCrop.get_params`` draws it: up to 10 tries of
+    (area, log-ratio), else the central crop with the ratio clamped into range."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = rng.randint(0, height - h)
+            left = rng.randint(0, width - w)
+            return left, top, w, h
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def _open(path: str) -> Image.Image:
+    try:
+        return Image.open(path)
+    except FileNotFoundError as error:
+        raise DatasetError(f"image file missing: {path}") from error
+    except DECODE_ERRORS as error:
+        raise DatasetError(f"cannot decode image {path}: {error}") from error
+
+
+def _draft(image: Image.Image, reduction: float) -> float:
+    """Ask libjpeg for a reduced decode of at most ``reduction`` (>= 1) on each side; returns the
+    scale actually applied (1, 2, 4 or 8; 1 for non-JPEG files)."""
+    if reduction < 2:
+        return 1.0
+    width, height = image.size
+    request = (max(1, math.ceil(width / reduction)), max(1, math.ceil(height / reduction)))
+    result = image.draft("RGB", request)
+    if result is None:  # not a JPEG (e.g. the PNG files named .JPEG in ImageNet's train set)
+        return 1.0
+    return width / result[1][2]
+
+
+def _resize_box(image: Image.Image, path: str, size: tuple[int, int], box: tuple[float, float, float, float]) -> np.ndarray:
+    try:
+        rgb = image.convert("RGB")  # also decodes; grayscale, CMYK and palette images become RGB
+        return np.asarray(rgb.resize(size, Image.Resampling.BILINEAR, box=box))
+    except DECODE_ERRORS as error:
+        raise DatasetError(f"cannot decode image {path}: {error}") from error
+
+
+@dataclass(frozen=True)
+class TrainTransform:
+    """RandomResizedCrop(size) + horizontal flip, on a file; returns size x size x 3 uint8."""
+
+    size: int
+    draft: bool = True
+
+    def __call__(self, path: str, rng: random.Random) -> np.ndarray:
+        with _open(path) as image:
+            width, height = image.size
+            left, top, w, h = random_resized_crop_box(width, height, rng)
+            flip = rng.random() < 0.5
+            scale = _draft(image, min(w, h) / self.size) if self.draft else 1.0
+            box = (left / scale, top / scale, (left + w) / scale, (top + h) / scale)
+            pixels = _resize_box(image, path, (self.size, self.size), box)
+        return np.ascontiguousarray(pixels[:, ::-1]) if flip else pixels
+
+
+@dataclass(frozen=True)
+class EvalTransform:
+    """Resize the shorter side to ``resize_size`` + center crop ``size``; returns size x size x 3 uint8.
+
+    Computed as one antialiased resize of the source region that the center crop keeps (the same
+    pixels as resize-then-crop, without resizing what the crop throws away)."""
+
+    size: int
+    resize_size: int
+    draft: bool = True
+
+    def __call__(self, path: str, rng: random.Random | None = None) -> np.ndarray:
+        with _open(path) as image:
+            width, height = image.size
+            # torchvision Resize(int): the shorter side becomes resize_size, the longer is truncated.
+            if width <= height:
+                new_w, new_h = self.resize_size, int(self.resize_size * height / width)
+            else:
+                new_w, new_h = int(self.resize_size * width / height), self.resize_size
+            if new_w < self.size or new_h < self.size:
+                raise DatasetError(f"test resize {self.resize_size} is smaller than the crop {self.size}")
+            # torchvision CenterCrop offsets, in resized pixels, mapped back to source pixels.
+            crop_left = int(round((new_w - self.size) / 2.0))
+            crop_top = int(round((new_h - self.size) / 2.0))
+            sx, sy = width / new_w, height / new_h
+            scale = _draft(image, min(width / new_w, height / new_h)) if self.draft else 1.0
+            box = (
+                crop_left * sx / scale,
+                crop_top * sy / scale,
+                (crop_left + self.size) * sx / scale,
+                (crop_top + self.size) * sy / scale,
+            )
+            return _resize_box(image, path, (self.size, self.size), box)

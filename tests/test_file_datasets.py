@@ -1,0 +1,450 @@
+"""ImageNet and INAT21 readers in their real layouts (real JPEG photographs from ../shared/data), the
+worker-based FileLoader (labels, transforms, sharding, exact resume, errors) and two-step training
+runs of every model x dataset pair of Table 4."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import compose, shared_data
+from zipfls_train.data import DatasetError, LoaderOptions, build_data
+from zipfls_train.data.file_loader import FileLoader, FileList
+from zipfls_train.data.imagenet import read_imagenet
+from zipfls_train.data.inat21 import read_inat21
+from zipfls_train.data.transforms import EvalTransform, TrainTransform, eval_resize_size
+
+GRAYSCALE_WNIDS = {"n02096051", "n02676566", "n02692877", "n02749479"}
+MEAN = [0.485, 0.456, 0.406]
+STD = [0.229, 0.224, 0.225]
+
+
+def samples() -> list[tuple[str, Path]]:
+    """(wnid, file) of the 24 real ImageNet JPEGs, one per class, sorted by wnid."""
+    files = sorted((shared_data() / "imagenet-samples").glob("*.JPEG"))
+    assert len(files) == 24
+    return [(f.name.split("_", 1)[0], f) for f in files]
+
+
+def write_imagenet(root: Path, val: str = "folders", train_copies: int = 2) -> Path:
+    """ImageNet layout: train/<wnid>/<wnid>_<k>.JPEG; val either in class folders or flat
+    (ILSVRC2012_val_<k>.JPEG, numbered in a shuffled class order, plus its ground truth)."""
+    items = samples()
+    for wnid, source in items:
+        (root / "train" / wnid).mkdir(parents=True)
+        for k in range(train_copies):
+            shutil.copyfile(source, root / "train" / wnid / f"{wnid}_{k}.JPEG")
+    (root / "val").mkdir()
+    shuffled = random.Random(0).sample(items, len(items))
+    for number, (wnid, source) in enumerate(shuffled, 1):
+        name = f"ILSVRC2012_val_{number:08d}.JPEG"
+        if val == "folders":
+            (root / "val" / wnid).mkdir()
+            shutil.copyfile(source, root / "val" / wnid / name)
+        else:
+            shutil.copyfile(source, root / "val" / name)
+    return root
+
+
+def flat_val_truth(root: Path) -> dict[str, str]:
+    """What write_imagenet(val="flat") put in val/: file -> wnid."""
+    shuffled = random.Random(0).sample(samples(), 24)
+    return {f"ILSVRC2012_val_{n:08d}.JPEG": wnid for n, (wnid, _) in enumerate(shuffled, 1)}
+
+
+def write_loc_solution(path: Path, truth: dict[str, str]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["ImageId", "PredictionString"])
+        for name, wnid in truth.items():
+            writer.writerow([Path(name).stem, f"{wnid} 10 20 100 200 {wnid} 5 5 50 50"])
+
+
+INAT_CLASSES = [
+    (0, "Lumbricus terrestris", "00000_Animalia_Annelida_Clitellata_Haplotaxida_Lumbricidae_Lumbricus_terrestris"),
+    (1, "Eisenia fetida", "00001_Animalia_Annelida_Clitellata_Haplotaxida_Lumbricidae_Eisenia_fetida"),
+    (2, "Hirudo medicinalis", "00002_Animalia_Annelida_Clitellata_Hirudinida_Hirudinidae_Hirudo_medicinalis"),
+    (3, "Quercus robur", "00003_Plantae_Tracheophyta_Magnoliopsida_Fagales_Fagaceae_Quercus_robur"),
+]
+
+
+def write_inat21(root: Path, train_per_class: int = 3, val_per_class: int = 2, json_files: bool = True) -> Path:
+    """INAT21 as the official archives extract: train_mini/ and val/ class folders of <uuid>.jpg
+    (real photographs, shrunk to <= 160 px like iNat's own downscaled release) + COCO-style json."""
+    rng = random.Random(1)
+    photos = [path for _, path in samples()]
+    records: dict[str, dict] = {}
+    image_id = 1000
+    for split, per_class in (("train_mini", train_per_class), ("val", val_per_class)):
+        images, annotations = [], []
+        for category_id, _, folder in INAT_CLASSES:
+            (root / split / folder).mkdir(parents=True)
+            for _ in range(per_class):
+                name = f"{rng.getrandbits(128):032x}.jpg"
+                with Image.open(rng.choice(photos)) as photo:
+                    photo.thumbnail((160, 160))
+                    photo.save(root / split / folder / name, quality=90)
+                images.append({"id": image_id, "width": 160, "height": 120, "file_name": f"{split}/{folder}/{name}"})
+                annotations.append({"id": image_id, "image_id": image_id, "category_id": category_id})
+                image_id += 1
+        order = rng.sample(range(len(images)), len(images))  # the json is not sorted by class
+        records[split] = {
+            "info": {"year": 2021},
+            "images": [images[i] for i in order],
+            "annotations": [annotations[i] for i in order],
+            "categories": [{"id": c, "name": n, "image_dir_name": d, "supercategory": "x"} for c, n, d in INAT_CLASSES],
+        }
+    if json_files:
+        for split, record in records.items():
+            (root / f"{split}.json").write_text(json.dumps(record))
+    return root
+
+
+@pytest.fixture(scope="module")
+def imagenet_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_imagenet(tmp_path_factory.mktemp("imagenet"))
+
+
+@pytest.fixture(scope="module")
+def inat_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_inat21(tmp_path_factory.mktemp("inat21"))
+
+
+def options(**overrides) -> LoaderOptions:  # noqa: ANN003
+    values = dict(batch_size=4, eval_batch_size=5, device=torch.device("cpu"), seed=0, num_workers=0)
+    values.update(overrides)
+    return LoaderOptions(**values)
+
+
+def dataset_cfg(name: str, root: Path, **overrides) -> dict:  # noqa: ANN003
+    cfg = dict(name=name, root=str(root), format="auto", num_classes=24 if name == "imagenet" else 4,
+               image_size=32, train_augment="random_resized_crop", test_transform="resize_center_crop",
+               mean=MEAN, std=STD, num_classes_subset=None, train_per_class=None, val_per_class=None)
+    cfg.update(overrides)
+    return cfg
+
+
+def pixels(inputs: torch.Tensor) -> torch.Tensor:
+    """Normalised batch -> 0..255 pixels."""
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(STD).view(1, 3, 1, 1) * 255
+    return inputs * std + mean
+
+
+# --- ImageNet --------------------------------------------------------------------------------
+
+def test_imagenet_prepared_layout_labels_and_counts(imagenet_root: Path) -> None:
+    train, val = read_imagenet(imagenet_root)
+    wnids = [wnid for wnid, _ in samples()]
+    assert train.classes == wnids == sorted(wnids)
+    assert len(train) == 48 and len(val) == 24
+    for files in (train, val):
+        for i in range(len(files)):
+            wnid = Path(files.path(i)).parent.name
+            assert files.targets[i] == wnids.index(wnid)
+    assert np.bincount(train.targets, minlength=24).tolist() == [2] * 24
+
+
+def test_imagenet_batches_are_rgb_normalised_and_labelled(imagenet_root: Path) -> None:
+    bundle = build_data(dataset_cfg("imagenet", imagenet_root), options())
+    assert (bundle.num_classes, bundle.train_size, bundle.val_size) == (24, 48, 24)
+    assert len(bundle.train) == 12 and len(bundle.val) == 5
+    val = list(bundle.val.epoch(0))
+    inputs = torch.cat([b.inputs for b in val])
+    targets = torch.cat([b.targets for b in val])
+    assert inputs.shape == (24, 3, 32, 32) and inputs.dtype == torch.float32
+    assert torch.equal(targets, torch.arange(24))  # val files are sorted by class, one per class
+    assert torch.equal(torch.cat([b.indices for b in val]), torch.arange(24))
+    values = pixels(inputs)
+    assert float(values.min()) > -0.5 and float(values.max()) < 255.5
+    wnids = bundle.classes
+    # The 4 grayscale (mode L) JPEGs come out as 3 equal channels; colour photographs do not.
+    equal = [bool(torch.allclose(values[i, 0], values[i, 1], atol=0.05) and torch.allclose(values[i, 1], values[i, 2], atol=0.05))
+             for i in range(24)]
+    assert all(equal[wnids.index(wnid)] for wnid in GRAYSCALE_WNIDS)
+    assert sum(equal) <= len(GRAYSCALE_WNIDS) + 1  # (+ the hook: an RGB file of a gray photograph)
+    train = next(bundle.train.epoch(0))
+    assert train.inputs.shape == (4, 3, 32, 32)
+    assert torch.equal(train.targets, torch.from_numpy(bundle.train.files.targets)[train.indices])
+
+
+def test_eval_transform_matches_torchvision_resize_and_center_crop() -> None:
+    from torchvision import transforms
+
+    for size in (224, 64):
+        reference = transforms.Compose([transforms.Resize(eval_resize_size(size)), transforms.CenterCrop(size)])
+        exact = EvalTransform(size, eval_resize_size(size), draft=False)
+        drafted = EvalTransform(size, eval_resize_size(size), draft=True)
+        for _, path in samples()[::3]:
+            with Image.open(path) as image:
+                expected = np.asarray(reference(image.convert("RGB"))).astype(np.float64)
+            assert exact(str(path)).shape == (size, size, 3)
+            assert np.abs(exact(str(path)) - expected).mean() < 0.5
+            # Reduced-size JPEG decoding changes pixels by ~1% at most (see transforms.py).
+            assert np.abs(drafted(str(path)) - expected).mean() < 3.0
+
+
+def test_train_transform_is_seeded_and_close_without_draft() -> None:
+    path = str(samples()[17][1])  # n03759954 microphone, 702 x 1094: drafting applies at 64 px
+    crop = TrainTransform(64)
+    assert crop(path, random.Random(3)).shape == (64, 64, 3)
+    assert np.array_equal(crop(path, random.Random(3)), crop(path, random.Random(3)))
+    assert not np.array_equal(crop(path, random.Random(3)), crop(path, random.Random(4)))
+    full = TrainTransform(64, draft=False)(path, random.Random(3))
+    assert np.abs(crop(path, random.Random(3)).astype(float) - full).mean() < 4.0
+
+
+def test_imagenet_flat_val_with_kaggle_loc_solution(tmp_path: Path) -> None:
+    root = write_imagenet(tmp_path / "raw", val="flat")
+    truth = flat_val_truth(root)
+    write_loc_solution(root / "LOC_val_solution.csv", truth)
+    train, val = read_imagenet(root)
+    assert len(val) == 24
+    for i in range(len(val)):
+        assert train.classes[val.targets[i]] == truth[Path(val.path(i)).name]
+    # The same through a two-column "file wnid" text file given explicitly.
+    (root / "LOC_val_solution.csv").unlink()
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(f"{name} {wnid}\n" for name, wnid in truth.items()))
+    _, val_txt = read_imagenet(root, val_labels=str(labels))
+    assert np.array_equal(val_txt.targets, val.targets)
+    # No ground truth at all: the error names the layout that was expected.
+    with pytest.raises(DatasetError, match="LOC_val_solution.csv"):
+        read_imagenet(root)
+    # A ground truth that misses an image on disk.
+    write_loc_solution(root / "val" / "LOC_val_solution.csv", dict(list(truth.items())[1:]))
+    with pytest.raises(DatasetError, match="no label for 1 image"):
+        read_imagenet(root)
+
+
+def test_imagenet_kaggle_download_layout_is_found(tmp_path: Path) -> None:
+    base = tmp_path / "kaggle" / "ILSVRC" / "Data" / "CLS-LOC"
+    base.mkdir(parents=True)
+    write_imagenet(base, val="flat", train_copies=1)
+    write_loc_solution(tmp_path / "kaggle" / "LOC_val_solution.csv", flat_val_truth(base))
+    train, val = read_imagenet(tmp_path / "kaggle")
+    assert (len(train), len(val), len(train.classes)) == (24, 24, 24)
+
+
+def test_missing_datasets_name_the_path_and_expected_layout(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match=r"(?s)ImageNet not found under dataset.root=.*empty.*train/<wnid>/\*\.JPEG"):
+        build_data(dataset_cfg("imagenet", tmp_path / "empty"), options())
+    with pytest.raises(DatasetError, match=r"(?s)INAT21 not found under dataset.root=.*nothing.*train_mini/<NNNNN>"):
+        build_data(dataset_cfg("inat21", tmp_path / "nothing"), options())
+
+
+def test_class_count_mismatch_is_reported(imagenet_root: Path) -> None:
+    with pytest.raises(DatasetError, match="dataset.num_classes is 1000 but .* hold 24 classes"):
+        build_data(dataset_cfg("imagenet", imagenet_root, num_classes=1000), options())
+
+
+def test_subsets_and_image_size(imagenet_root: Path) -> None:
+    cfg = dataset_cfg("imagenet", imagenet_root, num_classes_subset=5, train_per_class=1, val_per_class=1, image_size=48)
+    bundle = build_data(cfg, options(batch_size=2))
+    assert (bundle.num_classes, bundle.train_size, bundle.val_size) == (5, 5, 5)
+    assert bundle.classes == [wnid for wnid, _ in samples()[:5]]
+    batch = next(bundle.val.epoch(0))
+    assert batch.inputs.shape == (5, 3, 48, 48)
+    assert eval_resize_size(48) == 55 and eval_resize_size(224) == 256
+
+
+# --- errors from workers -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_corrupt_image_raises_dataset_error_naming_the_file(tmp_path: Path, workers: int) -> None:
+    root = tmp_path / "corrupt"
+    for wnid, source in samples()[:2]:
+        (root / "train" / wnid).mkdir(parents=True)
+        (root / "val" / wnid).mkdir(parents=True)
+        shutil.copyfile(source, root / "train" / wnid / "good.JPEG")
+        shutil.copyfile(source, root / "val" / wnid / "good.JPEG")
+    truncated = samples()[0][1].read_bytes()[:3000]
+    (root / "train" / samples()[1][0] / "truncated_file.JPEG").write_bytes(truncated)
+    (root / "val" / samples()[0][0] / "not_an_image.JPEG").write_bytes(b"this is not a JPEG")
+    bundle = build_data(dataset_cfg("imagenet", root, num_classes=2), options(batch_size=3, num_workers=workers))
+    with pytest.raises(DatasetError, match="truncated_file.JPEG"):
+        list(bundle.train.epoch(0))
+    with pytest.raises(DatasetError, match="not_an_image.JPEG"):
+        list(bundle.val.epoch(0))
+
+
+# --- INAT21 ----------------------------------------------------------------------------------------
+
+def test_inat21_labels_come_from_the_json(inat_root: Path) -> None:
+    train, val = read_inat21(inat_root)
+    assert train.classes == [folder for _, _, folder in INAT_CLASSES]
+    assert (len(train), len(val)) == (12, 8)
+    records = {split: json.loads((inat_root / f"{split}.json").read_text()) for split in ("train_mini", "val")}
+    for files, split in ((train, "train_mini"), (val, "val")):
+        file_of = {image["id"]: image["file_name"] for image in records[split]["images"]}
+        expected = {file_of[a["image_id"]]: a["category_id"] for a in records[split]["annotations"]}
+        got = {str(Path(files.path(i)).relative_to(inat_root)): int(files.targets[i]) for i in range(len(files))}
+        assert got == expected
+
+
+def test_inat21_folder_fallback_agrees_with_the_json(inat_root: Path, tmp_path: Path) -> None:
+    no_json = tmp_path / "inat_folders"
+    shutil.copytree(inat_root, no_json, ignore=shutil.ignore_patterns("*.json"))
+    by_json = read_inat21(inat_root)
+    by_folders = read_inat21(no_json)
+    forced = read_inat21(inat_root, requested_format="folders")
+    for (a_train, a_val), (b_train, b_val) in ((by_json, by_folders), (by_json, forced)):
+        for a, b in ((a_train, b_train), (a_val, b_val)):
+            label_a = {Path(a.path(i)).name: int(a.targets[i]) for i in range(len(a))}
+            label_b = {Path(b.path(i)).name: int(b.targets[i]) for i in range(len(b))}
+            assert label_a == label_b
+    with pytest.raises(DatasetError, match="train.json"):
+        read_inat21(inat_root, train_split="train", requested_format="json")
+
+
+def test_inat21_bundle_batches(inat_root: Path) -> None:
+    bundle = build_data(dataset_cfg("inat21", inat_root, image_size=40), options(batch_size=4, eval_batch_size=8))
+    assert (bundle.num_classes, bundle.train_size, bundle.val_size) == (4, 12, 8)
+    batch = next(bundle.val.epoch(0))
+    assert batch.inputs.shape == (8, 3, 40, 40)
+    assert batch.targets.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+# --- the loader: sharding, determinism, resume, extra views ------------------------------------
+
+class CountingTransform:
+    def __init__(self, inner: Callable) -> None:
+        self.inner, self.calls = inner, 0
+
+    def __call__(self, path: str, rng: random.Random | None = None) -> np.ndarray:
+        self.calls += 1
+        return self.inner(path, rng)
+
+
+def imagenet_files(root: Path, split: str = "train", subset: int | None = None) -> FileList:
+    files = read_imagenet(root)[0 if split == "train" else 1]
+    return files.subset(subset, None)
+
+
+def make_loader(files: FileList, train: bool, size: int = 24, **option_overrides) -> FileLoader:  # noqa: ANN003
+    transform = TrainTransform(size) if train else EvalTransform(size, eval_resize_size(size))
+    return FileLoader(files, options(**option_overrides), train=train, transform=CountingTransform(transform), mean=MEAN, std=STD)
+
+
+def test_val_shards_cover_every_sample_exactly_once(imagenet_root: Path) -> None:
+    files = imagenet_files(imagenet_root, "val", subset=23)  # odd: shards of 11 and 12, no padding
+    seen = []
+    for rank in (0, 1):
+        loader = make_loader(files, train=False, rank=rank, world_size=2, eval_batch_size=5)
+        batches = list(loader.epoch(0))
+        assert len(batches) == len(loader)
+        seen += torch.cat([b.indices for b in batches]).tolist()
+    assert sorted(seen) == list(range(23))
+
+
+def test_train_shards_are_disjoint_and_equal(imagenet_root: Path) -> None:
+    files = imagenet_files(imagenet_root)
+    shards = []
+    for rank in (0, 1):
+        loader = make_loader(files, train=True, rank=rank, world_size=2, batch_size=5)
+        indices, _ = loader.shard_indices(epoch=3)
+        assert len(loader) == 4  # 24 per rank, drop_last
+        shards.append(set(indices.tolist()))
+        assert len(indices) == 24
+    assert not shards[0] & shards[1]
+    first_batch = next(make_loader(files, train=True, rank=1, world_size=2, batch_size=5).epoch(3))
+    assert set(first_batch.indices.tolist()) <= shards[1]
+
+
+def test_mid_epoch_resume_gives_identical_batches_without_decoding_skipped_ones(imagenet_root: Path) -> None:
+    files = imagenet_files(imagenet_root, subset=8)  # 16 images, 4 batches of 4
+    straight = list(make_loader(files, train=True).epoch(1))
+    resumed_loader = make_loader(files, train=True)
+    resumed = list(resumed_loader.epoch(1, start_step=2))
+    assert len(straight) == 4 and len(resumed) == 2
+    assert resumed_loader.dataset.transform.calls == 2 * 4
+    for a, b in zip(straight[2:], resumed):
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.targets, b.targets)
+        assert torch.equal(a.inputs, b.inputs)
+    other_epoch = list(make_loader(files, train=True).epoch(2))
+    assert not torch.equal(torch.cat([b.indices for b in straight]), torch.cat([b.indices for b in other_epoch]))
+
+
+def test_worker_count_does_not_change_the_batches(imagenet_root: Path) -> None:
+    files = imagenet_files(imagenet_root, subset=4)
+    in_process = list(make_loader(files, train=True, num_workers=0).epoch(0))
+    with_workers = list(make_loader(files, train=True, num_workers=2).epoch(0))
+    assert len(in_process) == len(with_workers) == 2
+    for a, b in zip(in_process, with_workers):
+        assert torch.equal(a.inputs, b.inputs) and torch.equal(a.indices, b.indices)
+
+
+def test_pairs_and_second_view(imagenet_root: Path) -> None:
+    files = imagenet_files(imagenet_root, subset=6)
+    loader = make_loader(files, train=True, pairs=True, two_views=True, batch_size=6)
+    batch = next(loader.epoch(0))
+    assert batch.second_view.shape == batch.inputs.shape == batch.pair_inputs.shape
+    assert torch.equal(batch.pair_targets, batch.targets)
+    assert not torch.equal(batch.second_view, batch.inputs)  # an independent augmentation
+    val_batch = next(make_loader(files, train=False, pairs=True, two_views=True).epoch(0))
+    assert val_batch.second_view is None and val_batch.pair_inputs is None
+
+
+def test_channels_last_layout(imagenet_root: Path) -> None:
+    files = imagenet_files(imagenet_root, "val", subset=2)
+    batch = next(make_loader(files, train=False, channels_last=True).epoch(0))
+    assert batch.inputs.is_contiguous(memory_format=torch.channels_last)
+    batch = next(make_loader(files, train=False, channels_last=False).epoch(0))
+    assert batch.inputs.is_contiguous()
+
+
+# --- Table 4: every model x dataset composes and trains two steps --------------------------------
+
+TABLE4_MODELS = ["resnet18", "resnet50", "resnet101", "resnext50_32x4d", "resnext101_32x8d", "densenet121", "mobilenetv2"]
+TWO_STEPS = [
+    "trainer.device=cpu", "trainer.epochs=1", "trainer.max_steps_per_epoch=2", "trainer.batch_size=2",
+    "trainer.eval_batch_size=4", "trainer.progress_bar=false", "trainer.num_workers=0", "trainer.log_every=1",
+    "dataset.val_per_class=1", "dataset.image_size=32",
+    # Batch 2 at 32 px puts BatchNorm over 2 values of a 1 x 1 map: its gradient is degenerate and
+    # lr 0.1 sends the bottleneck ResNets to inf within two steps (torchvision's resnet50 too).
+    "optim.lr=0.001",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_intra_op_thread():
+    """Tiny tensors gain nothing from intra-op threads, and OpenMP threads on a busy (or
+    xdist-shared) 2-core machine can make a step 20x slower; restored after this module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("model", TABLE4_MODELS)
+@pytest.mark.parametrize("dataset", ["imagenet", "inat21"])
+def test_table4_pair_trains_two_steps(dataset: str, model: str, imagenet_root: Path, inat_root: Path, tmp_path: Path) -> None:
+    from zipfls_train.engine.run import run_training
+
+    data = (
+        [f"dataset.root={imagenet_root}", "dataset.num_classes=24", "dataset.num_classes_subset=3"]
+        if dataset == "imagenet"
+        else [f"dataset.root={inat_root}", "dataset.num_classes=4"]
+    )
+    cfg = compose([f"dataset={dataset}", f"model={model}", "loss=zipf", *TWO_STEPS, *data])
+    assert cfg.dataset.zipf.upsample == "none"
+    summary = run_training(cfg, tmp_path / "run")
+    assert summary["status"] == "finished" and summary["epochs"] == 1
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert np.isfinite(metrics[-1]["train_loss"])
+
+
+def test_recipe_experiment_sets_the_224px_schedule() -> None:
+    cfg = compose(["dataset=inat21", "model=resnet50", "loss=zipf", "experiment=recipe_imagenet"])
+    assert (cfg.trainer.epochs, cfg.trainer.batch_size, list(cfg.sched.milestones)) == (100, 256, [0.3, 0.6, 0.9])
+    assert (cfg.dataset.image_size, cfg.dataset.num_classes, cfg.loss.weight) == (224, 10000, 1.0)
+    assert compose(["dataset=imagenet"]).dataset.zipf.weight == 0.1
