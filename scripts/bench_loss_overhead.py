@@ -1,0 +1,269 @@
+#!/usr/bin/env python
+"""What Zipf's label smoothing costs over CE and LS: training-step time and peak memory, side by side.
+
+The paper's headline is that Zipf's LS is one-pass and almost free (Table 1). This script measures it
+the way training runs it: methods built with ``zipfls_train.losses.build_method`` from the shipped
+``configs/loss/*.yaml``, models with ``build_model``, each step ``method.training_step(model, batch)``
++ backward + SGD step. Methods are interleaved (round r runs ce, ls, zipf, the next round the
+reverse order, ...), so drift (thermal, other processes) hits all of them alike; we report medians.
+
+Cases:
+  cifar100, cifar200   CIFAR ResNet-18 (pre-activation) at 32 px, 100 / 200 classes, batch 128;
+                       Zipf with the CIFAR/TinyImageNet recipe: 4x4 final map, bilinear x2 -> 64 votes.
+  head1000, head10000  a synthetic ResNet-50 head: a random 2048 x 7 x 7 feature map (a leaf that
+                       requires grad, standing in for the backbone) + GAP + Linear(2048, C), batch
+                       256, Zipf without upsampling (49 votes), C = 1,000 (ImageNet) / 10,000
+                       (INAT21). Only the head runs, so this isolates the dense classification cost
+                       that a real backbone would dilute.
+
+Timing: CUDA with events around each step after a synchronise, plus warm-up rounds; CPU with
+``time.perf_counter`` (torch's default thread count). Each line gives medians (and their ratios),
+then, after "|", the per-method minimum over rounds and (CPU) the median process CPU time with their
+ratios: the figures least disturbed when other processes share the CPU (the 1-minute load average
+ends the line). Peak memory: CUDA
+``max_memory_allocated`` over one step (reset before it); on CPU "n/a".
+
+  python scripts/bench_loss_overhead.py                          # all cases, auto device
+  python scripts/bench_loss_overhead.py --device cpu --cases cifar100 --repeats 9
+  python scripts/bench_loss_overhead.py --device cuda --precision bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from omegaconf import OmegaConf
+from torch import Tensor, nn
+
+from zipfls_train.data.batch import Batch
+from zipfls_train.losses import Method, build_method
+from zipfls_train.models import build_model
+from zipfls_train.models.wrapper import ClassifierWrapper
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("ce", "ls", "zipf")
+CASES = ("cifar100", "cifar200", "head1000", "head10000")
+
+
+@dataclass
+class Case:
+    name: str
+    model: nn.Module
+    batch: Batch
+    methods: dict[str, Method]
+    leaf_input: bool  # the synthetic head's input is a leaf whose grad must be cleared every step
+
+
+class FeatureMapStandIn(nn.Module):
+    """A 'backbone' whose only stage output is its input: the synthetic head case feeds it a random
+    2048 x 7 x 7 map that requires grad (what ResNet-50's last stage would hand the head)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.stage_channels = [channels]
+
+    def forward_stages(self, x: Tensor) -> list[Tensor]:
+        return [x]
+
+
+def loss_config(name: str, dataset_zipf: dict) -> dict:
+    """``configs/loss/<name>.yaml`` resolved against the dataset's ``zipf`` block, as Hydra would."""
+    config = OmegaConf.create({"dataset": {"zipf": dataset_zipf}, "loss": OmegaConf.load(ROOT / "configs" / "loss" / f"{name}.yaml")})
+    return OmegaConf.to_container(config.loss, resolve=True)
+
+
+def build_case(name: str, args: argparse.Namespace, device: torch.device) -> Case:
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    if name.startswith("cifar"):
+        num_classes = int(name.removeprefix("cifar"))
+        dataset_zipf = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "dataset" / "cifar100.yaml").zipf)
+        methods = {m: build_method(loss_config(m, dataset_zipf), num_classes) for m in METHODS}
+        aux_stages = sorted({s for m in methods.values() for s in m.needs.aux_stages})
+        model = build_model("cifar_resnet18", num_classes, aux_stages=aux_stages, width=args.width)
+        n = args.batch_size
+        inputs = torch.randn(n, 3, 32, 32, generator=generator)
+        leaf = False
+    else:
+        num_classes = int(name.removeprefix("head"))
+        # ImageNet / INAT21 recipe: no upsampling of the 7x7 map (lambda does not change the cost).
+        methods = {m: build_method(loss_config(m, {"weight": 0.1, "upsample": "none", "aux_weight": 0.1}), num_classes) for m in METHODS}
+        model = ClassifierWrapper(FeatureMapStandIn(2048), num_classes)
+        n = args.head_batch_size
+        inputs = torch.relu(torch.randn(n, 2048, 7, 7, generator=generator))
+        leaf = True
+    targets = torch.randint(0, num_classes, (n,), generator=generator)
+    model = model.to(device)
+    inputs = inputs.to(device)
+    if device.type == "cuda":  # the framework's GPU layout
+        model = model.to(memory_format=torch.channels_last)
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    if leaf:
+        inputs.requires_grad_(True)
+    batch = Batch(inputs=inputs, targets=targets.to(device), indices=torch.arange(n, device=device))
+    methods = {k: m.to(device) for k, m in methods.items()}
+    return Case(name, model, batch, methods, leaf)
+
+
+def make_step(case: Case, method: Method, optimizer: torch.optim.Optimizer, autocast: Callable) -> Callable[[], None]:
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        if case.leaf_input:
+            case.batch.inputs.grad = None
+        with autocast():
+            terms = method.training_step(case.model, case.batch)
+        terms["loss"].backward()
+        optimizer.step()
+
+    return step
+
+
+@dataclass
+class Sample:
+    wall_ms: float
+    cpu_ms: float | None  # process CPU time (CPU device): barely moved by other processes' load
+    peak_bytes: float | None  # CUDA max_memory_allocated over the step
+
+
+def timed(step: Callable[[], None], device: torch.device) -> Sample:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize(device)
+        return Sample(start.elapsed_time(end), None, float(torch.cuda.max_memory_allocated(device)))
+    wall, cpu = time.perf_counter(), time.process_time()
+    step()
+    return Sample((time.perf_counter() - wall) * 1000.0, (time.process_time() - cpu) * 1000.0, None)
+
+
+@dataclass
+class Summary:
+    median_ms: float
+    min_ms: float
+    median_cpu_ms: float | None
+    peak_bytes: float | None
+
+
+def run_case(case: Case, args: argparse.Namespace, device: torch.device) -> dict[str, Summary]:
+    """Interleaved rounds (ce, ls, zipf, then zipf, ls, ce, ...); per method the timed rounds' summary."""
+    case.model.train()
+    optimizer = torch.optim.SGD(case.model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    if args.precision == "bf16":
+        autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
+    else:
+        autocast = contextlib.nullcontext
+    steps = {name: make_step(case, method, optimizer, autocast) for name, method in case.methods.items()}
+    samples: dict[str, list[Sample]] = {name: [] for name in steps}
+    order = list(steps)
+    for round_index in range(args.warmup + args.repeats):
+        for name in order if round_index % 2 == 0 else reversed(order):
+            sample = timed(steps[name], device)
+            if round_index >= args.warmup:
+                samples[name].append(sample)
+    summaries = {}
+    for name, runs in samples.items():
+        cpu = [r.cpu_ms for r in runs if r.cpu_ms is not None]
+        peaks = [r.peak_bytes for r in runs if r.peak_bytes is not None]
+        summaries[name] = Summary(
+            median_ms=statistics.median(r.wall_ms for r in runs),
+            min_ms=min(r.wall_ms for r in runs),
+            median_cpu_ms=statistics.median(cpu) if cpu else None,
+            peak_bytes=max(peaks) if peaks else None,
+        )
+    return summaries
+
+
+def format_line(name: str, device: torch.device, r: dict[str, Summary]) -> str:
+    """One line per case: medians and their ratios first; then memory; then the minima and, on CPU,
+    the process CPU time, the figures that other processes' load disturbs least."""
+
+    def ratios(values: dict[str, float]) -> str:
+        return f"zipf/ce {values['zipf'] / values['ce']:.3f} zipf/ls {values['zipf'] / values['ls']:.3f}"
+
+    def per_method(values: dict[str, float], digits: int = 1) -> str:
+        return " ".join(f"{m} {values[m]:.{digits}f}" for m in METHODS)
+
+    median = {m: r[m].median_ms for m in METHODS}
+    fastest = {m: r[m].min_ms for m in METHODS}
+    parts = [f"{name:<10} {device.type:<4} median ms {per_method(median)}  time {ratios(median)}"]
+    if device.type == "cuda":
+        peak = {m: r[m].peak_bytes / 2**20 for m in METHODS}
+        parts.append(f"peak MiB {per_method(peak, 0)}  mem {ratios(peak)}")
+    else:
+        parts.append("mem zipf/ce n/a zipf/ls n/a")
+    parts.append(f"| min ms {per_method(fastest)}  min-time {ratios(fastest)}")
+    if device.type == "cpu":
+        cpu = {m: r[m].median_cpu_ms for m in METHODS}
+        parts.append(f"| median cpu-ms {per_method(cpu)}  cpu-time {ratios(cpu)}")
+    parts.append(f"| {load_average()}")
+    return "  ".join(parts)
+
+
+def load_average() -> str:
+    """The 1-minute load average: on a shared CPU machine, the context every CPU number needs."""
+    try:
+        return f"load {os.getloadavg()[0]:.2f}"
+    except OSError:  # pragma: no cover - not on every platform
+        return "load n/a"
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds (each runs every method once)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 1 on CPU, 5 on CUDA)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast, as trainer.precision=bf16")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
+    parser.add_argument("--batch-size", type=int, default=128, help="CIFAR cases' batch (the recipe: 128)")
+    parser.add_argument("--width", type=int, default=64, help="CIFAR ResNet-18 base width (the recipe: 64)")
+    parser.add_argument("--head-batch-size", type=int, default=256, help="synthetic head cases' batch (the recipe: 256)")
+    args = parser.parse_args(argv)
+
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            parser.error("--device cuda but CUDA is not available")
+    if args.warmup is None:
+        args.warmup = 5 if device.type == "cuda" else 1
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = sorted(set(cases) - set(CASES))
+    if unknown:
+        parser.error(f"unknown case(s) {unknown}; expected a subset of {list(CASES)}")
+    torch.manual_seed(0)
+
+    print(f"# torch {torch.__version__}, device {describe_device(device)}, precision {args.precision}, "
+          f"repeats {args.repeats} (+{args.warmup} warm-up), CIFAR batch {args.batch_size} width {args.width}, "
+          f"head batch {args.head_batch_size}, {load_average()}", flush=True)
+    for name in cases:
+        case = build_case(name, args, device)
+        results = run_case(case, args, device)
+        print(format_line(name, device, results), flush=True)
+        del case
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
