@@ -49,6 +49,11 @@ def pskd_alpha(final_alpha: float, epoch: int, num_epochs: int) -> float:
     return max(0.0, final_alpha * (epoch + 1) / num_epochs)
 
 
+def one_hot(targets: Tensor, num_classes: int) -> Tensor:
+    """N x C float32 one-hot by scatter (``F.one_hot`` validates its input on the host on some devices)."""
+    return torch.zeros(targets.shape[0], num_classes, device=targets.device).scatter_(1, targets.unsqueeze(1), 1.0)
+
+
 def soft_cross_entropy(logits: Tensor, soft_targets: Tensor) -> Tensor:
     """Batch mean of -sum_c t_c log softmax(z)_c, in float32."""
     return -(soft_targets * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
@@ -118,27 +123,29 @@ class ProgressiveSelfKD(Method):
     # --- memory -----------------------------------------------------------------------------
     def previous_predictions(self, indices: Tensor, targets: Tensor) -> Tensor:
         """p_prev for these samples (N x C, float32): the stored softmax, or one-hot if never stored."""
-        onehot = F.one_hot(targets, self.num_classes).float()
+        onehot = one_hot(targets, self.num_classes)
         if self.memory_kind == "full":
-            stored = self.memory[indices].float()
+            stored = self.memory.index_select(0, indices).float()
         else:
-            values = self.memory_values[indices].float()
-            stored = torch.zeros_like(onehot).scatter_(1, self.memory_indices[indices].long(), values)
+            values = self.memory_values.index_select(0, indices).float()
+            classes = self.memory_indices.index_select(0, indices).long()
+            stored = torch.zeros_like(onehot).scatter_(1, classes, values)
             stored = stored / stored.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-        return torch.where(self.seen[indices].unsqueeze(1), stored, onehot)
+        return torch.where(self.seen.index_select(0, indices).unsqueeze(1), stored, onehot)
 
     @torch.no_grad()
     def store(self, indices: Tensor, probabilities: Tensor) -> None:
-        """Write this step's predictions (all ranks' under DDP) into the memory."""
+        """Write this step's predictions (all ranks' under DDP) into the memory (device-side
+        index_copy_/index_fill_: no host synchronisation)."""
         if self.memory_kind == "full":
             indices, values = all_gather_rows(indices, probabilities.to(self.dtype))
-            self.memory[indices] = values
+            self.memory.index_copy_(0, indices, values)
         else:
             top = probabilities.topk(self.topk, dim=1)
             indices, values, classes = all_gather_rows(indices, top.values.to(self.dtype), top.indices.to(torch.int32))
-            self.memory_values[indices] = values
-            self.memory_indices[indices] = classes
-        self.seen[indices] = True
+            self.memory_values.index_copy_(0, indices, values)
+            self.memory_indices.index_copy_(0, indices, classes)
+        self.seen.index_fill_(0, indices, True)
 
     # --- loss -------------------------------------------------------------------------------
     def loss_terms(self, outputs: ModelOutput, batch: Batch, model: nn.Module) -> dict[str, Tensor]:
@@ -146,7 +153,7 @@ class ProgressiveSelfKD(Method):
             raise RuntimeError("PS-KD's memory is empty: setup(dataset_size=...) must run before training")
         logits = outputs.logits
         alpha = self.alpha
-        onehot = F.one_hot(batch.targets, self.num_classes).float()
+        onehot = one_hot(batch.targets, self.num_classes)
         targets = (1.0 - alpha) * onehot + alpha * self.previous_predictions(batch.indices, batch.targets)
         loss = soft_cross_entropy(logits, targets)
         self.store(batch.indices, F.softmax(logits.detach().float(), dim=1))
