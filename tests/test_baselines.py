@@ -4,19 +4,24 @@ each needs (pairs, memory, heads, teacher) and two real training steps of each."
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import os
+import socket
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from conftest import compose
 
 from zipfls_train.data.batch import Batch
 from zipfls_train.data.images import ImageTensors
 from zipfls_train.data.tensor_loader import LoaderOptions, TensorLoader
 from zipfls_train.losses import build_method
-from zipfls_train.models import build_model
+from zipfls_train.models import build_model, unwrap
 from zipfls_train.models.aux_heads import BottleneckAuxHead
 from zipfls_train.models.outputs import ModelOutput
 
@@ -331,6 +336,47 @@ def test_ban_trains_generation_2_from_a_real_best_checkpoint(run_tiny, tmp_path)
     record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert all(math.isfinite(record[f"train_{term}"]) for term in ("loss", "ce", "ban_kl"))
     assert record["train_ban_kl"] >= 0
+
+
+# --- DDP (gloo, 2 processes): BYOT's heads are all-reduced, PS-KD's memory is all-gathered -------
+
+
+def _ddp_worker(rank: int, world: int, port: int) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        byot = build_method({"name": "byot"}, 10)
+        torch.manual_seed(0)  # identical initial weights on both ranks, as DDP requires
+        model = build_model("cifar_resnet18", 10, aux_stages=byot.needs.aux_stages, aux_head=byot.needs.aux_head, width=4)
+        local = copy.deepcopy(model)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        torch.manual_seed(100 + rank)  # different data per rank
+        batch = Batch(inputs=torch.randn(4, 3, 32, 32), targets=torch.randint(0, 10, (4,)), indices=torch.arange(4) + 4 * rank)
+        byot.training_step(ddp, batch)["loss"].backward()
+        byot.training_step(local, batch)["loss"].backward()  # this rank's own gradient, no DDP
+        for name in ("stage1", "stage2", "stage3"):
+            grad = unwrap(ddp).aux_heads[name].fc.weight.grad
+            mean_local = local.aux_heads[name].fc.weight.grad.clone()
+            dist.all_reduce(mean_local)
+            torch.testing.assert_close(grad, mean_local / world, rtol=1e-4, atol=1e-6, msg=f"{name} head not all-reduced")
+        pskd = build_method({"name": "pskd", "memory_dtype": "float32"}, 10)
+        pskd.setup(num_classes=10, dataset_size=8, model_factory=None)
+        logits = torch.randn(4, 10)
+        pskd.loss_terms(ModelOutput(logits=logits), batch, None)
+        assert pskd.seen.all(), "PS-KD did not store the other rank's predictions"
+        everyone = [torch.zeros_like(logits) for _ in range(world)]
+        dist.all_gather(everyone, logits)
+        torch.testing.assert_close(pskd.memory, torch.softmax(torch.cat(everyone), dim=1))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_all_reduces_byot_heads_and_all_gathers_pskd_memory():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port), nprocs=2, join=True)
 
 
 # --- two real training steps of every method ---------------------------------------------------
