@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from zipfls_train.data.batch import Batch
 from zipfls_train.losses import Method, build_method
-from zipfls_train.models import build_model
+from zipfls_train.models import ModelOutput, build_model
 from zipfls_train.models.wrapper import ClassifierWrapper
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,6 +186,33 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device) -> dict
     return summaries
 
 
+def isolated_loss_ms(case: Case, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    """Per method, the fastest of ``args.loss_repeats`` runs of its loss alone: ``loss_terms`` on one
+    fixed model output + backward to the logits (detached from the network). The network's forward
+    and backward are the same for every method, so zipf - ce here is the whole of Zipf's extra work
+    per step, measured without the step's much larger variance."""
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.precision == "bf16" else contextlib.nullcontext
+    stages = sorted({s for m in case.methods.values() for s in m.needs.feature_stages})
+    with torch.no_grad(), autocast():
+        out = case.model(case.batch.inputs, features=stages, aux=True)
+    fastest = {}
+    for name, method in case.methods.items():
+        def run() -> None:
+            output = ModelOutput(
+                logits=out.logits.detach().requires_grad_(),
+                pooled=out.pooled,
+                features=out.features,
+                aux_logits={k: v.detach().requires_grad_() for k, v in out.aux_logits.items()},
+            )
+            with autocast():
+                terms = method.loss_terms(output, case.batch, case.model)
+            terms["loss"].backward()
+
+        run()
+        fastest[name] = min(timed(run, device).wall_ms for _ in range(args.loss_repeats))
+    return fastest
+
+
 def format_line(name: str, device: torch.device, r: dict[str, Summary]) -> str:
     """One line per case: medians and their ratios first; then memory; then the minima and, on CPU,
     the process CPU time, the figures that other processes' load disturbs least."""
@@ -235,6 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
     parser.add_argument("--batch-size", type=int, default=128, help="CIFAR cases' batch (the recipe: 128)")
     parser.add_argument("--width", type=int, default=64, help="CIFAR ResNet-18 base width (the recipe: 64)")
+    parser.add_argument("--loss-repeats", type=int, default=20,
+                        help="runs of each loss alone (fixed model output) for the isolated-loss column; 0 = skip")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU: torch.set_num_threads (default: torch's default); 1 makes the CPU-time "
+                             "figures insensitive to other processes' load (no OpenMP barrier waits)")
     parser.add_argument("--head-batch-size", type=int, default=256, help="synthetic head cases' batch (the recipe: 256)")
     args = parser.parse_args(argv)
 
@@ -250,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(cases) - set(CASES))
     if unknown:
         parser.error(f"unknown case(s) {unknown}; expected a subset of {list(CASES)}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     print(f"# torch {torch.__version__}, device {describe_device(device)}, precision {args.precision}, "
@@ -258,7 +292,13 @@ def main(argv: list[str] | None = None) -> int:
     for name in cases:
         case = build_case(name, args, device)
         results = run_case(case, args, device)
-        print(format_line(name, device, results), flush=True)
+        line = format_line(name, device, results)
+        if args.loss_repeats > 0:
+            loss = isolated_loss_ms(case, args, device)
+            extra = loss["zipf"] - loss["ce"]
+            line += (f"  | isolated loss ms ce {loss['ce']:.2f} ls {loss['ls']:.2f} zipf {loss['zipf']:.2f}: "
+                     f"zipf extra {extra:.2f} ms = {100 * extra / results['ce'].min_ms:.2f}% of the fastest ce step")
+        print(line, flush=True)
         del case
         if device.type == "cuda":
             torch.cuda.empty_cache()
