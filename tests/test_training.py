@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from conftest import REPO, TINY_RUN
-from zipfls_train.engine import metrics as metrics_module
 from zipfls_train.engine.checkpoint import load_checkpoint
-from zipfls_train.engine.trainer import ResumeError
+from zipfls_train.engine.trainer import ResumeError, Trainer
 
 
 def read_jsonl(path):
@@ -52,17 +51,17 @@ def test_auto_resume_continues_at_the_next_epoch_with_identical_state(run_tiny, 
     args = ("loss=ce", "trainer.epochs=2", "trainer.max_steps_per_epoch=4")
     _, straight = run_tiny(*args, run_dir=tmp_path / "straight")
 
-    original = metrics_module.RunRecords.epoch
+    original = Trainer.save
 
-    def stop_after_first_epoch(self, record, step):
-        original(self, record, step)
-        if record["epoch"] == 1:
-            raise Interrupted
+    def stop_after_first_epoch(self, name="last.pt"):
+        original(self, name)
+        if self.progress.epoch == 1 and self.progress.step_in_epoch == 0:
+            raise Interrupted  # killed right after the epoch-1 checkpoint
 
-    monkeypatch.setattr(metrics_module.RunRecords, "epoch", stop_after_first_epoch)
+    monkeypatch.setattr(Trainer, "save", stop_after_first_epoch)
     with pytest.raises(Interrupted):
         run_tiny(*args, run_dir=tmp_path / "resumed")
-    monkeypatch.setattr(metrics_module.RunRecords, "epoch", original)
+    monkeypatch.setattr(Trainer, "save", original)
     assert load_checkpoint(tmp_path / "resumed/checkpoints/last.pt")["progress"]["epoch"] == 1
 
     run_tiny(*args, run_dir=tmp_path / "resumed")  # the same command again
