@@ -63,7 +63,7 @@ def _trainer(tmp_path: Path, *overrides: str) -> Trainer:
     return Trainer(cfg, DistContext(device=CUDA), tmp_path)
 
 
-@pytest.mark.parametrize("loss", ["ce", "zipf"])
+@pytest.mark.parametrize("loss", ["ce", "ls", "zipf", "zipf_dense2", "tfkd", "cskd", "pskd", "byot", "ddgsd"])
 def test_training_step_makes_no_host_sync(tmp_path, loss):
     """The whole step (loader with on-device augmentation, forward, loss, backward, fused SGD,
     schedule) under CUDA's sync debug mode set to error: any synchronising call raises."""
