@@ -195,8 +195,8 @@ def isolated_loss_ms(case: Case, args: argparse.Namespace, device: torch.device)
     stages = sorted({s for m in case.methods.values() for s in m.needs.feature_stages})
     with torch.no_grad(), autocast():
         out = case.model(case.batch.inputs, features=stages, aux=True)
-    fastest = {}
-    for name, method in case.methods.items():
+
+    def loss_step(method: Method) -> Callable[[], None]:
         def run() -> None:
             output = ModelOutput(
                 logits=out.logits.detach().requires_grad_(),
@@ -208,8 +208,15 @@ def isolated_loss_ms(case: Case, args: argparse.Namespace, device: torch.device)
                 terms = method.loss_terms(output, case.batch, case.model)
             terms["loss"].backward()
 
-        run()
-        fastest[name] = min(timed(run, device).wall_ms for _ in range(args.loss_repeats))
+        return run
+
+    runs = {name: loss_step(method) for name, method in case.methods.items()}
+    for run in runs.values():
+        run()  # warm-up
+    fastest = {name: float("inf") for name in runs}
+    for _ in range(args.loss_repeats):  # interleaved, like the steps: a burst of load hits every method
+        for name, run in runs.items():
+            fastest[name] = min(fastest[name], timed(run, device).wall_ms)
     return fastest
 
 
