@@ -55,6 +55,7 @@ from torch import nn
 
 from zipfls_train.data.batch import Batch
 from zipfls_train.engine.checkpoint import save_atomic
+from zipfls_train.engine.distributed import resolve_device
 from zipfls_train.engine.optim import build_optimizer
 from zipfls_train.engine.trainer import resolve_precision
 from zipfls_train.losses import Method, build_method
@@ -208,9 +209,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but CUDA is not available")
+    try:
+        device = resolve_device(args.device)  # the trainer's rule: "cuda" means cuda:0 (an indexed device)
+    except RuntimeError as error:
+        parser.error(str(error))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     args.warmup = args.warmup if args.warmup is not None else (3 if device.type == "cuda" else 1)
