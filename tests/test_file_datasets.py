@@ -259,8 +259,8 @@ def test_subsets_and_image_size(imagenet_root: Path) -> None:
 
 # --- errors from workers -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_corrupt_image_raises_dataset_error_naming_the_file(tmp_path: Path, workers: int) -> None:
+@pytest.mark.parametrize("workers,decode", [(0, "cpu"), (2, "cpu"), (0, "device")])
+def test_corrupt_image_raises_dataset_error_naming_the_file(tmp_path: Path, workers: int, decode: str) -> None:
     root = tmp_path / "corrupt"
     for wnid, source in samples()[:2]:
         (root / "train" / wnid).mkdir(parents=True)
@@ -270,11 +270,27 @@ def test_corrupt_image_raises_dataset_error_naming_the_file(tmp_path: Path, work
     truncated = samples()[0][1].read_bytes()[:3000]
     (root / "train" / samples()[1][0] / "truncated_file.JPEG").write_bytes(truncated)
     (root / "val" / samples()[0][0] / "not_an_image.JPEG").write_bytes(b"this is not a JPEG")
-    bundle = build_data(dataset_cfg("imagenet", root, num_classes=2), options(batch_size=3, num_workers=workers))
+    bundle = build_data(dataset_cfg("imagenet", root, num_classes=2, decode=decode), options(batch_size=3, num_workers=workers))
     with pytest.raises(DatasetError, match="truncated_file.JPEG"):
         list(bundle.train.epoch(0))
     with pytest.raises(DatasetError, match="not_an_image.JPEG"):
         list(bundle.val.epoch(0))
+
+
+def test_device_decode_gives_the_cpu_decode_pixels(imagenet_root: Path) -> None:
+    """decode=device (torchvision.io.decode_jpeg: nvjpeg on CUDA, libjpeg here) crops and resizes
+    with torch's antialiased bilinear: within ~1/255 of the PIL path, same crops, flips and labels."""
+    scale = torch.tensor(STD).view(1, 3, 1, 1) * 255
+    for split in ("train", "val"):
+        batches = {}
+        for decode in ("cpu", "device"):
+            cfg = dataset_cfg("imagenet", imagenet_root, num_classes_subset=6, image_size=96, decode=decode, decode_draft=False)
+            bundle = build_data(cfg, options(batch_size=6, eval_batch_size=6))
+            batches[decode] = next(getattr(bundle, split).epoch(0))
+        cpu, device = batches["cpu"], batches["device"]
+        assert torch.equal(cpu.indices, device.indices) and torch.equal(cpu.targets, device.targets)
+        per_image = ((cpu.inputs - device.inputs) * scale).abs().mean(dim=(1, 2, 3))
+        assert float(per_image.max()) < 2.0, (split, per_image)
 
 
 # --- INAT21 ----------------------------------------------------------------------------------------
@@ -319,6 +335,7 @@ def test_inat21_bundle_batches(inat_root: Path) -> None:
 class CountingTransform:
     def __init__(self, inner: Callable) -> None:
         self.inner, self.calls = inner, 0
+        self.size = inner.size  # the output size: lets worker loaders use their shared ring
 
     def __call__(self, path: str, rng: random.Random | None = None) -> np.ndarray:
         self.calls += 1
@@ -375,12 +392,20 @@ def test_mid_epoch_resume_gives_identical_batches_without_decoding_skipped_ones(
 
 
 def test_worker_count_does_not_change_the_batches(imagenet_root: Path) -> None:
-    files = imagenet_files(imagenet_root, subset=4)
-    in_process = list(make_loader(files, train=True, num_workers=0).epoch(0))
-    with_workers = list(make_loader(files, train=True, num_workers=2).epoch(0))
-    assert len(in_process) == len(with_workers) == 2
-    for a, b in zip(in_process, with_workers):
-        assert torch.equal(a.inputs, b.inputs) and torch.equal(a.indices, b.indices)
+    """Workers decode into a ring of 2 x 2 + 2 = 6 shared buffers: 8 batches per epoch, two epochs
+    and three views per sample reuse every slot several times."""
+    files = imagenet_files(imagenet_root, subset=8)
+    views = dict(pairs=True, two_views=True, batch_size=2)
+    in_process = make_loader(files, train=True, num_workers=0, **views)
+    with_workers = make_loader(files, train=True, num_workers=2, **views)
+    for epoch in (0, 1):
+        a_batches, b_batches = list(in_process.epoch(epoch)), list(with_workers.epoch(epoch))
+        assert len(a_batches) == len(b_batches) == 8
+        for a, b in zip(a_batches, b_batches):
+            assert torch.equal(a.indices, b.indices) and torch.equal(a.pair_targets, b.pair_targets)
+            for view in ("inputs", "second_view", "pair_inputs"):
+                assert torch.equal(getattr(a, view), getattr(b, view)), view
+    assert with_workers._ring is not None and len(with_workers._ring) == 6
 
 
 def test_pairs_and_second_view(imagenet_root: Path) -> None:

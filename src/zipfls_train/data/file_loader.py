@@ -10,13 +10,18 @@ Same protocol as :class:`TensorLoader`: ``len(loader)`` batches per epoch for th
 * Augmentation of sample ``i`` in epoch ``e`` is seeded by (seed, e, i, view), so it does not depend
   on which worker decodes it, and ``epoch(e, start_step=k)`` yields exactly the batches k, k+1, ...
   of an uninterrupted epoch without opening the images of the skipped batches.
-* Workers return uint8 ``H x W x 3`` crops (4x less to pin and copy than float); on the device the
-  batch becomes ``N x 3 x H x W`` by a permute, which *is* the channels_last layout, then it is
-  normalised there. On CUDA the copy and normalisation run on a side stream one batch ahead
-  (timm's PrefetchLoader idea), so they overlap the previous step's compute.
-* DataLoader: ``num_workers`` from the options, pinned memory on CUDA, persistent workers (forked
-  once, reused every epoch: the batch list is swapped underneath them), ``prefetch_factor`` batches
-  in flight per worker.
+* Workers produce uint8 ``H x W x 3`` crops (4x less to copy than float) and write them straight
+  into a ring of shared batch buffers allocated once (page-locked in place on CUDA), sending back only
+  labels: a stock DataLoader moves every batch through a fresh shared-memory segment plus a pinned
+  copy, which capped a 16-core H200 host at ~1,300 images/s whatever the worker count
+  (experiments/loader_bench.md). On the device the batch becomes ``N x 3 x H x W`` by a permute, which
+  *is* the channels_last layout, and is normalised there. On CUDA the copy and normalisation run on a
+  side stream one batch ahead (timm's PrefetchLoader idea), overlapping the previous step's compute.
+* ``decode="device"``: workers only read the JPEG bytes and draw the crops; the training device decodes
+  them (nvjpeg via ``torchvision.io.decode_jpeg`` on CUDA) and crops/resizes there. For GPU hosts with
+  few CPU cores per GPU (3.8x the training throughput of the stock path in the benchmark).
+* DataLoader: ``num_workers`` from the options, persistent workers (forked once, reused every epoch:
+  the batch list is swapped underneath them), ``prefetch_factor`` batches in flight per worker.
 * A file that cannot be decoded raises :class:`DatasetError` naming it; DataLoader re-raises a
   worker's exception in the main process with the same type and the original message.
 """
@@ -25,12 +30,15 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -38,9 +46,12 @@ from .augment import normalize
 from .batch import Batch
 from .images import DatasetError
 from .tensor_loader import LoaderOptions, _mix
-from .transforms import EvalTransform, TrainTransform, eval_resize_size
+from .transforms import EvalTransform, TrainTransform, eval_resize_size, read_for_device_decode
 
 TRAIN_AUGMENTS = ("random_resized_crop", "none")
+# cpu: workers decode with PIL | device: workers only read bytes and draw crops, the training device
+# decodes (nvjpeg through torchvision.io.decode_jpeg on CUDA) and crops/resizes there.
+DECODE_MODES = ("cpu", "device")
 TEST_TRANSFORMS = ("resize_center_crop",)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -130,70 +141,110 @@ class FileList:
         return self.take(np.nonzero(mask)[0], self.classes[:keep])
 
 
-# Key of one sample in a batch plan: (dataset index, index of its CS-KD pair or -1, epoch).
-SampleKey = tuple[int, int, int]
+# Key of one sample in a batch plan: (dataset index, index of its CS-KD pair or -1, epoch, ring slot
+# of its batch or -1, position in its batch).
+SampleKey = tuple[int, int, int, int, int]
+VIEW_NAMES = ("images", "second_view", "pair_inputs")
 
 
 class _FileDataset(Dataset):
-    """Decodes one sample (and its extra views) per key; runs in the workers."""
+    """Decodes one sample (and its extra views) per key; runs in the workers. With a ring, the
+    pixels are written straight into the batch's shared buffer and only labels travel back."""
 
     def __init__(self, files: FileList, transform: Callable[..., np.ndarray], train: bool, seed: int,
-                 two_views: bool, pairs: bool) -> None:
+                 two_views: bool, pairs: bool, decode: str = "cpu") -> None:
         self.files = files
         self.transform = transform
         self.train = train
         self.seed = seed
         self.two_views = two_views
         self.pairs = pairs
+        self.decode = decode
+        self.ring: list[dict[str, Tensor]] | None = None
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def _view(self, index: int, rng_key: tuple[int, ...]) -> np.ndarray:
+    def _view(self, index: int, rng_key: tuple[int, ...]) -> Any:
         rng = random.Random(_mix(self.seed, *rng_key)) if self.train else None
-        return self.transform(self.files.path(index), rng)
+        path = self.files.path(index)
+        if self.decode == "cpu":
+            return self.transform(path, rng)
+        data, plan, pixels = read_for_device_decode(path, self.transform, rng)
+        return DeviceJob(path, data, plan[0], plan[1], pixels)
 
-    def __getitem__(self, key: SampleKey) -> tuple[Any, ...]:
-        index, pair, epoch = key
-        item: list[Any] = [self._view(index, (epoch, index, VIEW_MAIN)), int(self.files.targets[index]), index]
+    def __getitem__(self, key: SampleKey) -> dict[str, Any]:
+        index, pair, epoch, slot, position = key
+        views = {"images": (index, VIEW_MAIN)}
         if self.two_views:
-            item.append(self._view(index, (epoch, index, VIEW_SECOND)))
+            views["second_view"] = (index, VIEW_SECOND)
         if self.pairs:
-            item.append(self._view(pair, (epoch, index, VIEW_PAIR)))
-            item.append(int(self.files.targets[pair]))
-        return tuple(item)
+            views["pair_inputs"] = (pair, VIEW_PAIR)
+        item: dict[str, Any] = {"targets": int(self.files.targets[index]), "indices": index, "slot": slot}
+        if self.pairs:
+            item["pair_targets"] = int(self.files.targets[pair])
+        for name, (source, view) in views.items():
+            pixels = self._view(source, (epoch, index, view))
+            if slot >= 0 and self.ring is not None:
+                self.ring[slot][name][position].numpy()[...] = pixels
+                pixels = None
+            item[name] = pixels
+        return item
 
 
-def _collate(items: list[tuple[Any, ...]], two_views: bool, pairs: bool) -> dict[str, Tensor]:
-    columns = list(zip(*items))
-    out = {
-        "images": torch.from_numpy(np.stack(columns[0])),
-        "targets": torch.tensor(columns[1], dtype=torch.int64),
-        "indices": torch.tensor(columns[2], dtype=torch.int64),
+@dataclass
+class DeviceJob:
+    """One image for device decoding: its JPEG bytes and crop plan, or (files nvjpeg may not take)
+    pixels already transformed by the worker."""
+
+    path: str
+    data: np.ndarray | None
+    box: tuple[float, float, float, float]
+    flip: bool
+    pixels: np.ndarray | None
+
+
+def _stack_views(views: Sequence[Any]) -> Any:
+    if views[0] is None:  # written into the shared ring
+        return None
+    if isinstance(views[0], DeviceJob):
+        # All the batch's JPEG bytes in one buffer: one shared-memory segment per batch, not one per image.
+        sizes = [0 if v.data is None else len(v.data) for v in views]
+        data = np.concatenate([v.data for v in views if v.data is not None] or [np.empty(0, np.uint8)])
+        return {
+            "paths": [v.path for v in views],
+            "bytes": torch.from_numpy(data),
+            "offsets": np.cumsum([0, *sizes]).tolist(),
+            "boxes": [v.box for v in views],
+            "flips": [v.flip for v in views],
+            "pixels": [torch.from_numpy(v.pixels.copy()) if v.pixels is not None else None for v in views],
+        }
+    return torch.from_numpy(np.stack(views))
+
+
+def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    first = items[0]
+    # Labels travel as numpy arrays (pickled by value): a torch tensor from a worker travels as a
+    # shared-memory file descriptor, which for a few bytes costs more than it saves.
+    out: dict[str, Any] = {
+        "targets": np.array([it["targets"] for it in items], dtype=np.int64),
+        "indices": np.array([it["indices"] for it in items], dtype=np.int64),
+        "slot": first["slot"],
+        "count": len(items),
     }
-    at = 3
-    if two_views:
-        out["second_view"] = torch.from_numpy(np.stack(columns[at]))
-        at += 1
-    if pairs:
-        out["pair_inputs"] = torch.from_numpy(np.stack(columns[at]))
-        out["pair_targets"] = torch.tensor(columns[at + 1], dtype=torch.int64)
+    if "pair_targets" in first:
+        out["pair_targets"] = np.array([it["pair_targets"] for it in items], dtype=np.int64)
+    for name in VIEW_NAMES:
+        if name in first:
+            out[name] = _stack_views([it[name] for it in items])
     return out
-
-
-class _Collate:
-    """Picklable collate function (workers may be spawned)."""
-
-    def __init__(self, two_views: bool, pairs: bool) -> None:
-        self.two_views, self.pairs = two_views, pairs
-
-    def __call__(self, items: list[tuple[Any, ...]]) -> dict[str, Tensor]:
-        return _collate(items, self.two_views, self.pairs)
 
 
 class _BatchPlan:
     """The batch sampler: the current epoch's batches of keys, swapped by ``FileLoader.epoch``
-    (persistent workers keep running; only the main process iterates this)."""
+    (persistent workers keep running; only the main process iterates this). With a ring of S
+    shared buffers, batch number k (counted across epochs) goes to slot k % S, after
+    ``before_reuse(slot)`` made sure the slot's previous batch has left it."""
 
     def __init__(self) -> None:
         self.indices = np.empty(0, dtype=np.int64)
@@ -202,16 +253,33 @@ class _BatchPlan:
         self.batch_size = 1
         self.first_step = 0
         self.num_batches = 0
+        self.slots = 0
+        self.dispatched = 0
+        # A weak reference: the loader owns this plan, and a cycle would leave the loader (and its
+        # DataLoader's workers) to the cyclic garbage collector, whose shutdown of them stalls.
+        self.before_reuse: weakref.WeakMethod | None = None
 
     def __len__(self) -> int:
         return max(0, self.num_batches - self.first_step)
+
+    def _wait(self, slot: int) -> None:
+        # Not inlined in __iter__: a bound method kept in the suspended generator's frame would tie
+        # the loader into a reference cycle again.
+        wait = self.before_reuse() if self.before_reuse is not None else None
+        if wait is not None:
+            wait(slot)
 
     def __iter__(self) -> Iterator[list[SampleKey]]:
         for step in range(self.first_step, self.num_batches):
             chunk = slice(step * self.batch_size, (step + 1) * self.batch_size)
             index = self.indices[chunk].tolist()
             pair = self.pairs[chunk].tolist() if self.pairs is not None else [-1] * len(index)
-            yield [(i, p, self.epoch) for i, p in zip(index, pair)]
+            slot = -1
+            if self.slots:
+                slot = self.dispatched % self.slots
+                self.dispatched += 1
+                self._wait(slot)
+            yield [(i, p, self.epoch, slot, position) for position, (i, p) in enumerate(zip(index, pair))]
 
 
 class FileLoader:
@@ -226,8 +294,13 @@ class FileLoader:
         transform: Callable[..., np.ndarray],
         mean: Sequence[float],
         std: Sequence[float],
-        prefetch_factor: int = 4,
+        prefetch_factor: int = 2,
+        decode: str = "cpu",
     ) -> None:
+        if decode not in DECODE_MODES:
+            raise DatasetError(f"dataset.decode must be one of {list(DECODE_MODES)}, got {decode!r}")
+        if decode == "device" and not hasattr(transform, "plan"):
+            raise DatasetError("decode=device needs a TrainTransform/EvalTransform (a transform with a crop plan)")
         if len(files) == 0:
             raise DatasetError(f"no images under {files.root} for the {'train' if train else 'val'} split")
         self.files = files
@@ -238,10 +311,15 @@ class FileLoader:
         self.num_samples = len(files)
         self.two_views = train and options.two_views
         self.pairs = train and options.pairs
-        self.dataset = _FileDataset(files, transform, train, options.seed, self.two_views, self.pairs)
+        self.decode = decode
+        self.transform = transform
+        self.dataset = _FileDataset(files, transform, train, options.seed, self.two_views, self.pairs, decode)
         self.prefetch_factor = prefetch_factor
         self._plan = _BatchPlan()
         self._loader: DataLoader | None = None
+        self._ring: list[dict[str, Tensor]] | None = None
+        self._registered: list[int] = []  # ring buffers page-locked with cudaHostRegister
+        self._slot_events: dict[int, Any] = {}
         if self.pairs:
             targets = torch.from_numpy(files.targets)
             counts = torch.bincount(targets, minlength=len(files.classes))
@@ -284,49 +362,178 @@ class FileLoader:
         return shard, (pairs[:usable][rank::world].numpy() if pairs is not None else None)
 
     # --- the DataLoader ---------------------------------------------------------------------
+    def _views(self) -> list[str]:
+        return ["images"] + (["second_view"] if self.two_views else []) + (["pair_inputs"] if self.pairs else [])
+
+    def _make_ring(self, workers: int) -> None:
+        """Shared uint8 batch buffers, reused round-robin, for CPU decoding in worker processes.
+
+        A DataLoader normally moves every batch through a fresh shared-memory segment and then
+        copies it into pinned memory in the main process: page faults on both sides and a serial
+        memcpy, which capped a 16-core H200 host at ~1,300 images/s whatever the worker count
+        (experiments/loader_bench.md). Here workers write into buffers that exist (and are
+        page-locked for the GPU when possible) once: only labels travel back."""
+        slots = self.prefetch_factor * workers + 2  # batches in flight + the one being converted + 1
+        size = int(self.transform.size)
+        self._ring = [
+            {name: torch.empty((self.batch_size, size, size, 3), dtype=torch.uint8).share_memory_() for name in self._views()}
+            for _ in range(slots)
+        ]
+        if self.options.device.type == "cuda":
+            cudart = torch.cuda.cudart()
+            for buffers in self._ring:
+                for buffer in buffers.values():
+                    # Page-lock in place so the copy to the GPU is an asynchronous DMA (no pinned copy);
+                    # if the driver refuses, copies are merely synchronous.
+                    if int(cudart.cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0)) == 0:
+                        self._registered.append(buffer.data_ptr())
+        self.dataset.ring = self._ring
+        self._plan.slots = slots
+        self._plan.before_reuse = weakref.WeakMethod(self._wait_slot)
+
+    def close(self) -> None:
+        """Stop the worker processes now (they otherwise live as long as the loader). Keep loaders out
+        of reference cycles: stopping workers from inside the cyclic garbage collector was seen to
+        stall ~5 s per worker once shared buffers exist (hence the weak reference in the plan)."""
+        loader = getattr(self, "_loader", None)
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+            loader._iterator = None
+
+    def __del__(self) -> None:
+        self.close()
+        for pointer in getattr(self, "_registered", []):
+            try:
+                torch.cuda.cudart().cudaHostUnregister(pointer)
+            except Exception:  # noqa: BLE001 - interpreter shutdown
+                pass
+
+    def _wait_slot(self, slot: int) -> None:
+        """Before a worker may overwrite ``slot``: its last batch's copies to the GPU are done."""
+        event = self._slot_events.pop(slot, None)
+        if event is not None:
+            event.synchronize()
+
     def _dataloader(self) -> DataLoader:
         if self._loader is None:
             workers = max(0, int(self.options.num_workers))
+            if workers > 0 and self.decode == "cpu" and hasattr(self.transform, "size"):
+                self._make_ring(workers)
             self._loader = DataLoader(
                 self.dataset,
                 batch_sampler=self._plan,
                 num_workers=workers,
-                collate_fn=_Collate(self.two_views, self.pairs),
-                pin_memory=self.options.device.type == "cuda",
+                collate_fn=_collate,
+                # The ring is page-locked already; device decoding reads the bytes on the host.
+                pin_memory=self.options.device.type == "cuda" and self._ring is None and self.decode == "cpu",
                 persistent_workers=workers > 0,
                 prefetch_factor=self.prefetch_factor if workers > 0 else None,
             )
         return self._loader
 
-    def _to_device(self, pixels: Tensor) -> Tensor:
-        """uint8 N x H x W x 3 (host) -> normalised float N x 3 x H x W on the device."""
-        on_device = pixels.to(self.options.device, non_blocking=True).permute(0, 3, 1, 2)
+    def _to_device(self, pixels: Tensor | dict[str, Any]) -> Tensor:
+        """uint8 N x H x W x 3 (host), or a device-decode job -> normalised float N x 3 x H x W on the device."""
+        if isinstance(pixels, dict):
+            on_device = self._decode_on_device(pixels)
+        else:
+            on_device = pixels.to(self.options.device, non_blocking=True).permute(0, 3, 1, 2)
         out = normalize(on_device, self.mean, self.std)
         memory_format = torch.channels_last if self.options.channels_last else torch.contiguous_format
         return out.contiguous(memory_format=memory_format)
 
-    def _batch(self, raw: dict[str, Tensor]) -> Batch:
+    def _decode_on_device(self, job: dict[str, Any]) -> Tensor:
+        """Batched JPEG decode on the device (nvjpeg on CUDA), then per image: crop the planned
+        region and resize it with torchvision's tensor ``Resize`` (antialiased bilinear), flip.
+        Float N x 3 x S x S in 0..255."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        device, size = self.options.device, int(self.transform.size)
+        count = len(job["paths"])
+        offsets = job["offsets"]
+        job["data"] = [job["bytes"][offsets[i] : offsets[i + 1]] if job["pixels"][i] is None else None for i in range(count)]
+        out = torch.empty((count, 3, size, size), dtype=torch.float32, device=device)
+        jpegs = [i for i in range(count) if job["data"][i] is not None]
+        decoded: dict[int, Tensor] = {}
+        if jpegs:
+            try:
+                with warnings.catch_warnings():  # torchvision 0.29 deprecates its image io for TorchCodec
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    images = decode_jpeg([job["data"][i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
+                decoded = dict(zip(jpegs, images))
+            except RuntimeError:
+                decoded = self._decode_one_by_one(job, jpegs)
+        for i in range(count):
+            if i not in decoded:
+                pixels = job["pixels"][i]
+                out[i] = pixels.to(device, non_blocking=True).permute(2, 0, 1)
+                continue
+            resized = _crop_resize(decoded[i], job["boxes"][i], size)
+            out[i] = resized.flip(-1) if job["flips"][i] else resized
+        return out.clamp_(0, 255)
+
+    def _decode_one_by_one(self, job: dict[str, Any], jpegs: list[int]) -> dict[int, Tensor]:
+        """After a failed batched decode: each image alone on the device, else on the CPU with PIL;
+        a file neither can decode raises DatasetError naming it."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        from .transforms import DECODE_ERRORS, _resize_region
+        from PIL import Image
+
+        decoded: dict[int, Tensor] = {}
+        for i in jpegs:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    decoded[i] = decode_jpeg(job["data"][i], mode=ImageReadMode.RGB, device=self.options.device)
+            except RuntimeError:
+                path = job["paths"][i]
+                try:
+                    with Image.open(path) as image:
+                        pixels = _resize_region(image, path, int(self.transform.size), job["boxes"][i], job["flips"][i])
+                except DECODE_ERRORS as error:
+                    raise DatasetError(f"cannot decode image {path}: {error}") from error
+                job["pixels"][i] = torch.from_numpy(pixels.copy())
+        return decoded
+
+    def _resolve_ring(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """Views the workers wrote into the ring become slices of its buffers (valid until the slot
+        is reused, which _wait_slot/event recording in _batch guard)."""
+        if raw.get("slot", -1) >= 0 and self._ring is not None:
+            buffers = self._ring[raw["slot"]]
+            for name in self._views():
+                if raw.get(name) is None:
+                    raw[name] = buffers[name][: raw["count"]]
+        return raw
+
+    def _batch(self, raw: dict[str, Any]) -> Batch:
         device = self.options.device
         batch = Batch(
             inputs=self._to_device(raw["images"]),
-            targets=raw["targets"].to(device, non_blocking=True),
-            indices=raw["indices"].to(device, non_blocking=True),
+            targets=torch.from_numpy(raw["targets"]).to(device, non_blocking=True),
+            indices=torch.from_numpy(raw["indices"]).to(device, non_blocking=True),
         )
         if "second_view" in raw:
             batch.second_view = self._to_device(raw["second_view"])
         if "pair_inputs" in raw:
             batch.pair_inputs = self._to_device(raw["pair_inputs"])
-            batch.pair_targets = raw["pair_targets"].to(device, non_blocking=True)
+            batch.pair_targets = torch.from_numpy(raw["pair_targets"]).to(device, non_blocking=True)
+        if device.type == "cuda" and raw.get("slot", -1) >= 0:
+            # The copies out of this ring slot are queued; the slot is reused only after they ran.
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(device))
+            self._slot_events[raw["slot"]] = event
         return batch
 
-    def raw_batches(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, Tensor]]:
+    def raw_batches(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, Any]]:
         """The host-side batches (uint8 N x H x W x 3 images, labels, indices) of ``epoch`` from
-        ``start_step``: what the workers deliver, before the device copy."""
+        ``start_step``: what the workers deliver, before the device copy. Images written into the
+        shared ring are only valid until the next batch is requested."""
         indices, pairs = self.shard_indices(epoch)
         plan = self._plan
         plan.indices, plan.pairs, plan.epoch = indices, pairs, epoch
         plan.batch_size, plan.num_batches, plan.first_step = self.batch_size, len(self), min(start_step, len(self))
-        return iter(self._dataloader())
+        return (self._resolve_ring(raw) for raw in self._dataloader())
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         raw = self.raw_batches(epoch, start_step)
@@ -354,6 +561,22 @@ class FileLoader:
             pending = upcoming
         if pending is not None:
             yield pending
+
+
+def _crop_resize(image: Tensor, box: tuple[float, float, float, float], size: int) -> Tensor:
+    """uint8 3 x H x W -> float 3 x size x size of the region ``box`` (source pixels). A whole-pixel
+    box (RandomResizedCrop) is cropped then resized; a fractional one (the eval center crop of a
+    resized image) is the crop of the resized whole image, as Resize + CenterCrop compute it."""
+    left, top, right, bottom = box
+    if all(float(v).is_integer() for v in box):
+        region = image[:, int(top):int(bottom), int(left):int(right)].unsqueeze(0).float()
+        return F.interpolate(region, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+    scale_x, scale_y = size / (right - left), size / (bottom - top)
+    height, width = image.shape[-2:]
+    full = (int(round(height * scale_y)), int(round(width * scale_x)))
+    x0, y0 = int(round(left * scale_x)), int(round(top * scale_y))
+    resized = F.interpolate(image.unsqueeze(0).float(), size=full, mode="bilinear", antialias=True, align_corners=False)[0]
+    return resized[:, y0 : y0 + size, x0 : x0 + size]
 
 
 # --- building a dataset's loaders from its config ------------------------------------------------
@@ -386,7 +609,7 @@ def build_file_bundle(cfg: Mapping[str, Any], options: LoaderOptions, train_file
             f"{len(train_files.classes)} classes (subset: {cfg.get('num_classes_subset')})"
         )
     train_transform, eval_transform = build_transforms(cfg, draft=bool(cfg.get("decode_draft", True)))
-    common = dict(mean=list(cfg["mean"]), std=list(cfg["std"]))
+    common = dict(mean=list(cfg["mean"]), std=list(cfg["std"]), decode=str(cfg.get("decode", "cpu")))
     return DataBundle(
         train=FileLoader(train_files, options, train=True, transform=train_transform, **common),
         val=FileLoader(val_files, options, train=False, transform=eval_transform, **common),

@@ -95,12 +95,9 @@ def _draft(image: Image.Image, reduction: float) -> float:
     return width / result[1][2]
 
 
-def _resize_box(image: Image.Image, path: str, size: tuple[int, int], box: tuple[float, float, float, float]) -> np.ndarray:
-    try:
-        rgb = image.convert("RGB")  # also decodes; grayscale, CMYK and palette images become RGB
-        return np.asarray(rgb.resize(size, Image.Resampling.BILINEAR, box=box))
-    except DECODE_ERRORS as error:
-        raise DatasetError(f"cannot decode image {path}: {error}") from error
+# A crop plan: the source region (left, top, right, bottom), in source pixels (fractional allowed), that
+# becomes the size x size output, and whether to mirror it.
+CropPlan = tuple[tuple[float, float, float, float], bool]
 
 
 @dataclass(frozen=True)
@@ -110,15 +107,13 @@ class TrainTransform:
     size: int
     draft: bool = True
 
-    def __call__(self, path: str, rng: random.Random) -> np.ndarray:
-        with _open(path) as image:
-            width, height = image.size
-            left, top, w, h = random_resized_crop_box(width, height, rng)
-            flip = rng.random() < 0.5
-            scale = _draft(image, min(w, h) / self.size) if self.draft else 1.0
-            box = (left / scale, top / scale, (left + w) / scale, (top + h) / scale)
-            pixels = _resize_box(image, path, (self.size, self.size), box)
-        return np.ascontiguousarray(pixels[:, ::-1]) if flip else pixels
+    def plan(self, width: int, height: int, rng: random.Random | None) -> CropPlan:
+        assert rng is not None, "the train transform needs a seeded random.Random"
+        left, top, w, h = random_resized_crop_box(width, height, rng)
+        return (left, top, left + w, top + h), rng.random() < 0.5
+
+    def __call__(self, path: str, rng: random.Random | None) -> np.ndarray:
+        return apply_plan(path, self, rng, self.draft)
 
 
 @dataclass(frozen=True)
@@ -132,25 +127,66 @@ class EvalTransform:
     resize_size: int
     draft: bool = True
 
+    def plan(self, width: int, height: int, rng: random.Random | None = None) -> CropPlan:
+        # torchvision Resize(int): the shorter side becomes resize_size, the longer is truncated.
+        if width <= height:
+            new_w, new_h = self.resize_size, int(self.resize_size * height / width)
+        else:
+            new_w, new_h = int(self.resize_size * width / height), self.resize_size
+        if new_w < self.size or new_h < self.size:
+            raise DatasetError(f"test resize {self.resize_size} is smaller than the crop {self.size}")
+        # torchvision CenterCrop offsets, in resized pixels, mapped back to source pixels.
+        crop_left = int(round((new_w - self.size) / 2.0))
+        crop_top = int(round((new_h - self.size) / 2.0))
+        sx, sy = width / new_w, height / new_h
+        return (crop_left * sx, crop_top * sy, (crop_left + self.size) * sx, (crop_top + self.size) * sy), False
+
     def __call__(self, path: str, rng: random.Random | None = None) -> np.ndarray:
+        return apply_plan(path, self, rng, self.draft)
+
+
+def apply_plan(path: str, transform: TrainTransform | EvalTransform, rng: random.Random | None, draft: bool) -> np.ndarray:
+    """Decode ``path`` (at reduced size when allowed) and resize its planned region to the output."""
+    size = transform.size
+    with _open(path) as image:
+        (left, top, right, bottom), flip = transform.plan(*image.size, rng)
+        # The region may shrink by up to min(w, h) / size before it is smaller than the output.
+        scale = _draft(image, min(right - left, bottom - top) / size) if draft else 1.0
+        return _resize_region(image, path, size, (left / scale, top / scale, right / scale, bottom / scale), flip)
+
+
+def _resize_region(image: Image.Image, path: str, size: int, box: tuple[float, float, float, float], flip: bool) -> np.ndarray:
+    try:
+        rgb = image.convert("RGB")  # also decodes; grayscale, CMYK and palette images become RGB
+        out = rgb.resize((size, size), Image.Resampling.BILINEAR, box=box)
+        if flip:
+            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return np.asarray(out)
+    except DECODE_ERRORS as error:
+        raise DatasetError(f"cannot decode image {path}: {error}") from error
+
+
+def read_for_device_decode(path: str, transform: TrainTransform | EvalTransform, rng: random.Random | None) -> tuple[np.ndarray | None, CropPlan, np.ndarray | None]:
+    """For decoding on the training device (nvjpeg): the file's bytes and its crop plan. Files that
+    nvjpeg may not take (not a baseline RGB/grayscale JPEG: PNG, CMYK, progressive) are transformed
+    here on the CPU instead: returns (bytes or None, plan, pixels or None)."""
+    with _open(path) as image:
+        plan = transform.plan(*image.size, rng)
+        if image.format != "JPEG" or image.mode not in ("RGB", "L") or image.info.get("progressive"):
+            return None, plan, _resize_region(image, path, transform.size, plan[0], plan[1])
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as error:
+        raise DatasetError(f"cannot read image {path}: {error}") from error
+    if not _has_end_marker(data):
+        # nvjpeg decodes a truncated file without an error (grey where data is missing); PIL raises.
         with _open(path) as image:
-            width, height = image.size
-            # torchvision Resize(int): the shorter side becomes resize_size, the longer is truncated.
-            if width <= height:
-                new_w, new_h = self.resize_size, int(self.resize_size * height / width)
-            else:
-                new_w, new_h = int(self.resize_size * width / height), self.resize_size
-            if new_w < self.size or new_h < self.size:
-                raise DatasetError(f"test resize {self.resize_size} is smaller than the crop {self.size}")
-            # torchvision CenterCrop offsets, in resized pixels, mapped back to source pixels.
-            crop_left = int(round((new_w - self.size) / 2.0))
-            crop_top = int(round((new_h - self.size) / 2.0))
-            sx, sy = width / new_w, height / new_h
-            scale = _draft(image, min(width / new_w, height / new_h)) if self.draft else 1.0
-            box = (
-                crop_left * sx / scale,
-                crop_top * sy / scale,
-                (crop_left + self.size) * sx / scale,
-                (crop_top + self.size) * sy / scale,
-            )
-            return _resize_box(image, path, (self.size, self.size), box)
+            return None, plan, _resize_region(image, path, transform.size, plan[0], plan[1])
+    return data, plan, None
+
+
+def _has_end_marker(data: np.ndarray, tail: int = 1024) -> bool:
+    """A complete JPEG ends with the EOI marker FF D9 (some files carry a few bytes after it)."""
+    end = data[-tail:]
+    return bool(np.any((end[:-1] == 0xFF) & (end[1:] == 0xD9)))
+
