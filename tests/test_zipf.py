@@ -412,6 +412,20 @@ def test_method_end_to_end_dense_final() -> None:
     assert terms["zipf"].item() == pytest.approx(expected, rel=1e-4)
 
 
+def test_method_under_bf16_autocast() -> None:
+    # The trainer runs training_step under autocast: the dense classification then goes through
+    # autocast (the classifier's bf16 copy) and the KL is still computed in float32.
+    torch.manual_seed(10)
+    method = ZipfLabelSmoothing(10, weight=0.5, stages=("final", "penultimate"), aux_weight=0.1)
+    model = build_model("cifar_resnet18", num_classes=10, width=8, aux_stages=method.needs.aux_stages)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        terms = method.training_step(model, tiny_batch())
+    assert all(t.dtype == torch.float32 and torch.isfinite(t) for t in terms.values())
+    torch.testing.assert_close(terms["loss"], terms["ce"] + 0.5 * terms["zipf"] + 0.1 * terms["aux_ce"])
+    terms["loss"].backward()
+    assert torch.isfinite(model.classifier.weight.grad).all()
+
+
 def test_method_rank_by_logits() -> None:
     method = ZipfLabelSmoothing(10, weight=1.0, rank_by="logits")
     assert method.needs.feature_stages == () and method.needs.aux_stages == ()

@@ -58,18 +58,18 @@ def _dense_argmax(feature_map: Tensor, weight: Tensor, bias: Tensor | None, upsa
     num_classes = weight.shape[0]
     out_pixels = h * w * (4 if upsample else 1)
     per_chunk = max(1, _MAX_DENSE_LOGITS // max(1, num_classes * out_pixels))
-    bias_or_zero = bias if bias is not None else weight.new_zeros(num_classes)
     votes = []
     for start in range(0, n, per_chunk):
-        chunk = feature_map[start : start + per_chunk]
+        chunk = feature_map if per_chunk >= n else feature_map[start : start + per_chunk]
         m = chunk.shape[0]
         # (m*H*W) x D rows: a free view of a channels_last map (the GPU default here), one copy of an
-        # NCHW chunk; one addmm then classifies every pixel (faster on CPU than a batched W @ F).
-        rows = chunk.permute(0, 2, 3, 1).reshape(m * h * w, d)
-        logits = torch.addmm(bias_or_zero, rows, weight.t()).view(m, h, w, num_classes).permute(0, 3, 1, 2)
-        if upsample:  # the logits stay channels_last, so the arg-max reduces a contiguous dimension
-            logits = F.interpolate(logits, scale_factor=2, mode="bilinear", align_corners=False)
-        votes.append(logits.argmax(dim=1).reshape(m, out_pixels))
+        # NCHW chunk; one matmul then classifies every pixel (faster on CPU than a batched W @ F).
+        logits = F.linear(chunk.permute(0, 2, 3, 1).reshape(m * h * w, d), weight, bias)  # (m*HW) x C
+        if upsample:  # as a channels_last N x C x H x W map, so the arg-max reduces a contiguous dim
+            logits = F.interpolate(
+                logits.view(m, h, w, num_classes).permute(0, 3, 1, 2), scale_factor=2, mode="bilinear", align_corners=False
+            )
+        votes.append(logits.argmax(dim=1).view(m, out_pixels))
     return votes[0] if len(votes) == 1 else torch.cat(votes)
 
 
@@ -77,12 +77,13 @@ def _dense_argmax(feature_map: Tensor, weight: Tensor, bias: Tensor | None, upsa
 def dense_votes(feature_map: Tensor, weight: Tensor, bias: Tensor | None, upsample: str | None = None) -> Tensor:
     """Votes of the classifier ``(weight C x D, bias C)`` applied to every pixel of ``feature_map``.
 
-    ``feature_map``: N x D x H x W (detached here). ``upsample``: ``None``/``"none"`` (use the map as
-    is) or ``"bilinear"`` (x2, ``align_corners=False``, before classifying). Returns a LongTensor
-    N x (H'*W') of class indices (pixels in row-major order; ties go to the lowest class index, as
-    ``argmax``). The upsample is applied to the logit maps instead, which is the same (see
-    ``_dense_argmax``). Computed in the feature map's dtype (bfloat16/float16 maps are classified in that
-    precision; the classifier is cast to it), which is plenty to pick a winner.
+    ``feature_map``: N x D x H x W (never differentiated: this runs under ``no_grad``). ``upsample``:
+    ``None``/``"none"`` (use the map as is) or ``"bilinear"`` (x2, ``align_corners=False``, before
+    classifying; computed by upsampling the logit maps instead, which is the same, see
+    ``_dense_argmax``). Returns a LongTensor N x (H'*W') of class indices (pixels in row-major order;
+    ties go to the lowest class index, as ``argmax``). Computed in the feature map's dtype (the
+    classifier is cast to it), or in autocast's dtype under autocast: bfloat16/float16 are plenty to
+    pick a winner.
     """
     if feature_map.dim() != 4:
         raise ValueError(f"dense_votes expects an N x D x H x W feature map, got shape {tuple(feature_map.shape)}")
@@ -92,12 +93,13 @@ def dense_votes(feature_map: Tensor, weight: Tensor, bias: Tensor | None, upsamp
         raise ValueError(
             f"classifier weight must be C x {feature_map.shape[1]} (the map's channels), got {tuple(weight.shape)}"
         )
-    feature_map = feature_map.detach()
-    dtype = feature_map.dtype
-    weight = weight.detach().to(dtype)
-    bias = bias.detach().to(dtype) if bias is not None else None
+    # Under no_grad nothing here is recorded, so nothing needs detaching. Under autocast the
+    # parameters go in as they are: autocast casts them, reusing the copies it made for the forward
+    # pass's classifier; outside autocast they are cast to the map's dtype (a no-op for float32).
+    if not torch.is_autocast_enabled(feature_map.device.type) and weight.dtype != feature_map.dtype:
+        weight = weight.to(feature_map.dtype)
+        bias = bias.to(feature_map.dtype) if bias is not None else None
     return _dense_argmax(feature_map, weight, bias, upsample=upsample == "bilinear")
-
 
 
 @torch.no_grad()
@@ -131,11 +133,12 @@ def _log_weights(ranks: Tensor, alpha: float, distribution: str, generator: torc
     """Unnormalised log-weights (float32, N x C) of every class; see :func:`zipf_soft_labels`."""
     num_classes = ranks.shape[1]
     if distribution == "zipf":
-        return ranks.float().log_().mul_(-alpha)
+        log_ranks = torch.log(ranks)  # int64 -> float32
+        return log_ranks.neg_() if alpha == 1.0 else log_ranks.mul_(-alpha)
     if distribution == "constant":
         return torch.zeros(ranks.shape, dtype=torch.float32, device=ranks.device)
     if distribution == "linear_decay":
-        return (num_classes + 1 - ranks).float().log_()
+        return torch.log(num_classes + 1 - ranks)
     uniform = torch.rand(ranks.shape, dtype=torch.float32, device=ranks.device, generator=generator)
     if distribution == "random_uniform":
         return uniform.log_()  # a draw of exactly 0 is a weight of 0 (log -inf), not an error
@@ -199,18 +202,25 @@ def zipf_soft_labels(
 def nontarget_kl(logits: Tensor, targets: Tensor, soft_labels: Tensor) -> Tensor:
     """Batch mean of ``KL(P || Q) = sum_{c != y} P_c (log P_c - log Q_c)``, differentiable in ``logits``.
 
-    ``Q`` is the softmax over the non-target logits (the target logit replaced by -inf through a
-    scatter, so no boolean indexing). Computed in float32 whatever the logits' dtype. Terms with
-    ``P_c = 0`` contribute exactly 0 (``xlogy``; ``log Q_c`` is kept finite as ``z_c - logsumexp``).
-    Gradient (paper eq. 6): ``(Q_c - P_c) / N`` for ``c != y`` and exactly 0 for the target, provided
-    the rows of ``soft_labels`` sum to 1 and are 0 at the target (as :func:`zipf_soft_labels`).
+    ``Q`` is the softmax over the non-target logits. The target logit is overwritten (a scatter, no
+    boolean indexing) by the dtype's most negative finite value, so ``Q_y`` underflows to exactly 0
+    while ``log Q_y`` stays finite and ``P_y log Q_y = 0`` (``-inf`` would make it NaN). Computed in
+    float32 whatever the logits' dtype (``log_softmax(..., dtype=float32)``). Terms with ``P_c = 0``
+    contribute exactly 0. Gradient (paper eq. 6): ``(Q_c - P_c) / N`` for ``c != y``, exactly 0 for
+    the target, provided the rows of ``soft_labels`` sum to 1 and are 0 at the target (as
+    :func:`zipf_soft_labels` makes them; a nonzero ``P_y`` would be an error in the caller).
+
+    Written as ``(sum P log P - <P, log Q>) / N``: one log-softmax and one dot product on the graph,
+    so few kernels (at small batches a GPU step is bound by kernel launches, not arithmetic).
     """
-    z = logits.float()
+    n = logits.shape[0]
+    masked = logits.scatter(1, targets.view(-1, 1), torch.finfo(logits.dtype).min)
+    log_q = F.log_softmax(masked, dim=1, dtype=torch.float32)
     p = soft_labels.detach().float()
-    target_column = targets.view(-1, 1).long()
-    log_normaliser = torch.logsumexp(z.scatter(1, target_column, float("-inf")), dim=1, keepdim=True)
-    per_class = torch.xlogy(p, p) - p * (z - log_normaliser)
-    return per_class.sum(dim=1).mean()
+    with torch.no_grad():
+        mean_p_log_p = torch.xlogy(p, p).sum().div_(n)
+    # mean_p_log_p - <P, log Q> / N: one node on the graph (sub with alpha) rather than sub + div.
+    return torch.sub(mean_p_log_p, torch.dot(p.reshape(-1), log_q.reshape(-1)), alpha=1.0 / n)
 
 
 def _stage_classifier(model: nn.Module, stage: str) -> nn.Linear:
@@ -312,7 +322,7 @@ class ZipfLabelSmoothing(Method):
         ce = cross_entropy(outputs.logits, targets)
         soft = zipf_soft_labels(self.scores(outputs, model), targets, self.alpha, self.distribution)
         zipf = nontarget_kl(outputs.logits, targets, soft)
-        loss = ce + self.weight * zipf
+        loss = torch.add(ce, zipf, alpha=self.weight)
         terms = {"ce": ce, "zipf": zipf}
         if self.aux_stages:
             aux_ce = sum(cross_entropy(outputs.aux_logits[stage], targets) for stage in self.aux_stages)
