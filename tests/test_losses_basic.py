@@ -61,3 +61,4 @@ def test_unknown_loss_option_names_the_key_and_the_allowed_ones():
 def test_unknown_loss_name_lists_the_choices():
     with pytest.raises(KeyError, match="unknown loss 'nope'.*zipf"):
         build_method({"name": "nope"}, num_classes=10)
+

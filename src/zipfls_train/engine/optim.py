@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -32,7 +34,8 @@ def milestone_epochs(milestones: Sequence[float], epochs: int) -> list[int]:
     (integers >= 1, e.g. 100, 150)."""
     values = [float(m) for m in milestones]
     if all(0 < m < 1 for m in values):
-        return [round(m * epochs) for m in values]
+        # Round half up, and never to epoch 0: a milestone decays the lr *after* some training.
+        return [max(1, math.floor(m * epochs + 0.5)) for m in values]
     if all(m >= 1 and m == int(m) for m in values):
         return [int(m) for m in values]
     raise ValueError(f"sched.milestones must be all fractions in (0, 1) or all epoch numbers >= 1, got {list(milestones)}")

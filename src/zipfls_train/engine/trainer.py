@@ -252,6 +252,7 @@ class Trainer:
             summary["zipf_alpha"] = self._zipf_fit_at_end(records)
         finally:
             records.close()
+            self._close_loaders()
         if self.ctx.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
@@ -340,6 +341,13 @@ class Trainer:
         title = f"{self.cfg.dataset.name} / {self.cfg.model.name} / loss={self.cfg.loss.name} / epoch {self.progress.epoch}"
         fit = report_fit(curves, title, self.run_dir / "zipf_fit.png", records.writer, self.progress.global_step)
         return fit.alpha
+
+    def _close_loaders(self) -> None:
+        """Stop loader worker processes now rather than whenever the garbage collector gets to them."""
+        for loader in (self.data.train, self.data.val):
+            close = getattr(loader, "close", None)
+            if close is not None:
+                close()
 
     def save_best(self) -> None:
         if self.ctx.is_main:
