@@ -101,6 +101,22 @@ def test_multirun_sweeps_losses_and_seeds(tiny_pack_root, tmp_path):
     # Folder names come from the overrides, without the machine-specific dataset.root.
     assert all("loss=" in f.name and "seed=" in f.name and "dataset.root" not in f.name for f in folders)
 
+    # The table builder reads the real run folders: CE and LS rows with 2 seeds each, the mean of
+    # the two runs' best top-1 (computed here from their metrics files), and the paper's value.
+    from zipfls_train.tables import main as tables_main
+
+    best = {}
+    for folder in folders:
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+        metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        best.setdefault(config["loss"]["name"], []).append(max(m["val_top1"] for m in metrics))
+    assert tables_main([str(tmp_path / "sweep"), "--table", "2", "--out", str(tmp_path / "table.md")]) == 0
+    table = (tmp_path / "table.md").read_text()
+    ce_row = next(line for line in table.splitlines() if line.startswith("| Vanilla"))
+    assert f"{sum(best['ce']) / 2:.2f}" in ce_row and "n=2" in ce_row and "56.41" in ce_row
+    ls_row = next(line for line in table.splitlines() if line.startswith("| LS"))
+    assert f"{sum(best['ls']) / 2:.2f}" in ls_row and "56.89" in ls_row
+
 
 def test_unknown_config_choice_names_the_group_and_options():
     result = _train_py("loss=nope", "--cfg", "job")
