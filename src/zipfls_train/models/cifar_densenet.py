@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 import torch.nn.functional as F
 
-from .wrapper import kaiming_init
+from .wrapper import StagedBackbone, kaiming_init
 
 
 class DenseLayer(nn.Module):
@@ -38,7 +38,7 @@ class Transition(nn.Module):
         return F.avg_pool2d(self.conv(F.relu(self.bn(x))), 2)
 
 
-class CifarDenseNet(nn.Module):
+class CifarDenseNet(StagedBackbone):
     def __init__(
         self, block_sizes: tuple[int, ...] = (6, 12, 24, 16), growth: int = 32, reduction: float = 0.5
     ) -> None:
@@ -61,16 +61,6 @@ class CifarDenseNet(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.final_norm = nn.BatchNorm2d(channels)
         kaiming_init(self)
-
-    def forward_stages(self, x: Tensor) -> list[Tensor]:
-        maps = []
-        out = self.stem(x)
-        for index, stage in enumerate(self.stages):
-            out = stage(out)
-            if index == len(self.stages) - 1:
-                out = F.relu(self.final_norm(out))
-            maps.append(out)
-        return maps
 
 
 def cifar_densenet121() -> CifarDenseNet:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 import torch.nn.functional as F
 
-from .wrapper import kaiming_init
+from .wrapper import StagedBackbone, kaiming_init
 
 NORMS = ("batch", "group")
 
@@ -45,7 +45,7 @@ class PreActBasicBlock(nn.Module):
         return out + shortcut
 
 
-class CifarPreActResNet(nn.Module):
+class CifarPreActResNet(StagedBackbone):
     def __init__(self, blocks_per_stage: tuple[int, ...] = (2, 2, 2, 2), width: int = 64, norm: str = "batch") -> None:
         super().__init__()
         widths = [width * 2**i for i in range(len(blocks_per_stage))]
@@ -63,16 +63,6 @@ class CifarPreActResNet(nn.Module):
         self.final_norm = norm_layer(norm, in_channels)
         self.stage_channels = widths
         kaiming_init(self)
-
-    def forward_stages(self, x: Tensor) -> list[Tensor]:
-        maps = []
-        out = self.stem(x)
-        for index, stage in enumerate(self.stages):
-            out = stage(out)
-            if index == len(self.stages) - 1:
-                out = F.relu(self.final_norm(out))
-            maps.append(out)
-        return maps
 
 
 def cifar_resnet18(width: int = 64, norm: str = "batch") -> CifarPreActResNet:

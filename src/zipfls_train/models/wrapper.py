@@ -93,6 +93,25 @@ class ClassifierWrapper(nn.Module):
         return self
 
 
+class StagedBackbone(nn.Module):
+    """Backbone contract for models written here: ``stem`` then ``stages`` in order, with
+    ``final_norm`` + ReLU closing the last stage (pre-activation designs end un-normalised)."""
+
+    stem: nn.Module
+    stages: nn.ModuleList
+    final_norm: nn.Module
+
+    def forward_stages(self, x: Tensor) -> list[Tensor]:
+        maps = []
+        out = self.stem(x)
+        for index, stage in enumerate(self.stages):
+            out = stage(out)
+            if index == len(self.stages) - 1:
+                out = torch.relu(self.final_norm(out))
+            maps.append(out)
+        return maps
+
+
 def kaiming_init(module: nn.Module) -> None:
     """MSRA initialisation (He et al. 2015) of convolutions, as in the paper's recipe; linear layers keep
     PyTorch's default (as torchvision's ResNets do)."""
