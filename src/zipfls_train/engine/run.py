@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from omegaconf import DictConfig, OmegaConf
 
 from .config_checks import validate_config
-from .distributed import init_distributed, launched_by_torchrun, shutdown
+from .distributed import barrier, init_distributed, launched_by_torchrun, shutdown
 from .trainer import Trainer
 
 
@@ -36,7 +36,12 @@ def _worker(local_rank: int, container: dict[str, Any], run_dir: str, world_size
     rank = base_rank + local_rank
     ctx = init_distributed(str(cfg.trainer.device), rank, world_size, local_rank)
     try:
-        return Trainer(cfg, ctx, Path(run_dir)).fit()
+        summary = Trainer(cfg, ctx, Path(run_dir)).fit()
+        # Every rank finishes before any tears the group down: a rank that exits while another still
+        # talks to it aborts gloo ("terminate called without an active exception"). Not on errors,
+        # where the other ranks may never arrive.
+        barrier()
+        return summary
     finally:
         shutdown()
 
