@@ -128,3 +128,22 @@ def test_missing_dataset_fails_with_the_expected_layout(tmp_path):
     result = _train_py("dataset=tinyimagenet", f"dataset.root={tmp_path}/empty", "trainer.device=cpu")
     assert result.returncode != 0
     assert "tiny-imagenet-200/wnids.txt" in result.stderr and f"{tmp_path}/empty" in result.stderr
+
+
+def test_ban_generations_chain_inside_one_sweep(tiny_pack_root, tmp_path):
+    result = _train_py(
+        "-m", "experiment=ban_generations", *TINY_RUN, f"dataset.root={tiny_pack_root}", "trainer.epochs=1",
+        "trainer.max_steps_per_epoch=2", "loss.generation=1,2", f"hydra.sweep.dir={tmp_path}/sweep",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    import yaml
+
+    runs = {}
+    for folder in (tmp_path / "sweep").iterdir():
+        if (folder / "config.yaml").exists():
+            runs[yaml.safe_load((folder / "config.yaml").read_text())["loss"]["generation"]] = folder
+    assert sorted(runs) == [1, 2]
+    second = yaml.safe_load((runs[2] / "config.yaml").read_text())["loss"]
+    assert second["teacher_checkpoint"] == str(runs[1] / "checkpoints" / "best.pt")
+    assert "train_ban_kl" in read_jsonl(runs[2] / "metrics.jsonl")[0]
+    assert "train_ban_kl" not in read_jsonl(runs[1] / "metrics.jsonl")[0]

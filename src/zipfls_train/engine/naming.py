@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 MAX_NAME = 150
 
@@ -18,8 +19,28 @@ def safe_dirname(overrides: str) -> str:
     return f"{name[: MAX_NAME - 11]}-{digest}"
 
 
+def previous_generation_checkpoint(sweep_dir: str, overrides: str, generation: int) -> str | None:
+    """BAN in a sweep: the best.pt of generation k-1 in the sibling job that differs from this one only
+    by ``loss.generation`` (the basic launcher runs jobs in order, so it has finished). None for
+    generation 1, the born-again teacher."""
+    generation = int(generation)
+    if generation <= 1:
+        return None
+    items = overrides.split(",") if overrides else []
+    key = "loss.generation="
+    if not any(item.startswith(key) for item in items):
+        raise ValueError(
+            "experiment=ban_generations chains generations inside a sweep: run it with -m and sweep "
+            f"loss.generation (e.g. loss.generation=1,2,3); this job's overrides are {overrides!r}"
+        )
+    previous = ",".join(f"{key}{generation - 1}" if item.startswith(key) else item for item in items)
+    return str(Path(sweep_dir) / safe_dirname(previous) / "checkpoints" / "best.pt")
+
+
 def register_resolvers() -> None:
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("safe_dirname"):
         OmegaConf.register_new_resolver("safe_dirname", safe_dirname)
+    if not OmegaConf.has_resolver("ban_teacher"):
+        OmegaConf.register_new_resolver("ban_teacher", previous_generation_checkpoint)
