@@ -131,3 +131,23 @@ def test_sigkill_mid_epoch_then_same_command_ends_identically(tiny_pack_root, tm
     assert sa, "PS-KD keeps its memory in the method state"
     for name, tensor in sa.items():
         assert torch.equal(tensor, sb[name]), name
+
+
+def test_gradient_accumulation_equals_the_whole_batch_at_once(tiny_pack_root, tmp_path):
+    common = [*DDP_RUN, f"dataset.root={tiny_pack_root}", "trainer.max_steps_per_epoch=3"]
+    run_training(compose(common), tmp_path / "whole")
+    run_training(compose([*common, "trainer.accumulate_steps=2"]), tmp_path / "accumulated")
+    whole, accumulated = _weights(tmp_path / "whole"), _weights(tmp_path / "accumulated")
+    for name, tensor in whole.items():
+        torch.testing.assert_close(accumulated[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    a, b = _metrics(tmp_path / "whole")[-1], _metrics(tmp_path / "accumulated")[-1]
+    assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+
+
+def test_ddp_train_loss_is_the_global_batch_mean(tiny_pack_root, tmp_path):
+    """Logged train losses are averaged over ranks: equal to the one-process loss of the same batches."""
+    common = [*DDP_RUN, f"dataset.root={tiny_pack_root}", "trainer.max_steps_per_epoch=1"]
+    run_training(compose(common), tmp_path / "single")
+    run_training(compose([*common, "trainer.devices=2"]), tmp_path / "ddp")
+    single, ddp = _metrics(tmp_path / "single")[-1], _metrics(tmp_path / "ddp")[-1]
+    assert ddp["train_loss"] == pytest.approx(single["train_loss"], rel=1e-5)

@@ -34,6 +34,7 @@ class LoaderOptions:
     channels_last: bool = False
     data_device: torch.device | None = None  # where in-memory data lives; None = the training device
     num_workers: int = 4
+    accumulate_steps: int = 1  # micro-batches per optimiser step (batch_size is one micro-batch)
 
 
 def _mix(*values: int) -> int:
@@ -76,7 +77,13 @@ class TensorLoader:
     # --- sharding --------------------------------------------------------------------------
     @property
     def global_batch(self) -> int:
-        return self.batch_size * self.options.world_size
+        """Images of one optimiser step: per-process batch x processes x accumulation micro-steps."""
+        return self.batch_size * self.options.world_size * self.options.accumulate_steps
+
+    def _my_rows(self, micro_step: int) -> slice:
+        """This process's rows of the global batch at a micro-step (rank-major within a micro-step)."""
+        part = micro_step * self.options.world_size + self.options.rank
+        return slice(part * self.batch_size, (part + 1) * self.batch_size)
 
     def _val_shard(self) -> tuple[int, int]:
         # Contiguous, unpadded shards for evaluation: every sample is counted exactly once.
@@ -84,8 +91,8 @@ class TensorLoader:
         return rank * self.num_samples // world, (rank + 1) * self.num_samples // world
 
     def __len__(self) -> int:
-        if self.train:
-            return self.num_samples // self.global_batch  # drop the last incomplete global batch
+        if self.train:  # micro-batches of this process; the last incomplete global batch is dropped
+            return self.num_samples // self.global_batch * self.options.accumulate_steps
         start, stop = self._val_shard()
         return (stop - start + self.batch_size - 1) // self.batch_size
 
@@ -129,8 +136,11 @@ class TensorLoader:
                 index = indices[step * self.batch_size : (step + 1) * self.batch_size]
                 yield Batch(self._view(index, None), self.targets[index].to(self.options.device), index.to(self.options.device))
             return
-        mine = slice(self.options.rank * self.batch_size, (self.options.rank + 1) * self.batch_size)
-        for step in range(start_step, len(self)):
+        for micro_step in range(start_step, len(self)):
+            # Draws are made for the whole optimiser step and sliced, so neither the number of
+            # processes nor gradient accumulation changes how an image is augmented.
+            step, part = divmod(micro_step, self.options.accumulate_steps)
+            mine = self._my_rows(part)
             index = indices[step * self.global_batch : (step + 1) * self.global_batch][mine]
             targets = self.targets[index]
             generator = torch.Generator(device=self.images.device)

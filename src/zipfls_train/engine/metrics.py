@@ -38,6 +38,16 @@ class TermAccumulator:
         stacked = torch.stack(list(self.sums.values())).cpu().tolist()  # one sync for all terms
         return {name: total / self.count for name, total in zip(self.sums, stacked)}
 
+    def all_reduce_mean(self) -> None:
+        """Average the sums over DDP ranks (equal step counts per rank), so logged train losses
+        describe the whole global batch, not rank 0's share. One collective; no-op in one process."""
+        from .distributed import all_reduce_sum
+
+        if not self.sums or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        stacked = all_reduce_sum(torch.stack(list(self.sums.values()))) / torch.distributed.get_world_size()
+        self.sums = dict(zip(self.sums, stacked.unbind()))
+
     def state_dict(self) -> dict[str, Any]:
         return {"sums": {k: v.cpu() for k, v in self.sums.items()}, "count": self.count}
 

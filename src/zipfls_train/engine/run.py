@@ -6,6 +6,7 @@ folder, so multirun and DDP never fight over output folders.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 from pathlib import Path
@@ -36,10 +37,13 @@ def _worker(local_rank: int, container: dict[str, Any], run_dir: str, world_size
     rank = base_rank + local_rank
     ctx = init_distributed(str(cfg.trainer.device), rank, world_size, local_rank)
     try:
-        summary = Trainer(cfg, ctx, Path(run_dir)).fit()
-        # Every rank finishes before any tears the group down: a rank that exits while another still
-        # talks to it aborts gloo ("terminate called without an active exception"). Not on errors,
-        # where the other ranks may never arrive.
+        trainer = Trainer(cfg, ctx, Path(run_dir))
+        summary = trainer.fit()
+        # Release the DDP model (its reducer holds the process group) and let every rank finish
+        # before any tears the group down: otherwise gloo can abort at exit ("terminate called
+        # without an active exception"). Not on errors, where the other ranks may never arrive.
+        del trainer
+        gc.collect()
         barrier()
         return summary
     finally:

@@ -4,6 +4,7 @@ nothing about methods beyond :class:`zipfls_train.losses.base.Method`'s interfac
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import resource
 import time
@@ -132,6 +133,7 @@ class Trainer:
                 channels_last=self.channels_last,
                 data_device=torch.device("cpu") if tcfg.data_on == "cpu" else None,
                 num_workers=int(tcfg.num_workers),
+                accumulate_steps=int(tcfg.accumulate_steps),
             ),
         )
         if len(self.data.train) == 0:
@@ -140,7 +142,9 @@ class Trainer:
                 "images: no full batch per epoch"
             )
         model_options = OmegaConf.to_container(cfg.model.get("options", {}), resolve=True) or {}
-        self.build_fresh_model = lambda: build_model(str(cfg.model.name), self.data.num_classes, **model_options)
+        # A partial, not a lambda over self: no reference cycle keeps the trainer (and its DDP
+        # reducer) alive past the process group's teardown.
+        self.build_fresh_model = functools.partial(build_model, str(cfg.model.name), self.data.num_classes, **model_options)
         model = build_model(
             str(cfg.model.name), self.data.num_classes, aux_stages=needs.aux_stages, aux_head=needs.aux_head, **model_options
         ).to(self.device)
@@ -205,6 +209,10 @@ class Trainer:
         }
 
     def save(self, name: str = "last.pt") -> None:
+        """Called by every rank; rank 0 writes. The epoch's running loss sums are first averaged over
+        ranks (every rank then continues from that mean), so the one copy in the checkpoint is valid
+        for all ranks on resume and the epoch's logged mean is unchanged."""
+        self.running.all_reduce_mean()
         if self.ctx.is_main:
             save_atomic(self.state_dict(), self.checkpoint_dir / name)
 
@@ -290,7 +298,10 @@ class Trainer:
             if every and self.progress.global_step % every == 0 and step + 1 < self.steps_per_epoch:
                 self.save()
         bar.close()
-        train_means = self.running.means()
+        epoch_terms = TermAccumulator()  # a copy: the running sums stay rank-local for checkpoints
+        epoch_terms.sums, epoch_terms.count = dict(self.running.sums), self.running.count
+        epoch_terms.all_reduce_mean()
+        train_means = epoch_terms.means()
         seen = self.steps_per_epoch * int(self.cfg.trainer.batch_size)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
