@@ -20,39 +20,57 @@ def topk_correct(logits: Tensor, targets: Tensor, ks: tuple[int, ...] = (1, 5)) 
 
 
 class TermAccumulator:
-    """Sums loss terms on the device; reading them (``means``) is the only host sync, done at log time."""
+    """Sums of the loss terms over steps, kept as one stacked device tensor: two small kernels per
+    step (stack + add) whatever the number of terms, which matters when a step is launch-bound.
+    Reading the means is the only host sync, done at log time."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, Tensor] = {}
+        self.names: list[str] = []
+        self.total: Tensor | None = None
         self.count = 0
 
     def add(self, terms: Mapping[str, Tensor]) -> None:
-        for name, value in terms.items():
-            value = value.detach().float()
-            self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
+        values = torch.stack([value.detach().float() for value in terms.values()])
+        if self.total is None:
+            self.names, self.total = list(terms), values
+        else:
+            self.total = self.total + values  # out of place: a mark() keeps its snapshot for free
         self.count += 1
 
-    def means(self) -> dict[str, float]:
-        if not self.count:
+    def mark(self) -> tuple[Tensor | None, int]:
+        """A point to measure a window from (see ``means``)."""
+        return self.total, self.count
+
+    def means(self, since: tuple[Tensor | None, int] = (None, 0)) -> dict[str, float]:
+        """Per-term means over all steps, or over the steps after the mark ``since``."""
+        start_total, start_count = since
+        if self.total is None or self.count == start_count:
             return {}
-        stacked = torch.stack(list(self.sums.values())).cpu().tolist()  # one sync for all terms
-        return {name: total / self.count for name, total in zip(self.sums, stacked)}
+        total = self.total if start_total is None else self.total - start_total
+        values = (total / (self.count - start_count)).cpu().tolist()  # one sync for all terms
+        return dict(zip(self.names, values))
+
+    def copy(self) -> "TermAccumulator":
+        other = TermAccumulator()
+        other.names, other.total, other.count = list(self.names), self.total, self.count
+        return other
 
     def all_reduce_mean(self) -> None:
         """Average the sums over DDP ranks (equal step counts per rank), so logged train losses
         describe the whole global batch, not rank 0's share. One collective; no-op in one process."""
         from .distributed import all_reduce_sum
 
-        if not self.sums or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        if self.total is None or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return
-        stacked = all_reduce_sum(torch.stack(list(self.sums.values()))) / torch.distributed.get_world_size()
-        self.sums = dict(zip(self.sums, stacked.unbind()))
+        self.total = all_reduce_sum(self.total.clone()) / torch.distributed.get_world_size()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sums": {k: v.cpu() for k, v in self.sums.items()}, "count": self.count}
+        sums = {} if self.total is None else {name: value.cpu() for name, value in zip(self.names, self.total)}
+        return {"sums": sums, "count": self.count}
 
     def load_state_dict(self, state: Mapping[str, Any], device: torch.device) -> None:
-        self.sums = {k: v.to(device) for k, v in state["sums"].items()}
+        self.names = list(state["sums"])
+        self.total = torch.stack([state["sums"][name] for name in self.names]).to(device) if self.names else None
         self.count = int(state["count"])
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import resource
 import time
 from dataclasses import asdict, dataclass
@@ -280,12 +281,10 @@ class Trainer:
             disable=not (self.ctx.is_main and self.cfg.trainer.progress_bar), leave=False, dynamic_ncols=True,
         )
         log_every = max(1, int(self.cfg.trainer.log_every))
-        window_start = self.progress.global_step
-        window = TermAccumulator()
+        window_start, window = self.progress.global_step, self.running.mark()
         for step in range(start_step, self.steps_per_epoch):
             terms = self.train_step(batches)
             self.running.add(terms)
-            window.add(terms)
             self.progress.step_in_epoch = step + 1
             self.progress.global_step += 1
             bar.update(1)
@@ -293,13 +292,13 @@ class Trainer:
                 means = self._check_finite(window, window_start)  # the only host sync of the step loop
                 records.scalars("train", {**means, "lr": self.optimizer.param_groups[0]["lr"]}, self.progress.global_step)
                 bar.set_postfix(loss=f"{means['loss']:.4f}")
-                window, window_start = TermAccumulator(), self.progress.global_step
+                window_start, window = self.progress.global_step, self.running.mark()
             every = int(self.cfg.trainer.checkpoint_every_steps)
             if every and self.progress.global_step % every == 0 and step + 1 < self.steps_per_epoch:
                 self.save()
+                window = self.running.mark()  # save() averaged the sums over ranks: measure from here
         bar.close()
-        epoch_terms = TermAccumulator()  # a copy: the running sums stay rank-local for checkpoints
-        epoch_terms.sums, epoch_terms.count = dict(self.running.sums), self.running.count
+        epoch_terms = self.running.copy()  # the running sums stay rank-local until the next save
         epoch_terms.all_reduce_mean()
         train_means = epoch_terms.means()
         seen = self.steps_per_epoch * int(self.cfg.trainer.batch_size)
@@ -374,6 +373,12 @@ class Trainer:
         """One optimiser step (over ``accumulate_steps`` micro-batches drawn from ``batches``); returns
         the loss terms as device tensors (no host sync)."""
         self.optimizer.zero_grad(set_to_none=True)
+        if self.accumulate == 1:  # the common case: no extra kernels to combine micro-batches
+            with self._autocast():
+                terms = self.method.training_step(self.train_model, next(batches))
+            self.scaler.scale(terms["loss"]).backward()
+            self._optimizer_update()
+            return terms
         totals: dict[str, torch.Tensor] = {}
         for micro in range(self.accumulate):
             batch: Batch = next(batches)
@@ -386,14 +391,19 @@ class Trainer:
             for name, value in terms.items():
                 value = value.detach() / self.accumulate
                 totals[name] = totals[name] + value if name in totals else value
+        self._optimizer_update()
+        return totals
+
+    def _optimizer_update(self) -> None:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        return totals
 
-    def _check_finite(self, window: TermAccumulator, window_start: int) -> dict[str, float]:
-        means = window.means()
-        bad = {name: value for name, value in means.items() if not torch.isfinite(torch.tensor(value))}
+    def _check_finite(self, window: tuple, window_start: int) -> dict[str, float]:
+        """Means of the terms since the last log (``window``, a mark of the running sums); a NaN/inf
+        stays in the running sums once there, so the first log after it stops the run."""
+        means = self.running.means(since=window)
+        bad = {name: value for name, value in means.items() if not math.isfinite(value)}
         if bad:
             last = self.checkpoint_dir / "last.pt"
             raise NonFiniteLossError(
