@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check in one call (about 10 minutes on one H100/H200):
-#   1. the CUDA tests (tests/test_cuda.py: CPU/CUDA agreement, no host sync in the step, bf16 run)
+#   1. every test marked cuda (CPU/CUDA agreement, no host sync in any method's step, bf16 run)
 #   2. scripts/bench_loss_overhead.py on CUDA (Zipf/CE and Zipf/LS step-time and memory ratios)
 #   3. scripts/bench_train.py on CUDA (images/s synthetic vs real loader; ResNet-50 224 px bf16)
 #   4. scripts/bench_methods.py on CUDA (Table 1's cost columns: every method vs CE)
@@ -28,7 +28,7 @@ log "start; data=$data"
 { nvidia-smi; $PY -c "import torch, torchvision, timm; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__)"; } >> "$out/gpu_check.log" 2>&1
 
 log "1/5 CUDA tests"
-timeout "${T_TESTS:-120}" $PY -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda.py > "$out/cuda_tests.txt" 2>&1
+timeout "${T_TESTS:-120}" $PY -m pytest -m cuda -q -p no:cacheprovider tests/ > "$out/cuda_tests.txt" 2>&1
 log "    exit $? ($(tail -1 "$out/cuda_tests.txt"))"
 
 log "2/5 loss overhead"
