@@ -155,6 +155,8 @@ class Trainer:
         self.method.setup(num_classes=self.data.num_classes, dataset_size=self.data.train_size, model_factory=self.build_fresh_model)
         self.model: nn.Module = model
         self.train_model: nn.Module = self._wrap_for_training(model)
+        self.step_fn = self.method.training_step  # (model, batch) -> loss terms; compiled on request
+        self._compile_step()
 
         self.accumulate = int(tcfg.accumulate_steps)
         self.steps_per_epoch = self._steps_per_epoch()
@@ -173,11 +175,21 @@ class Trainer:
                 wrapped = nn.SyncBatchNorm.convert_sync_batchnorm(wrapped)
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             wrapped = nn.parallel.DistributedDataParallel(wrapped, device_ids=device_ids)
-        mode = compile_mode(self.cfg.trainer.compile)
-        if mode is not None:
-            # "reduce-overhead" also captures CUDA graphs: the launch-bound small-batch regime.
-            wrapped = torch.compile(wrapped, mode=None if mode == "default" else mode)
         return wrapped
+
+    def _compile_step(self) -> None:
+        """trainer.compile: one compiled graph for the model's forward and the method's loss (Zipf's
+        votes, ranks and KL fuse into a few kernels instead of dozens of small launches);
+        "reduce-overhead" also captures CUDA graphs, for the launch-bound small-batch regime. Under
+        DDP the DDP module itself is compiled, the documented path for its gradient hooks."""
+        mode = compile_mode(self.cfg.trainer.compile)
+        if mode is None:
+            return
+        options = {} if mode == "default" else {"mode": mode}
+        if self.ctx.enabled:
+            self.train_model = torch.compile(self.train_model, **options)
+        else:
+            self.step_fn = torch.compile(self.method.training_step, **options)
 
     def _steps_per_epoch(self) -> int:
         batches = len(self.data.train)
@@ -375,7 +387,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.accumulate == 1:  # the common case: no extra kernels to combine micro-batches
             with self._autocast():
-                terms = self.method.training_step(self.train_model, next(batches))
+                terms = self.step_fn(self.train_model, next(batches))
             self.scaler.scale(terms["loss"]).backward()
             self._optimizer_update()
             return terms
@@ -386,7 +398,7 @@ class Trainer:
             sync = contextlib.nullcontext() if last or not self.ctx.enabled else self.train_model.no_sync()
             with sync:
                 with self._autocast():
-                    terms = self.method.training_step(self.train_model, batch)
+                    terms = self.step_fn(self.train_model, batch)
                 self.scaler.scale(terms["loss"] / self.accumulate).backward()
             for name, value in terms.items():
                 value = value.detach() / self.accumulate
