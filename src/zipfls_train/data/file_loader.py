@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .augment import normalize
+from .augment import Normalizer
 from .batch import Batch
 from .images import DatasetError
 from .tensor_loader import LoaderOptions, _mix
@@ -306,7 +306,7 @@ class FileLoader:
         self.files = files
         self.options = options
         self.train = train
-        self.mean, self.std = list(mean), list(std)
+        self.normalize = Normalizer(mean, std)  # constants made once per device, not per batch
         self.batch_size = options.batch_size if train else options.eval_batch_size
         self.num_samples = len(files)
         self.two_views = train and options.two_views
@@ -438,7 +438,7 @@ class FileLoader:
             on_device = self._decode_on_device(pixels)
         else:
             on_device = pixels.to(self.options.device, non_blocking=True).permute(0, 3, 1, 2)
-        out = normalize(on_device, self.mean, self.std)
+        out = self.normalize(on_device)
         memory_format = torch.channels_last if self.options.channels_last else torch.contiguous_format
         return out.contiguous(memory_format=memory_format)
 

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from ..data.batch import Batch
 from ..engine.checkpoint import load_checkpoint
 from ..models.outputs import ModelOutput
-from .base import Method
+from .base import Method, fraction, positive
 from .ce import cross_entropy
 
 
@@ -81,10 +81,8 @@ class BornAgainNetwork(Method):
         super().__init__()
         if not isinstance(generation, int) or generation < 1:
             raise ValueError(f"loss.generation must be an integer >= 1, got {generation!r}")
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"loss.alpha must be in [0, 1], got {alpha}")
-        if temperature <= 0:
-            raise ValueError(f"loss.temperature must be > 0, got {temperature}")
+        fraction("alpha", alpha)
+        positive("temperature", temperature)
         if generation == 1 and teacher_checkpoint:
             raise ValueError(
                 f"loss.generation=1 is the born-again teacher (plain CE) and takes no teacher, but "

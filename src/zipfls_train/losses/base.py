@@ -55,3 +55,29 @@ class Method(nn.Module):
     def loss_terms(self, outputs: ModelOutput, batch: Batch, model: nn.Module) -> dict[str, Tensor]:
         """``{"loss": total, <term>: value, ...}``; every value a 0-dim tensor (no host sync)."""
         raise NotImplementedError
+
+
+# Option checks shared by the methods' constructors: each names the config key (loss.<name>) and what
+# was expected, and returns the value as the type the method stores.
+def positive(name: str, value: float) -> float:
+    if not value > 0:
+        raise ValueError(f"loss.{name} must be > 0, got {value}")
+    return float(value)
+
+
+def non_negative(name: str, value: float) -> float:
+    if not value >= 0:
+        raise ValueError(f"loss.{name} must be >= 0, got {value}")
+    return float(value)
+
+
+def fraction(name: str, value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"loss.{name} must be in [0, 1], got {value}")
+    return float(value)
+
+
+def one_of(name: str, value: str, choices) -> str:  # noqa: ANN001 - any container of choices
+    if value not in choices:
+        raise ValueError(f"loss.{name} must be one of {list(choices)}, got {value!r}")
+    return value

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from ..data.batch import Batch
 from ..models.outputs import ModelOutput
 from ..models.wrapper import unwrap
-from .base import Method, Needs
+from .base import Method, Needs, fraction, non_negative, positive
 from .ce import cross_entropy
 
 AUX_STAGES = ("stage1", "stage2", "stage3")
@@ -62,16 +62,10 @@ class BeYourOwnTeacher(Method):
 
     def __init__(self, num_classes: int, alpha: float = 0.1, temperature: float = 3.0, feature_weight: float = 1e-6) -> None:
         super().__init__()
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"loss.alpha must be in [0, 1], got {alpha}")
-        if temperature <= 0:
-            raise ValueError(f"loss.temperature must be > 0, got {temperature}")
-        if feature_weight < 0:
-            raise ValueError(f"loss.feature_weight must be >= 0, got {feature_weight}")
         self.num_classes = num_classes
-        self.alpha = float(alpha)
-        self.temperature = float(temperature)
-        self.feature_weight = float(feature_weight)
+        self.alpha = fraction("alpha", alpha)
+        self.temperature = positive("temperature", temperature)
+        self.feature_weight = non_negative("feature_weight", feature_weight)
 
     def training_step(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
         outputs = model(batch.inputs, features=AUX_STAGES)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..data.batch import Batch
 from ..models.outputs import ModelOutput
-from .base import Method, Needs
+from .base import Method, Needs, non_negative, positive
 from .ce import cross_entropy
 
 
@@ -44,27 +44,27 @@ class ClassWiseSelfKD(Method):
 
     def __init__(self, num_classes: int, temperature: float = 4.0, weight: float = 1.0) -> None:
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"loss.temperature must be > 0, got {temperature}")
-        if weight < 0:
-            raise ValueError(f"loss.weight must be >= 0, got {weight}")
         self.num_classes = num_classes
-        self.temperature = float(temperature)
-        self.weight = float(weight)
+        self.temperature = positive("temperature", temperature)
+        self.weight = non_negative("weight", weight)
 
     def training_step(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
-        if batch.pair_inputs is None:
-            raise RuntimeError("CS-KD needs batch.pair_inputs (needs.pairs=True): the loader did not provide pairs")
-        with torch.no_grad():
-            pair_logits = model(batch.pair_inputs).logits
+        # The pair forward comes first, so the last forward through DDP before backward is the one
+        # with gradients.
+        pair_logits = self._pair_logits(model, batch)
         outputs = model(batch.inputs)
         return self._terms(outputs.logits, pair_logits, batch.targets)
 
     def loss_terms(self, outputs: ModelOutput, batch: Batch, model: nn.Module) -> dict[str, Tensor]:
         # Only reached if someone bypasses training_step: compute the pair logits here.
+        return self._terms(outputs.logits, self._pair_logits(model, batch), batch.targets)
+
+    @staticmethod
+    def _pair_logits(model: nn.Module, batch: Batch) -> Tensor:
+        if batch.pair_inputs is None:
+            raise RuntimeError("CS-KD needs batch.pair_inputs (needs.pairs=True): the loader did not provide pairs")
         with torch.no_grad():
-            pair_logits = model(batch.pair_inputs).logits
-        return self._terms(outputs.logits, pair_logits, batch.targets)
+            return model(batch.pair_inputs).logits
 
     def _terms(self, logits: Tensor, pair_logits: Tensor, targets: Tensor) -> dict[str, Tensor]:
         ce = cross_entropy(logits, targets)

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ..data.batch import Batch
 from ..models.outputs import ModelOutput
-from .base import Method, Needs
+from .base import Method, Needs, non_negative, positive
 from .ce import cross_entropy
 
 
@@ -54,14 +54,10 @@ class DataDistortionGuidedSelfDistillation(Method):
 
     def __init__(self, num_classes: int, weight: float = 1.0, mmd_weight: float = 5e-4, temperature: float = 1.0) -> None:
         super().__init__()
-        if weight < 0 or mmd_weight < 0:
-            raise ValueError(f"loss.weight and loss.mmd_weight must be >= 0, got {weight} and {mmd_weight}")
-        if temperature <= 0:
-            raise ValueError(f"loss.temperature must be > 0, got {temperature}")
         self.num_classes = num_classes
-        self.weight = float(weight)
-        self.mmd_weight = float(mmd_weight)
-        self.temperature = float(temperature)
+        self.weight = non_negative("weight", weight)
+        self.mmd_weight = non_negative("mmd_weight", mmd_weight)
+        self.temperature = positive("temperature", temperature)
 
     def training_step(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
         if batch.second_view is None:

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from ..data.batch import Batch
 from ..models.outputs import ModelOutput
-from .base import Method
+from .base import Method, fraction, one_of
 
 MEMORY_KINDS = ("full", "topk")
 MEMORY_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -83,12 +83,9 @@ class ProgressiveSelfKD(Method):
         memory_dtype: str = "float16",
     ) -> None:
         super().__init__()
-        if not 0.0 <= final_alpha <= 1.0:
-            raise ValueError(f"loss.final_alpha must be in [0, 1], got {final_alpha}")
-        if memory not in MEMORY_KINDS:
-            raise ValueError(f"loss.memory must be one of {list(MEMORY_KINDS)}, got {memory!r}")
-        if memory_dtype not in MEMORY_DTYPES:
-            raise ValueError(f"loss.memory_dtype must be one of {list(MEMORY_DTYPES)}, got {memory_dtype!r}")
+        fraction("final_alpha", final_alpha)
+        one_of("memory", memory, MEMORY_KINDS)
+        one_of("memory_dtype", memory_dtype, MEMORY_DTYPES)
         if memory == "topk" and not 1 <= topk <= num_classes:
             raise ValueError(f"loss.topk must be in [1, {num_classes}] (the number of classes), got {topk}")
         self.num_classes = num_classes

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..data.batch import Batch
 from ..models.outputs import ModelOutput
-from .base import Method
+from .base import Method, fraction, one_of, positive
 from .ce import cross_entropy
 
 REDUCTIONS = ("mean", "batchmean")
@@ -59,20 +59,14 @@ class TeacherFreeKD(Method):
         reduction: str = "mean",
     ) -> None:
         super().__init__()
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"loss.alpha must be in [0, 1], got {alpha}")
-        if temperature <= 0:
-            raise ValueError(f"loss.temperature must be > 0, got {temperature}")
         if not 0.0 < correct_prob < 1.0:
             raise ValueError(f"loss.correct_prob must be in (0, 1), got {correct_prob}")
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"loss.reduction must be one of {list(REDUCTIONS)}, got {reduction!r}")
         self.num_classes = num_classes
-        self.alpha = float(alpha)
-        self.temperature = float(temperature)
+        self.alpha = fraction("alpha", alpha)
+        self.temperature = positive("temperature", temperature)
         self.multiplier = float(multiplier)
         self.correct_prob = float(correct_prob)
-        self.reduction = reduction
+        self.reduction = one_of("reduction", reduction, REDUCTIONS)
 
     def loss_terms(self, outputs: ModelOutput, batch: Batch, model: nn.Module) -> dict[str, Tensor]:
         ce = cross_entropy(outputs.logits, batch.targets)
