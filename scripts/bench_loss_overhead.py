@@ -15,6 +15,12 @@ Cases:
                        256, Zipf without upsampling (49 votes), C = 1,000 (ImageNet) / 10,000
                        (INAT21). Only the head runs, so this isolates the dense classification cost
                        that a real backbone would dilute.
+  resnet50_1000, resnet50_10000
+                       the whole ResNet-50 (timm, as ``model=resnet50``) at 224 px with 1,000 /
+                       10,000 classes, the ImageNet/INAT21 recipe: the training step the paper's
+                       Table 1 times. Batch 256 on CUDA, 8 on the CPU (``--resnet-batch-size``).
+On CUDA a fourth column, zipf_ref, is Zipf through the reference torch functions (loss.kernel=torch)
+beside the fused kernel that loss.kernel=auto picks there.
 
 Timing: CUDA with events around each step after a synchronise, plus warm-up rounds; CPU with
 ``time.perf_counter`` (torch's default thread count). Each line gives medians (and their ratios),
@@ -52,7 +58,12 @@ from zipfls_train.models.wrapper import ClassifierWrapper
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("ce", "ls", "zipf")
-CASES = ("cifar100", "cifar200", "head1000", "head10000")
+# On CUDA, Zipf runs the fused kernel (loss.kernel=auto); "zipf_ref" is the same method through the
+# reference torch functions (loss.kernel=torch), so one run shows what the kernel saves.
+CUDA_METHODS = (*METHODS, "zipf_ref")
+CASES = ("cifar100", "cifar200", "head1000", "head10000", "resnet50_1000", "resnet50_10000")
+# ImageNet / INAT21 recipe: no upsampling of the 7x7 map (lambda does not change the cost).
+IMAGENET_ZIPF = {"weight": 0.1, "upsample": "none", "aux_weight": 0.1}
 
 
 @dataclass
@@ -77,9 +88,17 @@ class FeatureMapStandIn(nn.Module):
 
 
 def loss_config(name: str, dataset_zipf: dict) -> dict:
-    """``configs/loss/<name>.yaml`` resolved against the dataset's ``zipf`` block, as Hydra would."""
-    config = OmegaConf.create({"dataset": {"zipf": dataset_zipf}, "loss": OmegaConf.load(ROOT / "configs" / "loss" / f"{name}.yaml")})
+    """``configs/loss/<name>.yaml`` resolved against the dataset's ``zipf`` block, as Hydra would
+    (``zipf_ref``: ``zipf.yaml`` with ``kernel: torch``)."""
+    file_name = "zipf" if name == "zipf_ref" else name
+    config = OmegaConf.create({"dataset": {"zipf": dataset_zipf}, "loss": OmegaConf.load(ROOT / "configs" / "loss" / f"{file_name}.yaml")})
+    if name == "zipf_ref":
+        config.loss.kernel = "torch"
     return OmegaConf.to_container(config.loss, resolve=True)
+
+
+def method_names(device: torch.device) -> tuple[str, ...]:
+    return CUDA_METHODS if device.type == "cuda" else METHODS
 
 
 def build_case(name: str, args: argparse.Namespace, device: torch.device) -> Case:
@@ -87,16 +106,22 @@ def build_case(name: str, args: argparse.Namespace, device: torch.device) -> Cas
     if name.startswith("cifar"):
         num_classes = int(name.removeprefix("cifar"))
         dataset_zipf = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "dataset" / "cifar100.yaml").zipf)
-        methods = {m: build_method(loss_config(m, dataset_zipf), num_classes) for m in METHODS}
+        methods = {m: build_method(loss_config(m, dataset_zipf), num_classes) for m in method_names(device)}
         aux_stages = sorted({s for m in methods.values() for s in m.needs.aux_stages})
         model = build_model("cifar_resnet18", num_classes, aux_stages=aux_stages, width=args.width)
         n = args.batch_size
         inputs = torch.randn(n, 3, 32, 32, generator=generator)
         leaf = False
+    elif name.startswith("resnet50_"):
+        num_classes = int(name.removeprefix("resnet50_"))
+        methods = {m: build_method(loss_config(m, IMAGENET_ZIPF), num_classes) for m in method_names(device)}
+        model = build_model("resnet50", num_classes)
+        n = args.resnet_batch_size or (256 if device.type == "cuda" else 8)
+        inputs = torch.randn(n, 3, 224, 224, generator=generator)
+        leaf = False
     else:
         num_classes = int(name.removeprefix("head"))
-        # ImageNet / INAT21 recipe: no upsampling of the 7x7 map (lambda does not change the cost).
-        methods = {m: build_method(loss_config(m, {"weight": 0.1, "upsample": "none", "aux_weight": 0.1}), num_classes) for m in METHODS}
+        methods = {m: build_method(loss_config(m, IMAGENET_ZIPF), num_classes) for m in method_names(device)}
         model = ClassifierWrapper(FeatureMapStandIn(2048), num_classes)
         n = args.head_batch_size
         inputs = torch.relu(torch.randn(n, 2048, 7, 7, generator=generator))
@@ -224,23 +249,26 @@ def format_line(name: str, device: torch.device, r: dict[str, Summary]) -> str:
     """One line per case: medians and their ratios first; then memory; then the minima and, on CPU,
     the process CPU time, the figures that other processes' load disturbs least."""
 
+    names = method_names(device)
+
     def ratios(values: dict[str, float]) -> str:
-        return f"zipf/ce {values['zipf'] / values['ce']:.3f} zipf/ls {values['zipf'] / values['ls']:.3f}"
+        text = f"zipf/ce {values['zipf'] / values['ce']:.3f} zipf/ls {values['zipf'] / values['ls']:.3f}"
+        return text + (f" zipf_ref/ce {values['zipf_ref'] / values['ce']:.3f}" if "zipf_ref" in values else "")
 
     def per_method(values: dict[str, float], digits: int = 1) -> str:
-        return " ".join(f"{m} {values[m]:.{digits}f}" for m in METHODS)
+        return " ".join(f"{m} {values[m]:.{digits}f}" for m in names)
 
-    median = {m: r[m].median_ms for m in METHODS}
-    fastest = {m: r[m].min_ms for m in METHODS}
+    median = {m: r[m].median_ms for m in names}
+    fastest = {m: r[m].min_ms for m in names}
     parts = [f"{name:<10} {device.type:<4} median ms {per_method(median)}  time {ratios(median)}"]
     if device.type == "cuda":
-        peak = {m: r[m].peak_bytes / 2**20 for m in METHODS}
+        peak = {m: r[m].peak_bytes / 2**20 for m in names}
         parts.append(f"peak MiB {per_method(peak, 0)}  mem {ratios(peak)}")
     else:
         parts.append("mem zipf/ce n/a zipf/ls n/a")
     parts.append(f"| min ms {per_method(fastest)}  min-time {ratios(fastest)}")
     if device.type == "cpu":
-        cpu = {m: r[m].median_cpu_ms for m in METHODS}
+        cpu = {m: r[m].median_cpu_ms for m in names}
         parts.append(f"| median cpu-ms {per_method(cpu)}  cpu-time {ratios(cpu)}")
     parts.append(f"| {load_average()}")
     return "  ".join(parts)
@@ -275,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="CPU: torch.set_num_threads (default: torch's default); 1 makes the CPU-time "
                              "figures insensitive to other processes' load (no OpenMP barrier waits)")
     parser.add_argument("--head-batch-size", type=int, default=256, help="synthetic head cases' batch (the recipe: 256)")
+    parser.add_argument("--resnet-batch-size", type=int, default=None,
+                        help="ResNet-50 cases' batch (default 256 on CUDA, the recipe; 8 on the CPU)")
     args = parser.parse_args(argv)
 
     if args.device == "auto":
@@ -295,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"# torch {torch.__version__}, device {describe_device(device)}, precision {args.precision}, "
           f"repeats {args.repeats} (+{args.warmup} warm-up), CIFAR batch {args.batch_size} width {args.width}, "
-          f"head batch {args.head_batch_size}, {load_average()}", flush=True)
+          f"head batch {args.head_batch_size}, ResNet-50 batch {args.resnet_batch_size or (256 if device.type == 'cuda' else 8)}, {load_average()}", flush=True)
     for name in cases:
         case = build_case(name, args, device)
         results = run_case(case, args, device)
@@ -303,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.loss_repeats > 0:
             loss = isolated_loss_ms(case, args, device)
             extra = loss["zipf"] - loss["ce"]
-            line += (f"  | isolated loss ms ce {loss['ce']:.2f} ls {loss['ls']:.2f} zipf {loss['zipf']:.2f}: "
+            each = " ".join(f"{name} {ms:.2f}" for name, ms in loss.items())
+            line += (f"  | isolated loss ms {each}: "
                      f"zipf extra {extra:.2f} ms = {100 * extra / results['ce'].min_ms:.2f}% of the fastest ce step")
         print(line, flush=True)
         del case

@@ -20,6 +20,7 @@ Votes and ranks are computed under ``no_grad`` from detached tensors; only the K
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -31,10 +32,12 @@ from ..models.outputs import ModelOutput
 from ..models.wrapper import unwrap
 from .base import Method, Needs
 from .ce import cross_entropy
+from .zipf_fused import FUSED_DISTRIBUTIONS, fused_zipf_kl, unavailable_reason
 
 UPSAMPLE_MODES = (None, "none", "bilinear")
 DISTRIBUTIONS = ("zipf", "constant", "linear_decay", "random_uniform", "random_pareto")
 RANK_BY = ("dense", "logits")
+KERNELS = ("auto", "torch", "triton")
 
 # Upper bound on the elements of one chunk of dense logits (rows x classes). Dense classification
 # of a 2048 x 7 x 7 map into 10,000 classes at batch 256 would otherwise materialise 125M logits
@@ -254,7 +257,11 @@ class ZipfLabelSmoothing(Method):
     ``stages`` the maps that vote (``[final]``, or ``[final, penultimate]`` = the paper's Dense2,
     where every non-final stage gets its own auxiliary linear head whose CE is weighted
     ``aux_weight``, the paper's beta, and whose classifier casts that stage's votes); ``upsample``
-    of every voting map before classifying.
+    of every voting map before classifying; ``kernel`` how the soft label and KL are computed:
+    ``torch`` (the reference functions above), ``triton`` (``zipf_fused.py``: one kernel from the
+    votes, the same numbers to float rounding) or ``auto`` (triton on CUDA in eager mode where it
+    applies, else torch: on the CPU the reference path is already ~free, and ``torch.compile``
+    fuses the reference path itself).
     """
 
     def __init__(
@@ -267,6 +274,7 @@ class ZipfLabelSmoothing(Method):
         stages: Sequence[str] = ("final",),
         upsample: str | None = "bilinear",
         aux_weight: float = 0.5,
+        kernel: str = "auto",
     ) -> None:
         super().__init__()
         # Hydra hands a ListConfig; a bare string is a config mistake ("final" is not ["final"]).
@@ -292,6 +300,14 @@ class ZipfLabelSmoothing(Method):
             raise ValueError(f"loss.upsample must be one of ['none', 'bilinear'] (or null), got {upsample!r}")
         if not _is_number(aux_weight) or not aux_weight >= 0 or aux_weight == float("inf"):
             raise ValueError(f"loss.aux_weight (the paper's beta) must be a finite number >= 0, got {aux_weight!r}")
+        if kernel not in KERNELS:
+            raise ValueError(f"loss.kernel must be one of {list(KERNELS)}, got {kernel!r}")
+        fusable = rank_by == "dense" and distribution in FUSED_DISTRIBUTIONS
+        if kernel == "triton" and not fusable:
+            raise ValueError(
+                f"loss.kernel=triton computes rank_by=dense with distribution in {list(FUSED_DISTRIBUTIONS)}; "
+                f"got rank_by={rank_by!r}, distribution={distribution!r} (use loss.kernel=auto or torch)"
+            )
         self.num_classes = int(num_classes)
         self.weight = float(weight)
         self.alpha = float(alpha)
@@ -300,28 +316,66 @@ class ZipfLabelSmoothing(Method):
         self.stages = tuple(str(s) for s in stages)
         self.upsample = None if upsample in (None, "none") else str(upsample)
         self.aux_weight = float(aux_weight)
+        self.kernel = str(kernel)
+        self._fused_kernel_ok = fusable and kernel != "torch"  # cleared if the kernel fails to build (auto)
         dense = self.rank_by == "dense"
         self.aux_stages = tuple(s for s in self.stages if s != "final") if dense else ()
         self.needs = Needs(feature_stages=self.stages if dense else (), aux_stages=self.aux_stages)
 
     @torch.no_grad()
-    def scores(self, outputs: ModelOutput, model: nn.Module) -> Tensor:
-        """Per-class scores that rank the classes: pooled vote counts of all stages, or the logits."""
-        if self.rank_by == "logits":
-            return outputs.logits.detach()
+    def votes(self, outputs: ModelOutput, model: nn.Module) -> Tensor:
+        """Dense votes of every voting stage, N x V class indices (stages side by side)."""
         votes = []
         for stage in self.stages:
             if stage not in outputs.features:
                 raise KeyError(f"model output lacks the dense map {stage!r} (Needs.feature_stages={self.needs.feature_stages})")
             classifier = _stage_classifier(model, stage)
             votes.append(dense_votes(outputs.features[stage], classifier.weight, classifier.bias, self.upsample))
-        return vote_counts(votes[0] if len(votes) == 1 else torch.cat(votes, dim=1), self.num_classes)
+        return votes[0] if len(votes) == 1 else torch.cat(votes, dim=1)
+
+    @torch.no_grad()
+    def scores(self, outputs: ModelOutput, model: nn.Module) -> Tensor:
+        """Per-class scores that rank the classes: pooled vote counts of all stages, or the logits."""
+        if self.rank_by == "logits":
+            return outputs.logits.detach()
+        return vote_counts(self.votes(outputs, model), self.num_classes)
+
+    def _use_fused_kernel(self, logits: Tensor, votes: Tensor) -> bool:
+        if not self._fused_kernel_ok:
+            return False
+        if self.kernel == "auto" and (not logits.is_cuda or torch.compiler.is_compiling()):
+            return False
+        reason = unavailable_reason(logits.device, votes.shape[1])
+        if reason is not None and self.kernel == "triton":
+            raise RuntimeError(f"loss.kernel=triton, but {reason}; use loss.kernel=auto or torch")
+        return reason is None
+
+    def zipf_term(self, outputs: ModelOutput, targets: Tensor, model: nn.Module) -> Tensor:
+        """``KL(P || Q_nontarget)``, batch mean: by the fused kernel or the reference functions."""
+        if self.rank_by == "logits":
+            soft = zipf_soft_labels(outputs.logits.detach(), targets, self.alpha, self.distribution)
+            return nontarget_kl(outputs.logits, targets, soft)
+        votes = self.votes(outputs, model)
+        if self._use_fused_kernel(outputs.logits, votes):
+            try:
+                return fused_zipf_kl(outputs.logits, targets, votes, self.alpha, self.distribution)
+            except Exception as error:  # noqa: BLE001 - a kernel that does not build must not end the run
+                if self.kernel == "triton":
+                    raise
+                self._fused_kernel_ok = False
+                warnings.warn(
+                    f"the fused Zipf kernel failed ({type(error).__name__}: {error}); using the reference "
+                    "path from now on (set loss.kernel=torch to skip the attempt)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        soft = zipf_soft_labels(vote_counts(votes, self.num_classes), targets, self.alpha, self.distribution)
+        return nontarget_kl(outputs.logits, targets, soft)
 
     def loss_terms(self, outputs: ModelOutput, batch: Batch, model: nn.Module) -> dict[str, Tensor]:
         targets = batch.targets
         ce = cross_entropy(outputs.logits, targets)
-        soft = zipf_soft_labels(self.scores(outputs, model), targets, self.alpha, self.distribution)
-        zipf = nontarget_kl(outputs.logits, targets, soft)
+        zipf = self.zipf_term(outputs, targets, model)
         loss = torch.add(ce, zipf, alpha=self.weight)
         terms = {"ce": ce, "zipf": zipf}
         if self.aux_stages:
@@ -337,6 +391,7 @@ def _is_number(value: object) -> bool:
 
 __all__ = [
     "DISTRIBUTIONS",
+    "KERNELS",
     "ZipfLabelSmoothing",
     "dense_votes",
     "min_ranks",

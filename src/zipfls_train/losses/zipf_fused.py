@@ -1,0 +1,201 @@
+"""Zipf's soft label and non-target KL straight from the dense votes, in one GPU kernel.
+
+The reference path in ``zipf.py`` (vote histogram N x C, sort-based ranks, soft labels, masked
+log-softmax, dot product, and their backward) is a few dozen small kernels. At the paper's batch of
+128 on 32 px images a GPU training step is bound by kernel launches, so those launches, not their
+arithmetic, are what Zipf's LS costs over cross-entropy. This module computes the same loss with one
+Triton program per sample, plus one multiply in the backward pass.
+
+Why it can be one pass over each row: a sample casts only V votes (64 at 32 px, 49 at 224 px), so at
+most V classes have a nonzero count and every other class shares one rank, ``1 + #voted classes``.
+The ranks of the voted classes come from a V x V comparison of the votes themselves
+(``count_i = #{j : v_j = v_i}``; ``rank_i = 1 + #{distinct classes with a larger count}``), never an
+N x C histogram or a sort. With ``P`` constant (``p_unvoted``) on the unvoted non-target classes:
+
+    KL(P || Q) = sum_{c != y} P_c log P_c - sum_{c != y} P_c z_c + logsumexp_{c != y} z_c
+    sum_{c != y} P_c z_c = p_unvoted * (sum_{c != y} z_c - sum_{voted c != y} z_c) + sum_{voted c != y} P_c z_c
+
+so the row needs its non-target logsumexp and sum (one pass) and the logits of the voted classes
+(V gathers). The gradient of the batch mean, ``(Q_c - P_c) / N`` for ``c != y`` and 0 at the
+target (paper eq. 6), is written in a second pass over the row and kept for the backward pass.
+
+Scope: ``rank_by=dense`` with ``distribution`` zipf, constant or linear_decay (functions of the rank)
+and at most :data:`MAX_FUSED_VOTES` votes per sample (one stage at 32 or 224 px; Dense2 and the
+random distributions use the reference path). ``ZipfLabelSmoothing(kernel=...)`` chooses the path.
+On the CPU the kernel runs only in Triton's interpreter (``TRITON_INTERPRET=1``), which is how the
+tests check it against the float64 references without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+try:  # Triton ships with CUDA builds of PyTorch on Linux; elsewhere only the reference path exists.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the platform
+    triton = None
+
+FUSED_DISTRIBUTIONS = ("zipf", "constant", "linear_decay")
+_DISTRIBUTION_CODE = {name: code for code, name in enumerate(FUSED_DISTRIBUTIONS)}
+# The vote comparison is a V x V tile per program; beyond 128 votes it would spill registers.
+MAX_FUSED_VOTES = 128
+_MAX_CLASS_BLOCK = 1024  # classes per step of the row loops
+
+
+def interpreting() -> bool:
+    """Triton's CPU interpreter is on (kernels then run on CPU tensors, slowly, for testing)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def unavailable_reason(device: torch.device, num_votes: int) -> str | None:
+    """Why the fused kernel cannot run for this call (None when it can)."""
+    if triton is None:
+        return "Triton is not installed (it ships with PyTorch's CUDA builds on Linux)"
+    if device.type != "cuda" and not interpreting():
+        return f"the logits are on {device.type}; the kernel needs CUDA (or TRITON_INTERPRET=1 on the CPU, for tests)"
+    if num_votes > MAX_FUSED_VOTES:
+        return f"a sample casts {num_votes} votes, more than the kernel's {MAX_FUSED_VOTES} (e.g. Dense2's two maps)"
+    return None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rank_weight(rank, alpha, num_classes, DISTRIBUTION: tl.constexpr):
+        """Unnormalised soft-label weight of a rank (float32): rank^-alpha | 1 | C + 1 - rank."""
+        rank = rank.to(tl.float32)
+        if DISTRIBUTION == 0:
+            weight = tl.exp(-alpha * tl.log(rank))
+        elif DISTRIBUTION == 1:
+            weight = rank * 0.0 + 1.0
+        else:
+            weight = num_classes + 1.0 - rank
+        return weight
+
+    @triton.jit
+    def _zipf_kl_kernel(
+        logits_ptr, logits_row_stride, targets_ptr, votes_ptr, votes_row_stride, grad_ptr, row_loss_ptr,
+        num_classes, num_votes, alpha, inv_batch,
+        DISTRIBUTION: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        target = tl.load(targets_ptr + row).to(tl.int32)
+        logits_row = logits_ptr + row * logits_row_stride
+        grad_row = grad_ptr + row * num_classes  # the gradient buffer is contiguous
+
+        # Ranks of the voted classes from the votes alone (padding lanes hold -1, no class).
+        lanes = tl.arange(0, BLOCK_V)
+        in_votes = lanes < num_votes
+        votes = tl.load(votes_ptr + row * votes_row_stride + lanes, mask=in_votes, other=-1).to(tl.int32)
+        same = (votes[:, None] == votes[None, :]) & in_votes[:, None] & in_votes[None, :]
+        count = tl.sum(same.to(tl.int32), axis=1)  # votes of lane i's class
+        seen_before = tl.sum((same & (lanes[None, :] < lanes[:, None])).to(tl.int32), axis=1)
+        first = in_votes & (seen_before == 0)  # one lane per voted class
+        voted_classes = tl.sum(first.to(tl.int32), axis=0)
+        rank = 1 + tl.sum(((count[None, :] > count[:, None]) & first[None, :]).to(tl.int32), axis=1)
+
+        # Soft label: voted non-target classes from their lanes, every other non-target class alike.
+        own = first & (votes != target)
+        target_voted = tl.sum((first & (votes == target)).to(tl.int32), axis=0)
+        unvoted = num_classes - voted_classes - (1 - target_voted)  # unvoted non-target classes
+        weight_unvoted = _rank_weight(voted_classes + 1, alpha, num_classes, DISTRIBUTION)
+        weight_voted = tl.where(own, _rank_weight(rank, alpha, num_classes, DISTRIBUTION), 0.0)
+        normaliser = unvoted * weight_unvoted + tl.sum(weight_voted, axis=0)
+        p_unvoted = weight_unvoted / normaliser
+        p_voted = weight_voted / normaliser
+        # (log of 1 where a term is absent: 0 * log 0 is 0 here, not NaN)
+        p_log_p = tl.sum(p_voted * tl.log(tl.where(own, p_voted, 1.0)), axis=0)
+        p_log_p += unvoted * p_unvoted * tl.log(tl.where(unvoted > 0, p_unvoted, 1.0))
+
+        # Pass 1 over the logits: non-target logsumexp (per-lane online max/sum) and sum.
+        columns = tl.arange(0, BLOCK_C)
+        lane_max = tl.full([BLOCK_C], float("-inf"), tl.float32)
+        lane_sum = tl.zeros([BLOCK_C], tl.float32)
+        lane_total = tl.zeros([BLOCK_C], tl.float32)
+        for start in range(0, num_classes, BLOCK_C):
+            cols = start + columns
+            keep = (cols < num_classes) & (cols != target)
+            z = tl.load(logits_row + cols, mask=keep, other=float("-inf")).to(tl.float32)
+            new_max = tl.maximum(lane_max, z)
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # lanes with nothing kept yet
+            lane_sum = lane_sum * tl.exp(lane_max - shift) + tl.where(keep, tl.exp(z - shift), 0.0)
+            lane_max = new_max
+            lane_total += tl.where(keep, z, 0.0)
+        row_max = tl.max(lane_max, axis=0)
+        logsumexp = row_max + tl.log(tl.sum(lane_sum * tl.exp(lane_max - row_max), axis=0))
+
+        z_voted = tl.load(logits_row + votes, mask=own, other=0.0).to(tl.float32)
+        p_dot_z = p_unvoted * (tl.sum(lane_total, axis=0) - tl.sum(z_voted, axis=0)) + tl.sum(p_voted * z_voted, axis=0)
+        tl.store(row_loss_ptr + row, (p_log_p - p_dot_z + logsumexp) * inv_batch)
+
+        # Pass 2: gradient of the batch mean, (Q_c - P_c) / N, 0 at the target. Unvoted value first,
+        # then (after a barrier, so no thread's plain store lands after them) the voted classes.
+        for start in range(0, num_classes, BLOCK_C):
+            cols = start + columns
+            inside = cols < num_classes
+            z = tl.load(logits_row + cols, mask=inside, other=0.0).to(tl.float32)
+            grad = tl.where(cols == target, 0.0, (tl.exp(z - logsumexp) - p_unvoted) * inv_batch)
+            tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=inside)
+        tl.debug_barrier()
+        grad_voted = (tl.exp(z_voted - logsumexp) - p_voted) * inv_batch
+        tl.store(grad_row + votes, grad_voted.to(grad_ptr.dtype.element_ty), mask=own)
+
+
+def _next_power_of_two(value: int) -> int:
+    return 1 << max(0, value - 1).bit_length()
+
+
+class _FusedZipfKL(torch.autograd.Function):
+    """Forward: the kernel writes each row's KL / N and the gradient; backward: one multiply."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor, votes: Tensor, alpha: float, distribution: str) -> Tensor:  # noqa: ANN001
+        n, num_classes = logits.shape
+        num_votes = votes.shape[1]
+        grad = torch.empty((n, num_classes), dtype=logits.dtype, device=logits.device)
+        row_loss = torch.empty(n, dtype=torch.float32, device=logits.device)
+        block_v = max(16, _next_power_of_two(num_votes))
+        _zipf_kl_kernel[(n,)](
+            logits, logits.stride(0), targets, votes, votes.stride(0), grad, row_loss,
+            num_classes, num_votes, float(alpha), 1.0 / n,
+            DISTRIBUTION=_DISTRIBUTION_CODE[distribution],
+            BLOCK_V=block_v,
+            BLOCK_C=min(_MAX_CLASS_BLOCK, max(16, _next_power_of_two(num_classes))),
+            num_warps=4 if block_v <= 64 else 8,
+        )
+        ctx.save_for_backward(grad)
+        return row_loss.sum()
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):  # noqa: ANN001, ANN205
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output, None, None, None, None
+
+
+def fused_zipf_kl(logits: Tensor, targets: Tensor, votes: Tensor, alpha: float = 1.0, distribution: str = "zipf") -> Tensor:
+    """Batch mean of ``KL(P || Q)`` (as ``nontarget_kl(logits, targets, zipf_soft_labels(vote_counts(votes, C),
+    targets, alpha, distribution))``), differentiable in ``logits``, in one kernel.
+
+    ``logits`` N x C (any float dtype; computed in float32), ``targets`` N, ``votes`` N x V class
+    indices (V <= :data:`MAX_FUSED_VOTES`). Raises ``RuntimeError`` naming the reason when the kernel
+    cannot run here (see :func:`unavailable_reason`)."""
+    if logits.dim() != 2 or votes.dim() != 2 or votes.shape[0] != logits.shape[0] or targets.shape != logits.shape[:1]:
+        raise ValueError(
+            f"expected logits N x C, targets N and votes N x V; got {tuple(logits.shape)}, "
+            f"{tuple(targets.shape)}, {tuple(votes.shape)}"
+        )
+    if distribution not in FUSED_DISTRIBUTIONS:
+        raise ValueError(f"the fused kernel computes distribution {list(FUSED_DISTRIBUTIONS)}, got {distribution!r}")
+    reason = unavailable_reason(logits.device, votes.shape[1])
+    if reason is not None:
+        raise RuntimeError(f"fused Zipf kernel unavailable: {reason}")
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    return _FusedZipfKL.apply(logits, targets.contiguous(), votes.contiguous(), alpha, distribution)
+
+
+__all__ = ["FUSED_DISTRIBUTIONS", "MAX_FUSED_VOTES", "fused_zipf_kl", "interpreting", "unavailable_reason"]

@@ -1,0 +1,52 @@
+"""Child process of tests/test_zipf_fused.py: runs the fused Zipf kernel in Triton's interpreter.
+
+Usage: TRITON_INTERPRET=1 python tests/run_fused_kernel.py CASES.pt RESULTS.pt
+Reads the cases the test wrote (logits, targets, votes, alpha, distribution), writes the kernel's
+loss and logits gradient per case, and the method-level comparison (kernel=triton vs kernel=torch
+on a small model's training step). The expectations live in the test, not here."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from zipfls_train.data.batch import Batch
+from zipfls_train.losses.zipf import ZipfLabelSmoothing
+from zipfls_train.losses.zipf_fused import fused_zipf_kl
+from zipfls_train.models import build_model
+
+
+def run_case(case: dict) -> dict:
+    logits = case["logits"].clone().requires_grad_()
+    used = logits[:, : case["num_classes"]]  # a row stride wider than C where the case says so
+    loss = fused_zipf_kl(used, case["targets"], case["votes"], case["alpha"], case["distribution"])
+    loss.backward()
+    return {"loss": loss.item(), "grad": logits.grad[:, : case["num_classes"]].clone(), "grad_dtype": str(logits.grad.dtype)}
+
+
+def method_step(kernel: str) -> dict:
+    """One training step's loss terms and parameter gradients for a tiny CIFAR ResNet-18."""
+    torch.manual_seed(0)
+    method = ZipfLabelSmoothing(10, weight=0.7, upsample="bilinear", kernel=kernel)
+    model = build_model("cifar_resnet18", num_classes=10, width=8)
+    batch = Batch(inputs=torch.randn(6, 3, 32, 32), targets=torch.tensor([0, 3, 3, 9, 1, 5]), indices=torch.arange(6))
+    terms = method.training_step(model, batch)
+    terms["loss"].backward()
+    return {
+        "terms": {name: value.item() for name, value in terms.items()},
+        "grads": {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None},
+    }
+
+
+def main(cases_path: str, results_path: str) -> None:
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    cases = torch.load(cases_path)
+    results = {name: run_case(case) for name, case in cases.items()}
+    results["method"] = {"triton": method_step("triton"), "torch": method_step("torch")}
+    torch.save(results, results_path)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,322 @@
+"""The fused Zipf kernel (losses/zipf_fused.py) against float64 references written from SPEC.md.
+
+The kernel is Triton. Without a GPU it runs in Triton's interpreter, which has to be on before
+Triton builds any kernel, so the interpreted cases run in one child process
+(tests/run_fused_kernel.py) that reads the inputs written here and writes back the kernel's loss
+and gradient. Every expectation is computed here: soft labels by hand where the case is small, else
+by plain-Python ranks and weights, the KL by ``reference_kl`` and the gradient by paper eq. 6,
+``(Q_c - P_c) / N`` off the target and exactly 0 on it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_zipf import reference_kl, reference_ranks
+from zipfls_train.data.batch import Batch
+from zipfls_train.losses import zipf as zipf_module
+from zipfls_train.losses.zipf import ZipfLabelSmoothing, nontarget_kl, vote_counts, zipf_soft_labels
+from zipfls_train.losses.zipf_fused import MAX_FUSED_VOTES, fused_zipf_kl
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def triton_or_fail() -> None:
+    """Triton comes with torch's Linux wheels; elsewhere these tests cannot run (CI must have it)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip("Triton is not installed (it ships with torch's Linux wheels)")
+
+
+# --------------------------------------------------------------------------------------------------
+# Independent references (plain Python, float64).
+
+
+def reference_weights(scores: list[int], distribution: str, alpha: float) -> list[float]:
+    ranks, num_classes = reference_ranks(scores), len(scores)
+    if distribution == "zipf":
+        return [r ** -alpha for r in ranks]
+    if distribution == "constant":
+        return [1.0] * num_classes
+    return [float(num_classes + 1 - r) for r in ranks]  # linear_decay
+
+
+def reference_label(counts: list[int], target: int, distribution: str, alpha: float) -> list[float]:
+    weights = reference_weights(counts, distribution, alpha)
+    normaliser = sum(w for c, w in enumerate(weights) if c != target)
+    return [0.0 if c == target else w / normaliser for c, w in enumerate(weights)]
+
+
+def reference_gradient(logits: list[float], target: int, soft: list[float], batch: int) -> list[float]:
+    denominator = sum(math.exp(z) for c, z in enumerate(logits) if c != target)
+    return [0.0 if c == target else (math.exp(z) / denominator - soft[c]) / batch for c, z in enumerate(logits)]
+
+
+def histogram(votes: list[int], num_classes: int) -> list[int]:
+    counts = [0] * num_classes
+    for v in votes:
+        counts[v] += 1
+    return counts
+
+
+# --------------------------------------------------------------------------------------------------
+# The cases: hand-computed soft labels first, then random ones.
+
+
+def votes_from(histogram_: dict[int, int]) -> list[int]:
+    return [cls for cls, count in histogram_.items() for _ in range(count)]
+
+
+# name -> (num_classes, target, votes, distribution, alpha, soft label by hand or None)
+HAND_CASES = {
+    # SPEC worked example: ranks 9 -> 1, 3 -> 2, others -> 3; P_3 = 0.5 / (0.5 + 8/3), others 1/3 / (same).
+    "worked_example": (10, 9, votes_from({9: 12, 3: 4}), "zipf", 1.0, [2 / 19] * 3 + [3 / 19] + [2 / 19] * 5 + [0.0]),
+    # All votes on the target: every non-target class ties at rank 2, so P is uniform (1/6).
+    "all_votes_on_target": (7, 4, votes_from({4: 64}), "zipf", 1.0, [1 / 6] * 4 + [0.0] + [1 / 6] * 2),
+    # y = 0 unvoted, votes {1: 3, 2: 1}: ranks 1, 2, then 3 for {0, 3, 4}; weights 1, 1/2, 1/3, 1/3 (sum 13/6).
+    "target_without_votes": (5, 0, votes_from({1: 3, 2: 1}), "zipf", 1.0, [0.0, 6 / 13, 3 / 13, 2 / 13, 2 / 13]),
+    # Counts 5, 5, 3, 3, 1 with y = 4: ranks 1, 1, 3, 3, 5; weights 1, 1, 1/3, 1/3 (sum 8/3).
+    "ties": (5, 4, votes_from({0: 5, 1: 5, 2: 3, 3: 3, 4: 1}), "zipf", 1.0, [3 / 8, 3 / 8, 1 / 8, 1 / 8, 0.0]),
+    # Two classes: P is all on the other class and Q too, so the loss and its gradient are 0.
+    "two_classes": (2, 1, votes_from({0: 30, 1: 34}), "zipf", 1.0, [1.0, 0.0]),
+    # Worked-example ranks, alpha 2: 1/4 / (1/4 + 8/9) and 1/9 / (same) = 9/41 and 4/41.
+    "alpha_2": (10, 9, votes_from({9: 12, 3: 4}), "zipf", 2.0, [4 / 41] * 3 + [9 / 41] + [4 / 41] * 5 + [0.0]),
+    # Linear decay, worked-example ranks: w = 11 - rank = 9 for class 3, 8 for the other 8 (sum 73).
+    "linear_decay": (10, 9, votes_from({9: 12, 3: 4}), "linear_decay", 1.0, [8 / 73] * 3 + [9 / 73] + [8 / 73] * 5 + [0.0]),
+    # Constant: uniform over the 9 non-target classes whatever the votes.
+    "constant": (10, 2, votes_from({9: 12, 3: 4}), "constant", 1.0, [1 / 9] * 2 + [0.0] + [1 / 9] * 7),
+    # Every class voted (so no unvoted class; linear decay would give an unvoted class weight 0):
+    # counts 20, 20, 12, 8, 4 with y = 0 -> ranks 1, 1, 3, 4, 5 -> w 5, 5, 3, 2, 1; non-target sum 11.
+    "every_class_voted": (5, 0, votes_from({0: 20, 1: 20, 2: 12, 3: 8, 4: 4}), "linear_decay", 1.0, [0.0, 5 / 11, 3 / 11, 2 / 11, 1 / 11]),
+}
+
+
+def random_votes(rng: random.Random, num_classes: int, num_votes: int) -> list[int]:
+    """Votes concentrated on a few classes, as a trained network casts them, in shuffled order."""
+    favourites = rng.sample(range(num_classes), min(num_classes, rng.randint(1, 6)))
+    return [rng.choice(favourites) if rng.random() < 0.8 else rng.randrange(num_classes) for _ in range(num_votes)]
+
+
+# name -> (batch, num_classes, votes per sample, distribution, alpha, logits dtype, row stride)
+RANDOM_CASES = {
+    "c10_v64": (4, 10, 64, "zipf", 1.0, torch.float32, 10),
+    "c100_v64_alpha_half": (4, 100, 64, "zipf", 0.5, torch.float32, 100),
+    "c200_v49_constant": (3, 200, 49, "constant", 1.0, torch.float32, 200),
+    "c200_v1": (3, 200, 1, "zipf", 1.0, torch.float32, 200),
+    "c300_v7_linear": (3, 300, 7, "linear_decay", 1.0, torch.float32, 300),
+    "c1100_v128_two_blocks": (2, 1100, MAX_FUSED_VOTES, "zipf", 2.0, torch.float32, 1100),
+    "c2100_v49_three_blocks": (2, 2100, 49, "zipf", 1.0, torch.float32, 2100),
+    "c200_v64_wide_rows": (3, 200, 64, "zipf", 1.0, torch.float32, 256),
+    "c300_v64_bfloat16": (4, 300, 64, "zipf", 1.0, torch.bfloat16, 300),
+    "c100_v64_float16": (4, 100, 64, "linear_decay", 1.0, torch.float16, 100),
+}
+
+
+def build_cases() -> dict[str, dict]:
+    rng = random.Random(0)
+    generator = torch.Generator().manual_seed(0)
+    cases = {}
+    for name, (num_classes, target, votes, distribution, alpha, _) in HAND_CASES.items():
+        logits = 2 * torch.randn(3, num_classes, generator=generator)
+        cases[name] = {
+            "logits": logits, "num_classes": num_classes, "targets": torch.full((3,), target),
+            "votes": torch.tensor([votes] * 3), "distribution": distribution, "alpha": alpha,
+        }
+    for name, (batch, num_classes, num_votes, distribution, alpha, dtype, row_stride) in RANDOM_CASES.items():
+        cases[name] = {
+            "logits": (3 * torch.randn(batch, row_stride, generator=generator)).to(dtype),
+            "num_classes": num_classes,
+            "targets": torch.tensor([rng.randrange(num_classes) for _ in range(batch)]),
+            "votes": torch.tensor([random_votes(rng, num_classes, num_votes) for _ in range(batch)]),
+            "distribution": distribution, "alpha": alpha,
+        }
+    return cases
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
+    triton_or_fail()
+    folder = tmp_path_factory.mktemp("fused")
+    cases = build_cases()
+    torch.save(cases, folder / "cases.pt")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "run_fused_kernel.py"), str(folder / "cases.pt"), str(folder / "results.pt")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return cases, torch.load(folder / "results.pt")
+
+
+def expected_for(case: dict) -> tuple[float, list[list[float]], list[list[float]]]:
+    """(batch-mean KL, gradient rows, soft-label rows) from the references, in float64."""
+    num_classes = case["num_classes"]
+    logits = case["logits"][:, :num_classes].double().tolist()  # the values the kernel saw (bf16 already rounded)
+    batch = len(logits)
+    total, grads, labels = 0.0, [], []
+    for row, target, votes in zip(logits, case["targets"].tolist(), case["votes"].tolist()):
+        soft = reference_label(histogram(votes, num_classes), target, case["distribution"], case["alpha"])
+        total += reference_kl(row, target, soft)
+        grads.append(reference_gradient(row, target, soft, batch))
+        labels.append(soft)
+    return total / batch, grads, labels
+
+
+@pytest.mark.parametrize("name", list(HAND_CASES))
+def test_hand_soft_labels_are_what_the_references_use(name: str) -> None:
+    """Guards the references themselves: the plain-Python ranks and weights reproduce every
+    hand-derived soft label above (so the random cases rest on checked ground)."""
+    num_classes, target, votes, distribution, alpha, by_hand = HAND_CASES[name]
+    soft = reference_label(histogram(votes, num_classes), target, distribution, alpha)
+    assert soft == pytest.approx(by_hand, abs=1e-12)
+
+
+@pytest.mark.parametrize("name", [*HAND_CASES, *RANDOM_CASES])
+def test_kernel_matches_the_references(interpreted: tuple[dict, dict], name: str) -> None:
+    cases, results = interpreted
+    case, result = cases[name], results[name]
+    loss, grads, _ = expected_for(case)
+    low_precision = case["logits"].dtype != torch.float32
+    assert result["grad_dtype"] == str(case["logits"].dtype)  # the gradient comes back in the logits' dtype
+    assert result["loss"] == pytest.approx(loss, rel=1e-5, abs=1e-6)
+    got = result["grad"].double()
+    expected = torch.tensor(grads, dtype=torch.float64)
+    # float32 gradients to float32 rounding; half/bfloat16 ones to their own rounding (8 / 11 bits).
+    rel = 8e-3 if low_precision else 1e-5
+    torch.testing.assert_close(got, expected, rtol=rel, atol=1e-7)
+    targets = case["targets"]
+    assert got[torch.arange(len(targets)), targets].abs().max().item() == 0.0  # exactly 0 at the target
+    if name == "two_classes":
+        assert result["loss"] == 0.0 and got.abs().max().item() == pytest.approx(0.0, abs=1e-9)
+
+
+def test_method_step_with_the_kernel_equals_the_reference_path(interpreted: tuple[dict, dict]) -> None:
+    """A whole training step (dense votes of a real CIFAR ResNet-18, CE + 0.7 x Zipf): the kernel
+    and the reference functions, themselves checked against the float64 references in test_zipf.py,
+    give the same loss terms and parameter gradients."""
+    _, results = interpreted
+    fused, reference = results["method"]["triton"], results["method"]["torch"]
+    assert fused["terms"] == pytest.approx(reference["terms"], rel=1e-5)
+    assert fused["terms"]["zipf"] > 0
+    assert fused["grads"].keys() == reference["grads"].keys()
+    for name, grad in reference["grads"].items():
+        torch.testing.assert_close(fused["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Choosing the path (in this process: no interpreter, no GPU).
+
+
+def tiny_outputs_and_model(num_classes: int = 10) -> tuple:
+    from zipfls_train.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("cifar_resnet18", num_classes=num_classes, width=8)
+    batch = Batch(inputs=torch.randn(4, 3, 32, 32), targets=torch.tensor([0, 1, 2, 3]), indices=torch.arange(4))
+    return model, batch
+
+
+def test_auto_uses_the_reference_path_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("the fused kernel must not run on the CPU under kernel=auto")
+
+    monkeypatch.setattr(zipf_module, "fused_zipf_kl", fail)
+    model, batch = tiny_outputs_and_model()
+    terms = ZipfLabelSmoothing(10, kernel="auto").training_step(model, batch)
+    assert torch.isfinite(terms["zipf"]).item() and terms["zipf"].item() > 0
+
+
+def test_forced_kernel_off_the_gpu_names_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    triton_or_fail()
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    model, batch = tiny_outputs_and_model()
+    with pytest.raises(RuntimeError, match=r"loss.kernel=triton, but the logits are on cpu.*TRITON_INTERPRET"):
+        ZipfLabelSmoothing(10, kernel="triton").training_step(model, batch)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        fused_zipf_kl(torch.randn(2, 5), torch.tensor([0, 1]), torch.tensor([[1, 2], [3, 4]]))
+
+
+def test_too_many_votes_for_the_kernel_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    triton_or_fail()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # get past the device check; the vote check must stop it
+    votes = torch.zeros(2, MAX_FUSED_VOTES + 1, dtype=torch.long)
+    with pytest.raises(RuntimeError, match=f"{MAX_FUSED_VOTES + 1} votes, more than the kernel's {MAX_FUSED_VOTES}"):
+        fused_zipf_kl(torch.randn(2, 5), torch.tensor([0, 1]), votes)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"kernel": "cuda"}, r"loss.kernel must be one of \['auto', 'torch', 'triton'\], got 'cuda'"),
+        ({"kernel": "triton", "distribution": "random_uniform"}, "loss.kernel=triton computes rank_by=dense"),
+        ({"kernel": "triton", "rank_by": "logits"}, "loss.kernel=triton computes rank_by=dense"),
+    ],
+)
+def test_bad_kernel_choices_name_the_key(options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ZipfLabelSmoothing(10, **options)
+
+
+def test_a_kernel_that_fails_to_build_falls_back_once_with_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def broken(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(1)
+        raise RuntimeError("PTX assembly failed")
+
+    monkeypatch.setattr(zipf_module, "fused_zipf_kl", broken)
+    method = ZipfLabelSmoothing(10, kernel="auto")
+    monkeypatch.setattr(method, "_use_fused_kernel", lambda logits, votes: method._fused_kernel_ok)  # as on a GPU
+    model, batch = tiny_outputs_and_model()
+    with pytest.warns(RuntimeWarning, match="PTX assembly failed.*loss.kernel=torch"):
+        first = method.training_step(model, batch)
+    second = method.training_step(model, batch)  # no second attempt, no second warning
+    assert calls == [1]
+    reference = ZipfLabelSmoothing(10, kernel="torch").training_step(model, batch)
+    assert first["zipf"].item() == pytest.approx(reference["zipf"].item(), rel=1e-6)
+    assert second["zipf"].item() == pytest.approx(reference["zipf"].item(), rel=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# On a GPU (scripts/gpu_check.sh): the compiled kernel against the reference functions.
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(
+    ("batch", "num_classes", "num_votes", "distribution", "dtype"),
+    [
+        (128, 100, 64, "zipf", torch.float32),
+        (128, 200, 64, "zipf", torch.bfloat16),
+        (64, 1000, 49, "linear_decay", torch.float32),
+        (256, 10_000, 49, "zipf", torch.bfloat16),
+        (32, 50, MAX_FUSED_VOTES, "constant", torch.float16),
+    ],
+)
+def test_kernel_on_cuda_matches_the_reference_functions(batch: int, num_classes: int, num_votes: int, distribution: str, dtype: torch.dtype) -> None:
+    device = torch.device("cuda")
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    logits = (3 * torch.randn(batch, num_classes, generator=generator)).to(device=device, dtype=dtype)
+    targets = torch.randint(0, num_classes, (batch,), generator=generator).to(device)
+    votes = torch.randint(0, min(num_classes, 20), (batch, num_votes), generator=generator).to(device)
+    fused_logits = logits.clone().requires_grad_()
+    fused = fused_zipf_kl(fused_logits, targets, votes, 1.0, distribution)
+    fused.backward()
+    reference_logits = logits.double().requires_grad_()
+    soft = zipf_soft_labels(vote_counts(votes, num_classes), targets, 1.0, distribution).double()
+    reference = nontarget_kl(reference_logits, targets, soft)
+    reference.backward()
+    torch.testing.assert_close(fused.double(), reference, rtol=1e-5, atol=1e-6)
+    rtol = 1e-5 if dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(fused_logits.grad.double(), reference_logits.grad, rtol=rtol, atol=1e-7)
