@@ -14,16 +14,29 @@ import torch
 
 from zipfls_train.data.batch import Batch
 from zipfls_train.losses.zipf import ZipfLabelSmoothing
-from zipfls_train.losses.zipf_fused import fused_zipf_kl
+from zipfls_train.losses.zipf_fused import fused_ce_zipf, fused_zipf_kl
 from zipfls_train.models import build_model
 
 
+COMBINED_WEIGHT = 0.7  # lambda of the fused CE + Zipf case
+
+
 def run_case(case: dict) -> dict:
-    logits = case["logits"].clone().requires_grad_()
-    used = logits[:, : case["num_classes"]]  # a row stride wider than C where the case says so
-    loss = fused_zipf_kl(used, case["targets"], case["votes"], case["alpha"], case["distribution"])
-    loss.backward()
-    return {"loss": loss.item(), "grad": logits.grad[:, : case["num_classes"]].clone(), "grad_dtype": str(logits.grad.dtype)}
+    """The KL alone (fused_zipf_kl) and CE + 0.7 KL (fused_ce_zipf): values and logits gradients."""
+    out = {}
+    for variant in ("kl", "combined"):
+        logits = case["logits"].clone().requires_grad_()
+        used = logits[:, : case["num_classes"]]  # a row stride wider than C where the case says so
+        args = (used, case["targets"], case["votes"])
+        if variant == "kl":
+            loss = fused_zipf_kl(*args, case["alpha"], case["distribution"])
+            values = {"loss": loss.item()}
+        else:
+            loss, ce, kl = fused_ce_zipf(*args, COMBINED_WEIGHT, case["alpha"], case["distribution"])
+            values = {"loss": loss.item(), "ce": ce.item(), "kl": kl.item(), "terms_require_grad": ce.requires_grad or kl.requires_grad}
+        loss.backward()
+        out[variant] = {**values, "grad": logits.grad[:, : case["num_classes"]].clone(), "grad_dtype": str(logits.grad.dtype)}
+    return out
 
 
 def method_step(kernel: str) -> dict:

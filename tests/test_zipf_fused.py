@@ -24,7 +24,7 @@ from test_zipf import reference_kl, reference_ranks
 from zipfls_train.data.batch import Batch
 from zipfls_train.losses import zipf as zipf_module
 from zipfls_train.losses.zipf import ZipfLabelSmoothing, nontarget_kl, vote_counts, zipf_soft_labels
-from zipfls_train.losses.zipf_fused import MAX_FUSED_VOTES, fused_zipf_kl
+from zipfls_train.losses.zipf_fused import MAX_FUSED_VOTES, fused_ce_zipf, fused_zipf_kl
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,8 +59,18 @@ def reference_label(counts: list[int], target: int, distribution: str, alpha: fl
 
 
 def reference_gradient(logits: list[float], target: int, soft: list[float], batch: int) -> list[float]:
+    """d KL / d logits of the batch mean: paper eq. 6."""
     denominator = sum(math.exp(z) for c, z in enumerate(logits) if c != target)
     return [0.0 if c == target else (math.exp(z) / denominator - soft[c]) / batch for c, z in enumerate(logits)]
+
+
+def reference_ce(logits: list[float], target: int) -> float:
+    return math.log(sum(math.exp(z) for z in logits)) - logits[target]
+
+
+def reference_ce_gradient(logits: list[float], target: int, batch: int) -> list[float]:
+    denominator = sum(math.exp(z) for z in logits)
+    return [(math.exp(z) / denominator - (1.0 if c == target else 0.0)) / batch for c, z in enumerate(logits)]
 
 
 def histogram(votes: list[int], num_classes: int) -> list[int]:
@@ -159,18 +169,22 @@ def interpreted(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
     return cases, torch.load(folder / "results.pt")
 
 
-def expected_for(case: dict) -> tuple[float, list[list[float]], list[list[float]]]:
-    """(batch-mean KL, gradient rows, soft-label rows) from the references, in float64."""
+COMBINED_WEIGHT = 0.7  # as tests/run_fused_kernel.py
+
+
+def expected_for(case: dict) -> dict:
+    """Batch-mean KL and CE and their logits gradients (rows), from the references, in float64."""
     num_classes = case["num_classes"]
     logits = case["logits"][:, :num_classes].double().tolist()  # the values the kernel saw (bf16 already rounded)
     batch = len(logits)
-    total, grads, labels = 0.0, [], []
+    expected = {"kl": 0.0, "ce": 0.0, "kl_grad": [], "ce_grad": []}
     for row, target, votes in zip(logits, case["targets"].tolist(), case["votes"].tolist()):
         soft = reference_label(histogram(votes, num_classes), target, case["distribution"], case["alpha"])
-        total += reference_kl(row, target, soft)
-        grads.append(reference_gradient(row, target, soft, batch))
-        labels.append(soft)
-    return total / batch, grads, labels
+        expected["kl"] += reference_kl(row, target, soft) / batch
+        expected["ce"] += reference_ce(row, target) / batch
+        expected["kl_grad"].append(reference_gradient(row, target, soft, batch))
+        expected["ce_grad"].append(reference_ce_gradient(row, target, batch))
+    return {key: torch.tensor(value, dtype=torch.float64) if key.endswith("grad") else value for key, value in expected.items()}
 
 
 @pytest.mark.parametrize("name", list(HAND_CASES))
@@ -182,23 +196,34 @@ def test_hand_soft_labels_are_what_the_references_use(name: str) -> None:
     assert soft == pytest.approx(by_hand, abs=1e-12)
 
 
-@pytest.mark.parametrize("name", [*HAND_CASES, *RANDOM_CASES])
-def test_kernel_matches_the_references(interpreted: tuple[dict, dict], name: str) -> None:
-    cases, results = interpreted
-    case, result = cases[name], results[name]
-    loss, grads, _ = expected_for(case)
-    low_precision = case["logits"].dtype != torch.float32
+def assert_gradient(result: dict, expected: torch.Tensor, case: dict) -> None:
     assert result["grad_dtype"] == str(case["logits"].dtype)  # the gradient comes back in the logits' dtype
-    assert result["loss"] == pytest.approx(loss, rel=1e-5, abs=1e-6)
-    got = result["grad"].double()
-    expected = torch.tensor(grads, dtype=torch.float64)
     # float32 gradients to float32 rounding; half/bfloat16 ones to their own rounding (8 / 11 bits).
-    rel = 8e-3 if low_precision else 1e-5
-    torch.testing.assert_close(got, expected, rtol=rel, atol=1e-7)
+    rtol = 1e-5 if case["logits"].dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(result["grad"].double(), expected, rtol=rtol, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", [*HAND_CASES, *RANDOM_CASES])
+def test_kl_kernel_matches_the_references(interpreted: tuple[dict, dict], name: str) -> None:
+    cases, results = interpreted
+    case, result, expected = cases[name], results[name]["kl"], expected_for(cases[name])
+    assert result["loss"] == pytest.approx(expected["kl"], rel=1e-5, abs=1e-6)
+    assert_gradient(result, expected["kl_grad"], case)
     targets = case["targets"]
-    assert got[torch.arange(len(targets)), targets].abs().max().item() == 0.0  # exactly 0 at the target
+    assert result["grad"][torch.arange(len(targets)), targets].abs().max().item() == 0.0  # exactly 0 at the target
     if name == "two_classes":
-        assert result["loss"] == 0.0 and got.abs().max().item() == pytest.approx(0.0, abs=1e-9)
+        assert result["loss"] == 0.0 and result["grad"].abs().max().item() == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("name", [*HAND_CASES, *RANDOM_CASES])
+def test_ce_plus_zipf_kernel_matches_the_references(interpreted: tuple[dict, dict], name: str) -> None:
+    cases, results = interpreted
+    case, result, expected = cases[name], results[name]["combined"], expected_for(cases[name])
+    assert result["ce"] == pytest.approx(expected["ce"], rel=1e-5, abs=1e-6)
+    assert result["kl"] == pytest.approx(expected["kl"], rel=1e-5, abs=1e-6)
+    assert result["loss"] == pytest.approx(expected["ce"] + COMBINED_WEIGHT * expected["kl"], rel=1e-5, abs=1e-6)
+    assert result["terms_require_grad"] is False  # the terms are reported values; the loss carries the gradient
+    assert_gradient(result, expected["ce_grad"] + COMBINED_WEIGHT * expected["kl_grad"], case)
 
 
 def test_method_step_with_the_kernel_equals_the_reference_path(interpreted: tuple[dict, dict]) -> None:
@@ -231,7 +256,7 @@ def test_auto_uses_the_reference_path_on_the_cpu(monkeypatch: pytest.MonkeyPatch
     def fail(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise AssertionError("the fused kernel must not run on the CPU under kernel=auto")
 
-    monkeypatch.setattr(zipf_module, "fused_zipf_kl", fail)
+    monkeypatch.setattr(zipf_module, "fused_ce_zipf", fail)
     model, batch = tiny_outputs_and_model()
     terms = ZipfLabelSmoothing(10, kernel="auto").training_step(model, batch)
     assert torch.isfinite(terms["zipf"]).item() and terms["zipf"].item() > 0
@@ -275,7 +300,7 @@ def test_a_kernel_that_fails_to_build_falls_back_once_with_a_warning(monkeypatch
         calls.append(1)
         raise RuntimeError("PTX assembly failed")
 
-    monkeypatch.setattr(zipf_module, "fused_zipf_kl", broken)
+    monkeypatch.setattr(zipf_module, "fused_ce_zipf", broken)
     method = ZipfLabelSmoothing(10, kernel="auto")
     monkeypatch.setattr(method, "_use_fused_kernel", lambda logits, votes: method._fused_kernel_ok)  # as on a GPU
     model, batch = tiny_outputs_and_model()
@@ -319,4 +344,13 @@ def test_kernel_on_cuda_matches_the_reference_functions(batch: int, num_classes:
     reference.backward()
     torch.testing.assert_close(fused.double(), reference, rtol=1e-5, atol=1e-6)
     rtol = 1e-5 if dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(fused_logits.grad.double(), reference_logits.grad, rtol=rtol, atol=1e-7)
+    # CE + 0.7 KL in one kernel against F.cross_entropy + 0.7 x the reference KL (float64).
+    fused_logits.grad, reference_logits.grad = None, None
+    loss, ce, kl = fused_ce_zipf(fused_logits, targets, votes, 0.7, 1.0, distribution)
+    loss.backward()
+    reference_ce = torch.nn.functional.cross_entropy(reference_logits, targets)
+    (reference_ce + 0.7 * nontarget_kl(reference_logits, targets, soft)).backward()
+    torch.testing.assert_close(ce.double(), reference_ce.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(kl.double(), reference.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fused_logits.grad.double(), reference_logits.grad, rtol=rtol, atol=1e-7)

@@ -32,7 +32,7 @@ from ..models.outputs import ModelOutput
 from ..models.wrapper import unwrap
 from .base import Method, Needs
 from .ce import cross_entropy
-from .zipf_fused import FUSED_DISTRIBUTIONS, fused_zipf_kl, unavailable_reason
+from .zipf_fused import FUSED_DISTRIBUTIONS, fused_ce_zipf, unavailable_reason
 
 UPSAMPLE_MODES = (None, "none", "bilinear")
 DISTRIBUTIONS = ("zipf", "constant", "linear_decay", "random_uniform", "random_pareto")
@@ -350,15 +350,17 @@ class ZipfLabelSmoothing(Method):
             raise RuntimeError(f"loss.kernel=triton, but {reason}; use loss.kernel=auto or torch")
         return reason is None
 
-    def zipf_term(self, outputs: ModelOutput, targets: Tensor, model: nn.Module) -> Tensor:
-        """``KL(P || Q_nontarget)``, batch mean: by the fused kernel or the reference functions."""
+    def ce_and_zipf(self, outputs: ModelOutput, targets: Tensor, model: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
+        """``(ce + weight * KL, ce, KL)``: by the fused kernel (one launch for all three; only the
+        first is differentiable then) or by the reference functions."""
+        logits = outputs.logits
         if self.rank_by == "logits":
-            soft = zipf_soft_labels(outputs.logits.detach(), targets, self.alpha, self.distribution)
-            return nontarget_kl(outputs.logits, targets, soft)
+            soft = zipf_soft_labels(logits.detach(), targets, self.alpha, self.distribution)
+            return self._combine(cross_entropy(logits, targets), nontarget_kl(logits, targets, soft))
         votes = self.votes(outputs, model)
-        if self._use_fused_kernel(outputs.logits, votes):
+        if self._use_fused_kernel(logits, votes):
             try:
-                return fused_zipf_kl(outputs.logits, targets, votes, self.alpha, self.distribution)
+                return fused_ce_zipf(logits, targets, votes, self.weight, self.alpha, self.distribution)
             except Exception as error:  # noqa: BLE001 - a kernel that does not build must not end the run
                 if self.kernel == "triton":
                     raise
@@ -370,13 +372,14 @@ class ZipfLabelSmoothing(Method):
                     stacklevel=2,
                 )
         soft = zipf_soft_labels(vote_counts(votes, self.num_classes), targets, self.alpha, self.distribution)
-        return nontarget_kl(outputs.logits, targets, soft)
+        return self._combine(cross_entropy(logits, targets), nontarget_kl(logits, targets, soft))
+
+    def _combine(self, ce: Tensor, zipf: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return torch.add(ce, zipf, alpha=self.weight), ce, zipf
 
     def loss_terms(self, outputs: ModelOutput, batch: Batch, model: nn.Module) -> dict[str, Tensor]:
         targets = batch.targets
-        ce = cross_entropy(outputs.logits, targets)
-        zipf = self.zipf_term(outputs, targets, model)
-        loss = torch.add(ce, zipf, alpha=self.weight)
+        loss, ce, zipf = self.ce_and_zipf(outputs, targets, model)
         terms = {"ce": ce, "zipf": zipf}
         if self.aux_stages:
             aux_ce = sum(cross_entropy(outputs.aux_logits[stage], targets) for stage in self.aux_stages)

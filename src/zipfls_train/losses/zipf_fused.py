@@ -16,8 +16,10 @@ N x C histogram or a sort. With ``P`` constant (``p_unvoted``) on the unvoted no
     sum_{c != y} P_c z_c = p_unvoted * (sum_{c != y} z_c - sum_{voted c != y} z_c) + sum_{voted c != y} P_c z_c
 
 so the row needs its non-target logsumexp and sum (one pass) and the logits of the voted classes
-(V gathers). The gradient of the batch mean, ``(Q_c - P_c) / N`` for ``c != y`` and 0 at the
-target (paper eq. 6), is written in a second pass over the row and kept for the backward pass.
+(V gathers); the cross-entropy adds the target logit. The gradient of the batch mean,
+``weight * (Q_c - P_c) / N`` for ``c != y`` and 0 at the target (paper eq. 6) plus the
+cross-entropy's ``(softmax_c - [c = y]) / N``, is written in a second pass over the row and kept for
+the backward pass.
 
 Scope: ``rank_by=dense`` with ``distribution`` zipf, constant or linear_decay (functions of the rank)
 and at most :data:`MAX_FUSED_VOTES` votes per sample (one stage at 32 or 224 px; Dense2 and the
@@ -77,12 +79,15 @@ if triton is not None:
         return weight
 
     @triton.jit
-    def _zipf_kl_kernel(
-        logits_ptr, logits_row_stride, targets_ptr, votes_ptr, votes_row_stride, grad_ptr, row_loss_ptr,
-        num_classes, num_votes, alpha, inv_batch,
-        DISTRIBUTION: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr,
+    def _zipf_kernel(
+        logits_ptr, logits_row_stride, targets_ptr, votes_ptr, votes_row_stride, grad_ptr, rows_ptr,
+        batch, num_classes, num_votes, alpha, weight,
+        DISTRIBUTION: tl.constexpr, WITH_CE: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
+        """One sample per program. rows_ptr: 3 x batch, per sample / batch: [loss, ce, kl] with
+        loss = ce + weight * kl (ce = 0 without WITH_CE). grad_ptr: batch x C, d loss / d logits."""
         row = tl.program_id(0).to(tl.int64)
+        inv_batch = 1.0 / batch
         target = tl.load(targets_ptr + row).to(tl.int32)
         logits_row = logits_ptr + row * logits_row_stride
         grad_row = grad_ptr + row * num_classes  # the gradient buffer is contiguous
@@ -126,63 +131,78 @@ if triton is not None:
             lane_max = new_max
             lane_total += tl.where(keep, z, 0.0)
         row_max = tl.max(lane_max, axis=0)
-        logsumexp = row_max + tl.log(tl.sum(lane_sum * tl.exp(lane_max - row_max), axis=0))
+        logsumexp = row_max + tl.log(tl.sum(lane_sum * tl.exp(lane_max - row_max), axis=0))  # non-target
 
         z_voted = tl.load(logits_row + votes, mask=own, other=0.0).to(tl.float32)
         p_dot_z = p_unvoted * (tl.sum(lane_total, axis=0) - tl.sum(z_voted, axis=0)) + tl.sum(p_voted * z_voted, axis=0)
-        tl.store(row_loss_ptr + row, (p_log_p - p_dot_z + logsumexp) * inv_batch)
+        kl = p_log_p - p_dot_z + logsumexp
+        ce = kl * 0.0
+        logsumexp_all = logsumexp
+        if WITH_CE:  # cross-entropy over all classes: logsumexp of the non-target one and the target logit
+            z_target = tl.load(logits_row + target).to(tl.float32)
+            top = tl.maximum(logsumexp, z_target)
+            logsumexp_all = top + tl.log(tl.exp(logsumexp - top) + tl.exp(z_target - top))
+            ce = logsumexp_all - z_target
+        tl.store(rows_ptr + row, (ce + weight * kl) * inv_batch)
+        tl.store(rows_ptr + batch + row, ce * inv_batch)
+        tl.store(rows_ptr + 2 * batch + row, kl * inv_batch)
 
-        # Pass 2: gradient of the batch mean, (Q_c - P_c) / N, 0 at the target. Unvoted value first,
-        # then (after a barrier, so no thread's plain store lands after them) the voted classes.
+        # Pass 2: the gradient of the batch mean, weight * (Q_c - P_c) / N off the target (paper
+        # eq. 6) plus (softmax_c - [c = y]) / N with CE. Unvoted P first, then (after a barrier, so
+        # that no thread's plain store lands after them) the voted classes' values.
         for start in range(0, num_classes, BLOCK_C):
             cols = start + columns
             inside = cols < num_classes
             z = tl.load(logits_row + cols, mask=inside, other=0.0).to(tl.float32)
-            grad = tl.where(cols == target, 0.0, (tl.exp(z - logsumexp) - p_unvoted) * inv_batch)
-            tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=inside)
+            grad = tl.where(cols == target, 0.0, weight * (tl.exp(z - logsumexp) - p_unvoted))
+            if WITH_CE:
+                grad += tl.exp(z - logsumexp_all) - tl.where(cols == target, 1.0, 0.0)
+            tl.store(grad_row + cols, (grad * inv_batch).to(grad_ptr.dtype.element_ty), mask=inside)
         tl.debug_barrier()
-        grad_voted = (tl.exp(z_voted - logsumexp) - p_voted) * inv_batch
-        tl.store(grad_row + votes, grad_voted.to(grad_ptr.dtype.element_ty), mask=own)
+        grad_voted = weight * (tl.exp(z_voted - logsumexp) - p_voted)
+        if WITH_CE:
+            grad_voted += tl.exp(z_voted - logsumexp_all)  # never the target (own excludes it)
+        tl.store(grad_row + votes, (grad_voted * inv_batch).to(grad_ptr.dtype.element_ty), mask=own)
 
 
 def _next_power_of_two(value: int) -> int:
     return 1 << max(0, value - 1).bit_length()
 
 
-class _FusedZipfKL(torch.autograd.Function):
-    """Forward: the kernel writes each row's KL / N and the gradient; backward: one multiply."""
+class _FusedZipf(torch.autograd.Function):
+    """Forward: the kernel writes each sample's terms and the gradient of the loss; backward: one
+    multiply. Outputs ``loss`` (differentiable) and ``terms`` = [ce, kl] (reported values only)."""
 
     @staticmethod
-    def forward(ctx, logits: Tensor, targets: Tensor, votes: Tensor, alpha: float, distribution: str) -> Tensor:  # noqa: ANN001
+    def forward(ctx, logits: Tensor, targets: Tensor, votes: Tensor, alpha: float, distribution: str, weight: float, with_ce: bool):  # noqa: ANN001, ANN205
         n, num_classes = logits.shape
         num_votes = votes.shape[1]
         grad = torch.empty((n, num_classes), dtype=logits.dtype, device=logits.device)
-        row_loss = torch.empty(n, dtype=torch.float32, device=logits.device)
+        rows = torch.empty((3, n), dtype=torch.float32, device=logits.device)
         block_v = max(16, _next_power_of_two(num_votes))
-        _zipf_kl_kernel[(n,)](
-            logits, logits.stride(0), targets, votes, votes.stride(0), grad, row_loss,
-            num_classes, num_votes, float(alpha), 1.0 / n,
+        _zipf_kernel[(n,)](
+            logits, logits.stride(0), targets, votes, votes.stride(0), grad, rows,
+            n, num_classes, num_votes, float(alpha), float(weight),
             DISTRIBUTION=_DISTRIBUTION_CODE[distribution],
+            WITH_CE=bool(with_ce),
             BLOCK_V=block_v,
             BLOCK_C=min(_MAX_CLASS_BLOCK, max(16, _next_power_of_two(num_classes))),
             num_warps=4 if block_v <= 64 else 8,
         )
+        totals = rows.sum(dim=1)  # [loss, ce, kl], batch means
         ctx.save_for_backward(grad)
-        return row_loss.sum()
+        ctx.set_materialize_grads(False)
+        loss, terms = totals[0], totals[1:]
+        ctx.mark_non_differentiable(terms)
+        return loss, terms
 
     @staticmethod
-    def backward(ctx, grad_output: Tensor):  # noqa: ANN001, ANN205
+    def backward(ctx, grad_loss: Tensor | None, grad_terms: Tensor | None):  # noqa: ANN001, ANN205
         (grad,) = ctx.saved_tensors
-        return grad * grad_output, None, None, None, None
+        return (None if grad_loss is None else grad * grad_loss), None, None, None, None, None, None
 
 
-def fused_zipf_kl(logits: Tensor, targets: Tensor, votes: Tensor, alpha: float = 1.0, distribution: str = "zipf") -> Tensor:
-    """Batch mean of ``KL(P || Q)`` (as ``nontarget_kl(logits, targets, zipf_soft_labels(vote_counts(votes, C),
-    targets, alpha, distribution))``), differentiable in ``logits``, in one kernel.
-
-    ``logits`` N x C (any float dtype; computed in float32), ``targets`` N, ``votes`` N x V class
-    indices (V <= :data:`MAX_FUSED_VOTES`). Raises ``RuntimeError`` naming the reason when the kernel
-    cannot run here (see :func:`unavailable_reason`)."""
+def _check_inputs(logits: Tensor, targets: Tensor, votes: Tensor, distribution: str) -> None:
     if logits.dim() != 2 or votes.dim() != 2 or votes.shape[0] != logits.shape[0] or targets.shape != logits.shape[:1]:
         raise ValueError(
             f"expected logits N x C, targets N and votes N x V; got {tuple(logits.shape)}, "
@@ -193,9 +213,36 @@ def fused_zipf_kl(logits: Tensor, targets: Tensor, votes: Tensor, alpha: float =
     reason = unavailable_reason(logits.device, votes.shape[1])
     if reason is not None:
         raise RuntimeError(f"fused Zipf kernel unavailable: {reason}")
+
+
+def _apply(logits: Tensor, targets: Tensor, votes: Tensor, alpha: float, distribution: str, weight: float, with_ce: bool) -> tuple[Tensor, Tensor]:
+    _check_inputs(logits, targets, votes, distribution)
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    return _FusedZipfKL.apply(logits, targets.contiguous(), votes.contiguous(), alpha, distribution)
+    return _FusedZipf.apply(logits, targets.contiguous(), votes.contiguous(), alpha, distribution, weight, with_ce)
 
 
-__all__ = ["FUSED_DISTRIBUTIONS", "MAX_FUSED_VOTES", "fused_zipf_kl", "interpreting", "unavailable_reason"]
+def fused_zipf_kl(logits: Tensor, targets: Tensor, votes: Tensor, alpha: float = 1.0, distribution: str = "zipf") -> Tensor:
+    """Batch mean of ``KL(P || Q)``, as ``nontarget_kl(logits, targets, zipf_soft_labels(vote_counts(votes, C),
+    targets, alpha, distribution))``, differentiable in ``logits``, in one kernel.
+
+    ``logits`` N x C (any float dtype; computed in float32), ``targets`` N, ``votes`` N x V class
+    indices (V <= :data:`MAX_FUSED_VOTES`). Raises ``RuntimeError`` naming the reason when the kernel
+    cannot run here (see :func:`unavailable_reason`)."""
+    loss, _ = _apply(logits, targets, votes, alpha, distribution, 1.0, with_ce=False)
+    return loss
+
+
+def fused_ce_zipf(
+    logits: Tensor, targets: Tensor, votes: Tensor, weight: float, alpha: float = 1.0, distribution: str = "zipf"
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Zipf's LS's whole objective in one kernel: ``(loss, ce, kl)`` with ``loss = ce + weight * kl``
+    (``ce`` = ``F.cross_entropy(logits, targets)``, ``kl`` as :func:`fused_zipf_kl`). Only ``loss`` is
+    differentiable; ``ce`` and ``kl`` are the values of its terms, for logging. The step then costs
+    what cross-entropy alone costs in launches: the kernel and a sum forward, one multiply backward."""
+    loss, terms = _apply(logits, targets, votes, alpha, distribution, weight, with_ce=True)
+    ce, kl = terms.unbind()
+    return loss, ce, kl
+
+
+__all__ = ["FUSED_DISTRIBUTIONS", "MAX_FUSED_VOTES", "fused_ce_zipf", "fused_zipf_kl", "interpreting", "unavailable_reason"]
