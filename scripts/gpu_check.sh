@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
-# Every GPU check in one call (about 10 minutes on one H100/H200):
-#   1. every test marked cuda (CPU/CUDA agreement, no host sync in any method's step, bf16 run)
-#   2. scripts/bench_loss_overhead.py on CUDA (Zipf/CE and Zipf/LS step-time and memory ratios)
-#   3. scripts/bench_train.py on CUDA (images/s synthetic vs real loader; ResNet-50 224 px bf16)
-#   4. scripts/bench_methods.py on CUDA (Table 1's cost columns: every method vs CE)
-#   5. the quick_tinyimagenet protocol (CE vs Zipf x 2 seeds, four runs sharing the GPU) + its table
-# Usage: bash scripts/gpu_check.sh [OUT_DIR]
+# Every GPU check, in parts (PARTS, default all of them, in this order):
+#   tests    every test marked cuda (fused Zipf kernel vs reference, CPU/CUDA agreement, no host
+#            sync in any method's step, bf16 run)                                     T_TESTS   100 s
+#   loss     scripts/bench_loss_overhead.py (Zipf/CE step time and memory; fused vs reference) T_LOSS 80 s
+#   train    scripts/bench_train.py (images/s: eager, compiled, ResNet-50, real loader) T_TRAIN  200 s
+#   methods  scripts/bench_methods.py (Table 1's cost columns: every method vs CE)      T_METHODS 45 s
+#   quick    the quick_tinyimagenet protocol (CE vs Zipf x 2 seeds, four runs sharing
+#            the GPU) + its table                                                      T_QUICK   300 s
+# A device call is limited to 600 s, so on a ~15-minute GPU budget use two calls:
+#   PARTS="tests loss train methods" bash scripts/gpu_check.sh $OUT     # ~7 min
+#   PARTS=quick bash scripts/gpu_check.sh $OUT                          # ~5 min
+# Usage: [PARTS="..."] bash scripts/gpu_check.sh [OUT_DIR]
 # Data: $ZIPFLS_DATA (a folder holding tinyimagenet-32/), default .gpu_data, else ../shared/data.
 # Python packages the GPU image lacks (hydra-core, omegaconf, antlr4) may be carried in .gpu_site/.
-# Budgets (seconds) can be shrunk for a dry run: T_TESTS T_LOSS T_TRAIN T_METHODS T_QUICK, QUICK_EXTRA (overrides).
+# Budgets (seconds) can be shrunk for a dry run; TRAIN_ARGS replaces bench_train.py's case list,
+# QUICK_EXTRA adds overrides to the quick runs.
 set -u
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-gpu_check_out}}
@@ -27,29 +33,44 @@ log() { echo "[$(date +%T)] $*" | tee -a "$out/gpu_check.log"; }
 log "start; data=$data"
 { nvidia-smi; $PY -c "import torch, torchvision, timm; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__)"; } >> "$out/gpu_check.log" 2>&1
 
-log "1/5 CUDA tests"
-timeout "${T_TESTS:-120}" $PY -m pytest -m cuda -q -p no:cacheprovider tests/ > "$out/cuda_tests.txt" 2>&1
-log "    exit $? ($(tail -1 "$out/cuda_tests.txt"))"
+parts=" ${PARTS:-tests loss train methods quick} "
+wants() { [[ "$parts" == *" $1 "* ]]; }
 
-log "2/5 loss overhead"
-timeout "${T_LOSS:-90}" $PY scripts/bench_loss_overhead.py --device cuda --precision bf16 > "$out/bench_loss_overhead.txt" 2>&1
-log "    exit $?"
+if wants tests; then
+  log "tests: every cuda-marked test"
+  timeout "${T_TESTS:-100}" $PY -m pytest -m cuda -q -p no:cacheprovider tests/ > "$out/cuda_tests.txt" 2>&1
+  log "    exit $? ($(tail -1 "$out/cuda_tests.txt"))"
+fi
 
-log "3/5 training throughput"
-timeout "${T_TRAIN:-140}" $PY scripts/bench_train.py --device cuda --data "$data" ${TRAIN_ARGS:-} > "$out/bench_train.txt" 2>&1
-log "    exit $?"
+if wants loss; then
+  log "loss: Zipf's overhead over CE and LS"
+  timeout "${T_LOSS:-80}" $PY scripts/bench_loss_overhead.py --device cuda --precision bf16 --loss-repeats 10 > "$out/bench_loss_overhead.txt" 2>&1
+  log "    exit $?"
+fi
 
-log "4/5 method costs (Table 1)"
-timeout "${T_METHODS:-60}" $PY scripts/bench_methods.py --device cuda --precision bf16 --width 64 --batch 128 --classes 100 --dataset cifar100 > "$out/bench_methods.txt" 2>&1
-log "    exit $?"
+if wants train; then
+  log "train: training throughput"
+  timeout "${T_TRAIN:-200}" $PY scripts/bench_train.py --device cuda --data "$data" ${TRAIN_ARGS:---cases small,compile,resnet50,small_real} > "$out/bench_train.txt" 2>&1
+  log "    exit $?"
+fi
 
-log "5/5 quick_tinyimagenet (4 runs at once)"
+if wants methods; then
+  log "methods: every method's step cost (Table 1)"
+  timeout "${T_METHODS:-45}" $PY scripts/bench_methods.py --device cuda --precision bf16 --width 64 --batch 128 --classes 100 --dataset cifar100 > "$out/bench_methods.txt" 2>&1
+  log "    exit $?"
+fi
+
+if ! wants quick; then
+  log "done"
+  exit 0
+fi
+log "quick: quick_tinyimagenet (4 runs at once)"
 sweep=$PWD/outputs/gpu_check_quick
 rm -rf "$sweep"
 pids=()
 for loss in ce zipf; do
   for seed in 0 1; do
-    timeout "${T_QUICK:-170}" $PY train.py experiment=quick_tinyimagenet "dataset.root=$data" "loss=$loss" "seed=$seed" \
+    timeout "${T_QUICK:-300}" $PY train.py experiment=quick_tinyimagenet "dataset.root=$data" "loss=$loss" "seed=$seed" \
       trainer.progress_bar=false "hydra.run.dir=$sweep/${loss}_seed${seed}" ${QUICK_EXTRA:-} > "$sweep.$loss.$seed.log" 2>&1 &
     pids+=($!)
   done
