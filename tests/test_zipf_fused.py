@@ -240,6 +240,41 @@ def test_method_step_with_the_kernel_equals_the_reference_path(interpreted: tupl
 
 
 # --------------------------------------------------------------------------------------------------
+# The real compiler, without a GPU: Triton builds the kernel for a given GPU architecture on the CPU
+# (ptxas ships with it), which catches what the interpreter lets through (types, layouts) and
+# shows the register use.
+
+
+@pytest.mark.parametrize(("capability", "block_v", "block_c", "num_warps"), [(90, 64, 256, 4), (90, 128, 1024, 8), (80, 16, 16, 4)])
+def test_kernel_compiles_for_gpus_without_spilling(capability: int, block_v: int, block_c: int, num_warps: int, tmp_path: Path) -> None:
+    triton_or_fail()
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from zipfls_train.losses import zipf_fused
+
+    signature = {
+        "logits_ptr": "*bf16", "logits_row_stride": "i32", "targets_ptr": "*i64", "votes_ptr": "*i64",
+        "votes_row_stride": "i32", "grad_ptr": "*bf16", "rows_ptr": "*fp32", "batch": "i32", "num_classes": "i32",
+        "num_votes": "i32", "alpha": "fp32", "weight": "fp32",
+        "DISTRIBUTION": "constexpr", "WITH_CE": "constexpr", "BLOCK_V": "constexpr", "BLOCK_C": "constexpr",
+    }
+    for distribution in range(3):
+        for with_ce in (True, False):
+            source = ASTSource(
+                fn=zipf_fused._zipf_kernel, signature=signature,
+                constexprs={"DISTRIBUTION": distribution, "WITH_CE": with_ce, "BLOCK_V": block_v, "BLOCK_C": block_c},
+            )
+            compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps})
+    cubin = tmp_path / "kernel.cubin"
+    cubin.write_bytes(compiled.asm["cubin"])
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    usage = subprocess.run([str(tool), "-res-usage", str(cubin)], capture_output=True, text=True, check=True).stdout
+    assert "LOCAL:0" in usage, usage  # no register spills to local memory
+
+
+# --------------------------------------------------------------------------------------------------
 # Choosing the path (in this process: no interpreter, no GPU).
 
 

@@ -66,9 +66,10 @@ def unavailable_reason(device: torch.device, num_votes: int) -> str | None:
 
 if triton is not None:
 
+    # (Comments, not docstrings, inside the kernels: Triton compiles their source.)
     @triton.jit
     def _rank_weight(rank, alpha, num_classes, DISTRIBUTION: tl.constexpr):
-        """Unnormalised soft-label weight of a rank (float32): rank^-alpha | 1 | C + 1 - rank."""
+        # Unnormalised soft-label weight of a rank (float32): rank^-alpha | 1 | C + 1 - rank.
         rank = rank.to(tl.float32)
         if DISTRIBUTION == 0:
             weight = tl.exp(-alpha * tl.log(rank))
@@ -84,8 +85,8 @@ if triton is not None:
         batch, num_classes, num_votes, alpha, weight,
         DISTRIBUTION: tl.constexpr, WITH_CE: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
-        """One sample per program. rows_ptr: 3 x batch, per sample / batch: [loss, ce, kl] with
-        loss = ce + weight * kl (ce = 0 without WITH_CE). grad_ptr: batch x C, d loss / d logits."""
+        # One sample per program. rows_ptr: 3 x batch, per sample / batch: [loss, ce, kl] with
+        # loss = ce + weight * kl (ce = 0 without WITH_CE). grad_ptr: batch x C, d loss / d logits.
         row = tl.program_id(0).to(tl.int64)
         inv_batch = 1.0 / batch
         target = tl.load(targets_ptr + row).to(tl.int32)
