@@ -175,3 +175,21 @@ def test_compiled_training_step_matches_eager(tmp_path):
             squared_difference += float(((compiled_after[name] - eager_after[name]) ** 2).sum())
             squared_update += float(((eager_after[name] - start) ** 2).sum())
     assert squared_update > 0 and (squared_difference / squared_update) ** 0.5 < 0.05
+
+
+@pytest.mark.parametrize("loss", ["pskd", "zipf"])
+def test_compiled_step_is_not_recompiled_as_epochs_change_the_method(tmp_path, loss):
+    """A value that changes every epoch (PS-KD's alpha_t) must reach the compiled step as a tensor:
+    a Python float would be a guard, a recompilation each epoch, and after 8 of them dynamo gives up
+    and runs the step eagerly for the rest of the run."""
+    from conftest import compose
+    from zipfls_train.engine.distributed import DistContext
+
+    overrides = ["dataset=synthetic", "dataset.image_size=32", "dataset.num_classes=20", "dataset.steps_per_epoch=2",
+                 "dataset.zipf.upsample=bilinear", "model.options.width=8", "trainer.batch_size=16", f"loss={loss}",
+                 "trainer.device=cpu", "trainer.progress_bar=false", "trainer.compile=true", "trainer.epochs=3",
+                 "trainer.zipf_fit_at_end=false"]
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        summary = Trainer(compose(overrides), DistContext(), tmp_path).fit()
+    assert (summary["status"], summary["epochs"]) == ("finished", 3)

@@ -94,6 +94,10 @@ class ProgressiveSelfKD(Method):
         self.topk = int(topk)
         self.dtype = MEMORY_DTYPES[memory_dtype]
         self.alpha = 0.0
+        # The same value as a device tensor, updated in place: under trainer.compile a Python float
+        # would be a guard, and every epoch's new alpha_t a recompilation (dynamo stops recompiling
+        # after 8 and runs the step eagerly).
+        self.register_buffer("alpha_tensor", torch.zeros((), dtype=torch.float32), persistent=False)
         # Empty until setup() knows the dataset size; registered now so .to(device) places them.
         self.register_buffer("seen", torch.zeros(0, dtype=torch.bool))
         if memory == "full":
@@ -116,6 +120,7 @@ class ProgressiveSelfKD(Method):
 
     def on_epoch_start(self, epoch: int, num_epochs: int) -> None:
         self.alpha = pskd_alpha(self.final_alpha, epoch, num_epochs)
+        self.alpha_tensor.fill_(self.alpha)
 
     # --- memory -----------------------------------------------------------------------------
     def previous_predictions(self, indices: Tensor, targets: Tensor) -> Tensor:
@@ -149,9 +154,9 @@ class ProgressiveSelfKD(Method):
         if self.seen.shape[0] == 0:
             raise RuntimeError("PS-KD's memory is empty: setup(dataset_size=...) must run before training")
         logits = outputs.logits
-        alpha = self.alpha
+        alpha = self.alpha_tensor
         onehot = one_hot(batch.targets, self.num_classes)
-        targets = (1.0 - alpha) * onehot + alpha * self.previous_predictions(batch.indices, batch.targets)
+        targets = torch.lerp(onehot, self.previous_predictions(batch.indices, batch.targets), alpha)  # (1 - a) onehot + a prev
         loss = soft_cross_entropy(logits, targets)
         self.store(batch.indices, F.softmax(logits.detach().float(), dim=1))
-        return {"loss": loss, "pskd_ce": loss, "alpha_t": logits.new_full((), alpha, dtype=torch.float32)}
+        return {"loss": loss, "pskd_ce": loss, "alpha_t": alpha.clone()}
