@@ -191,6 +191,33 @@ def test_train_shards_are_disjoint_and_val_shards_count_every_sample_once():
     assert sorted(torch.cat(val).tolist()) == list(range(23))
 
 
+@pytest.mark.parametrize("augment", ["crop_pad", "random_resized_crop"])
+def test_an_image_is_augmented_alike_whatever_the_processes_and_accumulation(augment):
+    """The global batch of an optimiser step, pixel for pixel, from 1 process, from 2 ranks (each its
+    half), and from 1 process accumulating 2 micro-batches: augmentation parameters belong to the
+    global sample slot, not to the process or micro-step that happens to load it."""
+    data = _numbered(48)
+
+    def loader(**options):
+        options = LoaderOptions(device=torch.device("cpu"), seed=7, eval_batch_size=4, **options)
+        return TensorLoader(data, options, train=True, augment=augment, image_size=8, mean=[0.5] * 3, std=[0.5] * 3)
+
+    single = list(loader(batch_size=8).epoch(2))  # 6 steps of 8
+    ranks = [list(loader(batch_size=4, rank=r, world_size=2).epoch(2)) for r in range(2)]
+    accumulated = list(loader(batch_size=4, accumulate_steps=2).epoch(2))  # 12 micro-batches
+    assert len(single) == 6 and len(ranks[0]) == 6 and len(accumulated) == 12
+    for step, whole in enumerate(single):
+        for parts in ([ranks[0][step], ranks[1][step]], accumulated[2 * step : 2 * step + 2]):
+            assert torch.equal(torch.cat([p.indices for p in parts]), whole.indices)
+            assert torch.equal(torch.cat([p.inputs for p in parts]), whole.inputs)
+    # And an image's parameters are drawn afresh each epoch (not one crop per sample for the run).
+    def views(batches):
+        return {int(i): x for b in batches for i, x in zip(b.indices, b.inputs)}
+
+    epoch2, epoch3 = views(single), views(loader(batch_size=8).epoch(3))
+    assert sum(not torch.equal(epoch2[i], epoch3[i]) for i in epoch2.keys() & epoch3.keys()) > len(epoch2) // 2
+
+
 def test_pairs_are_same_class_and_second_view_differs():
     data = _numbered(30)
     batch = next(_loader(data, train=True, pairs=True, two_views=True).epoch(0))

@@ -1,16 +1,18 @@
 """Batched augmentation of uint8 image tensors on their own device (GPU or CPU).
 
 Small-resolution datasets live in memory as uint8; every batch is augmented here in a handful of
-kernels, with no DataLoader workers and no host round trip. Randomness comes from
-:class:`RandomDraws`: numbers are drawn for the whole *global* batch from a generator seeded by
-(seed, epoch, step) and each rank keeps its own rows, so a batch is reproduced exactly on resume and
-the augmentation of an image does not depend on how many processes share the batch.
+kernels, with no DataLoader workers and no host round trip. The random parameters of an
+augmentation (crop offsets or boxes, flips: :class:`ViewParams`) are drawn by :func:`draw_params`
+and applied by :func:`apply_params`, so a loader can draw a whole epoch's parameters in one go (a
+few dozen kernels per epoch instead of per step: at the paper's batch of 128 a GPU step is bound by
+kernel launches) and slice them per step. Randomness comes from :class:`RandomDraws`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,32 +23,38 @@ TRAIN_AUGMENTS = ("crop_pad", "random_resized_crop", "none")
 
 
 class RandomDraws:
-    """Uniform draws for ``total`` samples of which this process keeps ``rows``."""
+    """Uniform draws from one generator, in the order the augmentation asks for them."""
 
-    def __init__(self, generator: torch.Generator, total: int | None = None, rows: slice | None = None) -> None:
+    def __init__(self, generator: torch.Generator) -> None:
         self.generator = generator
-        self.total = total
-        self.rows = rows
 
     def uniform(self, n: int, *trailing: int, device: torch.device) -> Tensor:
-        total = self.total if self.total is not None else n
-        draws = torch.rand((total, *trailing), generator=self.generator, device=device)
-        out = draws[self.rows] if self.rows is not None else draws
-        if out.shape[0] != n:
-            raise ValueError(f"RandomDraws keeps {out.shape[0]} rows but the batch has {n} images")
-        return out
+        return torch.rand((n, *trailing), generator=self.generator, device=device)
 
 
 def _as_draws(randomness: RandomDraws | torch.Generator) -> RandomDraws:
     return randomness if isinstance(randomness, RandomDraws) else RandomDraws(randomness)
 
 
+CROP_PADDING = 4  # RandomCrop(32, padding=4), the CIFAR recipe
+
+
+def random_crop_offsets(n: int, padded_size: int, size: int, randomness: RandomDraws | torch.Generator, device: torch.device) -> Tensor:
+    """(row, column) offsets, N x 2 long, uniform in [0, padded_size - size]."""
+    max_offset = padded_size - size
+    return (_as_draws(randomness).uniform(n, 2, device=device) * (max_offset + 1)).long().clamp_(max=max_offset)
+
+
 def random_crop_with_padding(images: Tensor, size: int, padding: int, randomness: RandomDraws | torch.Generator) -> Tensor:
     """torchvision RandomCrop(size, padding) with zero padding, one offset per image."""
+    offsets = random_crop_offsets(images.shape[0], images.shape[-1] + 2 * padding, size, randomness, images.device)
+    return crop_with_padding(images, size, padding, offsets)
+
+
+def crop_with_padding(images: Tensor, size: int, padding: int, offsets: Tensor) -> Tensor:
+    """Zero-pad by ``padding`` and crop size x size at each image's (row, column) ``offsets``."""
     n = images.shape[0]
     padded = F.pad(images, (padding, padding, padding, padding))
-    max_offset = padded.shape[-1] - size
-    offsets = (_as_draws(randomness).uniform(n, 2, device=images.device) * (max_offset + 1)).long().clamp_(max=max_offset)
     span = torch.arange(size, device=images.device)
     rows = (offsets[:, 0:1] + span)[:, :, None]  # N x size x 1
     cols = (offsets[:, 1:2] + span)[:, None, :]  # N x 1 x size
@@ -110,8 +118,12 @@ def crop_and_resize(images: Tensor, boxes: Tensor, size: int) -> Tensor:
     return roi_align(images, rois.to(images.dtype), output_size=size, spatial_scale=1.0, sampling_ratio=sampling, aligned=True)
 
 
-def random_flip(images: Tensor, randomness: RandomDraws | torch.Generator) -> Tensor:
-    flip = _as_draws(randomness).uniform(images.shape[0], device=images.device) < 0.5
+def random_flips(n: int, randomness: RandomDraws | torch.Generator, device: torch.device) -> Tensor:
+    """Which images to mirror (N bool, each with probability 1/2)."""
+    return _as_draws(randomness).uniform(n, device=device) < 0.5
+
+
+def flip_where(images: Tensor, flip: Tensor) -> Tensor:
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
 
 
@@ -145,16 +157,46 @@ def resize_uint8(images: Tensor, size: int) -> Tensor:
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
-def augment_train(images: Tensor, kind: str, size: int, randomness: RandomDraws | torch.Generator) -> Tensor:
-    """uint8 N x 3 x H x W -> float N x 3 x size x size in 0..255, augmented per ``kind`` + flip."""
+@dataclass(frozen=True)
+class ViewParams:
+    """The random parameters of one augmented view of N images: ``crop`` is N x 2 long offsets
+    (crop_pad), N x 4 float boxes (random_resized_crop) or None (none); ``flip`` is N bool."""
+
+    kind: str
+    crop: Tensor | None
+    flip: Tensor
+
+    def rows(self, rows: slice) -> ViewParams:
+        return ViewParams(self.kind, None if self.crop is None else self.crop[rows], self.flip[rows])
+
+
+def draw_params(kind: str, n: int, height: int, width: int, size: int, randomness: RandomDraws | torch.Generator, device: torch.device) -> ViewParams:
+    """Parameters of ``kind`` (crop_pad | random_resized_crop | none, each + horizontal flip) for N
+    images of height x width, to be output at size x size."""
     randomness = _as_draws(randomness)
     if kind == "crop_pad":
-        out = random_crop_with_padding(images, size, padding=4, randomness=randomness).float()
+        crop = random_crop_offsets(n, width + 2 * CROP_PADDING, size, randomness, device)
     elif kind == "random_resized_crop":
-        boxes = random_resized_crop_boxes(images.shape[0], images.shape[-2], images.shape[-1], randomness, images.device)
-        out = crop_and_resize(images.float(), boxes, size)
+        crop = random_resized_crop_boxes(n, height, width, randomness, device)
     elif kind == "none":
-        out = resize_uint8(images, size).float()
+        crop = None
     else:
         raise ValueError(f"dataset.train_augment must be one of {TRAIN_AUGMENTS}, got {kind!r}")
-    return random_flip(out, randomness)
+    return ViewParams(kind, crop, random_flips(n, randomness, device))
+
+
+def apply_params(images: Tensor, size: int, params: ViewParams) -> Tensor:
+    """uint8 N x 3 x H x W -> float N x 3 x size x size in 0..255: crop/resize, then flip."""
+    if params.kind == "crop_pad":
+        out = crop_with_padding(images, size, CROP_PADDING, params.crop).float()
+    elif params.kind == "random_resized_crop":
+        out = crop_and_resize(images.float(), params.crop, size)
+    else:
+        out = resize_uint8(images, size).float()
+    return flip_where(out, params.flip)
+
+
+def augment_train(images: Tensor, kind: str, size: int, randomness: RandomDraws | torch.Generator) -> Tensor:
+    """uint8 N x 3 x H x W -> float N x 3 x size x size in 0..255, augmented per ``kind`` + flip."""
+    n, _, height, width = images.shape
+    return apply_params(images, size, draw_params(kind, n, height, width, size, randomness, images.device))

@@ -1,9 +1,11 @@
 """Loader for datasets that fit in memory (CIFAR-100, TinyImageNet at 32 px): the whole set is one
 uint8 tensor on the training device; batches are indexed and augmented there (no workers).
 
-Order and augmentation are pure functions of (seed, epoch, step): a run resumed at any step sees
-exactly the batches it would have seen (no sampler state to save), and under DDP each rank takes its
-slice of the same global batch, drawn with the same random numbers as a single process would use.
+Order and augmentation are pure functions of (seed, epoch): at the start of an epoch the sample
+order and every augmentation parameter of the epoch are drawn at once (a few dozen kernels per
+epoch rather than per step), and each step slices them. So a run resumed at any step sees exactly
+the batches it would have seen (no sampler state to save), and under DDP each rank takes its slice
+of the same global batch, with the same parameters a single process would use.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .augment import Normalizer, RandomDraws, augment_train, resize_uint8
+from .augment import Normalizer, RandomDraws, ViewParams, apply_params, draw_params, resize_uint8
 from .batch import Batch
 from .images import ImageTensors
 
@@ -109,11 +111,10 @@ class TensorLoader:
         self._class_count = counts
         self._class_start = torch.cumsum(counts, 0) - counts
 
-    def _pair_indices(self, targets: Tensor, draws: RandomDraws) -> Tensor:
+    def _pair_indices(self, targets: Tensor, uniform: Tensor) -> Tensor:
         """Another sample of the same class for each target, uniformly (it may be the sample itself,
-        as in CS-KD's PairBatchSampler)."""
-        u = draws.uniform(targets.shape[0], device=targets.device)
-        offset = (u * self._class_count[targets]).long().clamp_max_(self._class_count[targets] - 1)
+        as in CS-KD's PairBatchSampler); ``uniform``: one U[0, 1) draw per target."""
+        offset = (uniform * self._class_count[targets]).long().clamp_max_(self._class_count[targets] - 1)
         return self._by_class[self._class_start[targets] + offset]
 
     # --- batches ---------------------------------------------------------------------------
@@ -123,11 +124,29 @@ class TensorLoader:
         layout = torch.channels_last if self.options.channels_last else torch.contiguous_format
         return out.contiguous(memory_format=layout)
 
-    def _view(self, index: Tensor, draws: RandomDraws | None) -> Tensor:
+    def _view(self, index: Tensor, params: ViewParams | None) -> Tensor:
         pixels = self.images[index]
-        if draws is None:
+        if params is None:
             return self._prepare(pixels)
-        return self._prepare(augment_train(pixels, self.augment, self.image_size, draws))
+        return self._prepare(apply_params(pixels, self.image_size, params))
+
+    def _epoch_params(self, epoch: int, slots: int) -> dict[str, ViewParams | Tensor]:
+        """Every random parameter of an epoch's ``slots`` global sample slots, drawn at once."""
+        generator = torch.Generator(device=self.images.device)
+        generator.manual_seed(_mix(self.options.seed, epoch, 1))
+        draws = RandomDraws(generator)
+        device, (height, width) = self.images.device, self.images.shape[-2:]
+
+        def view() -> ViewParams:
+            return draw_params(self.augment, slots, height, width, self.image_size, draws, device)
+
+        params: dict[str, ViewParams | Tensor] = {"view": view()}
+        if self.options.two_views:
+            params["second_view"] = view()
+        if self.options.pairs:
+            params["pair_uniform"] = draws.uniform(slots, device=device)
+            params["pair_view"] = view()
+        return params
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         indices = self._indices(epoch)
@@ -136,25 +155,25 @@ class TensorLoader:
                 index = indices[step * self.batch_size : (step + 1) * self.batch_size]
                 yield Batch(self._view(index, None), self.targets[index].to(self.options.device), index.to(self.options.device))
             return
+        accumulate = self.options.accumulate_steps
+        params = self._epoch_params(epoch, len(self) // accumulate * self.global_batch)
         for micro_step in range(start_step, len(self)):
-            # Draws are made for the whole optimiser step and sliced, so neither the number of
-            # processes nor gradient accumulation changes how an image is augmented.
-            step, part = divmod(micro_step, self.options.accumulate_steps)
+            # Parameters belong to global sample slots, so neither the number of processes nor
+            # gradient accumulation changes how an image is augmented.
+            step, part = divmod(micro_step, accumulate)
             mine = self._my_rows(part)
-            index = indices[step * self.global_batch : (step + 1) * self.global_batch][mine]
+            rows = slice(step * self.global_batch + mine.start, step * self.global_batch + mine.stop)
+            index = indices[rows]
             targets = self.targets[index]
-            generator = torch.Generator(device=self.images.device)
-            generator.manual_seed(_mix(self.options.seed, epoch, step))
-            draws = RandomDraws(generator, total=self.global_batch, rows=mine)
             batch = Batch(
-                inputs=self._view(index, draws),
+                inputs=self._view(index, params["view"].rows(rows)),
                 targets=targets.to(self.options.device, non_blocking=True),
                 indices=index.to(self.options.device, non_blocking=True),
             )
             if self.options.two_views:
-                batch.second_view = self._view(index, draws)
+                batch.second_view = self._view(index, params["second_view"].rows(rows))
             if self.options.pairs:
-                pair = self._pair_indices(targets, draws)
-                batch.pair_inputs = self._view(pair, draws)
+                pair = self._pair_indices(targets, params["pair_uniform"][rows])
+                batch.pair_inputs = self._view(pair, params["pair_view"].rows(rows))
                 batch.pair_targets = self.targets[pair].to(self.options.device, non_blocking=True)
             yield batch
