@@ -1,8 +1,13 @@
 #!/usr/bin/env python
-"""How many operations each method's loss adds to a training step, counted at PyTorch's dispatcher.
+"""How many operations a training step dispatches, per part, counted at PyTorch's dispatcher.
 
 At the paper's batch of 128 on 32 px images a GPU step is bound by launching kernels, so the number
-of operations a loss issues, not its arithmetic, is what it costs there. This counts, for one
+of operations a loss or the loader issues, not its arithmetic, is what it costs there. Two parts:
+
+Loader: one training batch of the in-memory loader (crop_pad = the CIFAR recipe, random_resized_crop
+= the TinyImageNet one), on 32 px uint8 images, after the epoch's first batch.
+
+Loss: for one
 ``method.loss_terms`` + ``backward`` on a fixed model output (the network's own forward/backward are
 the same for every method), every ATen operation dispatched, split into those that launch a kernel
 on a GPU and those that only make views or allocate (no launch, but still CPU time). It runs on the
@@ -10,7 +15,7 @@ CPU with the GPU's memory layout (channels_last), so it needs no GPU. The fused 
 Triton launch, not an ATen operation: it is counted as one launch (its launch is replaced by a
 marker, so the values are meaningless here; only the counts are reported).
 
-    python scripts/count_loss_ops.py [--classes 200] [--batch 8]
+    python scripts/count_step_ops.py [--classes 200] [--batch 8] [--verbose]
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import os
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from zipfls_train.data import ImageTensors, LoaderOptions, TensorLoader
 from zipfls_train.data.batch import Batch
 from zipfls_train.losses import build_method, zipf_fused
 from zipfls_train.models import ModelOutput, build_model
@@ -79,6 +85,19 @@ def summary(names: list[str]) -> str:
     return f"{len(launches):3d} launches ({len(names) - len(launches):2d} views/allocations)"
 
 
+def loader_ops(augment: str, batch: int) -> list[str]:
+    images = torch.randint(0, 256, (4 * batch, 3, 32, 32), dtype=torch.uint8)
+    data = ImageTensors(images, torch.arange(4 * batch) % 10, [str(c) for c in range(10)])
+    options = LoaderOptions(batch_size=batch, eval_batch_size=batch, device=torch.device("cpu"), seed=0, channels_last=True)
+    loader = TensorLoader(data, options, train=True, augment=augment, image_size=32, mean=[0.5] * 3, std=[0.5] * 3)
+    batches = loader.epoch(0)
+    next(batches)  # the epoch's first batch also draws the epoch's parameters
+    log = OpLog()
+    with log:
+        next(batches)
+    return log.names
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--classes", type=int, default=200)
@@ -94,6 +113,12 @@ def main() -> None:
     batch = Batch(inputs=inputs, targets=torch.randint(0, args.classes, (args.batch,)), indices=torch.arange(args.batch))
     with torch.no_grad():
         output = model(inputs, features=("final",))
+    print(f"# in-memory loader, one training batch of {args.batch} (32 px, channels_last)")
+    for augment in ("crop_pad", "random_resized_crop"):
+        names = loader_ops(augment, args.batch)
+        print(f"loader, {augment:<34} {summary(names)}")
+        if args.verbose:
+            print("    ", " ".join(names))
     print(f"# loss_terms + backward on a fixed cifar_resnet18 output, {args.classes} classes, channels_last; "
           "the backward includes the seed gradient (ones_like)")
     for name, config in METHODS.items():
