@@ -348,6 +348,28 @@ def test_a_kernel_that_fails_to_build_falls_back_once_with_a_warning(monkeypatch
     assert second["zipf"].item() == pytest.approx(reference["zipf"].item(), rel=1e-6)
 
 
+def test_a_kernel_that_worked_and_then_fails_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fallback is for a kernel that cannot be built here; once it has run, a failure (out of
+    memory, say) is reported like any other, not hidden behind a switch of path."""
+    calls = []
+
+    def works_once(logits, targets, votes, weight, alpha, distribution):  # noqa: ANN001, ANN202
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("CUDA out of memory")
+        reference = ZipfLabelSmoothing(10, weight=weight, kernel="torch")
+        soft = zipf_soft_labels(vote_counts(votes, 10), targets, alpha, distribution)
+        return reference._combine(torch.nn.functional.cross_entropy(logits, targets), nontarget_kl(logits, targets, soft))
+
+    monkeypatch.setattr(zipf_module, "fused_ce_zipf", works_once)
+    method = ZipfLabelSmoothing(10, kernel="auto")
+    monkeypatch.setattr(method, "_use_fused_kernel", lambda logits, votes: method._fused_kernel_ok)  # as on a GPU
+    model, batch = tiny_outputs_and_model()
+    method.training_step(model, batch)
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        method.training_step(model, batch)
+
+
 # --------------------------------------------------------------------------------------------------
 # On a GPU (scripts/gpu_check.sh): the compiled kernel against the reference functions.
 

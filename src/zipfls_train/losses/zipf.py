@@ -318,6 +318,7 @@ class ZipfLabelSmoothing(Method):
         self.aux_weight = float(aux_weight)
         self.kernel = str(kernel)
         self._fused_kernel_ok = fusable and kernel != "torch"  # cleared if the kernel fails to build (auto)
+        self._fused_kernel_ran = False  # after one success, a failure is an error like any other
         dense = self.rank_by == "dense"
         self.aux_stages = tuple(s for s in self.stages if s != "final") if dense else ()
         self.needs = Needs(feature_stages=self.stages if dense else (), aux_stages=self.aux_stages)
@@ -360,9 +361,11 @@ class ZipfLabelSmoothing(Method):
         votes = self.votes(outputs, model)
         if self._use_fused_kernel(logits, votes):
             try:
-                return fused_ce_zipf(logits, targets, votes, self.weight, self.alpha, self.distribution)
+                result = fused_ce_zipf(logits, targets, votes, self.weight, self.alpha, self.distribution)
+                self._fused_kernel_ran = True
+                return result
             except Exception as error:  # noqa: BLE001 - a kernel that does not build must not end the run
-                if self.kernel == "triton":
+                if self.kernel == "triton" or self._fused_kernel_ran:
                     raise
                 self._fused_kernel_ok = False
                 warnings.warn(
