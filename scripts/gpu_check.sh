@@ -13,6 +13,9 @@
 # Usage: [PARTS="..."] bash scripts/gpu_check.sh [OUT_DIR]
 # Data: $ZIPFLS_DATA (a folder holding tinyimagenet-32/), default .gpu_data, else ../shared/data.
 # Python packages the GPU image lacks (hydra-core, omegaconf, antlr4) may be carried in .gpu_site/.
+# Both are git-ignored; make them once, then name them in the device call's carry:
+#   mkdir -p .gpu_data .gpu_site && cp -r ../shared/data/tinyimagenet-32 .gpu_data/
+#   cp -r .venv/lib/python3.*/site-packages/{hydra,omegaconf,antlr4} .gpu_site/
 # Budgets (seconds) can be shrunk for a dry run; TRAIN_ARGS replaces bench_train.py's case list,
 # QUICK_EXTRA adds overrides to the quick runs.
 set -u
