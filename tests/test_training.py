@@ -83,6 +83,30 @@ def test_resume_refuses_a_checkpoint_of_another_configuration(run_tiny, tmp_path
         run_tiny("loss=ls", "trainer.max_steps_per_epoch=1", run_dir=tmp_path / "run")
 
 
+def test_resume_accepts_a_different_implementation_of_the_same_loss(run_tiny, tmp_path, monkeypatch):
+    """loss.kernel chooses how Zipf's loss is computed, not what: a run checkpointed with one
+    (or before the key existed) resumes with another."""
+    args = ("loss=zipf", "trainer.epochs=2", "trainer.max_steps_per_epoch=1")
+    original = Trainer.save
+
+    def stop_after_first_epoch(self, name="last.pt"):
+        original(self, name)
+        if self.progress.epoch == 1:
+            raise Interrupted
+
+    monkeypatch.setattr(Trainer, "save", stop_after_first_epoch)
+    with pytest.raises(Interrupted):
+        run_tiny(*args, "loss.kernel=torch", run_dir=tmp_path / "run")
+    monkeypatch.setattr(Trainer, "save", original)
+    checkpoint = tmp_path / "run/checkpoints/last.pt"
+    state = load_checkpoint(checkpoint)
+    del state["config"]["loss"]["kernel"]  # as written by a version without the key
+    torch.save(state, checkpoint)
+    summary, _ = run_tiny(*args, run_dir=tmp_path / "run")  # loss.kernel=auto now
+    assert summary["epochs"] == 2
+    assert [m["epoch"] for m in read_jsonl(tmp_path / "run/metrics.jsonl")] == [1, 2]
+
+
 def _train_py(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "train.py", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
 

@@ -27,11 +27,12 @@ from .metrics import RunRecords, TermAccumulator, topk_correct
 from .optim import build_optimizer, build_scheduler
 
 # Config keys that may differ between a checkpoint and the resuming command (they change how the run
-# is executed, not what it computes).
+# is executed, not what it computes; loss.kernel picks an implementation of the same numbers, and is
+# absent from checkpoints written before it existed).
 RESUME_TOLERATED = {
     "trainer.device", "trainer.devices", "trainer.progress_bar", "trainer.log_every", "trainer.num_workers",
     "trainer.checkpoint_every_steps", "trainer.resume", "trainer.compile", "trainer.data_on",
-    "trainer.max_steps_per_epoch", "trainer.eval_batch_size", "dataset.root",
+    "trainer.max_steps_per_epoch", "trainer.eval_batch_size", "dataset.root", "loss.kernel",
 }
 
 
