@@ -3,12 +3,12 @@
 #   tests    every test marked cuda (fused Zipf kernel vs reference, CPU/CUDA agreement, no host
 #            sync in any method's step, bf16 run)                                     T_TESTS   100 s
 #   loss     scripts/bench_loss_overhead.py (Zipf/CE step time and memory; fused vs reference) T_LOSS 80 s
-#   train    scripts/bench_train.py (images/s: eager, compiled, ResNet-50, real loader) T_TRAIN  200 s
+#   train    scripts/bench_train.py (images/s: eager, compiled, ResNet-50, real loader, ResNet-50 compiled) T_TRAIN 240 s
 #   methods  scripts/bench_methods.py (Table 1's cost columns: every method vs CE)      T_METHODS 45 s
 #   quick    the quick_tinyimagenet protocol (CE vs Zipf x 2 seeds, four runs sharing
 #            the GPU) + its table                                                      T_QUICK   300 s
 # A device call is limited to 600 s, so on a ~15-minute GPU budget use two calls:
-#   PARTS="tests loss train methods" bash scripts/gpu_check.sh $OUT     # ~7 min
+#   PARTS="tests loss train methods" bash scripts/gpu_check.sh $OUT     # <= 8 min
 #   PARTS=quick bash scripts/gpu_check.sh $OUT                          # ~5 min
 # Usage: [PARTS="..."] bash scripts/gpu_check.sh [OUT_DIR]
 # Data: $ZIPFLS_DATA (a folder holding tinyimagenet-32/), default .gpu_data, else ../shared/data.
@@ -53,7 +53,7 @@ fi
 
 if wants train; then
   log "train: training throughput"
-  timeout "${T_TRAIN:-200}" $PY scripts/bench_train.py --device cuda --data "$data" ${TRAIN_ARGS:---cases small,compile,resnet50,small_real} > "$out/bench_train.txt" 2>&1
+  timeout "${T_TRAIN:-240}" $PY scripts/bench_train.py --device cuda --data "$data" ${TRAIN_ARGS:---cases small,compile,resnet50,small_real,resnet50_compile} > "$out/bench_train.txt" 2>&1
   log "    exit $?"
 fi
 
