@@ -356,29 +356,36 @@ class ZipfLabelSmoothing(Method):
         first is differentiable then) or by the reference functions."""
         logits = outputs.logits
         if self.rank_by == "logits":
-            soft = zipf_soft_labels(logits.detach(), targets, self.alpha, self.distribution)
-            return self._combine(cross_entropy(logits, targets), nontarget_kl(logits, targets, soft))
-        votes = self.votes(outputs, model)
-        if self._use_fused_kernel(logits, votes):
-            try:
-                result = fused_ce_zipf(logits, targets, votes, self.weight, self.alpha, self.distribution)
-                self._fused_kernel_ran = True
-                return result
-            except Exception as error:  # noqa: BLE001 - a kernel that does not build must not end the run
-                if self.kernel == "triton" or self._fused_kernel_ran:
-                    raise
-                self._fused_kernel_ok = False
-                warnings.warn(
-                    f"the fused Zipf kernel failed ({type(error).__name__}: {error}); using the reference "
-                    "path from now on (set loss.kernel=torch to skip the attempt)",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-        soft = zipf_soft_labels(vote_counts(votes, self.num_classes), targets, self.alpha, self.distribution)
-        return self._combine(cross_entropy(logits, targets), nontarget_kl(logits, targets, soft))
-
-    def _combine(self, ce: Tensor, zipf: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            scores = logits.detach()
+        else:
+            votes = self.votes(outputs, model)
+            fused = self._fused(logits, targets, votes)
+            if fused is not None:
+                return fused
+            scores = vote_counts(votes, self.num_classes)
+        soft = zipf_soft_labels(scores, targets, self.alpha, self.distribution)
+        ce, zipf = cross_entropy(logits, targets), nontarget_kl(logits, targets, soft)
         return torch.add(ce, zipf, alpha=self.weight), ce, zipf
+
+    def _fused(self, logits: Tensor, targets: Tensor, votes: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The fused kernel's ``(loss, ce, KL)``, or None where the reference path is to be used."""
+        if not self._use_fused_kernel(logits, votes):
+            return None
+        try:
+            result = fused_ce_zipf(logits, targets, votes, self.weight, self.alpha, self.distribution)
+        except Exception as error:  # noqa: BLE001 - a kernel that does not build must not end the run
+            if self.kernel == "triton" or self._fused_kernel_ran:
+                raise
+            self._fused_kernel_ok = False
+            warnings.warn(
+                f"the fused Zipf kernel failed ({type(error).__name__}: {error}); using the reference "
+                "path from now on (set loss.kernel=torch to skip the attempt)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return None
+        self._fused_kernel_ran = True
+        return result
 
     def loss_terms(self, outputs: ModelOutput, batch: Batch, model: nn.Module) -> dict[str, Tensor]:
         targets = batch.targets
