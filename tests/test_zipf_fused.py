@@ -348,6 +348,31 @@ def test_a_kernel_that_fails_to_build_falls_back_once_with_a_warning(monkeypatch
     assert second["zipf"].item() == pytest.approx(reference["zipf"].item(), rel=1e-6)
 
 
+def test_a_kernel_that_computes_wrong_numbers_is_caught_on_the_first_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel that builds but miscomputes (here: the KL's gradient dropped) is compared with the
+    reference functions on its first call: auto warns with the numbers and uses the reference path,
+    triton raises."""
+
+    def ce_only(logits, targets, votes, weight, alpha, distribution):  # noqa: ANN001, ANN202
+        soft = zipf_soft_labels(vote_counts(votes, 10), targets, alpha, distribution)
+        ce, kl = torch.nn.functional.cross_entropy(logits, targets), nontarget_kl(logits, targets, soft)
+        return ce + weight * kl.detach(), ce, kl  # right value, wrong gradient
+
+    monkeypatch.setattr(zipf_module, "fused_ce_zipf", ce_only)
+    model, batch = tiny_outputs_and_model()
+    reference = ZipfLabelSmoothing(10, kernel="torch").training_step(model, batch)
+    method = ZipfLabelSmoothing(10, kernel="auto")
+    monkeypatch.setattr(method, "_use_fused_kernel", lambda logits, votes: method._fused_kernel_ok)  # as on a GPU
+    with pytest.warns(RuntimeWarning, match="disagrees with the reference functions on the first batch.*gradient difference"):
+        terms = method.training_step(model, batch)
+    assert terms["loss"].item() == pytest.approx(reference["loss"].item(), rel=1e-6)
+    assert terms["zipf"].requires_grad  # the reference path's terms, not the rejected kernel's
+    forced = ZipfLabelSmoothing(10, kernel="triton")
+    monkeypatch.setattr(forced, "_use_fused_kernel", lambda logits, votes: True)
+    with pytest.raises(RuntimeError, match="disagrees"):
+        forced.training_step(model, batch)
+
+
 def test_a_kernel_that_worked_and_then_fails_raises(monkeypatch: pytest.MonkeyPatch) -> None:
     """The fallback is for a kernel that cannot be built here; once it has run, a failure (out of
     memory, say) is reported like any other, not hidden behind a switch of path."""

@@ -14,7 +14,9 @@ Per training sample (SPEC.md section 1):
    (:func:`nontarget_kl`), added to cross-entropy with weight lambda (config key ``weight``).
 
 Everything here stays on the inputs' device and never synchronises with the host (no ``.item()``,
-``.cpu()``, ``.tolist()`` or boolean-mask indexing), so the training step runs ahead of the GPU.
+``.cpu()``, ``.tolist()`` or boolean-mask indexing), so the training step runs ahead of the GPU
+(the fused CUDA path of ``zipf_fused.py`` is compared with these functions once, on its first
+batch: a run's only extra synchronisation).
 Votes and ranks are computed under ``no_grad`` from detached tensors; only the KL is differentiated.
 """
 
@@ -373,6 +375,8 @@ class ZipfLabelSmoothing(Method):
             return None
         try:
             result = fused_ce_zipf(logits, targets, votes, self.weight, self.alpha, self.distribution)
+            if not self._fused_kernel_ran:
+                self._check_against_reference(result[0], logits, targets, votes)
         except Exception as error:  # noqa: BLE001 - a kernel that does not build must not end the run
             if self.kernel == "triton" or self._fused_kernel_ran:
                 raise
@@ -386,6 +390,28 @@ class ZipfLabelSmoothing(Method):
             return None
         self._fused_kernel_ran = True
         return result
+
+    def _check_against_reference(self, fused_loss: Tensor, logits: Tensor, targets: Tensor, votes: Tensor) -> None:
+        """On the first batch only (one host sync per run): the kernel's loss and its gradient in
+        the logits must match the reference functions', or a RuntimeError says by how much. A
+        kernel that compiles but computes wrong numbers on some GPU is caught before it trains."""
+        probe = logits.detach().float().requires_grad_()  # the values the kernel saw
+        soft = zipf_soft_labels(vote_counts(votes, self.num_classes), targets, self.alpha, self.distribution)
+        reference = torch.add(cross_entropy(probe, targets), nontarget_kl(probe, targets, soft), alpha=self.weight)
+        (reference_grad,) = torch.autograd.grad(reference, probe)
+        if logits.requires_grad:
+            (fused_grad,) = torch.autograd.grad(fused_loss, logits, retain_graph=True)
+        else:
+            fused_grad = reference_grad
+        # float32 kernels agree to rounding; bf16/fp16 gradients are stored in their own precision.
+        tolerance = 1e-4 if logits.dtype == torch.float32 else 2e-2
+        loss_gap = (fused_loss.detach().float() - reference.detach()).abs() / reference.detach().abs().clamp_min(1e-6)
+        grad_gap = (fused_grad.float() - reference_grad).abs().max() / reference_grad.abs().max().clamp_min(1e-12)
+        if loss_gap.item() > tolerance or grad_gap.item() > tolerance:
+            raise RuntimeError(
+                f"it disagrees with the reference functions on the first batch (loss {fused_loss.item():.6g} vs "
+                f"{reference.item():.6g}; largest gradient difference {grad_gap.item():.3g} of the largest gradient)"
+            )
 
     def loss_terms(self, outputs: ModelOutput, batch: Batch, model: nn.Module) -> dict[str, Tensor]:
         targets = batch.targets
