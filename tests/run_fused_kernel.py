@@ -14,7 +14,8 @@ import torch
 
 from zipfls_train.data.batch import Batch
 from zipfls_train.losses.zipf import ZipfLabelSmoothing
-from zipfls_train.losses.zipf_fused import fused_ce_zipf, fused_zipf_kl
+from zipfls_train.losses import dense_logits
+from zipfls_train.losses.zipf_fused import DenseMap, fused_ce_zipf, fused_zipf_kl
 from zipfls_train.models import build_model
 
 
@@ -24,10 +25,15 @@ COMBINED_WEIGHT = 0.7  # lambda of the fused CE + Zipf case
 def run_case(case: dict) -> dict:
     """The KL alone (fused_zipf_kl) and CE + 0.7 KL (fused_ce_zipf): values and logits gradients."""
     out = {}
+    votes = case["votes"]
+    if "dense" in case:  # the kernel casts the votes itself, from the map and the classifier
+        dense = case["dense"]
+        votes = DenseMap(dense["feature_map"], dense["weight"], dense["bias"], dense["upsample"])
+        dense_logits.MAX_DENSE_LOGITS = dense.get("max_dense_logits", dense_logits.MAX_DENSE_LOGITS)
     for variant in ("kl", "combined"):
         logits = case["logits"].clone().requires_grad_()
         used = logits[:, : case["num_classes"]]  # a row stride wider than C where the case says so
-        args = (used, case["targets"], case["votes"])
+        args = (used, case["targets"], votes)
         if variant == "kl":
             loss = fused_zipf_kl(*args, case["alpha"], case["distribution"])
             values = {"loss": loss.item()}

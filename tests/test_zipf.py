@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from zipfls_train.data.batch import Batch
 from zipfls_train.losses import build_method
+from zipfls_train.losses import dense_logits as dense_logits_module
 from zipfls_train.losses import zipf as zipf_module
 from zipfls_train.losses.zipf import (
     DISTRIBUTIONS,
@@ -310,7 +311,7 @@ def test_dense_votes_match_per_pixel_loop(upsample: str | None, channels_last: b
 def test_dense_votes_in_chunks_match_per_pixel_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(3)
     feature_map, weight, bias = torch.randn(5, 4, 3, 3), torch.randn(7, 4), torch.randn(7)
-    monkeypatch.setattr(zipf_module, "_MAX_DENSE_LOGITS", 2 * 7 * 9)  # two samples per chunk
+    monkeypatch.setattr(dense_logits_module, "MAX_DENSE_LOGITS", 2 * 7 * 9)  # two samples per chunk
     for fm in (feature_map, feature_map.contiguous(memory_format=torch.channels_last)):
         assert dense_votes(fm, weight, bias).tolist() == reference_dense_votes(feature_map, weight, bias)
 

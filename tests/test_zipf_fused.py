@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_zipf import reference_kl, reference_ranks
+from test_zipf import reference_dense_votes, reference_kl, reference_ranks
 from zipfls_train.data.batch import Batch
 from zipfls_train.losses import zipf as zipf_module
-from zipfls_train.losses.zipf import ZipfLabelSmoothing, nontarget_kl, vote_counts, zipf_soft_labels
-from zipfls_train.losses.zipf_fused import MAX_FUSED_VOTES, fused_ce_zipf, fused_zipf_kl
+from zipfls_train.losses.zipf import ZipfLabelSmoothing, dense_votes, nontarget_kl, vote_counts, zipf_soft_labels
+from zipfls_train.losses.zipf_fused import MAX_FUSED_VOTES, DenseMap, fused_ce_zipf, fused_zipf_kl
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -133,6 +133,17 @@ RANDOM_CASES = {
 }
 
 
+# name -> (batch, channels, map height, map width, num_classes, upsample, max dense logits or None):
+# the kernel casts the votes from the map (classifier over every pixel, bilinear x2 when upsample).
+DENSE_CASES = {
+    "dense_4x4_up_c10": (3, 8, 4, 4, 10, True, None),  # CIFAR/TinyImageNet: 4x4 -> 64 votes
+    "dense_7x7_c150": (2, 6, 7, 7, 150, False, None),  # ImageNet: 49 votes; classes over 5 tiles
+    "dense_3x5_up_c40": (2, 5, 3, 5, 40, True, None),  # not square: rows and columns not swapped
+    "dense_2x2_up_c3": (2, 4, 2, 2, 3, True, None),  # edge clamping everywhere
+    "dense_4x4_up_chunked": (5, 8, 4, 4, 12, True, 2 * 12 * 64),  # two samples per dense chunk
+}
+
+
 def build_cases() -> dict[str, dict]:
     rng = random.Random(0)
     generator = torch.Generator().manual_seed(0)
@@ -151,7 +162,33 @@ def build_cases() -> dict[str, dict]:
             "votes": torch.tensor([random_votes(rng, num_classes, num_votes) for _ in range(batch)]),
             "distribution": distribution, "alpha": alpha,
         }
+    for name, (batch, channels, height, width, num_classes, upsample, max_dense) in DENSE_CASES.items():
+        dense = {
+            "feature_map": torch.randn(batch, channels, height, width, generator=generator),
+            "weight": torch.randn(num_classes, channels, generator=generator),
+            "bias": torch.randn(num_classes, generator=generator),
+            "upsample": upsample,
+        }
+        if max_dense is not None:
+            dense["max_dense_logits"] = max_dense
+        cases[name] = {
+            "logits": 3 * torch.randn(batch, num_classes, generator=generator), "num_classes": num_classes,
+            "targets": torch.tensor([rng.randrange(num_classes) for _ in range(batch)]),
+            "votes": None, "dense": dense, "distribution": "zipf", "alpha": 1.0,
+        }
     return cases
+
+
+def reference_votes(case: dict) -> list[list[int]]:
+    """The case's votes, or for a dense case the per-pixel float64 loop's (after a bilinear x2
+    upsample of the map when asked: classifying upsampled features, the SPEC's order)."""
+    if "dense" not in case:
+        return case["votes"].tolist()
+    dense = case["dense"]
+    feature_map = dense["feature_map"]
+    if dense["upsample"]:
+        feature_map = torch.nn.functional.interpolate(feature_map.double(), scale_factor=2, mode="bilinear", align_corners=False)
+    return reference_dense_votes(feature_map, dense["weight"], dense["bias"])
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +215,7 @@ def expected_for(case: dict) -> dict:
     logits = case["logits"][:, :num_classes].double().tolist()  # the values the kernel saw (bf16 already rounded)
     batch = len(logits)
     expected = {"kl": 0.0, "ce": 0.0, "kl_grad": [], "ce_grad": []}
-    for row, target, votes in zip(logits, case["targets"].tolist(), case["votes"].tolist()):
+    for row, target, votes in zip(logits, case["targets"].tolist(), reference_votes(case)):
         soft = reference_label(histogram(votes, num_classes), target, case["distribution"], case["alpha"])
         expected["kl"] += reference_kl(row, target, soft) / batch
         expected["ce"] += reference_ce(row, target) / batch
@@ -203,7 +240,7 @@ def assert_gradient(result: dict, expected: torch.Tensor, case: dict) -> None:
     torch.testing.assert_close(result["grad"].double(), expected, rtol=rtol, atol=1e-7)
 
 
-@pytest.mark.parametrize("name", [*HAND_CASES, *RANDOM_CASES])
+@pytest.mark.parametrize("name", [*HAND_CASES, *RANDOM_CASES, *DENSE_CASES])
 def test_kl_kernel_matches_the_references(interpreted: tuple[dict, dict], name: str) -> None:
     cases, results = interpreted
     case, result, expected = cases[name], results[name]["kl"], expected_for(cases[name])
@@ -215,7 +252,7 @@ def test_kl_kernel_matches_the_references(interpreted: tuple[dict, dict], name: 
         assert result["loss"] == 0.0 and result["grad"].abs().max().item() == pytest.approx(0.0, abs=1e-9)
 
 
-@pytest.mark.parametrize("name", [*HAND_CASES, *RANDOM_CASES])
+@pytest.mark.parametrize("name", [*HAND_CASES, *RANDOM_CASES, *DENSE_CASES])
 def test_ce_plus_zipf_kernel_matches_the_references(interpreted: tuple[dict, dict], name: str) -> None:
     cases, results = interpreted
     case, result, expected = cases[name], results[name]["combined"], expected_for(cases[name])
@@ -256,22 +293,23 @@ def test_kernel_compiles_for_gpus_without_spilling(capability: int, block_v: int
 
     signature = {
         "logits_ptr": "*bf16", "logits_row_stride": "i32", "targets_ptr": "*i64", "votes_ptr": "*i64",
-        "votes_row_stride": "i32", "grad_ptr": "*bf16", "rows_ptr": "*fp32", "batch": "i32", "num_classes": "i32",
-        "num_votes": "i32", "alpha": "fp32", "weight": "fp32",
-        "DISTRIBUTION": "constexpr", "WITH_CE": "constexpr", "BLOCK_V": "constexpr", "BLOCK_C": "constexpr",
+        "votes_row_stride": "i32", "dense_ptr": "*bf16", "grad_ptr": "*bf16", "rows_ptr": "*fp32",
+        "row_offset": "i32", "batch": "i32", "num_classes": "i32", "num_votes": "i32", "map_height": "i32",
+        "map_width": "i32", "alpha": "fp32", "weight": "fp32",
+        "DISTRIBUTION": "constexpr", "WITH_CE": "constexpr", "VOTES_FROM": "constexpr",
+        "BLOCK_V": "constexpr", "BLOCK_C": "constexpr", "BLOCK_CV": "constexpr",
     }
-    for distribution in range(3):
-        for with_ce in (True, False):
-            source = ASTSource(
-                fn=zipf_fused._zipf_kernel, signature=signature,
-                constexprs={"DISTRIBUTION": distribution, "WITH_CE": with_ce, "BLOCK_V": block_v, "BLOCK_C": block_c},
-            )
-            compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps})
-    cubin = tmp_path / "kernel.cubin"
-    cubin.write_bytes(compiled.asm["cubin"])
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    usage = subprocess.run([str(tool), "-res-usage", str(cubin)], capture_output=True, text=True, check=True).stdout
-    assert "LOCAL:0" in usage, usage  # no register spills to local memory
+    variants = [(d, True, 2) for d in range(3)] + [(0, False, 0), (0, True, 0), (0, True, 1)]
+    for distribution, with_ce, votes_from in variants:
+        constants = {"DISTRIBUTION": distribution, "WITH_CE": with_ce, "VOTES_FROM": votes_from,
+                     "BLOCK_V": block_v, "BLOCK_C": block_c, "BLOCK_CV": max(16, zipf_fused._VOTE_TILE // block_v)}
+        source = ASTSource(fn=zipf_fused._zipf_kernel, signature=signature, constexprs=constants)
+        compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps})
+        cubin = tmp_path / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        usage = subprocess.run([str(tool), "-res-usage", str(cubin)], capture_output=True, text=True, check=True).stdout
+        assert "LOCAL:0" in usage, (constants, usage)  # no register spills to local memory
 
 
 # --------------------------------------------------------------------------------------------------
@@ -328,6 +366,13 @@ def test_bad_kernel_choices_name_the_key(options: dict, message: str) -> None:
         ZipfLabelSmoothing(10, **options)
 
 
+def vote_ids(votes: torch.Tensor | DenseMap) -> torch.Tensor:
+    """What a fake kernel needs to compute the right numbers: the votes themselves."""
+    if isinstance(votes, DenseMap):
+        return dense_votes(votes.feature_map, votes.weight, votes.bias, "bilinear" if votes.upsample else None)
+    return votes
+
+
 def test_a_kernel_that_fails_to_build_falls_back_once_with_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
 
@@ -354,7 +399,7 @@ def test_a_kernel_that_computes_wrong_numbers_is_caught_on_the_first_batch(monke
     triton raises."""
 
     def ce_only(logits, targets, votes, weight, alpha, distribution):  # noqa: ANN001, ANN202
-        soft = zipf_soft_labels(vote_counts(votes, 10), targets, alpha, distribution)
+        soft = zipf_soft_labels(vote_counts(vote_ids(votes), 10), targets, alpha, distribution)
         ce, kl = torch.nn.functional.cross_entropy(logits, targets), nontarget_kl(logits, targets, soft)
         return ce + weight * kl.detach(), ce, kl  # right value, wrong gradient
 
@@ -382,7 +427,7 @@ def test_a_kernel_that_worked_and_then_fails_raises(monkeypatch: pytest.MonkeyPa
         calls.append(1)
         if len(calls) > 1:
             raise RuntimeError("CUDA out of memory")
-        soft = zipf_soft_labels(vote_counts(votes, 10), targets, alpha, distribution)
+        soft = zipf_soft_labels(vote_counts(vote_ids(votes), 10), targets, alpha, distribution)
         ce, kl = torch.nn.functional.cross_entropy(logits, targets), nontarget_kl(logits, targets, soft)
         return ce + weight * kl, ce, kl
 

@@ -34,20 +34,13 @@ from ..models.outputs import ModelOutput
 from ..models.wrapper import unwrap
 from .base import Method, Needs
 from .ce import cross_entropy
-from .zipf_fused import FUSED_DISTRIBUTIONS, fused_ce_zipf, unavailable_reason
+from .dense_logits import classifier_for_map, pixel_logit_chunks
+from .zipf_fused import FUSED_DISTRIBUTIONS, DenseMap, fused_ce_zipf, unavailable_reason
 
 UPSAMPLE_MODES = (None, "none", "bilinear")
 DISTRIBUTIONS = ("zipf", "constant", "linear_decay", "random_uniform", "random_pareto")
 RANK_BY = ("dense", "logits")
 KERNELS = ("auto", "torch", "triton")
-
-# Upper bound on the elements of one chunk of dense logits (rows x classes). Dense classification
-# of a 2048 x 7 x 7 map into 10,000 classes at batch 256 would otherwise materialise 125M logits
-# (500 MB in float32) only to take their arg-max; chunking over samples bounds that temporary
-# without changing the arithmetic. CIFAR-sized problems (64 votes x 100-200 classes x 128) fit in
-# one chunk, so they pay no loop overhead.
-_MAX_DENSE_LOGITS = 1 << 24
-
 
 def _dense_argmax(feature_map: Tensor, weight: Tensor, bias: Tensor | None, upsample: bool) -> Tensor:
     """Arg-max class of ``weight @ f + bias`` for every pixel ``f`` of ``feature_map`` (N x D x H x W),
@@ -59,22 +52,18 @@ def _dense_argmax(feature_map: Tensor, weight: Tensor, bias: Tensor | None, upsa
     upsampled features (bias included) up to float rounding, with 4x fewer multiply-adds and no
     upsampled D-channel copy of the features.
     """
-    n, d, h, w = feature_map.shape
+    _, _, h, w = feature_map.shape
     num_classes = weight.shape[0]
     out_pixels = h * w * (4 if upsample else 1)
-    per_chunk = max(1, _MAX_DENSE_LOGITS // max(1, num_classes * out_pixels))
     votes = []
-    for start in range(0, n, per_chunk):
-        chunk = feature_map if per_chunk >= n else feature_map[start : start + per_chunk]
-        m = chunk.shape[0]
-        # (m*H*W) x D rows: a free view of a channels_last map (the GPU default here), one copy of an
-        # NCHW chunk; one matmul then classifies every pixel (faster on CPU than a batched W @ F).
-        logits = F.linear(chunk.permute(0, 2, 3, 1).reshape(m * h * w, d), weight, bias)  # (m*HW) x C
-        if upsample:  # as a channels_last N x C x H x W map, so the arg-max reduces a contiguous dim
+    for _, logits in pixel_logit_chunks(feature_map, weight, bias, out_pixels):
+        if upsample:  # as a channels_last m x C x H x W map, so the arg-max reduces a contiguous dim
             logits = F.interpolate(
-                logits.view(m, h, w, num_classes).permute(0, 3, 1, 2), scale_factor=2, mode="bilinear", align_corners=False
+                logits.view(-1, h, w, num_classes).permute(0, 3, 1, 2), scale_factor=2, mode="bilinear", align_corners=False
             )
-        votes.append(logits.argmax(dim=1).view(m, out_pixels))
+            votes.append(logits.argmax(dim=1).flatten(1))
+        else:
+            votes.append(logits.argmax(dim=2))
     return votes[0] if len(votes) == 1 else torch.cat(votes)
 
 
@@ -98,12 +87,8 @@ def dense_votes(feature_map: Tensor, weight: Tensor, bias: Tensor | None, upsamp
         raise ValueError(
             f"classifier weight must be C x {feature_map.shape[1]} (the map's channels), got {tuple(weight.shape)}"
         )
-    # Under no_grad nothing here is recorded, so nothing needs detaching. Under autocast the
-    # parameters go in as they are: autocast casts them, reusing the copies it made for the forward
-    # pass's classifier; outside autocast they are cast to the map's dtype (a no-op for float32).
-    if not torch.is_autocast_enabled(feature_map.device.type) and weight.dtype != feature_map.dtype:
-        weight = weight.to(feature_map.dtype)
-        bias = bias.to(feature_map.dtype) if bias is not None else None
+    # Under no_grad nothing here is recorded, so nothing needs detaching.
+    weight, bias = classifier_for_map(feature_map, weight, bias)
     return _dense_argmax(feature_map, weight, bias, upsample=upsample == "bilinear")
 
 
@@ -343,12 +328,12 @@ class ZipfLabelSmoothing(Method):
             return outputs.logits.detach()
         return vote_counts(self.votes(outputs, model), self.num_classes)
 
-    def _use_fused_kernel(self, logits: Tensor, votes: Tensor) -> bool:
+    def _use_fused_kernel(self, logits: Tensor, num_votes: int) -> bool:
         if not self._fused_kernel_ok:
             return False
         if self.kernel == "auto" and (not logits.is_cuda or torch.compiler.is_compiling()):
             return False
-        reason = unavailable_reason(logits.device, votes.shape[1])
+        reason = unavailable_reason(logits.device, num_votes)
         if reason is not None and self.kernel == "triton":
             raise RuntimeError(f"loss.kernel=triton, but {reason}; use loss.kernel=auto or torch")
         return reason is None
@@ -360,23 +345,35 @@ class ZipfLabelSmoothing(Method):
         if self.rank_by == "logits":
             scores = logits.detach()
         else:
-            votes = self.votes(outputs, model)
-            fused = self._fused(logits, targets, votes)
+            fused = self._fused(outputs, targets, model)
             if fused is not None:
                 return fused
-            scores = vote_counts(votes, self.num_classes)
+            scores = vote_counts(self.votes(outputs, model), self.num_classes)
         soft = zipf_soft_labels(scores, targets, self.alpha, self.distribution)
         ce, zipf = cross_entropy(logits, targets), nontarget_kl(logits, targets, soft)
         return torch.add(ce, zipf, alpha=self.weight), ce, zipf
 
-    def _fused(self, logits: Tensor, targets: Tensor, votes: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    def _fused_votes(self, outputs: ModelOutput, model: nn.Module) -> Tensor | DenseMap:
+        """What the kernel takes. One upsampled voting map (the 32 px recipe, where a step is bound
+        by kernel launches): the map and its classifier, and the kernel casts the votes itself (no
+        upsample or arg-max launches). Otherwise the votes: at 224 px a step is long enough that two
+        launches do not matter, and torch's arg-max over up to 49 x 10,000 logits per sample is
+        better parallelised than the kernel's one program per sample."""
+        if self.stages != ("final",) or self.upsample != "bilinear":
+            return self.votes(outputs, model)
+        classifier = _stage_classifier(model, "final")
+        return DenseMap(outputs.features["final"], classifier.weight, classifier.bias, self.upsample == "bilinear")
+
+    def _fused(self, outputs: ModelOutput, targets: Tensor, model: nn.Module) -> tuple[Tensor, Tensor, Tensor] | None:
         """The fused kernel's ``(loss, ce, KL)``, or None where the reference path is to be used."""
-        if not self._use_fused_kernel(logits, votes):
+        maps = [outputs.features[stage] for stage in self.stages if stage in outputs.features]
+        num_votes = sum(m.shape[-2] * m.shape[-1] * (4 if self.upsample == "bilinear" else 1) for m in maps)
+        if not self._use_fused_kernel(outputs.logits, num_votes):
             return None
         try:
-            result = fused_ce_zipf(logits, targets, votes, self.weight, self.alpha, self.distribution)
+            result = fused_ce_zipf(outputs.logits, targets, self._fused_votes(outputs, model), self.weight, self.alpha, self.distribution)
             if not self._fused_kernel_ran:
-                self._check_against_reference(result[0], logits, targets, votes)
+                self._check_against_reference(result[0], outputs, targets, model)
         except Exception as error:  # noqa: BLE001 - a kernel that does not build must not end the run
             if self.kernel == "triton" or self._fused_kernel_ran:
                 raise
@@ -391,19 +388,21 @@ class ZipfLabelSmoothing(Method):
         self._fused_kernel_ran = True
         return result
 
-    def _check_against_reference(self, fused_loss: Tensor, logits: Tensor, targets: Tensor, votes: Tensor) -> None:
+    def _check_against_reference(self, fused_loss: Tensor, outputs: ModelOutput, targets: Tensor, model: nn.Module) -> None:
         """On the first batch only (one host sync per run): the kernel's loss and its gradient in
         the logits must match the reference functions', or a RuntimeError says by how much. A
         kernel that compiles but computes wrong numbers on some GPU is caught before it trains."""
+        logits = outputs.logits
         probe = logits.detach().float().requires_grad_()  # the values the kernel saw
-        soft = zipf_soft_labels(vote_counts(votes, self.num_classes), targets, self.alpha, self.distribution)
+        soft = zipf_soft_labels(self.scores(outputs, model), targets, self.alpha, self.distribution)
         reference = torch.add(cross_entropy(probe, targets), nontarget_kl(probe, targets, soft), alpha=self.weight)
         (reference_grad,) = torch.autograd.grad(reference, probe)
         if logits.requires_grad:
             (fused_grad,) = torch.autograd.grad(fused_loss, logits, retain_graph=True)
         else:
             fused_grad = reference_grad
-        # float32 kernels agree to rounding; bf16/fp16 gradients are stored in their own precision.
+        # float32 kernels agree to rounding; bf16/fp16 gradients are stored in their own precision
+        # (and a tie between two classes' upsampled bf16 logits may be broken the other way).
         tolerance = 1e-4 if logits.dtype == torch.float32 else 2e-2
         loss_gap = (fused_loss.detach().float() - reference.detach()).abs() / reference.detach().abs().clamp_min(1e-6)
         grad_gap = (fused_grad.float() - reference_grad).abs().max() / reference_grad.abs().max().clamp_min(1e-12)

@@ -31,9 +31,12 @@ tests check it against the float64 references without a GPU.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from .dense_logits import classifier_for_map, pixel_logit_chunks
 
 try:  # Triton ships with CUDA builds of PyTorch on Linux; elsewhere only the reference path exists.
     import triton
@@ -46,6 +49,9 @@ _DISTRIBUTION_CODE = {name: code for code, name in enumerate(FUSED_DISTRIBUTIONS
 # The vote comparison is a V x V tile per program; beyond 128 votes it would spill registers.
 MAX_FUSED_VOTES = 128
 _MAX_CLASS_BLOCK = 1024  # classes per step of the row loops
+# Pixels x classes per step of the kernel's own arg-max over dense logits (its four bilinear taps
+# take 140 registers at 64 votes: no spills; see tests/test_zipf_fused.py).
+_VOTE_TILE = 1024
 
 
 def interpreting() -> bool:
@@ -80,14 +86,66 @@ if triton is not None:
         return weight
 
     @triton.jit
-    def _zipf_kernel(
-        logits_ptr, logits_row_stride, targets_ptr, votes_ptr, votes_row_stride, grad_ptr, rows_ptr,
-        batch, num_classes, num_votes, alpha, weight,
-        DISTRIBUTION: tl.constexpr, WITH_CE: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr,
+    def _dense_votes(
+        dense_row, lanes, in_votes, num_classes, map_height, map_width,
+        UPSAMPLE: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_CV: tl.constexpr,
     ):
-        # One sample per program. rows_ptr: 3 x batch, per sample / batch: [loss, ce, kl] with
-        # loss = ce + weight * kl (ce = 0 without WITH_CE). grad_ptr: batch x C, d loss / d logits.
-        row = tl.program_id(0).to(tl.int64)
+        # Arg-max class of every output pixel of one sample's (H*W) x C dense logits, after a bilinear
+        # x2 upsample (F.interpolate, align_corners=False: source y = max((y' + 0.5) / 2 - 0.5, 0),
+        # the same weighted sum in the same order, rounded to the logits' dtype as its output is)
+        # when UPSAMPLE. Ties go to the lowest class, as torch.argmax. -1 on padding lanes.
+        if UPSAMPLE:
+            out_width = 2 * map_width
+            source_y = tl.maximum(((lanes // out_width).to(tl.float32) + 0.5) * 0.5 - 0.5, 0.0)
+            source_x = tl.maximum(((lanes % out_width).to(tl.float32) + 0.5) * 0.5 - 0.5, 0.0)
+            y0 = source_y.to(tl.int32)  # floor: the source is >= 0
+            x0 = source_x.to(tl.int32)
+            lambda_y = (source_y - y0.to(tl.float32))[:, None]
+            lambda_x = (source_x - x0.to(tl.float32))[:, None]
+            y1 = tl.where(y0 < map_height - 1, y0 + 1, y0)
+            x1 = tl.where(x0 < map_width - 1, x0 + 1, x0)
+            pixel_00 = (y0 * map_width + x0)[:, None]
+            pixel_01 = (y0 * map_width + x1)[:, None]
+            pixel_10 = (y1 * map_width + x0)[:, None]
+            pixel_11 = (y1 * map_width + x1)[:, None]
+        else:
+            pixel_00 = lanes[:, None]
+        best = tl.full([BLOCK_V], float("-inf"), tl.float32)
+        best_class = tl.zeros([BLOCK_V], tl.int32)
+        class_lanes = tl.arange(0, BLOCK_CV)
+        for start in range(0, num_classes, BLOCK_CV):
+            cols = (start + class_lanes)[None, :]
+            load = in_votes[:, None] & (cols < num_classes)
+            value = tl.load(dense_row + pixel_00 * num_classes + cols, mask=load, other=0.0).to(tl.float32)
+            if UPSAMPLE:
+                v01 = tl.load(dense_row + pixel_01 * num_classes + cols, mask=load, other=0.0).to(tl.float32)
+                v10 = tl.load(dense_row + pixel_10 * num_classes + cols, mask=load, other=0.0).to(tl.float32)
+                v11 = tl.load(dense_row + pixel_11 * num_classes + cols, mask=load, other=0.0).to(tl.float32)
+                value = (1.0 - lambda_y) * ((1.0 - lambda_x) * value + lambda_x * v01) + lambda_y * (
+                    (1.0 - lambda_x) * v10 + lambda_x * v11
+                )
+                value = value.to(dense_row.dtype.element_ty).to(tl.float32)
+            value = tl.where(load, value, float("-inf"))
+            chunk_best = tl.max(value, axis=1)
+            chunk_class = tl.argmax(value, axis=1).to(tl.int32) + start
+            better = chunk_best > best  # strictly: an earlier chunk keeps a tie (lowest class)
+            best = tl.where(better, chunk_best, best)
+            best_class = tl.where(better, chunk_class, best_class)
+        return tl.where(in_votes, best_class, -1)
+
+    @triton.jit
+    def _zipf_kernel(
+        logits_ptr, logits_row_stride, targets_ptr, votes_ptr, votes_row_stride, dense_ptr, grad_ptr, rows_ptr,
+        row_offset, batch, num_classes, num_votes, map_height, map_width, alpha, weight,
+        DISTRIBUTION: tl.constexpr, WITH_CE: tl.constexpr, VOTES_FROM: tl.constexpr,
+        BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CV: tl.constexpr,
+    ):
+        # One sample per program: sample row_offset + program id of the batch. rows_ptr: 3 x batch,
+        # per sample / batch: [loss, ce, kl] with loss = ce + weight * kl (ce = 0 without WITH_CE).
+        # grad_ptr: batch x C, d loss / d logits. The votes come from votes_ptr (VOTES_FROM 0) or
+        # from dense_ptr, this chunk's m x (H*W) x C dense logits, as they are (1) or upsampled (2).
+        local = tl.program_id(0).to(tl.int64)
+        row = row_offset + local
         inv_batch = 1.0 / batch
         target = tl.load(targets_ptr + row).to(tl.int32)
         logits_row = logits_ptr + row * logits_row_stride
@@ -96,7 +154,11 @@ if triton is not None:
         # Ranks of the voted classes from the votes alone (padding lanes hold -1, no class).
         lanes = tl.arange(0, BLOCK_V)
         in_votes = lanes < num_votes
-        votes = tl.load(votes_ptr + row * votes_row_stride + lanes, mask=in_votes, other=-1).to(tl.int32)
+        if VOTES_FROM == 0:
+            votes = tl.load(votes_ptr + row * votes_row_stride + lanes, mask=in_votes, other=-1).to(tl.int32)
+        else:
+            dense_row = dense_ptr + local * map_height * map_width * num_classes
+            votes = _dense_votes(dense_row, lanes, in_votes, num_classes, map_height, map_width, VOTES_FROM == 2, BLOCK_V, BLOCK_CV)
         same = (votes[:, None] == votes[None, :]) & in_votes[:, None] & in_votes[None, :]
         count = tl.sum(same.to(tl.int32), axis=1)  # votes of lane i's class
         seen_before = tl.sum((same & (lanes[None, :] < lanes[:, None])).to(tl.int32), axis=1)
@@ -170,26 +232,60 @@ def _next_power_of_two(value: int) -> int:
     return 1 << max(0, value - 1).bit_length()
 
 
+@dataclass(frozen=True)
+class DenseMap:
+    """Votes the kernel casts itself: the classifier (``weight`` C x D, ``bias`` C) applied to every
+    pixel of ``feature_map`` (N x D x H x W; after a bilinear x2 upsample when ``upsample``), each
+    pixel voting for its arg-max class, as :func:`zipf.dense_votes` (the kernel takes the arg-max
+    of the upsampled dense logits, so neither the upsampled logits nor the votes are ever stored)."""
+
+    feature_map: Tensor
+    weight: Tensor
+    bias: Tensor | None
+    upsample: bool
+
+    @property
+    def votes_per_sample(self) -> int:
+        height, width = self.feature_map.shape[-2:]
+        return height * width * (4 if self.upsample else 1)
+
+
+def _votes_per_sample(votes: Tensor | DenseMap) -> int:
+    return votes.votes_per_sample if isinstance(votes, DenseMap) else votes.shape[1]
+
+
 class _FusedZipf(torch.autograd.Function):
     """Forward: the kernel writes each sample's terms and the gradient of the loss; backward: one
     multiply. Outputs ``loss`` (differentiable) and ``terms`` = [ce, kl] (reported values only)."""
 
     @staticmethod
-    def forward(ctx, logits: Tensor, targets: Tensor, votes: Tensor, alpha: float, distribution: str, weight: float, with_ce: bool):  # noqa: ANN001, ANN205
+    def forward(ctx, logits: Tensor, targets: Tensor, votes: Tensor | DenseMap, alpha: float, distribution: str, weight: float, with_ce: bool):  # noqa: ANN001, ANN205
         n, num_classes = logits.shape
-        num_votes = votes.shape[1]
+        num_votes = _votes_per_sample(votes)
         grad = torch.empty((n, num_classes), dtype=logits.dtype, device=logits.device)
         rows = torch.empty((3, n), dtype=torch.float32, device=logits.device)
         block_v = max(16, _next_power_of_two(num_votes))
-        _zipf_kernel[(n,)](
-            logits, logits.stride(0), targets, votes, votes.stride(0), grad, rows,
-            n, num_classes, num_votes, float(alpha), float(weight),
-            DISTRIBUTION=_DISTRIBUTION_CODE[distribution],
-            WITH_CE=bool(with_ce),
-            BLOCK_V=block_v,
-            BLOCK_C=min(_MAX_CLASS_BLOCK, max(16, _next_power_of_two(num_classes))),
-            num_warps=4 if block_v <= 64 else 8,
-        )
+
+        def launch(samples: int, row_offset: int, vote_ids: Tensor, dense: Tensor, map_size: tuple[int, int], votes_from: int) -> None:
+            _zipf_kernel[(samples,)](
+                logits, logits.stride(0), targets, vote_ids, vote_ids.stride(0), dense, grad, rows,
+                row_offset, n, num_classes, num_votes, map_size[0], map_size[1], float(alpha), float(weight),
+                DISTRIBUTION=_DISTRIBUTION_CODE[distribution],
+                WITH_CE=bool(with_ce),
+                VOTES_FROM=votes_from,
+                BLOCK_V=block_v,
+                BLOCK_C=min(_MAX_CLASS_BLOCK, max(16, _next_power_of_two(num_classes))),
+                BLOCK_CV=max(16, _VOTE_TILE // block_v),
+                num_warps=4 if block_v <= 64 else 8,
+            )
+
+        if isinstance(votes, DenseMap):
+            classifier = classifier_for_map(votes.feature_map, votes.weight, votes.bias)
+            map_size = tuple(votes.feature_map.shape[-2:])
+            for start, dense in pixel_logit_chunks(votes.feature_map, *classifier, num_votes):
+                launch(dense.shape[0], start, dense, dense, map_size, 2 if votes.upsample else 1)
+        else:
+            launch(n, 0, votes, votes, (1, 1), 0)
         totals = rows.sum(dim=1)  # [loss, ce, kl], batch means
         ctx.save_for_backward(grad)
         ctx.set_materialize_grads(False)
@@ -203,47 +299,58 @@ class _FusedZipf(torch.autograd.Function):
         return (None if grad_loss is None else grad * grad_loss), None, None, None, None, None, None
 
 
-def _check_inputs(logits: Tensor, targets: Tensor, votes: Tensor, distribution: str) -> None:
-    if logits.dim() != 2 or votes.dim() != 2 or votes.shape[0] != logits.shape[0] or targets.shape != logits.shape[:1]:
+def _check_inputs(logits: Tensor, targets: Tensor, votes: Tensor | DenseMap, distribution: str) -> None:
+    n = logits.shape[0] if logits.dim() == 2 else -1
+    if isinstance(votes, DenseMap):
+        fm, w = votes.feature_map, votes.weight
+        votes_ok = fm.dim() == 4 and fm.shape[0] == n and w.dim() == 2 and tuple(w.shape) == (logits.shape[-1], fm.shape[1])
+        shapes = f"feature map {tuple(fm.shape)} with classifier {tuple(w.shape)}"
+    else:
+        votes_ok = votes.dim() == 2 and votes.shape[0] == n
+        shapes = f"votes {tuple(votes.shape)}"
+    if logits.dim() != 2 or targets.shape != logits.shape[:1] or not votes_ok:
         raise ValueError(
-            f"expected logits N x C, targets N and votes N x V; got {tuple(logits.shape)}, "
-            f"{tuple(targets.shape)}, {tuple(votes.shape)}"
+            f"expected logits N x C, targets N and votes N x V (or an N x D x H x W map with a C x D "
+            f"classifier); got logits {tuple(logits.shape)}, targets {tuple(targets.shape)}, {shapes}"
         )
     if distribution not in FUSED_DISTRIBUTIONS:
         raise ValueError(f"the fused kernel computes distribution {list(FUSED_DISTRIBUTIONS)}, got {distribution!r}")
-    reason = unavailable_reason(logits.device, votes.shape[1])
+    reason = unavailable_reason(logits.device, _votes_per_sample(votes))
     if reason is not None:
         raise RuntimeError(f"fused Zipf kernel unavailable: {reason}")
 
 
-def _apply(logits: Tensor, targets: Tensor, votes: Tensor, alpha: float, distribution: str, weight: float, with_ce: bool) -> tuple[Tensor, Tensor]:
+def _apply(logits: Tensor, targets: Tensor, votes: Tensor | DenseMap, alpha: float, distribution: str, weight: float, with_ce: bool) -> tuple[Tensor, Tensor]:
     _check_inputs(logits, targets, votes, distribution)
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    return _FusedZipf.apply(logits, targets.contiguous(), votes.contiguous(), alpha, distribution, weight, with_ce)
+    if isinstance(votes, Tensor):
+        votes = votes.contiguous()
+    return _FusedZipf.apply(logits, targets.contiguous(), votes, alpha, distribution, weight, with_ce)
 
 
-def fused_zipf_kl(logits: Tensor, targets: Tensor, votes: Tensor, alpha: float = 1.0, distribution: str = "zipf") -> Tensor:
+def fused_zipf_kl(logits: Tensor, targets: Tensor, votes: Tensor | DenseMap, alpha: float = 1.0, distribution: str = "zipf") -> Tensor:
     """Batch mean of ``KL(P || Q)``, as ``nontarget_kl(logits, targets, zipf_soft_labels(vote_counts(votes, C),
     targets, alpha, distribution))``, differentiable in ``logits``, in one kernel.
 
     ``logits`` N x C (any float dtype; computed in float32), ``targets`` N, ``votes`` N x V class
-    indices (V <= :data:`MAX_FUSED_VOTES`). Raises ``RuntimeError`` naming the reason when the kernel
-    cannot run here (see :func:`unavailable_reason`)."""
+    indices or a :class:`DenseMap` to cast them from (V <= :data:`MAX_FUSED_VOTES`). Raises
+    ``RuntimeError`` naming the reason when the kernel cannot run here (see :func:`unavailable_reason`)."""
     loss, _ = _apply(logits, targets, votes, alpha, distribution, 1.0, with_ce=False)
     return loss
 
 
 def fused_ce_zipf(
-    logits: Tensor, targets: Tensor, votes: Tensor, weight: float, alpha: float = 1.0, distribution: str = "zipf"
+    logits: Tensor, targets: Tensor, votes: Tensor | DenseMap, weight: float, alpha: float = 1.0, distribution: str = "zipf"
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Zipf's LS's whole objective in one kernel: ``(loss, ce, kl)`` with ``loss = ce + weight * kl``
     (``ce`` = ``F.cross_entropy(logits, targets)``, ``kl`` as :func:`fused_zipf_kl`). Only ``loss`` is
-    differentiable; ``ce`` and ``kl`` are the values of its terms, for logging. The step then costs
-    what cross-entropy alone costs in launches: the kernel and a sum forward, one multiply backward."""
+    differentiable; ``ce`` and ``kl`` are the values of its terms, for logging. With a
+    :class:`DenseMap` the step then launches what cross-entropy alone launches, plus the classifier's
+    matmul over the map's pixels: the kernel and a sum forward, one multiply backward."""
     loss, terms = _apply(logits, targets, votes, alpha, distribution, weight, with_ce=True)
     ce, kl = terms.unbind()
     return loss, ce, kl
 
 
-__all__ = ["FUSED_DISTRIBUTIONS", "MAX_FUSED_VOTES", "fused_ce_zipf", "fused_zipf_kl", "interpreting", "unavailable_reason"]
+__all__ = ["FUSED_DISTRIBUTIONS", "MAX_FUSED_VOTES", "DenseMap", "fused_ce_zipf", "fused_zipf_kl", "interpreting", "unavailable_reason"]
