@@ -245,8 +245,8 @@ class ZipfLabelSmoothing(Method):
     where every non-final stage gets its own auxiliary linear head whose CE is weighted
     ``aux_weight``, the paper's beta, and whose classifier casts that stage's votes); ``upsample``
     of every voting map before classifying; ``kernel`` how the soft label and KL are computed:
-    ``torch`` (the reference functions above), ``triton`` (``zipf_fused.py``: one kernel from the
-    votes, the same numbers to float rounding) or ``auto`` (triton on CUDA in eager mode where it
+    ``torch`` (the reference functions above), ``triton`` (``zipf_fused.py``: one kernel for the
+    votes' arg-max, ranks, soft label, KL and CE, the same numbers to float rounding) or ``auto`` (triton on CUDA in eager mode where it
     applies, else torch: on the CPU the reference path is already ~free, and ``torch.compile``
     fuses the reference path itself).
     """

@@ -1,10 +1,12 @@
-"""Zipf's soft label and non-target KL straight from the dense votes, in one GPU kernel.
+"""Zipf's LS (votes, soft label, non-target KL and the cross-entropy) in one GPU kernel.
 
 The reference path in ``zipf.py`` (vote histogram N x C, sort-based ranks, soft labels, masked
 log-softmax, dot product, and their backward) is a few dozen small kernels. At the paper's batch of
 128 on 32 px images a GPU training step is bound by kernel launches, so those launches, not their
-arithmetic, are what Zipf's LS costs over cross-entropy. This module computes the same loss with one
-Triton program per sample, plus one multiply in the backward pass.
+arithmetic, are what Zipf's LS costs over cross-entropy. This module computes the same loss, and the
+cross-entropy beside it, with one Triton program per sample, plus one multiply in the backward pass.
+Given the classifier's dense logits over a map (:class:`DenseMap`), the kernel also upsamples them
+and takes each pixel's arg-max (the votes) itself.
 
 Why it can be one pass over each row: a sample casts only V votes (64 at 32 px, 49 at 224 px), so at
 most V classes have a nonzero count and every other class shares one rank, ``1 + #voted classes``.
@@ -23,7 +25,8 @@ the backward pass.
 
 Scope: ``rank_by=dense`` with ``distribution`` zipf, constant or linear_decay (functions of the rank)
 and at most :data:`MAX_FUSED_VOTES` votes per sample (one stage at 32 or 224 px; Dense2 and the
-random distributions use the reference path). ``ZipfLabelSmoothing(kernel=...)`` chooses the path.
+random distributions use the reference path). The method hands over the map itself for the 32 px
+recipe (one upsampled map), the votes otherwise. ``ZipfLabelSmoothing(kernel=...)`` chooses the path.
 On the CPU the kernel runs only in Triton's interpreter (``TRITON_INTERPRET=1``), which is how the
 tests check it against the float64 references without a GPU.
 """
