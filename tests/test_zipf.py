@@ -257,6 +257,20 @@ def test_two_classes_give_zero_zipf_loss() -> None:
     assert logits.grad.abs().max().item() == 0.0
 
 
+def test_float64_logits_give_the_float64_value() -> None:
+    # The target's mask value must stay finite in the computation dtype (NaN before the fix: the
+    # float64 minimum overflowed to -inf in float32 and 0 * -inf is NaN).
+    torch.manual_seed(2)
+    logits = (3 * torch.randn(6, 12, dtype=torch.float64)).requires_grad_()
+    targets = torch.randint(0, 12, (6,))
+    soft = zipf_soft_labels(torch.randint(0, 5, (6, 12)), targets)
+    loss = nontarget_kl(logits, targets, soft)
+    assert loss.dtype == torch.float64
+    rows, labels = logits.detach().tolist(), soft.double().tolist()
+    expected = sum(reference_kl(z, t, p) for z, t, p in zip(rows, targets.tolist(), labels)) / 6
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+
+
 def test_zero_soft_label_entries_contribute_nothing() -> None:
     logits = torch.tensor([[1.0, 2.0, 3.0, -50.0]], requires_grad=True)
     soft = torch.tensor([[0.0, 1.0, 0.0, 0.0]])  # target 0; P = 0 on classes 2 and 3
