@@ -20,6 +20,7 @@ from zipfls_train.models import build_model
 
 
 COMBINED_WEIGHT = 0.7  # lambda of the fused CE + Zipf case
+DEFAULT_MAX_DENSE_LOGITS = dense_logits.MAX_DENSE_LOGITS
 
 
 def run_case(case: dict) -> dict:
@@ -29,7 +30,7 @@ def run_case(case: dict) -> dict:
     if "dense" in case:  # the kernel casts the votes itself, from the map and the classifier
         dense = case["dense"]
         votes = DenseMap(dense["feature_map"], dense["weight"], dense["bias"], dense["upsample"])
-        dense_logits.MAX_DENSE_LOGITS = dense.get("max_dense_logits", dense_logits.MAX_DENSE_LOGITS)
+        dense_logits.MAX_DENSE_LOGITS = dense.get("max_dense_logits", DEFAULT_MAX_DENSE_LOGITS)
     for variant in ("kl", "combined"):
         logits = case["logits"].clone().requires_grad_()
         used = logits[:, : case["num_classes"]]  # a row stride wider than C where the case says so
@@ -63,6 +64,7 @@ def main(cases_path: str, results_path: str) -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
     cases = torch.load(cases_path)
     results = {name: run_case(case) for name, case in cases.items()}
+    dense_logits.MAX_DENSE_LOGITS = DEFAULT_MAX_DENSE_LOGITS
     results["method"] = {"triton": method_step("triton"), "torch": method_step("torch")}
     torch.save(results, results_path)
 
