@@ -114,6 +114,14 @@ def test_ties_share_the_smallest_rank() -> None:
     assert soft == pytest.approx([0.0, 0.75, 0.25], abs=1e-7)
 
 
+def test_float64_scores_are_ranked_in_float64() -> None:
+    # 1 and 1 + 1e-12 are one float32 value: ranked in float32 they would tie (ranks 1, 1, 3).
+    scores = torch.tensor([[1.0 + 1e-12, 1.0, 0.5]], dtype=torch.float64)
+    soft = zipf_soft_labels(scores, torch.tensor([2]))[0].tolist()
+    # ranks 1, 2, 3 with y = 2: weights 1, 1/2 (sum 3/2) -> P = 2/3, 1/3, 0.
+    assert soft == pytest.approx([2 / 3, 1 / 3, 0.0], abs=1e-7)
+
+
 @pytest.mark.parametrize(
     ("alpha", "p3", "p_other"),
     [

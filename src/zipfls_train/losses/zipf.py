@@ -111,8 +111,8 @@ def min_ranks(scores: Tensor) -> Tensor:
     One sort plus a binary search per entry: ``#{k : s_k > v} = C - #{k : s_k <= v}`` and the latter
     is ``searchsorted(sorted_row, v, right=True)``. O(N C log C) time and O(N C) memory (never the
     N x C x C comparison), cheap for C = 10,000 on a GPU."""
-    if scores.is_floating_point():
-        scores = scores.float()  # exact for half/bfloat16 input; searchsorted wants one dtype
+    if scores.is_floating_point() and scores.dtype != torch.float64:
+        scores = scores.float()  # exact for half/bfloat16 input (float64 stays: float32 could tie it)
     scores = scores.contiguous()
     ascending, _ = torch.sort(scores, dim=1)
     not_greater = torch.searchsorted(ascending, scores, right=True)
