@@ -5,7 +5,7 @@ kernels, with no DataLoader workers and no host round trip. The random parameter
 augmentation (crop offsets or boxes, flips: :class:`ViewParams`) are drawn by :func:`draw_params`
 and applied by :func:`apply_params`, so a loader can draw a whole epoch's parameters in one go (a
 few dozen kernels per epoch instead of per step: at the paper's batch of 128 a GPU step is bound by
-kernel launches) and slice them per step. Randomness comes from :class:`RandomDraws`.
+kernel launches) and slice them per step. Randomness comes from an explicit ``torch.Generator``.
 """
 
 from __future__ import annotations
@@ -22,32 +22,23 @@ from torchvision.ops import roi_align
 TRAIN_AUGMENTS = ("crop_pad", "random_resized_crop", "none")
 
 
-class RandomDraws:
-    """Uniform draws from one generator, in the order the augmentation asks for them."""
-
-    def __init__(self, generator: torch.Generator) -> None:
-        self.generator = generator
-
-    def uniform(self, n: int, *trailing: int, device: torch.device) -> Tensor:
-        return torch.rand((n, *trailing), generator=self.generator, device=device)
-
-
-def _as_draws(randomness: RandomDraws | torch.Generator) -> RandomDraws:
-    return randomness if isinstance(randomness, RandomDraws) else RandomDraws(randomness)
+def uniform(generator: torch.Generator, device: torch.device, *shape: int) -> Tensor:
+    """U[0, 1) draws of ``shape`` from ``generator`` (on ``device``, the generator's)."""
+    return torch.rand(shape, generator=generator, device=device)
 
 
 CROP_PADDING = 4  # RandomCrop(32, padding=4), the CIFAR recipe
 
 
-def random_crop_offsets(n: int, padded_size: int, size: int, randomness: RandomDraws | torch.Generator, device: torch.device) -> Tensor:
+def random_crop_offsets(n: int, padded_size: int, size: int, generator: torch.Generator, device: torch.device) -> Tensor:
     """(row, column) offsets, N x 2 long, uniform in [0, padded_size - size]."""
     max_offset = padded_size - size
-    return (_as_draws(randomness).uniform(n, 2, device=device) * (max_offset + 1)).long().clamp_(max=max_offset)
+    return (uniform(generator, device, n, 2) * (max_offset + 1)).long().clamp_(max=max_offset)
 
 
-def random_crop_with_padding(images: Tensor, size: int, padding: int, randomness: RandomDraws | torch.Generator) -> Tensor:
+def random_crop_with_padding(images: Tensor, size: int, padding: int, generator: torch.Generator) -> Tensor:
     """torchvision RandomCrop(size, padding) with zero padding, one offset per image."""
-    offsets = random_crop_offsets(images.shape[0], images.shape[-1] + 2 * padding, size, randomness, images.device)
+    offsets = random_crop_offsets(images.shape[0], images.shape[-1] + 2 * padding, size, generator, images.device)
     return crop_with_padding(images, size, padding, offsets)
 
 
@@ -67,7 +58,7 @@ def random_resized_crop_boxes(
     n: int,
     height: int,
     width: int,
-    randomness: RandomDraws | torch.Generator,
+    generator: torch.Generator,
     device: torch.device,
     scale: tuple[float, float] = (0.08, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
@@ -76,11 +67,10 @@ def random_resized_crop_boxes(
     """Boxes (x1, y1, x2, y2) drawn as torchvision's RandomResizedCrop draws them: up to ``attempts``
     (area, log-ratio) tries per image, the first that fits wins, else the central crop of clamped ratio.
     Vectorised over images and attempts."""
-    draws = _as_draws(randomness)
     area = height * width
-    target_area = area * (scale[0] + (scale[1] - scale[0]) * draws.uniform(n, attempts, device=device))
+    target_area = area * (scale[0] + (scale[1] - scale[0]) * uniform(generator, device, n, attempts))
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(log_lo + (log_hi - log_lo) * draws.uniform(n, attempts, device=device))
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * uniform(generator, device, n, attempts))
     w = torch.sqrt(target_area * aspect).round()
     h = torch.sqrt(target_area / aspect).round()
     fits = (w > 0) & (h > 0) & (w <= width) & (h <= height)
@@ -89,7 +79,7 @@ def random_resized_crop_boxes(
     any_fit = fits.any(dim=1)
     w = w.gather(1, first).squeeze(1)
     h = h.gather(1, first).squeeze(1)
-    u = draws.uniform(n, 2, device=device)
+    u = uniform(generator, device, n, 2)
     x1 = torch.floor(u[:, 0] * (width - w + 1))
     y1 = torch.floor(u[:, 1] * (height - h + 1))
     # Fallback: central crop with the ratio clamped into range (torchvision's behaviour).
@@ -118,9 +108,9 @@ def crop_and_resize(images: Tensor, boxes: Tensor, size: int) -> Tensor:
     return roi_align(images, rois.to(images.dtype), output_size=size, spatial_scale=1.0, sampling_ratio=sampling, aligned=True)
 
 
-def random_flips(n: int, randomness: RandomDraws | torch.Generator, device: torch.device) -> Tensor:
+def random_flips(n: int, generator: torch.Generator, device: torch.device) -> Tensor:
     """Which images to mirror (N bool, each with probability 1/2)."""
-    return _as_draws(randomness).uniform(n, device=device) < 0.5
+    return uniform(generator, device, n) < 0.5
 
 
 def flip_where(images: Tensor, flip: Tensor) -> Tensor:
@@ -170,19 +160,18 @@ class ViewParams:
         return ViewParams(self.kind, None if self.crop is None else self.crop[rows], self.flip[rows])
 
 
-def draw_params(kind: str, n: int, height: int, width: int, size: int, randomness: RandomDraws | torch.Generator, device: torch.device) -> ViewParams:
+def draw_params(kind: str, n: int, height: int, width: int, size: int, generator: torch.Generator, device: torch.device) -> ViewParams:
     """Parameters of ``kind`` (crop_pad | random_resized_crop | none, each + horizontal flip) for N
     images of height x width, to be output at size x size."""
-    randomness = _as_draws(randomness)
     if kind == "crop_pad":
-        crop = random_crop_offsets(n, width + 2 * CROP_PADDING, size, randomness, device)
+        crop = random_crop_offsets(n, width + 2 * CROP_PADDING, size, generator, device)
     elif kind == "random_resized_crop":
-        crop = random_resized_crop_boxes(n, height, width, randomness, device)
+        crop = random_resized_crop_boxes(n, height, width, generator, device)
     elif kind == "none":
         crop = None
     else:
         raise ValueError(f"dataset.train_augment must be one of {TRAIN_AUGMENTS}, got {kind!r}")
-    return ViewParams(kind, crop, random_flips(n, randomness, device))
+    return ViewParams(kind, crop, random_flips(n, generator, device))
 
 
 def apply_params(images: Tensor, size: int, params: ViewParams) -> Tensor:
@@ -195,8 +184,3 @@ def apply_params(images: Tensor, size: int, params: ViewParams) -> Tensor:
         out = resize_uint8(images, size).float()
     return flip_where(out, params.flip)
 
-
-def augment_train(images: Tensor, kind: str, size: int, randomness: RandomDraws | torch.Generator) -> Tensor:
-    """uint8 N x 3 x H x W -> float N x 3 x size x size in 0..255, augmented per ``kind`` + flip."""
-    n, _, height, width = images.shape
-    return apply_params(images, size, draw_params(kind, n, height, width, size, randomness, images.device))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .augment import Normalizer, RandomDraws, ViewParams, apply_params, draw_params, resize_uint8
+from .augment import Normalizer, ViewParams, apply_params, draw_params, resize_uint8, uniform
 from .batch import Batch
 from .images import ImageTensors
 
@@ -134,17 +134,16 @@ class TensorLoader:
         """Every random parameter of an epoch's ``slots`` global sample slots, drawn at once."""
         generator = torch.Generator(device=self.images.device)
         generator.manual_seed(_mix(self.options.seed, epoch, 1))
-        draws = RandomDraws(generator)
         device, (height, width) = self.images.device, self.images.shape[-2:]
 
         def view() -> ViewParams:
-            return draw_params(self.augment, slots, height, width, self.image_size, draws, device)
+            return draw_params(self.augment, slots, height, width, self.image_size, generator, device)
 
         params: dict[str, ViewParams | Tensor] = {"view": view()}
         if self.options.two_views:
             params["second_view"] = view()
         if self.options.pairs:
-            params["pair_uniform"] = draws.uniform(slots, device=device)
+            params["pair_uniform"] = uniform(generator, device, slots)
             params["pair_view"] = view()
         return params
 

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm import tqdm
 
-from ..data import Batch, DataBundle, LoaderOptions, build_data
+from ..data import DataBundle, LoaderOptions, build_data
 from ..losses import Method, build_method
 from ..models import build_model, unwrap
 from .checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_atomic
@@ -384,23 +384,20 @@ class Trainer:
 
     def train_step(self, batches) -> dict[str, torch.Tensor]:  # noqa: ANN001
         """One optimiser step (over ``accumulate_steps`` micro-batches drawn from ``batches``); returns
-        the loss terms as device tensors (no host sync)."""
+        the loss terms as device tensors (no host sync): the step's own, or the micro-batches' mean."""
         self.optimizer.zero_grad(set_to_none=True)
-        if self.accumulate == 1:  # the common case: no extra kernels to combine micro-batches
-            with self._autocast():
-                terms = self.step_fn(self.train_model, next(batches))
-            self.scaler.scale(terms["loss"]).backward()
-            self._optimizer_update()
-            return terms
         totals: dict[str, torch.Tensor] = {}
         for micro in range(self.accumulate):
-            batch: Batch = next(batches)
             last = micro == self.accumulate - 1
             sync = contextlib.nullcontext() if last or not self.ctx.enabled else self.train_model.no_sync()
             with sync:
                 with self._autocast():
-                    terms = self.step_fn(self.train_model, batch)
-                self.scaler.scale(terms["loss"] / self.accumulate).backward()
+                    terms = self.step_fn(self.train_model, next(batches))
+                loss = terms["loss"] if self.accumulate == 1 else terms["loss"] / self.accumulate
+                self.scaler.scale(loss).backward()
+            if self.accumulate == 1:  # the common case: no kernels spent combining micro-batches
+                totals = terms
+                continue
             for name, value in terms.items():
                 value = value.detach() / self.accumulate
                 totals[name] = totals[name] + value if name in totals else value

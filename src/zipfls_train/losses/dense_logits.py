@@ -20,6 +20,12 @@ from torch import Tensor
 MAX_DENSE_LOGITS = 1 << 24
 
 
+def votes_per_sample(feature_map: Tensor, upsample: bool) -> int:
+    """Pixels, hence votes, per sample of an N x D x H x W map: H*W, or 4 H*W after a x2 upsample."""
+    height, width = feature_map.shape[-2:]
+    return height * width * (4 if upsample else 1)
+
+
 def classifier_for_map(feature_map: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """The classifier in the dtype the dense logits are computed in. Under autocast the parameters
     go in as they are (autocast casts them, reusing the copies it made for the forward pass's

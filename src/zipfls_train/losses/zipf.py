@@ -34,7 +34,7 @@ from ..models.outputs import ModelOutput
 from ..models.wrapper import unwrap
 from .base import Method, Needs
 from .ce import cross_entropy
-from .dense_logits import classifier_for_map, pixel_logit_chunks
+from .dense_logits import classifier_for_map, pixel_logit_chunks, votes_per_sample
 from .zipf_fused import FUSED_DISTRIBUTIONS, DenseMap, fused_ce_zipf, unavailable_reason
 
 UPSAMPLE_MODES = (None, "none", "bilinear")
@@ -54,9 +54,8 @@ def _dense_argmax(feature_map: Tensor, weight: Tensor, bias: Tensor | None, upsa
     """
     _, _, h, w = feature_map.shape
     num_classes = weight.shape[0]
-    out_pixels = h * w * (4 if upsample else 1)
     votes = []
-    for _, logits in pixel_logit_chunks(feature_map, weight, bias, out_pixels):
+    for _, logits in pixel_logit_chunks(feature_map, weight, bias, votes_per_sample(feature_map, upsample)):
         if upsample:  # as a channels_last m x C x H x W map, so the arg-max reduces a contiguous dim
             logits = F.interpolate(
                 logits.view(-1, h, w, num_classes).permute(0, 3, 1, 2), scale_factor=2, mode="bilinear", align_corners=False
@@ -345,16 +344,15 @@ class ZipfLabelSmoothing(Method):
     def ce_and_zipf(self, outputs: ModelOutput, targets: Tensor, model: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
         """``(ce + weight * KL, ce, KL)``: by the fused kernel (one launch for all three; only the
         first is differentiable then) or by the reference functions."""
-        logits = outputs.logits
-        if self.rank_by == "logits":
-            scores = logits.detach()
-        else:
+        if self.rank_by == "dense":
             fused = self._fused(outputs, targets, model)
             if fused is not None:
                 return fused
-            scores = vote_counts(self.votes(outputs, model), self.num_classes)
-        soft = zipf_soft_labels(scores, targets, self.alpha, self.distribution)
-        ce, zipf = cross_entropy(logits, targets), nontarget_kl(logits, targets, soft)
+        return self._reference_terms(outputs, targets, model)
+
+    def _reference_terms(self, outputs: ModelOutput, targets: Tensor, model: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
+        soft = zipf_soft_labels(self.scores(outputs, model), targets, self.alpha, self.distribution)
+        ce, zipf = cross_entropy(outputs.logits, targets), nontarget_kl(outputs.logits, targets, soft)
         return torch.add(ce, zipf, alpha=self.weight), ce, zipf
 
     def _fused_votes(self, outputs: ModelOutput, model: nn.Module) -> Tensor | DenseMap:
@@ -366,12 +364,12 @@ class ZipfLabelSmoothing(Method):
         if self.stages != ("final",) or self.upsample != "bilinear":
             return self.votes(outputs, model)
         classifier = _stage_classifier(model, "final")
-        return DenseMap(outputs.features["final"], classifier.weight, classifier.bias, self.upsample == "bilinear")
+        return DenseMap(outputs.features["final"], classifier.weight, classifier.bias, upsample=True)
 
     def _fused(self, outputs: ModelOutput, targets: Tensor, model: nn.Module) -> tuple[Tensor, Tensor, Tensor] | None:
         """The fused kernel's ``(loss, ce, KL)``, or None where the reference path is to be used."""
-        maps = [outputs.features[stage] for stage in self.stages if stage in outputs.features]
-        num_votes = sum(m.shape[-2] * m.shape[-1] * (4 if self.upsample == "bilinear" else 1) for m in maps)
+        upsample = self.upsample == "bilinear"
+        num_votes = sum(votes_per_sample(outputs.features[stage], upsample) for stage in self.stages if stage in outputs.features)
         if not self._use_fused_kernel(outputs.logits, num_votes):
             return None
         try:
@@ -404,19 +402,16 @@ class ZipfLabelSmoothing(Method):
         with torch.autocast(kernel_logits.device.type, enabled=False):
             votes = self._fused_votes(ModelOutput(logits=kernel_logits, features=features), model)
             kernel, _, _ = fused_ce_zipf(kernel_logits, targets, votes, self.weight, self.alpha, self.distribution)
-            scores = self.scores(ModelOutput(logits=reference_logits, features=features), model)
-            soft = zipf_soft_labels(scores, targets, self.alpha, self.distribution)
-            reference = torch.add(
-                cross_entropy(reference_logits, targets), nontarget_kl(reference_logits, targets, soft), alpha=self.weight
-            )
+            reference, _, _ = self._reference_terms(ModelOutput(logits=reference_logits, features=features), targets, model)
         (kernel_grad,) = torch.autograd.grad(kernel, kernel_logits)
         (reference_grad,) = torch.autograd.grad(reference, reference_logits)
-        loss_gap = (kernel.detach() - reference.detach()).abs() / reference.detach().abs().clamp_min(1e-6)
+        loss_gap = (kernel - reference).abs() / reference.abs().clamp_min(1e-6)
         grad_gap = (kernel_grad - reference_grad).abs().max() / reference_grad.abs().max().clamp_min(1e-12)
-        if loss_gap.item() > 1e-4 or grad_gap.item() > 1e-4:
+        kernel_loss, reference_loss, loss_gap, grad_gap = torch.stack([kernel, reference, loss_gap, grad_gap]).detach().tolist()  # one sync
+        if loss_gap > 1e-4 or grad_gap > 1e-4:
             raise RuntimeError(
-                f"it disagrees with the reference functions on the first batch (float32: loss {kernel.item():.6g} vs "
-                f"{reference.item():.6g}; largest gradient difference {grad_gap.item():.3g} of the largest gradient)"
+                f"it disagrees with the reference functions on the first batch (float32: loss {kernel_loss:.6g} vs "
+                f"{reference_loss:.6g}; largest gradient difference {grad_gap:.3g} of the largest gradient)"
             )
 
     def loss_terms(self, outputs: ModelOutput, batch: Batch, model: nn.Module) -> dict[str, Tensor]:

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .dense_logits import classifier_for_map, pixel_logit_chunks
+from .dense_logits import classifier_for_map, pixel_logit_chunks, votes_per_sample
 
 try:  # Triton ships with CUDA builds of PyTorch on Linux; elsewhere only the reference path exists.
     import triton
@@ -247,14 +247,8 @@ class DenseMap:
     bias: Tensor | None
     upsample: bool
 
-    @property
-    def votes_per_sample(self) -> int:
-        height, width = self.feature_map.shape[-2:]
-        return height * width * (4 if self.upsample else 1)
-
-
 def _votes_per_sample(votes: Tensor | DenseMap) -> int:
-    return votes.votes_per_sample if isinstance(votes, DenseMap) else votes.shape[1]
+    return votes_per_sample(votes.feature_map, votes.upsample) if isinstance(votes, DenseMap) else votes.shape[1]
 
 
 class _FusedZipf(torch.autograd.Function):
