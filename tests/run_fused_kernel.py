@@ -2,8 +2,9 @@
 
 Usage: TRITON_INTERPRET=1 python tests/run_fused_kernel.py CASES.pt RESULTS.pt
 Reads the cases the test wrote (logits, targets, votes, alpha, distribution), writes the kernel's
-loss and logits gradient per case, and the method-level comparison (kernel=triton vs kernel=torch
-on a small model's training step). The expectations live in the test, not here."""
+loss and logits gradient per case, the method-level comparison (kernel=triton vs kernel=torch on a
+small model's training step, eager and under torch.compile) and torch.library.opcheck's verdict
+on the custom op. The expectations live in the test, not here."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 
 from zipfls_train.data.batch import Batch
 from zipfls_train.losses.zipf import ZipfLabelSmoothing
-from zipfls_train.losses import dense_logits
+from zipfls_train.losses import dense_logits, zipf_fused
 from zipfls_train.losses.zipf_fused import DenseMap, fused_ce_zipf, fused_zipf_kl
 from zipfls_train.models import build_model
 
@@ -46,18 +47,48 @@ def run_case(case: dict) -> dict:
     return out
 
 
-def method_step(kernel: str) -> dict:
-    """One training step's loss terms and parameter gradients for a tiny CIFAR ResNet-18."""
+def method_step(kernel: str, compiled: bool = False) -> dict:
+    """One training step's loss terms and parameter gradients for a tiny CIFAR ResNet-18, and how
+    many times the kernel was launched in it (torch.compile: the model's forward and the loss as one
+    graph, as trainer.compile does; fullgraph, so a graph break fails)."""
     torch.manual_seed(0)
     method = ZipfLabelSmoothing(10, weight=0.7, upsample="bilinear", kernel=kernel)
     model = build_model("cifar_resnet18", num_classes=10, width=8)
     batch = Batch(inputs=torch.randn(6, 3, 32, 32), targets=torch.tensor([0, 3, 3, 9, 1, 5]), indices=torch.arange(6))
-    terms = method.training_step(model, batch)
+    step = torch.compile(method.training_step, fullgraph=True) if compiled else method.training_step
+    launches = []
+    run_kernel = zipf_fused._run_kernel
+    zipf_fused._run_kernel = lambda *args: launches.append(1) or run_kernel(*args)
+    try:
+        terms = step(model, batch)
+    finally:
+        zipf_fused._run_kernel = run_kernel
     terms["loss"].backward()
     return {
         "terms": {name: value.item() for name, value in terms.items()},
         "grads": {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None},
+        "kernel_launches": len(launches),
     }
+
+
+def opcheck(cases: dict) -> dict:
+    """torch.library.opcheck of zipfls_train::ce_zipf (schema, fake tensor, autograd registration,
+    torch.compile) on given votes and on upsampled dense logits: "ok" or the failure."""
+    verdicts = {}
+    for name in ("worked_example", "dense_4x4_up_c10"):
+        case = cases[name]
+        votes = case["votes"]
+        if "dense" in case:
+            dense = case["dense"]
+            votes = DenseMap(dense["feature_map"], dense["weight"], dense["bias"], dense["upsample"])
+        source = zipf_fused._vote_source(votes)
+        args = (case["logits"].clone().requires_grad_(), case["targets"], *source, 1.0, "zipf", 0.7, True, False)
+        try:
+            torch.library.opcheck(torch.ops.zipfls_train.ce_zipf.default, args)
+            verdicts[name] = "ok"
+        except Exception as error:  # noqa: BLE001 - reported to the test
+            verdicts[name] = f"{type(error).__name__}: {error}"
+    return verdicts
 
 
 def main(cases_path: str, results_path: str) -> None:
@@ -65,7 +96,9 @@ def main(cases_path: str, results_path: str) -> None:
     cases = torch.load(cases_path)
     results = {name: run_case(case) for name, case in cases.items()}
     dense_logits.MAX_DENSE_LOGITS = DEFAULT_MAX_DENSE_LOGITS
-    results["method"] = {"triton": method_step("triton"), "torch": method_step("torch")}
+    results["method"] = {"triton": method_step("triton"), "torch": method_step("torch"), "compiled": method_step("triton", compiled=True)}
+    results["kernel_state"] = dict(zipf_fused._kernel_state)
+    results["opcheck"] = opcheck(cases)
     torch.save(results, results_path)
 
 

@@ -88,3 +88,26 @@ def test_training_step_makes_no_host_sync(tmp_path, loss):
 def test_short_cuda_run_learns_in_bf16_channels_last(run_tiny):
     summary, run_dir = run_tiny("trainer.device=cuda", "trainer.precision=bf16", "trainer.epochs=4", "loss=zipf", "optim.lr=0.05")
     assert summary["best_val_top1"] > 30.0  # 10 classes: chance is 10%
+
+
+def test_step_captured_in_cuda_graphs_runs_the_fused_kernel(tmp_path, monkeypatch):
+    """trainer.compile=reduce-overhead: the fused Zipf kernel is in the compiled graph (the custom
+    op), checked on its first call, captured with the rest of the step, and the compiled steps
+    compute what the eager steps compute (fp32, same seed: same start and batches)."""
+    from zipfls_train.losses import zipf_fused
+
+    launches = []
+    run_kernel = zipf_fused._run_kernel
+    monkeypatch.setattr(zipf_fused, "_run_kernel", lambda *args: launches.append(1) or run_kernel(*args))
+    overrides = ["dataset=synthetic", "dataset.image_size=32", "dataset.num_classes=20", "dataset.steps_per_epoch=4",
+                 "dataset.zipf.upsample=bilinear", "model.options.width=16", "trainer.batch_size=32", "loss=zipf",
+                 "trainer.precision=fp32"]
+    losses = {}
+    for compiled in ("false", "reduce-overhead"):
+        launches.clear()
+        trainer = _trainer(tmp_path / compiled, *overrides, f"trainer.compile={compiled}")
+        batches = trainer.data.train.epoch(0)
+        losses[compiled] = torch.stack([trainer.train_step(batches)["loss"] for _ in range(4)]).tolist()
+        assert launches, f"trainer.compile={compiled}: the fused kernel never ran"
+    assert zipf_fused._kernel_state.get("cuda:0") == "checked"
+    assert losses["reduce-overhead"] == pytest.approx(losses["false"], rel=1e-3)

@@ -15,6 +15,7 @@ import os
 import random
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ import torch
 
 from test_zipf import reference_dense_votes, reference_kl, reference_ranks
 from zipfls_train.data.batch import Batch
+from zipfls_train.losses import dense_logits, zipf_fused
 from zipfls_train.losses import zipf as zipf_module
 from zipfls_train.losses.zipf import ZipfLabelSmoothing, dense_votes, nontarget_kl, vote_counts, zipf_soft_labels
 from zipfls_train.losses.zipf_fused import MAX_FUSED_VOTES, DenseMap, fused_ce_zipf, fused_zipf_kl
@@ -263,17 +265,26 @@ def test_ce_plus_zipf_kernel_matches_the_references(interpreted: tuple[dict, dic
     assert_gradient(result, expected["ce_grad"] + COMBINED_WEIGHT * expected["kl_grad"], case)
 
 
-def test_method_step_with_the_kernel_equals_the_reference_path(interpreted: tuple[dict, dict]) -> None:
-    """A whole training step (dense votes of a real CIFAR ResNet-18, CE + 0.7 x Zipf): the kernel
-    and the reference functions, themselves checked against the float64 references in test_zipf.py,
-    give the same loss terms and parameter gradients."""
+@pytest.mark.parametrize("path", ["triton", "compiled"])
+def test_method_step_with_the_kernel_equals_the_reference_path(interpreted: tuple[dict, dict], path: str) -> None:
+    """A whole training step (dense votes of a real CIFAR ResNet-18, CE + 0.7 x Zipf): the kernel,
+    eager and inside torch.compile's graph (fullgraph, Inductor), and the reference functions,
+    themselves checked against the float64 references in test_zipf.py, give the same loss terms and
+    parameter gradients; the kernel ran once per step (so the compiled step did use it)."""
     _, results = interpreted
-    fused, reference = results["method"]["triton"], results["method"]["torch"]
+    fused, reference = results["method"][path], results["method"]["torch"]
+    assert fused["kernel_launches"] == 1 and reference["kernel_launches"] == 0
     assert fused["terms"] == pytest.approx(reference["terms"], rel=1e-5)
     assert fused["terms"]["zipf"] > 0
     assert fused["grads"].keys() == reference["grads"].keys()
     for name, grad in reference["grads"].items():
         torch.testing.assert_close(fused["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_kernel_checked_itself_and_the_custom_op_passes_opcheck(interpreted: tuple[dict, dict]) -> None:
+    _, results = interpreted
+    assert results["kernel_state"] == {"cpu": "checked"}  # the first call's comparison passed
+    assert results["opcheck"] == {"worked_example": "ok", "dense_4x4_up_c10": "ok"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -289,22 +300,20 @@ def test_kernel_compiles_for_gpus_without_spilling(capability: int, block_v: int
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from zipfls_train.losses import zipf_fused
-
-    signature = {
-        "logits_ptr": "*bf16", "logits_row_stride": "i32", "targets_ptr": "*i64", "votes_ptr": "*i64",
-        "votes_row_stride": "i32", "dense_ptr": "*bf16", "grad_ptr": "*bf16", "rows_ptr": "*fp32",
-        "row_offset": "i32", "batch": "i32", "num_classes": "i32", "num_votes": "i32", "map_height": "i32",
-        "map_width": "i32", "alpha": "fp32", "weight": "fp32",
-        "DISTRIBUTION": "constexpr", "WITH_CE": "constexpr", "VOTES_FROM": "constexpr",
-        "BLOCK_V": "constexpr", "BLOCK_C": "constexpr", "BLOCK_CV": "constexpr",
-    }
+    def signature(votes_from: int) -> dict:  # votes_ptr: class indices, or bf16 dense logits
+        return {
+            "logits_ptr": "*bf16", "logits_row_stride": "i32", "targets_ptr": "*i64", "votes_ptr": "*i64" if votes_from == 0 else "*bf16",
+            "votes_row_stride": "i32", "grad_ptr": "*bf16", "rows_ptr": "*fp32", "batch": "i32", "num_classes": "i32",
+            "num_votes": "i32", "map_height": "i32", "map_width": "i32", "alpha": "fp32", "weight": "fp32",
+            "DISTRIBUTION": "constexpr", "WITH_CE": "constexpr", "VOTES_FROM": "constexpr",
+            "BLOCK_V": "constexpr", "BLOCK_C": "constexpr", "BLOCK_CV": "constexpr",
+        }
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     variants = [(d, True, 2) for d in range(3)] + [(0, False, 0), (0, True, 0), (0, True, 1)]
     for distribution, with_ce, votes_from in variants:
         constants = {"DISTRIBUTION": distribution, "WITH_CE": with_ce, "VOTES_FROM": votes_from,
                      "BLOCK_V": block_v, "BLOCK_C": block_c, "BLOCK_CV": max(16, zipf_fused._VOTE_TILE // block_v)}
-        source = ASTSource(fn=zipf_fused._zipf_kernel, signature=signature, constexprs=constants)
+        source = ASTSource(fn=zipf_fused._zipf_kernel, signature=signature(votes_from), constexprs=constants)
         compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps})
         cubin = tmp_path / "kernel.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
@@ -366,76 +375,101 @@ def test_bad_kernel_choices_name_the_key(options: dict, message: str) -> None:
         ZipfLabelSmoothing(10, **options)
 
 
-def vote_ids(votes: torch.Tensor | DenseMap) -> torch.Tensor:
-    """What a fake kernel needs to compute the right numbers: the votes themselves."""
-    if isinstance(votes, DenseMap):
-        return dense_votes(votes.feature_map, votes.weight, votes.bias, "bilinear" if votes.upsample else None)
-    return votes
+@pytest.mark.parametrize("name", [*HAND_CASES, *RANDOM_CASES, *DENSE_CASES])
+def test_kernel_stand_in_matches_the_references(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``zipf_fused._reference``, what the first call compares the kernel with and what replaces a
+    kernel that failed, computes the kernel's outputs: [loss, ce, kl] and the gradient (written out
+    from eq. 6, not by autograd), from the votes or from the dense logits the kernel would read."""
+    case = build_cases()[name]
+    votes = case["votes"]
+    if "dense" in case:
+        dense = case["dense"]
+        monkeypatch.setattr(dense_logits, "MAX_DENSE_LOGITS", dense.get("max_dense_logits", dense_logits.MAX_DENSE_LOGITS))
+        votes = DenseMap(dense["feature_map"], dense["weight"], dense["bias"], dense["upsample"])
+    logits = case["logits"][:, : case["num_classes"]]
+    options = (*zipf_fused._vote_source(votes), case["alpha"], case["distribution"], COMBINED_WEIGHT, True)
+    totals, grad = zipf_fused._reference(logits, case["targets"], *options)
+    expected = expected_for(case)
+    assert totals.tolist() == pytest.approx([expected["ce"] + COMBINED_WEIGHT * expected["kl"], expected["ce"], expected["kl"]], rel=1e-5, abs=1e-6)
+    assert grad.dtype == logits.dtype
+    rtol = 1e-5 if logits.dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(grad.double(), expected["ce_grad"] + COMBINED_WEIGHT * expected["kl_grad"], rtol=rtol, atol=1e-7)
 
 
-def test_a_kernel_that_fails_to_build_falls_back_once_with_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def kernel_as_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The path choice of a GPU on the CPU: auto takes the fused path, the device check passes (the
+    interpreter flag; the tests replace the kernel launch itself) and no device has been checked."""
+    triton_or_fail()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(zipf_fused, "_kernel_state", {})
+    monkeypatch.setattr(ZipfLabelSmoothing, "_use_fused_kernel", lambda self, logits, votes: True)
+
+
+def test_a_kernel_that_fails_to_build_falls_back_once_with_a_warning(kernel_as_on_a_gpu: None, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
 
-    def broken(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def broken(*args):  # noqa: ANN002, ANN202
         calls.append(1)
         raise RuntimeError("PTX assembly failed")
 
-    monkeypatch.setattr(zipf_module, "fused_ce_zipf", broken)
+    monkeypatch.setattr(zipf_fused, "_run_kernel", broken)
     method = ZipfLabelSmoothing(10, kernel="auto")
-    monkeypatch.setattr(method, "_use_fused_kernel", lambda logits, votes: method._fused_kernel_ok)  # as on a GPU
     model, batch = tiny_outputs_and_model()
     with pytest.warns(RuntimeWarning, match="PTX assembly failed.*loss.kernel=torch"):
         first = method.training_step(model, batch)
-    second = method.training_step(model, batch)  # no second attempt, no second warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second attempt, no second warning
+        second = method.training_step(model, batch)
     assert calls == [1]
     reference = ZipfLabelSmoothing(10, kernel="torch").training_step(model, batch)
-    assert first["zipf"].item() == pytest.approx(reference["zipf"].item(), rel=1e-6)
+    assert first["loss"].item() == pytest.approx(reference["loss"].item(), rel=1e-6)
     assert second["zipf"].item() == pytest.approx(reference["zipf"].item(), rel=1e-6)
+    # The stand-in's gradient is the reference path's.
+    first["loss"].backward()
+    stand_in_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    reference["loss"].backward()
+    for stand_in, expected in zip(stand_in_grads, [p.grad for p in model.parameters()]):
+        torch.testing.assert_close(stand_in, expected, rtol=1e-4, atol=1e-6)
 
 
-def test_a_kernel_that_computes_wrong_numbers_is_caught_on_the_first_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_kernel_that_computes_wrong_numbers_is_caught_on_its_first_call(kernel_as_on_a_gpu: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """A kernel that builds but miscomputes (here: the KL's gradient dropped) is compared with the
-    reference functions on its first call: auto warns with the numbers and uses the reference path,
+    reference functions on its first call: auto warns with the numbers and uses the reference,
     triton raises."""
 
-    def ce_only(logits, targets, votes, weight, alpha, distribution):  # noqa: ANN001, ANN202
-        soft = zipf_soft_labels(vote_counts(vote_ids(votes), 10), targets, alpha, distribution)
-        ce, kl = torch.nn.functional.cross_entropy(logits, targets), nontarget_kl(logits, targets, soft)
-        return ce + weight * kl.detach(), ce, kl  # right value, wrong gradient
+    def ce_gradient_only(logits, targets, *options):  # noqa: ANN001, ANN002, ANN202
+        totals, _ = zipf_fused._reference(logits, targets, *options)
+        ce_grad = (torch.softmax(logits.float(), dim=1) - torch.nn.functional.one_hot(targets, logits.shape[1])) / len(targets)
+        return totals, ce_grad.to(logits.dtype)  # right values, wrong gradient
 
-    monkeypatch.setattr(zipf_module, "fused_ce_zipf", ce_only)
+    monkeypatch.setattr(zipf_fused, "_run_kernel", ce_gradient_only)
     model, batch = tiny_outputs_and_model()
-    reference = ZipfLabelSmoothing(10, kernel="torch").training_step(model, batch)
-    method = ZipfLabelSmoothing(10, kernel="auto")
-    monkeypatch.setattr(method, "_use_fused_kernel", lambda logits, votes: method._fused_kernel_ok)  # as on a GPU
-    with pytest.warns(RuntimeWarning, match="disagrees with the reference functions on the first batch.*gradient difference"):
-        terms = method.training_step(model, batch)
-    assert terms["loss"].item() == pytest.approx(reference["loss"].item(), rel=1e-6)
-    assert terms["zipf"].requires_grad  # the reference path's terms, not the rejected kernel's
-    forced = ZipfLabelSmoothing(10, kernel="triton")
-    monkeypatch.setattr(forced, "_use_fused_kernel", lambda logits, votes: True)
-    with pytest.raises(RuntimeError, match="disagrees"):
-        forced.training_step(model, batch)
+    with pytest.raises(RuntimeError, match="disagrees with the reference functions on its first call"):
+        ZipfLabelSmoothing(10, kernel="triton").training_step(model, batch)
+    assert zipf_fused._kernel_state == {}  # not marked: the next call checks again
+    with pytest.warns(RuntimeWarning, match="disagrees with the reference functions on its first call.*gradient difference"):
+        ZipfLabelSmoothing(10, kernel="auto").training_step(model, batch)
+    assert zipf_fused._kernel_state == {"cpu": "failed"}
 
 
-def test_a_kernel_that_worked_and_then_fails_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_kernel_that_worked_and_then_fails_raises(kernel_as_on_a_gpu: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """The fallback is for a kernel that cannot be built here; once it has run, a failure (out of
     memory, say) is reported like any other, not hidden behind a switch of path."""
     calls = []
 
-    def works_once(logits, targets, votes, weight, alpha, distribution):  # noqa: ANN001, ANN202
+    def works_twice(*args):  # noqa: ANN002, ANN202
         calls.append(1)
-        if len(calls) > 2:  # the first batch calls it twice: the float32 check, then the step
+        if len(calls) > 2:  # the first call runs it twice: the float32 check, then the step
             raise RuntimeError("CUDA out of memory")
-        soft = zipf_soft_labels(vote_counts(vote_ids(votes), 10), targets, alpha, distribution)
-        ce, kl = torch.nn.functional.cross_entropy(logits, targets), nontarget_kl(logits, targets, soft)
-        return ce + weight * kl, ce, kl
+        return zipf_fused._reference(*args)
 
-    monkeypatch.setattr(zipf_module, "fused_ce_zipf", works_once)
+    monkeypatch.setattr(zipf_fused, "_run_kernel", works_twice)
     method = ZipfLabelSmoothing(10, kernel="auto")
-    monkeypatch.setattr(method, "_use_fused_kernel", lambda logits, votes: method._fused_kernel_ok)  # as on a GPU
     model, batch = tiny_outputs_and_model()
     method.training_step(model, batch)
+    assert zipf_fused._kernel_state == {"cpu": "checked"}
     with pytest.raises(RuntimeError, match="CUDA out of memory"):
         method.training_step(model, batch)
 

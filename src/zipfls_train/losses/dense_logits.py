@@ -1,7 +1,7 @@
 """A classifier applied to every pixel of a feature map, in chunks of samples.
 
 Shared by the reference votes (``zipf.dense_votes``) and the fused kernel (``zipf_fused``), which
-then take the arg-max class of every (optionally upsampled) pixel.
+take the arg-max class of every (optionally upsampled) pixel.
 """
 
 from __future__ import annotations
@@ -35,13 +35,18 @@ def classifier_for_map(feature_map: Tensor, weight: Tensor, bias: Tensor | None)
     return weight.to(feature_map.dtype), (bias.to(feature_map.dtype) if bias is not None else None)
 
 
+def samples_per_chunk(num_classes: int, pixels_per_sample: int) -> int:
+    """Samples whose dense logits (pixels x classes each) fit :data:`MAX_DENSE_LOGITS` (at least 1)."""
+    return max(1, MAX_DENSE_LOGITS // max(1, num_classes * pixels_per_sample))
+
+
 def pixel_logit_chunks(feature_map: Tensor, weight: Tensor, bias: Tensor | None, pixels_per_sample: int) -> Iterator[tuple[int, Tensor]]:
     """``(first sample, logits m x (H*W) x C)`` for consecutive chunks of the N x D x H x W map, each
     at most :data:`MAX_DENSE_LOGITS` elements once the caller has ``pixels_per_sample`` per sample
     (H*W, or 4 H*W after a x2 upsample). Pixels in row-major (h, w) order."""
     n, d, h, w = feature_map.shape
     num_classes = weight.shape[0]
-    per_chunk = max(1, MAX_DENSE_LOGITS // max(1, num_classes * pixels_per_sample))
+    per_chunk = samples_per_chunk(num_classes, pixels_per_sample)
     for start in range(0, n, per_chunk):
         chunk = feature_map if per_chunk >= n else feature_map[start : start + per_chunk]
         m = chunk.shape[0]
@@ -49,3 +54,30 @@ def pixel_logit_chunks(feature_map: Tensor, weight: Tensor, bias: Tensor | None,
         # NCHW chunk; one matmul then classifies every pixel (faster on CPU than a batched W @ F).
         logits = F.linear(chunk.permute(0, 2, 3, 1).reshape(m * h * w, d), weight, bias)
         yield start, logits.view(m, h * w, num_classes)
+
+
+def pixel_argmax(logits: Tensor, height: int, width: int, upsample: bool) -> Tensor:
+    """Votes of a chunk of dense logits (m x (H*W) x C, pixels in row-major order): the arg-max class
+    of every pixel, after a bilinear x2 upsample (``align_corners=False``) of the C logit maps when
+    ``upsample`` -> LongTensor m x (H'*W'). Ties go to the lowest class, as ``argmax``."""
+    if not upsample:
+        return logits.argmax(dim=2)
+    # As a channels_last m x C x H x W map, so the arg-max reduces a contiguous dim.
+    maps = logits.view(-1, height, width, logits.shape[-1]).permute(0, 3, 1, 2)
+    return F.interpolate(maps, scale_factor=2, mode="bilinear", align_corners=False).argmax(dim=1).flatten(1)
+
+
+def dense_argmax(feature_map: Tensor, weight: Tensor, bias: Tensor | None, upsample: bool) -> Tensor:
+    """Arg-max class of ``weight @ f + bias`` for every pixel ``f`` of ``feature_map`` (N x D x H x W),
+    after a bilinear x2 upsample of the map when ``upsample`` -> LongTensor N x (H'*W'), pixels in
+    row-major (h, w) order.
+
+    Upsampling is done on the *logits*: classify the H x W pixels, then bilinearly upsample the C
+    logit maps. Both steps are linear and bilinear weights sum to 1, so this equals classifying the
+    upsampled features (bias included) up to float rounding, with 4x fewer multiply-adds and no
+    upsampled D-channel copy of the features.
+    """
+    _, _, h, w = feature_map.shape
+    chunks = pixel_logit_chunks(feature_map, weight, bias, votes_per_sample(feature_map, upsample))
+    votes = [pixel_argmax(logits, h, w, upsample) for _, logits in chunks]
+    return votes[0] if len(votes) == 1 else torch.cat(votes)

@@ -22,7 +22,6 @@ Votes and ranks are computed under ``no_grad`` from detached tensors; only the K
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -34,37 +33,13 @@ from ..models.outputs import ModelOutput
 from ..models.wrapper import unwrap
 from .base import Method, Needs
 from .ce import cross_entropy
-from .dense_logits import classifier_for_map, pixel_logit_chunks, votes_per_sample
+from .dense_logits import classifier_for_map, dense_argmax, votes_per_sample
 from .zipf_fused import FUSED_DISTRIBUTIONS, DenseMap, fused_ce_zipf, unavailable_reason
 
 UPSAMPLE_MODES = (None, "none", "bilinear")
 DISTRIBUTIONS = ("zipf", "constant", "linear_decay", "random_uniform", "random_pareto")
 RANK_BY = ("dense", "logits")
 KERNELS = ("auto", "torch", "triton")
-
-def _dense_argmax(feature_map: Tensor, weight: Tensor, bias: Tensor | None, upsample: bool) -> Tensor:
-    """Arg-max class of ``weight @ f + bias`` for every pixel ``f`` of ``feature_map`` (N x D x H x W),
-    after a bilinear x2 upsample of the map when ``upsample`` -> LongTensor N x (H'*W'), pixels in
-    row-major (h, w) order.
-
-    Upsampling is done on the *logits*: classify the H x W pixels, then bilinearly upsample the C
-    logit maps. Both steps are linear and bilinear weights sum to 1, so this equals classifying the
-    upsampled features (bias included) up to float rounding, with 4x fewer multiply-adds and no
-    upsampled D-channel copy of the features.
-    """
-    _, _, h, w = feature_map.shape
-    num_classes = weight.shape[0]
-    votes = []
-    for _, logits in pixel_logit_chunks(feature_map, weight, bias, votes_per_sample(feature_map, upsample)):
-        if upsample:  # as a channels_last m x C x H x W map, so the arg-max reduces a contiguous dim
-            logits = F.interpolate(
-                logits.view(-1, h, w, num_classes).permute(0, 3, 1, 2), scale_factor=2, mode="bilinear", align_corners=False
-            )
-            votes.append(logits.argmax(dim=1).flatten(1))
-        else:
-            votes.append(logits.argmax(dim=2))
-    return votes[0] if len(votes) == 1 else torch.cat(votes)
-
 
 @torch.no_grad()
 def dense_votes(feature_map: Tensor, weight: Tensor, bias: Tensor | None, upsample: str | None = None) -> Tensor:
@@ -73,8 +48,8 @@ def dense_votes(feature_map: Tensor, weight: Tensor, bias: Tensor | None, upsamp
     ``feature_map``: N x D x H x W (never differentiated: this runs under ``no_grad``). ``upsample``:
     ``None``/``"none"`` (use the map as is) or ``"bilinear"`` (x2, ``align_corners=False``, before
     classifying; computed by upsampling the logit maps instead, which is the same, see
-    ``_dense_argmax``). Returns a LongTensor N x (H'*W') of class indices (pixels in row-major order;
-    ties go to the lowest class index, as ``argmax``). Computed in the feature map's dtype (the
+    ``dense_logits.dense_argmax``). Returns a LongTensor N x (H'*W') of class indices (pixels in
+    row-major order; ties go to the lowest class index, as ``argmax``). Computed in the feature map's dtype (the
     classifier is cast to it), or in autocast's dtype under autocast: bfloat16/float16 are plenty to
     pick a winner.
     """
@@ -88,7 +63,7 @@ def dense_votes(feature_map: Tensor, weight: Tensor, bias: Tensor | None, upsamp
         )
     # Under no_grad nothing here is recorded, so nothing needs detaching.
     weight, bias = classifier_for_map(feature_map, weight, bias)
-    return _dense_argmax(feature_map, weight, bias, upsample=upsample == "bilinear")
+    return dense_argmax(feature_map, weight, bias, upsample=upsample == "bilinear")
 
 
 @torch.no_grad()
@@ -249,9 +224,9 @@ class ZipfLabelSmoothing(Method):
     ``aux_weight``, the paper's beta, and whose classifier casts that stage's votes); ``upsample``
     of every voting map before classifying; ``kernel`` how the soft label and KL are computed:
     ``torch`` (the reference functions above), ``triton`` (``zipf_fused.py``: one kernel for the
-    votes' arg-max, ranks, soft label, KL and CE, the same numbers to float rounding) or ``auto`` (triton on CUDA in eager mode where it
-    applies, else torch: on the CPU the reference path is already ~free, and ``torch.compile``
-    fuses the reference path itself).
+    votes' arg-max, ranks, soft label, KL and CE, the same numbers to float rounding; eager and
+    under ``torch.compile``, as a custom op) or ``auto`` (triton on CUDA where it applies, else
+    torch: on the CPU the reference path is already ~free).
     """
 
     def __init__(
@@ -307,8 +282,7 @@ class ZipfLabelSmoothing(Method):
         self.upsample = None if upsample in (None, "none") else str(upsample)
         self.aux_weight = float(aux_weight)
         self.kernel = str(kernel)
-        self._fused_kernel_ok = fusable and kernel != "torch"  # cleared if the kernel fails to build (auto)
-        self._fused_kernel_ran = False  # after one success, a failure is an error like any other
+        self.fusable = fusable  # what the fused kernel computes (rank_by=dense, a rank-based distribution)
         dense = self.rank_by == "dense"
         self.aux_stages = tuple(s for s in self.stages if s != "final") if dense else ()
         self.needs = Needs(feature_stages=self.stages if dense else (), aux_stages=self.aux_stages)
@@ -332,9 +306,7 @@ class ZipfLabelSmoothing(Method):
         return vote_counts(self.votes(outputs, model), self.num_classes)
 
     def _use_fused_kernel(self, logits: Tensor, num_votes: int) -> bool:
-        if not self._fused_kernel_ok:
-            return False
-        if self.kernel == "auto" and (not logits.is_cuda or torch.compiler.is_compiling()):
+        if not self.fusable or self.kernel == "torch" or (self.kernel == "auto" and not logits.is_cuda):
             return False
         reason = unavailable_reason(logits.device, num_votes)
         if reason is not None and self.kernel == "triton":
@@ -367,52 +339,15 @@ class ZipfLabelSmoothing(Method):
         return DenseMap(outputs.features["final"], classifier.weight, classifier.bias, upsample=True)
 
     def _fused(self, outputs: ModelOutput, targets: Tensor, model: nn.Module) -> tuple[Tensor, Tensor, Tensor] | None:
-        """The fused kernel's ``(loss, ce, KL)``, or None where the reference path is to be used."""
+        """The fused kernel's ``(loss, ce, KL)``, or None where the reference path is to be used. (The
+        kernel checks itself against the reference functions on its first call; under ``auto`` one
+        that fails to build or disagrees is replaced by them, with a warning.)"""
         upsample = self.upsample == "bilinear"
         num_votes = sum(votes_per_sample(outputs.features[stage], upsample) for stage in self.stages if stage in outputs.features)
         if not self._use_fused_kernel(outputs.logits, num_votes):
             return None
-        try:
-            if not self._fused_kernel_ran:
-                self._check_against_reference(outputs, targets, model)
-            result = fused_ce_zipf(outputs.logits, targets, self._fused_votes(outputs, model), self.weight, self.alpha, self.distribution)
-        except Exception as error:  # noqa: BLE001 - a kernel that does not build must not end the run
-            if self.kernel == "triton" or self._fused_kernel_ran:
-                raise
-            self._fused_kernel_ok = False
-            warnings.warn(
-                f"the fused Zipf kernel failed ({type(error).__name__}: {error}); using the reference "
-                "path from now on (set loss.kernel=torch to skip the attempt)",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            return None
-        self._fused_kernel_ran = True
-        return result
-
-    def _check_against_reference(self, outputs: ModelOutput, targets: Tensor, model: nn.Module) -> None:
-        """On the first batch only (one host sync per run), the kernel must reproduce the reference
-        functions on this device, or a RuntimeError says by how much: a kernel that compiles but
-        computes wrong numbers on some GPU is caught before it trains. Compared in float32, with
-        autocast off: there two classes' dense logits practically never tie, while in bfloat16 a
-        tie may legitimately be broken the other way by the two paths' different rounding."""
-        features = {name: value.detach().float() for name, value in outputs.features.items()}
-        kernel_logits = outputs.logits.detach().float().requires_grad_()
-        reference_logits = outputs.logits.detach().float().requires_grad_()
-        with torch.autocast(kernel_logits.device.type, enabled=False):
-            votes = self._fused_votes(ModelOutput(logits=kernel_logits, features=features), model)
-            kernel, _, _ = fused_ce_zipf(kernel_logits, targets, votes, self.weight, self.alpha, self.distribution)
-            reference, _, _ = self._reference_terms(ModelOutput(logits=reference_logits, features=features), targets, model)
-        (kernel_grad,) = torch.autograd.grad(kernel, kernel_logits)
-        (reference_grad,) = torch.autograd.grad(reference, reference_logits)
-        loss_gap = (kernel - reference).abs() / reference.abs().clamp_min(1e-6)
-        grad_gap = (kernel_grad - reference_grad).abs().max() / reference_grad.abs().max().clamp_min(1e-12)
-        kernel_loss, reference_loss, loss_gap, grad_gap = torch.stack([kernel, reference, loss_gap, grad_gap]).detach().tolist()  # one sync
-        if loss_gap > 1e-4 or grad_gap > 1e-4:
-            raise RuntimeError(
-                f"it disagrees with the reference functions on the first batch (float32: loss {kernel_loss:.6g} vs "
-                f"{reference_loss:.6g}; largest gradient difference {grad_gap:.3g} of the largest gradient)"
-            )
+        votes = self._fused_votes(outputs, model)
+        return fused_ce_zipf(outputs.logits, targets, votes, self.weight, self.alpha, self.distribution, fallback=self.kernel == "auto")
 
     def loss_terms(self, outputs: ModelOutput, batch: Batch, model: nn.Module) -> dict[str, Tensor]:
         targets = batch.targets

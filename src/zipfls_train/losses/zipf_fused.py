@@ -27,19 +27,25 @@ Scope: ``rank_by=dense`` with ``distribution`` zipf, constant or linear_decay (f
 and at most :data:`MAX_FUSED_VOTES` votes per sample (one stage at 32 or 224 px; Dense2 and the
 random distributions use the reference path). The method hands over the map itself for the 32 px
 recipe (one upsampled map), the votes otherwise. ``ZipfLabelSmoothing(kernel=...)`` chooses the path.
-On the CPU the kernel runs only in Triton's interpreter (``TRITON_INTERPRET=1``), which is how the
-tests check it against the float64 references without a GPU.
+
+Eager calls go through an ``autograd.Function``; under ``torch.compile`` the same computation is the
+custom op ``zipfls_train::ce_zipf``, which Inductor calls as it is (one launch, captured by CUDA
+graphs). Either way the first call on a device compares the kernel with the reference functions
+(:func:`_compute`). On the CPU the kernel runs only in Triton's interpreter (``TRITON_INTERPRET=1``),
+which is how the tests check it, eager and compiled, against float64 references without a GPU.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from .dense_logits import classifier_for_map, pixel_logit_chunks, votes_per_sample
+from .dense_logits import classifier_for_map, dense_argmax, pixel_argmax, pixel_logit_chunks, samples_per_chunk, votes_per_sample
 
 try:  # Triton ships with CUDA builds of PyTorch on Linux; elsewhere only the reference path exists.
     import triton
@@ -138,17 +144,16 @@ if triton is not None:
 
     @triton.jit
     def _zipf_kernel(
-        logits_ptr, logits_row_stride, targets_ptr, votes_ptr, votes_row_stride, dense_ptr, grad_ptr, rows_ptr,
-        row_offset, batch, num_classes, num_votes, map_height, map_width, alpha, weight,
+        logits_ptr, logits_row_stride, targets_ptr, votes_ptr, votes_row_stride, grad_ptr, rows_ptr,
+        batch, num_classes, num_votes, map_height, map_width, alpha, weight,
         DISTRIBUTION: tl.constexpr, WITH_CE: tl.constexpr, VOTES_FROM: tl.constexpr,
         BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CV: tl.constexpr,
     ):
-        # One sample per program: sample row_offset + program id of the batch. rows_ptr: 3 x batch,
-        # per sample / batch: [loss, ce, kl] with loss = ce + weight * kl (ce = 0 without WITH_CE).
-        # grad_ptr: batch x C, d loss / d logits. The votes come from votes_ptr (VOTES_FROM 0) or
-        # from dense_ptr, this chunk's m x (H*W) x C dense logits, as they are (1) or upsampled (2).
-        local = tl.program_id(0).to(tl.int64)
-        row = row_offset + local
+        # One sample per program. rows_ptr: 3 x batch, per sample / batch: [loss, ce, kl] with
+        # loss = ce + weight * kl (ce = 0 without WITH_CE). grad_ptr: batch x C, d loss / d logits.
+        # votes_ptr holds the votes, batch x V class indices (VOTES_FROM 0), or the dense logits,
+        # batch x (H*W) x C, whose arg-max pixels vote as they are (1) or upsampled x2 (2).
+        row = tl.program_id(0).to(tl.int64)
         inv_batch = 1.0 / batch
         target = tl.load(targets_ptr + row).to(tl.int32)
         logits_row = logits_ptr + row * logits_row_stride
@@ -160,7 +165,7 @@ if triton is not None:
         if VOTES_FROM == 0:
             votes = tl.load(votes_ptr + row * votes_row_stride + lanes, mask=in_votes, other=-1).to(tl.int32)
         else:
-            dense_row = dense_ptr + local * map_height * map_width * num_classes
+            dense_row = votes_ptr + row * map_height * map_width * num_classes
             votes = _dense_votes(dense_row, lanes, in_votes, num_classes, map_height, map_width, VOTES_FROM == 2, BLOCK_V, BLOCK_CV)
         same = (votes[:, None] == votes[None, :]) & in_votes[:, None] & in_votes[None, :]
         count = tl.sum(same.to(tl.int32), axis=1)  # votes of lane i's class
@@ -239,51 +244,150 @@ def _next_power_of_two(value: int) -> int:
 class DenseMap:
     """Votes the kernel casts itself: the classifier (``weight`` C x D, ``bias`` C) applied to every
     pixel of ``feature_map`` (N x D x H x W; after a bilinear x2 upsample when ``upsample``), each
-    pixel voting for its arg-max class, as :func:`zipf.dense_votes` (the kernel takes the arg-max
-    of the upsampled dense logits, so neither the upsampled logits nor the votes are ever stored)."""
+    pixel voting for its arg-max class, as :func:`zipf.dense_votes`. The dense logits are one matmul
+    before the kernel; the kernel upsamples them and takes each pixel's arg-max, so neither the
+    upsampled logits nor the votes are ever stored."""
 
     feature_map: Tensor
     weight: Tensor
     bias: Tensor | None
     upsample: bool
 
+
 def _votes_per_sample(votes: Tensor | DenseMap) -> int:
     return votes_per_sample(votes.feature_map, votes.upsample) if isinstance(votes, DenseMap) else votes.shape[1]
 
 
+# What the kernel's votes argument holds (its VOTES_FROM): class indices N x V, or dense logits
+# N x (H*W) x C whose pixels vote for their arg-max class, as they are or after a bilinear x2 upsample.
+_GIVEN_VOTES, _DENSE_LOGITS, _UPSAMPLED_DENSE_LOGITS = 0, 1, 2
+
+
+def _vote_source(votes: Tensor | DenseMap) -> tuple[Tensor, int, int, int]:
+    """``(tensor, VOTES_FROM, map height, map width)`` for the kernel. A map whose dense logits would
+    exceed :data:`dense_logits.MAX_DENSE_LOGITS` is voted by torch, chunk by chunk, instead."""
+    if isinstance(votes, Tensor):
+        return votes.contiguous(), _GIVEN_VOTES, 1, 1
+    feature_map, upsample = votes.feature_map, votes.upsample
+    weight, bias = classifier_for_map(feature_map, votes.weight, votes.bias)
+    n, _, height, width = feature_map.shape
+    with torch.no_grad():  # votes are never differentiated
+        if samples_per_chunk(weight.shape[0], votes_per_sample(feature_map, upsample)) < n:
+            return dense_argmax(feature_map, weight, bias, upsample), _GIVEN_VOTES, 1, 1
+        _, dense = next(pixel_logit_chunks(feature_map, weight, bias, votes_per_sample(feature_map, upsample)))
+    return dense, (_UPSAMPLED_DENSE_LOGITS if upsample else _DENSE_LOGITS), height, width
+
+
+# The kernel, the reference and the check below take (logits, targets, *options), options being
+# (votes, VOTES_FROM, map height, map width, alpha, distribution, weight, with_ce).
+
+
+def _run_kernel(logits: Tensor, targets: Tensor, *options: object) -> tuple[Tensor, Tensor]:
+    """One launch: ``(totals, grad)``, totals = [loss, ce, kl] (batch means, float32) and grad =
+    d loss / d logits (N x C, the logits' dtype), then one sum."""
+    votes, votes_from, map_height, map_width, alpha, distribution, weight, with_ce = options
+    n, num_classes = logits.shape
+    num_votes = votes.shape[1] if votes_from == _GIVEN_VOTES else map_height * map_width * (4 if votes_from == _UPSAMPLED_DENSE_LOGITS else 1)
+    grad = torch.empty((n, num_classes), dtype=logits.dtype, device=logits.device)
+    rows = torch.empty((3, n), dtype=torch.float32, device=logits.device)
+    block_v = max(16, _next_power_of_two(num_votes))
+    _zipf_kernel[(n,)](
+        logits, logits.stride(0), targets, votes, votes.stride(0), grad, rows,
+        n, num_classes, num_votes, map_height, map_width, float(alpha), float(weight),
+        DISTRIBUTION=_DISTRIBUTION_CODE[distribution],
+        WITH_CE=bool(with_ce),
+        VOTES_FROM=votes_from,
+        BLOCK_V=block_v,
+        BLOCK_C=min(_MAX_CLASS_BLOCK, max(16, _next_power_of_two(num_classes))),
+        BLOCK_CV=max(16, _VOTE_TILE // block_v),
+        num_warps=4 if block_v <= 64 else 8,
+    )
+    return rows.sum(dim=1), grad
+
+
+def _reference(logits: Tensor, targets: Tensor, *options: object) -> tuple[Tensor, Tensor]:
+    """The kernel's ``(totals, grad)`` from the reference functions of ``zipf.py`` (float32), the
+    gradient written out as paper eq. 6 plus the cross-entropy's (no autograd: this also runs inside
+    the compiled graph's custom op, below autograd). Used by the first-call check and in place of a
+    kernel that failed under ``loss.kernel=auto``."""
+    from .zipf import nontarget_kl, vote_counts, zipf_soft_labels  # deferred: zipf.py imports this module
+
+    votes, votes_from, map_height, map_width, alpha, distribution, weight, with_ce = options
+    if votes_from != _GIVEN_VOTES:
+        votes = pixel_argmax(votes, map_height, map_width, votes_from == _UPSAMPLED_DENSE_LOGITS)
+    n, num_classes = logits.shape
+    z = logits.float()
+    soft = zipf_soft_labels(vote_counts(votes, num_classes), targets, alpha, distribution)
+    kl = nontarget_kl(z, targets, soft)
+    q = torch.softmax(z.scatter(1, targets.view(-1, 1), float("-inf")), dim=1)  # 0 at the target, as P
+    grad = weight * (q - soft)
+    ce = torch.zeros_like(kl)
+    if with_ce:
+        ce = F.cross_entropy(z, targets)
+        grad += torch.softmax(z, dim=1) - F.one_hot(targets, num_classes)
+    return torch.stack([ce + weight * kl, ce, kl]), (grad / n).to(logits.dtype)
+
+
+# Per device: "checked" once the kernel matched the reference there, "failed" once it failed to
+# build or disagreed under loss.kernel=auto (the reference then stands in for it in this process).
+_kernel_state: dict[str, str] = {}
+
+
+def _compute(logits: Tensor, targets: Tensor, *options: object, fallback: bool) -> tuple[Tensor, Tensor]:
+    """The kernel's ``(totals, grad)``. On its first call on a device the kernel is built and
+    compared with :func:`_reference` in float32 (one host sync per process): a kernel that does not
+    build, or builds and computes wrong numbers on some GPU, is caught before it trains. ``fallback``
+    (``loss.kernel=auto``): then warn and use the reference from now on; else raise. A failure after
+    a successful check is raised either way (out of memory, say, is not a reason to switch paths)."""
+    device = str(logits.device)
+    state = _kernel_state.get(device)
+    if state == "failed":
+        return _reference(logits, targets, *options)
+    if state is None and not (logits.is_cuda and torch.cuda.is_current_stream_capturing()):  # no sync while capturing
+        try:
+            _check_against_reference(logits, targets, *options)
+        except Exception as error:  # noqa: BLE001 - a kernel that does not build must not end the run
+            if not fallback:
+                raise
+            _kernel_state[device] = "failed"
+            warnings.warn(
+                f"the fused Zipf kernel failed ({type(error).__name__}: {error}); using the reference "
+                "path from now on (set loss.kernel=torch to skip the attempt)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return _reference(logits, targets, *options)
+        _kernel_state[device] = "checked"
+    return _run_kernel(logits, targets, *options)
+
+
+def _check_against_reference(logits: Tensor, targets: Tensor, votes: Tensor, votes_from: int, *rest: object) -> None:
+    """Kernel vs reference on float32 copies of the inputs, or a RuntimeError saying by how much.
+    (float32: there two classes' dense logits practically never tie, and a tie of lower-precision
+    values stays an exact tie, which both break towards the lowest class.)"""
+    logits = logits.detach().float()
+    votes = votes if votes_from == _GIVEN_VOTES else votes.float()
+    kernel, kernel_grad = _run_kernel(logits, targets, votes, votes_from, *rest)
+    reference, reference_grad = _reference(logits, targets, votes, votes_from, *rest)
+    loss_gap = (kernel[0] - reference[0]).abs() / reference[0].abs().clamp_min(1e-6)
+    grad_gap = (kernel_grad - reference_grad).abs().max() / reference_grad.abs().max().clamp_min(1e-12)
+    kernel_loss, reference_loss, loss_gap, grad_gap = torch.stack([kernel[0], reference[0], loss_gap, grad_gap]).tolist()  # one sync
+    if not (loss_gap <= 1e-4 and grad_gap <= 1e-4):  # (NaN fails too)
+        raise RuntimeError(
+            f"it disagrees with the reference functions on its first call (float32: loss {kernel_loss:.6g} vs "
+            f"{reference_loss:.6g}; largest gradient difference {grad_gap:.3g} of the largest gradient)"
+        )
+
+
 class _FusedZipf(torch.autograd.Function):
-    """Forward: the kernel writes each sample's terms and the gradient of the loss; backward: one
-    multiply. Outputs ``loss`` (differentiable) and ``terms`` = [ce, kl] (reported values only)."""
+    """Eager path. Forward: :func:`_compute` (the kernel writes each sample's terms and the
+    gradient); backward: one multiply. Outputs ``loss`` (differentiable) and ``terms`` = [ce, kl]
+    (reported values only)."""
 
     @staticmethod
-    def forward(ctx, logits: Tensor, targets: Tensor, votes: Tensor | DenseMap, alpha: float, distribution: str, weight: float, with_ce: bool):  # noqa: ANN001, ANN205
-        n, num_classes = logits.shape
-        num_votes = _votes_per_sample(votes)
-        grad = torch.empty((n, num_classes), dtype=logits.dtype, device=logits.device)
-        rows = torch.empty((3, n), dtype=torch.float32, device=logits.device)
-        block_v = max(16, _next_power_of_two(num_votes))
-
-        def launch(samples: int, row_offset: int, vote_ids: Tensor, dense: Tensor, map_size: tuple[int, int], votes_from: int) -> None:
-            _zipf_kernel[(samples,)](
-                logits, logits.stride(0), targets, vote_ids, vote_ids.stride(0), dense, grad, rows,
-                row_offset, n, num_classes, num_votes, map_size[0], map_size[1], float(alpha), float(weight),
-                DISTRIBUTION=_DISTRIBUTION_CODE[distribution],
-                WITH_CE=bool(with_ce),
-                VOTES_FROM=votes_from,
-                BLOCK_V=block_v,
-                BLOCK_C=min(_MAX_CLASS_BLOCK, max(16, _next_power_of_two(num_classes))),
-                BLOCK_CV=max(16, _VOTE_TILE // block_v),
-                num_warps=4 if block_v <= 64 else 8,
-            )
-
-        if isinstance(votes, DenseMap):
-            classifier = classifier_for_map(votes.feature_map, votes.weight, votes.bias)
-            map_size = tuple(votes.feature_map.shape[-2:])
-            for start, dense in pixel_logit_chunks(votes.feature_map, *classifier, num_votes):
-                launch(dense.shape[0], start, dense, dense, map_size, 2 if votes.upsample else 1)
-        else:
-            launch(n, 0, votes, votes, (1, 1), 0)
-        totals = rows.sum(dim=1)  # [loss, ce, kl], batch means
+    def forward(ctx, logits: Tensor, targets: Tensor, *options_and_fallback: object):  # noqa: ANN001, ANN205
+        *options, fallback = options_and_fallback
+        totals, grad = _compute(logits, targets, *options, fallback=fallback)
         ctx.save_for_backward(grad)
         ctx.set_materialize_grads(False)
         loss, terms = totals[0], totals[1:]
@@ -293,7 +397,36 @@ class _FusedZipf(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: Tensor | None, grad_terms: Tensor | None):  # noqa: ANN001, ANN205
         (grad,) = ctx.saved_tensors
-        return (None if grad_loss is None else grad * grad_loss), None, None, None, None, None, None
+        return (None if grad_loss is None else grad * grad_loss), *([None] * 10)
+
+
+# Compiled path: the same computation as a custom op, opaque to torch.compile (Inductor calls it as
+# it is, so the step keeps one launch and CUDA graphs capture it). Eager calls skip it: the op's
+# Python dispatch costs about 20 us more per call than the autograd.Function above.
+@torch.library.custom_op("zipfls_train::ce_zipf", mutates_args=())
+def _ce_zipf_op(
+    logits: Tensor, targets: Tensor, votes: Tensor, votes_from: int, map_height: int, map_width: int,
+    alpha: float, distribution: str, weight: float, with_ce: bool, fallback: bool,
+) -> tuple[Tensor, Tensor]:
+    totals, grad = _compute(logits, targets, votes, votes_from, map_height, map_width, alpha, distribution, weight, with_ce, fallback=fallback)
+    return totals, grad
+
+
+@_ce_zipf_op.register_fake
+def _(logits: Tensor, targets: Tensor, *options: object) -> tuple[Tensor, Tensor]:
+    return logits.new_empty((3,), dtype=torch.float32), logits.new_empty(logits.shape)
+
+
+def _op_setup_context(ctx, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:  # noqa: ANN001
+    ctx.save_for_backward(output[1])
+
+
+def _op_backward(ctx, grad_totals: Tensor, grad_grad: Tensor) -> tuple:  # noqa: ANN001
+    (grad,) = ctx.saved_tensors
+    return grad * grad_totals[0], *([None] * 10)  # only totals[0], the loss, is differentiated
+
+
+_ce_zipf_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
 def _check_inputs(logits: Tensor, targets: Tensor, votes: Tensor | DenseMap, distribution: str) -> None:
@@ -317,35 +450,45 @@ def _check_inputs(logits: Tensor, targets: Tensor, votes: Tensor | DenseMap, dis
         raise RuntimeError(f"fused Zipf kernel unavailable: {reason}")
 
 
-def _apply(logits: Tensor, targets: Tensor, votes: Tensor | DenseMap, alpha: float, distribution: str, weight: float, with_ce: bool) -> tuple[Tensor, Tensor]:
+def _apply(logits: Tensor, targets: Tensor, votes: Tensor | DenseMap, alpha: float, distribution: str, weight: float, with_ce: bool, fallback: bool) -> tuple[Tensor, Tensor]:
+    """``(loss, [ce, kl])``: only the loss is differentiable."""
     _check_inputs(logits, targets, votes, distribution)
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    if isinstance(votes, Tensor):
-        votes = votes.contiguous()
-    return _FusedZipf.apply(logits, targets.contiguous(), votes, alpha, distribution, weight, with_ce)
+    options = (*_vote_source(votes), float(alpha), distribution, float(weight), bool(with_ce))
+    if torch.compiler.is_compiling():
+        totals, _ = torch.ops.zipfls_train.ce_zipf(logits, targets.contiguous(), *options, bool(fallback))
+        return totals[0], totals[1:].detach()
+    return _FusedZipf.apply(logits, targets.contiguous(), *options, bool(fallback))
 
 
-def fused_zipf_kl(logits: Tensor, targets: Tensor, votes: Tensor | DenseMap, alpha: float = 1.0, distribution: str = "zipf") -> Tensor:
+def fused_zipf_kl(
+    logits: Tensor, targets: Tensor, votes: Tensor | DenseMap, alpha: float = 1.0, distribution: str = "zipf", *, fallback: bool = False
+) -> Tensor:
     """Batch mean of ``KL(P || Q)``, as ``nontarget_kl(logits, targets, zipf_soft_labels(vote_counts(votes, C),
     targets, alpha, distribution))``, differentiable in ``logits``, in one kernel.
 
     ``logits`` N x C (any float dtype; computed in float32), ``targets`` N, ``votes`` N x V class
     indices or a :class:`DenseMap` to cast them from (V <= :data:`MAX_FUSED_VOTES`). Raises
-    ``RuntimeError`` naming the reason when the kernel cannot run here (see :func:`unavailable_reason`)."""
-    loss, _ = _apply(logits, targets, votes, alpha, distribution, 1.0, with_ce=False)
+    ``RuntimeError`` naming the reason when the kernel cannot run here (see :func:`unavailable_reason`).
+    The first call on a device checks the kernel against the reference functions; ``fallback``: a
+    kernel that fails to build or disagrees is replaced by them with a warning (else: raised).
+    Works eagerly and inside ``torch.compile`` (as the custom op ``zipfls_train::ce_zipf``)."""
+    loss, _ = _apply(logits, targets, votes, alpha, distribution, 1.0, with_ce=False, fallback=fallback)
     return loss
 
 
 def fused_ce_zipf(
-    logits: Tensor, targets: Tensor, votes: Tensor | DenseMap, weight: float, alpha: float = 1.0, distribution: str = "zipf"
+    logits: Tensor, targets: Tensor, votes: Tensor | DenseMap, weight: float, alpha: float = 1.0, distribution: str = "zipf",
+    *, fallback: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Zipf's LS's whole objective in one kernel: ``(loss, ce, kl)`` with ``loss = ce + weight * kl``
     (``ce`` = ``F.cross_entropy(logits, targets)``, ``kl`` as :func:`fused_zipf_kl`). Only ``loss`` is
     differentiable; ``ce`` and ``kl`` are the values of its terms, for logging. With a
     :class:`DenseMap` the step then launches what cross-entropy alone launches, plus the classifier's
-    matmul over the map's pixels: the kernel and a sum forward, one multiply backward."""
-    loss, terms = _apply(logits, targets, votes, alpha, distribution, weight, with_ce=True)
+    matmul over the map's pixels: the kernel and a sum forward, one multiply backward. ``fallback``
+    as in :func:`fused_zipf_kl`."""
+    loss, terms = _apply(logits, targets, votes, alpha, distribution, weight, with_ce=True, fallback=fallback)
     ce, kl = terms.unbind()
     return loss, ce, kl
 
