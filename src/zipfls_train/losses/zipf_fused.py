@@ -267,7 +267,7 @@ def _vote_source(votes: Tensor | DenseMap) -> tuple[Tensor, int, int, int]:
     """``(tensor, VOTES_FROM, map height, map width)`` for the kernel. A map whose dense logits would
     exceed :data:`dense_logits.MAX_DENSE_LOGITS` is voted by torch, chunk by chunk, instead."""
     if isinstance(votes, Tensor):
-        return votes.contiguous(), _GIVEN_VOTES, 1, 1
+        return votes, _GIVEN_VOTES, 1, 1
     feature_map, upsample = votes.feature_map, votes.upsample
     weight, bias = classifier_for_map(feature_map, votes.weight, votes.bias)
     n, _, height, width = feature_map.shape
@@ -286,6 +286,10 @@ def _run_kernel(logits: Tensor, targets: Tensor, *options: object) -> tuple[Tens
     """One launch: ``(totals, grad)``, totals = [loss, ce, kl] (batch means, float32) and grad =
     d loss / d logits (N x C, the logits' dtype), then one sum."""
     votes, votes_from, map_height, map_width, alpha, distribution, weight, with_ce = options
+    # The kernel reads logits rows of unit column stride (any row stride), the votes or dense logits
+    # and the targets contiguous: copies only where a caller, or a compiled graph, lays them out else.
+    logits = logits if logits.stride(1) == 1 else logits.contiguous()
+    votes, targets = votes.contiguous(), targets.contiguous()
     n, num_classes = logits.shape
     num_votes = votes.shape[1] if votes_from == _GIVEN_VOTES else map_height * map_width * (4 if votes_from == _UPSAMPLED_DENSE_LOGITS else 1)
     grad = torch.empty((n, num_classes), dtype=logits.dtype, device=logits.device)
@@ -453,13 +457,11 @@ def _check_inputs(logits: Tensor, targets: Tensor, votes: Tensor | DenseMap, dis
 def _apply(logits: Tensor, targets: Tensor, votes: Tensor | DenseMap, alpha: float, distribution: str, weight: float, with_ce: bool, fallback: bool) -> tuple[Tensor, Tensor]:
     """``(loss, [ce, kl])``: only the loss is differentiable."""
     _check_inputs(logits, targets, votes, distribution)
-    if logits.stride(1) != 1:
-        logits = logits.contiguous()
     options = (*_vote_source(votes), float(alpha), distribution, float(weight), bool(with_ce))
     if torch.compiler.is_compiling():
-        totals, _ = torch.ops.zipfls_train.ce_zipf(logits, targets.contiguous(), *options, bool(fallback))
+        totals, _ = torch.ops.zipfls_train.ce_zipf(logits, targets, *options, bool(fallback))
         return totals[0], totals[1:].detach()
-    return _FusedZipf.apply(logits, targets.contiguous(), *options, bool(fallback))
+    return _FusedZipf.apply(logits, targets, *options, bool(fallback))
 
 
 def fused_zipf_kl(
