@@ -271,10 +271,11 @@ def _vote_source(votes: Tensor | DenseMap) -> tuple[Tensor, int, int, int]:
     feature_map, upsample = votes.feature_map, votes.upsample
     weight, bias = classifier_for_map(feature_map, votes.weight, votes.bias)
     n, _, height, width = feature_map.shape
+    pixels = votes_per_sample(feature_map, upsample)
     with torch.no_grad():  # votes are never differentiated
-        if samples_per_chunk(weight.shape[0], votes_per_sample(feature_map, upsample)) < n:
+        if samples_per_chunk(weight.shape[0], pixels) < n:
             return dense_argmax(feature_map, weight, bias, upsample), _GIVEN_VOTES, 1, 1
-        _, dense = next(pixel_logit_chunks(feature_map, weight, bias, votes_per_sample(feature_map, upsample)))
+        _, dense = next(pixel_logit_chunks(feature_map, weight, bias, pixels))
     return dense, (_UPSAMPLED_DENSE_LOGITS if upsample else _DENSE_LOGITS), height, width
 
 
