@@ -217,3 +217,16 @@ def test_compiled_step_is_not_recompiled_as_epochs_change_the_method(tmp_path, l
     with torch._dynamo.config.patch(error_on_recompile=True):
         summary = Trainer(compose(overrides), DistContext(), tmp_path).fit()
     assert (summary["status"], summary["epochs"]) == ("finished", 3)
+
+
+@pytest.mark.parametrize(("deterministic", "autotune"), [("false", True), ("true", False)])
+def test_cudnn_autotunes_unless_the_run_is_deterministic(tmp_path, monkeypatch, deterministic, autotune):
+    from conftest import compose
+    from zipfls_train.engine.distributed import DistContext
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", not autotune)  # restored after the test
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda *args, **kwargs: None)  # process-wide otherwise
+    overrides = ["dataset=synthetic", "dataset.image_size=32", "dataset.num_classes=4", "dataset.steps_per_epoch=1",
+                 "model.options.width=8", "trainer.device=cpu", "trainer.progress_bar=false", f"trainer.deterministic={deterministic}"]
+    Trainer(compose(overrides), DistContext(), tmp_path)
+    assert torch.backends.cudnn.benchmark is autotune

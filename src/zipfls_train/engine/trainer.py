@@ -114,8 +114,12 @@ class Trainer:
         self.epochs = int(tcfg.epochs)
         self.autocast_dtype = resolve_precision(str(tcfg.precision), self.device)
         self.channels_last = bool(tcfg.channels_last) and self.device.type == "cuda"
-        if bool(tcfg.deterministic):
+        deterministic = bool(tcfg.deterministic)
+        if deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
+        # cuDNN times its convolution algorithms once per shape and keeps the fastest (a run's shapes
+        # are fixed: the recipe's batch and image size); a deterministic run must not pick by timing.
+        torch.backends.cudnn.benchmark = not deterministic
         torch.manual_seed(int(cfg.seed) + ctx.rank)
 
         num_classes = int(cfg.dataset.get("num_classes_subset") or cfg.dataset.num_classes)
