@@ -107,7 +107,8 @@ def test_step_captured_in_cuda_graphs_runs_the_fused_kernel(tmp_path, monkeypatc
         launches.clear()
         trainer = _trainer(tmp_path / compiled, *overrides, f"trainer.compile={compiled}")
         batches = trainer.data.train.epoch(0)
-        losses[compiled] = torch.stack([trainer.train_step(batches)["loss"] for _ in range(4)]).tolist()
+        # (copied at once: a CUDA graph's replay overwrites the outputs of the previous one)
+        losses[compiled] = torch.stack([trainer.train_step(batches)["loss"].detach().clone() for _ in range(4)]).tolist()
         assert launches, f"trainer.compile={compiled}: the fused kernel never ran"
     assert zipf_fused._kernel_state.get("cuda:0") == "checked"
     assert losses["reduce-overhead"] == pytest.approx(losses["false"], rel=1e-3)
