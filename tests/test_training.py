@@ -230,3 +230,27 @@ def test_cudnn_autotunes_unless_the_run_is_deterministic(tmp_path, monkeypatch, 
                  "model.options.width=8", "trainer.device=cpu", "trainer.progress_bar=false", f"trainer.deterministic={deterministic}"]
     Trainer(compose(overrides), DistContext(), tmp_path)
     assert torch.backends.cudnn.benchmark is autotune
+
+
+COMPILE_OVERRIDES = ["dataset=synthetic", "dataset.image_size=32", "dataset.num_classes=20", "dataset.steps_per_epoch=2",
+                     "dataset.zipf.upsample=bilinear", "model.options.width=8", "trainer.batch_size=16",
+                     "trainer.device=cpu", "trainer.progress_bar=false"]
+
+
+@pytest.mark.parametrize("loss", ["ce", "ls", "zipf", "zipf_dense2", "zipf_logits", "zipf_random_pareto", "tfkd", "cskd",
+                                  "pskd", "byot", "ddgsd", "ban"])
+def test_every_method_compiles_to_one_graph(tmp_path, loss):
+    """trainer.compile traces the model's forward and the method's loss as one graph: a graph break
+    would split the step into several graphs with eager Python between them, which under
+    reduce-overhead means several CUDA graphs and launches in between, at every step."""
+    from conftest import compose
+    from zipfls_train.engine.distributed import DistContext
+
+    options = [f"loss={loss}"]
+    if loss == "ban":  # generation 2 distils from a saved generation 1
+        Trainer(compose([*COMPILE_OVERRIDES, "loss=ce"]), DistContext(), tmp_path / "teacher").save()
+        options += ["loss.generation=2", f"loss.teacher_checkpoint={tmp_path / 'teacher' / 'checkpoints' / 'last.pt'}"]
+    trainer = Trainer(compose([*COMPILE_OVERRIDES, *options]), DistContext(), tmp_path / "run")
+    torch._dynamo.reset()
+    traced = torch._dynamo.explain(trainer.method.training_step)(trainer.train_model, next(trainer.data.train.epoch(0)))
+    assert (traced.graph_count, traced.graph_break_count) == (1, 0), [str(b.reason) for b in traced.break_reasons]
