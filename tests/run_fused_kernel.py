@@ -47,13 +47,14 @@ def run_case(case: dict) -> dict:
     return out
 
 
-def method_step(kernel: str, compiled: bool = False) -> dict:
+def method_step(kernel: str, compiled: bool = False, stages: tuple[str, ...] = ("final",)) -> dict:
     """One training step's loss terms and parameter gradients for a tiny CIFAR ResNet-18, and how
     many times the kernel was launched in it (torch.compile: the model's forward and the loss as one
-    graph, as trainer.compile does; fullgraph, so a graph break fails)."""
+    graph, as trainer.compile does; fullgraph, so a graph break fails). ``stages`` = (final,
+    penultimate): Dense2, 320 votes per sample, with the penultimate stage's auxiliary head."""
     torch.manual_seed(0)
-    method = ZipfLabelSmoothing(10, weight=0.7, upsample="bilinear", kernel=kernel)
-    model = build_model("cifar_resnet18", num_classes=10, width=8)
+    method = ZipfLabelSmoothing(10, weight=0.7, upsample="bilinear", kernel=kernel, stages=stages)
+    model = build_model("cifar_resnet18", num_classes=10, width=8, aux_stages=method.needs.aux_stages)
     batch = Batch(inputs=torch.randn(6, 3, 32, 32), targets=torch.tensor([0, 3, 3, 9, 1, 5]), indices=torch.arange(6))
     step = torch.compile(method.training_step, fullgraph=True) if compiled else method.training_step
     launches = []
@@ -94,10 +95,17 @@ def opcheck(cases: dict) -> dict:
 def main(cases_path: str, results_path: str) -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
     cases = torch.load(cases_path)
+    # The cases test the kernel itself, each against its float64 reference (a wrong kernel would
+    # otherwise stop at its first call's check); the check runs below, on the method's first step.
+    zipf_fused._kernel_state["cpu"] = "checked"
     results = {name: run_case(case) for name, case in cases.items()}
     dense_logits.MAX_DENSE_LOGITS = DEFAULT_MAX_DENSE_LOGITS
+    zipf_fused._kernel_state.clear()
+    first = method_step("triton")  # the first call also compares the kernel with the reference
+    results["first_call"] = {"kernel_launches": first["kernel_launches"], "kernel_state": dict(zipf_fused._kernel_state)}
+    dense2 = ("final", "penultimate")
     results["method"] = {"triton": method_step("triton"), "torch": method_step("torch"), "compiled": method_step("triton", compiled=True)}
-    results["kernel_state"] = dict(zipf_fused._kernel_state)
+    results["dense2"] = {"triton": method_step("triton", stages=dense2), "torch": method_step("torch", stages=dense2)}
     results["opcheck"] = opcheck(cases)
     torch.save(results, results_path)
 

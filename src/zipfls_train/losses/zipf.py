@@ -330,9 +330,10 @@ class ZipfLabelSmoothing(Method):
     def _fused_votes(self, outputs: ModelOutput, model: nn.Module) -> Tensor | DenseMap:
         """What the kernel takes. One upsampled voting map (the 32 px recipe, where a step is bound
         by kernel launches): the map and its classifier, and the kernel casts the votes itself (no
-        upsample or arg-max launches). Otherwise the votes: at 224 px a step is long enough that two
-        launches do not matter, and torch's arg-max over up to 49 x 10,000 logits per sample is
-        better parallelised than the kernel's one program per sample."""
+        upsample or arg-max launches). Otherwise the votes of every stage side by side: Dense2's two
+        maps have two classifiers; at 224 px a step is long enough that two launches do not matter,
+        and torch's arg-max over up to 49 x 10,000 logits per sample is better parallelised than the
+        kernel's one program per sample."""
         if self.stages != ("final",) or self.upsample != "bilinear":
             return self.votes(outputs, model)
         classifier = _stage_classifier(model, "final")

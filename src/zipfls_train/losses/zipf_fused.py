@@ -11,8 +11,8 @@ and takes each pixel's arg-max (the votes) itself.
 Why it can be one pass over each row: a sample casts only V votes (64 at 32 px, 49 at 224 px), so at
 most V classes have a nonzero count and every other class shares one rank, ``1 + #voted classes``.
 The ranks of the voted classes come from a V x V comparison of the votes themselves
-(``count_i = #{j : v_j = v_i}``; ``rank_i = 1 + #{distinct classes with a larger count}``), never an
-N x C histogram or a sort. With ``P`` constant (``p_unvoted``) on the unvoted non-target classes:
+(``count_i = #{j : v_j = v_i}``; ``rank_i = 1 + #{distinct classes with a larger count}``; given
+votes are compared 16 at a time, so V can reach 512), never an N x C histogram or a sort. With ``P`` constant (``p_unvoted``) on the unvoted non-target classes:
 
     KL(P || Q) = sum_{c != y} P_c log P_c - sum_{c != y} P_c z_c + logsumexp_{c != y} z_c
     sum_{c != y} P_c z_c = p_unvoted * (sum_{c != y} z_c - sum_{voted c != y} z_c) + sum_{voted c != y} P_c z_c
@@ -24,9 +24,10 @@ cross-entropy's ``(softmax_c - [c = y]) / N``, is written in a second pass over 
 the backward pass.
 
 Scope: ``rank_by=dense`` with ``distribution`` zipf, constant or linear_decay (functions of the rank)
-and at most :data:`MAX_FUSED_VOTES` votes per sample (one stage at 32 or 224 px; Dense2 and the
+and at most :data:`MAX_FUSED_VOTES` votes per sample (one or two stages at 32 px, one at 224 px; the
 random distributions use the reference path). The method hands over the map itself for the 32 px
-recipe (one upsampled map), the votes otherwise. ``ZipfLabelSmoothing(kernel=...)`` chooses the path.
+recipe (one upsampled map: the kernel casts its votes), the votes otherwise (Dense2, 224 px).
+``ZipfLabelSmoothing(kernel=...)`` chooses the path.
 
 Eager calls go through an ``autograd.Function``; under ``torch.compile`` the same computation is the
 custom op ``zipfls_train::ce_zipf``, which Inductor calls as it is (one launch, captured by CUDA
@@ -55,9 +56,16 @@ except ImportError:  # pragma: no cover - depends on the platform
 
 FUSED_DISTRIBUTIONS = ("zipf", "constant", "linear_decay")
 _DISTRIBUTION_CODE = {name: code for code, name in enumerate(FUSED_DISTRIBUTIONS)}
-# The vote comparison is a V x V tile per program; beyond 128 votes it would spill registers.
-MAX_FUSED_VOTES = 128
+# Votes per sample the kernel ranks (each program holds them in BLOCK_V lanes): given votes up to
+# MAX_FUSED_VOTES (Dense2 at 32 px casts 320); votes it casts itself from dense logits up to
+# MAX_CAST_VOTES, which it ranks in one V x V tile (beyond 128 it would spill registers); a larger
+# map's votes are cast by torch and handed over.
+MAX_FUSED_VOTES = 512
+MAX_CAST_VOTES = 128
 _MAX_CLASS_BLOCK = 1024  # classes per step of the row loops
+# Votes compared with all of a sample's votes per step of the chunked ranking (V x 16 comparisons:
+# on sm_90, 48 registers at 64 votes, 128 at 512; larger chunks only cost registers).
+_RANK_CHUNK = 16
 # Pixels x classes per step of the kernel's own arg-max over dense logits (its four bilinear taps
 # take 140 registers at 64 votes: no spills; see tests/test_zipf_fused.py).
 _VOTE_TILE = 1024
@@ -75,7 +83,7 @@ def unavailable_reason(device: torch.device, num_votes: int) -> str | None:
     if device.type != "cuda" and not interpreting():
         return f"the logits are on {device.type}; the kernel needs CUDA (or TRITON_INTERPRET=1 on the CPU, for tests)"
     if num_votes > MAX_FUSED_VOTES:
-        return f"a sample casts {num_votes} votes, more than the kernel's {MAX_FUSED_VOTES} (e.g. Dense2's two maps)"
+        return f"a sample casts {num_votes} votes, more than the kernel's {MAX_FUSED_VOTES} (e.g. Dense2 on 224 px maps)"
     return None
 
 
@@ -143,11 +151,51 @@ if triton is not None:
         return tl.where(in_votes, best_class, -1)
 
     @triton.jit
+    def _ranks_in_one_tile(votes, lanes, in_votes):
+        # Per lane: is it the first lane of its class (one lane per voted class), and the class's
+        # rank, 1 + #{distinct classes with more votes}, from one V x V comparison of the votes.
+        # Padding lanes (-1, outside in_votes) count for nothing.
+        same = (votes[:, None] == votes[None, :]) & in_votes[:, None] & in_votes[None, :]
+        count = tl.sum(same.to(tl.int32), axis=1)  # votes of lane i's class
+        seen_before = tl.sum((same & (lanes[None, :] < lanes[:, None])).to(tl.int32), axis=1)
+        first = in_votes & (seen_before == 0)
+        rank = 1 + tl.sum(((count[None, :] > count[:, None]) & first[None, :]).to(tl.int32), axis=1)
+        return first, rank
+
+    @triton.jit
+    def _ranks_by_chunks(votes, votes_row, lanes, in_votes, num_votes, BLOCK_T: tl.constexpr):
+        # The same as _ranks_in_one_tile for votes in memory, comparing all V lanes with BLOCK_T
+        # votes at a time (V x BLOCK_T, never V x V: a Dense2 sample casts 320). Two passes over
+        # the chunks: each lane's count and whether it comes first; then the ranks, which need
+        # every class's count: the chunk's own, recomputed against all V lanes.
+        chunk = tl.arange(0, BLOCK_T)
+        count = tl.zeros_like(lanes)
+        seen_before = tl.zeros_like(lanes)
+        for start in range(0, num_votes, BLOCK_T):
+            other = start + chunk
+            in_chunk = other < num_votes
+            other_votes = tl.load(votes_row + other, mask=in_chunk, other=-1).to(tl.int32)
+            same = (votes[:, None] == other_votes[None, :]) & in_votes[:, None] & in_chunk[None, :]
+            count += tl.sum(same.to(tl.int32), axis=1)
+            seen_before += tl.sum((same & (other[None, :] < lanes[:, None])).to(tl.int32), axis=1)
+        first = in_votes & (seen_before == 0)
+        rank = tl.full(lanes.shape, 1, tl.int32)
+        for start in range(0, num_votes, BLOCK_T):
+            other = start + chunk
+            in_chunk = other < num_votes
+            other_votes = tl.load(votes_row + other, mask=in_chunk, other=-1).to(tl.int32)
+            same = (votes[:, None] == other_votes[None, :]) & in_votes[:, None] & in_chunk[None, :]
+            other_count = tl.sum(same.to(tl.int32), axis=0)
+            other_first = in_chunk & (tl.sum((same & (lanes[:, None] < other[None, :])).to(tl.int32), axis=0) == 0)
+            rank += tl.sum(((other_count[None, :] > count[:, None]) & other_first[None, :]).to(tl.int32), axis=1)
+        return first, rank
+
+    @triton.jit
     def _zipf_kernel(
         logits_ptr, logits_row_stride, targets_ptr, votes_ptr, votes_row_stride, grad_ptr, rows_ptr,
         batch, num_classes, num_votes, map_height, map_width, alpha, weight,
         DISTRIBUTION: tl.constexpr, WITH_CE: tl.constexpr, VOTES_FROM: tl.constexpr,
-        BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CV: tl.constexpr,
+        BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CV: tl.constexpr, BLOCK_T: tl.constexpr,
     ):
         # One sample per program. rows_ptr: 3 x batch, per sample / batch: [loss, ce, kl] with
         # loss = ce + weight * kl (ce = 0 without WITH_CE). grad_ptr: batch x C, d loss / d logits.
@@ -163,16 +211,14 @@ if triton is not None:
         lanes = tl.arange(0, BLOCK_V)
         in_votes = lanes < num_votes
         if VOTES_FROM == 0:
-            votes = tl.load(votes_ptr + row * votes_row_stride + lanes, mask=in_votes, other=-1).to(tl.int32)
+            votes_row = votes_ptr + row * votes_row_stride
+            votes = tl.load(votes_row + lanes, mask=in_votes, other=-1).to(tl.int32)
+            first, rank = _ranks_by_chunks(votes, votes_row, lanes, in_votes, num_votes, BLOCK_T)
         else:
             dense_row = votes_ptr + row * map_height * map_width * num_classes
             votes = _dense_votes(dense_row, lanes, in_votes, num_classes, map_height, map_width, VOTES_FROM == 2, BLOCK_V, BLOCK_CV)
-        same = (votes[:, None] == votes[None, :]) & in_votes[:, None] & in_votes[None, :]
-        count = tl.sum(same.to(tl.int32), axis=1)  # votes of lane i's class
-        seen_before = tl.sum((same & (lanes[None, :] < lanes[:, None])).to(tl.int32), axis=1)
-        first = in_votes & (seen_before == 0)  # one lane per voted class
+            first, rank = _ranks_in_one_tile(votes, lanes, in_votes)
         voted_classes = tl.sum(first.to(tl.int32), axis=0)
-        rank = 1 + tl.sum(((count[None, :] > count[:, None]) & first[None, :]).to(tl.int32), axis=1)
 
         # Soft label: voted non-target classes from their lanes, every other non-target class alike.
         own = first & (votes != target)
@@ -264,8 +310,9 @@ _GIVEN_VOTES, _DENSE_LOGITS, _UPSAMPLED_DENSE_LOGITS = 0, 1, 2
 
 
 def _vote_source(votes: Tensor | DenseMap) -> tuple[Tensor, int, int, int]:
-    """``(tensor, VOTES_FROM, map height, map width)`` for the kernel. A map whose dense logits would
-    exceed :data:`dense_logits.MAX_DENSE_LOGITS` is voted by torch, chunk by chunk, instead."""
+    """``(tensor, VOTES_FROM, map height, map width)`` for the kernel. A map of more than
+    :data:`MAX_CAST_VOTES` pixels (after upsampling), or whose dense logits would exceed
+    :data:`dense_logits.MAX_DENSE_LOGITS`, is voted by torch, chunk by chunk, instead."""
     if isinstance(votes, Tensor):
         return votes, _GIVEN_VOTES, 1, 1
     feature_map, upsample = votes.feature_map, votes.upsample
@@ -273,7 +320,7 @@ def _vote_source(votes: Tensor | DenseMap) -> tuple[Tensor, int, int, int]:
     n, _, height, width = feature_map.shape
     pixels = votes_per_sample(feature_map, upsample)
     with torch.no_grad():  # votes are never differentiated
-        if samples_per_chunk(weight.shape[0], pixels) < n:
+        if pixels > MAX_CAST_VOTES or samples_per_chunk(weight.shape[0], pixels) < n:
             return dense_argmax(feature_map, weight, bias, upsample), _GIVEN_VOTES, 1, 1
         _, dense = next(pixel_logit_chunks(feature_map, weight, bias, pixels))
     return dense, (_UPSAMPLED_DENSE_LOGITS if upsample else _DENSE_LOGITS), height, width
@@ -305,6 +352,7 @@ def _run_kernel(logits: Tensor, targets: Tensor, *options: object) -> tuple[Tens
         BLOCK_V=block_v,
         BLOCK_C=min(_MAX_CLASS_BLOCK, max(16, _next_power_of_two(num_classes))),
         BLOCK_CV=max(16, _VOTE_TILE // block_v),
+        BLOCK_T=_RANK_CHUNK,
         num_warps=4 if block_v <= 64 else 8,
     )
     return rows.sum(dim=1), grad
@@ -496,4 +544,4 @@ def fused_ce_zipf(
     return loss, ce, kl
 
 
-__all__ = ["FUSED_DISTRIBUTIONS", "MAX_FUSED_VOTES", "DenseMap", "fused_ce_zipf", "fused_zipf_kl", "interpreting", "unavailable_reason"]
+__all__ = ["FUSED_DISTRIBUTIONS", "MAX_CAST_VOTES", "MAX_FUSED_VOTES", "DenseMap", "fused_ce_zipf", "fused_zipf_kl", "interpreting", "unavailable_reason"]
