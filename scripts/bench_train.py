@@ -6,9 +6,10 @@ in-memory loader (TinyImageNet 32 px pack, augmentation on the device), so the d
 1 - real/synthetic is visible. Methods are interleaved in rounds and medians reported, so drift
 cancels out of the ratios.
 
-Cases: small (cifar_resnet18 32 px, ce/ls/zipf, and on CUDA zipf with loss.kernel=torch beside the
-fused kernel), compile (the same with trainer.compile=true and reduce-overhead), resnet50 (224 px,
-batch 256), small_real (the real loader), resnet50_compile. Run in that order.
+Cases: small (cifar_resnet18 32 px, ce/ls/zipf/zipf_dense2, and on CUDA zipf with
+loss.kernel=torch beside the fused kernel), compile (ce and zipf with trainer.compile=true and
+reduce-overhead), resnet50 (224 px, batch 256), small_real (the real loader), resnet50_compile.
+Run in that order.
 
     python scripts/bench_train.py --device cuda --data ../shared/data
     python scripts/bench_train.py --device cpu --cases small --batch-size 32 --width 16 --steps 5
@@ -112,7 +113,7 @@ def main() -> None:
     # Most informative first: a time limit that cuts the run short loses the later cases only.
     if "small" in cases:
         # On CUDA, loss=zipf runs the fused kernel (loss.kernel=auto); kernel=torch is the reference path.
-        variants = {f"loss={m}": [*small, *synthetic32, f"loss={m}"] for m in ("ce", "ls", "zipf")}
+        variants = {f"loss={m}": [*small, *synthetic32, f"loss={m}"] for m in ("ce", "ls", "zipf", "zipf_dense2")}
         if device.type == "cuda":
             variants["loss=zipf,kernel=torch"] = [*small, *synthetic32, "loss=zipf", "loss.kernel=torch"]
         results["small"] = r = run_case("cifar_resnet18 32px synthetic", variants, args, device)
