@@ -52,6 +52,7 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from zipfls_train.data.batch import Batch
+from zipfls_train.engine.distributed import resolve_device
 from zipfls_train.losses import Method, build_method
 from zipfls_train.models import ModelOutput, build_model
 from zipfls_train.models.wrapper import ClassifierWrapper
@@ -116,7 +117,7 @@ def build_case(name: str, args: argparse.Namespace, device: torch.device) -> Cas
         num_classes = int(name.removeprefix("resnet50_"))
         methods = {m: build_method(loss_config(m, IMAGENET_ZIPF), num_classes) for m in method_names(device)}
         model = build_model("resnet50", num_classes)
-        n = args.resnet_batch_size or (256 if device.type == "cuda" else 8)
+        n = args.resnet_batch_size
         inputs = torch.randn(n, 3, 224, 224, generator=generator)
         leaf = False
     else:
@@ -307,14 +308,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="ResNet-50 cases' batch (default 256 on CUDA, the recipe; 8 on the CPU)")
     args = parser.parse_args(argv)
 
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            parser.error("--device cuda but CUDA is not available")
+    try:
+        device = resolve_device(args.device)  # the trainer's rule, as bench_methods.py
+    except RuntimeError as error:
+        parser.error(str(error))
     if args.warmup is None:
         args.warmup = 5 if device.type == "cuda" else 1
+    if args.resnet_batch_size is None:
+        args.resnet_batch_size = 256 if device.type == "cuda" else 8
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = sorted(set(cases) - set(CASES))
     if unknown:
@@ -325,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"# torch {torch.__version__}, device {describe_device(device)}, precision {args.precision}, "
           f"repeats {args.repeats} (+{args.warmup} warm-up), CIFAR batch {args.batch_size} width {args.width}, "
-          f"head batch {args.head_batch_size}, ResNet-50 batch {args.resnet_batch_size or (256 if device.type == 'cuda' else 8)}, {load_average()}", flush=True)
+          f"head batch {args.head_batch_size}, ResNet-50 batch {args.resnet_batch_size}, {load_average()}", flush=True)
     for name in cases:
         case = build_case(name, args, device)
         results = run_case(case, args, device)

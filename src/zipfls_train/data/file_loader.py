@@ -46,7 +46,7 @@ from .augment import Normalizer
 from .batch import Batch
 from .images import DatasetError
 from .tensor_loader import LoaderOptions, _mix
-from .transforms import EvalTransform, TrainTransform, eval_resize_size, read_for_device_decode
+from .transforms import EvalTransform, TrainTransform, eval_resize_size, read_for_device_decode, transform_region
 
 TRAIN_AUGMENTS = ("random_resized_crop", "none")
 # cpu: workers decode with PIL | device: workers only read bytes and draw crops, the training device
@@ -446,8 +446,6 @@ class FileLoader:
         """Batched JPEG decode on the device (nvjpeg on CUDA), then per image: crop the planned
         region and resize it with torchvision's tensor ``Resize`` (antialiased bilinear), flip.
         Float N x 3 x S x S in 0..255."""
-        from torchvision.io import ImageReadMode, decode_jpeg
-
         device, size = self.options.device, int(self.transform.size)
         count = len(job["paths"])
         offsets = job["offsets"]
@@ -457,10 +455,7 @@ class FileLoader:
         decoded: dict[int, Tensor] = {}
         if jpegs:
             try:
-                with warnings.catch_warnings():  # torchvision 0.29 deprecates its image io for TorchCodec
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    images = decode_jpeg([job["data"][i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
-                decoded = dict(zip(jpegs, images))
+                decoded = dict(zip(jpegs, _decode_jpeg([job["data"][i] for i in jpegs], device)))
             except RuntimeError:
                 decoded = self._decode_one_by_one(job, jpegs)
         for i in range(count):
@@ -475,24 +470,12 @@ class FileLoader:
     def _decode_one_by_one(self, job: dict[str, Any], jpegs: list[int]) -> dict[int, Tensor]:
         """After a failed batched decode: each image alone on the device, else on the CPU with PIL;
         a file neither can decode raises DatasetError naming it."""
-        from torchvision.io import ImageReadMode, decode_jpeg
-
-        from .transforms import DECODE_ERRORS, _resize_region
-        from PIL import Image
-
         decoded: dict[int, Tensor] = {}
         for i in jpegs:
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    decoded[i] = decode_jpeg(job["data"][i], mode=ImageReadMode.RGB, device=self.options.device)
+                decoded[i] = _decode_jpeg(job["data"][i], self.options.device)
             except RuntimeError:
-                path = job["paths"][i]
-                try:
-                    with Image.open(path) as image:
-                        pixels = _resize_region(image, path, int(self.transform.size), job["boxes"][i], job["flips"][i])
-                except DECODE_ERRORS as error:
-                    raise DatasetError(f"cannot decode image {path}: {error}") from error
+                pixels = transform_region(job["paths"][i], int(self.transform.size), job["boxes"][i], job["flips"][i])
                 job["pixels"][i] = torch.from_numpy(pixels.copy())
         return decoded
 
@@ -561,6 +544,15 @@ class FileLoader:
             pending = upcoming
         if pending is not None:
             yield pending
+
+
+def _decode_jpeg(data: Tensor | list[Tensor], device: torch.device) -> Tensor | list[Tensor]:
+    """torchvision's ``decode_jpeg`` to RGB on ``device`` (nvjpeg on CUDA; one image or a batch)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():  # torchvision 0.29 deprecates its image io for TorchCodec
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
 
 
 def _crop_resize(image: Tensor, box: tuple[float, float, float, float], size: int) -> Tensor:

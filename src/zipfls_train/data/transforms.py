@@ -113,7 +113,7 @@ class TrainTransform:
         return (left, top, left + w, top + h), rng.random() < 0.5
 
     def __call__(self, path: str, rng: random.Random | None) -> np.ndarray:
-        return apply_plan(path, self, rng, self.draft)
+        return apply_plan(path, self, rng)
 
 
 @dataclass(frozen=True)
@@ -142,16 +142,16 @@ class EvalTransform:
         return (crop_left * sx, crop_top * sy, (crop_left + self.size) * sx, (crop_top + self.size) * sy), False
 
     def __call__(self, path: str, rng: random.Random | None = None) -> np.ndarray:
-        return apply_plan(path, self, rng, self.draft)
+        return apply_plan(path, self, rng)
 
 
-def apply_plan(path: str, transform: TrainTransform | EvalTransform, rng: random.Random | None, draft: bool) -> np.ndarray:
-    """Decode ``path`` (at reduced size when allowed) and resize its planned region to the output."""
+def apply_plan(path: str, transform: TrainTransform | EvalTransform, rng: random.Random | None) -> np.ndarray:
+    """Decode ``path`` (at reduced size when ``transform.draft``) and resize its planned region to the output."""
     size = transform.size
     with _open(path) as image:
         (left, top, right, bottom), flip = transform.plan(*image.size, rng)
         # The region may shrink by up to min(w, h) / size before it is smaller than the output.
-        scale = _draft(image, min(right - left, bottom - top) / size) if draft else 1.0
+        scale = _draft(image, min(right - left, bottom - top) / size) if transform.draft else 1.0
         return _resize_region(image, path, size, (left / scale, top / scale, right / scale, bottom / scale), flip)
 
 
@@ -166,6 +166,13 @@ def _resize_region(image: Image.Image, path: str, size: int, box: tuple[float, f
         raise DatasetError(f"cannot decode image {path}: {error}") from error
 
 
+def transform_region(path: str, size: int, box: tuple[float, float, float, float], flip: bool) -> np.ndarray:
+    """A planned crop on the CPU: decode ``path`` with PIL, resize ``box`` to size x size, mirror if
+    ``flip`` (for images the device cannot decode). A file PIL cannot decode raises DatasetError."""
+    with _open(path) as image:
+        return _resize_region(image, path, size, box, flip)
+
+
 def read_for_device_decode(path: str, transform: TrainTransform | EvalTransform, rng: random.Random | None) -> tuple[np.ndarray | None, CropPlan, np.ndarray | None]:
     """For decoding on the training device (nvjpeg): the file's bytes and its crop plan. Files that
     nvjpeg may not take (not a baseline RGB/grayscale JPEG: PNG, CMYK, progressive) are transformed
@@ -173,15 +180,14 @@ def read_for_device_decode(path: str, transform: TrainTransform | EvalTransform,
     with _open(path) as image:
         plan = transform.plan(*image.size, rng)
         if image.format != "JPEG" or image.mode not in ("RGB", "L") or image.info.get("progressive"):
-            return None, plan, _resize_region(image, path, transform.size, plan[0], plan[1])
+            return None, plan, _resize_region(image, path, transform.size, *plan)
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as error:
         raise DatasetError(f"cannot read image {path}: {error}") from error
     if not _has_end_marker(data):
         # nvjpeg decodes a truncated file without an error (grey where data is missing); PIL raises.
-        with _open(path) as image:
-            return None, plan, _resize_region(image, path, transform.size, plan[0], plan[1])
+        return None, plan, transform_region(path, transform.size, *plan)
     return data, plan, None
 
 

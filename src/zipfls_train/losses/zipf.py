@@ -49,9 +49,9 @@ def dense_votes(feature_map: Tensor, weight: Tensor, bias: Tensor | None, upsamp
     ``None``/``"none"`` (use the map as is) or ``"bilinear"`` (x2, ``align_corners=False``, before
     classifying; computed by upsampling the logit maps instead, which is the same, see
     ``dense_logits.dense_argmax``). Returns a LongTensor N x (H'*W') of class indices (pixels in
-    row-major order; ties go to the lowest class index, as ``argmax``). Computed in the feature map's dtype (the
-    classifier is cast to it), or in autocast's dtype under autocast: bfloat16/float16 are plenty to
-    pick a winner.
+    row-major order; ties go to the lowest class index, as ``argmax``). Computed in the feature
+    map's dtype (the classifier is cast to it), or in autocast's dtype under autocast:
+    bfloat16/float16 are plenty to pick a winner.
     """
     if feature_map.dim() != 4:
         raise ValueError(f"dense_votes expects an N x D x H x W feature map, got shape {tuple(feature_map.shape)}")
@@ -306,7 +306,7 @@ class ZipfLabelSmoothing(Method):
         return vote_counts(self.votes(outputs, model), self.num_classes)
 
     def _use_fused_kernel(self, logits: Tensor, num_votes: int) -> bool:
-        if not self.fusable or self.kernel == "torch" or (self.kernel == "auto" and not logits.is_cuda):
+        if self.kernel == "torch" or (self.kernel == "auto" and not logits.is_cuda):
             return False
         reason = unavailable_reason(logits.device, num_votes)
         if reason is not None and self.kernel == "triton":
@@ -316,11 +316,8 @@ class ZipfLabelSmoothing(Method):
     def ce_and_zipf(self, outputs: ModelOutput, targets: Tensor, model: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
         """``(ce + weight * KL, ce, KL)``: by the fused kernel (one launch for all three; only the
         first is differentiable then) or by the reference functions."""
-        if self.rank_by == "dense":
-            fused = self._fused(outputs, targets, model)
-            if fused is not None:
-                return fused
-        return self._reference_terms(outputs, targets, model)
+        fused = self._fused(outputs, targets, model)
+        return fused if fused is not None else self._reference_terms(outputs, targets, model)
 
     def _reference_terms(self, outputs: ModelOutput, targets: Tensor, model: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
         soft = zipf_soft_labels(self.scores(outputs, model), targets, self.alpha, self.distribution)
@@ -343,6 +340,8 @@ class ZipfLabelSmoothing(Method):
         """The fused kernel's ``(loss, ce, KL)``, or None where the reference path is to be used. (The
         kernel checks itself against the reference functions on its first call; under ``auto`` one
         that fails to build or disagrees is replaced by them, with a warning.)"""
+        if not self.fusable:  # rank_by=logits or a random distribution
+            return None
         upsample = self.upsample == "bilinear"
         num_votes = sum(votes_per_sample(outputs.features[stage], upsample) for stage in self.stages if stage in outputs.features)
         if not self._use_fused_kernel(outputs.logits, num_votes):
