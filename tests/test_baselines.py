@@ -301,13 +301,17 @@ def test_ddgsd_kl_targets_are_stop_gradient():
 # --- BAN -----------------------------------------------------------------------------------------
 
 
-def test_ban_distillation_matches_float64_reference():
+@pytest.mark.parametrize("temperature_squared", [False, True])
+def test_ban_distillation_matches_float64_reference(temperature_squared):
+    # SPEC.md: a KL(teacher^T || p^T) + (1 - a) CE, no T^2 unless asked for.
     torch.manual_seed(7)
     n, c, a, t = 5, 6, 0.2, 20.0
     z, teacher, y = torch.randn(n, c) * 4, torch.randn(n, c) * 4, torch.randint(0, c, (n,))
-    method = build_method({"name": "ban"}, c)
+    config = {"name": "ban"} if not temperature_squared else {"name": "ban", "temperature_squared": True}
+    method = build_method(config, c)
     terms = method._distil_terms(z, teacher, y)
-    expected = (1 - a) * ce64(z, y) + a * t**2 * kl_rows64(teacher, z, t).mean()
+    kd_scale = t**2 if temperature_squared else 1.0
+    expected = (1 - a) * ce64(z, y) + a * kd_scale * kl_rows64(teacher, z, t).mean()
     assert close(terms["loss"], expected)
 
 

@@ -2,11 +2,13 @@
 match the frozen generation k - 1 of the same architecture.
 
     generation 1:   L = CE(z, y)                                  (the born-again teacher)
-    generation k>1: L = (1 - a) CE(z, y) + a T^2 KL(softmax(t / T) || softmax(z / T))
+    generation k>1: L = (1 - a) CE(z, y) + a KL(softmax(t / T) || softmax(z / T))
 
-t: logits of generation k - 1 (frozen, eval mode, under ``no_grad``). KL: batch mean, times T^2
-(Hinton's scale correction, so the KD gradient keeps its magnitude at T = 20; ``temperature_squared:
-false`` drops it). Defaults a = 0.2, T = 20, 3 generations (the paper's Table 2 protocol).
+t: logits of generation k - 1 (frozen, eval mode, under ``no_grad``). KL: batch mean, as SPEC.md
+section 2 writes BAN's row (without the T^2 it writes for CS-KD and BYOT); ``temperature_squared:
+true`` multiplies it by T^2 (Hinton's scale correction, which keeps the KD gradient's magnitude at
+T = 20: 400 times the default's). Defaults a = 0.2, T = 20, 3 generations (the paper's Table 2
+protocol).
 
 Teacher: ``teacher_checkpoint`` is a zipfls-train checkpoint (``<run>/checkpoints/best.pt`` or
 ``last.pt``) of generation k - 1. ``setup`` builds a fresh model with the run's ``model_factory()``,
@@ -76,7 +78,7 @@ class BornAgainNetwork(Method):
         teacher_checkpoint: str | None = None,
         alpha: float = 0.2,
         temperature: float = 20.0,
-        temperature_squared: bool = True,
+        temperature_squared: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(generation, int) or generation < 1:
