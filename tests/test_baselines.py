@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 from conftest import compose
 
 from zipfls_train.data.batch import Batch
+from zipfls_train.data.class_pairs import SameClassPartners
 from zipfls_train.data.images import ImageTensors
 from zipfls_train.data.tensor_loader import LoaderOptions, TensorLoader
 from zipfls_train.losses import build_method
@@ -157,8 +158,21 @@ def test_cskd_pairs_are_same_class_and_cover_the_dataset():
             assert torch.equal(own_index, batch.indices)
             assert torch.equal(targets[pair_index], batch.targets)
             assert torch.equal(batch.pair_targets, batch.targets)
+            # SPEC.md: *another* sample of the same class, never the sample itself.
+            assert not torch.any(pair_index == own_index), (own_index, pair_index)
             drawn.update(pair_index.tolist())
     assert drawn == set(range(len(targets)))
+
+
+def test_cskd_partner_draw_is_uniform_over_the_other_samples_of_the_class():
+    # Class 0 holds dataset indices 0, 2, 5 (interleaved with class 1); class 2 has one sample.
+    targets = torch.tensor([0, 1, 0, 1, 1, 0, 2])
+    partners = SameClassPartners(targets, 3)
+    # u in [0, 1/2) picks the first other sample of the class, [1/2, 1) the second.
+    index = torch.tensor([0, 0, 2, 2, 5, 5, 1, 4, 6])
+    u = torch.tensor([0.1, 0.9, 0.1, 0.9, 0.1, 0.9, 0.49, 0.999, 0.7])
+    expected = torch.tensor([2, 5, 0, 5, 0, 2, 3, 3, 6])  # a lone sample can only pair with itself
+    assert torch.equal(partners.draw(index, targets[index], u), expected)
 
 
 # --- PS-KD ---------------------------------------------------------------------------------------

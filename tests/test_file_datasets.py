@@ -415,6 +415,9 @@ def test_pairs_and_second_view(imagenet_root: Path) -> None:
     assert batch.second_view.shape == batch.inputs.shape == batch.pair_inputs.shape
     assert torch.equal(batch.pair_targets, batch.targets)
     assert not torch.equal(batch.second_view, batch.inputs)  # an independent augmentation
+    for epoch in range(3):  # CS-KD partners: same class, another image (SPEC.md)
+        order, pairs = loader.shard_indices(epoch)
+        assert (files.targets[pairs] == files.targets[order]).all() and (pairs != order).all()
     val_batch = next(make_loader(files, train=False, pairs=True, two_views=True).epoch(0))
     assert val_batch.second_view is None and val_batch.pair_inputs is None
 

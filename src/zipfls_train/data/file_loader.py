@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .augment import Normalizer
 from .batch import Batch
+from .class_pairs import SameClassPartners
 from .images import DatasetError
 from .tensor_loader import LoaderOptions, _mix
 from .transforms import EvalTransform, TrainTransform, eval_resize_size, read_for_device_decode, transform_region
@@ -321,11 +322,7 @@ class FileLoader:
         self._registered: list[int] = []  # ring buffers page-locked with cudaHostRegister
         self._slot_events: dict[int, Any] = {}
         if self.pairs:
-            targets = torch.from_numpy(files.targets)
-            counts = torch.bincount(targets, minlength=len(files.classes))
-            self._by_class = torch.argsort(targets, stable=True)
-            self._class_count = counts
-            self._class_start = torch.cumsum(counts, 0) - counts
+            self._partners = SameClassPartners(torch.from_numpy(files.targets), len(files.classes))
 
     # --- sharding (as TensorLoader) ---------------------------------------------------------
     def _shard_size(self) -> int:
@@ -350,13 +347,10 @@ class FileLoader:
         order = torch.randperm(self.num_samples, generator=generator)
         pairs = None
         if self.pairs:
-            # Another sample of the same class per position, uniformly (possibly itself, as CS-KD's
-            # PairBatchSampler), drawn for the global order so it does not depend on world_size.
+            # Another sample of the same class per position, drawn for the global order so it does
+            # not depend on world_size.
             u = torch.rand(self.num_samples, generator=torch.Generator().manual_seed(_mix(self.options.seed, epoch, 1)))
-            targets = torch.from_numpy(self.files.targets)[order]
-            count = self._class_count[targets]
-            offset = (u * count).long().clamp_max_(count - 1)
-            pairs = self._by_class[self._class_start[targets] + offset]
+            pairs = self._partners.draw(order, torch.from_numpy(self.files.targets)[order], u)
         usable = (self.num_samples // world) * world
         shard = order[:usable][rank::world].numpy()
         return shard, (pairs[:usable][rank::world].numpy() if pairs is not None else None)

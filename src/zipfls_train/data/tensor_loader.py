@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .augment import Normalizer, ViewParams, apply_params, draw_params, resize_uint8, uniform
 from .batch import Batch
+from .class_pairs import SameClassPartners
 from .images import ImageTensors
 
 
@@ -74,7 +75,7 @@ class TensorLoader:
         self.num_samples = len(data)
         self.batch_size = options.batch_size if train else options.eval_batch_size
         if train and options.pairs:
-            self._prepare_class_index(data.targets.to(storage), len(data.classes))
+            self._partners = SameClassPartners(data.targets.to(storage), len(data.classes))
 
     # --- sharding --------------------------------------------------------------------------
     @property
@@ -103,19 +104,6 @@ class TensorLoader:
             return torch.arange(*self._val_shard(), device=self.images.device)
         generator = torch.Generator().manual_seed(_mix(self.options.seed, epoch))
         return torch.randperm(self.num_samples, generator=generator).to(self.images.device, non_blocking=True)
-
-    # --- pairs (CS-KD) ---------------------------------------------------------------------
-    def _prepare_class_index(self, targets: Tensor, num_classes: int) -> None:
-        self._by_class = torch.argsort(targets, stable=True)
-        counts = torch.bincount(targets, minlength=num_classes)
-        self._class_count = counts
-        self._class_start = torch.cumsum(counts, 0) - counts
-
-    def _pair_indices(self, targets: Tensor, uniform: Tensor) -> Tensor:
-        """Another sample of the same class for each target, uniformly (it may be the sample itself,
-        as in CS-KD's PairBatchSampler); ``uniform``: one U[0, 1) draw per target."""
-        offset = (uniform * self._class_count[targets]).long().clamp_max_(self._class_count[targets] - 1)
-        return self._by_class[self._class_start[targets] + offset]
 
     # --- batches ---------------------------------------------------------------------------
     def _prepare(self, pixels: Tensor) -> Tensor:
@@ -172,7 +160,7 @@ class TensorLoader:
             if self.options.two_views:
                 batch.second_view = self._view(index, params["second_view"].rows(rows))
             if self.options.pairs:
-                pair = self._pair_indices(targets, params["pair_uniform"][rows])
+                pair = self._partners.draw(index, targets, params["pair_uniform"][rows])
                 batch.pair_inputs = self._view(pair, params["pair_view"].rows(rows))
                 batch.pair_targets = self.targets[pair].to(self.options.device, non_blocking=True)
             yield batch
