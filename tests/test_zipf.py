@@ -422,7 +422,7 @@ def test_method_end_to_end_dense_final() -> None:
     assert terms["zipf"].item() > 0
     terms["loss"].backward()
     assert model.classifier.weight.grad is not None and torch.isfinite(model.classifier.weight.grad).all()
-    assert model.backbone.stem.weight.grad is not None
+    assert model.backbone.stem[0].weight.grad is not None
 
     # The zipf term is the KL to the soft label built from the 64 votes of the upsampled final map.
     with torch.no_grad():

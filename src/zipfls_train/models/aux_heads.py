@@ -12,7 +12,7 @@ Heads are ordinary modules of the ``ClassifierWrapper`` (``aux_heads``), so they
 parameters (optimiser, DDP) and its training checkpoints, and vanish from the evaluated model
 (``without_aux_heads()``; the eval forward never calls them).
 
-Factory (``AUX_HEADS["byot_bottleneck"]``, signature ``(in_channels, num_classes, stage_index)``):
+Factory (``byot_bottleneck_head(in_channels, num_classes, stage_index)``, ``AUX_HEADS["byot_bottleneck"]``):
 the wrapper does not tell a factory the final stage's width or resolution, so
 :func:`byot_bottleneck_head` derives them from the standard four-stage layout in which every stage
 after the first doubles the width and halves the resolution (CIFAR/torchvision ResNets and ResNeXts,

@@ -2,7 +2,10 @@
 
 Growth 32, blocks (6, 12, 24, 16), bottleneck 4*growth, compression 0.5, a 3x3 stem of 2*growth
 channels and no max-pool: stage maps are 16, 8, 4, 4 px for 32 px inputs. The final map is
-BN + ReLU of the last dense block, which is what gets pooled.
+BN + ReLU of the last dense block, which is what gets pooled. As in the paper's released
+``CIFAR_DenseNet121``, an auxiliary linear head (Zipf's Dense2) has its own BN + ReLU before pooling
+and classifying an intermediate stage (``aux_heads_normalise``), whose output is an un-normalised
+transition convolution.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class Transition(nn.Module):
 
 
 class CifarDenseNet(StagedBackbone):
+    aux_heads_normalise = True
     def __init__(
         self, block_sizes: tuple[int, ...] = (6, 12, 24, 16), growth: int = 32, reduction: float = 0.5
     ) -> None:

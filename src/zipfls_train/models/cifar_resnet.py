@@ -1,8 +1,9 @@
-"""Pre-activation ResNet-18 for 32 px inputs (He et al. 2016, "Identity Mappings").
-
-3x3 stem, no max-pool, four stages of two pre-activation basic blocks (64, 128, 256, 512 channels
-at 32, 16, 8, 4 px). The last stage ends with BN + ReLU, so the final map is post-activation, as the
-dense votes need (the classifier sees exactly what it sees after pooling).
+"""Pre-activation ResNet-18 for 32 px inputs (He et al. 2016, "Identity Mappings"), as the paper's
+released code (and CS-KD's, whose ``CIFAR_ResNet18`` it reuses) builds it: a 3x3 conv + BN + ReLU
+stem, no max-pool, four stages of two pre-activation basic blocks (64, 128, 256, 512 channels at 32,
+16, 8, 4 px) whose shortcuts carry the block's pre-activated input, and no BN + ReLU after the last
+block: the classifier pools (and Zipf's dense votes classify) the last stage's output as it is, like
+every auxiliary head's stage.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ class PreActBasicBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(x))
-        # The projection shortcut takes the pre-activated input, as in the reference pre-act design.
-        shortcut = self.shortcut(out) if self.shortcut is not None else x
+        # Both shortcuts carry the pre-activated input, the identity one included: the released
+        # PreActBlock applies its (empty) shortcut to relu(bn1(x)), not to x as He et al. do.
+        shortcut = self.shortcut(out) if self.shortcut is not None else out
         out = self.conv1(out)
         out = self.conv2(F.relu(self.bn2(out)))
         return out + shortcut
@@ -49,7 +51,7 @@ class CifarPreActResNet(StagedBackbone):
     def __init__(self, blocks_per_stage: tuple[int, ...] = (2, 2, 2, 2), width: int = 64, norm: str = "batch") -> None:
         super().__init__()
         widths = [width * 2**i for i in range(len(blocks_per_stage))]
-        self.stem = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), norm_layer(norm, widths[0]), nn.ReLU())
         stages = []
         in_channels = widths[0]
         for index, (blocks, out_channels) in enumerate(zip(blocks_per_stage, widths)):
@@ -60,7 +62,7 @@ class CifarPreActResNet(StagedBackbone):
                 in_channels = out_channels
             stages.append(nn.Sequential(*layers))
         self.stages = nn.ModuleList(stages)
-        self.final_norm = norm_layer(norm, in_channels)
+        self.final_norm = None
         self.stage_channels = widths
         kaiming_init(self)
 

@@ -22,21 +22,32 @@ from .outputs import ModelOutput
 
 
 class LinearAuxHead(nn.Module):
-    """Global average pool + linear classifier on an intermediate stage."""
+    """Global average pool + linear classifier on an intermediate stage, optionally after the head's
+    own BN + ReLU (``normalise``: what the released CIFAR DenseNet puts before each classifier, since
+    its stage outputs are un-normalised convolutions). ``classifier_input`` is the map the ``fc``
+    classifies once pooled; Zipf's Dense2 votes classify that same map pixel by pixel."""
 
-    def __init__(self, in_channels: int, num_classes: int) -> None:
+    def __init__(self, in_channels: int, num_classes: int, normalise: bool = False) -> None:
         super().__init__()
+        self.norm = nn.Sequential(nn.BatchNorm2d(in_channels), nn.ReLU()) if normalise else nn.Identity()
         self.fc = nn.Linear(in_channels, num_classes)
 
+    def classifier_input(self, feature_map: Tensor) -> Tensor:
+        return self.norm(feature_map)
+
+    def logits(self, classifier_input: Tensor) -> Tensor:
+        return self.fc(classifier_input.mean(dim=(2, 3)))
+
     def forward(self, feature_map: Tensor) -> Tensor:
-        return self.fc(feature_map.mean(dim=(2, 3)))
+        return self.logits(self.classifier_input(feature_map))
 
 
-AuxHeadFactory = Callable[[int, int, int], nn.Module]  # (in_channels, num_classes, stage_index)
+AuxHeadFactory = Callable[[int, int, int, bool], nn.Module]  # (in_channels, num_classes, stage_index, normalise)
 
 AUX_HEADS: dict[str, AuxHeadFactory] = {
-    "linear": lambda in_channels, num_classes, stage_index: LinearAuxHead(in_channels, num_classes),
-    "byot_bottleneck": byot_bottleneck_head,
+    "linear": lambda in_channels, num_classes, stage_index, normalise: LinearAuxHead(in_channels, num_classes, normalise),
+    # BYOT's bottleneck ends in its own BN + ReLU whatever the stage output is.
+    "byot_bottleneck": lambda in_channels, num_classes, stage_index, normalise: byot_bottleneck_head(in_channels, num_classes, stage_index),
 }
 
 
@@ -57,9 +68,11 @@ class ClassifierWrapper(nn.Module):
         self.stage_names = [f"stage{i + 1}" for i in range(len(channels))]
         self.classifier = nn.Linear(channels[-1], num_classes)
         self.aux_heads = nn.ModuleDict()
+        # Backbones whose intermediate stage outputs are not normalised ask for BN + ReLU in the heads.
+        normalise = bool(getattr(backbone, "aux_heads_normalise", False))
         for name in aux_stages:
             index = self.stage_index(name)
-            self.aux_heads[name] = AUX_HEADS[aux_head](channels[index], num_classes, index)
+            self.aux_heads[name] = AUX_HEADS[aux_head](channels[index], num_classes, index, normalise)
 
     def stage_index(self, name: str) -> int:
         """Position of a stage: ``final``, ``penultimate`` or ``stage<i>`` (1-based)."""
@@ -78,13 +91,25 @@ class ClassifierWrapper(nn.Module):
         return int(self.backbone.stage_channels[self.stage_index(name)])
 
     def forward(self, x: Tensor, features: Sequence[str] = (), aux: bool = False) -> ModelOutput:
+        """``features``: the dense maps to return. A stage with a linear auxiliary head returns what
+        that head's classifier sees (its BN + ReLU applied, where it has one), computed once for both
+        the map and the head's logits."""
         maps = self.backbone.forward_stages(x)
         pooled = maps[-1].mean(dim=(2, 3))
         logits = self.classifier(pooled)
-        dense = {name: maps[self.stage_index(name)] for name in features}
-        aux_logits = (
-            {name: head(maps[self.stage_index(name)]) for name, head in self.aux_heads.items()} if aux else {}
-        )
+        classified: dict[str, Tensor] = {}
+
+        def classifier_input(name: str) -> Tensor:
+            if name not in classified:
+                stage_map = maps[self.stage_index(name)]
+                head = self.aux_heads[name] if name in self.aux_heads else None
+                classified[name] = head.classifier_input(stage_map) if isinstance(head, LinearAuxHead) else stage_map
+            return classified[name]
+
+        dense = {name: classifier_input(name) for name in features}
+        aux_logits: dict[str, Tensor] = {}
+        for name, head in (self.aux_heads.items() if aux else ()):
+            aux_logits[name] = head.logits(classifier_input(name)) if isinstance(head, LinearAuxHead) else head(maps[self.stage_index(name)])
         return ModelOutput(logits=logits, pooled=pooled, features=dense, aux_logits=aux_logits)
 
     def without_aux_heads(self) -> "ClassifierWrapper":
@@ -94,19 +119,20 @@ class ClassifierWrapper(nn.Module):
 
 
 class StagedBackbone(nn.Module):
-    """Backbone contract for models written here: ``stem`` then ``stages`` in order, with
-    ``final_norm`` + ReLU closing the last stage (pre-activation designs end un-normalised)."""
+    """Backbone contract for models written here: ``stem`` then ``stages`` in order, and, where the
+    model has one, ``final_norm`` + ReLU closing the last stage (None: the last stage's output is
+    pooled as it is)."""
 
     stem: nn.Module
     stages: nn.ModuleList
-    final_norm: nn.Module
+    final_norm: nn.Module | None
 
     def forward_stages(self, x: Tensor) -> list[Tensor]:
         maps = []
         out = self.stem(x)
         for index, stage in enumerate(self.stages):
             out = stage(out)
-            if index == len(self.stages) - 1:
+            if index == len(self.stages) - 1 and self.final_norm is not None:
                 out = torch.relu(self.final_norm(out))
             maps.append(out)
         return maps

@@ -1,0 +1,94 @@
+"""The 32 px models against the paper's released architectures, written out here as plain functional
+forwards (F.conv2d / F.batch_norm on the model's own parameters): the wiring is what is checked,
+i.e. which tensor each shortcut, norm and classifier sees."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from zipfls_train.losses import build_method
+from zipfls_train.models import build_model
+
+
+def bn(x: Tensor, layer: nn.BatchNorm2d) -> Tensor:  # eval mode: running statistics
+    return F.batch_norm(x, layer.running_mean, layer.running_var, layer.weight, layer.bias, False, 0.0, layer.eps)
+
+
+def randomise_norm_statistics(model: nn.Module) -> None:
+    # Non-trivial running statistics and affine parameters, so a skipped or extra norm shows.
+    generator = torch.Generator().manual_seed(3)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            size = module.num_features
+            module.running_mean.copy_(torch.randn(size, generator=generator) * 0.3)
+            module.running_var.copy_(torch.rand(size, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.rand(size, generator=generator) + 0.5)
+            module.bias.data.copy_(torch.randn(size, generator=generator) * 0.3)
+
+
+def released_preact_block(x: Tensor, block: nn.Module, stride: int) -> Tensor:
+    """The released PreActBlock: out = relu(bn1(x)); shortcut(out) (empty Sequential when the shape
+    is kept); conv1(out) -> conv2(relu(bn2(.))) + shortcut."""
+    out = F.relu(bn(x, block.bn1))
+    shortcut = F.conv2d(out, block.shortcut.weight, stride=stride) if block.shortcut is not None else out
+    out = F.conv2d(out, block.conv1.weight, stride=stride, padding=1)
+    out = F.conv2d(F.relu(bn(out, block.bn2)), block.conv2.weight, padding=1)
+    return out + shortcut
+
+
+@torch.no_grad()
+def test_cifar_resnet18_is_the_released_preact_resnet():
+    model = build_model("cifar_resnet18", num_classes=7, width=8).eval()
+    randomise_norm_statistics(model)
+    x = torch.randn(2, 3, 32, 32)
+    backbone = model.backbone
+    conv, norm, _ = backbone.stem
+    # Released CIFAR_ResNet: conv3x3 -> bn1 -> relu stem, four stages, avg-pool of layer4 as it is.
+    out = F.relu(bn(F.conv2d(x, conv.weight, padding=1), norm))
+    for index, stage in enumerate(backbone.stages):
+        for position, block in enumerate(stage):
+            out = released_preact_block(out, block, 2 if index > 0 and position == 0 else 1)
+    logits = F.linear(F.avg_pool2d(out, 4).flatten(1), model.classifier.weight, model.classifier.bias)
+    result = model(x, features=("final",))
+    torch.testing.assert_close(result.features["final"], out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(result.logits, logits, rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_densenet_dense2_head_normalises_the_penultimate_map_as_released():
+    # Released CIFAR_DenseNet121: every classifier (final and auxiliary) sees relu(bn(stage map)),
+    # each with its own BN; votes classify that same map pixel by pixel.
+    model = build_model("cifar_densenet121", num_classes=7, aux_stages=("penultimate",)).eval()
+    randomise_norm_statistics(model)
+    x = torch.randn(2, 3, 32, 32)
+    raw = model.backbone.forward_stages(x)[-2]
+    head = model.aux_heads["penultimate"]
+    normalised = F.relu(bn(raw, head.norm[0]))
+    result = model(x, features=("final", "penultimate"), aux=True)
+    torch.testing.assert_close(result.features["penultimate"], normalised)
+    expected_logits = F.linear(F.avg_pool2d(normalised, 4).flatten(1), head.fc.weight, head.fc.bias)
+    torch.testing.assert_close(result.aux_logits["penultimate"], expected_logits, rtol=1e-4, atol=1e-5)
+    # The ResNet's heads pool their stage as it is (the released CIFAR_ResNet has no head norm).
+    resnet = build_model("cifar_resnet18", num_classes=7, width=8, aux_stages=("penultimate",)).eval()
+    out = resnet(x, features=("penultimate",), aux=True)
+    torch.testing.assert_close(out.features["penultimate"], resnet.backbone.forward_stages(x)[-2])
+
+
+def test_the_head_norm_runs_once_per_training_step():
+    # The map returned for the votes and the head's logits share one BN call, so its running
+    # statistics move once per forward, as in the released model.
+    model = build_model("cifar_densenet121", num_classes=5, aux_stages=("penultimate",)).train()
+    method = build_method({"name": "zipf", "stages": ["final", "penultimate"], "kernel": "torch"}, 5)
+    norm = model.aux_heads["penultimate"].norm[0]
+    outputs = model(torch.randn(4, 3, 32, 32), features=method.needs.feature_stages, aux=True)
+    assert int(norm.num_batches_tracked) == 1
+    # Dense2's votes for the penultimate stage classify the normalised map with the head's fc.
+    votes = method.votes(outputs, model)
+    normalised = outputs.features["penultimate"]
+    assert torch.all(normalised >= 0)  # after the head's ReLU
+    head_fc = model.aux_heads["penultimate"].fc
+    pixel_logits = torch.einsum("ndhw,cd->nhwc", normalised, head_fc.weight) + head_fc.bias
+    upsampled = F.interpolate(pixel_logits.permute(0, 3, 1, 2), scale_factor=2, mode="bilinear", align_corners=False)
+    assert torch.equal(votes[:, 64:], upsampled.argmax(dim=1).flatten(1))
