@@ -243,7 +243,7 @@ def test_missing_datasets_name_the_path_and_expected_layout(tmp_path: Path) -> N
 
 
 def test_class_count_mismatch_is_reported(imagenet_root: Path) -> None:
-    with pytest.raises(DatasetError, match="dataset.num_classes is 1000 but .* hold 24 classes"):
+    with pytest.raises(DatasetError, match="dataset.num_classes is 1000 but .* hold 24 classes: set dataset.num_classes=24 for this folder"):
         build_data(dataset_cfg("imagenet", imagenet_root, num_classes=1000), options())
 
 

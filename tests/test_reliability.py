@@ -23,11 +23,31 @@ from zipfls_train.losses.ls import LabelSmoothing
         ("trainer.device=tpu", r"trainer.device must be one of"),
         ("+loss.not_an_option=1", r"loss=zipf has no option\(s\) \['not_an_option'\]"),
         ("optim.lr=-0.1", r"optim.lr must be > 0"),
+        ("optim.lr=fast", r"optim.lr must be a number, got 'fast'"),
+        ("optim.momentum=5", r"optim.momentum must be in \[0, 1\)"),
+        ("optim.weight_decay=-1", r"optim.weight_decay must be >= 0"),
+        ("sched.gamma=0", r"sched.gamma .* must be in \(0, 1\]"),
+        ("sched.milestones=[150,100]", r"sched.milestones must be in increasing order, got \[150, 100\]"),
+        ("sched.milestones=[0.5,100]", r"sched.milestones must be all fractions in \(0, 1\) or all epoch numbers"),
+        ("sched.milestones=[soon]", r"sched.milestones must be numbers"),
+        ("model.name=resnet19", r"model.name='resnet19' is not a known model; expected one of \[.*'cifar_resnet18'"),
+        ("loss.alpha=abc", r"got 'abc'$"),
     ],
 )
 def test_bad_config_values_fail_before_any_work(override, message):
     with pytest.raises(ConfigError, match=message):
         validate_config(compose([override]))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without a GPU gives")
+def test_cuda_on_a_machine_without_a_gpu_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"trainer.device=cuda but no CUDA device is available"):
+        validate_config(compose(["trainer.device=cuda"]))
+
+
+def test_fp16_on_the_cpu_warns_that_it_is_slow():
+    with pytest.warns(UserWarning, match=r"trainer.precision=fp16 on the CPU runs many times slower"):
+        validate_config(compose(["trainer.precision=fp16", "trainer.device=cpu"]))
 
 
 def test_global_batch_not_divisible_by_processes_is_rejected():

@@ -39,3 +39,9 @@ def test_training_ends_with_the_figure_and_the_cli_redraws_it(run_tiny, tmp_path
     assert "alpha = " in printed and out.stat().st_size > 1000
     # The CLI reloads best.pt; at one epoch best == last, so it reproduces the end-of-training fit.
     assert f"alpha = {summary['zipf_alpha']:.3f}" in printed
+
+
+def test_cli_on_a_folder_without_a_checkpoint_names_it_without_a_traceback(tmp_path):
+    with pytest.raises(SystemExit) as stop:
+        main([str(tmp_path), "--device", "cpu"])
+    assert str(stop.value) == f"error: checkpoint {tmp_path / 'checkpoints' / 'best.pt'} does not exist"

@@ -143,8 +143,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     from ..engine.distributed import resolve_device
 
-    device = resolve_device(args.device)
-    model, loader, title, checkpoint = _load(args.path, args.data_root, device)
+    from ..errors import user_errors
+
+    try:
+        device = resolve_device(args.device)
+        model, loader, title, checkpoint = _load(args.path, args.data_root, device)
+    except user_errors() as error:
+        raise SystemExit(f"error: {error}") from None
     png = args.out or (checkpoint.parent.parent / "zipf_fit.png" if checkpoint.parent.name == "checkpoints" else checkpoint.with_suffix(".zipf_fit.png"))
     fit = report_fit(mean_sorted_softmax(model, loader, device), title, png)
     print(f"Zipf fit of the mean sorted non-target softmax: alpha = {fit.alpha:.3f}, R^2 = {fit.r_squared:.4f}")

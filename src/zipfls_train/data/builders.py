@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from .batch import Batch
 from .cifar100 import read_cifar100
-from .images import DatasetError, ImageTensors, take_subset
+from .images import DatasetError, ImageTensors, check_class_count, take_subset
 from .tensor_loader import LoaderOptions, TensorLoader
 from .tinyimagenet import read_tinyimagenet
 
@@ -60,12 +60,7 @@ def read_in_memory(cfg: Mapping[str, Any], split: str) -> ImageTensors:
 def build_in_memory(cfg: Mapping[str, Any], options: LoaderOptions) -> DataBundle:
     train = read_in_memory(cfg, "train")
     val = read_in_memory(cfg, "val")
-    expected = cfg.get("num_classes_subset") or cfg["num_classes"]
-    if len(train.classes) != expected:
-        raise DatasetError(
-            f"dataset.num_classes is {cfg['num_classes']} but the {cfg['name']} files under "
-            f"{cfg['root']} hold {len(train.classes)} classes (subset: {cfg.get('num_classes_subset')})"
-        )
+    check_class_count(cfg, len(train.classes))
     common = dict(image_size=int(cfg["image_size"]), mean=list(cfg["mean"]), std=list(cfg["std"]))
     return DataBundle(
         train=TensorLoader(train, options, train=True, augment=str(cfg["train_augment"]), **common),

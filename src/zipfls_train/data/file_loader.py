@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 from .augment import Normalizer
 from .batch import Batch
 from .class_pairs import SameClassPartners
-from .images import DatasetError
+from .images import DatasetError, check_class_count
 from .tensor_loader import LoaderOptions, _mix
 from .transforms import EvalTransform, TrainTransform, eval_resize_size, read_for_device_decode, transform_region
 
@@ -588,12 +588,7 @@ def build_file_bundle(cfg: Mapping[str, Any], options: LoaderOptions, train_file
 
     train_files = train_files.subset(cfg.get("num_classes_subset"), cfg.get("train_per_class"))
     val_files = val_files.subset(cfg.get("num_classes_subset"), cfg.get("val_per_class"))
-    expected = cfg.get("num_classes_subset") or cfg["num_classes"]
-    if len(train_files.classes) != int(expected):
-        raise DatasetError(
-            f"dataset.num_classes is {cfg['num_classes']} but the {cfg['name']} files under {cfg['root']} hold "
-            f"{len(train_files.classes)} classes (subset: {cfg.get('num_classes_subset')})"
-        )
+    check_class_count(cfg, len(train_files.classes))
     train_transform, eval_transform = build_transforms(cfg, draft=bool(cfg.get("decode_draft", True)))
     common = dict(mean=list(cfg["mean"]), std=list(cfg["std"]), decode=str(cfg.get("decode", "cpu")))
     return DataBundle(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -11,6 +13,21 @@ from torch import Tensor
 
 class DatasetError(RuntimeError):
     """A dataset is missing, malformed or inconsistent; the message says what and where."""
+
+
+def check_class_count(cfg: Mapping[str, Any], found: int) -> None:
+    """The classes read (after any ``num_classes_subset``) must be the ones the config declares."""
+    subset = cfg.get("num_classes_subset")
+    expected = int(subset or cfg["num_classes"])
+    if found == expected:
+        return
+    where = f"the {cfg['name']} files under {cfg['root']} hold {found} classes"
+    if subset:
+        raise DatasetError(f"dataset.num_classes_subset={subset} but {where}; use dataset.num_classes_subset<={found}")
+    raise DatasetError(
+        f"dataset.num_classes is {cfg['num_classes']} but {where}: set dataset.num_classes={found} for this "
+        f"folder, or dataset.num_classes_subset=K to train on its first K classes"
+    )
 
 
 @dataclass

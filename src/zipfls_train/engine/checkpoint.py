@@ -42,7 +42,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as error:
         raise CheckpointError(
             f"checkpoint {path} is corrupt or truncated ({type(error).__name__}: {error}); "
-            "delete it (or restore a copy) to start over, or pass trainer.resume=never"
+            "restore a copy, or delete it (training: or pass trainer.resume=never) to start over"
         ) from error
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"checkpoint {path} is not a zipfls-train checkpoint (no 'model' entry)")

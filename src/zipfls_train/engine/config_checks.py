@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -40,8 +41,9 @@ def validate_config(cfg: DictConfig) -> None:
         value = cfg.trainer[key.split(".", 1)[1]]
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
-    if float(cfg.optim.lr) <= 0:
-        raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
+    _check_optimiser(cfg)
+    _check_model_name(str(cfg.model.name))
+    _check_devices(cfg)
     # Under torchrun the world comes from its environment; otherwise trainer.devices ranks are spawned.
     world = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else int(cfg.trainer.devices)
     parts = world * int(cfg.trainer.accumulate_steps)
@@ -56,4 +58,60 @@ def validate_config(cfg: DictConfig) -> None:
     try:
         build_method(OmegaConf.to_container(cfg.loss, resolve=True), int(cfg.dataset.get("num_classes_subset") or cfg.dataset.num_classes))
     except (KeyError, TypeError, ValueError) as error:
-        raise ConfigError(str(error).strip("'\"")) from error
+        raise ConfigError(_message(error)) from error
+
+
+def _message(error: Exception) -> str:
+    # str(KeyError("...")) adds quotes around the message; the message alone is what to show.
+    return str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+
+
+def _number(cfg: DictConfig, key: str) -> float:
+    value = OmegaConf.select(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    return float(value)
+
+
+def _check_optimiser(cfg: DictConfig) -> None:
+    if not _number(cfg, "optim.lr") > 0:
+        raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
+    if not 0 <= _number(cfg, "optim.momentum") < 1:
+        raise ConfigError(f"optim.momentum must be in [0, 1) (the paper: 0.9), got {cfg.optim.momentum}")
+    if not _number(cfg, "optim.weight_decay") >= 0:
+        raise ConfigError(f"optim.weight_decay must be >= 0 (the paper: 1e-4), got {cfg.optim.weight_decay}")
+    if not 0 < _number(cfg, "sched.gamma") <= 1:
+        raise ConfigError(f"sched.gamma (the lr factor at each milestone) must be in (0, 1], got {cfg.sched.gamma}")
+    from .optim import milestone_epochs
+
+    given = list(cfg.sched.milestones)
+    if any(isinstance(m, bool) or not isinstance(m, (int, float)) for m in given):
+        raise ConfigError(f"sched.milestones must be numbers (fractions of the run or epoch numbers), got {given}")
+    try:
+        milestone_epochs(given, int(cfg.trainer.epochs))
+    except (TypeError, ValueError) as error:
+        raise ConfigError(str(error)) from error
+    if given != sorted(given):
+        raise ConfigError(f"sched.milestones must be in increasing order, got {given}")
+
+
+def _check_model_name(name: str) -> None:
+    from ..models import BACKBONES, _ensure_imagenet_models_registered
+
+    if name not in BACKBONES:
+        _ensure_imagenet_models_registered()
+    if name not in BACKBONES:
+        raise ConfigError(f"model.name={name!r} is not a known model; expected one of {sorted(BACKBONES)} (or model=<one of configs/model/>)")
+
+
+def _check_devices(cfg: DictConfig) -> None:
+    import torch
+
+    device, devices = str(cfg.trainer.device), int(cfg.trainer.devices)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device=cuda but no CUDA device is available; use trainer.device=cpu or auto")
+    uses_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if uses_cuda and "WORLD_SIZE" not in os.environ and torch.cuda.device_count() < devices:
+        raise ConfigError(f"trainer.devices={devices} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if str(cfg.trainer.precision) == "fp16" and not uses_cuda:
+        warnings.warn("trainer.precision=fp16 on the CPU runs many times slower than fp32 (no fast float16 kernels); use fp32 or bf16", stacklevel=2)

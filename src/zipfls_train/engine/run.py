@@ -12,18 +12,12 @@ import socket
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.multiprocessing as mp
 from omegaconf import DictConfig, OmegaConf
 
 from .config_checks import validate_config
 from .distributed import barrier, init_distributed, launched_by_torchrun, shutdown
 from .trainer import Trainer
-
-
-def write_resolved_config(cfg: DictConfig, run_dir: Path) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def _free_port() -> int:
@@ -56,15 +50,10 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     container = OmegaConf.to_container(cfg, resolve=True)
     if launched_by_torchrun():
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        if rank == 0:
-            write_resolved_config(cfg, run_dir)
         return _worker(int(os.environ["LOCAL_RANK"]), container, str(run_dir), world, rank - int(os.environ["LOCAL_RANK"]))
-    write_resolved_config(cfg, run_dir)
     devices = int(cfg.trainer.devices)
     if devices == 1:
         return _worker(0, container, str(run_dir), 1, 0)
-    if str(cfg.trainer.device) != "cpu" and torch.cuda.is_available() and torch.cuda.device_count() < devices:
-        raise ValueError(f"trainer.devices={devices} but only {torch.cuda.device_count()} CUDA device(s) are visible")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ["MASTER_PORT"] = str(_free_port())
     mp.spawn(_worker, args=(container, str(run_dir), devices, 0), nprocs=devices, join=True)
