@@ -16,6 +16,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from zipfls_train.analysis.results import cell_key_from_config
+from zipfls_train.engine.naming import safe_dirname
 from zipfls_train.tables import load_paper, matches
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,3 +153,15 @@ def test_zipf_variants_keep_the_method_name():
     for option, changes in expected.items():
         loss = OmegaConf.to_container(compose([f"loss={option}"]).loss, resolve=True)
         assert loss == {**reference, **changes}, option
+
+
+def test_long_sweep_folder_names_keep_the_swept_values_and_stay_unique():
+    constant = "dataset.num_classes_subset=5,dataset.root=/data/x,dataset.train_per_class=20,dataset.val_per_class=8,experiment_name=sweep,model.options.width=16"
+    names = {seed: safe_dirname(f"{constant},loss=ce,seed={seed}") for seed in (0, 1)}
+    assert names[0].startswith("num_classes_subset=5,root=_data_x,train_per_class=20,") and "/" not in names[0]
+    assert ",loss=ce,seed=0__" in names[0] and ",loss=ce,seed=1__" in names[1]
+    assert len(names[0]) <= 150 and names[0] != names[1]
+    # Short names are the overrides as given; an enormous one is cut but keeps its unique hash.
+    assert safe_dirname("loss=ce,seed=0") == "loss=ce,seed=0"
+    huge = [safe_dirname(f"{'x' * 300},seed={seed}") for seed in (0, 1)]
+    assert all(len(name) == 150 for name in huge) and huge[0] != huge[1]

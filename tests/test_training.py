@@ -77,10 +77,23 @@ def test_auto_resume_continues_at_the_next_epoch_with_identical_state(run_tiny, 
     assert resumed_metrics[-1]["train_loss"] == pytest.approx(straight_metrics[-1]["train_loss"], rel=1e-6)
 
 
-def test_resume_refuses_a_checkpoint_of_another_configuration(run_tiny, tmp_path):
+def test_resume_refuses_a_checkpoint_of_another_configuration_and_changes_nothing(run_tiny, tmp_path):
     run_tiny("loss=ce", "trainer.max_steps_per_epoch=1", run_dir=tmp_path / "run")
+    written = {path: path.read_bytes() for path in (tmp_path / "run").rglob("*") if path.is_file()}
     with pytest.raises(ResumeError, match=r"loss.name: 'ce' -> 'ls'"):
         run_tiny("loss=ls", "trainer.max_steps_per_epoch=1", run_dir=tmp_path / "run")
+    # The finished run's config.yaml still describes its weights (tables read it).
+    assert {path: path.read_bytes() for path in (tmp_path / "run").rglob("*") if path.is_file()} == written
+
+
+def test_rerunning_a_finished_run_trains_and_rewrites_nothing(run_tiny, tmp_path, capsys):
+    first, run_dir = run_tiny("loss=zipf", "trainer.max_steps_per_epoch=1", run_dir=tmp_path / "run")
+    written = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+    capsys.readouterr()
+    again, _ = run_tiny("loss=zipf", "trainer.max_steps_per_epoch=1", run_dir=run_dir)
+    assert "run already finished (1 epochs" in capsys.readouterr().out
+    assert again == first
+    assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == written
 
 
 def test_resume_accepts_a_different_implementation_of_the_same_loss(run_tiny, tmp_path, monkeypatch):

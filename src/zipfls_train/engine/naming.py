@@ -10,13 +10,26 @@ MAX_NAME = 150
 
 def safe_dirname(overrides: str) -> str:
     """``loss=ce,seed=0`` stays as it is; path separators become ``_`` (a path-valued override such as
-    ``loss.teacher_checkpoint=/x/best.pt`` must not create nested folders); names longer than
-    MAX_NAME characters keep their start and get a short hash of the whole, so they stay unique."""
-    name = overrides.replace("/", "_").replace("\\", "_") or "default"
+    ``loss.teacher_checkpoint=/x/best.pt`` must not create nested folders). A name longer than
+    MAX_NAME characters drops the groups of dotted keys (``dataset.train_per_class=20`` ->
+    ``train_per_class=20``), so the swept values (often ``loss`` and ``seed``, sorted last) stay
+    readable, is cut to fit if it must, and ends in ``__`` and a short hash of the whole overrides,
+    so names stay unique."""
+    name = _path_safe(overrides) or "default"
     if len(name) <= MAX_NAME:
         return name
+    short = _path_safe(",".join(_leaf_key(item) for item in overrides.split(",")))
     digest = hashlib.sha1(overrides.encode()).hexdigest()[:10]
-    return f"{name[: MAX_NAME - 11]}-{digest}"
+    return f"{short[: MAX_NAME - 12]}__{digest}"
+
+
+def _path_safe(text: str) -> str:
+    return text.replace("/", "_").replace("\\", "_")
+
+
+def _leaf_key(item: str) -> str:
+    key, separator, value = item.partition("=")
+    return key.rsplit(".", 1)[-1] + separator + value if separator else item
 
 
 def previous_generation_checkpoint(sweep_dir: str, overrides: str, generation: int) -> str | None:

@@ -22,6 +22,7 @@ from ..data import DataBundle, LoaderOptions, build_data
 from ..losses import Method, build_method
 from ..models import build_model, unwrap
 from .checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_atomic
+from .config_checks import ConfigError
 from .distributed import DistContext, all_reduce_sum
 from .metrics import RunRecords, TermAccumulator, topk_correct
 from .optim import build_optimizer, build_scheduler
@@ -143,9 +144,9 @@ class Trainer:
             ),
         )
         if len(self.data.train) == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"trainer.batch_size={tcfg.batch_size} is larger than the {self.data.train_size} training "
-                "images: no full batch per epoch"
+                "images: no full batch per epoch; lower trainer.batch_size or use more images"
             )
         model_options = OmegaConf.to_container(cfg.model.get("options", {}), resolve=True) or {}
         # A partial, not a lambda over self: no reference cycle keeps the trainer (and its DDP
@@ -260,6 +261,8 @@ class Trainer:
         differing = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k) and k not in RESUME_TOLERATED)
         if differing:
             details = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in differing[:8])
+            if len(differing) > 8:
+                details += f", and {len(differing) - 8} more"
             raise ResumeError(
                 f"{path} was written by a different configuration ({details}). Use another run folder "
                 "(hydra.run.dir=... or tag=...), or trainer.resume=never to start over in this one."
@@ -268,6 +271,12 @@ class Trainer:
     # --- the loop -----------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         resumed = self.maybe_resume()
+        if resumed and self.progress.epoch >= self.epochs and (self.run_dir / "summary.json").is_file():
+            return self._already_finished()
+        if self.ctx.is_main:
+            # Only once the resume check has passed: a refused rerun leaves the folder as it was.
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
         records = RunRecords(self.run_dir, self.progress.epoch, self.progress.global_step, enabled=self.ctx.is_main)
         if self.ctx.is_main:
             state = "resumed at epoch %d, step %d" % (self.progress.epoch, self.progress.step_in_epoch) if resumed else "started"
@@ -282,6 +291,19 @@ class Trainer:
             self._close_loaders()
         if self.ctx.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+    def _already_finished(self) -> dict[str, Any]:
+        """A rerun of a finished run: nothing to train, evaluate or rewrite; its summary as written."""
+        self._close_loaders()
+        if not self.ctx.is_main:
+            return {}
+        summary = json.loads((self.run_dir / "summary.json").read_text())
+        print(
+            f"[zipfls-train] run already finished ({self.progress.epoch} epochs, best val top-1 "
+            f"{self.progress.best_top1:.2f}%): {self.run_dir}; trainer.resume=never trains it again",
+            flush=True,
+        )
         return summary
 
     def _train_epoch(self, records: RunRecords) -> None:
