@@ -135,8 +135,8 @@ def zipf_soft_labels(
     - ``constant``:       ``w_c = 1``: uniform over the non-target classes.
     - ``linear_decay``:   ``w_c = C + 1 - rank_c``: linear in the rank, C at rank 1 down to 1 at rank C
       (the released code's linear decay with its smallest-probability knob at 2 / (C (C + 1)), i.e.
-      the line reaching 0 at the virtual rank C + 1; the released code averages a tied group's
-      weights over its rank span, we use the shared smallest rank as for zipf).
+      the line reaching 0 at the virtual rank C + 1; tied classes share the smallest rank, as for
+      zipf and as in the released code, whose ``gen_pdf`` passes no rank span to its linear decay).
     - ``random_uniform``: ``w_c ~ U[0, 1)``, independent per sample and class, fresh every call.
     - ``random_pareto``:  ``w_c ~ Lomax(alpha)`` = ``Pareto(shape alpha, scale 1) - 1`` (numpy's
       ``random.pareto(alpha)``; alpha = 1 reproduces the released code), independent per sample
