@@ -88,7 +88,7 @@ def compose(overrides: list[str], hydra_config: bool = False):
 
 def test_every_table_has_experiments():
     prefixes = {name.split("_")[0] for name in EXPERIMENTS}
-    assert {"table2", "table3", "table4", "table5", "table6", "quick"} <= prefixes
+    assert {"table1", "table2", "table3", "table4", "table5", "table6", "quick"} <= prefixes
     assert {f"table2_{d}_{m}" for d in ("cifar100", "tinyimagenet") for m in ("resnet18", "densenet121")} <= set(EXPERIMENTS)
 
 

@@ -415,6 +415,23 @@ def test_table5_ablation_rows_and_gains(tmp_path):
     assert "Other runs" not in report
 
 
+def test_table5_rows_hold_only_zipf_distribution_runs(tmp_path):
+    # A Table 6 ablation (constant distribution, final-stage votes) is not Table 5's Dense1 row.
+    write_run(tmp_path / "ce", top1=(56.0,))
+    write_run(tmp_path / "k", method="zipf", top1=(58.5,),
+              loss_options={"weight": 1.0, "distribution": "constant", "rank_by": "dense", "stages": ["final"]})  # fmt: skip
+    report = build_report(load_runs([tmp_path]), load_paper(PAPER_TABLES), table="5")
+    assert table_rows(report, "Table 5")["Voting-based (Dense1)"]["TinyImageNet ResNet18"] == "missing"
+
+
+def test_the_kernel_choice_does_not_split_a_cell(tmp_path):
+    # loss.kernel picks an implementation of the same numbers: two seeds, one per kernel, one cell.
+    for seed, kernel in ((0, "auto"), (1, "torch")):
+        write_run(tmp_path / f"z{seed}", method="zipf", seed=seed, top1=(58.0 + seed,), loss_options={**ZIPF_DENSE2, "kernel": kernel})
+    (cell,) = group_cells(load_runs([tmp_path])).values()
+    assert summarise(cell).n_seeds == 2 and "kernel" not in dict(cell[0].key.options)
+
+
 def test_table6_distributions_and_table4_shape(tmp_path):
     write_run(tmp_path / "c", dataset="imagenet", model="resnet50", top1=(76.0,), epochs=1)
     write_run(tmp_path / "k", dataset="imagenet", model="resnet50", method="zipf", top1=(77.0,),

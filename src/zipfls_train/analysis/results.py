@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from ..loss_options import IMPLEMENTATION_OPTIONS
+
 # Reference values of options a config may predate (SPEC.md section 1): filled in when a zipf run's
 # config lacks them, so such runs still match the paper's cells.
 OPTION_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -156,7 +158,10 @@ def cell_key_from_config(config: Mapping[str, Any], source: Path) -> CellKey:
     model = _require(config, "model.name", source)
     loss = _require(config, "loss", source)
     method = _require(config, "loss.name", source)
-    options = {k: v for k, v in _flatten({k: v for k, v in loss.items() if k != "name"}).items() if not _is_path_like(k, v)}
+    # The method's options tell cells apart; its name, checkpoint paths and the implementation
+    # choices (loss.kernel: the same numbers either way) do not.
+    chosen = {k: v for k, v in loss.items() if k != "name" and k not in IMPLEMENTATION_OPTIONS}
+    options = {k: v for k, v in _flatten(chosen).items() if not _is_path_like(k, v)}
     for name, default in OPTION_DEFAULTS.get(method, {}).items():
         options.setdefault(name, default)
     recipe: dict[str, Any] = {"epochs": int(_require(config, "trainer.epochs", source))}

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..data import DataBundle, LoaderOptions, build_data
+from ..loss_options import IMPLEMENTATION_OPTIONS
 from ..losses import Method, build_method
 from ..models import build_model, unwrap
 from .checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_atomic
@@ -33,7 +34,8 @@ from .optim import build_optimizer, build_scheduler
 RESUME_TOLERATED = {
     "trainer.device", "trainer.devices", "trainer.progress_bar", "trainer.log_every", "trainer.num_workers",
     "trainer.checkpoint_every_steps", "trainer.resume", "trainer.compile", "trainer.data_on",
-    "trainer.max_steps_per_epoch", "trainer.eval_batch_size", "dataset.root", "loss.kernel",
+    "trainer.max_steps_per_epoch", "trainer.eval_batch_size", "dataset.root",
+    *(f"loss.{option}" for option in IMPLEMENTATION_OPTIONS),
 }
 
 
