@@ -18,7 +18,7 @@ from PIL import Image
 
 from conftest import compose, shared_data
 from zipfls_train.data import DatasetError, LoaderOptions, build_data
-from zipfls_train.data.file_loader import FileLoader, FileList
+from zipfls_train.data.file_loader import FileList, FileLoader, build_transforms
 from zipfls_train.data.imagenet import read_imagenet
 from zipfls_train.data.inat21 import read_inat21
 from zipfls_train.data.transforms import EvalTransform, TrainTransform, eval_resize_size
@@ -191,6 +191,19 @@ def test_eval_transform_matches_torchvision_resize_and_center_crop() -> None:
             assert np.abs(exact(str(path)) - expected).mean() < 0.5
             # Reduced-size JPEG decoding changes pixels by ~1% at most (see transforms.py).
             assert np.abs(drafted(str(path)) - expected).mean() < 3.0
+
+
+def test_evaluation_decodes_at_full_size_even_with_decode_draft() -> None:
+    # The reported accuracy must come from the recipe's exact test transform: a large photograph
+    # (702 x 1094) evaluated at 224 px equals torchvision's Resize(256) + CenterCrop(224) to rounding.
+    from torchvision import transforms
+
+    train, evaluate = build_transforms(dataset_cfg("imagenet", Path("."), image_size=224, decode_draft=True), draft=True)
+    assert train.draft and not evaluate.draft
+    path = samples()[17][1]
+    with Image.open(path) as image:
+        expected = np.asarray(transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224)])(image.convert("RGB")))
+    assert np.abs(evaluate(str(path)).astype(np.int64) - expected).max() <= 1
 
 
 def test_train_transform_is_seeded_and_close_without_draft() -> None:

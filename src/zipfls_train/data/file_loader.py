@@ -569,7 +569,9 @@ def _crop_resize(image: Tensor, box: tuple[float, float, float, float], size: in
 
 def build_transforms(cfg: Mapping[str, Any], draft: bool = True) -> tuple[Callable[..., np.ndarray], Callable[..., np.ndarray]]:
     """(train transform, eval transform) of a file dataset config (``image_size``, ``train_augment``,
-    ``test_transform``); the eval transform resizes to image_size * 256 / 224 and center-crops."""
+    ``test_transform``); the eval transform resizes to image_size * 256 / 224 and center-crops.
+    ``draft`` (reduced-size JPEG decoding) applies to training crops only: evaluation decodes at full
+    size, so reported accuracies come from exactly the recipe's test transform."""
     size = int(cfg["image_size"])
     augment = str(cfg.get("train_augment", "random_resized_crop"))
     test = str(cfg.get("test_transform", "resize_center_crop"))
@@ -577,7 +579,7 @@ def build_transforms(cfg: Mapping[str, Any], draft: bool = True) -> tuple[Callab
         raise DatasetError(f"dataset.train_augment must be one of {list(TRAIN_AUGMENTS)} for {cfg['name']}, got {augment!r}")
     if test not in TEST_TRANSFORMS:
         raise DatasetError(f"dataset.test_transform must be one of {list(TEST_TRANSFORMS)} for {cfg['name']}, got {test!r}")
-    evaluate = EvalTransform(size, eval_resize_size(size), draft=draft)
+    evaluate = EvalTransform(size, eval_resize_size(size), draft=False)
     train = TrainTransform(size, draft=draft) if augment == "random_resized_crop" else evaluate
     return train, evaluate
 
