@@ -137,3 +137,23 @@ def test_model_options_reach_timm() -> None:
 def test_unknown_model_lists_the_choices() -> None:
     with pytest.raises(KeyError, match="resnext101_32x8d"):
         build_model("resnet9000", 10)
+
+
+@torch.no_grad()
+def test_dropout_before_the_classifier_as_torchvision() -> None:
+    # torchvision's MobileNetV2 drops 20% of the pooled features in training; ResNets drop none.
+    # drop_rate (timm's name) reaches the wrapper's classifier for any of these models.
+    mobilenet = build_model("mobilenetv2", 10)
+    assert mobilenet.classifier_dropout.p == 0.2
+    assert isinstance(build_model("resnet18", 10).classifier_dropout, nn.Identity)
+    resnet = build_model("resnet18", 10, drop_rate=0.5).train()
+    x = torch.randn(4, 3, 64, 64)
+    torch.manual_seed(1)
+    out = resnet(x, features=("final",))
+    pooled = out.features["final"].mean(dim=(2, 3))
+    torch.manual_seed(1)
+    expected = resnet.classifier(torch.nn.functional.dropout(pooled, 0.5, training=True))
+    torch.testing.assert_close(out.logits, expected)
+    assert not torch.allclose(out.logits, resnet.classifier(pooled))  # dropout acted
+    resnet.eval()
+    torch.testing.assert_close(resnet(x).logits, resnet.classifier(resnet(x, features=("final",)).features["final"].mean(dim=(2, 3))))

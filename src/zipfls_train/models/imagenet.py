@@ -22,8 +22,12 @@ released code used an untrained layer for DenseNet and MobileNetV2; we do not).
 Initialisation: MSRA (Kaiming normal, fan_out, ReLU gain) for every convolution and BN gamma = 1,
 beta = 0, through :func:`zipfls_train.models.wrapper.kaiming_init` (timm's own inits differ per
 family: fan_in for DenseNet, zero-initialised last BN gamma for ResNets; neither is the paper's).
-The wrapper's classifier keeps PyTorch's default Linear init. torchvision's MobileNetV2 has a
-dropout (0.2) before its classifier; the wrapper has none, so neither does ours.
+The wrapper's classifier keeps PyTorch's default Linear init.
+
+Dropout before the classifier: timm's ``drop_rate`` acts in timm's head, which the wrapper replaces,
+so the backbone takes it over as ``classifier_dropout`` and the wrapper applies it to the pooled
+features in training (dense votes, under ``no_grad``, classify the map without it). MobileNetV2
+defaults to 0.2, as torchvision's; the others to 0, as theirs.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ ARCHITECTURES: Mapping[str, tuple[str, dict[str, Any]]] = {
     "resnext50_32x4d": ("resnext50_32x4d", {"zero_init_last": False}),
     "resnext101_32x8d": ("resnext101_32x8d", {"zero_init_last": False}),
     "densenet121": ("densenet121", {}),
-    "mobilenetv2": ("mobilenetv2_100", {}),
+    "mobilenetv2": ("mobilenetv2_100", {"drop_rate": 0.2}),
 }
 
 # feature_info entries below this stride belong to the stem, not to a stage.
@@ -58,6 +62,8 @@ class TimmBackbone(nn.Module):
 
     def __init__(self, timm_name: str, **timm_kwargs: Any) -> None:
         super().__init__()
+        # Read by the wrapper, which owns the classifier (timm's head, where drop_rate acts, is removed).
+        self.classifier_dropout = float(timm_kwargs.pop("drop_rate", 0.0))
         # num_classes=0 and global_pool="": no pooling, no classifier (the wrapper owns both).
         self.model = timm.create_model(timm_name, pretrained=False, num_classes=0, global_pool="", **timm_kwargs)
         info = self.model.feature_info
@@ -83,7 +89,8 @@ def _builder(name: str):  # noqa: ANN202
     timm_name, defaults = ARCHITECTURES[name]
 
     def build(**options: Any) -> TimmBackbone:
-        """Model options from the config (``model.options``) are passed to timm (e.g. drop_rate)."""
+        """Model options from the config (``model.options``) are passed to timm (e.g. drop_path_rate),
+        except ``drop_rate``, the dropout before the classifier (see the module docstring)."""
         return TimmBackbone(timm_name, **{**defaults, **options})
 
     build.__name__ = name

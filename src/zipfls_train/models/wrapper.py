@@ -67,6 +67,10 @@ class ClassifierWrapper(nn.Module):
         channels = list(backbone.stage_channels)
         self.stage_names = [f"stage{i + 1}" for i in range(len(channels))]
         self.classifier = nn.Linear(channels[-1], num_classes)
+        # Dropout on the pooled features before the classifier, where a backbone asks for it
+        # (torchvision's MobileNetV2: 0.2); training logits only, dense votes classify the map as is.
+        dropout = float(getattr(backbone, "classifier_dropout", 0.0))
+        self.classifier_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.aux_heads = nn.ModuleDict()
         # Backbones whose intermediate stage outputs are not normalised ask for BN + ReLU in the heads.
         normalise = bool(getattr(backbone, "aux_heads_normalise", False))
@@ -96,7 +100,7 @@ class ClassifierWrapper(nn.Module):
         the map and the head's logits."""
         maps = self.backbone.forward_stages(x)
         pooled = maps[-1].mean(dim=(2, 3))
-        logits = self.classifier(pooled)
+        logits = self.classifier(self.classifier_dropout(pooled))
         classified: dict[str, Tensor] = {}
 
         def classifier_input(name: str) -> Tensor:
