@@ -13,9 +13,10 @@ from PIL import Image
 
 from conftest import shared_data, write_cifar100, write_tinyimagenet_pack, write_tinyimagenet_tree
 from zipfls_train.data import DatasetError, ImageTensors, LoaderOptions, TensorLoader
-from zipfls_train.data.augment import normalize, random_crop_with_padding, random_resized_crop_boxes
+from zipfls_train.data.augment import boxes_to_spans, crop_and_resize, normalize, random_crop_with_padding, random_resized_crop_boxes
 from zipfls_train.data.cifar100 import read_cifar100
 from zipfls_train.data.images import take_subset
+from zipfls_train.data.seeds import _splitmix64, mix_seed
 from zipfls_train.data.tinyimagenet import read_pack, read_tinyimagenet, read_tree
 
 WNIDS = ["n02000001", "n01000002", "n03000003"]
@@ -154,6 +155,37 @@ def test_random_resized_crop_boxes_stay_inside_and_follow_scale_and_ratio():
     assert ratio.min() > 0.7 and ratio.max() < 1.45  # 3/4..4/3 up to rounding
     # torchvision draws the area uniformly in [0.08, 1] (before rejection): mean ~0.5.
     assert 0.4 < area.mean() < 0.6
+
+
+@pytest.mark.parametrize("height, width", [(64, 64), (32, 32), (48, 40)])
+def test_crop_and_resize_is_torchvisions_antialiased_resized_crop(height, width):
+    # Every box: crop, then torch's antialiased bilinear resize (torchvision's Resize on tensors),
+    # computed image by image; and torchvision's own uint8 resized_crop to its rounding.
+    from torchvision.transforms import functional as TF
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, height, width), dtype=torch.uint8, generator=generator)
+    boxes = random_resized_crop_boxes(64, height, width, generator, torch.device("cpu"))
+    boxes[0] = torch.tensor([0.0, 0.0, width, height])  # the whole image: unchanged at 32 x 32
+    out = crop_and_resize(images.float(), boxes_to_spans(boxes), 32)
+    for i, (x1, y1, x2, y2) in enumerate(boxes.long().tolist()):
+        crop = images[i : i + 1, :, y1:y2, x1:x2].float()
+        expected = torch.nn.functional.interpolate(crop, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)[0]
+        torch.testing.assert_close(out[i], expected, rtol=0, atol=1e-3)
+        torchvision_uint8 = TF.resized_crop(images[i], y1, x1, y2 - y1, x2 - x1, [32, 32], antialias=True)
+        assert (out[i] - torchvision_uint8.float()).abs().max() <= 0.5 + 1e-3
+    if (height, width) == (32, 32):
+        torch.testing.assert_close(out[0], images[0].float(), rtol=0, atol=1e-4)
+
+
+def test_data_streams_of_different_seeds_and_epochs_never_share_a_seed():
+    # SplitMix64's first output from state 0 (the published reference value).
+    assert _splitmix64(0) == 0xE220A8397B1DCDAF
+    # A Table 2 sweep: seeds 0-4 x 200 epochs x the loader's streams (order/augmentation, pairs).
+    keys = [(seed, epoch, *stream) for seed in range(10) for epoch in range(300) for stream in ((), (1,))]
+    assert len({mix_seed(*key) for key in keys}) == len(keys)
+    assert mix_seed(0, 0) != mix_seed(1, 65)  # collided under the previous additive mix
+    assert all(0 <= mix_seed(*key) < 2**63 for key in keys[:50])
 
 
 def test_normalize_matches_torchvision_definition():

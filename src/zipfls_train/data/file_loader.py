@@ -46,7 +46,8 @@ from .augment import Normalizer
 from .batch import Batch
 from .class_pairs import SameClassPartners
 from .images import DatasetError, check_class_count
-from .tensor_loader import LoaderOptions, _mix
+from .seeds import mix_seed
+from .tensor_loader import LoaderOptions
 from .transforms import EvalTransform, TrainTransform, eval_resize_size, read_for_device_decode, transform_region
 
 TRAIN_AUGMENTS = ("random_resized_crop", "none")
@@ -167,7 +168,7 @@ class _FileDataset(Dataset):
         return len(self.files)
 
     def _view(self, index: int, rng_key: tuple[int, ...]) -> Any:
-        rng = random.Random(_mix(self.seed, *rng_key)) if self.train else None
+        rng = random.Random(mix_seed(self.seed, *rng_key)) if self.train else None
         path = self.files.path(index)
         if self.decode == "cpu":
             return self.transform(path, rng)
@@ -343,13 +344,13 @@ class FileLoader:
         if not self.train:
             start = rank * self.num_samples // world
             return np.arange(start, start + self._shard_size(), dtype=np.int64), None
-        generator = torch.Generator().manual_seed(_mix(self.options.seed, epoch))
+        generator = torch.Generator().manual_seed(mix_seed(self.options.seed, epoch))
         order = torch.randperm(self.num_samples, generator=generator)
         pairs = None
         if self.pairs:
             # Another sample of the same class per position, drawn for the global order so it does
             # not depend on world_size.
-            u = torch.rand(self.num_samples, generator=torch.Generator().manual_seed(_mix(self.options.seed, epoch, 1)))
+            u = torch.rand(self.num_samples, generator=torch.Generator().manual_seed(mix_seed(self.options.seed, epoch, 1)))
             pairs = self._partners.draw(order, torch.from_numpy(self.files.targets)[order], u)
         usable = (self.num_samples // world) * world
         shard = order[:usable][rank::world].numpy()

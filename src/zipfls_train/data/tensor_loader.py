@@ -20,6 +20,7 @@ from .augment import Normalizer, ViewParams, apply_params, draw_params, resize_u
 from .batch import Batch
 from .class_pairs import SameClassPartners
 from .images import ImageTensors
+from .seeds import mix_seed
 
 
 @dataclass(frozen=True)
@@ -38,14 +39,6 @@ class LoaderOptions:
     data_device: torch.device | None = None  # where in-memory data lives; None = the training device
     num_workers: int = 4
     accumulate_steps: int = 1  # micro-batches per optimiser step (batch_size is one micro-batch)
-
-
-def _mix(*values: int) -> int:
-    """A deterministic 63-bit seed from several integers (splitmix-style)."""
-    state = 0x9E3779B97F4A7C15
-    for value in values:
-        state = (state ^ (value + 0x9E3779B97F4A7C15 + (state << 6) + (state >> 2))) & 0x7FFFFFFFFFFFFFFF
-    return state
 
 
 class TensorLoader:
@@ -102,7 +95,7 @@ class TensorLoader:
     def _indices(self, epoch: int) -> Tensor:
         if not self.train:
             return torch.arange(*self._val_shard(), device=self.images.device)
-        generator = torch.Generator().manual_seed(_mix(self.options.seed, epoch))
+        generator = torch.Generator().manual_seed(mix_seed(self.options.seed, epoch))
         return torch.randperm(self.num_samples, generator=generator).to(self.images.device, non_blocking=True)
 
     # --- batches ---------------------------------------------------------------------------
@@ -121,7 +114,7 @@ class TensorLoader:
     def _epoch_params(self, epoch: int, slots: int) -> dict[str, ViewParams | Tensor]:
         """Every random parameter of an epoch's ``slots`` global sample slots, drawn at once."""
         generator = torch.Generator(device=self.images.device)
-        generator.manual_seed(_mix(self.options.seed, epoch, 1))
+        generator.manual_seed(mix_seed(self.options.seed, epoch, 1))
         device, (height, width) = self.images.device, self.images.shape[-2:]
 
         def view() -> ViewParams:
