@@ -60,6 +60,23 @@ def test_bad_zipf_option_value_names_the_key():
         validate_config(compose(["loss.distribution=gaussian"]))
 
 
+def test_a_mid_epoch_checkpoint_never_holds_a_non_finite_step(run_tiny, tmp_path, monkeypatch):
+    # NaN from step 2; checkpoints every 3 steps, logs every 4: the step-3 checkpoint finds it first.
+    original = LabelSmoothing.loss_terms
+    calls = {"n": 0}
+
+    def poisoned(self, outputs, batch, model):
+        calls["n"] += 1
+        terms = original(self, outputs, batch, model)
+        return {name: value * float("nan") for name, value in terms.items()} if calls["n"] >= 2 else terms
+
+    monkeypatch.setattr(LabelSmoothing, "loss_terms", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at global step 1\.\.3"):
+        run_tiny("loss=ls", "trainer.max_steps_per_epoch=6", "trainer.log_every=4", "trainer.checkpoint_every_steps=3",
+                 run_dir=tmp_path / "run")  # fmt: skip
+    assert not (tmp_path / "run/checkpoints/last.pt").exists()
+
+
 def test_nan_loss_stops_naming_step_and_terms_and_keeps_last_good_checkpoint(run_tiny, tmp_path, monkeypatch):
     original = LabelSmoothing.loss_terms
     calls = {"n": 0}

@@ -75,6 +75,36 @@ def test_auto_resume_continues_at_the_next_epoch_with_identical_state(run_tiny, 
     straight_metrics = read_jsonl(straight / "metrics.jsonl")
     assert resumed_metrics[-1]["val_top1"] == straight_metrics[-1]["val_top1"]
     assert resumed_metrics[-1]["train_loss"] == pytest.approx(straight_metrics[-1]["train_loss"], rel=1e-6)
+    # TensorBoard keeps the epoch written before the interruption (its events sit at the checkpoint's step).
+    assert tensorboard_steps(tmp_path / "resumed", "epoch/val_top1") == tensorboard_steps(straight, "epoch/val_top1") == [4, 8]
+
+
+def tensorboard_steps(run_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    return [event.step for event in events.Scalars(tag)]
+
+
+def test_logged_lr_is_the_lr_each_step_and_epoch_applied(run_tiny, tmp_path):
+    # 2 epochs x 3 steps, warm-up over the first epoch (lr 0.1 x (step + 1) / 3), / 10 after epoch 1.
+    _, run_dir = run_tiny("loss=ce", "trainer.epochs=2", "trainer.max_steps_per_epoch=3", "trainer.log_every=1",
+                          "optim.lr=0.1", "sched.warmup_epochs=1", "sched.milestones=[1]", run_dir=tmp_path / "run")  # fmt: skip
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    logged = [event.value for event in events.Scalars("train/lr")]  # stored as float32
+    assert logged == pytest.approx([0.1 / 3, 0.2 / 3, 0.1, 0.01, 0.01, 0.01], rel=1e-6)
+    assert [m["lr"] for m in read_jsonl(run_dir / "metrics.jsonl")] == pytest.approx([0.1 / 3, 0.01])
+
+
+def test_resume_refuses_another_number_of_steps_per_epoch(run_tiny, tmp_path):
+    # The schedule maps steps to epochs: a checkpoint of 2 steps per epoch cannot go on with 3.
+    run_tiny("loss=ce", "trainer.epochs=2", "trainer.max_steps_per_epoch=2", "trainer.epochs=1", run_dir=tmp_path / "run")
+    with pytest.raises(ResumeError, match=r"trainer.max_steps_per_epoch: 2 -> 3"):
+        run_tiny("loss=ce", "trainer.epochs=2", "trainer.max_steps_per_epoch=3", run_dir=tmp_path / "run")
 
 
 def test_resume_refuses_a_checkpoint_of_another_configuration_and_changes_nothing(run_tiny, tmp_path):

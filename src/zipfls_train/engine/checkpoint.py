@@ -49,18 +49,32 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     return state
 
 
-def capture_rng_state() -> dict[str, Any]:
+def capture_rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's random state: Python, numpy, torch's CPU generator and the generator of its
+    own CUDA device (not every device's: asking for those would open a context on each GPU)."""
     return {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
     }
 
 
-def restore_rng_state(state: dict[str, Any]) -> None:
+def restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, list):  # checkpoints that stored every device's state
+        cuda = cuda[device.index or 0] if device.type == "cuda" and (device.index or 0) < len(cuda) else None
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
+
+
+def rank_rng_state(saved: dict[str, Any] | list[dict[str, Any]], rank: int) -> dict[str, Any]:
+    """A rank's state from a checkpoint's ``rng``: one per rank (in rank order), or a single state
+    (checkpoints of one process, or written before states were kept per rank). A run resumed on more
+    processes than it was saved from gives the extra ranks rank 0's state."""
+    if isinstance(saved, dict):
+        return saved
+    return saved[rank] if rank < len(saved) else saved[0]

@@ -63,6 +63,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def gather_objects(value: object) -> list[object]:
+    """Every rank's ``value``, in rank order (``[value]`` in one process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    values: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -86,8 +86,9 @@ class RunRecords:
         self._truncate_after(resume_epoch)
         from torch.utils.tensorboard import SummaryWriter
 
-        # purge_step drops events a killed run wrote after its last checkpoint.
-        self.writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=global_step if global_step else None)
+        # purge_step drops events a killed run wrote after its last checkpoint, which is at
+        # global_step: events *at* that step (the epoch's scalars) belong to the checkpoint and stay.
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=global_step + 1 if global_step else None)
 
     def _truncate_after(self, epoch: int) -> None:
         """Drop metric lines of epochs the checkpoint does not contain (a run killed between them)."""

@@ -22,9 +22,9 @@ from ..data import DataBundle, LoaderOptions, build_data
 from ..loss_options import IMPLEMENTATION_OPTIONS
 from ..losses import Method, build_method
 from ..models import build_model, unwrap
-from .checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_atomic
+from .checkpoint import capture_rng_state, load_checkpoint, rank_rng_state, restore_rng_state, save_atomic
 from .config_checks import ConfigError
-from .distributed import DistContext, all_reduce_sum
+from .distributed import DistContext, all_reduce_sum, gather_objects
 from .metrics import RunRecords, TermAccumulator, topk_correct
 from .optim import build_optimizer, build_scheduler
 
@@ -34,7 +34,7 @@ from .optim import build_optimizer, build_scheduler
 RESUME_TOLERATED = {
     "trainer.device", "trainer.devices", "trainer.progress_bar", "trainer.log_every", "trainer.num_workers",
     "trainer.checkpoint_every_steps", "trainer.resume", "trainer.compile", "trainer.data_on",
-    "trainer.max_steps_per_epoch", "trainer.eval_batch_size", "dataset.root",
+    "trainer.eval_batch_size", "dataset.root",
     *(f"loss.{option}" for option in IMPLEMENTATION_OPTIONS),
 }
 
@@ -226,17 +226,22 @@ class Trainer:
             "method": self.method.state_dict(),
             "progress": asdict(self.progress),
             "running": self.running.state_dict(),
-            "rng": capture_rng_state(),
             "config": OmegaConf.to_container(self.cfg, resolve=True),
         }
 
-    def save(self, name: str = "last.pt") -> None:
+    def save(self, name: str = "last.pt", check_finite_since: int | None = None) -> None:
         """Called by every rank; rank 0 writes. The epoch's running loss sums are first averaged over
         ranks (every rank then continues from that mean), so the one copy in the checkpoint is valid
-        for all ranks on resume and the epoch's logged mean is unchanged."""
+        for all ranks on resume and the epoch's logged mean is unchanged. Every rank's random state
+        is kept (a rank resumes with its own). ``check_finite_since``: the first global step not yet
+        checked for a NaN/inf loss; checked on the averaged sums (the same on every rank) before
+        anything is written, so a non-finite step never reaches ``last.pt``."""
         self.running.all_reduce_mean()
+        if check_finite_since is not None:
+            self._check_finite((None, 0), check_finite_since)
+        rng = gather_objects(capture_rng_state(self.device))
         if self.ctx.is_main:
-            save_atomic(self.state_dict(), self.checkpoint_dir / name)
+            save_atomic({**self.state_dict(), "rng": rng}, self.checkpoint_dir / name)
 
     def maybe_resume(self) -> bool:
         mode = str(self.cfg.trainer.resume)
@@ -254,7 +259,7 @@ class Trainer:
         self.method.load_state_dict(state["method"])
         self.progress = Progress(**state["progress"])
         self.running.load_state_dict(state["running"], self.device)
-        restore_rng_state(state["rng"])
+        restore_rng_state(rank_rng_state(state["rng"], self.ctx.rank), self.device)
         return True
 
     def _check_same_config(self, saved: dict[str, Any], path: Path) -> None:
@@ -313,7 +318,7 @@ class Trainer:
         self.method.on_epoch_start(epoch, self.epochs)
         self.train_model.train()
         start_step = self.progress.step_in_epoch
-        epoch_lr = self.optimizer.param_groups[0]["lr"]  # the lr this epoch trains with (recorded below)
+        epoch_lr = self._lr_at(epoch * self.steps_per_epoch)  # the epoch's first step's (recorded below)
         if start_step == 0:
             self.running = TermAccumulator()
         started = time.perf_counter()
@@ -325,6 +330,7 @@ class Trainer:
         log_every = max(1, int(self.cfg.trainer.log_every))
         window_start, window = self.progress.global_step, self.running.mark()
         for step in range(start_step, self.steps_per_epoch):
+            step_lr = self.optimizer.param_groups[0]["lr"]  # the lr this step applies
             terms = self.train_step(batches)
             self.running.add(terms)
             self.progress.step_in_epoch = step + 1
@@ -332,13 +338,14 @@ class Trainer:
             bar.update(1)
             if self.progress.global_step % log_every == 0 or step + 1 == self.steps_per_epoch:
                 means = self._check_finite(window, window_start)  # the only host sync of the step loop
-                records.scalars("train", {**means, "lr": self.optimizer.param_groups[0]["lr"]}, self.progress.global_step)
+                records.scalars("train", {**means, "lr": step_lr}, self.progress.global_step)
                 bar.set_postfix(loss=f"{means['loss']:.4f}")
                 window_start, window = self.progress.global_step, self.running.mark()
             every = int(self.cfg.trainer.checkpoint_every_steps)
             if every and self.progress.global_step % every == 0 and step + 1 < self.steps_per_epoch:
-                self.save()
-                window = self.running.mark()  # save() averaged the sums over ranks: measure from here
+                self.save(check_finite_since=window_start)
+                # save() averaged the sums over ranks and checked them: measure from here.
+                window_start, window = self.progress.global_step, self.running.mark()
         bar.close()
         epoch_terms = self.running.copy()  # the running sums stay rank-local until the next save
         epoch_terms.all_reduce_mean()
@@ -432,6 +439,11 @@ class Trainer:
                 totals[name] = totals[name] + value if name in totals else value
         self._optimizer_update()
         return totals
+
+    def _lr_at(self, global_step: int) -> float:
+        """The first parameter group's lr at an optimiser step, from the schedule itself (whatever
+        step the scheduler is at now, e.g. mid-epoch after a resume)."""
+        return self.scheduler.base_lrs[0] * self.scheduler.lr_lambdas[0](global_step)
 
     def _optimizer_update(self) -> None:
         self.scaler.step(self.optimizer)
