@@ -157,3 +157,35 @@ def test_ddp_train_loss_is_the_global_batch_mean(tiny_pack_root, tmp_path):
     run_training(compose([*common, "trainer.devices=2"]), tmp_path / "ddp")
     single, ddp = _metrics(tmp_path / "single")[-1], _metrics(tmp_path / "ddp")[-1]
     assert ddp["train_loss"] == pytest.approx(single["train_loss"], rel=1e-5)
+
+
+
+def _buffers_after_broadcast(rank: int, port: int, results) -> None:  # noqa: ANN001
+    import torch.distributed as dist
+
+    from zipfls_train.engine.distributed import broadcast_buffers
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        norm = torch.nn.BatchNorm2d(3)
+        norm.running_mean.fill_(float(rank + 1))  # each rank's own statistics, as after a DDP step
+        norm.num_batches_tracked.fill_(10 * (rank + 1))
+        broadcast_buffers(norm)
+        results[rank] = (norm.running_mean.tolist(), int(norm.num_batches_tracked))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_evaluation_takes_rank_0s_batchnorm_statistics_on_every_rank():
+    """Trainer.evaluate starts with broadcast_buffers: every rank then scores rank 0's model, the one
+    it saves (each rank's last training forward moved its BatchNorm statistics its own way)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_buffers_after_broadcast, args=(port, results), nprocs=2, join=True)
+    assert dict(results) == {0: ([1.0, 1.0, 1.0], 10), 1: ([1.0, 1.0, 1.0], 10)}

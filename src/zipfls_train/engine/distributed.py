@@ -63,6 +63,13 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (e.g. BatchNorm running statistics) on every rank."""
+    if dist.is_available() and dist.is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def gather_objects(value: object) -> list[object]:
     """Every rank's ``value``, in rank order (``[value]`` in one process)."""
     if not (dist.is_available() and dist.is_initialized()):

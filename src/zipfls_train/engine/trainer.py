@@ -24,7 +24,7 @@ from ..losses import Method, build_method
 from ..models import build_model, unwrap
 from .checkpoint import capture_rng_state, load_checkpoint, rank_rng_state, restore_rng_state, save_atomic
 from .config_checks import ConfigError
-from .distributed import DistContext, all_reduce_sum, gather_objects
+from .distributed import DistContext, all_reduce_sum, broadcast_buffers, gather_objects
 from .metrics import RunRecords, TermAccumulator, topk_correct
 from .optim import build_optimizer, build_scheduler
 
@@ -470,8 +470,12 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
         """Top-1/top-5 (%) over the whole val set: each rank scores its own unpadded shard and the
-        counts are summed, so every image is counted exactly once."""
+        counts are summed, so every image is counted exactly once. Every rank first takes rank 0's
+        buffers (BatchNorm running statistics: DDP sends them at the start of each training forward,
+        and the last forward then moved each rank's own way), so the score is that of the weights
+        rank 0 saves."""
         model = self.model
+        broadcast_buffers(model)
         model.eval()
         counts = torch.zeros(3, dtype=torch.float64, device=self.device)
         for batch in self.data.val.epoch(0):
