@@ -206,6 +206,21 @@ def test_evaluation_decodes_at_full_size_even_with_decode_draft() -> None:
     assert np.abs(evaluate(str(path)).astype(np.int64) - expected).max() <= 1
 
 
+def test_train_crops_are_torchvisions_resized_crop_to_rounding() -> None:
+    # RandomResizedCrop crops, then resizes the crop (the filter never reads outside the box).
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    transform = TrainTransform(224, draft=False)
+    for seed, (_, path) in enumerate(samples()[::4]):
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+        (left, top, right, bottom), flip = transform.plan(*rgb.size, random.Random(seed))
+        expected = TF.resized_crop(rgb, top, left, bottom - top, right - left, [224, 224], InterpolationMode.BILINEAR, antialias=True)
+        expected = np.asarray(TF.hflip(expected) if flip else expected).astype(np.int64)
+        assert np.abs(transform(str(path), random.Random(seed)).astype(np.int64) - expected).max() <= 1, path
+
+
 def test_train_transform_is_seeded_and_close_without_draft() -> None:
     path = str(samples()[17][1])  # n03759954 microphone, 702 x 1094: drafting applies at 64 px
     crop = TrainTransform(64)

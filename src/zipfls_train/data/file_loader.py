@@ -470,7 +470,7 @@ class FileLoader:
             try:
                 decoded[i] = _decode_jpeg(job["data"][i], self.options.device)
             except RuntimeError:
-                pixels = transform_region(job["paths"][i], int(self.transform.size), job["boxes"][i], job["flips"][i])
+                pixels = transform_region(job["paths"][i], self.transform, job["boxes"][i], job["flips"][i])
                 job["pixels"][i] = torch.from_numpy(pixels.copy())
         return decoded
 

@@ -152,13 +152,25 @@ def apply_plan(path: str, transform: TrainTransform | EvalTransform, rng: random
         (left, top, right, bottom), flip = transform.plan(*image.size, rng)
         # The region may shrink by up to min(w, h) / size before it is smaller than the output.
         scale = _draft(image, min(right - left, bottom - top) / size) if transform.draft else 1.0
-        return _resize_region(image, path, size, (left / scale, top / scale, right / scale, bottom / scale), flip)
+        box = (left / scale, top / scale, right / scale, bottom / scale)
+        return _resize_region(image, path, size, box, flip, crop_first=_crops_first(transform) and scale == 1.0)
 
 
-def _resize_region(image: Image.Image, path: str, size: int, box: tuple[float, float, float, float], flip: bool) -> np.ndarray:
+def _crops_first(transform: TrainTransform | EvalTransform) -> bool:
+    """torchvision's RandomResizedCrop crops (an integer box) and then resizes the crop, so the
+    filter never reads past the box; its test transform resizes the whole image and then crops, so
+    the border pixels of the crop do see the pixels around it (PIL's resize with a box)."""
+    return isinstance(transform, TrainTransform)
+
+
+def _resize_region(image: Image.Image, path: str, size: int, box: tuple[float, float, float, float], flip: bool,
+                   crop_first: bool = False) -> np.ndarray:  # fmt: skip
     try:
         rgb = image.convert("RGB")  # also decodes; grayscale, CMYK and palette images become RGB
-        out = rgb.resize((size, size), Image.Resampling.BILINEAR, box=box)
+        if crop_first:
+            out = rgb.crop(tuple(round(v) for v in box)).resize((size, size), Image.Resampling.BILINEAR)
+        else:
+            out = rgb.resize((size, size), Image.Resampling.BILINEAR, box=box)
         if flip:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return np.asarray(out)
@@ -166,11 +178,11 @@ def _resize_region(image: Image.Image, path: str, size: int, box: tuple[float, f
         raise DatasetError(f"cannot decode image {path}: {error}") from error
 
 
-def transform_region(path: str, size: int, box: tuple[float, float, float, float], flip: bool) -> np.ndarray:
-    """A planned crop on the CPU: decode ``path`` with PIL, resize ``box`` to size x size, mirror if
-    ``flip`` (for images the device cannot decode). A file PIL cannot decode raises DatasetError."""
+def transform_region(path: str, transform: TrainTransform | EvalTransform, box: tuple[float, float, float, float], flip: bool) -> np.ndarray:
+    """A planned crop on the CPU: decode ``path`` with PIL, resize ``box`` to the transform's size,
+    mirror if ``flip`` (for images the device cannot decode). A file PIL cannot decode raises DatasetError."""
     with _open(path) as image:
-        return _resize_region(image, path, size, box, flip)
+        return _resize_region(image, path, transform.size, box, flip, crop_first=_crops_first(transform))
 
 
 def read_for_device_decode(path: str, transform: TrainTransform | EvalTransform, rng: random.Random | None) -> tuple[np.ndarray | None, CropPlan, np.ndarray | None]:
@@ -180,14 +192,14 @@ def read_for_device_decode(path: str, transform: TrainTransform | EvalTransform,
     with _open(path) as image:
         plan = transform.plan(*image.size, rng)
         if image.format != "JPEG" or image.mode not in ("RGB", "L") or image.info.get("progressive"):
-            return None, plan, _resize_region(image, path, transform.size, *plan)
+            return None, plan, _resize_region(image, path, transform.size, *plan, crop_first=_crops_first(transform))
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as error:
         raise DatasetError(f"cannot read image {path}: {error}") from error
     if not _has_end_marker(data):
         # nvjpeg decodes a truncated file without an error (grey where data is missing); PIL raises.
-        return None, plan, transform_region(path, transform.size, *plan)
+        return None, plan, transform_region(path, transform, *plan)
     return data, plan, None
 
 
