@@ -60,17 +60,22 @@ def test_bad_zipf_option_value_names_the_key():
         validate_config(compose(["loss.distribution=gaussian"]))
 
 
-def test_a_mid_epoch_checkpoint_never_holds_a_non_finite_step(run_tiny, tmp_path, monkeypatch):
-    # NaN from step 2; checkpoints every 3 steps, logs every 4: the step-3 checkpoint finds it first.
+def poison_label_smoothing_from_step(monkeypatch, first_bad_step: int) -> None:
+    """LS's loss terms become NaN from the ``first_bad_step``-th training step (1-based) on."""
     original = LabelSmoothing.loss_terms
     calls = {"n": 0}
 
     def poisoned(self, outputs, batch, model):
         calls["n"] += 1
         terms = original(self, outputs, batch, model)
-        return {name: value * float("nan") for name, value in terms.items()} if calls["n"] >= 2 else terms
+        return {name: value * float("nan") for name, value in terms.items()} if calls["n"] >= first_bad_step else terms
 
     monkeypatch.setattr(LabelSmoothing, "loss_terms", poisoned)
+
+
+def test_a_mid_epoch_checkpoint_never_holds_a_non_finite_step(run_tiny, tmp_path, monkeypatch):
+    # NaN from step 2; checkpoints every 3 steps, logs every 4: the step-3 checkpoint finds it first.
+    poison_label_smoothing_from_step(monkeypatch, 2)
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss at global step 1\.\.3"):
         run_tiny("loss=ls", "trainer.max_steps_per_epoch=6", "trainer.log_every=4", "trainer.checkpoint_every_steps=3",
                  run_dir=tmp_path / "run")  # fmt: skip
@@ -78,17 +83,7 @@ def test_a_mid_epoch_checkpoint_never_holds_a_non_finite_step(run_tiny, tmp_path
 
 
 def test_nan_loss_stops_naming_step_and_terms_and_keeps_last_good_checkpoint(run_tiny, tmp_path, monkeypatch):
-    original = LabelSmoothing.loss_terms
-    calls = {"n": 0}
-
-    def poisoned(self, outputs, batch, model):
-        calls["n"] += 1
-        terms = original(self, outputs, batch, model)
-        if calls["n"] > 3:  # epoch 2 (3 steps per epoch)
-            terms = {name: value * float("nan") for name, value in terms.items()}
-        return terms
-
-    monkeypatch.setattr(LabelSmoothing, "loss_terms", poisoned)
+    poison_label_smoothing_from_step(monkeypatch, 4)  # epoch 2 (3 steps per epoch)
     with pytest.raises(NonFiniteLossError) as error:
         run_tiny("loss=ls", "trainer.epochs=2", "trainer.max_steps_per_epoch=3", run_dir=tmp_path / "run")
     message = str(error.value)
