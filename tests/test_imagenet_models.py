@@ -157,3 +157,18 @@ def test_dropout_before_the_classifier_as_torchvision() -> None:
     assert not torch.allclose(out.logits, resnet.classifier(pooled))  # dropout acted
     resnet.eval()
     torch.testing.assert_close(resnet(x).logits, resnet.classifier(resnet(x, features=("final",)).features["final"].mean(dim=(2, 3))))
+
+
+@torch.no_grad()
+def test_classifier_init_is_torchvisions_per_model() -> None:
+    # torchvision: MobileNetV2 N(0, 0.01) weights and zero bias; DenseNet zero bias; ResNets
+    # PyTorch's default Linear init (uniform bias in +-1/sqrt(fan_in)).
+    torch.manual_seed(0)
+    mobilenet = build_model("mobilenetv2", 1000).classifier
+    assert abs(float(mobilenet.weight.std()) - 0.01) < 5e-4 and not mobilenet.bias.any()
+    densenet = build_model("densenet121", 1000).classifier
+    assert not densenet.bias.any()
+    bound = 1 / math.sqrt(1024)
+    assert float(densenet.weight.abs().max()) <= bound and float(densenet.weight.std()) > bound / 3
+    resnet = build_model("resnet18", 1000).classifier
+    assert resnet.bias.abs().max() <= 1 / math.sqrt(512) and resnet.bias.any()

@@ -22,7 +22,9 @@ released code used an untrained layer for DenseNet and MobileNetV2; we do not).
 Initialisation: MSRA (Kaiming normal, fan_out, ReLU gain) for every convolution and BN gamma = 1,
 beta = 0, through :func:`zipfls_train.models.wrapper.kaiming_init` (timm's own inits differ per
 family: fan_in for DenseNet, zero-initialised last BN gamma for ResNets; neither is the paper's).
-The wrapper's classifier keeps PyTorch's default Linear init.
+The wrapper's classifier is initialised as torchvision initialises each model's: PyTorch's default
+Linear init for the ResNets and ResNeXts, a zero bias for DenseNet-121, N(0, 0.01) weights and a
+zero bias for MobileNetV2 (:data:`CLASSIFIER_INITS`, applied through ``init_classifier``).
 
 Dropout before the classifier: timm's ``drop_rate`` acts in timm's head, which the wrapper replaces,
 so the backbone takes it over as ``classifier_dropout`` and the wrapper applies it to the pooled
@@ -32,7 +34,7 @@ defaults to 0.2, as torchvision's; the others to 0, as theirs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import timm
@@ -53,6 +55,22 @@ ARCHITECTURES: Mapping[str, tuple[str, dict[str, Any]]] = {
     "mobilenetv2": ("mobilenetv2_100", {"drop_rate": 0.2}),
 }
 
+
+def _zero_bias(classifier: nn.Linear) -> None:
+    nn.init.zeros_(classifier.bias)
+
+
+def _normal_weights_zero_bias(classifier: nn.Linear) -> None:
+    nn.init.normal_(classifier.weight, 0.0, 0.01)
+    nn.init.zeros_(classifier.bias)
+
+
+# torchvision's own initialisation of each model's classifier (the others: PyTorch's default).
+CLASSIFIER_INITS: Mapping[str, Callable[[nn.Linear], None]] = {
+    "densenet121": _zero_bias,
+    "mobilenetv2": _normal_weights_zero_bias,
+}
+
 # feature_info entries below this stride belong to the stem, not to a stage.
 MIN_STAGE_REDUCTION = 4
 
@@ -60,8 +78,10 @@ MIN_STAGE_REDUCTION = 4
 class TimmBackbone(nn.Module):
     """A timm classifier without its head, exposing its stages to :class:`ClassifierWrapper`."""
 
-    def __init__(self, timm_name: str, **timm_kwargs: Any) -> None:
+    def __init__(self, timm_name: str, init_classifier: Callable[[nn.Linear], None] | None = None, **timm_kwargs: Any) -> None:
         super().__init__()
+        if init_classifier is not None:  # the wrapper calls it on the classifier it builds
+            self.init_classifier = init_classifier
         # Read by the wrapper, which owns the classifier (timm's head, where drop_rate acts, is removed).
         self.classifier_dropout = float(timm_kwargs.pop("drop_rate", 0.0))
         # num_classes=0 and global_pool="": no pooling, no classifier (the wrapper owns both).
@@ -91,7 +111,7 @@ def _builder(name: str):  # noqa: ANN202
     def build(**options: Any) -> TimmBackbone:
         """Model options from the config (``model.options``) are passed to timm (e.g. drop_path_rate),
         except ``drop_rate``, the dropout before the classifier (see the module docstring)."""
-        return TimmBackbone(timm_name, **{**defaults, **options})
+        return TimmBackbone(timm_name, CLASSIFIER_INITS.get(name), **{**defaults, **options})
 
     build.__name__ = name
     return build

@@ -67,6 +67,9 @@ class ClassifierWrapper(nn.Module):
         channels = list(backbone.stage_channels)
         self.stage_names = [f"stage{i + 1}" for i in range(len(channels))]
         self.classifier = nn.Linear(channels[-1], num_classes)
+        init_classifier = getattr(backbone, "init_classifier", None)
+        if init_classifier is not None:  # the model's own classifier init (e.g. torchvision's MobileNetV2)
+            init_classifier(self.classifier)
         # Dropout on the pooled features before the classifier, where a backbone asks for it
         # (torchvision's MobileNetV2: 0.2); training logits only, dense votes classify the map as is.
         dropout = float(getattr(backbone, "classifier_dropout", 0.0))
@@ -144,7 +147,8 @@ class StagedBackbone(nn.Module):
 
 def kaiming_init(module: nn.Module) -> None:
     """MSRA initialisation (He et al. 2015) of convolutions, as in the paper's recipe; linear layers keep
-    PyTorch's default (as torchvision's ResNets do)."""
+    PyTorch's default (as torchvision's ResNets do; a backbone's ``init_classifier`` may set the
+    wrapper's classifier otherwise)."""
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
