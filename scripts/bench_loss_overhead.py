@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         device = resolve_device(args.device)  # the trainer's rule, as bench_methods.py
-    except RuntimeError as error:
+    except ValueError as error:  # ConfigError: no GPU for --device cuda, or an unknown device
         parser.error(str(error))
     if args.warmup is None:
         args.warmup = 5 if device.type == "cuda" else 1

@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         device = resolve_device(args.device)  # the trainer's rule: "cuda" means cuda:0 (an indexed device)
-    except RuntimeError as error:
+    except ValueError as error:  # ConfigError: no GPU for --device cuda, or an unknown device
         parser.error(str(error))
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -45,3 +45,10 @@ def test_cli_on_a_folder_without_a_checkpoint_names_it_without_a_traceback(tmp_p
     with pytest.raises(SystemExit) as stop:
         main([str(tmp_path), "--device", "cpu"])
     assert str(stop.value) == f"error: checkpoint {tmp_path / 'checkpoints' / 'best.pt'} does not exist"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without a GPU gives")
+def test_cli_asked_for_a_missing_gpu_says_so_without_a_traceback(tmp_path):
+    with pytest.raises(SystemExit) as stop:
+        main([str(tmp_path), "--device", "cuda"])
+    assert "no CUDA device is available" in str(stop.value) and str(stop.value).startswith("error: ")

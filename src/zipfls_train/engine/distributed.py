@@ -34,11 +34,15 @@ def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("trainer.device=cuda but no CUDA device is available; use trainer.device=cpu or auto")
+            from .config_checks import ConfigError
+
+            raise ConfigError("device cuda was asked for (trainer.device or --device) but no CUDA device is available; use cpu or auto")
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     if requested == "cpu":
         return torch.device("cpu")
-    raise ValueError(f"trainer.device must be auto, cpu or cuda, got {requested!r}")
+    from .config_checks import ConfigError
+
+    raise ConfigError(f"the device (trainer.device or --device) must be auto, cpu or cuda, got {requested!r}")
 
 
 def init_distributed(requested_device: str, rank: int, world_size: int, local_rank: int) -> DistContext:
