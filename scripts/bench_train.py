@@ -99,7 +99,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--r50-batch-size", type=int, default=256)
     args = parser.parse_args()
-    device = resolve_device(args.device)  # (the Trainer turns on cuDNN's autotuning, as in a run)
+    try:
+        device = resolve_device(args.device)  # (the Trainer turns on cuDNN's autotuning, as in a run)
+    except ValueError as error:  # ConfigError: no GPU for --device cuda, or an unknown device
+        parser.error(str(error))
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; torch {torch.__version__}", flush=True)
     common = [f"trainer.device={device.type}", f"trainer.precision={args.precision}", "trainer.progress_bar=false"]
     small = [*common, "model=cifar_resnet18", f"model.options.width={args.width}", f"trainer.batch_size={args.batch_size}"]
