@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from zipfls_train.analysis.zipf_fit import fit_zipf, main, sorted_softmax_sums
+from zipfls_train.analysis.zipf_fit import default_png, fit_zipf, main, report_fit, sorted_softmax_sums
 
 
 def test_fit_recovers_the_exponent_of_an_exact_zipf_curve():
@@ -29,22 +30,35 @@ def test_sorted_softmax_sums_by_hand():
     assert non_target.tolist() == pytest.approx([2 / 3 + 1 / 2, 1 / 3 + 1 / 2])
 
 
+def test_the_exponent_is_fitted_on_the_all_class_curve_the_paper_plots(tmp_path):
+    ranks = torch.arange(1, 101, dtype=torch.float64)
+    curves = {"all": ranks**-1.3 / (ranks**-1.3).sum(), "non_target": ranks[:-1] ** -0.5 / (ranks[:-1] ** -0.5).sum()}
+    assert report_fit(curves, "t", tmp_path / "f.png").alpha == pytest.approx(1.3, abs=1e-9)
+
+
+def test_default_figure_paths():
+    run = Path("/runs/r")
+    assert default_png(run / "checkpoints" / "last.pt") == run / "zipf_fit.png"  # the end-of-training figure
+    assert default_png(run / "checkpoints" / "best.pt") == run / "zipf_fit_best.png"
+    assert default_png(Path("/elsewhere/model.pt")) == Path("/elsewhere/model.zipf_fit.png")
+
+
 def test_training_ends_with_the_figure_and_the_cli_redraws_it(run_tiny, tmp_path, capsys):
-    summary, run_dir = run_tiny("loss=zipf", "trainer.max_steps_per_epoch=3")
+    summary, run_dir = run_tiny("loss=zipf", "trainer.epochs=2", "trainer.max_steps_per_epoch=3")
     assert (run_dir / "zipf_fit.png").stat().st_size > 1000
     assert math.isfinite(summary["zipf_alpha"])
     out = tmp_path / "again.png"
     main([str(run_dir), "--device", "cpu", "--out", str(out)])
     printed = capsys.readouterr().out
     assert "alpha = " in printed and out.stat().st_size > 1000
-    # The CLI reloads best.pt; at one epoch best == last, so it reproduces the end-of-training fit.
+    # The CLI reloads last.pt, the final model the end-of-training figure shows: the same fit.
     assert f"alpha = {summary['zipf_alpha']:.3f}" in printed
 
 
 def test_cli_on_a_folder_without_a_checkpoint_names_it_without_a_traceback(tmp_path):
     with pytest.raises(SystemExit) as stop:
         main([str(tmp_path), "--device", "cpu"])
-    assert str(stop.value) == f"error: checkpoint {tmp_path / 'checkpoints' / 'best.pt'} does not exist"
+    assert str(stop.value) == f"error: checkpoint {tmp_path / 'checkpoints' / 'last.pt'} does not exist"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without a GPU gives")

@@ -2,11 +2,17 @@
 Zipf's law. We plot it on log-log axes with the least-squares line log p = -alpha log r + c.
 
 Two curves per model:
+* ``all``: the plain softmax over all C classes, sorted descending and averaged (rank 1 is mostly
+  the target): the curve the paper's Figure 2 plots. The exponent is fitted on it.
 * ``non_target``: per image, the softmax over the non-target classes (the distribution Zipf's LS
-  shapes, Q in SPEC.md), sorted descending, averaged; ranks 1..C-1. The exponent is fitted on it.
-* ``all``: the plain softmax sorted descending and averaged (rank 1 is mostly the target).
+  shapes), sorted descending and averaged, ranks 1..C-1; drawn beside it, with its own exponent
+  logged as ``zipf_fit/alpha_non_target``.
 
-    python -m zipfls_train.analysis.zipf_fit outputs/demo/<run>            # run folder (best.pt)
+The model is the run's final one (``checkpoints/last.pt``, what the end-of-training figure shows),
+in float32.
+
+    python -m zipfls_train.analysis.zipf_fit outputs/demo/<run>            # run folder (last.pt)
+    python -m zipfls_train.analysis.zipf_fit outputs/demo/<run>/checkpoints/best.pt   # another checkpoint
     python -m zipfls_train.analysis.zipf_fit path/to/checkpoint.pt --data-root ../shared/data
 """
 
@@ -54,17 +60,20 @@ def sorted_softmax_sums(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor
 
 
 @torch.no_grad()
-def mean_sorted_softmax(model: nn.Module, loader, device: torch.device) -> dict[str, Tensor]:  # noqa: ANN001
+def mean_sorted_softmax(model: nn.Module, loader, device: torch.device, num_classes: int) -> dict[str, Tensor]:  # noqa: ANN001
     """Mean sorted softmax (``all``) and non-target softmax (``non_target``) over ``loader``'s epoch,
-    summed across DDP ranks when a process group is up."""
+    in float32 whatever autocast is on, summed across DDP ranks when a process group is up (a rank
+    whose val shard is empty adds zeros)."""
     model.eval()
-    total_all = total_non = None
+    total_all = torch.zeros(num_classes, dtype=torch.float64, device=device)
+    total_non = torch.zeros(num_classes - 1, dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
     for batch in loader.epoch(0):
-        logits = model(batch.inputs).logits
+        with torch.autocast(device.type, enabled=False):
+            logits = model(batch.inputs).logits
         part_all, part_non = sorted_softmax_sums(logits, batch.targets)
-        total_all = part_all.double() if total_all is None else total_all + part_all.double()
-        total_non = part_non.double() if total_non is None else total_non + part_non.double()
+        total_all += part_all.double()
+        total_non += part_non.double()
         count += batch.size
     for tensor in (total_all, total_non, count):
         all_reduce_sum(tensor)
@@ -82,9 +91,9 @@ def plot(curves: dict[str, Tensor], fit: ZipfFit, title: str, path: Path):  # no
         values = curves[name]
         ranks = torch.arange(1, values.numel() + 1)
         axis.loglog(ranks, values, style, markersize=3, label=f"mean sorted softmax ({name.replace('_', '-')})")
-    ranks = torch.arange(1, curves["non_target"].numel() + 1, dtype=torch.float64)
+    ranks = torch.arange(1, curves["all"].numel() + 1, dtype=torch.float64)
     axis.loglog(ranks, torch.exp(fit.intercept - fit.alpha * torch.log(ranks)), "-", color="black",
-                label=f"Zipf fit: alpha = {fit.alpha:.2f} (R^2 {fit.r_squared:.3f})")
+                label=f"Zipf fit (all classes): alpha = {fit.alpha:.2f} (R^2 {fit.r_squared:.3f})")
     axis.set_xlabel("rank")
     axis.set_ylabel("probability")
     axis.set_title(title, fontsize=9)
@@ -96,15 +105,16 @@ def plot(curves: dict[str, Tensor], fit: ZipfFit, title: str, path: Path):  # no
 
 
 def report_fit(curves: dict[str, Tensor], title: str, png: Path, writer=None, step: int = 0) -> ZipfFit:  # noqa: ANN001
-    """Fit + PNG (+ TensorBoard figure and scalars when ``writer`` is given)."""
+    """Fit of the all-class curve + PNG (+ TensorBoard figure and scalars when ``writer`` is given)."""
     import matplotlib.pyplot as plt
 
-    fit = fit_zipf(curves["non_target"])
+    fit = fit_zipf(curves["all"])
     figure = plot(curves, fit, title, png)
     if writer is not None:
         writer.add_figure("zipf_fit/mean_sorted_softmax", figure, step)
         writer.add_scalar("zipf_fit/alpha", fit.alpha, step)
         writer.add_scalar("zipf_fit/r_squared", fit.r_squared, step)
+        writer.add_scalar("zipf_fit/alpha_non_target", fit_zipf(curves["non_target"]).alpha, step)
     plt.close(figure)
     return fit
 
@@ -116,7 +126,7 @@ def _load(path: Path, data_root: str | None, device: torch.device):  # noqa: ANN
     from ..engine.checkpoint import load_checkpoint
     from ..models import build_model
 
-    checkpoint_path = path / "checkpoints" / "best.pt" if path.is_dir() else path
+    checkpoint_path = path / "checkpoints" / "last.pt" if path.is_dir() else path
     state = load_checkpoint(checkpoint_path, map_location="cpu")
     cfg = OmegaConf.create(state["config"])
     if data_root is not None:
@@ -130,15 +140,24 @@ def _load(path: Path, data_root: str | None, device: torch.device):  # noqa: ANN
     # Auxiliary heads are training-only: load the weights the evaluated model has.
     weights = {k: v for k, v in state["model"].items() if not k.startswith("aux_heads.")}
     model.load_state_dict(weights)
-    title = f"{cfg.dataset.name} / {cfg.model.name} / loss={cfg.loss.name} / seed {cfg.seed}"
+    title = f"{cfg.dataset.name} / {cfg.model.name} / loss={cfg.loss.name} / seed {cfg.seed} / {checkpoint_path.name}"
     return model.to(device), data.val, title, checkpoint_path
+
+
+def default_png(checkpoint: Path) -> Path:
+    """``<run>/zipf_fit.png`` for a run's last.pt (the end-of-training figure, redrawn the same),
+    ``<run>/zipf_fit_<name>.png`` for its other checkpoints, ``<file>.zipf_fit.png`` elsewhere."""
+    if checkpoint.parent.name != "checkpoints":
+        return checkpoint.with_suffix(".zipf_fit.png")
+    run = checkpoint.parent.parent
+    return run / "zipf_fit.png" if checkpoint.name == "last.pt" else run / f"zipf_fit_{checkpoint.stem}.png"
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("path", type=Path, help="a run folder (uses checkpoints/best.pt) or a checkpoint file")
+    parser.add_argument("path", type=Path, help="a run folder (uses checkpoints/last.pt) or a checkpoint file")
     parser.add_argument("--data-root", default=None, help="override dataset.root stored in the checkpoint's config")
-    parser.add_argument("--out", type=Path, default=None, help="PNG path (default: <run>/zipf_fit.png)")
+    parser.add_argument("--out", type=Path, default=None, help="PNG path (default: <run>/zipf_fit.png for last.pt, <run>/zipf_fit_<name>.png for another checkpoint)")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     from ..engine.distributed import resolve_device
@@ -150,9 +169,9 @@ def main(argv: list[str] | None = None) -> None:
         model, loader, title, checkpoint = _load(args.path, args.data_root, device)
     except user_errors() as error:
         raise SystemExit(f"error: {error}") from None
-    png = args.out or (checkpoint.parent.parent / "zipf_fit.png" if checkpoint.parent.name == "checkpoints" else checkpoint.with_suffix(".zipf_fit.png"))
-    fit = report_fit(mean_sorted_softmax(model, loader, device), title, png)
-    print(f"Zipf fit of the mean sorted non-target softmax: alpha = {fit.alpha:.3f}, R^2 = {fit.r_squared:.4f}")
+    png = args.out or default_png(checkpoint)
+    fit = report_fit(mean_sorted_softmax(model, loader, device, model.num_classes), title, png)
+    print(f"Zipf fit of the mean sorted softmax: alpha = {fit.alpha:.3f}, R^2 = {fit.r_squared:.4f}")
     print(f"plot: {png}")
     if not math.isfinite(fit.alpha):
         raise SystemExit("the fit is not finite (all probabilities zero?)")

@@ -9,6 +9,7 @@ import json
 import math
 import resource
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -392,13 +393,15 @@ class Trainer:
             return None
         from ..analysis.zipf_fit import mean_sorted_softmax, report_fit
 
-        with self._autocast():
-            curves = mean_sorted_softmax(self.model, self.data.val, self.device)
+        curves = mean_sorted_softmax(self.model, self.data.val, self.device, self.data.num_classes)
         self.model.train()
         if not self.ctx.is_main:
             return None
         title = f"{self.cfg.dataset.name} / {self.cfg.model.name} / loss={self.cfg.loss.name} / epoch {self.progress.epoch}"
         fit = report_fit(curves, title, self.run_dir / "zipf_fit.png", records.writer, self.progress.global_step)
+        if not math.isfinite(fit.alpha):  # a saturated model: every probability but the top underflowed
+            warnings.warn(f"the Zipf fit of {self.run_dir} is not finite (probabilities underflow to 0); summary has null", stacklevel=2)
+            return None
         return fit.alpha
 
     def _close_loaders(self) -> None:
