@@ -189,3 +189,50 @@ def test_evaluation_takes_rank_0s_batchnorm_statistics_on_every_rank():
     results = mp.Manager().dict()
     mp.spawn(_buffers_after_broadcast, args=(port, results), nprocs=2, join=True)
     assert dict(results) == {0: ([1.0, 1.0, 1.0], 10), 1: ([1.0, 1.0, 1.0], 10)}
+
+
+def _folder_views(rank: int, port: int, folders, results) -> None:  # noqa: ANN001
+    import types
+
+    import torch.distributed as dist
+
+    from zipfls_train.engine.distributed import DistContext
+    from zipfls_train.engine.trainer import ResumeError, Trainer
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        run_dir = Path(folders[rank])
+        trainer = types.SimpleNamespace(ctx=DistContext(rank=rank, world_size=2), run_dir=run_dir, checkpoint_dir=run_dir / "checkpoints")
+        try:
+            Trainer._check_ranks_see_one_folder(trainer)
+            results[rank] = "agreed"
+        except ResumeError as error:
+            results[rank] = str(error)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_that_see_different_run_folders_stop_instead_of_hanging(tmp_path):
+    """Nodes without a shared filesystem: rank 0 finds a checkpoint, rank 1 does not. Both stop with
+    the reason (they would otherwise resume and start fresh, and hang in their first collective)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    (tmp_path / "node0" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "node0" / "checkpoints" / "last.pt").write_bytes(b"x")
+    (tmp_path / "node1").mkdir()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_folder_views, args=(port, [str(tmp_path / "node0"), str(tmp_path / "node1")], results), nprocs=2, join=True)
+    assert all("filesystem every node shares" in results[rank] for rank in (0, 1)), dict(results)
+
+
+def test_spawned_ranks_meet_on_loopback_whatever_master_addr_says(tiny_pack_root, tmp_path):
+    # A cluster shell's MASTER_ADDR must not send this machine's own ranks looking for another host.
+    env = {**os.environ, "MASTER_ADDR": "10.255.255.1"}
+    args = [*DDP_RUN, f"dataset.root={tiny_pack_root}", "trainer.max_steps_per_epoch=1", "trainer.devices=2", f"hydra.run.dir={tmp_path}/run"]
+    done = subprocess.run([sys.executable, "train.py", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -32,11 +32,12 @@ from zipfls_train.losses.ls import LabelSmoothing
         ("sched.milestones=[soon]", r"sched.milestones must be numbers"),
         ("model.name=resnet19", r"model.name='resnet19' is not a known model; expected one of \[.*'cifar_resnet18'"),
         ("loss.alpha=abc", r"got 'abc'$"),
+        ("trainer.sync_batchnorm=true trainer.devices=2 trainer.device=cpu", r"trainer.sync_batchnorm=true needs CUDA devices"),
     ],
 )
 def test_bad_config_values_fail_before_any_work(override, message):
     with pytest.raises(ConfigError, match=message):
-        validate_config(compose([override]))
+        validate_config(compose(override.split(" ")))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without a GPU gives")

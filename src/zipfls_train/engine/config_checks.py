@@ -113,5 +113,7 @@ def _check_devices(cfg: DictConfig) -> None:
     uses_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if uses_cuda and "WORLD_SIZE" not in os.environ and torch.cuda.device_count() < devices:
         raise ConfigError(f"trainer.devices={devices} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if bool(cfg.trainer.get("sync_batchnorm", False)) and devices > 1 and not uses_cuda:
+        raise ConfigError("trainer.sync_batchnorm=true needs CUDA devices (torch's SyncBatchNorm has no CPU implementation)")
     if str(cfg.trainer.precision) == "fp16" and not uses_cuda:
         warnings.warn("trainer.precision=fp16 on the CPU runs many times slower than fp32 (no fast float16 kernels); use fp32 or bf16", stacklevel=2)

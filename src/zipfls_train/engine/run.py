@@ -54,7 +54,9 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     devices = int(cfg.trainer.devices)
     if devices == 1:
         return _worker(0, container, str(run_dir), 1, 0)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    # The ranks are this machine's own processes: loopback, whatever MASTER_ADDR the shell carries
+    # (a cluster's address there would make them wait for a peer that never comes).
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(_free_port())
     mp.spawn(_worker, args=(container, str(run_dir), devices, 0), nprocs=devices, join=True)
     from .metrics import read_metrics

@@ -244,11 +244,27 @@ class Trainer:
         if self.ctx.is_main:
             save_atomic({**self.state_dict(), "rng": rng}, self.checkpoint_dir / name)
 
+    def _check_ranks_see_one_folder(self) -> None:
+        """Every rank decides alone whether to resume, so all must see the same run folder: on
+        several nodes it has to be on a filesystem they share (only rank 0 writes into it). Ranks
+        that disagree would train different things and hang in a collective; stop instead."""
+        if not self.ctx.enabled:
+            return
+        seen = ((self.checkpoint_dir / "last.pt").is_file(), (self.run_dir / "summary.json").is_file())
+        views = gather_objects(seen)
+        if any(view != views[0] for view in views):
+            raise ResumeError(
+                f"the ranks see different contents in {self.run_dir} (checkpoint, summary per rank: {views}): "
+                "with several nodes the run folder must be on a filesystem every node shares "
+                "(run from a shared directory, or set hydra.run.dir to one)"
+            )
+
     def maybe_resume(self) -> bool:
         mode = str(self.cfg.trainer.resume)
         path = self.checkpoint_dir / "last.pt"
         if mode not in ("auto", "never", "must"):
             raise ValueError(f"trainer.resume must be auto, never or must, got {mode!r}")
+        self._check_ranks_see_one_folder()
         if mode == "never" or (mode == "auto" and not path.exists()):
             return False
         state = load_checkpoint(path, map_location=self.device)
