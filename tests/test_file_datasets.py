@@ -301,6 +301,9 @@ def test_corrupt_image_raises_dataset_error_naming_the_file(tmp_path: Path, work
     bundle = build_data(dataset_cfg("imagenet", root, num_classes=2, decode=decode), options(batch_size=3, num_workers=workers))
     with pytest.raises(DatasetError, match="truncated_file.JPEG"):
         list(bundle.train.epoch(0))
+    # The error ended the epoch and stopped the workers at once (none left for a garbage collector to
+    # shut down later, possibly from inside another loader's forked workers).
+    assert bundle.train._loader is None or bundle.train._loader._iterator is None
     with pytest.raises(DatasetError, match="not_an_image.JPEG"):
         list(bundle.val.epoch(0))
 
@@ -417,6 +420,28 @@ def test_mid_epoch_resume_gives_identical_batches_without_decoding_skipped_ones(
         assert torch.equal(a.inputs, b.inputs)
     other_epoch = list(make_loader(files, train=True).epoch(2))
     assert not torch.equal(torch.cat([b.indices for b in straight]), torch.cat([b.indices for b in other_epoch]))
+
+
+def test_train_length_counts_whole_optimiser_steps_as_the_in_memory_loader(imagenet_root: Path) -> None:
+    # 16 images, micro-batches of 4: 4 micro-batches alone, 2 steps of 2; 3 micro-batches per step
+    # leave one incomplete step out (3, not 4), as TensorLoader does; 16 x 2 is not a whole step.
+    files = imagenet_files(imagenet_root, subset=8)
+    assert [len(make_loader(files, train=True, accumulate_steps=k)) for k in (1, 2, 3, 5)] == [4, 4, 3, 0]
+    assert len(list(make_loader(files, train=True, accumulate_steps=3).epoch(0))) == 3
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_older_epochs_batches_stop_once_another_epoch_starts(imagenet_root: Path, workers: int) -> None:
+    loader = make_loader(imagenet_files(imagenet_root, subset=8), train=True, num_workers=workers)
+    old = loader.epoch(0)
+    next(old)
+    new = list(loader.epoch(1))  # the new epoch gets every one of its batches
+    assert len(new) == 4
+    reference = list(make_loader(imagenet_files(imagenet_root, subset=8), train=True, num_workers=workers).epoch(1))
+    assert all(torch.equal(a.indices, b.indices) for a, b in zip(new, reference))
+    with pytest.raises(RuntimeError, match="requested after the loader started another epoch"):
+        next(old)
+    loader.close()
 
 
 def test_worker_count_does_not_change_the_batches(imagenet_root: Path) -> None:

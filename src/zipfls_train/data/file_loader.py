@@ -299,6 +299,7 @@ class FileLoader:
         prefetch_factor: int = 2,
         decode: str = "cpu",
     ) -> None:
+        self._owner_pid = os.getpid()  # __del__ does nothing in forked workers, which own none of this
         if decode not in DECODE_MODES:
             raise DatasetError(f"dataset.decode must be one of {list(DECODE_MODES)}, got {decode!r}")
         if decode == "device" and not hasattr(transform, "plan"):
@@ -334,8 +335,9 @@ class FileLoader:
 
     def __len__(self) -> int:
         shard = self._shard_size()
-        if self.train:
-            return shard // self.batch_size
+        if self.train:  # micro-batches of this process; an incomplete optimiser step is dropped (as TensorLoader)
+            accumulate = self.options.accumulate_steps
+            return shard // (self.batch_size * accumulate) * accumulate
         return (shard + self.batch_size - 1) // self.batch_size
 
     def shard_indices(self, epoch: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -390,6 +392,7 @@ class FileLoader:
         """Stop the worker processes now (they otherwise live as long as the loader). Keep loaders out
         of reference cycles: stopping workers from inside the cyclic garbage collector was seen to
         stall ~5 s per worker once shared buffers exist (hence the weak reference in the plan)."""
+        self._generation = getattr(self, "_generation", 0) + 1  # an unfinished epoch's batches are gone
         loader = getattr(self, "_loader", None)
         iterator = getattr(loader, "_iterator", None)
         if iterator is not None and hasattr(iterator, "_shutdown_workers"):
@@ -397,6 +400,8 @@ class FileLoader:
             loader._iterator = None
 
     def __del__(self) -> None:
+        if getattr(self, "_owner_pid", None) != os.getpid():
+            return  # collected inside a forked worker: its workers and buffers belong to the parent
         self.close()
         for pointer in getattr(self, "_registered", []):
             try:
@@ -511,7 +516,30 @@ class FileLoader:
         plan = self._plan
         plan.indices, plan.pairs, plan.epoch = indices, pairs, epoch
         plan.batch_size, plan.num_batches, plan.first_step = self.batch_size, len(self), min(start_step, len(self))
-        return (self._resolve_ring(raw) for raw in self._dataloader())
+        # One DataLoader iterator serves every epoch: an older epoch's generator must not go on
+        # reading it (it would take the new epoch's batches, or ring slots already rewritten).
+        self._generation = getattr(self, "_generation", 0) + 1
+        return self._batches_of_generation(self._generation, epoch)
+
+    def _batches_of_generation(self, generation: int, epoch: int) -> Iterator[dict[str, Any]]:
+        iterator = iter(self._dataloader())
+        while True:
+            if generation != self._generation:  # checked before taking a batch that is not ours
+                raise RuntimeError(
+                    f"the batches of epoch {epoch} were requested after the loader started another epoch "
+                    "or was closed; iterate one epoch at a time"
+                )
+            try:
+                raw = next(iterator)
+            except StopIteration:
+                return
+            except BaseException:
+                # A worker's error (e.g. an undecodable file) ends the epoch: stop the workers now, so
+                # a loader kept alive by the error's traceback is not shut down later from inside
+                # another loader's forked workers.
+                self.close()
+                raise
+            yield self._resolve_ring(raw)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         raw = self.raw_batches(epoch, start_step)

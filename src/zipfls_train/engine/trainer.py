@@ -415,8 +415,11 @@ class Trainer:
             return None
         title = f"{self.cfg.dataset.name} / {self.cfg.model.name} / loss={self.cfg.loss.name} / epoch {self.progress.epoch}"
         fit = report_fit(curves, title, self.run_dir / "zipf_fit.png", records.writer, self.progress.global_step)
-        if not math.isfinite(fit.alpha):  # a saturated model: every probability but the top underflowed
-            warnings.warn(f"the Zipf fit of {self.run_dir} is not finite (probabilities underflow to 0); summary has null", stacklevel=2)
+        if not math.isfinite(fit.alpha):  # a diverged model, or a saturated one (all but one probability 0)
+            warnings.warn(
+                f"the Zipf fit of {self.run_dir} is not finite (the final model's val probabilities are "
+                "non-finite, or all but the top one underflow to 0); summary.json has null", stacklevel=2,
+            )
             return None
         return fit.alpha
 
