@@ -5,6 +5,7 @@ each needs (pairs, memory, heads, teacher) and two real training steps of each."
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import math
 import os
@@ -391,6 +392,11 @@ def _ddp_worker(rank: int, world: int, port: int) -> None:
         everyone = [torch.zeros_like(logits) for _ in range(world)]
         dist.all_gather(everyone, logits)
         torch.testing.assert_close(pskd.memory, torch.softmax(torch.cat(everyone), dim=1))
+        # As engine/run.py does: release the DDP reducer (it holds the process group) and meet the
+        # other rank before the group goes, or gloo may abort at exit ("terminate called ...").
+        del ddp
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
