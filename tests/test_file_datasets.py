@@ -529,3 +529,16 @@ def test_recipe_experiment_sets_the_224px_schedule() -> None:
     assert (cfg.trainer.epochs, cfg.trainer.batch_size, list(cfg.sched.milestones)) == (100, 256, [0.3, 0.6, 0.9])
     assert (cfg.dataset.image_size, cfg.dataset.num_classes, cfg.loss.weight) == (224, 10000, 1.0)
     assert compose(["dataset=imagenet"]).dataset.zipf.weight == 0.1
+
+
+def test_device_eval_crop_on_whole_pixels_is_still_resize_then_center_crop() -> None:
+    # 512 x 512 at 224 px: Resize(256) halves it and CenterCrop keeps source pixels 32..480, a box
+    # on whole pixels; the crop's border pixels must still see their neighbours, as torchvision's do.
+    from zipfls_train.data.file_loader import _crop_resize
+
+    image = torch.randint(0, 256, (3, 512, 512), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    box, flip = EvalTransform(224, eval_resize_size(224)).plan(512, 512)
+    assert box == (32.0, 32.0, 480.0, 480.0) and not flip
+    resized = torch.nn.functional.interpolate(image[None].float(), size=(256, 256), mode="bilinear", antialias=True, align_corners=False)[0]
+    expected = resized[:, 16:240, 16:240]
+    torch.testing.assert_close(_crop_resize(image, box, 224, crop_first=False), expected, rtol=0, atol=1e-3)

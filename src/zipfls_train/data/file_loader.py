@@ -48,7 +48,7 @@ from .class_pairs import SameClassPartners
 from .images import DatasetError, check_class_count
 from .seeds import mix_seed
 from .tensor_loader import LoaderOptions
-from .transforms import EvalTransform, TrainTransform, eval_resize_size, read_for_device_decode, transform_region
+from .transforms import EvalTransform, TrainTransform, crops_first, eval_resize_size, read_for_device_decode, transform_region
 
 TRAIN_AUGMENTS = ("random_resized_crop", "none")
 # cpu: workers decode with PIL | device: workers only read bytes and draw crops, the training device
@@ -463,7 +463,7 @@ class FileLoader:
                 pixels = job["pixels"][i]
                 out[i] = pixels.to(device, non_blocking=True).permute(2, 0, 1)
                 continue
-            resized = _crop_resize(decoded[i], job["boxes"][i], size)
+            resized = _crop_resize(decoded[i], job["boxes"][i], size, crops_first(self.transform))
             out[i] = resized.flip(-1) if job["flips"][i] else resized
         return out.clamp_(0, 255)
 
@@ -578,12 +578,13 @@ def _decode_jpeg(data: Tensor | list[Tensor], device: torch.device) -> Tensor | 
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
 
 
-def _crop_resize(image: Tensor, box: tuple[float, float, float, float], size: int) -> Tensor:
-    """uint8 3 x H x W -> float 3 x size x size of the region ``box`` (source pixels). A whole-pixel
-    box (RandomResizedCrop) is cropped then resized; a fractional one (the eval center crop of a
-    resized image) is the crop of the resized whole image, as Resize + CenterCrop compute it."""
+def _crop_resize(image: Tensor, box: tuple[float, float, float, float], size: int, crop_first: bool) -> Tensor:
+    """uint8 3 x H x W -> float 3 x size x size of the region ``box`` (source pixels). A training
+    crop (``crop_first``: RandomResizedCrop's whole-pixel box) is cropped then resized; an eval box
+    (the center crop of the resized image) is the crop of the resized whole image, as Resize +
+    CenterCrop compute it, even where the box happens to fall on whole pixels."""
     left, top, right, bottom = box
-    if all(float(v).is_integer() for v in box):
+    if crop_first:
         region = image[:, int(top):int(bottom), int(left):int(right)].unsqueeze(0).float()
         return F.interpolate(region, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
     scale_x, scale_y = size / (right - left), size / (bottom - top)
