@@ -367,6 +367,7 @@ class CountingTransform:
     def __init__(self, inner: Callable) -> None:
         self.inner, self.calls = inner, 0
         self.size = inner.size  # the output size: lets worker loaders use their shared ring
+        self.crops_first = inner.crops_first  # how the device-decode path cuts the planned box
 
     def __call__(self, path: str, rng: random.Random | None = None) -> np.ndarray:
         self.calls += 1

@@ -60,10 +60,13 @@ def sorted_softmax_sums(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor
 
 
 @torch.no_grad()
-def mean_sorted_softmax(model: nn.Module, loader, device: torch.device, num_classes: int) -> dict[str, Tensor]:  # noqa: ANN001
+def mean_sorted_softmax(model: nn.Module, loader, device: torch.device) -> dict[str, Tensor]:  # noqa: ANN001
     """Mean sorted softmax (``all``) and non-target softmax (``non_target``) over ``loader``'s epoch,
     in float32 whatever autocast is on, summed across DDP ranks when a process group is up (a rank
     whose val shard is empty adds zeros)."""
+    from ..models import unwrap
+
+    num_classes = unwrap(model).num_classes
     model.eval()
     total_all = torch.zeros(num_classes, dtype=torch.float64, device=device)
     total_non = torch.zeros(num_classes - 1, dtype=torch.float64, device=device)
@@ -170,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     except user_errors() as error:
         raise SystemExit(f"error: {error}") from None
     png = args.out or default_png(checkpoint)
-    fit = report_fit(mean_sorted_softmax(model, loader, device, model.num_classes), title, png)
+    fit = report_fit(mean_sorted_softmax(model, loader, device), title, png)
     print(f"Zipf fit of the mean sorted softmax: alpha = {fit.alpha:.3f}, R^2 = {fit.r_squared:.4f}")
     print(f"plot: {png}")
     if not math.isfinite(fit.alpha):

@@ -121,8 +121,8 @@ _RESIZE_TABLES: dict[tuple[int, int, torch.device], Tensor] = {}
 def resize_table(in_size: int, out_size: int, device: torch.device) -> Tensor:
     """``table[length, start]``: :func:`resize_weights` of every integer span of an in_size axis,
     (in_size + 1) x in_size x out_size x in_size float32 (34 MB at 64 -> 32 px, 4 MB at 32 -> 32),
-    built once per device,
-    so a batch of crops takes its weights with one gather instead of ~20 small kernels."""
+    built once per device, so a batch of crops takes its weights with one gather instead of ~20
+    small kernels."""
     key = (in_size, out_size, torch.device(device))
     if key not in _RESIZE_TABLES:
         grid = torch.arange(in_size + 1, device=device, dtype=torch.float32)
@@ -135,9 +135,9 @@ def resize_table(in_size: int, out_size: int, device: torch.device) -> Tensor:
 def boxes_to_spans(boxes: Tensor) -> Tensor:
     """Boxes (x1, y1, x2, y2; integer pixel edges) -> spans N x 2 x 2 long: [:, 0] = (y1, x1) starts,
     [:, 1] = (height, width) lengths, rows axis first."""
-    spans = boxes.round().long()
-    starts = torch.stack([spans[:, 1], spans[:, 0]], dim=1)
-    return torch.stack([starts, torch.stack([spans[:, 3], spans[:, 2]], dim=1) - starts], dim=1)
+    edges = boxes.round().long()
+    starts = edges[:, [1, 0]]
+    return torch.stack([starts, edges[:, [3, 2]] - starts], dim=1)
 
 
 def crop_and_resize(images: Tensor, spans: Tensor, size: int) -> Tensor:

@@ -48,7 +48,7 @@ from .class_pairs import SameClassPartners
 from .images import DatasetError, check_class_count
 from .seeds import mix_seed
 from .tensor_loader import LoaderOptions
-from .transforms import EvalTransform, TrainTransform, crops_first, eval_resize_size, read_for_device_decode, transform_region
+from .transforms import EvalTransform, TrainTransform, eval_resize_size, read_for_device_decode, transform_region
 
 TRAIN_AUGMENTS = ("random_resized_crop", "none")
 # cpu: workers decode with PIL | device: workers only read bytes and draw crops, the training device
@@ -300,6 +300,7 @@ class FileLoader:
         decode: str = "cpu",
     ) -> None:
         self._owner_pid = os.getpid()  # __del__ does nothing in forked workers, which own none of this
+        self._generation = 0  # counts epochs started and closes: an older epoch's generator stops
         if decode not in DECODE_MODES:
             raise DatasetError(f"dataset.decode must be one of {list(DECODE_MODES)}, got {decode!r}")
         if decode == "device" and not hasattr(transform, "plan"):
@@ -392,7 +393,7 @@ class FileLoader:
         """Stop the worker processes now (they otherwise live as long as the loader). Keep loaders out
         of reference cycles: stopping workers from inside the cyclic garbage collector was seen to
         stall ~5 s per worker once shared buffers exist (hence the weak reference in the plan)."""
-        self._generation = getattr(self, "_generation", 0) + 1  # an unfinished epoch's batches are gone
+        self._generation += 1  # an unfinished epoch's batches are gone
         loader = getattr(self, "_loader", None)
         iterator = getattr(loader, "_iterator", None)
         if iterator is not None and hasattr(iterator, "_shutdown_workers"):
@@ -463,7 +464,7 @@ class FileLoader:
                 pixels = job["pixels"][i]
                 out[i] = pixels.to(device, non_blocking=True).permute(2, 0, 1)
                 continue
-            resized = _crop_resize(decoded[i], job["boxes"][i], size, crops_first(self.transform))
+            resized = _crop_resize(decoded[i], job["boxes"][i], size, self.transform.crops_first)
             out[i] = resized.flip(-1) if job["flips"][i] else resized
         return out.clamp_(0, 255)
 
@@ -518,7 +519,7 @@ class FileLoader:
         plan.batch_size, plan.num_batches, plan.first_step = self.batch_size, len(self), min(start_step, len(self))
         # One DataLoader iterator serves every epoch: an older epoch's generator must not go on
         # reading it (it would take the new epoch's batches, or ring slots already rewritten).
-        self._generation = getattr(self, "_generation", 0) + 1
+        self._generation += 1
         return self._batches_of_generation(self._generation, epoch)
 
     def _batches_of_generation(self, generation: int, epoch: int) -> Iterator[dict[str, Any]]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 from PIL import Image
@@ -106,6 +107,9 @@ class TrainTransform:
 
     size: int
     draft: bool = True
+    # torchvision's RandomResizedCrop crops (an integer box) and then resizes the crop: the filter
+    # never reads past the box.
+    crops_first: ClassVar[bool] = True
 
     def plan(self, width: int, height: int, rng: random.Random | None) -> CropPlan:
         assert rng is not None, "the train transform needs a seeded random.Random"
@@ -126,6 +130,9 @@ class EvalTransform:
     size: int
     resize_size: int
     draft: bool = True
+    # Resize + CenterCrop resizes the whole image, then crops: the crop's border pixels see their
+    # neighbours (PIL's resize with a box gives exactly that).
+    crops_first: ClassVar[bool] = False
 
     def plan(self, width: int, height: int, rng: random.Random | None = None) -> CropPlan:
         # torchvision Resize(int): the shorter side becomes resize_size, the longer is truncated.
@@ -153,15 +160,7 @@ def apply_plan(path: str, transform: TrainTransform | EvalTransform, rng: random
         # The region may shrink by up to min(w, h) / size before it is smaller than the output.
         scale = _draft(image, min(right - left, bottom - top) / size) if transform.draft else 1.0
         box = (left / scale, top / scale, right / scale, bottom / scale)
-        return _resize_region(image, path, size, box, flip, crop_first=crops_first(transform) and scale == 1.0)
-
-
-def crops_first(transform: object) -> bool:
-    """torchvision's RandomResizedCrop crops (an integer box) and then resizes the crop, so the
-    filter never reads past the box; its test transform resizes the whole image and then crops, so
-    the border pixels of the crop do see the pixels around it (PIL's resize with a box). A wrapper
-    exposing the transform as ``inner`` is looked through."""
-    return isinstance(getattr(transform, "inner", transform), TrainTransform)
+        return _resize_region(image, path, size, box, flip, crop_first=transform.crops_first and scale == 1.0)
 
 
 def _resize_region(image: Image.Image, path: str, size: int, box: tuple[float, float, float, float], flip: bool,
@@ -183,7 +182,7 @@ def transform_region(path: str, transform: TrainTransform | EvalTransform, box: 
     """A planned crop on the CPU: decode ``path`` with PIL, resize ``box`` to the transform's size,
     mirror if ``flip`` (for images the device cannot decode). A file PIL cannot decode raises DatasetError."""
     with _open(path) as image:
-        return _resize_region(image, path, transform.size, box, flip, crop_first=crops_first(transform))
+        return _resize_region(image, path, transform.size, box, flip, crop_first=transform.crops_first)
 
 
 def read_for_device_decode(path: str, transform: TrainTransform | EvalTransform, rng: random.Random | None) -> tuple[np.ndarray | None, CropPlan, np.ndarray | None]:
@@ -193,7 +192,7 @@ def read_for_device_decode(path: str, transform: TrainTransform | EvalTransform,
     with _open(path) as image:
         plan = transform.plan(*image.size, rng)
         if image.format != "JPEG" or image.mode not in ("RGB", "L") or image.info.get("progressive"):
-            return None, plan, _resize_region(image, path, transform.size, *plan, crop_first=crops_first(transform))
+            return None, plan, _resize_region(image, path, transform.size, *plan, crop_first=transform.crops_first)
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as error:

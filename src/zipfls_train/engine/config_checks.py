@@ -107,10 +107,10 @@ def _check_model_name(name: str) -> None:
 def _check_devices(cfg: DictConfig) -> None:
     import torch
 
-    device, devices = str(cfg.trainer.device), int(cfg.trainer.devices)
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("trainer.device=cuda but no CUDA device is available; use trainer.device=cpu or auto")
-    uses_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    from .distributed import resolve_device
+
+    devices = int(cfg.trainer.devices)
+    uses_cuda = resolve_device(str(cfg.trainer.device)).type == "cuda"  # the trainer's rule (and its error)
     if uses_cuda and "WORLD_SIZE" not in os.environ and torch.cuda.device_count() < devices:
         raise ConfigError(f"trainer.devices={devices} but only {torch.cuda.device_count()} CUDA device(s) are visible")
     if bool(cfg.trainer.get("sync_batchnorm", False)) and devices > 1 and not uses_cuda:

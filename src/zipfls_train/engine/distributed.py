@@ -36,7 +36,7 @@ def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
         if not torch.cuda.is_available():
             from .config_checks import ConfigError
 
-            raise ConfigError("device cuda was asked for (trainer.device or --device) but no CUDA device is available; use cpu or auto")
+            raise ConfigError("trainer.device=cuda but no CUDA device is available; use trainer.device=cpu or auto (--device in the scripts)")
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     if requested == "cpu":
         return torch.device("cpu")

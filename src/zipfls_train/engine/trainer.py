@@ -409,7 +409,7 @@ class Trainer:
             return None
         from ..analysis.zipf_fit import mean_sorted_softmax, report_fit
 
-        curves = mean_sorted_softmax(self.model, self.data.val, self.device, self.data.num_classes)
+        curves = mean_sorted_softmax(self.model, self.data.val, self.device)
         self.model.train()
         if not self.ctx.is_main:
             return None
