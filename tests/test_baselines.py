@@ -208,6 +208,26 @@ def test_pskd_epoch0_is_onehot_then_uses_last_epochs_softmax():
     assert method.seen.nonzero().flatten().tolist() == [1, 3, 7, 9]
 
 
+@pytest.mark.parametrize(("memory", "bytes_in_float32"), [("full", 20 * 12 * 4), ("topk", 20 * 3 * 4)])
+def test_pskd_auto_memory_dtype_is_float32_up_to_the_size_limit(memory, bytes_in_float32, monkeypatch):
+    from zipfls_train.losses import pskd
+
+    for limit, expected in [(bytes_in_float32, torch.float32), (bytes_in_float32 - 1, torch.float16)]:
+        monkeypatch.setattr(pskd, "AUTO_FLOAT32_BYTES", limit)
+        method = build_method({"name": "pskd", "memory": memory, "topk": 3}, 12)
+        method.setup(num_classes=12, dataset_size=20, model_factory=None)
+        stored = method.memory if memory == "full" else method.memory_values
+        assert stored.dtype == expected, (limit, stored.dtype)
+    monkeypatch.setattr(pskd, "AUTO_FLOAT32_BYTES", 1 << 30)
+    method = build_method({"name": "pskd"}, 12)
+    method.setup(num_classes=12, dataset_size=20, model_factory=None)
+    method.on_epoch_start(0, 5)
+    logits = torch.randn(4, 12) * 3
+    batch = Batch(inputs=torch.zeros(4, 3, 8, 8), targets=torch.zeros(4, dtype=torch.long), indices=torch.arange(4))
+    method.loss_terms(outputs_of(logits), batch, None)
+    assert torch.equal(method.memory[:4], torch.softmax(logits, dim=1))  # float32, as the released code keeps it
+
+
 @pytest.mark.parametrize("memory", ["full", "topk"])
 def test_pskd_memory_survives_a_checkpoint_round_trip(memory, tmp_path):
     torch.manual_seed(3)

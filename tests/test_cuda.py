@@ -113,3 +113,16 @@ def test_step_captured_in_cuda_graphs_runs_the_fused_kernel(tmp_path, monkeypatc
         assert launches, f"trainer.compile={compiled}: the fused kernel never ran"
     assert zipf_fused._kernel_state.get("cuda:0") == "checked"
     assert losses["reduce-overhead"] == pytest.approx(losses["false"], rel=1e-3)
+
+
+def test_a_refused_page_lock_does_not_fail_the_next_kernel():
+    from zipfls_train.data.page_lock import CUDA_SUCCESS, page_lock, page_unlock
+
+    buffer = torch.empty(1 << 20, dtype=torch.uint8)
+    assert page_lock(buffer) == CUDA_SUCCESS
+    try:
+        assert page_lock(buffer) != CUDA_SUCCESS  # already registered: a refusal, like WSL's
+        # torch reads the runtime's last error after each launch: a stale one would raise here.
+        assert torch.ones(8, device=CUDA).sum().item() == 8
+    finally:
+        page_unlock(buffer.data_ptr())

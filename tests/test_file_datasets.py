@@ -543,3 +543,47 @@ def test_device_eval_crop_on_whole_pixels_is_still_resize_then_center_crop() -> 
     resized = torch.nn.functional.interpolate(image[None].float(), size=(256, 256), mode="bilinear", antialias=True, align_corners=False)[0]
     expected = resized[:, 16:240, 16:240]
     torch.testing.assert_close(_crop_resize(image, box, 224, crop_first=False), expected, rtol=0, atol=1e-3)
+
+
+# --- page-locking the ring for the GPU ----------------------------------------------------------
+
+class FakeCudart:
+    """Stands in for torch.cuda.cudart() on a machine without a driver: cudaHostRegister answers ``error``."""
+
+    def __init__(self, error: int) -> None:
+        self.error, self.registered = error, []
+
+    def cudaHostRegister(self, pointer: int, size: int, flags: int) -> int:  # noqa: N802 - CUDA's name
+        self.registered.append((pointer, size, flags))
+        return self.error
+
+
+def test_page_lock_clears_a_refusal_so_the_next_kernel_launch_does_not_report_it(monkeypatch) -> None:
+    from zipfls_train.data import page_lock as page_lock_module
+
+    cleared = []
+    monkeypatch.setattr(page_lock_module, "clear_last_cuda_error", lambda: cleared.append(True))
+    buffer = torch.empty(2, 3, 5, dtype=torch.uint8)
+    refusing = FakeCudart(801)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: refusing)
+    assert page_lock_module.page_lock(buffer) == 801
+    assert refusing.registered == [(buffer.data_ptr(), 30, 0)] and cleared == [True]
+    accepting = FakeCudart(0)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: accepting)
+    assert page_lock_module.page_lock(torch.empty(4, dtype=torch.float32)) == 0
+    assert accepting.registered[0][1] == 16 and cleared == [True]  # bytes, not elements; nothing to clear
+
+
+def test_loader_warns_once_and_copies_synchronously_when_page_locking_is_refused(imagenet_root: Path, monkeypatch) -> None:
+    import zipfls_train.data.file_loader as file_loader
+
+    loader = make_loader(imagenet_files(imagenet_root, subset=8), train=True, size=8)
+    loader._make_ring(workers=1)  # on the CPU: buffers made, not locked
+    attempts = []
+    monkeypatch.setattr(file_loader, "page_lock", lambda buffer: attempts.append(buffer) or 801)
+    with pytest.warns(UserWarning, match=r"cudaHostRegister refused .*operation not supported \(801\).*synchronous"):
+        loader._page_lock_ring()
+    assert len(attempts) == 1 and loader._registered == []
+    monkeypatch.setattr(file_loader, "page_lock", lambda buffer: 0)
+    loader._page_lock_ring()
+    assert loader._registered == [buffer.data_ptr() for buffers in loader._ring for buffer in buffers.values()]

@@ -46,6 +46,7 @@ from .augment import Normalizer
 from .batch import Batch
 from .class_pairs import SameClassPartners
 from .images import DatasetError, check_class_count
+from .page_lock import CUDA_SUCCESS, cuda_error_text, page_lock, page_unlock
 from .seeds import mix_seed
 from .tensor_loader import LoaderOptions
 from .transforms import EvalTransform, TrainTransform, eval_resize_size, read_for_device_decode, transform_region
@@ -378,16 +379,25 @@ class FileLoader:
             for _ in range(slots)
         ]
         if self.options.device.type == "cuda":
-            cudart = torch.cuda.cudart()
-            for buffers in self._ring:
-                for buffer in buffers.values():
-                    # Page-lock in place so the copy to the GPU is an asynchronous DMA (no pinned copy);
-                    # if the driver refuses, copies are merely synchronous.
-                    if int(cudart.cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0)) == 0:
-                        self._registered.append(buffer.data_ptr())
+            self._page_lock_ring()
         self.dataset.ring = self._ring
         self._plan.slots = slots
         self._plan.before_reuse = weakref.WeakMethod(self._wait_slot)
+
+    def _page_lock_ring(self) -> None:
+        """Page-lock the ring in place so each copy to the GPU is an asynchronous DMA (no pinned copy).
+        If the driver refuses, say so once and go on with synchronous copies."""
+        for buffers in self._ring or []:
+            for buffer in buffers.values():
+                error = page_lock(buffer)
+                if error != CUDA_SUCCESS:
+                    warnings.warn(
+                        f"cudaHostRegister refused the loader's batch buffers ({cuda_error_text(error)}): "
+                        "copies of batches to the GPU will be synchronous, which may slow training",
+                        stacklevel=2,
+                    )
+                    return
+                self._registered.append(buffer.data_ptr())
 
     def close(self) -> None:
         """Stop the worker processes now (they otherwise live as long as the loader). Keep loaders out
@@ -406,7 +416,7 @@ class FileLoader:
         self.close()
         for pointer in getattr(self, "_registered", []):
             try:
-                torch.cuda.cudart().cudaHostUnregister(pointer)
+                page_unlock(pointer)
             except Exception:  # noqa: BLE001 - interpreter shutdown
                 pass
 
