@@ -349,6 +349,26 @@ def test_dense_votes_accept_low_precision_maps(dtype: torch.dtype) -> None:
     assert votes.tolist() == dense_votes(feature_map, weight, torch.zeros(5), upsample="bilinear").tolist()
 
 
+@pytest.mark.parametrize("under_autocast", [False, True])
+def test_votes_of_a_bf16_map_are_not_decided_by_rounding_its_logits(under_autocast: bool) -> None:
+    # Autocast multiplies 16-bit features by the 16-bit classifier. Rounding the dense logits to
+    # bfloat16 as well would tie the two best classes of many pixels (asserted below), each tie
+    # going to the lower class index; the votes must be the exact arg-max of those 16-bit inputs.
+    generator = torch.Generator().manual_seed(11)
+    feature_map = torch.randn(4, 256, 7, 7, generator=generator).relu().bfloat16()
+    weight = torch.randn(2000, 256, generator=generator) * 0.05
+    bias = torch.randn(2000, generator=generator) * 0.01
+    exact = torch.einsum("ndhw,cd->nhwc", feature_map.double(), weight.bfloat16().double()) + bias.double()
+    best_two = exact.flatten(1, 2).topk(2, dim=-1)
+    rounded_best_two = best_two.values.bfloat16()
+    assert (rounded_best_two[..., 0] == rounded_best_two[..., 1]).double().mean() > 0.02
+    clear = best_two.values[..., 0] - best_two.values[..., 1] > 1e-5  # far above float32 rounding
+    assert clear.double().mean() > 0.99
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=under_autocast):
+        votes = dense_votes(feature_map, weight, bias)
+    assert torch.equal(votes[clear], best_two.indices[..., 0][clear])
+
+
 def test_dense_logits_average_to_the_global_logits() -> None:
     # GAP and FC are linear, so the classifier applied to the mean of the final map equals the
     # model's logits, and the mean over pixels of the dense (1x1-conv) logits equals them too.
@@ -436,8 +456,8 @@ def test_method_end_to_end_dense_final() -> None:
 
 
 def test_method_under_bf16_autocast() -> None:
-    # The trainer runs training_step under autocast: the dense classification then goes through
-    # autocast (the classifier's bf16 copy) and the KL is still computed in float32.
+    # The trainer runs training_step under autocast: the dense classification then multiplies in
+    # bfloat16 and the KL is still computed in float32.
     torch.manual_seed(10)
     method = ZipfLabelSmoothing(10, weight=0.5, stages=("final", "penultimate"), aux_weight=0.1)
     model = build_model("cifar_resnet18", num_classes=10, width=8, aux_stages=method.needs.aux_stages)

@@ -26,13 +26,28 @@ def votes_per_sample(feature_map: Tensor, upsample: bool) -> int:
     return height * width * (4 if upsample else 1)
 
 
-def classifier_for_map(feature_map: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """The classifier in the dtype the dense logits are computed in. Under autocast the parameters
-    go in as they are (autocast casts them, reusing the copies it made for the forward pass's
-    classifier); outside autocast they are cast to the map's dtype (a no-op for float32)."""
-    if torch.is_autocast_enabled(feature_map.device.type) or weight.dtype == feature_map.dtype:
-        return weight, bias
-    return weight.to(feature_map.dtype), (bias.to(feature_map.dtype) if bias is not None else None)
+def logits_dtype(features_dtype: torch.dtype) -> torch.dtype:
+    """Dense logits are float32 or wider (see :func:`pixel_logits`)."""
+    return torch.promote_types(features_dtype, torch.float32)
+
+
+def pixel_logits(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``rows @ weight.T + bias`` for pixels x D ``rows``, in :func:`logits_dtype`. The classifier is
+    rounded to the rows' dtype (as autocast rounds it for the forward pass). bfloat16/float16 rows
+    are multiplied as they are, but the logits stay in the float32 they are accumulated in: rounded
+    to bfloat16's 8 bits, a pixel's two best classes often come out equal (5% of pixels at 10,000
+    classes, random weights; experiments/vote_precision.md), and the arg-max would give every such
+    tie to the lower class index. Autocast is off here so that it cannot round them back."""
+    weight = weight.to(rows.dtype)
+    bias = None if bias is None else bias.to(logits_dtype(rows.dtype))
+    with torch.autocast(rows.device.type, enabled=False):
+        if rows.dtype not in (torch.float16, torch.bfloat16):
+            return F.linear(rows, weight, bias)
+        if rows.is_cuda:
+            logits = torch.mm(rows, weight.t(), out_dtype=torch.float32)
+        else:  # no mixed-dtype matmul on the CPU; products of two 16-bit floats are exact in float32
+            logits = rows.float() @ weight.float().t()
+        return logits if bias is None else logits.add_(bias)
 
 
 def samples_per_chunk(num_classes: int, pixels_per_sample: int) -> int:
@@ -47,12 +62,15 @@ def pixel_logit_chunks(feature_map: Tensor, weight: Tensor, bias: Tensor | None,
     n, d, h, w = feature_map.shape
     num_classes = weight.shape[0]
     per_chunk = samples_per_chunk(num_classes, pixels_per_sample)
+    # The classifier in the dtypes pixel_logits uses, cast once rather than per chunk.
+    weight = weight.to(feature_map.dtype)
+    bias = None if bias is None else bias.to(logits_dtype(feature_map.dtype))
     for start in range(0, n, per_chunk):
         chunk = feature_map if per_chunk >= n else feature_map[start : start + per_chunk]
         m = chunk.shape[0]
         # (m*H*W) x D rows: a free view of a channels_last map (the GPU default here), one copy of an
         # NCHW chunk; one matmul then classifies every pixel (faster on CPU than a batched W @ F).
-        logits = F.linear(chunk.permute(0, 2, 3, 1).reshape(m * h * w, d), weight, bias)
+        logits = pixel_logits(chunk.permute(0, 2, 3, 1).reshape(m * h * w, d), weight, bias)
         yield start, logits.view(m, h * w, num_classes)
 
 

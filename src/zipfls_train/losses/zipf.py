@@ -33,7 +33,7 @@ from ..models.outputs import ModelOutput
 from ..models.wrapper import unwrap
 from .base import Method, Needs
 from .ce import cross_entropy
-from .dense_logits import classifier_for_map, dense_argmax, votes_per_sample
+from .dense_logits import dense_argmax, votes_per_sample
 from .zipf_fused import FUSED_DISTRIBUTIONS, DenseMap, fused_ce_zipf, unavailable_reason
 
 UPSAMPLE_MODES = (None, "none", "bilinear")
@@ -49,9 +49,9 @@ def dense_votes(feature_map: Tensor, weight: Tensor, bias: Tensor | None, upsamp
     ``None``/``"none"`` (use the map as is) or ``"bilinear"`` (x2, ``align_corners=False``, before
     classifying; computed by upsampling the logit maps instead, which is the same, see
     ``dense_logits.dense_argmax``). Returns a LongTensor N x (H'*W') of class indices (pixels in
-    row-major order; ties go to the lowest class index, as ``argmax``). Computed in the feature
-    map's dtype (the classifier is cast to it), or in autocast's dtype under autocast:
-    bfloat16/float16 are plenty to pick a winner.
+    row-major order; ties go to the lowest class index, as ``argmax``). The classifier is rounded to
+    the map's dtype; the logits of a bfloat16/float16 map (autocast's output) are compared in the
+    float32 they are accumulated in (``dense_logits.pixel_logits``).
     """
     if feature_map.dim() != 4:
         raise ValueError(f"dense_votes expects an N x D x H x W feature map, got shape {tuple(feature_map.shape)}")
@@ -62,7 +62,6 @@ def dense_votes(feature_map: Tensor, weight: Tensor, bias: Tensor | None, upsamp
             f"classifier weight must be C x {feature_map.shape[1]} (the map's channels), got {tuple(weight.shape)}"
         )
     # Under no_grad nothing here is recorded, so nothing needs detaching.
-    weight, bias = classifier_for_map(feature_map, weight, bias)
     return dense_argmax(feature_map, weight, bias, upsample=upsample == "bilinear")
 
 

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dense_logits import classifier_for_map, dense_argmax, pixel_argmax, pixel_logit_chunks, samples_per_chunk, votes_per_sample
+from .dense_logits import dense_argmax, pixel_argmax, pixel_logit_chunks, samples_per_chunk, votes_per_sample
 
 try:  # Triton ships with CUDA builds of PyTorch on Linux; elsewhere only the reference path exists.
     import triton
@@ -315,8 +315,7 @@ def _vote_source(votes: Tensor | DenseMap) -> tuple[Tensor, int, int, int]:
     :data:`dense_logits.MAX_DENSE_LOGITS`, is voted by torch, chunk by chunk, instead."""
     if isinstance(votes, Tensor):
         return votes, _GIVEN_VOTES, 1, 1
-    feature_map, upsample = votes.feature_map, votes.upsample
-    weight, bias = classifier_for_map(feature_map, votes.weight, votes.bias)
+    feature_map, weight, bias, upsample = votes.feature_map, votes.weight, votes.bias, votes.upsample
     n, _, height, width = feature_map.shape
     pixels = votes_per_sample(feature_map, upsample)
     with torch.no_grad():  # votes are never differentiated
