@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# Every GPU check, in parts (PARTS, default all of them, in this order):
-#   tests    every test marked cuda (fused Zipf kernel vs reference, CPU/CUDA agreement, no host
-#            sync in any method's step, bf16 run)                                     T_TESTS   150 s
-#   loss     scripts/bench_loss_overhead.py (Zipf/CE step time and memory; fused vs reference) T_LOSS 80 s
-#   train    scripts/bench_train.py (images/s: eager, compiled, ResNet-50, real loader, ResNet-50 compiled) T_TRAIN 240 s
-#   methods  scripts/bench_methods.py (Table 1's cost columns: every method vs CE)      T_METHODS 45 s
+# Every GPU check, in parts (PARTS, default all of them; run in this order):
+#   tests    every test marked cuda, the Zipf kernel's files first (fused Zipf kernel vs reference,
+#            CPU/CUDA agreement, no host sync in any method's step, bf16 run, resume)  T_TESTS   150 s
+#   loss     scripts/bench_loss_overhead.py (Zipf/CE step time and memory; fused vs reference) T_LOSS 70 s
+#   train    scripts/bench_train.py (images/s: eager, compiled, ResNet-50, real loader; TRAIN_ARGS
+#            "--cases ...,resnet50_compile" adds ResNet-50 compiled, ~2 more minutes)  T_TRAIN   200 s
 #   quick    the quick_tinyimagenet protocol (CE vs Zipf x 2 seeds, four runs sharing
-#            the GPU) + its table                                                      T_QUICK   300 s
-# A device call is limited to 600 s, so on a ~15-minute GPU budget use two calls:
-#   PARTS="tests loss train methods" bash scripts/gpu_check.sh $OUT     # <= 9 min
-#   PARTS=quick bash scripts/gpu_check.sh $OUT                          # ~5 min
+#            the GPU) + its table; runs cut by T_QUICK still report their epochs      T_QUICK   240 s
+#   methods  scripts/bench_methods.py (Table 1's cost columns: every method vs CE)      T_METHODS 40 s
+# A device call is limited to 600 s and a session's GPU time to ~15 minutes, the machine's start
+# (1-2 min) included, so use two calls (~7 + ~5 min):
+#   PARTS="tests loss train" bash scripts/gpu_check.sh $OUT
+#   PARTS="quick methods" bash scripts/gpu_check.sh $OUT
 # Usage: [PARTS="..."] bash scripts/gpu_check.sh [OUT_DIR]
 # Data: $ZIPFLS_DATA (a folder holding tinyimagenet-32/), default .gpu_data, else ../shared/data.
 # Python packages the GPU image lacks (hydra-core, omegaconf, antlr4) may be carried in .gpu_site/.
@@ -36,50 +38,51 @@ log() { echo "[$(date +%T)] $*" | tee -a "$out/gpu_check.log"; }
 log "start; data=$data"
 { nvidia-smi; $PY -c "import torch, torchvision, timm; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__)"; } >> "$out/gpu_check.log" 2>&1
 
-parts=" ${PARTS:-tests loss train methods quick} "
+parts=" ${PARTS:-tests loss train quick methods} "
 wants() { [[ "$parts" == *" $1 "* ]]; }
 
 if wants tests; then
   log "tests: every cuda-marked test"
-  timeout "${T_TESTS:-150}" $PY -m pytest -m cuda -q -p no:cacheprovider tests/ > "$out/cuda_tests.txt" 2>&1
+  # The kernel's checks first, so that a timeout cuts the slower compiled-run tests instead.
+  timeout "${T_TESTS:-150}" $PY -m pytest -m cuda -q -p no:cacheprovider \
+    tests/test_zipf_fused.py tests/test_zipf.py tests/test_cuda.py tests/ > "$out/cuda_tests.txt" 2>&1
   log "    exit $? ($(tail -1 "$out/cuda_tests.txt"))"
 fi
 
 if wants loss; then
   log "loss: Zipf's overhead over CE and LS"
-  timeout "${T_LOSS:-80}" $PY scripts/bench_loss_overhead.py --device cuda --precision bf16 --loss-repeats 10 > "$out/bench_loss_overhead.txt" 2>&1
+  timeout "${T_LOSS:-70}" $PY scripts/bench_loss_overhead.py --device cuda --precision bf16 --loss-repeats 10 > "$out/bench_loss_overhead.txt" 2>&1
   log "    exit $?"
 fi
 
 if wants train; then
   log "train: training throughput"
-  timeout "${T_TRAIN:-240}" $PY scripts/bench_train.py --device cuda --data "$data" ${TRAIN_ARGS:---cases small,compile,resnet50,small_real,resnet50_compile} > "$out/bench_train.txt" 2>&1
+  timeout "${T_TRAIN:-200}" $PY scripts/bench_train.py --device cuda --data "$data" ${TRAIN_ARGS:---cases small,compile,resnet50,small_real} > "$out/bench_train.txt" 2>&1
   log "    exit $?"
+fi
+
+if wants quick; then
+  log "quick: quick_tinyimagenet (4 runs at once)"
+  sweep=$PWD/outputs/gpu_check_quick
+  rm -rf "$sweep" && mkdir -p "$sweep"
+  pids=()
+  for loss in ce zipf; do
+    for seed in 0 1; do
+      timeout "${T_QUICK:-240}" $PY train.py experiment=quick_tinyimagenet "dataset.root=$data" "loss=$loss" "seed=$seed" \
+        trainer.progress_bar=false "hydra.run.dir=$sweep/${loss}_seed${seed}" ${QUICK_EXTRA:-} > "$sweep/${loss}_seed${seed}.log" 2>&1 &
+      pids+=($!)
+    done
+  done
+  for pid in "${pids[@]}"; do wait "$pid"; done
+  $PY -m zipfls_train.tables "$sweep" --out "$sweep/table.md" > "$out/quick_table.txt" 2>&1
+  # Whole logs (a traceback is never cut) and whatever each run wrote, finished or not.
+  (cd "$sweep" && tar czf "$out/quick_runs.tgz" --ignore-failed-read *.log table.md */config.yaml */metrics.jsonl */summary.json */zipf_fit.png 2>/dev/null)
+  log "    $(tail -n +1 "$out/quick_table.txt" | wc -l) lines of table; runs in quick_runs.tgz"
 fi
 
 if wants methods; then
   log "methods: every method's step cost (Table 1)"
-  timeout "${T_METHODS:-45}" $PY scripts/bench_methods.py --device cuda --precision bf16 --width 64 --batch 128 --classes 100 --dataset cifar100 > "$out/bench_methods.txt" 2>&1
+  timeout "${T_METHODS:-40}" $PY scripts/bench_methods.py --device cuda --precision bf16 --width 64 --batch 128 --classes 100 --dataset cifar100 > "$out/bench_methods.txt" 2>&1
   log "    exit $?"
 fi
-
-if ! wants quick; then
-  log "done"
-  exit 0
-fi
-log "quick: quick_tinyimagenet (4 runs at once)"
-sweep=$PWD/outputs/gpu_check_quick
-rm -rf "$sweep"
-pids=()
-for loss in ce zipf; do
-  for seed in 0 1; do
-    timeout "${T_QUICK:-300}" $PY train.py experiment=quick_tinyimagenet "dataset.root=$data" "loss=$loss" "seed=$seed" \
-      trainer.progress_bar=false "hydra.run.dir=$sweep/${loss}_seed${seed}" ${QUICK_EXTRA:-} > "$sweep.$loss.$seed.log" 2>&1 &
-    pids+=($!)
-  done
-done
-for pid in "${pids[@]}"; do wait "$pid"; done
-tail -n 3 "$sweep".*.log > "$out/quick_runs.log" 2>&1
-$PY -m zipfls_train.tables "$sweep" --out "$sweep/table.md" >> "$out/quick_runs.log" 2>&1
-(cd "$sweep" && tar czf "$out/quick_runs.tgz" table.md */config.yaml */metrics.jsonl */summary.json */zipf_fit.png)
 log "done"

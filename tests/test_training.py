@@ -47,8 +47,11 @@ class Interrupted(Exception):
     pass
 
 
-def test_auto_resume_continues_at_the_next_epoch_with_identical_state(run_tiny, tmp_path, monkeypatch):
-    args = ("loss=ce", "trainer.epochs=2", "trainer.max_steps_per_epoch=4")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_auto_resume_continues_at_the_next_epoch_with_identical_state(device, run_tiny, tmp_path, monkeypatch):
+    # On CUDA: deterministic kernels, so that the resumed run can equal the straight one bit for bit.
+    args = ("loss=ce", "trainer.epochs=2", "trainer.max_steps_per_epoch=4", f"trainer.device={device}",
+            f"trainer.deterministic={device == 'cuda'}")  # fmt: skip
     _, straight = run_tiny(*args, run_dir=tmp_path / "straight")
 
     original = Trainer.save

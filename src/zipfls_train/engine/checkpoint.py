@@ -63,12 +63,14 @@ def capture_rng_state(device: torch.device) -> dict[str, Any]:
 def restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    # .cpu(): the checkpoint may have been loaded onto the training device, and torch takes RNG states
+    # only as CPU ByteTensors (a CUDA generator's too).
+    torch.set_rng_state(state["torch"].cpu())
     cuda = state.get("cuda")
     if isinstance(cuda, list):  # checkpoints that stored every device's state
         cuda = cuda[device.index or 0] if device.type == "cuda" and (device.index or 0) < len(cuda) else None
     if cuda is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(cuda, device)
+        torch.cuda.set_rng_state(cuda.cpu(), device)
 
 
 def rank_rng_state(saved: dict[str, Any] | list[dict[str, Any]], rank: int) -> dict[str, Any]:
