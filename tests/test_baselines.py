@@ -70,6 +70,28 @@ def make_batch(targets: list[int], **extra) -> Batch:  # noqa: ANN003
     return Batch(inputs=torch.zeros(len(y), 3, 8, 8), targets=y, indices=torch.arange(len(y)), **extra)
 
 
+class FlatLinear(torch.nn.Module):
+    """Toy model without BatchNorm (a sample's output does not depend on the rest of its batch):
+    pooled = tanh(W1 x + b1), logits = W2 pooled + b2, on flattened 3 x 4 x 4 inputs."""
+
+    def __init__(self, num_classes: int, dim: int = 6, scale: float = 3.0) -> None:
+        super().__init__()
+        self.body, self.head = torch.nn.Linear(48, dim), torch.nn.Linear(dim, num_classes)
+        with torch.no_grad():
+            self.head.weight.mul_(scale)  # confident enough that KL terms are far from 0
+
+    def forward(self, x: torch.Tensor, features=(), aux: bool = False) -> ModelOutput:  # noqa: ANN001
+        pooled = torch.tanh(self.body(x.flatten(1)))
+        return ModelOutput(logits=self.head(pooled), pooled=pooled)
+
+    def forward64(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, pooled) in float64, from the weights with plain matrix ops."""
+        w1, b1 = self.body.weight.detach().double(), self.body.bias.detach().double()
+        w2, b2 = self.head.weight.detach().double(), self.head.bias.detach().double()
+        pooled = torch.tanh(x.double().flatten(1) @ w1.T + b1)
+        return pooled @ w2.T + b2, pooled
+
+
 # --- TF-KD ---------------------------------------------------------------------------------------
 
 
@@ -141,6 +163,22 @@ def test_cskd_training_step_gives_no_gradient_to_the_pair():
     method.training_step(model, batch)["loss"].backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     assert pair.grad is None
+
+
+def test_cskd_training_step_distils_from_the_pair_forward():
+    # Guards the wiring: the KL target must come from model(pair_inputs), not model(inputs).
+    torch.manual_seed(11)
+    n, c, t, lam = 4, 5, 4.0, 1.5
+    model = FlatLinear(c)
+    x, pair, y = torch.randn(n, 3, 4, 4), torch.randn(n, 3, 4, 4), torch.tensor([0, 3, 1, 3])
+    method = build_method({"name": "cskd", "temperature": t, "weight": lam}, c)
+    terms = method.training_step(model, Batch(inputs=x, targets=y, indices=torch.arange(n), pair_inputs=pair))
+    za, zb = model.forward64(x)[0], model.forward64(pair)[0]
+    kl = t**2 * kl_rows64(zb, za, t).mean()
+    assert kl > 0.05
+    assert close(terms["cskd_kl"], kl)
+    assert close(terms["ce"], ce64(za, y))
+    assert close(terms["loss"], ce64(za, y) + lam * kl)
 
 
 def test_cskd_pairs_are_same_class_and_cover_the_dataset():
@@ -333,6 +371,25 @@ def test_ddgsd_kl_targets_are_stop_gradient():
     assert torch.allclose(z.grad, expected, atol=1e-6)
 
 
+def test_ddgsd_training_step_uses_both_views():
+    # Guards the wiring: the second forward must see batch.second_view (else KL and MMD are ~0).
+    torch.manual_seed(12)
+    n, c, lam, mu = 4, 5, 1.5, 0.5
+    model = FlatLinear(c)
+    x1, x2, y = torch.randn(n, 3, 4, 4), torch.randn(n, 3, 4, 4), torch.tensor([2, 0, 4, 2])
+    method = build_method({"name": "ddgsd", "weight": lam, "mmd_weight": mu}, c)
+    terms = method.training_step(model, Batch(inputs=x1, targets=y, indices=torch.arange(n), second_view=x2))
+    (z1, f1), (z2, f2) = model.forward64(x1), model.forward64(x2)  # two separate forwards
+    ce = ce64(z1, y) + ce64(z2, y)
+    kl = kl_rows64(z2, z1, 1.0).mean() + kl_rows64(z1, z2, 1.0).mean()  # T = 1 (default)
+    mmd = ((f1.mean(0) - f2.mean(0)) ** 2).sum()
+    assert kl > 0.05 and mmd > 0.01
+    assert close(terms["ce"], ce)
+    assert close(terms["ddgsd_kl"], kl)
+    assert close(terms["ddgsd_mmd"], mmd)
+    assert close(terms["loss"], ce + lam * kl + mu * mmd)
+
+
 # --- BAN -----------------------------------------------------------------------------------------
 
 
@@ -358,6 +415,30 @@ def test_ban_requires_an_existing_teacher_and_names_the_path(tmp_path):
         build_method({"name": "ban", "generation": 2}, 10)
     with pytest.raises(ValueError, match="generation=1"):
         build_method({"name": "ban", "generation": 1, "teacher_checkpoint": str(missing)}, 10)
+
+
+def test_ban_distils_from_the_checkpointed_teacher(tmp_path):
+    # Guards the wiring: the KL target must be the loaded teacher's logits (not the student's own).
+    from zipfls_train.engine.checkpoint import save_atomic
+
+    n, c, a, t = 4, 5, 0.2, 4.0
+    torch.manual_seed(13)
+    saved = FlatLinear(c)
+    save_atomic({"model": saved.state_dict()}, tmp_path / "best.pt")
+    torch.manual_seed(14)
+    student = FlatLinear(c)
+    reference_teacher = FlatLinear(c)
+    reference_teacher.load_state_dict(torch.load(tmp_path / "best.pt", weights_only=False)["model"])
+    method = build_method({"name": "ban", "generation": 2, "teacher_checkpoint": str(tmp_path / "best.pt"),
+                           "alpha": a, "temperature": t}, c)
+    method.setup(num_classes=c, dataset_size=n, model_factory=lambda: FlatLinear(c))
+    x, y = torch.randn(n, 3, 4, 4), torch.tensor([1, 1, 0, 4])
+    terms = method.training_step(student, Batch(inputs=x, targets=y, indices=torch.arange(n)))
+    z, teacher_z = student.forward64(x)[0], reference_teacher.forward64(x)[0]
+    kl = kl_rows64(teacher_z, z, t).mean()
+    assert kl > 0.01
+    assert close(terms["ban_kl"], kl)
+    assert close(terms["loss"], (1 - a) * ce64(z, y) + a * kl)
 
 
 def test_ban_trains_generation_2_from_a_real_best_checkpoint(run_tiny, tmp_path):

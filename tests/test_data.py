@@ -34,7 +34,7 @@ def test_tree_reader_sorts_wnids_and_reads_every_image(tmp_path):
     expected = [sorted(WNIDS).index(row.split("\t")[1]) for row in rows]
     assert val.targets.tolist() == expected
     # Pixels are the decoded JPEG, not something else.
-    first = np.asarray(Image.open(root / f"tiny-imagenet-200/train/{sorted(WNIDS)[0]}/images/{sorted(WNIDS)[0]}_0.JPEG").convert("RGB"))
+    first = np.array(Image.open(root / f"tiny-imagenet-200/train/{sorted(WNIDS)[0]}/images/{sorted(WNIDS)[0]}_0.JPEG").convert("RGB"))
     assert torch.equal(train.images[0], torch.from_numpy(first).permute(2, 0, 1))
 
 
@@ -255,3 +255,94 @@ def test_pairs_are_same_class_and_second_view_differs():
     batch = next(_loader(data, train=True, pairs=True, two_views=True).epoch(0))
     assert torch.equal(batch.pair_targets, batch.targets)
     assert batch.second_view.shape == batch.inputs.shape and not torch.equal(batch.second_view, batch.inputs)
+
+
+def test_horizontal_flip_mirrors_half_the_images_along_the_width_axis():
+    """augment="none" at the stored size leaves only the flip: every view is its source image or that
+    image mirrored left-right, about half of them mirrored."""
+    count, size = 250, 8
+    rows, cols = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    images = torch.empty(count, 3, size, size, dtype=torch.uint8)
+    images[:, 0] = 10 * cols  # channel 0: the column, channel 1: the row, channel 2: the image
+    images[:, 1] = 10 * rows
+    images[:, 2] = torch.arange(count, dtype=torch.uint8)[:, None, None]
+    data = ImageTensors(images, torch.arange(count) % 5, [str(i) for i in range(5)])
+    options = LoaderOptions(batch_size=50, eval_batch_size=50, device=torch.device("cpu"), seed=11)
+    loader = TensorLoader(data, options, train=True, augment="none", image_size=size, mean=[0.0] * 3, std=[1.0] * 3)
+    mirrored = draws = 0
+    for epoch in range(8):
+        for batch in loader.epoch(epoch):
+            pixels = (batch.inputs.double() * 255).round().to(torch.uint8)
+            for index, out in zip(batch.indices.tolist(), pixels):
+                source = images[index]
+                assert out[2].eq(index).all()  # the view is of the image the batch names
+                assert out[1].equal(10 * rows)  # rows are never reversed (no vertical flip)
+                if out.equal(source):
+                    assert out[0].equal(10 * cols)
+                else:
+                    # The exact mirror: column c shows column size - 1 - c.
+                    assert out[0].equal(10 * (size - 1 - cols)), f"image {index} is neither itself nor its mirror"
+                    assert out.equal(source[:, :, torch.arange(size - 1, -1, -1)])
+                    mirrored += 1
+                draws += 1
+    assert draws == 2000
+    assert 0.45 <= mirrored / draws <= 0.55
+
+
+def test_tinyimagenet_32px_test_images_are_torchvisions_antialiased_resize_of_the_64px_tree(tmp_path):
+    """dataset=tinyimagenet at image_size 32 on the official 64 px tree: each val image is the source
+    resized by torchvision's antialiased bilinear Resize (uint8 tensor), to 1/255 after undoing the
+    normalisation. With train_augment=none the train views are that same resize (or its mirror)."""
+    from torchvision.transforms import functional as TF
+
+    from conftest import compose
+    from zipfls_train.data.builders import build_data
+
+    root = write_tinyimagenet_tree(tmp_path, WNIDS, train_per_class=3, val_per_class=4, seed=5)
+    base = root / "tiny-imagenet-200"
+    # Overwrite every image with plain uniform noise (the sharpest test of the resampling filter).
+    rng = np.random.default_rng(1)
+    for path in sorted(base.rglob("*.JPEG")):
+        Image.fromarray(rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8)).save(path, quality=95)
+
+    def decode(path: Path) -> torch.Tensor:
+        with Image.open(path) as image:
+            source = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
+        assert source.shape == (3, 64, 64)
+        return source
+
+    def reference(path: Path) -> torch.Tensor:
+        return TF.resize(decode(path), [32, 32], interpolation=TF.InterpolationMode.BILINEAR, antialias=True).double()
+
+    cfg = compose(["dataset=tinyimagenet", f"dataset.root={root}", "dataset.num_classes=3", "dataset.train_augment=none"]).dataset
+    assert cfg.image_size == 32 and cfg.test_transform == "resize"
+    options = LoaderOptions(batch_size=3, eval_batch_size=5, device=torch.device("cpu"), seed=0)
+    bundle = build_data(cfg, options)
+    mean = torch.tensor(list(cfg.mean), dtype=torch.float64).view(3, 1, 1)
+    std = torch.tensor(list(cfg.std), dtype=torch.float64).view(3, 1, 1)
+
+    def pixels(normalised: torch.Tensor) -> torch.Tensor:
+        return (normalised.double() * std + mean) * 255.0
+
+    annotations = [line.split("\t") for line in (base / "val/val_annotations.txt").read_text().splitlines()]
+    val_files = {int(Path(row[0]).stem.split("_")[1]): base / "val/images" / row[0] for row in annotations}
+    seen = 0
+    for batch in bundle.val.epoch(0):
+        assert batch.inputs.shape[1:] == (3, 32, 32)
+        for index, image in zip(batch.indices.tolist(), batch.inputs):
+            expected = reference(val_files[index])
+            assert (pixels(image) - expected).abs().max() <= 1.0 + 1e-3
+            # The data can tell filters apart: nearest sampling (every other pixel) is far from it.
+            assert (expected - decode(val_files[index])[:, ::2, ::2].double()).abs().max() > 20
+            seen += 1
+    assert seen == 12
+
+    train_files = [base / "train" / wnid / "images" / f"{wnid}_{k}.JPEG" for wnid in sorted(WNIDS) for k in range(3)]
+    seen = 0
+    for batch in bundle.train.epoch(0):
+        for index, image in zip(batch.indices.tolist(), batch.inputs):
+            expected, out = reference(train_files[index]), pixels(image)
+            error = min((out - expected).abs().max(), (out - expected.flip(-1)).abs().max())
+            assert error <= 1.0 + 1e-3
+            seen += 1
+    assert seen == 9

@@ -2,8 +2,7 @@
 paper's recipe; and every run a table's sweep makes fits a cell of that table, so the table builder
 can place it (runs -> zipfls_train.tables).
 
-A sweep point whose group option file does not exist yet (another part of the project adds it) is
-skipped outside CI and fails under CI=true, naming the missing file.
+A sweep point whose group option file does not exist fails, naming the missing file.
 """
 
 from __future__ import annotations
@@ -104,6 +103,36 @@ def test_sweep_block(name):
     assert "seed" in config.hydra.sweeper.params
 
 
+# SPEC.md section 3 (recipes) and section 1 (Zipf's defaults: lambda, the x2 bilinear upsample of
+# 32 px maps; beta, the auxiliary weight of Dense2, from the paper: 0.1 CIFAR-100, 0.5 TinyImageNet).
+DATASET_RECIPES = {
+    "cifar100": {"image_size": 32, "train_augment": "crop_pad", "test_transform": "none", "zipf": (0.1, "bilinear", 0.1)},
+    "tinyimagenet": {"image_size": 32, "train_augment": "random_resized_crop", "test_transform": "resize", "zipf": (1.0, "bilinear", 0.5)},
+    "imagenet": {"image_size": 224, "train_augment": "random_resized_crop", "test_transform": "resize_center_crop", "zipf": (0.1, "none")},
+    "inat21": {"image_size": 224, "train_augment": "random_resized_crop", "test_transform": "resize_center_crop", "zipf": (1.0, "none")},
+}
+SGD = {"name": "sgd", "momentum": 0.9, "weight_decay": 1e-4, "nesterov": False, "base_batch_size": None}
+
+
+def assert_dataset_recipe(resolved: dict[str, Any]) -> None:
+    dataset = resolved["dataset"]
+    recipe = DATASET_RECIPES[dataset["name"]]
+    assert {key: dataset[key] for key in ("image_size", "train_augment", "test_transform")} == {
+        key: recipe[key] for key in ("image_size", "train_augment", "test_transform")
+    }
+    if resolved["loss"]["name"] == "zipf":
+        loss = resolved["loss"]
+        assert (loss["weight"], loss["upsample"], loss["aux_weight"])[: len(recipe["zipf"])] == recipe["zipf"]
+
+
+@pytest.mark.parametrize("dataset", sorted(DATASET_RECIPES))
+def test_each_dataset_defaults_to_the_spec_recipe(dataset):
+    resolved = OmegaConf.to_container(compose([f"dataset={dataset}", "loss=zipf"]), resolve=True)
+    assert_dataset_recipe(resolved)
+    assert {key: resolved["optim"][key] for key in SGD} == SGD
+    assert resolved["optim"]["lr"] == 0.1
+
+
 NEEDS_HYDRA_RUNTIME = {"ban_generations"}  # its loss.teacher_checkpoint reads ${hydra:...}
 
 
@@ -125,12 +154,14 @@ def test_sweep_point_composes_and_fits_its_table(name, overrides):
     assert resolved["trainer"]["batch_size"] == recipe["batch_size"]
     assert resolved["sched"]["milestones"] == recipe["milestones"]
     assert resolved["optim"]["lr"] == 0.1
+    assert {key: resolved["optim"][key] for key in SGD} == SGD
     if prefix == "quick":
         assert resolved["dataset"]["format"] == "pack" and resolved["dataset"]["train_per_class"] == 100
         assert resolved["dataset"]["val_per_class"] is None and resolved["dataset"]["image_size"] == 32
         if resolved["loss"]["name"] == "zipf":
             assert resolved["loss"]["weight"] == 1.0
         return
+    assert_dataset_recipe(resolved)
     key = cell_key_from_config(resolved, Path(f"{name}:{','.join(overrides)}"))
     table = load_paper().tables[prefix.removeprefix("table")]
     fitting = [cell for cell in table.cells if matches(cell, key)]

@@ -45,12 +45,16 @@ def test_label_smoothing_is_not_torchs_eps_over_c():
 
 
 def test_low_precision_logits_are_computed_in_float32():
-    logits = torch.randn(8, 10)
-    targets = torch.randint(0, 10, (8,))
-    reference = label_smoothing_loss(logits, targets, 0.1)
-    half = label_smoothing_loss(logits.bfloat16(), targets, 0.1)
-    assert half.dtype == torch.float32
-    assert half.item() == pytest.approx(reference.item(), abs=2e-2)
+    generator = torch.Generator().manual_seed(0)
+    logits = (4 * torch.randn(8, 10, generator=generator)).bfloat16()
+    targets = torch.randint(0, 10, (8,), generator=generator)
+    # Float64 from the equation, on the bf16 values themselves: -sum_c t_c log softmax(z)_c.
+    z = logits.double()
+    soft = torch.full((8, 10), 0.1 / 9, dtype=torch.float64).scatter_(1, targets[:, None], 0.9)
+    expected = -(soft * (z - z.logsumexp(dim=1, keepdim=True))).sum(dim=1).mean()
+    loss = label_smoothing_loss(logits, targets, 0.1)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)  # a bf16 log-softmax is off by ~1e-2
 
 
 def test_unknown_loss_option_names_the_key_and_the_allowed_ones():

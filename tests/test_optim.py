@@ -1,10 +1,11 @@
-"""Learning-rate schedule from the sched config."""
+"""The optimiser (SGD by hand, lr scaling) and the learning-rate schedule from the sched config."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
-from zipfls_train.engine.optim import milestone_epochs
+from zipfls_train.engine.optim import build_optimizer, milestone_epochs
 
 
 def test_milestone_fractions_round_half_up_and_never_to_epoch_zero():
@@ -15,3 +16,28 @@ def test_milestone_fractions_round_half_up_and_never_to_epoch_zero():
     assert milestone_epochs([100, 150], 200) == [100, 150]
     with pytest.raises(ValueError, match="sched.milestones"):
         milestone_epochs([0.5, 150], 200)
+
+
+def test_sgd_takes_the_papers_steps_by_hand():
+    # SGD, momentum 0.9, weight decay 1e-4 (PyTorch's form, as the released code): d = g + wd w;
+    # buf = d at the first step, then 0.9 buf + d; w -= lr buf.
+    cfg = {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "nesterov": False, "base_batch_size": None}
+    weight = torch.nn.Parameter(torch.tensor([2.0], dtype=torch.float64))
+    optimizer = build_optimizer(cfg, [weight], global_batch=128, device=torch.device("cpu"))
+    expected, buf = 2.0, None
+    for grad in (0.5, -0.25):
+        weight.grad = torch.tensor([grad], dtype=torch.float64)
+        optimizer.step()
+        d = grad + 1e-4 * expected
+        buf = d if buf is None else 0.9 * buf + d
+        expected -= 0.1 * buf
+        assert weight.item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_base_batch_size_scales_the_lr_linearly():
+    cfg = {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "base_batch_size": 256}
+    for global_batch, lr in ((512, 0.2), (256, 0.1), (64, 0.025)):
+        optimizer = build_optimizer(cfg, [torch.nn.Parameter(torch.zeros(1))], global_batch, torch.device("cpu"))
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(lr)
+    unscaled = build_optimizer({**cfg, "base_batch_size": None}, [torch.nn.Parameter(torch.zeros(1))], 512, torch.device("cpu"))
+    assert unscaled.param_groups[0]["lr"] == 0.1

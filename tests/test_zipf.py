@@ -13,6 +13,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from zipfls_train.data.batch import Batch
 from zipfls_train.losses import build_method
@@ -346,7 +347,8 @@ def test_dense_votes_accept_low_precision_maps(dtype: torch.dtype) -> None:
     feature_map = torch.rand(2, 8, 4, 4)
     votes = dense_votes(feature_map.to(dtype), weight, torch.zeros(5), upsample="bilinear")
     assert votes.shape == (2, 64)
-    assert votes.tolist() == dense_votes(feature_map, weight, torch.zeros(5), upsample="bilinear").tolist()
+    upsampled = F.interpolate(feature_map.to(dtype).double(), scale_factor=2, mode="bilinear", align_corners=False)
+    assert votes.tolist() == reference_dense_votes(upsampled, weight, torch.zeros(5))
 
 
 @pytest.mark.parametrize("under_autocast", [False, True])
@@ -403,16 +405,47 @@ def test_functions_never_sync_with_the_host(monkeypatch: pytest.MonkeyPatch) -> 
     def forbidden(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise AssertionError("host synchronisation")
 
+    # Copies to the host that bypass the dispatcher...
     for name in ("item", "cpu", "tolist", "numpy"):
         monkeypatch.setattr(torch.Tensor, name, forbidden)
-    votes = dense_votes(feature_map, weight, bias, upsample="bilinear")
-    for distribution in DISTRIBUTIONS:
-        soft = zipf_soft_labels(vote_counts(votes, 20), targets, distribution=distribution)
-    nontarget_kl(logits, targets, soft).backward()
-    terms = method.training_step(model, batch)
-    terms["loss"].backward()
+    # ...and the operators that wait for the device on CUDA, seen at the dispatcher.
+    with NoHostSync():
+        votes = dense_votes(feature_map, weight, bias, upsample="bilinear")
+        for distribution in DISTRIBUTIONS:
+            soft = zipf_soft_labels(vote_counts(votes, 20), targets, distribution=distribution)
+        nontarget_kl(logits, targets, soft).backward()
+        terms = method.training_step(model, batch)
+        terms["loss"].backward()
     monkeypatch.undo()
     assert torch.isfinite(terms["loss"]).item()
+
+
+class NoHostSync(TorchDispatchMode):
+    """Fails on the operators that make the host wait for a CUDA device: reading a value
+    (``_local_scalar_dense``: item, bool, int), data-dependent shapes (nonzero, masked_select,
+    boolean-mask indexing, unique, bincount, repeat_interleave by a tensor) and comparisons returning
+    a Python bool (equal, is_nonzero)."""
+
+    SYNCING = {"_local_scalar_dense", "nonzero", "masked_select", "unique_dim", "_unique", "_unique2", "unique_consecutive",
+               "bincount", "repeat_interleave", "equal", "is_nonzero"}  # fmt: skip
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        name = func.overloadpacket.__name__
+        boolean_index = name in ("index", "index_put", "index_put_") and any(
+            isinstance(index, torch.Tensor) and index.dtype == torch.bool for index in (args[1] if len(args) > 1 else ()) or ()
+        )
+        if name in self.SYNCING or boolean_index:
+            raise AssertionError(f"host synchronisation: aten.{name}")
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_sync_detector_catches_boolean_masks_and_value_reads() -> None:
+    values = torch.arange(6.0)
+    for syncing in (lambda: values[values > 2], lambda: bool(values.sum() > 0), lambda: values.nonzero()):
+        with pytest.raises(AssertionError, match="host synchronisation"), NoHostSync():
+            syncing()
+    with NoHostSync():  # device-side selection is fine
+        torch.where(values > 2, values, 0.0)
 
 
 # --------------------------------------------------------------------------------------------------

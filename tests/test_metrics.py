@@ -1,0 +1,55 @@
+"""Accuracy: top-k counting by hand, and the logged val accuracy recomputed outside the trainer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from zipfls_train.data import LoaderOptions, build_data
+from zipfls_train.engine.checkpoint import load_checkpoint
+from zipfls_train.engine.metrics import topk_correct
+from zipfls_train.models import build_model
+
+
+def test_topk_correct_counts_targets_by_their_rank() -> None:
+    # Rows over 7 classes with distinct logits; the target's rank (1 = best) is 1, 2, 5, 6, 3.
+    logits = torch.tensor(
+        [
+            [9.0, 1, 2, 3, 4, 5, 6],  # target 0: rank 1
+            [1.0, 9, 8, 2, 3, 4, 5],  # target 2: rank 2
+            [7.0, 6, 5, 4, 3, 2, 1],  # target 4: rank 5
+            [7.0, 6, 5, 4, 3, 2, 1],  # target 5: rank 6
+            [0.0, 1, 2, 3, 4, 5, 6],  # target 4: rank 3
+        ]
+    )
+    targets = torch.tensor([0, 2, 4, 5, 4])
+    assert topk_correct(logits, targets).tolist() == [1, 4]  # top-1: row 0; top-5: all but row 3
+    assert topk_correct(logits, targets, ks=(1, 2, 3, 6)).tolist() == [1, 2, 3, 5]
+    # Fewer classes than k: every target is within the top k.
+    assert topk_correct(logits[:, :3], torch.tensor([0, 2, 1, 2, 0]), ks=(1, 5)).tolist() == [1, 5]
+
+
+def test_logged_val_accuracy_is_what_the_saved_model_scores_on_the_val_set(run_tiny) -> None:
+    _, run_dir = run_tiny("loss=ce", "trainer.epochs=2", "trainer.max_steps_per_epoch=4")
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    logged = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    model = build_model(str(cfg.model.name), int(cfg.dataset.num_classes), **cfg.model.options)
+    model.load_state_dict(load_checkpoint(run_dir / "checkpoints/last.pt")["model"])
+    model.eval()
+    options = LoaderOptions(batch_size=16, eval_batch_size=7, device=torch.device("cpu"), seed=0)
+    val = build_data(OmegaConf.to_container(cfg.dataset, resolve=True), options).val
+    correct1 = correct5 = total = 0
+    with torch.no_grad():
+        for batch in val.epoch(0):
+            logits = model(batch.inputs).logits
+            # Rank of each target = 1 + number of classes scoring strictly higher.
+            ranks = 1 + (logits > logits.gather(1, batch.targets[:, None])).sum(dim=1)
+            correct1 += int((ranks <= 1).sum())
+            correct5 += int((ranks <= 5).sum())
+            total += len(batch.targets)
+    assert total == 100  # 10 classes x 10 val images, each scored once
+    assert logged["val_top1"] == pytest.approx(100 * correct1 / total)
+    assert logged["val_top5"] == pytest.approx(100 * correct5 / total)
