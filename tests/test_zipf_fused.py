@@ -467,6 +467,42 @@ def test_a_kernel_that_computes_wrong_numbers_is_caught_on_its_first_call(kernel
     assert zipf_fused._kernel_state == {"cpu": "failed"}
 
 
+def test_near_tie_samples_are_those_with_a_pixel_whose_two_best_classes_almost_tie() -> None:
+    # 4 samples of 2 x 2 dense logits over 3 classes, every pixel alike: class 1 vs class 2 tie
+    # exactly (sample 1), differ by 5e-6 (sample 3: within the tolerance) or by 1e-3 (sample 2).
+    dense = torch.zeros(4, 4, 3)
+    dense[0, :, 0] = 5.0
+    dense[1, :, 1], dense[1, :, 2] = 1.0, 1.0
+    dense[2, :, 1], dense[2, :, 2] = 1.001, 1.0
+    dense[3, :, 1], dense[3, :, 2] = 1.000005, 1.0
+    assert zipf_fused._near_tie_samples(dense, 2, 2).tolist() == [False, True, False, True]
+
+
+@pytest.mark.parametrize(("perturbed_sample", "passes"), [(1, True), (0, False)])
+def test_the_first_call_check_leaves_out_only_samples_whose_votes_may_flip(monkeypatch: pytest.MonkeyPatch, perturbed_sample: int, passes: bool) -> None:
+    """A kernel that disagrees on a sample with a near-tie pixel (its own upsampling may flip that
+    vote) passes the check; the same disagreement on any other sample does not."""
+    generator = torch.Generator().manual_seed(3)
+    dense = torch.randn(3, 4, 6, generator=generator)
+    dense[1, 2, 4] = dense[1, 2].max() + 1.0
+    dense[1, 2, 5] = dense[1, 2, 4]  # sample 1: one map pixel (so the upsampled ones there) ties exactly
+    logits, targets = torch.randn(3, 6, generator=generator), torch.tensor([0, 1, 2])
+    options = (dense, zipf_fused._UPSAMPLED_DENSE_LOGITS, 2, 2, 1.0, "zipf", 0.5, True)
+
+    def disagreeing_on_one_sample(*args):  # noqa: ANN002, ANN202
+        totals, grad = zipf_fused._reference(*args)
+        grad = grad.clone()
+        grad[perturbed_sample] += 0.01
+        return totals * 1.01, grad
+
+    monkeypatch.setattr(zipf_fused, "_run_kernel", disagreeing_on_one_sample)
+    if passes:
+        zipf_fused._check_against_reference(logits, targets, *options)
+    else:
+        with pytest.raises(RuntimeError, match="disagrees with the reference"):
+            zipf_fused._check_against_reference(logits, targets, *options)
+
+
 def test_a_kernel_that_worked_and_then_fails_raises(kernel_as_on_a_gpu: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """The fallback is for a kernel that cannot be built here; once it has run, a failure (out of
     memory, say) is reported like any other, not hidden behind a switch of path."""
