@@ -127,18 +127,3 @@ def test_a_refused_page_lock_does_not_fail_the_next_kernel():
     finally:
         page_unlock(buffer.data_ptr())
 
-
-def test_bf16_votes_on_cuda_are_the_exact_arg_max_of_the_16_bit_inputs():
-    # The CUDA path multiplies bf16 by bf16 into float32 logits (torch.mm out_dtype); see the CPU
-    # test test_votes_of_a_bf16_map_are_not_decided_by_rounding_its_logits.
-    generator = torch.Generator().manual_seed(11)
-    feature_map = torch.randn(4, 256, 7, 7, generator=generator).relu().bfloat16()
-    weight = torch.randn(2000, 256, generator=generator) * 0.05
-    bias = torch.randn(2000, generator=generator) * 0.01
-    exact = torch.einsum("ndhw,cd->nhwc", feature_map.double(), weight.bfloat16().double()) + bias.double()
-    best_two = exact.flatten(1, 2).topk(2, dim=-1)
-    clear = best_two.values[..., 0] - best_two.values[..., 1] > 1e-5
-    on_gpu = feature_map.to(CUDA).contiguous(memory_format=torch.channels_last)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        votes = dense_votes(on_gpu, weight.to(CUDA), bias.to(CUDA)).cpu()
-    assert torch.equal(votes[clear], best_two.indices[..., 0][clear])

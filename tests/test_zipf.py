@@ -351,11 +351,12 @@ def test_dense_votes_accept_low_precision_maps(dtype: torch.dtype) -> None:
     assert votes.tolist() == reference_dense_votes(upsampled, weight, torch.zeros(5))
 
 
-@pytest.mark.parametrize("under_autocast", [False, True])
-def test_votes_of_a_bf16_map_are_not_decided_by_rounding_its_logits(under_autocast: bool) -> None:
+@pytest.mark.parametrize(("device", "under_autocast"), [("cpu", False), ("cpu", True), pytest.param("cuda", True, marks=pytest.mark.cuda)])
+def test_votes_of_a_bf16_map_are_not_decided_by_rounding_its_logits(device: str, under_autocast: bool) -> None:
     # Autocast multiplies 16-bit features by the 16-bit classifier. Rounding the dense logits to
     # bfloat16 as well would tie the two best classes of many pixels (asserted below), each tie
-    # going to the lower class index; the votes must be the exact arg-max of those 16-bit inputs.
+    # going to the lower class index; the votes must be the exact arg-max of those 16-bit inputs
+    # (CUDA: a bf16 x bf16 -> float32 matmul; CPU: float32 products of the 16-bit values).
     generator = torch.Generator().manual_seed(11)
     feature_map = torch.randn(4, 256, 7, 7, generator=generator).relu().bfloat16()
     weight = torch.randn(2000, 256, generator=generator) * 0.05
@@ -366,8 +367,9 @@ def test_votes_of_a_bf16_map_are_not_decided_by_rounding_its_logits(under_autoca
     assert (rounded_best_two[..., 0] == rounded_best_two[..., 1]).double().mean() > 0.02
     clear = best_two.values[..., 0] - best_two.values[..., 1] > 1e-5  # far above float32 rounding
     assert clear.double().mean() > 0.99
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=under_autocast):
-        votes = dense_votes(feature_map, weight, bias)
+    on_device = feature_map.to(device).contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=under_autocast):
+        votes = dense_votes(on_device, weight.to(device), bias.to(device)).cpu()
     assert torch.equal(votes[clear], best_two.indices[..., 0][clear])
 
 
