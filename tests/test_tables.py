@@ -490,9 +490,11 @@ def test_metrics_file_quirks(tmp_path):
     # A resumed run re-logs epoch 2 (the later record wins) and a kill cut the last line short.
     with path.open("a") as stream:
         stream.write(json.dumps({"epoch": 2, "val_top1": 53.0}) + "\n" + '{"epoch": 3, "val_to')
-    records = read_metrics(path)
+    with pytest.warns(UserWarning, match=r"metrics.jsonl:4: ignoring a truncated last line"):
+        records = read_metrics(path)
     assert [r["epoch"] for r in records] == [1, 2] and records[-1]["val_top1"] == 53.0
-    (run,) = load_runs([tmp_path])
+    with pytest.warns(UserWarning, match="truncated last line"):
+        (run,) = load_runs([tmp_path])
     assert (run.epochs_done, run.best_top1, run.complete) == (2, 53.0, False)
     path.write_text('{"epoch": 1, "val_top1": 1.0}\nnot json\n{"epoch": 2, "val_top1": 2.0}\n')
     with pytest.raises(RunFolderError, match=r"metrics.jsonl:2"):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
 
@@ -10,7 +13,9 @@ import pytest
 import torch
 
 from conftest import REPO, TINY_RUN
-from zipfls_train.engine.checkpoint import load_checkpoint
+from zipfls_train.engine.checkpoint import CheckpointError, load_checkpoint
+from zipfls_train.engine.config_checks import ConfigError
+from zipfls_train.engine.interrupt import TrainingInterrupted
 from zipfls_train.engine.trainer import ResumeError, Trainer
 
 
@@ -151,6 +156,89 @@ def test_resume_accepts_a_different_implementation_of_the_same_loss(run_tiny, tm
     summary, _ = run_tiny(*args, run_dir=tmp_path / "run")  # loss.kernel=auto now
     assert summary["epochs"] == 2
     assert [m["epoch"] for m in read_jsonl(tmp_path / "run/metrics.jsonl")] == [1, 2]
+
+
+def assert_same_weights(a_dir, b_dir):
+    a = load_checkpoint(a_dir / "checkpoints/last.pt")
+    b = load_checkpoint(b_dir / "checkpoints/last.pt")
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert a["progress"] == b["progress"]
+
+
+def signal_at_step(monkeypatch, signal_number, global_step):
+    """The process receives ``signal_number`` while it trains step ``global_step`` (1-based)."""
+    original = Trainer.train_step
+
+    def train_step(self, batches):
+        terms = original(self, batches)
+        if self.progress.global_step + 1 == global_step:
+            os.kill(os.getpid(), signal_number)
+        return terms
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    return original
+
+
+@pytest.mark.parametrize(("signal_number", "at_step"), [(signal.SIGINT, 6), (signal.SIGTERM, 8)])
+def test_a_signal_saves_the_step_and_the_rerun_resumes_exactly(signal_number, at_step, run_tiny, tmp_path, monkeypatch):
+    # 2 epochs x 4 steps: step 6 is mid-epoch 2; step 8 ends epoch 2 (stopped before its evaluation).
+    args = ("loss=zipf", "trainer.epochs=3", "trainer.max_steps_per_epoch=4")
+    _, straight = run_tiny(*args, run_dir=tmp_path / "straight")
+    handler_before = signal.getsignal(signal_number)
+    original = signal_at_step(monkeypatch, signal_number, at_step)
+    name = signal.Signals(signal_number).name
+    with pytest.raises(TrainingInterrupted, match=rf"interrupted \({name}\) in epoch 2/3, after step {at_step - 4}/4; saved .*last.pt"):
+        run_tiny(*args, run_dir=tmp_path / "resumed")
+    assert signal.getsignal(signal_number) == handler_before  # the run's handler is gone with it
+    assert load_checkpoint(tmp_path / "resumed/checkpoints/last.pt")["progress"]["global_step"] == at_step
+    monkeypatch.setattr(Trainer, "train_step", original)
+    run_tiny(*args, run_dir=tmp_path / "resumed")
+    assert_same_weights(straight, tmp_path / "resumed")
+    metrics = read_jsonl(tmp_path / "resumed/metrics.jsonl")
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]
+    assert metrics[-1]["val_top1"] == read_jsonl(straight / "metrics.jsonl")[-1]["val_top1"]
+    # The resumed epoch's throughput counts only the images it trained after the restart.
+    resumed = metrics[1]
+    assert resumed["images_per_s"] * resumed["epoch_time_s"] == pytest.approx((8 - at_step) * 16, rel=1e-9)
+
+
+def test_a_truncated_last_metrics_line_does_not_block_the_resume(run_tiny, tmp_path, monkeypatch):
+    args = ("loss=ce", "trainer.epochs=2", "trainer.max_steps_per_epoch=3")
+    original = signal_at_step(monkeypatch, signal.SIGINT, 5)
+    with pytest.raises(TrainingInterrupted):
+        run_tiny(*args, run_dir=tmp_path / "run")
+    monkeypatch.setattr(Trainer, "train_step", original)
+    with (tmp_path / "run/metrics.jsonl").open("a") as stream:
+        stream.write('{"epoch": 2, "train_lo')  # a kill in the middle of writing epoch 2's line
+    with pytest.warns(UserWarning, match="ignoring a truncated last line"):
+        run_tiny(*args, run_dir=tmp_path / "run")
+    assert [m["epoch"] for m in read_jsonl(tmp_path / "run/metrics.jsonl")] == [1, 2]
+
+
+def test_a_run_whose_last_checkpoint_is_gone_is_not_overwritten(run_tiny, tmp_path):
+    args = ("loss=ce", "trainer.epochs=2", "trainer.max_steps_per_epoch=2")
+    _, run_dir = run_tiny(*args, run_dir=tmp_path / "run")
+    (run_dir / "checkpoints/last.pt").unlink()
+    written = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+    with pytest.raises(ResumeError, match=r"holds the results of 2 epoch\(s\) but no checkpoints/last.pt .*trainer.resume=never"):
+        run_tiny(*args, run_dir=run_dir)
+    assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == written
+    run_tiny(*args, "trainer.resume=never", run_dir=run_dir)  # the explicit way to start over
+    assert (run_dir / "checkpoints/last.pt").is_file()
+
+
+def test_best_pt_in_place_of_last_pt_is_named_not_a_resumable_checkpoint(run_tiny, tmp_path):
+    args = ("loss=ce", "trainer.epochs=2", "trainer.max_steps_per_epoch=2")
+    _, run_dir = run_tiny(*args, "trainer.epochs=1", run_dir=tmp_path / "run")
+    shutil.copy(run_dir / "checkpoints/best.pt", run_dir / "checkpoints/last.pt")
+    with pytest.raises(CheckpointError, match=r"last.pt is not a checkpoint to resume from \(it lacks \['optimizer'"):
+        run_tiny(*args, run_dir=run_dir)
+
+
+def test_max_steps_per_epoch_below_one_is_refused(run_tiny, tmp_path):
+    with pytest.raises(ConfigError, match=r"trainer.max_steps_per_epoch must be >= 1, or null for full epochs; got 0"):
+        run_tiny("loss=ce", "trainer.max_steps_per_epoch=0", run_dir=tmp_path / "run")
 
 
 def _train_py(*args: str, cwd=REPO) -> subprocess.CompletedProcess:

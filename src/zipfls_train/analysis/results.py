@@ -13,10 +13,8 @@ No torch import here: the table CLI must start fast and run anywhere the files a
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from ..engine.metrics import MetricsFileError, parse_metrics
 from ..loss_options import IMPLEMENTATION_OPTIONS
 
 # Reference values of options a config may predate (SPEC.md section 1): filled in when a zipf run's
@@ -185,18 +184,11 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     A malformed last line is a write cut short by a kill and is dropped; a malformed line before
     the last is corruption and raises.
     """
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    by_epoch: dict[int, dict[str, Any]] = {}
-    for number, line in enumerate(lines, start=1):
-        try:
-            record = json.loads(line)
-            epoch = int(record["epoch"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-            if number == len(lines):
-                print(f"warning: {path}:{number}: ignoring a truncated last line", file=sys.stderr)
-                break
-            raise RunFolderError(f"{path}:{number}: not a JSON object with an 'epoch' ({error})") from error
-        by_epoch[epoch] = record
+    try:
+        records = parse_metrics(path)
+    except MetricsFileError as error:
+        raise RunFolderError(str(error)) from error
+    by_epoch = {record["epoch"]: record for record in records}
     return [by_epoch[epoch] for epoch in sorted(by_epoch)]
 
 

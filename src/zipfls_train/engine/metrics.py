@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -91,11 +93,15 @@ class RunRecords:
         self.writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=global_step + 1 if global_step else None)
 
     def _truncate_after(self, epoch: int) -> None:
-        """Drop metric lines of epochs the checkpoint does not contain (a run killed between them)."""
+        """Drop metric lines of epochs the checkpoint does not contain (a run killed between them),
+        and a last line cut short by a kill. Rewritten through a temporary file: a kill now leaves
+        the old file or the new one, never half of either."""
         if not self.metrics_path.exists():
             return
-        kept = [line for line in self.metrics_path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] <= epoch]
-        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+        kept = [record for record in parse_metrics(self.metrics_path) if record["epoch"] <= epoch]
+        partial = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
+        partial.write_text("".join(json.dumps(record) + "\n" for record in kept))
+        os.replace(partial, self.metrics_path)
 
     def scalars(self, prefix: str, values: Mapping[str, float], step: int) -> None:
         if self.writer is not None:
@@ -116,8 +122,29 @@ class RunRecords:
             self.writer.close()
 
 
+class MetricsFileError(ValueError):
+    """A metrics.jsonl line before the last is not an epoch record: the file is damaged."""
+
+
+def parse_metrics(path: Path) -> list[dict[str, Any]]:
+    """The epoch records of a metrics.jsonl, in file order. A malformed *last* line is a write cut
+    short by a kill: dropped, with a warning. A malformed line before it is damage:
+    :class:`MetricsFileError` naming the file and line."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+            record["epoch"] = int(record["epoch"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+            if number == len(lines):
+                warnings.warn(f"{path}:{number}: ignoring a truncated last line", stacklevel=2)
+                break
+            raise MetricsFileError(f"{path}:{number}: not a JSON object with an 'epoch' ({error})") from error
+        records.append(record)
+    return records
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return parse_metrics(path) if path.exists() else []

@@ -23,10 +23,11 @@ from ..data import DataBundle, LoaderOptions, build_data
 from ..loss_options import IMPLEMENTATION_OPTIONS
 from ..losses import Method, build_method
 from ..models import build_model, unwrap
-from .checkpoint import capture_rng_state, load_checkpoint, rank_rng_state, restore_rng_state, save_atomic
+from .checkpoint import CheckpointError, capture_rng_state, load_checkpoint, rank_rng_state, restore_rng_state, save_atomic
 from .config_checks import ConfigError
 from .distributed import DistContext, all_reduce_sum, broadcast_buffers, gather_objects
-from .metrics import RunRecords, TermAccumulator, topk_correct
+from .interrupt import StopRequests, TrainingInterrupted
+from .metrics import RunRecords, TermAccumulator, read_metrics, topk_correct
 from .optim import build_optimizer, build_scheduler
 
 # Config keys that may differ between a checkpoint and the resuming command (they change how the run
@@ -35,9 +36,11 @@ from .optim import build_optimizer, build_scheduler
 RESUME_TOLERATED = {
     "trainer.device", "trainer.devices", "trainer.progress_bar", "trainer.log_every", "trainer.num_workers",
     "trainer.checkpoint_every_steps", "trainer.resume", "trainer.compile", "trainer.data_on",
-    "trainer.eval_batch_size", "dataset.root",
+    "trainer.eval_batch_size", "dataset.root", "tag",
     *(f"loss.{option}" for option in IMPLEMENTATION_OPTIONS),
 }
+# What a checkpoint to resume from holds (best.pt holds only the model).
+RESUMABLE_KEYS = ("model", "optimizer", "scheduler", "scaler", "method", "progress", "running", "rng", "config")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -65,7 +68,7 @@ def resolve_precision(requested: str, device: torch.device) -> torch.dtype | Non
         return None
     table = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
     if requested not in table:
-        raise ValueError(f"trainer.precision must be auto, fp32, bf16 or fp16, got {requested!r}")
+        raise ConfigError(f"trainer.precision must be auto, fp32, bf16 or fp16, got {requested!r}")
     return table[requested]
 
 
@@ -89,7 +92,7 @@ def compile_mode(value: Any) -> str | None:
         return "default"
     if value in COMPILE_MODES:
         return str(value)
-    raise ValueError(f"trainer.compile must be false, true or one of {list(COMPILE_MODES)}, got {value!r}")
+    raise ConfigError(f"trainer.compile must be false, true or one of {list(COMPILE_MODES)}, got {value!r}")
 
 
 def per_process_batch(global_batch: int, world_size: int, accumulate_steps: int) -> int:
@@ -97,7 +100,7 @@ def per_process_batch(global_batch: int, world_size: int, accumulate_steps: int)
     the number of GPUs); each process loads global / (world_size * accumulate_steps) per micro-step."""
     parts = world_size * accumulate_steps
     if global_batch % parts:
-        raise ValueError(
+        raise ConfigError(
             f"trainer.batch_size={global_batch} (the global batch) is not divisible by "
             f"{world_size} process(es) x trainer.accumulate_steps={accumulate_steps}"
         )
@@ -175,6 +178,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
         self.progress = Progress()
         self.running = TermAccumulator()
+        self._stops = StopRequests()  # listening only while fit() runs
 
     # --- set-up helpers -----------------------------------------------------------------------
     def _wrap_for_training(self, model: nn.Module) -> nn.Module:
@@ -204,7 +208,9 @@ class Trainer:
     def _steps_per_epoch(self) -> int:
         batches = len(self.data.train)
         limit = self.cfg.trainer.get("max_steps_per_epoch")
-        if limit:
+        if limit is not None and int(limit) < 1:
+            raise ConfigError(f"trainer.max_steps_per_epoch must be >= 1, or null for full epochs; got {limit!r}")
+        if limit is not None:
             batches = min(batches, int(limit) * self.accumulate)
         return max(1, batches // self.accumulate)
 
@@ -263,11 +269,20 @@ class Trainer:
         mode = str(self.cfg.trainer.resume)
         path = self.checkpoint_dir / "last.pt"
         if mode not in ("auto", "never", "must"):
-            raise ValueError(f"trainer.resume must be auto, never or must, got {mode!r}")
+            raise ConfigError(f"trainer.resume must be auto, never or must, got {mode!r}")
         self._check_ranks_see_one_folder()
-        if mode == "never" or (mode == "auto" and not path.exists()):
+        if mode == "never":
+            return False
+        if mode == "auto" and not path.exists():
+            self._refuse_to_overwrite_results()
             return False
         state = load_checkpoint(path, map_location=self.device)
+        missing = [key for key in RESUMABLE_KEYS if key not in state]
+        if missing:
+            raise CheckpointError(
+                f"{path} is not a checkpoint to resume from (it lacks {missing}; best.pt, for one, holds only "
+                "the model): put the run's own last.pt back, or start over with trainer.resume=never"
+            )
         self._check_same_config(state["config"], path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -278,6 +293,19 @@ class Trainer:
         self.running.load_state_dict(state["running"], self.device)
         restore_rng_state(rank_rng_state(state["rng"], self.ctx.rank), self.device)
         return True
+
+    def _refuse_to_overwrite_results(self) -> None:
+        """No last.pt, yet the folder holds results beyond a first epoch: the checkpoint was deleted
+        or lost. Starting over would truncate metrics.jsonl and overwrite best.pt and summary.json.
+        (A kill between the first epoch's metrics line and its checkpoint leaves one epoch line:
+        that one is redone.)"""
+        done = [record["epoch"] for record in read_metrics(self.run_dir)]
+        if max(done, default=0) >= 2 or (self.run_dir / "summary.json").is_file():
+            raise ResumeError(
+                f"{self.run_dir} holds the results of {max(done, default=0)} epoch(s) but no checkpoints/last.pt "
+                "to resume from; rerunning here would overwrite them. Put last.pt back, use another run "
+                "folder (tag=... or hydra.run.dir=...), or trainer.resume=never to start over in this one."
+            )
 
     def _check_same_config(self, saved: dict[str, Any], path: Path) -> None:
         now = flatten(OmegaConf.to_container(self.cfg, resolve=True))
@@ -303,11 +331,13 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
         records = RunRecords(self.run_dir, self.progress.epoch, self.progress.global_step, enabled=self.ctx.is_main)
         if self.ctx.is_main:
-            state = "resumed at epoch %d, step %d" % (self.progress.epoch, self.progress.step_in_epoch) if resumed else "started"
-            print(f"[zipfls-train] run {state}: {self.run_dir}", flush=True)
+            print(f"[zipfls-train] run {self._resumed_at() if resumed else 'started'}: {self.run_dir}", flush=True)
         try:
-            while self.progress.epoch < self.epochs:
-                self._train_epoch(records)
+            with self._stops:
+                while self.progress.epoch < self.epochs:
+                    if self._stops.agreed(self.device, self.ctx.enabled):  # last.pt is this epoch boundary
+                        raise TrainingInterrupted(self._interrupted_message(saved=self.progress.global_step > 0))
+                    self._train_epoch(records)
             summary = self._summary("finished")
             summary["zipf_alpha"] = self._zipf_fit_at_end(records)
         finally:
@@ -316,6 +346,20 @@ class Trainer:
         if self.ctx.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
+
+    def _resumed_at(self) -> str:
+        """Where a resumed run goes on, 1-based as the progress lines count epochs."""
+        epoch = f"epoch {self.progress.epoch + 1}/{self.epochs}"
+        if self.progress.step_in_epoch == 0:
+            return f"resumed at the start of {epoch}"
+        return f"resumed in {epoch} after step {self.progress.step_in_epoch}/{self.steps_per_epoch}"
+
+    def _interrupted_message(self, saved: bool = True) -> str:
+        by = self._stops.signal_name or "a signal to another rank"
+        where = f"epoch {self.progress.epoch + 1}/{self.epochs}, after step {self.progress.step_in_epoch}/{self.steps_per_epoch}"
+        if not saved:
+            return f"interrupted ({by}) in {where}, before anything was trained; nothing to save"
+        return f"interrupted ({by}) in {where}; saved {self.checkpoint_dir / 'last.pt'}: rerun the same command to resume"
 
     def _already_finished(self) -> dict[str, Any]:
         """A rerun of a finished run: nothing to train, evaluate or rewrite; its summary as written."""
@@ -358,6 +402,12 @@ class Trainer:
                 records.scalars("train", {**means, "lr": step_lr}, self.progress.global_step)
                 bar.set_postfix(loss=f"{means['loss']:.4f}")
                 window_start, window = self.progress.global_step, self.running.mark()
+            # Single process: a stop request is a Python flag, checked every step. DDP: the ranks agree
+            # at the log steps, which synchronise anyway.
+            logged = window_start == self.progress.global_step
+            if (logged or not self.ctx.enabled) and self._stops.agreed(self.device, self.ctx.enabled):
+                self.save(check_finite_since=window_start)
+                raise TrainingInterrupted(self._interrupted_message())
             every = int(self.cfg.trainer.checkpoint_every_steps)
             if every and self.progress.global_step % every == 0 and step + 1 < self.steps_per_epoch:
                 self.save(check_finite_since=window_start)
@@ -367,7 +417,7 @@ class Trainer:
         epoch_terms = self.running.copy()  # the running sums stay rank-local until the next save
         epoch_terms.all_reduce_mean()
         train_means = epoch_terms.means()
-        seen = self.steps_per_epoch * int(self.cfg.trainer.batch_size)
+        seen = (self.steps_per_epoch - start_step) * int(self.cfg.trainer.batch_size)  # in this process's time
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - started
@@ -484,8 +534,8 @@ class Trainer:
                 + (f"..{self.progress.global_step}" if self.progress.global_step > window_start + 1 else "")
                 + f" (epoch {self.progress.epoch + 1}): "
                 + ", ".join(f"{k}={v}" for k, v in means.items())
-                + f". Stopped; the last good checkpoint is {last if last.exists() else '(none written yet)'}. "
-                "Set trainer.log_every=1 to pin the exact step."
+                + f". Stopped; the last good checkpoint is {last if last.exists() else '(none written yet)'}."
+                + (" Set trainer.log_every=1 to pin the exact step." if int(self.cfg.trainer.log_every) > 1 else "")
             )
         return means
 
