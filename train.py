@@ -1,8 +1,8 @@
 """Train one run (or a sweep with -m). All logic lives in zipfls_train; this file only hands the
 composed config to it.
 
-    python train.py dataset=tinyimagenet model=cifar_resnet18 loss=zipf
-    python train.py -m loss=ce,ls,zipf seed=0,1,2,3,4
+    python train.py dataset=tinyimagenet model=cifar_resnet18 loss=zipf dataset.root=../shared/data
+    python train.py -m loss=ce,ls,zipf seed=0,1,2,3,4 dataset.root=../shared/data
 """
 
 from __future__ import annotations
@@ -19,15 +19,41 @@ from zipfls_train.engine.naming import register_resolvers
 register_resolvers()  # before Hydra composes: the sweep subdir uses ${safe_dirname:...}
 
 
+def _compose(overrides: list[str]) -> DictConfig:
+    """The config of this command line with other overrides (hydra's compose, inside the app)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    name = HydraConfig.get().job.config_name
+    if GlobalHydra.instance().is_initialized():
+        return hydra.compose(config_name=name, overrides=overrides)
+    # A launcher that runs the job in a process of its own, without Hydra's global state.
+    with hydra.initialize_config_dir(config_dir=str(Path(__file__).resolve().parent / "configs"), version_base="1.3"):
+        return hydra.compose(config_name=name, overrides=overrides)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """Hydra creates the run folder before the app runs: a run refused before writing anything must
+    not leave an empty folder behind (a folder with anything in it is never touched)."""
+    try:
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+    except OSError:
+        pass
+
+
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from zipfls_train.engine.config_checks import check_added_keys
     from zipfls_train.engine.run import run_training
-    from zipfls_train.errors import user_errors
+    from zipfls_train.errors import original_message, user_errors
 
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        summary = run_training(cfg, Path(HydraConfig.get().runtime.output_dir))
+        check_added_keys(list(HydraConfig.get().overrides.task), _compose)
+        summary = run_training(cfg, run_dir)
     except user_errors() as error:
-        print(f"error: {error}", file=sys.stderr)
+        _remove_if_empty(run_dir)
+        print(f"error: {original_message(error)}", file=sys.stderr)
         sys.exit(1)
     # Returned for Hydra sweepers that optimise a metric.
     return None if summary is None else summary.get("best_val_top1")

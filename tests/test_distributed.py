@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -121,7 +122,7 @@ def test_sigkill_mid_epoch_then_same_command_ends_identically(tiny_pack_root, tm
     _kill_mid_epoch([*base, f"hydra.run.dir={killed}"], killed / "checkpoints/last.pt")
     again = subprocess.run([sys.executable, "train.py", *base, f"hydra.run.dir={killed}"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "run resumed at epoch 1, step " in again.stdout
+    assert "run resumed in epoch 2/2 after step " in again.stdout
     a, b = _weights(straight), _weights(killed)
     for name, tensor in a.items():
         assert torch.equal(tensor, b[name]), name
@@ -134,6 +135,31 @@ def test_sigkill_mid_epoch_then_same_command_ends_identically(tiny_pack_root, tm
     assert sa or loss != "pskd", "PS-KD keeps its memory in the method state"
     for name, tensor in sa.items():
         assert torch.equal(tensor, sb[name]), name
+
+
+def test_sigterm_to_the_launching_process_stops_every_rank_at_one_step_with_a_checkpoint(tiny_pack_root, tmp_path):
+    """SIGTERM to train.py alone (as `kill <pid>` sends it): it forwards the signal to its 2 spawned
+    ranks, which agree on a step, save there and stop with one line; the rerun ends as a straight run."""
+    base = [*TINY_RUN, f"dataset.root={tiny_pack_root}", "trainer.epochs=2", "trainer.max_steps_per_epoch=6",
+            "trainer.checkpoint_every_steps=1", "trainer.log_every=1", "loss=ce", "trainer.devices=2", "model.options.norm=group"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    done = subprocess.run([sys.executable, "train.py", *base, f"hydra.run.dir={straight}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    process = _launch([*base, f"hydra.run.dir={stopped}"])
+    deadline = time.time() + 300
+    while not (stopped / "checkpoints/last.pt").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 1, stderr[-3000:]
+    (line,) = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert re.fullmatch(r"error: interrupted \(SIGTERM\) in epoch \d/2, after step \d/6; saved .*last.pt: rerun the same command to resume", line), line
+    assert "Traceback" not in stderr
+    again = subprocess.run([sys.executable, "train.py", *base, f"hydra.run.dir={stopped}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    a, b = _weights(straight), _weights(stopped)
+    for name, tensor in a.items():
+        assert torch.equal(tensor, b[name]), name
 
 
 def test_gradient_accumulation_equals_the_whole_batch_at_once(tiny_pack_root, tmp_path):

@@ -490,7 +490,7 @@ TABLE4_MODELS = ["resnet18", "resnet50", "resnet101", "resnext50_32x4d", "resnex
 TWO_STEPS = [
     "trainer.device=cpu", "trainer.epochs=1", "trainer.max_steps_per_epoch=2", "trainer.batch_size=2",
     "trainer.eval_batch_size=4", "trainer.progress_bar=false", "trainer.num_workers=0", "trainer.log_every=1",
-    "dataset.val_per_class=1", "dataset.image_size=32",
+    "dataset.val_per_class=1", "dataset.image_size=32", "trainer.zipf_fit_at_end=false",
     # Batch 2 at 32 px puts BatchNorm over 2 values of a 1 x 1 map: its gradient is degenerate and
     # lr 0.1 sends the bottleneck ResNets to inf within two steps (torchvision's resnet50 too).
     "optim.lr=0.001",
@@ -587,3 +587,36 @@ def test_loader_warns_once_and_copies_synchronously_when_page_locking_is_refused
     monkeypatch.setattr(file_loader, "page_lock", lambda buffer: 0)
     loader._page_lock_ring()
     assert loader._registered == [buffer.data_ptr() for buffers in loader._ring for buffer in buffers.values()]
+
+
+def test_sigterm_to_the_process_group_stops_a_run_with_loader_workers_at_a_saved_step(imagenet_root: Path, tmp_path: Path, monkeypatch) -> None:
+    """A cluster's SIGTERM reaches the DataLoader workers too. They leave it to the training process,
+    which saves at the next step and stops them (a worker killed by it would fail the run with
+    DataLoader's "worker exited unexpectedly" at the next batch it owed). Here the workers get the
+    signal during step 1 and must still deliver steps 2-4; the trainer gets it during step 4."""
+    import multiprocessing
+    import os
+    import signal
+
+    from zipfls_train.engine.checkpoint import load_checkpoint
+    from zipfls_train.engine.interrupt import TrainingInterrupted
+    from zipfls_train.engine.run import run_training
+    from zipfls_train.engine.trainer import Trainer
+
+    original = Trainer.train_step
+
+    def train_step(self, batches):  # noqa: ANN001, ANN202
+        terms = original(self, batches)
+        if self.progress.global_step == 0:
+            for worker in multiprocessing.active_children():
+                os.kill(worker.pid, signal.SIGTERM)
+        if self.progress.global_step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return terms
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    cfg = compose(["dataset=imagenet", "model=resnet18", "loss=ce", *TWO_STEPS, "trainer.max_steps_per_epoch=12",
+                   "trainer.num_workers=1", f"dataset.root={imagenet_root}", "dataset.num_classes=24", "dataset.num_classes_subset=12"])
+    with pytest.raises(TrainingInterrupted, match=r"interrupted \(SIGTERM\) in epoch 1/1, after step 4/12; saved"):
+        run_training(cfg, tmp_path / "run")
+    assert load_checkpoint(tmp_path / "run/checkpoints/last.pt")["progress"]["step_in_epoch"] == 4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -120,3 +121,294 @@ def test_a_failed_write_never_replaces_the_good_checkpoint(tmp_path, monkeypatch
 def test_resume_must_without_checkpoint_fails(run_tiny, tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         run_tiny("loss=ce", "trainer.resume=must", run_dir=tmp_path / "fresh")
+
+
+# --- a user's bad input: one line naming the key, file or value and what was expected -------------
+
+def one_line_user_error(error: BaseException) -> str:
+    """The message train.py prints for ``error``: its class must be a user error (no traceback), and
+    the message a single line."""
+    from zipfls_train.errors import original_message, user_errors
+
+    assert isinstance(error, user_errors()), f"{type(error).__name__} is not a user error: train.py would print a traceback"
+    message = original_message(error)
+    assert "Traceback" not in message and "\n" not in message, message
+    return message
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.options.norm=layer"], r"^model.options.norm must be one of \['batch', 'group'\], got 'layer'$"),
+        (["model.options.width=0"], r"^model.options.width must be an integer >= 1 .*got 0$"),
+        (["model.options.width=wide"], r"^model.options.width must be an integer >= 1 .*got 'wide'$"),
+        (["+model.options.depth=3"], r"^model.options.depth is not an option of model=cifar_resnet18; its options are \['width', 'norm'\]$"),
+        (["model=cifar_densenet121", "+model.options.width=8"], r"^model.options.width is not an option of model=cifar_densenet121; .*must be empty"),
+        (["optim.name=adamw"], r"^optim.name must be one of \['sgd'\] .*got 'adamw'$"),
+        (["sched.name=cosine"], r"^sched.name must be one of \['multistep'\] .*got 'cosine'$"),
+        (["seed=abc"], r"^seed must be an integer >= 0, got 'abc'$"),
+        (["dataset.train_per_class=0"], r"^dataset.train_per_class .* must be null \(all\) or an integer >= 1, got 0$"),
+        (["dataset.val_per_class=-5"], r"^dataset.val_per_class .* must be null \(all\) or an integer >= 1, got -5$"),
+        (["dataset.num_classes_subset=1"], r"^dataset.num_classes_subset .* must be null \(all\) or an integer >= 2, got 1$"),
+    ],
+)
+def test_bad_model_optimiser_seed_and_subset_values_are_named(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        validate_config(compose(overrides))
+    assert re.search(message, one_line_user_error(error.value))
+
+
+def test_an_unknown_timm_option_is_named_before_any_work():
+    with pytest.raises(ConfigError) as error:
+        validate_config(compose(["model=resnet18", "+model.options.drop_pth_rate=0.1"]))
+    assert re.match(r"model.options.drop_pth_rate is not an option of model=resnet18 \(timm's resnet18", one_line_user_error(error.value))
+    validate_config(compose(["model=resnet18", "+model.options.drop_path_rate=0.05"]))  # a real timm option
+
+
+def test_the_optimiser_builders_raise_the_same_config_error():
+    from zipfls_train.engine.optim import build_optimizer, build_scheduler
+
+    parameters = [torch.nn.Parameter(torch.zeros(2))]
+    with pytest.raises(ConfigError, match=r"^optim.name must be one of \['sgd'\]"):
+        build_optimizer({"name": "adamw", "lr": 0.1, "momentum": 0.9, "weight_decay": 0.0}, parameters, 128, torch.device("cpu"))
+    optimizer = torch.optim.SGD(parameters, lr=0.1)
+    with pytest.raises(ConfigError, match=r"^sched.name must be one of \['multistep'\]"):
+        build_scheduler({"name": "cosine", "milestones": [0.5], "gamma": 0.1}, optimizer, 10, 5)
+
+
+# --- keys added with + -----------------------------------------------------------------------------
+
+def check_added(overrides):
+    from zipfls_train.engine.config_checks import check_added_keys
+
+    check_added_keys(overrides, compose)  # train.py passes Hydra's overrides.task and hydra.compose
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["+trainer.epoch=5"], r"^unknown key trainer.epoch \(from \+trainer.epoch=5\): trainer has no key 'epoch'; "
+                               r"its keys are \[.*'epochs'.*\]; did you mean trainer.epochs\?$"),
+        (["+foo=1"], r"^unknown key foo \(from \+foo=1\): the top level of the config has no key 'foo'; its keys are \[.*'seed'.*\]$"),
+        (["++optim.lr_decay=2"], r"^unknown key optim.lr_decay .*optim has no key 'lr_decay'; its keys are \[.*'weight_decay'.*\]"),
+        (["+sched.warmup=1"], r"^unknown key sched.warmup .*did you mean sched.warmup_epochs\?$"),
+        (["+model.options.depth=3"], r"^unknown key model.options.depth .*model.options has no key 'depth'; its keys are \['norm', 'width'\]$"),
+        # Dataset files differ: cifar100.yaml has no decode (ImageNet's), the selected file's keys are listed.
+        (["dataset=cifar100", "+dataset.decode=device"], r"^unknown key dataset.decode .*its keys are \[.*'download'.*\]"),
+        (["experiment=demo", "+trainer.epoch=5"], r"^unknown key trainer.epoch "),
+        (["+trainer.extra.depth=1"], r"^unknown key trainer.extra.depth .*trainer has no key 'extra'"),
+    ],
+)
+def test_a_key_added_with_plus_that_nothing_reads_is_rejected(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        check_added(overrides)
+    assert re.search(message, one_line_user_error(error.value))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["trainer.epochs=3", "seed=1"],
+        ["++trainer.epochs=3"],  # ++ on an existing key only sets it
+        ["loss=cskd", "+model.cskd.weight=2"],  # read through ${oc.select:model.cskd.weight,...} by loss/cskd.yaml
+        ["model=resnet18", "+model.options.drop_path_rate=0.05"],  # timm's keyword arguments
+        ["experiment=quick_tinyimagenet", "++dataset.zipf.weight=0.5"],
+        ["+loss.weigth=0.1"],  # loss options are the method's to check (with its own message)
+        ["+hydra.job.env_set.X=1"],
+    ],
+)
+def test_valid_additions_and_plain_overrides_pass_the_added_key_check(overrides):
+    check_added(overrides)
+
+
+def test_every_experiment_passes_the_added_key_check():
+    from test_experiment_configs import EXPERIMENTS
+
+    for name in EXPERIMENTS:
+        check_added([f"experiment={name}", "++seed=1"])
+
+
+@pytest.mark.parametrize(
+    "argument, message",
+    [("seed=abc", "error: seed must be an integer >= 0, got 'abc'"),
+     ("+trainer.epoch=5", "error: unknown key trainer.epoch (from +trainer.epoch=5): trainer has no key 'epoch'")],
+)
+def test_train_py_prints_one_line_and_leaves_no_empty_run_folder(tmp_path, argument, message):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    run_dir = tmp_path / "run"
+    result = subprocess.run([sys.executable, "train.py", argument, "trainer.device=cpu", f"hydra.run.dir={run_dir}"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr
+    assert "Traceback" not in result.stderr
+    assert not run_dir.exists()  # Hydra made it before the app ran; refused before anything was written
+
+
+# --- BAN teacher ---------------------------------------------------------------------------------
+
+def test_a_missing_ban_teacher_is_a_user_error_naming_the_key():
+    from zipfls_train.losses.ban import TeacherCheckpointError
+
+    with pytest.raises(TeacherCheckpointError) as error:
+        validate_config(compose(["loss=ban", "loss.generation=2", "loss.teacher_checkpoint=/nonexistent.pt"]))
+    assert "loss.teacher_checkpoint='/nonexistent.pt' does not exist" in one_line_user_error(error.value)
+
+
+def test_a_ban_teacher_of_another_width_names_the_file_and_the_first_mismatches(tmp_path):
+    import functools
+
+    from zipfls_train.losses.ban import TeacherCheckpointError, load_teacher
+    from zipfls_train.models import build_model
+
+    teacher = build_model("cifar_resnet18", 10, width=8)
+    path = tmp_path / "teacher.pt"
+    save_atomic({"model": teacher.state_dict(), "config": {"model": {"name": "cifar_resnet18", "options": {"width": 8}},
+                                                          "dataset": {"num_classes": 10}}}, path)  # fmt: skip
+    with pytest.raises(TeacherCheckpointError) as error:
+        load_teacher(path, functools.partial(build_model, "cifar_resnet18", 10, width=16))
+    message = one_line_user_error(error.value)
+    assert message.startswith(f"BAN teacher checkpoint {path} does not fit this run's model")
+    assert re.search(r"stem.0.weight is \[8, 3, 3, 3\] in the checkpoint, \[16, 3, 3, 3\] in this model", message)
+    assert re.search(r"\(and \d+ more\)", message) and message.count(" in the checkpoint, ") == 3  # the first few only
+    assert "must be trained with the student's model, model.options" in message
+    assert "model=cifar_resnet18, model.options={'width': 8}" in message
+    assert len(message) < 1000
+
+
+# --- datasets ------------------------------------------------------------------------------------
+
+def test_a_val_annotations_row_without_its_tabs_names_file_line_and_format(tmp_path):
+    from conftest import write_tinyimagenet_tree
+    from zipfls_train.data import DatasetError
+    from zipfls_train.data.tinyimagenet import read_tree
+
+    root = write_tinyimagenet_tree(tmp_path, ["n01", "n02"], train_per_class=1, val_per_class=2, size=8)
+    annotations = root / "tiny-imagenet-200/val/val_annotations.txt"
+    lines = annotations.read_text().splitlines()
+    lines[2] = lines[2].replace("\t", " ")
+    annotations.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DatasetError) as error:
+        read_tree(root, "val")
+    message = one_line_user_error(error.value)
+    assert message.startswith(f"{annotations}: line 3 should be tab-separated fields <file> <wnid> <x0> <y0> <x1> <y1>")
+
+
+def test_a_missing_image_file_is_called_missing(tmp_path):
+    from conftest import write_tinyimagenet_tree
+    from zipfls_train.data import DatasetError
+    from zipfls_train.data.tinyimagenet import read_tree
+
+    root = write_tinyimagenet_tree(tmp_path, ["n01", "n02"], train_per_class=1, val_per_class=2, size=8)
+    missing = root / "tiny-imagenet-200/val/images/val_1.JPEG"
+    missing.unlink()
+    with pytest.raises(DatasetError) as error:
+        read_tree(root, "val")
+    assert one_line_user_error(error.value) == f"image file missing: {missing}"
+
+
+def test_a_corrupt_pack_meta_json_names_the_file(tmp_path):
+    from conftest import write_tinyimagenet_pack
+    from zipfls_train.data import DatasetError
+    from zipfls_train.data.tinyimagenet import read_pack
+
+    root = write_tinyimagenet_pack(tmp_path, num_classes=2, train_per_class=2, val_per_class=1, size=8)
+    meta = root / "tinyimagenet-32/meta.json"
+    meta.write_text(meta.read_text()[:40])
+    with pytest.raises(DatasetError) as error:
+        read_pack(root, "train")
+    assert one_line_user_error(error.value).startswith(f"{meta} is not valid JSON")
+    meta.write_text('{"size": 8, "wnids": ["n1"]}')
+    with pytest.raises(DatasetError, match=r"meta.json lacks or mistypes an entry \(KeyError: 'counts'\)"):
+        read_pack(root, "train")
+
+
+@pytest.mark.parametrize("split_key", ["train_per_class", "val_per_class"])
+def test_a_zero_per_class_subset_names_its_key_in_the_readers(split_key, tmp_path):
+    from zipfls_train.data.builders import read_in_memory
+    from zipfls_train.data.file_loader import FileList
+    from conftest import write_tinyimagenet_pack
+    from zipfls_train.data import DatasetError
+
+    root = write_tinyimagenet_pack(tmp_path, num_classes=2, train_per_class=2, val_per_class=1, size=8)
+    cfg = {"name": "tinyimagenet", "root": str(root), "format": "pack", split_key: 0}
+    with pytest.raises(DatasetError, match=rf"^dataset.{split_key} \(images per class\) must be null \(all\) or an integer >= 1, got 0$"):
+        read_in_memory(cfg, "train" if split_key == "train_per_class" else "val")
+    files = FileList.from_paths(str(root), ["a/x.JPEG", "b/y.JPEG"], [0, 1], ["a", "b"])
+    with pytest.raises(DatasetError, match=rf"^dataset.{split_key} \(files per class\)"):
+        files.subset(None, 0, f"dataset.{split_key}")
+
+
+def test_a_corrupt_image_under_dataloader_workers_gives_the_original_message(tmp_path):
+    from PIL import Image
+
+    from zipfls_train.data import DatasetError, LoaderOptions, build_data
+
+    for split in ("train", "val"):
+        for wnid in ("n00000001", "n00000002"):
+            (tmp_path / split / wnid).mkdir(parents=True)
+            Image.new("RGB", (40, 40), (10, 20, 30)).save(tmp_path / split / wnid / "good.JPEG")
+    junk = tmp_path / "train/n00000002/junk.JPEG"
+    junk.write_bytes(b"this is not a JPEG")
+    cfg = {"name": "imagenet", "root": str(tmp_path), "format": "folders", "num_classes": 2, "image_size": 32,
+           "train_augment": "random_resized_crop", "test_transform": "resize_center_crop",
+           "mean": [0.5] * 3, "std": [0.25] * 3}  # fmt: skip
+    bundle = build_data(cfg, LoaderOptions(batch_size=3, eval_batch_size=2, device=torch.device("cpu"), seed=0, num_workers=1))
+    with pytest.raises(DatasetError) as error:
+        list(bundle.train.epoch(0))
+    message = one_line_user_error(error.value)
+    assert message.startswith(f"cannot decode image {junk}: ")
+    assert "DataLoader worker" not in message
+
+
+def test_a_user_error_in_a_spawned_rank_is_raised_as_itself_once(tmp_path):
+    """trainer.devices=2 (CPU ranks spawned with torch.multiprocessing): the rank's DatasetError, not
+    torch's ProcessRaisedException carrying the rank's traceback."""
+    from conftest import TINY_RUN
+    from zipfls_train.data import DatasetError
+    from zipfls_train.engine.run import run_training
+
+    cfg = compose([*TINY_RUN, "dataset.root=/nonexistent", "trainer.devices=2", "trainer.batch_size=32"])
+    with pytest.raises(DatasetError) as error:
+        run_training(cfg, tmp_path / "run")
+    message = str(error.value)
+    assert message.startswith("TinyImageNet not found under dataset.root='/nonexistent'")
+    assert "ProcessRaisedException" not in message and "Traceback" not in message and message.count("not found") == 1
+
+
+# --- files that are not checkpoints --------------------------------------------------------------
+
+def test_a_file_that_is_not_a_checkpoint_is_never_called_corrupt(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"epoch": 1, "val_top1": 10.0}\n')
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(metrics)
+    message = one_line_user_error(error.value)
+    assert message.startswith(f"{metrics} is not a torch checkpoint") and "delete" not in message
+    with pytest.raises(CheckpointError, match=r"is a folder, not a checkpoint file"):
+        load_checkpoint(tmp_path)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(1)}, other)
+    with pytest.raises(CheckpointError, match=r"is a torch file but not a zipfls-train checkpoint") as error:
+        load_checkpoint(other)
+    assert "delete" not in str(error.value)
+
+
+def test_zipf_fit_of_a_run_whose_relative_data_root_is_elsewhere_mentions_data_root(tmp_path):
+    from omegaconf import OmegaConf
+
+    from conftest import TINY_RUN
+    from zipfls_train.analysis.zipf_fit import _load
+    from zipfls_train.data import DatasetError
+
+    config = OmegaConf.to_container(compose([*TINY_RUN, "dataset.root=../not-here/data"]), resolve=True)
+    path = tmp_path / "last.pt"
+    save_atomic({"model": {}, "config": config}, path)
+    with pytest.raises(DatasetError) as error:
+        _load(path, None, torch.device("cpu"))
+    message = str(error.value)
+    assert "dataset.root='../not-here/data'" in message and "pass --data-root" in message

@@ -8,6 +8,23 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .data.images import DatasetError
     from .engine.checkpoint import CheckpointError
     from .engine.config_checks import ConfigError
+    from .engine.interrupt import TrainingInterrupted
+    from .engine.metrics import MetricsFileError
     from .engine.trainer import NonFiniteLossError, ResumeError
+    from .losses.ban import TeacherCheckpointError
 
-    return (ConfigError, DatasetError, CheckpointError, ResumeError, NonFiniteLossError)
+    return (ConfigError, DatasetError, CheckpointError, ResumeError, NonFiniteLossError, TeacherCheckpointError,
+            TrainingInterrupted, MetricsFileError)  # fmt: skip
+
+
+def original_message(error: BaseException) -> str:
+    """The error's own message. An exception raised in a DataLoader worker reaches the main process
+    as ``type(error)("Caught <Type> in DataLoader worker process N.\\nOriginal Traceback ...")``, the
+    whole worker traceback in its message; its original message is the traceback's last entry."""
+    text = str(error)
+    kind = type(error)
+    if not (text.startswith(f"Caught {kind.__name__} in DataLoader worker process") and "\nOriginal Traceback" in text):
+        return text
+    marker = f"{kind.__module__}.{kind.__qualname__}: "
+    position = text.rfind(marker)
+    return text[position + len(marker):].rstrip("\n") if position >= 0 else text

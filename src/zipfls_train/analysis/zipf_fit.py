@@ -125,7 +125,7 @@ def report_fit(curves: dict[str, Tensor], title: str, png: Path, writer=None, st
 def _load(path: Path, data_root: str | None, device: torch.device):  # noqa: ANN202
     from omegaconf import OmegaConf
 
-    from ..data import LoaderOptions, build_data
+    from ..data import DatasetError, LoaderOptions, build_data
     from ..engine.checkpoint import load_checkpoint
     from ..models import build_model
 
@@ -137,7 +137,15 @@ def _load(path: Path, data_root: str | None, device: torch.device):  # noqa: ANN
     dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
     options = LoaderOptions(batch_size=int(cfg.trainer.batch_size), eval_batch_size=int(cfg.trainer.eval_batch_size),
                             device=device, seed=int(cfg.seed))
-    data = build_data(dataset, options)
+    try:
+        data = build_data(dataset, options)
+    except DatasetError as error:
+        if data_root is not None:
+            raise
+        raise DatasetError(
+            f"{error}\nThe dataset.root above is the one stored in {checkpoint_path} (a relative path is relative to the "
+            "folder the run was started from): pass --data-root <dataset folder> to read the dataset from another place"
+        ) from error
     model_options = OmegaConf.to_container(cfg.model.get("options", {}), resolve=True) or {}
     model = build_model(str(cfg.model.name), data.num_classes, **model_options)
     # Auxiliary heads are training-only: load the weights the evaluated model has.

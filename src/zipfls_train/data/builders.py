@@ -53,8 +53,8 @@ FILE_DATASETS: dict[str, str] = {
 
 def read_in_memory(cfg: Mapping[str, Any], split: str) -> ImageTensors:
     data = IN_MEMORY_READERS[cfg["name"]](cfg, split)
-    per_class = cfg.get("train_per_class") if split == "train" else cfg.get("val_per_class")
-    return take_subset(data, cfg.get("num_classes_subset"), per_class)
+    key = "train_per_class" if split == "train" else "val_per_class"
+    return take_subset(data, cfg.get("num_classes_subset"), cfg.get(key), per_class_key=f"dataset.{key}")
 
 
 def build_in_memory(cfg: Mapping[str, Any], options: LoaderOptions) -> DataBundle:

@@ -23,13 +23,15 @@ Same protocol as :class:`TensorLoader`: ``len(loader)`` batches per epoch for th
 * DataLoader: ``num_workers`` from the options, persistent workers (forked once, reused every epoch:
   the batch list is swapped underneath them), ``prefetch_factor`` batches in flight per worker.
 * A file that cannot be decoded raises :class:`DatasetError` naming it; DataLoader re-raises a
-  worker's exception in the main process with the same type and the original message.
+  worker's exception in the main process with the same type and the worker's traceback as its message,
+  which the loader turns back into the original message.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import signal
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -42,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from ..errors import original_message
 from .augment import Normalizer
 from .batch import Batch
 from .class_pairs import SameClassPartners
@@ -123,9 +126,10 @@ class FileList:
         return FileList(self.root, self.folders, self.folder_index[index], self.names[index], self.targets[index],
                         self.classes if classes is None else classes)
 
-    def subset(self, num_classes: int | None, per_class: int | None) -> "FileList":
+    def subset(self, num_classes: int | None, per_class: int | None, per_class_key: str = "dataset.train_per_class") -> "FileList":
         """The first ``num_classes`` classes (labels kept: they are 0..K-1) and the first ``per_class``
-        files of each class, in list order (as :func:`images.take_subset`). ``None`` keeps all."""
+        files of each class, in list order (as :func:`images.take_subset`). ``None`` keeps all.
+        ``per_class_key`` names the config key ``per_class`` came from, for the error message."""
         if num_classes is None and per_class is None:
             return self
         keep = len(self.classes) if num_classes is None else int(num_classes)
@@ -134,7 +138,7 @@ class FileList:
         mask = self.targets < keep
         if per_class is not None:
             if int(per_class) < 1:
-                raise DatasetError(f"per-class subset must be >= 1, got {per_class}")
+                raise DatasetError(f"{per_class_key} (files per class) must be null (all) or an integer >= 1, got {per_class}")
             order = np.argsort(self.targets, kind="stable")
             sorted_targets = self.targets[order]
             rank_sorted = np.arange(len(order)) - np.searchsorted(sorted_targets, sorted_targets, side="left")
@@ -223,6 +227,14 @@ def _stack_views(views: Sequence[Any]) -> Any:
             "pixels": [torch.from_numpy(v.pixels.copy()) if v.pixels is not None else None for v in views],
         }
     return torch.from_numpy(np.stack(views))
+
+
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """Workers ignore Ctrl-C and SIGTERM, which reach the whole process group: the training process
+    then saves at the next step (engine/interrupt.py) and stops its workers itself. A worker killed
+    by SIGTERM would instead make DataLoader fail the main process at once, before that save."""
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, signal.SIG_IGN)
 
 
 def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -440,6 +452,7 @@ class FileLoader:
                 pin_memory=self.options.device.type == "cuda" and self._ring is None and self.decode == "cpu",
                 persistent_workers=workers > 0,
                 prefetch_factor=self.prefetch_factor if workers > 0 else None,
+                worker_init_fn=_leave_stop_signals_to_the_trainer,
             )
         return self._loader
 
@@ -544,6 +557,14 @@ class FileLoader:
                 raw = next(iterator)
             except StopIteration:
                 return
+            except DatasetError as error:
+                # DataLoader re-raises a worker's DatasetError with the worker's whole traceback as its
+                # message; the user sees the original message (the traceback stays in __cause__).
+                self.close()
+                message = original_message(error)
+                if message == str(error):
+                    raise
+                raise DatasetError(message) from error
             except BaseException:
                 # A worker's error (e.g. an undecodable file) ends the epoch: stop the workers now, so
                 # a loader kept alive by the error's traceback is not shut down later from inside
@@ -629,8 +650,8 @@ def build_file_bundle(cfg: Mapping[str, Any], options: LoaderOptions, train_file
     """Subsets, class-count check and the two loaders: the common tail of every file dataset builder."""
     from .builders import DataBundle  # builders imports this module's users lazily; avoid a cycle
 
-    train_files = train_files.subset(cfg.get("num_classes_subset"), cfg.get("train_per_class"))
-    val_files = val_files.subset(cfg.get("num_classes_subset"), cfg.get("val_per_class"))
+    train_files = train_files.subset(cfg.get("num_classes_subset"), cfg.get("train_per_class"), "dataset.train_per_class")
+    val_files = val_files.subset(cfg.get("num_classes_subset"), cfg.get("val_per_class"), "dataset.val_per_class")
     check_class_count(cfg, len(train_files.classes))
     train_transform, eval_transform = build_transforms(cfg, draft=bool(cfg.get("decode_draft", True)))
     common = dict(mean=list(cfg["mean"]), std=list(cfg["std"]), decode=str(cfg.get("decode", "cpu")))

@@ -53,9 +53,11 @@ class ImageTensors:
         return int(self.targets.shape[0])
 
 
-def take_subset(data: ImageTensors, num_classes: int | None, per_class: int | None) -> ImageTensors:
+def take_subset(data: ImageTensors, num_classes: int | None, per_class: int | None,
+                per_class_key: str = "dataset.train_per_class") -> ImageTensors:  # fmt: skip
     """The first ``num_classes`` classes (labels kept, as they are 0..K-1) and the first ``per_class``
-    images of each class, in dataset order. ``None`` keeps everything."""
+    images of each class, in dataset order. ``None`` keeps everything. ``per_class_key`` names the
+    config key ``per_class`` came from, for the error message."""
     if num_classes is None and per_class is None:
         return data
     keep_classes = len(data.classes) if num_classes is None else int(num_classes)
@@ -65,7 +67,7 @@ def take_subset(data: ImageTensors, num_classes: int | None, per_class: int | No
     in_classes = targets < keep_classes
     if per_class is not None:
         if per_class < 1:
-            raise DatasetError(f"per-class subset must be >= 1, got {per_class}")
+            raise DatasetError(f"{per_class_key} (images per class) must be null (all) or an integer >= 1, got {per_class}")
         # Rank of each sample within its class, in dataset order.
         order = torch.argsort(targets, stable=True)
         sorted_targets = targets[order]

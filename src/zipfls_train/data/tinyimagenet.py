@@ -48,8 +48,27 @@ def _load_rgb(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as image:
             return np.asarray(image.convert("RGB"))
+    except FileNotFoundError as error:
+        raise DatasetError(f"image file missing: {path}") from error
     except (OSError, ValueError) as error:
         raise DatasetError(f"cannot decode image {path}: {error}") from error
+
+
+def _read_val_annotations(path: Path) -> list[tuple[int, str, str]]:
+    """(line number, file name, wnid) of each row of the official val_annotations.txt:
+    ``<file>\t<wnid>\t<x0>\t<y0>\t<x1>\t<y1>``."""
+    rows = []
+    for line_number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) < 2 or not fields[0].strip() or not fields[1].strip():
+            raise DatasetError(
+                f"{path}: line {line_number} should be tab-separated fields <file> <wnid> <x0> <y0> <x1> <y1> "
+                f"(as in the official tiny-imagenet-200.zip), got {line!r}"
+            )
+        rows.append((line_number, fields[0].strip(), fields[1].strip()))
+    return rows
 
 
 def read_tree(root: Path, split: str) -> ImageTensors:
@@ -71,13 +90,13 @@ def read_tree(root: Path, split: str) -> ImageTensors:
         annotations = base / "val" / "val_annotations.txt"
         if not annotations.is_file():
             raise missing_dataset_error("TinyImageNet val annotations", root, TREE_LAYOUT, HOW_TO_GET)
-        rows = [line.split("\t") for line in annotations.read_text().splitlines() if line.strip()]
-        rows.sort(key=lambda row: _trailing_number(Path(row[0]).stem))
-        for line_number, row in enumerate(rows, 1):
-            if row[1] not in index_of:
-                raise DatasetError(f"{annotations}: line {line_number} names wnid {row[1]!r}, not in wnids.txt")
-            files.append(base / "val" / "images" / row[0])
-            labels.append(index_of[row[1]])
+        rows = _read_val_annotations(annotations)
+        rows.sort(key=lambda row: _trailing_number(Path(row[1]).stem))
+        for line_number, name, wnid in rows:
+            if wnid not in index_of:
+                raise DatasetError(f"{annotations}: line {line_number} names wnid {wnid!r}, not in wnids.txt")
+            files.append(base / "val" / "images" / name)
+            labels.append(index_of[wnid])
     else:
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     pixels = np.stack([_load_rgb(path) for path in files])
@@ -93,14 +112,22 @@ def _trailing_number(stem: str) -> int:
 def read_pack(root: Path, split: str) -> ImageTensors:
     """Decode the 32 px pack: one JPEG grid of tiles per class and split (see ../shared/data/README.md)."""
     base = root / PACK_DIR
-    meta = json.loads((base / "meta.json").read_text())
-    size = int(meta["size"])
-    wnids = list(meta["wnids"])
+    meta_path = base / "meta.json"
+    expected = 'expected {"size": <px>, "wnids": [...], "counts": {"train_<wnid>": N, "val_<wnid>": N, ...}}'
+    try:
+        meta = json.loads(meta_path.read_text())
+        size = int(meta["size"])
+        wnids = list(meta["wnids"])
+        counts = {f"{split}_{wnid}": int(meta["counts"][f"{split}_{wnid}"]) for wnid in wnids}
+    except json.JSONDecodeError as error:
+        raise DatasetError(f"{meta_path} is not valid JSON ({error}); {expected}; restore it from the pack") from error
+    except (KeyError, TypeError, ValueError) as error:
+        raise DatasetError(f"{meta_path} lacks or mistypes an entry ({type(error).__name__}: {error}); {expected}") from error
     tiles_per_row = {"train": 25, "val": 10}[split]
     chunks, labels = [], []
     for label, wnid in enumerate(wnids):
         key = f"{split}_{wnid}"
-        count = int(meta["counts"][key])
+        count = counts[key]
         grid = _load_rgb(base / f"{key}.jpg")
         rows = grid.shape[0] // size
         if rows * tiles_per_row < count or grid.shape[1] != tiles_per_row * size:

@@ -35,8 +35,16 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder, not a checkpoint file (e.g. {path / 'checkpoints' / 'last.pt'})")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    kind = _file_kind(path)
+    if kind == "other":
+        raise CheckpointError(
+            f"{path} is not a torch checkpoint (neither the zip archive nor the pickle torch.save writes); "
+            "expected a checkpoint file such as <run>/checkpoints/last.pt or best.pt"
+        )
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as error:
@@ -45,8 +53,16 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
             "restore a copy, or delete it (training: or pass trainer.resume=never) to start over"
         ) from error
     if not isinstance(state, dict) or "model" not in state:
-        raise CheckpointError(f"checkpoint {path} is not a zipfls-train checkpoint (no 'model' entry)")
+        raise CheckpointError(f"{path} is a torch file but not a zipfls-train checkpoint (no 'model' entry)")
     return state
+
+
+def _file_kind(path: Path) -> str:
+    """'torch' when the file starts as torch.save's output does (a zip archive, or a pickle for the
+    legacy format; an empty file counts: a truncated checkpoint), else 'other'."""
+    with path.open("rb") as stream:
+        head = stream.read(4)
+    return "torch" if not head or head.startswith((b"PK\x03\x04", b"\x80")) else "other"
 
 
 def capture_rng_state(device: torch.device) -> dict[str, Any]:

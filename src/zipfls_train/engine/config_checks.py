@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -20,6 +24,7 @@ def _positive_int(cfg: DictConfig, key: str, minimum: int = 1) -> None:
 
 def validate_config(cfg: DictConfig) -> None:
     for key, minimum in [
+        ("seed", 0),
         ("trainer.epochs", 1),
         ("trainer.batch_size", 1),
         ("trainer.eval_batch_size", 1),
@@ -43,6 +48,8 @@ def validate_config(cfg: DictConfig) -> None:
             raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
     _check_optimiser(cfg)
     _check_model_name(str(cfg.model.name))
+    _check_model_options(cfg)
+    _check_dataset_subsets(cfg)
     _check_devices(cfg)
     # Under torchrun the world comes from its environment; otherwise trainer.devices ranks are spawned.
     world = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else int(cfg.trainer.devices)
@@ -74,6 +81,9 @@ def _number(cfg: DictConfig, key: str) -> float:
 
 
 def _check_optimiser(cfg: DictConfig) -> None:
+    from .optim import check_names
+
+    check_names(cfg.optim.name, cfg.sched.name)
     if not _number(cfg, "optim.lr") > 0:
         raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
     if not 0 <= _number(cfg, "optim.momentum") < 1:
@@ -104,6 +114,34 @@ def _check_model_name(name: str) -> None:
         raise ConfigError(f"model.name={name!r} is not a known model; expected one of {sorted(BACKBONES)} (or model=<one of configs/model/>)")
 
 
+def _check_model_options(cfg: DictConfig) -> None:
+    from ..models import check_model_options
+
+    options = cfg.model.get("options")
+    if options is None:
+        return
+    if not OmegaConf.is_dict(options):
+        raise ConfigError(f"model.options must be a mapping of option: value (e.g. width: 64), got {options!r}")
+    try:
+        check_model_options(str(cfg.model.name), OmegaConf.to_container(options, resolve=True))
+    except (TypeError, ValueError) as error:
+        raise ConfigError(str(error)) from error
+
+
+def _check_dataset_subsets(cfg: DictConfig) -> None:
+    """Quick-run subsets: null (everything) or a whole number (classes >= 2, images per class >= 1)."""
+    for key, minimum, meaning in [
+        ("num_classes_subset", 2, "the first K classes"),
+        ("train_per_class", 1, "at most N training images per class"),
+        ("val_per_class", 1, "at most N val images per class"),
+    ]:
+        value = cfg.dataset.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"dataset.{key} ({meaning}) must be null (all) or an integer >= {minimum}, got {value!r}")
+
+
 def _check_devices(cfg: DictConfig) -> None:
     import torch
 
@@ -117,3 +155,69 @@ def _check_devices(cfg: DictConfig) -> None:
         raise ConfigError("trainer.sync_batchnorm=true needs CUDA devices (torch's SyncBatchNorm has no CPU implementation)")
     if str(cfg.trainer.precision) == "fp16" and not uses_cuda:
         warnings.warn("trainer.precision=fp16 on the CPU runs many times slower than fp32 (no fast float16 kernels); use fp32 or bf16", stacklevel=2)
+
+
+# --- keys added on the command line with + or ++ --------------------------------------------------
+
+def check_added_keys(overrides: Sequence[str], compose: Callable[[list[str]], DictConfig]) -> None:
+    """Reject a key that a ``+key=value`` (or ``++key=value``) override adds to the config but that
+    nothing reads: a typo (``+trainer.epoch=5``) would otherwise train with the default silently.
+
+    ``overrides`` are the command line's (Hydra's ``overrides.task``); ``compose(overrides)`` composes
+    the config from them (``hydra.compose``). The valid keys are those of the config composed without
+    the ``+`` overrides: the selected option file of each group (configs/dataset/<name>.yaml,
+    configs/model/<name>.yaml, ...) with whatever the experiment file adds, plus the optional keys the
+    selected files read through ``${oc.select:...}`` (e.g. model.cskd.weight). Not checked here:
+    ``loss.*`` (the method rejects options it does not take, naming them), ``hydra.*``, and
+    ``model.options.*`` of the models whose options are timm's keyword arguments (checked when the
+    options are validated)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    adds = [o for o in parsed if o.is_add() or o.is_force_add()]
+    checked = [o for o in adds if "/" not in o.key_or_group and o.package is None and o.key_or_group.split(".")[0] not in ("hydra", "loss")]
+    if not checked:
+        return
+    base_cfg = compose([str(o.input_line) for o in parsed if not (o.is_add() or o.is_force_add())])
+    base = OmegaConf.to_container(base_cfg, resolve=False)
+    optional = set(re.findall(r"\$\{oc\.select:\s*([\w.]+)", OmegaConf.to_yaml(base_cfg, resolve=False)))
+    for override in checked:
+        key = override.key_or_group
+        if key in optional or _has_key(base, key):
+            continue
+        if key.startswith("model.options.") and _options_are_free_form(base):
+            continue
+        parts = key.split(".")
+        node, depth = base, 0
+        while depth < len(parts) - 1 and isinstance(node.get(parts[depth]), dict):
+            node, depth = node[parts[depth]], depth + 1
+        where = ".".join(parts[:depth])
+        valid = sorted(str(k) for k in node)
+        group = where if where else "the top level of the config"
+        close = difflib.get_close_matches(parts[depth], valid, n=1, cutoff=0.75) or [
+            k for k in valid if len(parts[depth]) >= 3 and k.startswith(parts[depth])
+        ][:1]
+        hint = f"; did you mean {'.'.join([*parts[:depth], close[0]])}?" if close else ""
+        raise ConfigError(
+            f"unknown key {key} (from {override.input_line}): {group} has no key {parts[depth]!r}; "
+            f"its keys are {valid}{hint}"
+        )
+
+
+def _has_key(container: Any, key: str) -> bool:
+    node = container
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _options_are_free_form(base: dict[str, Any]) -> bool:
+    from ..models import BACKBONES, _ensure_imagenet_models_registered, takes_any_option
+
+    name = str((base.get("model") or {}).get("name"))
+    if name not in BACKBONES:
+        _ensure_imagenet_models_registered()
+    return name in BACKBONES and takes_any_option(name)
+

@@ -10,10 +10,23 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config_checks import ConfigError
+
+# The only optimiser and schedule the paper uses (configs/optim/, configs/sched/).
+OPTIMIZERS = ("sgd",)
+SCHEDULES = ("multistep",)
+
+
+def check_names(optim_name: object, sched_name: object) -> None:
+    """ConfigError naming optim.name / sched.name and the allowed values."""
+    if optim_name not in OPTIMIZERS:
+        raise ConfigError(f"optim.name must be one of {list(OPTIMIZERS)} (the paper's SGD with momentum; configs/optim/sgd.yaml), got {optim_name!r}")
+    if sched_name not in SCHEDULES:
+        raise ConfigError(f"sched.name must be one of {list(SCHEDULES)} (step decay at sched.milestones; configs/sched/multistep.yaml), got {sched_name!r}")
+
 
 def build_optimizer(cfg: Mapping[str, Any], parameters: Iterable[nn.Parameter], global_batch: int, device: torch.device) -> torch.optim.Optimizer:
-    if cfg["name"] != "sgd":
-        raise ValueError(f"optim.name must be 'sgd' (the paper's optimiser), got {cfg['name']!r}")
+    check_names(cfg["name"], SCHEDULES[0])
     lr = float(cfg["lr"])
     if cfg.get("base_batch_size"):
         lr *= global_batch / float(cfg["base_batch_size"])  # linear scaling rule
@@ -44,8 +57,7 @@ def milestone_epochs(milestones: Sequence[float], epochs: int) -> list[int]:
 def build_scheduler(cfg: Mapping[str, Any], optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Stepped once per optimiser step; the factor depends on the epoch, so it equals the recipe's
     per-epoch MultiStepLR, plus an optional linear warm-up over the first ``warmup_epochs``."""
-    if cfg["name"] != "multistep":
-        raise ValueError(f"sched.name must be 'multistep', got {cfg['name']!r}")
+    check_names(OPTIMIZERS[0], cfg["name"])
     milestones = milestone_epochs(cfg["milestones"], epochs)
     gamma = float(cfg["gamma"])
     warmup_steps = int(float(cfg.get("warmup_epochs", 0)) * steps_per_epoch)

@@ -7,6 +7,7 @@ folder, so multirun and DDP never fight over output folders.
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import socket
 from pathlib import Path
@@ -14,9 +15,12 @@ from typing import Any
 
 import torch.multiprocessing as mp
 from omegaconf import DictConfig, OmegaConf
+from torch.multiprocessing.spawn import ProcessException
 
+from ..errors import original_message, user_errors
 from .config_checks import validate_config
 from .distributed import barrier, init_distributed, launched_by_torchrun, shutdown
+from .interrupt import StopRequests
 from .trainer import Trainer
 
 
@@ -44,6 +48,30 @@ def _worker(local_rank: int, container: dict[str, Any], run_dir: str, world_size
         shutdown()
 
 
+def _spawned_worker(local_rank: int, container: dict[str, Any], run_dir: str, world_size: int, base_rank: int, errors: Any) -> None:
+    """A spawned rank: a user error is also sent to the parent as (rank, type, message), which raises
+    it as such instead of torch's ProcessRaisedException with the rank's whole traceback."""
+    try:
+        _worker(local_rank, container, run_dir, world_size, base_rank)
+    except user_errors() as error:
+        errors.put((base_rank + local_rank, type(error), original_message(error)))
+        raise
+
+
+def _rank_user_error(errors: Any) -> BaseException | None:
+    """The user error of the lowest rank that reported one (ranks often fail alike: one message)."""
+    reported = []
+    while not errors.empty():
+        reported.append(errors.get())
+    if not reported:
+        return None
+    _, kind, message = min(reported, key=lambda item: item[0])
+    try:
+        return kind(message)
+    except Exception:  # noqa: BLE001 - a class whose constructor takes other arguments
+        return kind.__new__(kind, message)
+
+
 def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     """Train one run in ``run_dir``; returns the summary (rank 0 / single process)."""
     validate_config(cfg)
@@ -58,7 +86,25 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     # (a cluster's address there would make them wait for a peer that never comes).
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(_free_port())
-    mp.spawn(_worker, args=(container, str(run_dir), devices, 0), nprocs=devices, join=True)
+    errors = mp.get_context("spawn").SimpleQueue()
+    # After one rank fails, torch logs a warning for each sibling it stops: noise beside the error.
+    spawn_log = logging.getLogger("torch.multiprocessing.spawn")
+    level = spawn_log.level
+    spawn_log.setLevel(logging.ERROR)
+    try:
+        ranks = mp.start_processes(_spawned_worker, args=(container, str(run_dir), devices, 0, errors), nprocs=devices,
+                                   join=False, start_method="spawn")  # fmt: skip
+        # Ctrl-C or SIGTERM here goes on to the ranks, which save and stop at the same step.
+        with StopRequests(forward_to=[process.pid for process in ranks.processes]):
+            while not ranks.join():
+                pass
+    except ProcessException as failure:
+        error = _rank_user_error(errors)
+        if error is None:
+            raise
+        raise error from failure  # the rank's traceback stays in __cause__ (train.py prints the message only)
+    finally:
+        spawn_log.setLevel(level)
     from .metrics import read_metrics
 
     metrics = read_metrics(run_dir)

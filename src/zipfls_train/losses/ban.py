@@ -44,7 +44,8 @@ from .ce import cross_entropy
 
 
 class TeacherCheckpointError(FileNotFoundError):
-    """BAN's teacher checkpoint is missing or does not fit the run's model."""
+    """BAN's teacher checkpoint is missing or does not fit the run's model (a user error: train.py
+    prints its message alone; see zipfls_train.errors)."""
 
 
 def distillation_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -56,18 +57,57 @@ def distillation_kl(student_logits: Tensor, teacher_logits: Tensor, temperature:
 
 def load_teacher(path: Path, model_factory) -> nn.Module:  # noqa: ANN001
     """A frozen, eval-mode model of the run's architecture with the checkpoint's weights."""
-    state = load_checkpoint(path)["model"]
+    checkpoint = load_checkpoint(path)
+    state = checkpoint["model"]
     teacher = model_factory()
     weights = {k: v for k, v in state.items() if not k.startswith("aux_heads.")}
+    problems = _state_mismatch(weights, teacher.state_dict())
+    if problems:
+        raise TeacherCheckpointError(
+            f"BAN teacher checkpoint {path} does not fit this run's model: {problems}. The teacher must be "
+            f"trained with the student's model, model.options and number of classes{_teacher_model(checkpoint)}"
+        )
     try:
         teacher.load_state_dict(weights)
     except RuntimeError as error:
+        first = str(error).strip().splitlines()
         raise TeacherCheckpointError(
-            f"BAN teacher checkpoint {path} does not fit this run's model (a teacher must have the same "
-            f"architecture and number of classes as its student): {error}"
+            f"BAN teacher checkpoint {path} does not fit this run's model ({' '.join(first[:3])}); the teacher must "
+            f"be trained with the student's model, model.options and number of classes{_teacher_model(checkpoint)}"
         ) from error
     teacher.requires_grad_(False)
     return teacher.eval()
+
+
+def _state_mismatch(weights: dict[str, Tensor], expected: dict[str, Tensor], show: int = 3) -> str:
+    """The first few differences between a checkpoint's weights and a model's, one phrase; '' if none."""
+    shapes = [
+        f"{key} is {list(value.shape)} in the checkpoint, {list(expected[key].shape)} in this model"
+        for key, value in weights.items()
+        if key in expected and tuple(value.shape) != tuple(expected[key].shape)
+    ]
+    missing = [key for key in expected if key not in weights]
+    unexpected = [key for key in weights if key not in expected]
+    parts = []
+    if shapes:
+        more = f" (and {len(shapes) - show} more)" if len(shapes) > show else ""
+        parts.append(f"{len(shapes)} weight(s) of another shape: " + "; ".join(shapes[:show]) + more)
+    if missing:
+        parts.append(f"{len(missing)} weight(s) of this model missing from the checkpoint, e.g. {missing[:show]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} weight(s) this model does not have, e.g. {unexpected[:show]}")
+    return "; ".join(parts)
+
+
+def _teacher_model(checkpoint: dict) -> str:
+    """' (the checkpoint: model=..., model.options=...)' from the teacher run's config, when it has one."""
+    config = checkpoint.get("config")
+    model = config.get("model") if isinstance(config, dict) else None
+    if not isinstance(model, dict):
+        return ""
+    dataset = config.get("dataset") if isinstance(config.get("dataset"), dict) else {}
+    classes = dataset.get("num_classes_subset") or dataset.get("num_classes")
+    return f" (the checkpoint's run: model={model.get('name')}, model.options={model.get('options') or {}}, {classes} classes)"
 
 
 class BornAgainNetwork(Method):

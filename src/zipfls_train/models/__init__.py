@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import inspect
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from torch import nn
 
 from .cifar_densenet import cifar_densenet121
+from .cifar_resnet import check_options as check_cifar_resnet_options
 from .cifar_resnet import cifar_resnet18
 from .outputs import ModelOutput
 from .wrapper import ClassifierWrapper, count_parameters, unwrap
@@ -18,6 +20,10 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "cifar_resnet18": cifar_resnet18,
     "cifar_densenet121": cifar_densenet121,
 }
+
+
+# name -> a check of its options that builds nothing: raises ValueError naming model.options.<key>.
+OPTION_CHECKS: dict[str, Callable[..., None]] = {"cifar_resnet18": check_cifar_resnet_options}
 
 
 def register_backbone(name: str, builder: Callable[..., nn.Module]) -> None:
@@ -31,6 +37,38 @@ def _ensure_imagenet_models_registered() -> None:
     except ImportError as error:  # pragma: no cover - only when the module itself is broken
         if "zipfls_train.models.imagenet" not in str(error):
             raise
+
+
+def takes_any_option(name: str) -> bool:
+    """Whether ``name``'s builder passes any keyword on (the timm models: ``model.options`` are
+    timm.create_model's keyword arguments) rather than taking a fixed set of options."""
+    if name not in BACKBONES:
+        _ensure_imagenet_models_registered()
+    parameters = inspect.signature(BACKBONES[name]).parameters.values()
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+def check_model_options(name: str, options: Mapping[str, Any]) -> None:
+    """ValueError naming ``model.options.<key>`` and what is allowed, before anything is built.
+    Builders with a fixed set of options reject any other key; ``OPTION_CHECKS`` checks the values."""
+    if name not in BACKBONES:
+        _ensure_imagenet_models_registered()
+    builder = BACKBONES[name]
+    hook = getattr(builder, "check_options", None)
+    if hook is not None:  # e.g. the timm models: a build on the meta device
+        hook(**options)
+        return
+    if not takes_any_option(name):
+        allowed = list(inspect.signature(builder).parameters)
+        unknown = [key for key in options if key not in allowed]
+        if unknown:
+            raise ValueError(
+                f"model.options.{unknown[0]} is not an option of model={name}; its options are "
+                f"{allowed if allowed else 'none (model.options must be empty)'}"
+            )
+    check = OPTION_CHECKS.get(name)
+    if check is not None:
+        check(**options)
 
 
 def build_model(
@@ -51,4 +89,5 @@ def build_model(
     return ClassifierWrapper(backbone, num_classes, aux_stages=aux_stages, aux_head=aux_head)
 
 
-__all__ = ["BACKBONES", "ClassifierWrapper", "ModelOutput", "build_model", "count_parameters", "register_backbone", "unwrap"]
+__all__ = ["BACKBONES", "ClassifierWrapper", "ModelOutput", "build_model", "check_model_options", "count_parameters",
+           "register_backbone", "takes_any_option", "unwrap"]

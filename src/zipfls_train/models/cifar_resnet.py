@@ -23,7 +23,7 @@ def norm_layer(kind: str, channels: int) -> nn.Module:
         return nn.BatchNorm2d(channels)
     if kind == "group":
         return nn.GroupNorm(min(32, channels), channels)
-    raise ValueError(f"model.options.norm must be one of {NORMS}, got {kind!r}")
+    raise ValueError(f"model.options.norm must be one of {list(NORMS)}, got {kind!r}")
 
 
 class PreActBasicBlock(nn.Module):
@@ -67,5 +67,14 @@ class CifarPreActResNet(StagedBackbone):
         kaiming_init(self)
 
 
+def check_options(width: int = 64, norm: str = "batch") -> None:
+    """ValueError naming ``model.options.<key>`` and what it must be (called before any work)."""
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise ValueError(f"model.options.width must be an integer >= 1 (64 in the paper; 16 or 8 for quick CPU runs), got {width!r}")
+    if norm not in NORMS:
+        raise ValueError(f"model.options.norm must be one of {list(NORMS)}, got {norm!r}")
+
+
 def cifar_resnet18(width: int = 64, norm: str = "batch") -> CifarPreActResNet:
+    check_options(width, norm)
     return CifarPreActResNet((2, 2, 2, 2), width=width, norm=norm)

@@ -34,10 +34,12 @@ defaults to 0.2, as torchvision's; the others to 0, as theirs.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import timm
+import torch
 from torch import Tensor, nn
 
 from . import register_backbone
@@ -113,7 +115,30 @@ def _builder(name: str):  # noqa: ANN202
         except ``drop_rate``, the dropout before the classifier (see the module docstring)."""
         return TimmBackbone(timm_name, CLASSIFIER_INITS.get(name), **{**defaults, **options})
 
+    def check_options(**options: Any) -> None:
+        """ValueError naming ``model.options.<key>`` when timm refuses the options: the model is built
+        on the meta device (no memory, ~0.1 s), before any data is read."""
+        if not options:
+            return
+        drop_rate = options.get("drop_rate", 0.0)
+        if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)) or not 0 <= drop_rate < 1:
+            raise ValueError(f"model.options.drop_rate (dropout before the classifier) must be a number in [0, 1), got {drop_rate!r}")
+        try:
+            with torch.device("meta"):
+                build(**options)
+        except TypeError as error:
+            unknown = re.search(r"unexpected keyword argument '(\w+)'", str(error))
+            if unknown:
+                raise ValueError(
+                    f"model.options.{unknown.group(1)} is not an option of model={name} (timm's {timm_name}: {error}); "
+                    "model.options are keyword arguments of timm.create_model, e.g. drop_path_rate: 0.05"
+                ) from error
+            raise ValueError(f"model.options {options} do not fit model={name} (timm's {timm_name}): {error}") from error
+        except (ValueError, AssertionError, RuntimeError) as error:
+            raise ValueError(f"model.options {options} do not fit model={name} (timm's {timm_name}): {error}") from error
+
     build.__name__ = name
+    build.check_options = check_options  # type: ignore[attr-defined]
     return build
 
 
