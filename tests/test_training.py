@@ -87,10 +87,10 @@ def test_auto_resume_continues_at_the_next_epoch_with_identical_state(device, ru
     assert tensorboard_steps(tmp_path / "resumed", "epoch/val_top1") == tensorboard_steps(straight, "epoch/val_top1") == [4, 8]
 
 
-def tensorboard_steps(run_dir, tag):
+def tensorboard_steps(run_dir, tag, subdir="tb"):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(run_dir / "tb"))
+    events = EventAccumulator(str(run_dir / subdir))
     events.Reload()
     return [event.step for event in events.Scalars(tag)]
 
@@ -226,6 +226,16 @@ def test_a_run_whose_last_checkpoint_is_gone_is_not_overwritten(run_tiny, tmp_pa
     assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == written
     run_tiny(*args, "trainer.resume=never", run_dir=run_dir)  # the explicit way to start over
     assert (run_dir / "checkpoints/last.pt").is_file()
+
+
+def test_starting_over_sets_the_earlier_tensorboard_events_aside(run_tiny, tmp_path):
+    args = ("loss=ce", "trainer.epochs=1", "trainer.max_steps_per_epoch=2")
+    _, run_dir = run_tiny(*args, run_dir=tmp_path / "run")
+    first = sorted(path.name for path in (run_dir / "tb").glob("events.out.tfevents.*"))
+    run_tiny(*args, "trainer.resume=never", run_dir=run_dir)
+    assert sorted(path.name for path in (run_dir / "tb/earlier_attempt_1").iterdir()) == first
+    assert tensorboard_steps(run_dir, "epoch/val_top1") == [2]  # the new run's only, not [2, 2]
+    assert tensorboard_steps(run_dir / "tb/earlier_attempt_1", "epoch/val_top1", subdir="") == [2]
 
 
 def test_best_pt_in_place_of_last_pt_is_named_not_a_resumable_checkpoint(run_tiny, tmp_path):

@@ -86,6 +86,8 @@ class RunRecords:
         if not enabled:
             return
         self._truncate_after(resume_epoch)
+        if global_step == 0:
+            set_aside_events(run_dir / "tb")
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step drops events a killed run wrote after its last checkpoint, which is at
@@ -120,6 +122,20 @@ class RunRecords:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def set_aside_events(tb_dir: Path) -> None:
+    """A run that starts from step 0 where event files exist (trainer.resume=never, or an attempt that
+    died before its first checkpoint) moves them into ``tb/earlier_attempt_<k>/``: TensorBoard shows
+    that as a run of its own instead of mixing two runs' curves, and nothing is deleted."""
+    old = sorted(tb_dir.glob("events.out.tfevents.*")) if tb_dir.is_dir() else []
+    if not old:
+        return
+    attempt = 1 + sum(1 for _ in tb_dir.glob("earlier_attempt_*"))
+    target = tb_dir / f"earlier_attempt_{attempt}"
+    target.mkdir()
+    for path in old:
+        os.replace(path, target / path.name)
 
 
 class MetricsFileError(ValueError):
