@@ -620,3 +620,52 @@ def test_sigterm_to_the_process_group_stops_a_run_with_loader_workers_at_a_saved
     with pytest.raises(TrainingInterrupted, match=r"interrupted \(SIGTERM\) in epoch 1/1, after step 4/12; saved"):
         run_training(cfg, tmp_path / "run")
     assert load_checkpoint(tmp_path / "run/checkpoints/last.pt")["progress"]["step_in_epoch"] == 4
+
+
+# --- dataset=imagefolder: your own images ----------------------------------------------------------
+
+def write_image_folder(root: Path) -> Path:
+    """3 classes (deliberately not in sorted order on disk), PNG and JPEG mixed; 4 train / 2 val each."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 4), ("val", 2)):
+        for label in ("fox", "cat", "dog"):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for k in range(count):
+                pixels = rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / (f"{k}.png" if k % 2 else f"{k}.jpg"))
+    (root / "train" / "cat" / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_imagefolder_reads_class_folders_in_sorted_order_and_trains(tmp_path: Path) -> None:
+    from zipfls_train.data.image_folder import read_image_folder
+    from zipfls_train.engine.run import run_training
+
+    root = write_image_folder(tmp_path / "images")
+    train, val = read_image_folder(root)
+    assert train.classes == ["cat", "dog", "fox"]
+    assert (len(train), len(val)) == (12, 6)
+    assert np.bincount(train.targets).tolist() == [4, 4, 4] and np.bincount(val.targets).tolist() == [2, 2, 2]
+    cfg = compose(["dataset=imagefolder", f"dataset.root={root}", "dataset.num_classes=3", "model=cifar_resnet18",
+                   "model.options.width=8", "dataset.image_size=32", "dataset.zipf.upsample=bilinear", "loss=zipf",
+                   *[o for o in TWO_STEPS if not o.startswith("dataset.")], "trainer.batch_size=4"])
+    summary = run_training(cfg, tmp_path / "run")
+    assert summary["status"] == "finished"
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert np.isfinite(record["train_zipf"])
+
+
+def test_imagefolder_errors_name_the_layout_and_the_count(tmp_path: Path) -> None:
+    from zipfls_train.data.image_folder import read_image_folder
+    from zipfls_train.engine.config_checks import ConfigError, validate_config
+    from zipfls_train.engine.run import run_training
+
+    with pytest.raises(DatasetError, match=r"(?s)An image-folder dataset not found under dataset.root=.*<root>/train/<class>/<image>"):
+        read_image_folder(tmp_path / "nothing")
+    with pytest.raises(ConfigError, match=r"^dataset.num_classes must be given .*dataset.num_classes=<an integer >= 2>"):
+        validate_config(compose(["dataset=imagefolder", "loss=ce"]))
+    root = write_image_folder(tmp_path / "images")
+    cfg = compose(["dataset=imagefolder", f"dataset.root={root}", "dataset.num_classes=5", "loss=ce", *TWO_STEPS])
+    with pytest.raises(DatasetError, match=r"dataset.num_classes is 5 but the imagefolder files under .* hold 3 classes: set dataset.num_classes=3"):
+        run_training(cfg, tmp_path / "run")

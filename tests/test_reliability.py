@@ -412,3 +412,24 @@ def test_zipf_fit_of_a_run_whose_relative_data_root_is_elsewhere_mentions_data_r
         _load(path, None, torch.device("cpu"))
     message = str(error.value)
     assert "dataset.root='../not-here/data'" in message and "pass --data-root" in message
+
+
+def test_a_dataset_config_without_the_zipf_block_is_named_for_loss_zipf():
+    with pytest.raises(ConfigError) as error:
+        validate_config(compose(["dataset=cifar100", "loss=zipf", "~dataset.zipf"]))
+    message = one_line_user_error(error.value)
+    assert message.startswith("loss=zipf reads dataset.zipf.weight, which configs/dataset/cifar100.yaml does not define")
+    assert "zipf: block (weight, upsample, aux_weight" in message
+    validate_config(compose(["dataset=cifar100", "loss=ce", "~dataset.zipf"]))  # other methods do not read it
+
+
+@pytest.mark.parametrize(("cores", "processes", "workers"), [(16, 1, 8), (16, 4, 4), (6, 4, 1), (2, 1, 2)])
+def test_auto_loader_workers_share_the_cores_among_the_node_s_processes(cores, processes, workers, monkeypatch):
+    from zipfls_train.engine.config_checks import loader_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert loader_workers("auto", processes) == workers
+    assert loader_workers(3, processes) == 3  # as given
+    for bad in (-1, "many", True):
+        with pytest.raises(ConfigError, match=r"trainer.num_workers must be auto or an integer >= 0"):
+            loader_workers(bad)

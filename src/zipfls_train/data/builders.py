@@ -46,6 +46,7 @@ IN_MEMORY_READERS: dict[str, Reader] = {
 # Builders of file-based datasets: "module:function" taking (dataset config, LoaderOptions).
 FILE_DATASETS: dict[str, str] = {
     "imagenet": "zipfls_train.data.imagenet:build_imagenet",
+    "imagefolder": "zipfls_train.data.image_folder:build_image_folder",
     "inat21": "zipfls_train.data.inat21:build_inat21",
     "synthetic": "zipfls_train.data.synthetic:build_synthetic",
 }
@@ -79,7 +80,10 @@ def build_data(cfg: Mapping[str, Any], options: LoaderOptions) -> DataBundle:
     if name in FILE_DATASETS:
         module_name, function_name = FILE_DATASETS[name].split(":")
         return getattr(importlib.import_module(module_name), function_name)(cfg, options)
-    raise DatasetError(f"unknown dataset.name {name!r}; expected one of {sorted([*IN_MEMORY_READERS, *FILE_DATASETS])}")
+    raise DatasetError(
+        f"unknown dataset.name {name!r}; expected one of {sorted([*IN_MEMORY_READERS, *FILE_DATASETS])} (a new "
+        "dataset registers its reader in IN_MEMORY_READERS or its builder in FILE_DATASETS, data/builders.py)"
+    )
 
 
 __all__ = ["Batch", "DataBundle", "DatasetError", "LoaderOptions", "build_data"]

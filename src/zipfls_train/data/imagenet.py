@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .file_loader import FileList, build_file_bundle, is_image_file, list_images
+from .image_folder import read_class_folders, read_classes
 from .images import DatasetError, missing_dataset_error
 from .tensor_loader import LoaderOptions
 
@@ -54,33 +55,6 @@ def find_base(root: Path) -> Path:
         if (base / "train").is_dir() and (base / "val").is_dir():
             return base
     raise missing_dataset_error("ImageNet", root, LAYOUT, HOW_TO_GET)
-
-
-def read_classes(base: Path) -> list[str]:
-    with os.scandir(base / "train") as entries:
-        wnids = sorted(entry.name for entry in entries if entry.is_dir())
-    if not wnids:
-        raise DatasetError(f"no class folders in {base / 'train'}; expected train/<wnid>/*.JPEG")
-    return wnids
-
-
-def read_class_folders(base: Path, split: str, wnids: list[str]) -> FileList:
-    """``<split>/<wnid>/*`` for every wnid that has a folder there (train: every class)."""
-    index_of = {wnid: i for i, wnid in enumerate(wnids)}
-    folder = base / split
-    with os.scandir(folder) as entries:
-        present = sorted(entry.name for entry in entries if entry.is_dir())
-    unknown = [name for name in present if name not in index_of]
-    if unknown:
-        raise DatasetError(f"{folder} has class folders not in train/: {unknown[:5]} ({len(unknown)} in all)")
-    paths, targets = [], []
-    for wnid in present:
-        names = list_images(str(folder / wnid))
-        if split == "train" and not names:
-            raise DatasetError(f"empty class folder {folder / wnid}: expected *.JPEG files")
-        paths += [f"{split}/{wnid}/{name}" for name in names]
-        targets += [index_of[wnid]] * len(names)
-    return FileList.from_paths(str(base), paths, targets, wnids)
 
 
 def find_ground_truth(root: Path, base: Path, configured: str | None) -> Path:

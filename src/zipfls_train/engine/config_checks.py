@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationKeyError, MissingMandatoryValue
 
 
 class ConfigError(ValueError):
@@ -17,7 +18,10 @@ class ConfigError(ValueError):
 
 
 def _positive_int(cfg: DictConfig, key: str, minimum: int = 1) -> None:
-    value = OmegaConf.select(cfg, key)
+    try:
+        value = OmegaConf.select(cfg, key, throw_on_missing=True)
+    except MissingMandatoryValue:
+        raise ConfigError(f"{key} must be given (its config file leaves it to you: ???): {key}=<an integer >= {minimum}>") from None
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
 
@@ -46,6 +50,7 @@ def validate_config(cfg: DictConfig) -> None:
         value = cfg.trainer[key.split(".", 1)[1]]
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
+    loader_workers(cfg.trainer.num_workers)  # validates it
     _check_optimiser(cfg)
     _check_model_name(str(cfg.model.name))
     _check_model_options(cfg)
@@ -63,9 +68,38 @@ def validate_config(cfg: DictConfig) -> None:
     from ..losses import build_method
 
     try:
-        build_method(OmegaConf.to_container(cfg.loss, resolve=True), int(cfg.dataset.get("num_classes_subset") or cfg.dataset.num_classes))
+        loss = OmegaConf.to_container(cfg.loss, resolve=True)
+    except InterpolationKeyError as error:
+        raise ConfigError(_missing_interpolation(cfg, error)) from None
+    try:
+        build_method(loss, int(cfg.dataset.get("num_classes_subset") or cfg.dataset.num_classes))
     except (KeyError, TypeError, ValueError) as error:
         raise ConfigError(_message(error)) from error
+
+
+def _missing_interpolation(cfg: DictConfig, error: InterpolationKeyError) -> str:
+    """A loss option that reads a dataset default the dataset config lacks (a new dataset's config
+    without the zipf: block, typically)."""
+    found = re.search(r"Interpolation key '([^']+)' not found", str(error))
+    key = found.group(1) if found else "?"
+    if key.startswith("dataset."):
+        return (
+            f"loss={cfg.loss.name} reads {key}, which configs/dataset/{cfg.dataset.name}.yaml does not define: every "
+            "dataset config has a zipf: block (weight, upsample, aux_weight; configs/dataset/imagefolder.yaml "
+            "explains each), or give it on the command line (+" + key + "=...)"
+        )
+    return f"loss={cfg.loss.name} reads {key}, which the config does not define"
+
+
+def loader_workers(value: Any, processes_per_node: int = 1) -> int:
+    """trainer.num_workers: an integer >= 0, or auto = this process's share of the CPU cores it may
+    use (cores / training processes on the node), at least 1 and at most 8."""
+    if value == "auto":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, min(8, cores // max(1, processes_per_node)))
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"trainer.num_workers must be auto or an integer >= 0, got {value!r}")
+    return value
 
 
 def _message(error: Exception) -> str:

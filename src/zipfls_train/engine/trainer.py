@@ -7,6 +7,7 @@ import contextlib
 import functools
 import json
 import math
+import os
 import resource
 import time
 import warnings
@@ -24,7 +25,7 @@ from ..loss_options import IMPLEMENTATION_OPTIONS
 from ..losses import Method, build_method
 from ..models import build_model, unwrap
 from .checkpoint import CheckpointError, capture_rng_state, load_checkpoint, rank_rng_state, restore_rng_state, save_atomic
-from .config_checks import ConfigError
+from .config_checks import ConfigError, loader_workers
 from .distributed import DistContext, all_reduce_sum, broadcast_buffers, gather_objects
 from .interrupt import StopRequests, TrainingInterrupted
 from .metrics import RunRecords, TermAccumulator, read_metrics, topk_correct
@@ -145,7 +146,7 @@ class Trainer:
                 two_views=needs.two_views,
                 channels_last=self.channels_last,
                 data_device=torch.device("cpu") if tcfg.data_on == "cpu" else None,
-                num_workers=int(tcfg.num_workers),
+                num_workers=loader_workers(tcfg.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))),
                 accumulate_steps=int(tcfg.accumulate_steps),
             ),
         )

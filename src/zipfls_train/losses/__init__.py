@@ -30,7 +30,10 @@ METHODS: dict[str, str] = {
 
 def method_class(name: str) -> type[Method]:
     if name not in METHODS:
-        raise KeyError(f"unknown loss {name!r}; expected one of {sorted(METHODS)}")
+        raise KeyError(
+            f"unknown loss {name!r}; expected one of {sorted(METHODS)} (a new method registers its class in "
+            "METHODS, losses/__init__.py)"
+        )
     module_name, class_name = METHODS[name].split(":")
     return getattr(importlib.import_module(module_name), class_name)
 
