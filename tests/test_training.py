@@ -216,16 +216,35 @@ def test_a_truncated_last_metrics_line_does_not_block_the_resume(run_tiny, tmp_p
     assert [m["epoch"] for m in read_jsonl(tmp_path / "run/metrics.jsonl")] == [1, 2]
 
 
-def test_a_run_whose_last_checkpoint_is_gone_is_not_overwritten(run_tiny, tmp_path):
-    args = ("loss=ce", "trainer.epochs=2", "trainer.max_steps_per_epoch=2")
-    _, run_dir = run_tiny(*args, run_dir=tmp_path / "run")
+def test_an_unfinished_run_whose_last_checkpoint_is_gone_is_not_overwritten(run_tiny, tmp_path, monkeypatch):
+    args = ("loss=ce", "trainer.epochs=3", "trainer.max_steps_per_epoch=2")
+    original = signal_at_step(monkeypatch, signal.SIGTERM, 5)  # in epoch 3: 2 epochs written
+    with pytest.raises(TrainingInterrupted):
+        run_tiny(*args, run_dir=tmp_path / "run")
+    monkeypatch.setattr(Trainer, "train_step", original)
+    run_dir = tmp_path / "run"
     (run_dir / "checkpoints/last.pt").unlink()
     written = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
     with pytest.raises(ResumeError, match=r"holds the results of 2 epoch\(s\) but no checkpoints/last.pt .*trainer.resume=never"):
         run_tiny(*args, run_dir=run_dir)
     assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == written
     run_tiny(*args, "trainer.resume=never", run_dir=run_dir)  # the explicit way to start over
-    assert (run_dir / "checkpoints/last.pt").is_file()
+    assert [m["epoch"] for m in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_a_finished_run_whose_last_checkpoint_was_deleted_stays_finished(run_tiny, tmp_path, capsys):
+    # Deleting last.pt after a run (to save disk) must not make a sweep's rerun train it again.
+    args = ("loss=ce", "trainer.epochs=2", "trainer.max_steps_per_epoch=2")
+    first, run_dir = run_tiny(*args, run_dir=tmp_path / "run")
+    (run_dir / "checkpoints/last.pt").unlink()
+    written = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+    capsys.readouterr()
+    again, _ = run_tiny(*args, run_dir=run_dir)
+    assert f"run already finished (2 epochs, best val top-1 {first['best_val_top1']:.2f}%)" in capsys.readouterr().out
+    assert again == first
+    assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == written
+    with pytest.raises(ResumeError, match=r"loss.name: 'ce' -> 'ls'"):  # still its own run only
+        run_tiny(*args[1:], "loss=ls", run_dir=run_dir)
 
 
 def test_starting_over_sets_the_earlier_tensorboard_events_aside(run_tiny, tmp_path):

@@ -266,17 +266,23 @@ class Trainer:
                 "(run from a shared directory, or set hydra.run.dir to one)"
             )
 
-    def maybe_resume(self) -> bool:
+    def maybe_resume(self) -> str:
+        """Returns "resumed" (from last.pt), "finished" (a finished run whose last.pt was deleted, e.g.
+        to save disk: its summary.json stands) or "fresh"."""
         mode = str(self.cfg.trainer.resume)
         path = self.checkpoint_dir / "last.pt"
         if mode not in ("auto", "never", "must"):
             raise ConfigError(f"trainer.resume must be auto, never or must, got {mode!r}")
         self._check_ranks_see_one_folder()
         if mode == "never":
-            return False
+            return "fresh"
         if mode == "auto" and not path.exists():
+            config = self.run_dir / "config.yaml"
+            if (self.run_dir / "summary.json").is_file() and config.is_file():  # finished: the same run?
+                self._check_same_config(OmegaConf.to_container(OmegaConf.load(config), resolve=False), config)
+                return "finished"
             self._refuse_to_overwrite_results()
-            return False
+            return "fresh"
         state = load_checkpoint(path, map_location=self.device)
         missing = [key for key in RESUMABLE_KEYS if key not in state]
         if missing:
@@ -293,15 +299,15 @@ class Trainer:
         self.progress = Progress(**state["progress"])
         self.running.load_state_dict(state["running"], self.device)
         restore_rng_state(rank_rng_state(state["rng"], self.ctx.rank), self.device)
-        return True
+        return "resumed"
 
     def _refuse_to_overwrite_results(self) -> None:
-        """No last.pt, yet the folder holds results beyond a first epoch: the checkpoint was deleted
-        or lost. Starting over would truncate metrics.jsonl and overwrite best.pt and summary.json.
+        """No last.pt and no summary.json, yet the folder holds results beyond a first epoch: an
+        unfinished run's checkpoint was deleted or lost. Starting over would truncate metrics.jsonl and overwrite best.pt and summary.json.
         (A kill between the first epoch's metrics line and its checkpoint leaves one epoch line:
         that one is redone.)"""
         done = [record["epoch"] for record in read_metrics(self.run_dir)]
-        if max(done, default=0) >= 2 or (self.run_dir / "summary.json").is_file():
+        if max(done, default=0) >= 2:
             raise ResumeError(
                 f"{self.run_dir} holds the results of {max(done, default=0)} epoch(s) but no checkpoints/last.pt "
                 "to resume from; rerunning here would overwrite them. Put last.pt back, use another run "
@@ -323,8 +329,9 @@ class Trainer:
 
     # --- the loop -----------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        resumed = self.maybe_resume()
-        if resumed and self.progress.epoch >= self.epochs and (self.run_dir / "summary.json").is_file():
+        state = self.maybe_resume()
+        resumed = state == "resumed"
+        if state == "finished" or (resumed and self.progress.epoch >= self.epochs and (self.run_dir / "summary.json").is_file()):
             return self._already_finished()
         if self.ctx.is_main:
             # Only once the resume check has passed: a refused rerun leaves the folder as it was.
@@ -369,8 +376,8 @@ class Trainer:
             return {}
         summary = json.loads((self.run_dir / "summary.json").read_text())
         print(
-            f"[zipfls-train] run already finished ({self.progress.epoch} epochs, best val top-1 "
-            f"{self.progress.best_top1:.2f}%): {self.run_dir}; trainer.resume=never trains it again",
+            f"[zipfls-train] run already finished ({summary.get('epochs')} epochs, best val top-1 "
+            f"{summary.get('best_val_top1') or float('nan'):.2f}%): {self.run_dir}; trainer.resume=never trains it again",
             flush=True,
         )
         return summary
