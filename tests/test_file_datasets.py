@@ -8,6 +8,7 @@ import csv
 import json
 import random
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -635,6 +636,8 @@ def write_image_folder(root: Path) -> Path:
                 pixels = rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(folder / (f"{k}.png" if k % 2 else f"{k}.jpg"))
     (root / "train" / "cat" / "notes.txt").write_text("not an image")
+    (root / "val" / "dog" / "more").mkdir()  # ImageFolder reads subfolders of a class folder too
+    Image.fromarray(rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8)).save(root / "val" / "dog" / "more" / "9.png")
     return root
 
 
@@ -645,8 +648,9 @@ def test_imagefolder_reads_class_folders_in_sorted_order_and_trains(tmp_path: Pa
     root = write_image_folder(tmp_path / "images")
     train, val = read_image_folder(root)
     assert train.classes == ["cat", "dog", "fox"]
-    assert (len(train), len(val)) == (12, 6)
-    assert np.bincount(train.targets).tolist() == [4, 4, 4] and np.bincount(val.targets).tolist() == [2, 2, 2]
+    assert (len(train), len(val)) == (12, 7)
+    assert np.bincount(train.targets).tolist() == [4, 4, 4] and np.bincount(val.targets).tolist() == [2, 3, 2]
+    assert val.path(3).endswith("val/dog/1.png") and val.path(4).endswith("val/dog/more/9.png")
     cfg = compose(["dataset=imagefolder", f"dataset.root={root}", "dataset.num_classes=3", "model=cifar_resnet18",
                    "model.options.width=8", "dataset.image_size=32", "dataset.zipf.upsample=bilinear", "loss=zipf",
                    *[o for o in TWO_STEPS if not o.startswith("dataset.")], "trainer.batch_size=4"])
@@ -669,3 +673,24 @@ def test_imagefolder_errors_name_the_layout_and_the_count(tmp_path: Path) -> Non
     cfg = compose(["dataset=imagefolder", f"dataset.root={root}", "dataset.num_classes=5", "loss=ce", *TWO_STEPS])
     with pytest.raises(DatasetError, match=r"dataset.num_classes is 5 but the imagefolder files under .* hold 3 classes: set dataset.num_classes=3"):
         run_training(cfg, tmp_path / "run")
+
+
+class StuckTransform(CountingTransform):
+    """After the first batch, every image read hangs (a dead network filesystem, say)."""
+
+    def __call__(self, path: str, rng: random.Random | None = None) -> np.ndarray:
+        self.calls += 1
+        if self.calls > 4:
+            time.sleep(600)
+        return self.inner(path, rng)
+
+
+def test_close_ends_a_worker_stuck_in_a_read_although_workers_ignore_sigterm(imagenet_root: Path) -> None:
+    files = imagenet_files(imagenet_root, subset=8)
+    loader = FileLoader(files, options(num_workers=1), train=True, transform=StuckTransform(TrainTransform(24)), mean=MEAN, std=STD)
+    next(loader.epoch(0))  # the worker delivered batch 1 and now hangs on batch 2
+    workers = list(loader._loader._iterator._workers)
+    started = time.monotonic()
+    loader.close()
+    assert time.monotonic() - started < 20  # torch's 5 s join, then our SIGKILL
+    assert not any(worker.is_alive() for worker in workers)

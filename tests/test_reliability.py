@@ -214,6 +214,7 @@ def test_a_key_added_with_plus_that_nothing_reads_is_rejected(overrides, message
         ["loss=cskd", "+model.cskd.weight=2"],  # read through ${oc.select:model.cskd.weight,...} by loss/cskd.yaml
         ["model=resnet18", "+model.options.drop_path_rate=0.05"],  # timm's keyword arguments
         ["experiment=quick_tinyimagenet", "++dataset.zipf.weight=0.5"],
+        ["loss=zipf", "~dataset.zipf", "+dataset.zipf.weight=0.5"],  # read as ${dataset.zipf.weight} by loss/zipf.yaml
         ["+loss.weigth=0.1"],  # loss options are the method's to check (with its own message)
         ["+hydra.job.env_set.X=1"],
     ],

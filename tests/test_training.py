@@ -198,9 +198,13 @@ def test_a_signal_saves_the_step_and_the_rerun_resumes_exactly(signal_number, at
     metrics = read_jsonl(tmp_path / "resumed/metrics.jsonl")
     assert [m["epoch"] for m in metrics] == [1, 2, 3]
     assert metrics[-1]["val_top1"] == read_jsonl(straight / "metrics.jsonl")[-1]["val_top1"]
-    # The resumed epoch's throughput counts only the images it trained after the restart.
+    # The resumed epoch's throughput counts only the images it trained after the restart (none when
+    # it stopped after the epoch's last step: then nothing was timed).
     resumed = metrics[1]
-    assert resumed["images_per_s"] * resumed["epoch_time_s"] == pytest.approx((8 - at_step) * 16, rel=1e-9)
+    if at_step == 8:
+        assert resumed["images_per_s"] is None and resumed["epoch_time_s"] is None
+    else:
+        assert resumed["images_per_s"] * resumed["epoch_time_s"] == pytest.approx((8 - at_step) * 16, rel=1e-9)
 
 
 def test_a_truncated_last_metrics_line_does_not_block_the_resume(run_tiny, tmp_path, monkeypatch):
@@ -255,6 +259,9 @@ def test_starting_over_sets_the_earlier_tensorboard_events_aside(run_tiny, tmp_p
     assert sorted(path.name for path in (run_dir / "tb/earlier_attempt_1").iterdir()) == first
     assert tensorboard_steps(run_dir, "epoch/val_top1") == [2]  # the new run's only, not [2, 2]
     assert tensorboard_steps(run_dir / "tb/earlier_attempt_1", "epoch/val_top1", subdir="") == [2]
+    (run_dir / "tb/earlier_attempt_1").rename(run_dir / "tb/earlier_attempt_3")  # numbers need not be dense
+    run_tiny(*args, "trainer.resume=never", run_dir=run_dir)
+    assert sorted(path.name for path in (run_dir / "tb").glob("earlier_attempt_*")) == ["earlier_attempt_3", "earlier_attempt_4"]
 
 
 def test_best_pt_in_place_of_last_pt_is_named_not_a_resumable_checkpoint(run_tiny, tmp_path):

@@ -419,8 +419,15 @@ class FileLoader:
         loader = getattr(self, "_loader", None)
         iterator = getattr(loader, "_iterator", None)
         if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            workers = list(getattr(iterator, "_workers", []))
             iterator._shutdown_workers()
             loader._iterator = None
+            # torch ends a worker that does not stop in time with SIGTERM, which ours ignore (see
+            # _leave_stop_signals_to_the_trainer): one stuck on a hung read would keep the process alive.
+            for worker in workers:
+                if worker.is_alive():
+                    worker.kill()
+                    worker.join(timeout=5)
 
     def __del__(self) -> None:
         if getattr(self, "_owner_pid", None) != os.getpid():

@@ -2,7 +2,8 @@
 
     <root>/train/<class>/<image>    <root>/val/<class>/<image>
 
-Images are any of ``file_loader.IMAGE_EXTENSIONS`` (jpg, png, webp, ...). Class index = position of
+Images are any of ``file_loader.IMAGE_EXTENSIONS`` (jpg, png, webp, ...), in the class folder or
+its subfolders. Class index = position of
 the class folder's name in sorted order, as ImageFolder's. Decoded, augmented and loaded by
 :class:`FileLoader` exactly as ImageNet is (ImageNet's prepared layout is this one); the class-folder
 readers here serve both.
@@ -44,12 +45,23 @@ def read_class_folders(base: Path, split: str, classes: list[str]) -> FileList:
         raise DatasetError(f"{folder} has class folders not in train/: {unknown[:5]} ({len(unknown)} in all)")
     paths, targets = [], []
     for name in present:
-        images = list_images(str(folder / name))
+        images = images_under(folder / name)
         if split == "train" and not images:
             raise DatasetError(f"empty class folder {folder / name}: expected image files ({', '.join(IMAGE_EXTENSIONS)})")
         paths += [f"{split}/{name}/{image}" for image in images]
         targets += [index_of[name]] * len(images)
     return FileList.from_paths(str(base), paths, targets, classes)
+
+
+def images_under(folder: Path) -> list[str]:
+    """Image files in ``folder`` and its subfolders (as ImageFolder finds them), as sorted paths
+    relative to it."""
+    found = []
+    for directory, subfolders, _ in os.walk(folder):
+        subfolders.sort()
+        prefix = os.path.relpath(directory, folder)
+        found += [name if prefix == "." else f"{prefix}/{name}" for name in list_images(directory)]
+    return sorted(found)
 
 
 def read_image_folder(root: Path) -> tuple[FileList, FileList]:

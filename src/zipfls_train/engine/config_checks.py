@@ -84,11 +84,18 @@ def _missing_interpolation(cfg: DictConfig, error: InterpolationKeyError) -> str
     key = found.group(1) if found else "?"
     if key.startswith("dataset."):
         return (
-            f"loss={cfg.loss.name} reads {key}, which configs/dataset/{cfg.dataset.name}.yaml does not define: every "
+            f"loss={cfg.loss.name} reads {key}, which configs/dataset/{_chosen('dataset', cfg.dataset.name)}.yaml does not define: every "
             "dataset config has a zipf: block (weight, upsample, aux_weight; configs/dataset/imagefolder.yaml "
             "explains each), or give it on the command line (+" + key + "=...)"
         )
     return f"loss={cfg.loss.name} reads {key}, which the config does not define"
+
+
+def _chosen(group: str, fallback: str) -> str:
+    """The option file chosen for a config group (dataset=<this>), when Hydra composed the config."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return str(HydraConfig.get().runtime.choices.get(group, fallback)) if HydraConfig.initialized() else fallback
 
 
 def loader_workers(value: Any, processes_per_node: int = 1) -> int:
@@ -214,7 +221,10 @@ def check_added_keys(overrides: Sequence[str], compose: Callable[[list[str]], Di
         return
     base_cfg = compose([str(o.input_line) for o in parsed if not (o.is_add() or o.is_force_add())])
     base = OmegaConf.to_container(base_cfg, resolve=False)
-    optional = set(re.findall(r"\$\{oc\.select:\s*([\w.]+)", OmegaConf.to_yaml(base_cfg, resolve=False)))
+    # Keys the selected files read: through ${oc.select:key,default} (optional ones) or ${key} (e.g. the
+    # loss's ${dataset.zipf.weight}, which a dataset config without its zipf: block may get this way).
+    text = OmegaConf.to_yaml(base_cfg, resolve=False)
+    optional = set(re.findall(r"\$\{oc\.select:\s*([\w.]+)", text)) | set(re.findall(r"\$\{([\w.]+)\}", text))
     for override in checked:
         key = override.key_or_group
         if key in optional or _has_key(base, key):

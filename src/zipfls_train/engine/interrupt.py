@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -64,12 +63,10 @@ class StopRequests:
             return
         self.signal_name, self._first_at = signal.Signals(number).name, time.monotonic()
         if not self.forward_to:
-            print(
-                f"[zipfls-train] {self.signal_name}: stopping after this step and saving a checkpoint "
-                "(send it again to stop at once)",
-                file=sys.stderr,
-                flush=True,
-            )
+            # os.write, not print: the signal may land while the progress bar writes to stderr, and
+            # a print inside that write raises "reentrant call".
+            os.write(2, f"[zipfls-train] {self.signal_name}: stopping after this step and saving a checkpoint "
+                        "(send it again to stop at once)\n".encode())
 
     def _act_as_before(self, number: int, frame: FrameType | None) -> None:
         previous = self._previous.get(number, signal.SIG_DFL)

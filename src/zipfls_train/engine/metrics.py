@@ -131,8 +131,8 @@ def set_aside_events(tb_dir: Path) -> None:
     old = sorted(tb_dir.glob("events.out.tfevents.*")) if tb_dir.is_dir() else []
     if not old:
         return
-    attempt = 1 + sum(1 for _ in tb_dir.glob("earlier_attempt_*"))
-    target = tb_dir / f"earlier_attempt_{attempt}"
+    numbers = [int(path.name.rsplit("_", 1)[1]) for path in tb_dir.glob("earlier_attempt_*") if path.name.rsplit("_", 1)[1].isdigit()]
+    target = tb_dir / f"earlier_attempt_{max(numbers, default=0) + 1}"
     target.mkdir()
     for path in old:
         os.replace(path, target / path.name)

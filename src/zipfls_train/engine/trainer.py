@@ -26,7 +26,7 @@ from ..losses import Method, build_method
 from ..models import build_model, unwrap
 from .checkpoint import CheckpointError, capture_rng_state, load_checkpoint, rank_rng_state, restore_rng_state, save_atomic
 from .config_checks import ConfigError, loader_workers
-from .distributed import DistContext, all_reduce_sum, broadcast_buffers, gather_objects
+from .distributed import DistContext, all_reduce_sum, barrier, broadcast_buffers, gather_objects
 from .interrupt import StopRequests, TrainingInterrupted
 from .metrics import RunRecords, TermAccumulator, read_metrics, topk_correct
 from .optim import build_optimizer, build_scheduler
@@ -415,6 +415,9 @@ class Trainer:
             logged = window_start == self.progress.global_step
             if (logged or not self.ctx.enabled) and self._stops.agreed(self.device, self.ctx.enabled):
                 self.save(check_finite_since=window_start)
+                # No rank leaves before rank 0 has written last.pt: the launcher stops the others
+                # as soon as one exits (torch's spawn and torchrun alike).
+                barrier()
                 raise TrainingInterrupted(self._interrupted_message())
             every = int(self.cfg.trainer.checkpoint_every_steps)
             if every and self.progress.global_step % every == 0 and step + 1 < self.steps_per_epoch:
@@ -426,6 +429,7 @@ class Trainer:
         epoch_terms.all_reduce_mean()
         train_means = epoch_terms.means()
         seen = (self.steps_per_epoch - start_step) * int(self.cfg.trainer.batch_size)  # in this process's time
+        timed = seen > 0  # not an epoch resumed after its last step (a stop there): nothing was timed
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - started
@@ -442,8 +446,8 @@ class Trainer:
             "val_top5": top5,
             "best_val_top1": self.progress.best_top1,
             "lr": epoch_lr,
-            "epoch_time_s": elapsed,
-            "images_per_s": seen / elapsed if elapsed > 0 else None,
+            "epoch_time_s": elapsed if timed else None,
+            "images_per_s": seen / elapsed if timed and elapsed > 0 else None,
             "peak_gpu_mem_mb": torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else None,
             "peak_cpu_mem_mb": peak_cpu_memory_mb(),
         }
