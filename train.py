@@ -45,7 +45,7 @@ def _remove_if_empty(folder: Path) -> None:
 def main(cfg: DictConfig) -> float | None:
     from zipfls_train.engine.config_checks import check_added_keys
     from zipfls_train.engine.run import run_training
-    from zipfls_train.errors import original_message, user_errors
+    from zipfls_train.errors import user_errors
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
@@ -53,7 +53,7 @@ def main(cfg: DictConfig) -> float | None:
         summary = run_training(cfg, run_dir)
     except user_errors() as error:
         _remove_if_empty(run_dir)
-        print(f"error: {original_message(error)}", file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
     # Returned for Hydra sweepers that optimise a metric.
     return None if summary is None else summary.get("best_val_top1")

@@ -564,19 +564,15 @@ class FileLoader:
                 raw = next(iterator)
             except StopIteration:
                 return
-            except DatasetError as error:
-                # DataLoader re-raises a worker's DatasetError with the worker's whole traceback as its
-                # message; the user sees the original message (the traceback stays in __cause__).
-                self.close()
-                message = original_message(error)
-                if message == str(error):
-                    raise
-                raise DatasetError(message) from error
-            except BaseException:
+            except BaseException as error:
                 # A worker's error (e.g. an undecodable file) ends the epoch: stop the workers now, so
                 # a loader kept alive by the error's traceback is not shut down later from inside
                 # another loader's forked workers.
                 self.close()
+                # DataLoader re-raises a worker's DatasetError with the worker's whole traceback as its
+                # message; the user sees the original message (the traceback stays in __cause__).
+                if isinstance(error, DatasetError) and original_message(error) != str(error):
+                    raise DatasetError(original_message(error)) from error
                 raise
             yield self._resolve_ring(raw)
 

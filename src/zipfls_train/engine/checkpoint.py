@@ -7,8 +7,9 @@ import pickle
 import random
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -19,13 +20,18 @@ class CheckpointError(RuntimeError):
 
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:
-    """Write to a temporary file in the same folder, fsync, then ``os.replace``: a crash at any point
-    leaves either the old complete file or the new complete file, never a torn one."""
+    """``torch.save`` through :func:`replace_atomically`."""
+    replace_atomically(path, lambda stream: torch.save(state, stream))
+
+
+def replace_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """``write`` into a temporary file in the same folder, fsync, then ``os.replace``: a crash at any
+    point leaves either the old complete file or the new complete file, never a torn one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as stream:
-            torch.save(state, stream)
+            write(stream)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)

@@ -17,12 +17,16 @@ class ConfigError(ValueError):
     pass
 
 
+def _is_int_at_least(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
 def _positive_int(cfg: DictConfig, key: str, minimum: int = 1) -> None:
     try:
         value = OmegaConf.select(cfg, key, throw_on_missing=True)
     except MissingMandatoryValue:
         raise ConfigError(f"{key} must be given (its config file leaves it to you: ???): {key}=<an integer >= {minimum}>") from None
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+    if not _is_int_at_least(value, minimum):
         raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
 
 
@@ -50,6 +54,9 @@ def validate_config(cfg: DictConfig) -> None:
         value = cfg.trainer[key.split(".", 1)[1]]
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
+    limit = cfg.trainer.get("max_steps_per_epoch")
+    if limit is not None and not _is_int_at_least(limit, 1):
+        raise ConfigError(f"trainer.max_steps_per_epoch must be >= 1, or null for full epochs; got {limit!r}")
     loader_workers(cfg.trainer.num_workers)  # validates it
     _check_optimiser(cfg)
     _check_model_name(str(cfg.model.name))
@@ -104,7 +111,7 @@ def loader_workers(value: Any, processes_per_node: int = 1) -> int:
     if value == "auto":
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         return max(1, min(8, cores // max(1, processes_per_node)))
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if not _is_int_at_least(value, 0):
         raise ConfigError(f"trainer.num_workers must be auto or an integer >= 0, got {value!r}")
     return value
 
@@ -147,11 +154,9 @@ def _check_optimiser(cfg: DictConfig) -> None:
 
 
 def _check_model_name(name: str) -> None:
-    from ..models import BACKBONES, _ensure_imagenet_models_registered
+    from ..models import BACKBONES, find_backbone
 
-    if name not in BACKBONES:
-        _ensure_imagenet_models_registered()
-    if name not in BACKBONES:
+    if find_backbone(name) is None:
         raise ConfigError(f"model.name={name!r} is not a known model; expected one of {sorted(BACKBONES)} (or model=<one of configs/model/>)")
 
 
@@ -177,9 +182,7 @@ def _check_dataset_subsets(cfg: DictConfig) -> None:
         ("val_per_class", 1, "at most N val images per class"),
     ]:
         value = cfg.dataset.get(key)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        if value is not None and not _is_int_at_least(value, minimum):
             raise ConfigError(f"dataset.{key} ({meaning}) must be null (all) or an integer >= {minimum}, got {value!r}")
 
 
@@ -258,10 +261,8 @@ def _has_key(container: Any, key: str) -> bool:
 
 
 def _options_are_free_form(base: dict[str, Any]) -> bool:
-    from ..models import BACKBONES, _ensure_imagenet_models_registered, takes_any_option
+    from ..models import find_backbone, takes_any_option
 
     name = str((base.get("model") or {}).get("name"))
-    if name not in BACKBONES:
-        _ensure_imagenet_models_registered()
-    return name in BACKBONES and takes_any_option(name)
+    return find_backbone(name) is not None and takes_any_option(name)
 

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .checkpoint import replace_atomically
+
 
 def topk_correct(logits: Tensor, targets: Tensor, ks: tuple[int, ...] = (1, 5)) -> Tensor:
     """Number of samples whose target is among the top-k logits, for each k (a device tensor)."""
@@ -101,9 +103,8 @@ class RunRecords:
         if not self.metrics_path.exists():
             return
         kept = [record for record in parse_metrics(self.metrics_path) if record["epoch"] <= epoch]
-        partial = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
-        partial.write_text("".join(json.dumps(record) + "\n" for record in kept))
-        os.replace(partial, self.metrics_path)
+        text = "".join(json.dumps(record) + "\n" for record in kept)
+        replace_atomically(self.metrics_path, lambda stream: stream.write(text.encode()))
 
     def scalars(self, prefix: str, values: Mapping[str, float], step: int) -> None:
         if self.writer is not None:

@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from omegaconf import DictConfig, OmegaConf
 from torch.multiprocessing.spawn import ProcessException
 
-from ..errors import original_message, user_errors
+from ..errors import user_errors
 from .config_checks import validate_config
 from .distributed import barrier, init_distributed, launched_by_torchrun, shutdown
 from .interrupt import StopRequests
@@ -54,7 +54,7 @@ def _spawned_worker(local_rank: int, container: dict[str, Any], run_dir: str, wo
     try:
         _worker(local_rank, container, run_dir, world_size, base_rank)
     except user_errors() as error:
-        errors.put((base_rank + local_rank, type(error), original_message(error)))
+        errors.put((base_rank + local_rank, type(error), str(error)))
         raise
 
 
@@ -66,10 +66,7 @@ def _rank_user_error(errors: Any) -> BaseException | None:
     if not reported:
         return None
     _, kind, message = min(reported, key=lambda item: item[0])
-    try:
-        return kind(message)
-    except Exception:  # noqa: BLE001 - a class whose constructor takes other arguments
-        return kind.__new__(kind, message)
+    return kind(message)  # every user error is built from its message alone
 
 
 def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:

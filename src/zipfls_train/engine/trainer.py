@@ -208,9 +208,7 @@ class Trainer:
 
     def _steps_per_epoch(self) -> int:
         batches = len(self.data.train)
-        limit = self.cfg.trainer.get("max_steps_per_epoch")
-        if limit is not None and int(limit) < 1:
-            raise ConfigError(f"trainer.max_steps_per_epoch must be >= 1, or null for full epochs; got {limit!r}")
+        limit = self.cfg.trainer.get("max_steps_per_epoch")  # validate_config: null or >= 1
         if limit is not None:
             batches = min(batches, int(limit) * self.accumulate)
         return max(1, batches // self.accumulate)
@@ -267,8 +265,8 @@ class Trainer:
             )
 
     def maybe_resume(self) -> str:
-        """Returns "resumed" (from last.pt), "finished" (a finished run whose last.pt was deleted, e.g.
-        to save disk: its summary.json stands) or "fresh"."""
+        """Returns "resumed" (from last.pt), "finished" (a finished run: from last.pt, or its
+        summary.json alone when last.pt was deleted, e.g. to save disk) or "fresh"."""
         mode = str(self.cfg.trainer.resume)
         path = self.checkpoint_dir / "last.pt"
         if mode not in ("auto", "never", "must"):
@@ -299,13 +297,13 @@ class Trainer:
         self.progress = Progress(**state["progress"])
         self.running.load_state_dict(state["running"], self.device)
         restore_rng_state(rank_rng_state(state["rng"], self.ctx.rank), self.device)
-        return "resumed"
+        return "finished" if self.progress.epoch >= self.epochs and (self.run_dir / "summary.json").is_file() else "resumed"
 
     def _refuse_to_overwrite_results(self) -> None:
         """No last.pt and no summary.json, yet the folder holds results beyond a first epoch: an
-        unfinished run's checkpoint was deleted or lost. Starting over would truncate metrics.jsonl and overwrite best.pt and summary.json.
-        (A kill between the first epoch's metrics line and its checkpoint leaves one epoch line:
-        that one is redone.)"""
+        unfinished run's checkpoint was deleted or lost. Starting over would truncate metrics.jsonl
+        and overwrite best.pt. (A kill between the first epoch's metrics line and its checkpoint
+        leaves one epoch line: that one is redone.)"""
         done = [record["epoch"] for record in read_metrics(self.run_dir)]
         if max(done, default=0) >= 2:
             raise ResumeError(
@@ -330,9 +328,9 @@ class Trainer:
     # --- the loop -----------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         state = self.maybe_resume()
-        resumed = state == "resumed"
-        if state == "finished" or (resumed and self.progress.epoch >= self.epochs and (self.run_dir / "summary.json").is_file()):
+        if state == "finished":
             return self._already_finished()
+        resumed = state == "resumed"
         if self.ctx.is_main:
             # Only once the resume check has passed: a refused rerun leaves the folder as it was.
             self.run_dir.mkdir(parents=True, exist_ok=True)

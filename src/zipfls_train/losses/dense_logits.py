@@ -37,9 +37,9 @@ def pixel_logits(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     are multiplied as they are, but the logits stay in the float32 they are accumulated in: rounded
     to bfloat16's 8 bits, a pixel's two best classes often come out equal (5% of pixels at 10,000
     classes, random weights; experiments/vote_precision.md), and the arg-max would give every such
-    tie to the lower class index. Autocast is off here so that it cannot round them back."""
-    weight = weight.to(rows.dtype)
-    bias = None if bias is None else bias.to(logits_dtype(rows.dtype))
+    tie to the lower class index. Autocast is off here so that it cannot round them back.
+    ``weight`` comes in the rows' dtype and ``bias`` in :func:`logits_dtype` (pixel_logit_chunks
+    casts them once for all chunks)."""
     with torch.autocast(rows.device.type, enabled=False):
         if rows.dtype not in (torch.float16, torch.bfloat16):
             return F.linear(rows, weight, bias)
@@ -80,9 +80,15 @@ def pixel_argmax(logits: Tensor, height: int, width: int, upsample: bool) -> Ten
     ``upsample`` -> LongTensor m x (H'*W'). Ties go to the lowest class, as ``argmax``."""
     if not upsample:
         return logits.argmax(dim=2)
-    # As a channels_last m x C x H x W map, so the arg-max reduces a contiguous dim.
+    return upsampled_maps(logits, height, width).argmax(dim=1).flatten(1)
+
+
+def upsampled_maps(logits: Tensor, height: int, width: int) -> Tensor:
+    """Dense logits m x (H*W) x C -> the C logit maps after a bilinear x2 upsample
+    (``align_corners=False``), m x C x 2H x 2W. Taken as a channels_last m x C x H x W map, so that a
+    reduction over classes reads a contiguous dim."""
     maps = logits.view(-1, height, width, logits.shape[-1]).permute(0, 3, 1, 2)
-    return F.interpolate(maps, scale_factor=2, mode="bilinear", align_corners=False).argmax(dim=1).flatten(1)
+    return F.interpolate(maps, scale_factor=2, mode="bilinear", align_corners=False)
 
 
 def dense_argmax(feature_map: Tensor, weight: Tensor, bias: Tensor | None, upsample: bool) -> Tensor:

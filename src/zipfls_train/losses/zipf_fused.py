@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dense_logits import dense_argmax, pixel_argmax, pixel_logit_chunks, samples_per_chunk, votes_per_sample
+from .dense_logits import dense_argmax, pixel_argmax, pixel_logit_chunks, samples_per_chunk, upsampled_maps, votes_per_sample
 
 try:  # Triton ships with CUDA builds of PyTorch on Linux; elsewhere only the reference path exists.
     import triton
@@ -441,8 +441,7 @@ def _near_tie_samples(dense: Tensor, map_height: int, map_width: int) -> Tensor:
     """Samples (bool N) of N x (H*W) x C dense logits with a pixel, after the bilinear x2 upsample,
     whose two best classes differ by at most 1e-5 of their size: far more than the float32 roundings
     by which two orders of the upsampling's multiply-adds can differ."""
-    maps = dense.float().view(-1, map_height, map_width, dense.shape[-1]).permute(0, 3, 1, 2)
-    best_two = F.interpolate(maps, scale_factor=2, mode="bilinear", align_corners=False).topk(2, dim=1).values
+    best_two = upsampled_maps(dense.float(), map_height, map_width).topk(2, dim=1).values
     near = best_two[:, 0] - best_two[:, 1] <= 1e-5 * best_two[:, 0].abs().clamp_min(1.0)
     return near.flatten(1).any(dim=1)
 

@@ -39,21 +39,24 @@ def _ensure_imagenet_models_registered() -> None:
             raise
 
 
+def find_backbone(name: str) -> Callable[..., nn.Module] | None:
+    """The builder registered as ``name`` (importing the ImageNet models on first need), or None."""
+    if name not in BACKBONES:
+        _ensure_imagenet_models_registered()
+    return BACKBONES.get(name)
+
+
 def takes_any_option(name: str) -> bool:
     """Whether ``name``'s builder passes any keyword on (the timm models: ``model.options`` are
     timm.create_model's keyword arguments) rather than taking a fixed set of options."""
-    if name not in BACKBONES:
-        _ensure_imagenet_models_registered()
-    parameters = inspect.signature(BACKBONES[name]).parameters.values()
+    parameters = inspect.signature(find_backbone(name)).parameters.values()
     return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def check_model_options(name: str, options: Mapping[str, Any]) -> None:
     """ValueError naming ``model.options.<key>`` and what is allowed, before anything is built.
     Builders with a fixed set of options reject any other key; ``OPTION_CHECKS`` checks the values."""
-    if name not in BACKBONES:
-        _ensure_imagenet_models_registered()
-    builder = BACKBONES[name]
+    builder = find_backbone(name)
     hook = getattr(builder, "check_options", None)
     if hook is not None:  # e.g. the timm models: a build on the meta device
         hook(**options)
@@ -79,15 +82,14 @@ def build_model(
     **options: Any,
 ) -> ClassifierWrapper:
     """Build ``name`` from scratch, wrapped. ``aux_stages`` adds auxiliary heads (training only)."""
-    if name not in BACKBONES:
-        _ensure_imagenet_models_registered()
-    if name not in BACKBONES:
+    builder = find_backbone(name)
+    if builder is None:
         raise KeyError(f"unknown model {name!r}; expected one of {sorted(BACKBONES)}")
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-    backbone = BACKBONES[name](**options)
+    backbone = builder(**options)
     return ClassifierWrapper(backbone, num_classes, aux_stages=aux_stages, aux_head=aux_head)
 
 
 __all__ = ["BACKBONES", "ClassifierWrapper", "ModelOutput", "build_model", "check_model_options", "count_parameters",
-           "register_backbone", "takes_any_option", "unwrap"]
+           "find_backbone", "register_backbone", "takes_any_option", "unwrap"]
