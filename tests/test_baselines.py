@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import compose
+from omegaconf import OmegaConf
 
 from zipfls_train.data.batch import Batch
 from zipfls_train.data.class_pairs import SameClassPartners
@@ -395,16 +396,33 @@ def test_ddgsd_training_step_uses_both_views():
 
 @pytest.mark.parametrize("temperature_squared", [False, True])
 def test_ban_distillation_matches_float64_reference(temperature_squared):
-    # SPEC.md: a KL(teacher^T || p^T) + (1 - a) CE, no T^2 unless asked for.
+    # a T^2 KL(teacher^T || p^T) + (1 - a) CE, or without the T^2 when asked.
     torch.manual_seed(7)
     n, c, a, t = 5, 6, 0.2, 20.0
     z, teacher, y = torch.randn(n, c) * 4, torch.randn(n, c) * 4, torch.randint(0, c, (n,))
-    config = {"name": "ban"} if not temperature_squared else {"name": "ban", "temperature_squared": True}
-    method = build_method(config, c)
+    method = build_method({"name": "ban", "temperature_squared": temperature_squared}, c)
     terms = method._distil_terms(z, teacher, y)
     kd_scale = t**2 if temperature_squared else 1.0
     expected = (1 - a) * ce64(z, y) + a * kd_scale * kl_rows64(teacher, z, t).mean()
     assert close(terms["loss"], expected)
+
+
+def test_ban_default_distils_at_hinton_scale():
+    """loss=ban as composed: at T = 20 the KL must carry T^2, or its gradient is ~1e-4 of CE's and
+    generation 2 trains as CE (the paper's BAN cells gain +0.5 to +2.2 over CE)."""
+    loss = compose(["loss=ban"]).loss
+    assert (loss.alpha, loss.temperature) == (0.2, 20.0)
+    torch.manual_seed(8)
+    n, c = 6, 10
+    z = (torch.randn(n, c, dtype=torch.float64) * 3).requires_grad_()
+    teacher, y = torch.randn(n, c, dtype=torch.float64) * 3, torch.randint(0, c, (n,))
+    terms = build_method(OmegaConf.to_container(loss), c)._distil_terms(z.float(), teacher.float(), y)
+    expected = 0.8 * ce64(z, y) + 0.2 * 400.0 * kl_rows64(teacher, z, 20.0).mean()
+    assert close(terms["loss"], expected)
+    # The distillation term's gradient is a sizeable share of the CE term's, not a rounding error.
+    (grad_ce,) = torch.autograd.grad(0.8 * ce64(z, y), z)
+    (grad_kd,) = torch.autograd.grad(0.2 * 400.0 * kl_rows64(teacher, z, 20.0).mean(), z)
+    assert grad_kd.norm() > 0.01 * grad_ce.norm()
 
 
 def test_ban_requires_an_existing_teacher_and_names_the_path(tmp_path):
@@ -438,7 +456,7 @@ def test_ban_distils_from_the_checkpointed_teacher(tmp_path):
     kl = kl_rows64(teacher_z, z, t).mean()
     assert kl > 0.01
     assert close(terms["ban_kl"], kl)
-    assert close(terms["loss"], (1 - a) * ce64(z, y) + a * kl)
+    assert close(terms["loss"], (1 - a) * ce64(z, y) + a * t**2 * kl)
 
 
 def test_ban_trains_generation_2_from_a_real_best_checkpoint(run_tiny, tmp_path):
