@@ -80,6 +80,17 @@ def test_missing_dataset_names_path_layout_and_source(tmp_path):
     assert "nowhere" in message and "val_annotations.txt" in message and "tiny-imagenet-200.zip" in message
 
 
+def test_format_tree_with_only_the_pack_says_how_to_get_the_tree_or_use_the_pack(tmp_path):
+    # The paper-table experiments ask for the 64 px originals; a root holding only the pack must not
+    # fall back to it silently (auto would) nor claim that nothing is there.
+    root = write_tinyimagenet_pack(tmp_path, num_classes=2, train_per_class=2, val_per_class=1)
+    assert read_tinyimagenet(root, "val", "auto").images.shape[0] == 2
+    with pytest.raises(DatasetError) as error:
+        read_tinyimagenet(root, "val", "tree")
+    message = str(error.value)
+    assert "dataset.format=tree" in message and "tiny-imagenet-200" in message and "dataset.format=pack" in message
+
+
 def test_corrupt_image_names_the_file(tmp_path):
     root = write_tinyimagenet_tree(tmp_path, WNIDS[:2], train_per_class=2, val_per_class=1)
     bad = root / f"tiny-imagenet-200/train/{sorted(WNIDS[:2])[1]}/images/{sorted(WNIDS[:2])[1]}_1.JPEG"

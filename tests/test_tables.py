@@ -345,6 +345,21 @@ def test_short_schedules_and_subsets_are_labelled(tmp_path):
     assert "short schedule 2/200 ep" in cell and "100 train img/class" in cell
 
 
+def test_tinyimagenet_runs_on_the_32px_pack_never_mix_with_the_originals(tmp_path):
+    # The paper's recipe crops the 64 px originals (dataset.format=tree); the pack's runs, and runs
+    # on format auto (which does not record what it found), are their own rows and say so.
+    write_run(tmp_path / "tree", top1=(56.0,), epochs=200, dataset_options={"format": "tree"})
+    write_run(tmp_path / "pack", top1=(50.0,), epochs=200, dataset_options={"format": "pack"})
+    write_run(tmp_path / "auto", top1=(51.0,), epochs=200, dataset_options={"format": "auto"})
+    report = build_report(load_runs([tmp_path]), load_paper(PAPER_TABLES), table="2")
+    cells = [row["TinyImageNet ResNet18"] for label, row in table_rows(report, "Table 2").items() if label.startswith("Vanilla")]
+    assert len(cells) == 3, cells
+    by_value = {cell[:5]: cell for cell in cells}
+    assert "dataset.format" not in by_value["56.00"]
+    assert "dataset.format=pack (paper: tree)" in by_value["50.00"]
+    assert "dataset.format=auto (paper: tree)" in by_value["51.00"]
+
+
 def test_model_options_split_cells_and_are_labelled(tmp_path):
     # A half-width demo ResNet never mixes with the paper's width (64) and says so.
     write_run(tmp_path / "w8", top1=(30.0,), model_options={"width": 8})

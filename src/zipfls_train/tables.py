@@ -78,6 +78,9 @@ class Paper:
     image_size: Mapping[str, int]
     labels: Mapping[str, Mapping[str, str]]
     model_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # dataset.format of the paper's data per dataset, where a dataset has several (TinyImageNet: the
+    # 64 px originals, not the 32 px pack).
+    data_format: Mapping[str, str] = field(default_factory=dict)
 
     def label(self, kind: str, name: str) -> str:
         return self.labels.get(kind, {}).get(name, name)
@@ -148,6 +151,7 @@ def load_paper(path: Path | None = None) -> Paper:
         image_size=data["image_size"],
         labels=data["labels"],
         model_options=data.get("model_options") or {},
+        data_format=data.get("data_format") or {},
     )
 
 
@@ -182,7 +186,7 @@ def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def recipe_notes(key: CellKey, paper: Paper) -> list[str]:
-    """How a cell's recipe departs from the paper's: schedule length, data subsets, resolution."""
+    """How a cell's recipe departs from the paper's: schedule length, data subsets, resolution, data format."""
     recipe = dict(key.recipe)
     notes = []
     planned, reference = key.planned_epochs, paper.epochs.get(key.dataset)
@@ -198,6 +202,9 @@ def recipe_notes(key: CellKey, paper: Paper) -> list[str]:
     size = recipe.get("image_size")
     if size is not None and paper.image_size.get(key.dataset) not in (None, size):
         notes.append(f"{size} px")
+    data_format = recipe.get("format")
+    if data_format is not None and paper.data_format.get(key.dataset) not in (None, data_format):
+        notes.append(f"dataset.format={data_format} (paper: {paper.data_format[key.dataset]})")
     reference = paper.model_options.get(key.model, {})
     for name, value in recipe.items():
         option = name.removeprefix("model.")

@@ -33,8 +33,9 @@ OPTION_DEFAULTS: dict[str, dict[str, Any]] = {
 # Loss options that name files (a BAN teacher checkpoint, ...) differ per seed and say nothing about
 # the method's setting, so they never split cells.
 _PATH_LIKE_WORDS = ("path", "ckpt", "checkpoint", "teacher", "dir", "file")
-# Dataset keys that change what is trained on; they are part of a cell's recipe.
-_RECIPE_DATASET_KEYS = ("image_size", "num_classes_subset", "train_per_class", "val_per_class")
+# Dataset keys that change what is trained on; they are part of a cell's recipe (format: which copy
+# of a dataset that has several, e.g. TinyImageNet's 64 px tree or 32 px pack).
+_RECIPE_DATASET_KEYS = ("image_size", "num_classes_subset", "train_per_class", "val_per_class", "format")
 
 Hashable = Any  # a value made hashable by _freeze (tuples instead of lists)
 

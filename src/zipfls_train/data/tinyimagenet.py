@@ -41,6 +41,12 @@ def find_format(root: Path, requested: str) -> str:
         return "pack"
     if requested not in ("auto", "tree", "pack"):
         raise DatasetError(f"dataset.format must be auto, tree or pack, got {requested!r}")
+    if requested == "tree" and has_pack:
+        raise DatasetError(
+            f"dataset.format=tree (the paper's recipe crops the 64 px originals), but {root} holds only the "
+            f"32 px pack ({PACK_DIR}/): put the official {TREE_DIR}/ there ({OFFICIAL_URL}), or set "
+            "dataset.format=pack to train on the pack (the results table labels such runs)"
+        )
     raise missing_dataset_error("TinyImageNet", root, TREE_LAYOUT, HOW_TO_GET)
 
 
