@@ -474,6 +474,20 @@ def test_unmatched_runs_are_listed(tmp_path):
     assert "### Other runs" in report and "resnet101" in report
 
 
+def test_only_generation_2_fills_the_papers_ban_cells(tmp_path):
+    # The paper's BAN is "one step" (Sec. 4.2): generation 2. Generation 1 is the CE teacher and
+    # generation 3 a further step; neither is set against the paper's BAN number.
+    for generation, top1 in ((1, 56.0), (2, 58.0), (3, 59.0)):
+        write_run(tmp_path / f"gen{generation}", method="ban", top1=(top1,), epochs=200,
+                  loss_options={"generation": generation, "alpha": 0.2})  # fmt: skip
+    report = build_report(load_runs([tmp_path]), load_paper(PAPER_TABLES), table="2")
+    rows = table_rows(report, "Table 2")
+    ban_rows = [label for label in rows if label.startswith("BAN")]
+    assert ban_rows == ["BAN [generation=2]"], ban_rows
+    assert rows["BAN [generation=2]"]["TinyImageNet ResNet18"].startswith("58.00")
+    assert rows["BAN [generation=2]"]["TinyImageNet ResNet18 paper"] == "58.65 ± 0.83"
+
+
 def test_duplicate_seeds_and_path_options_do_not_split_cells(tmp_path):
     # BAN runs name their teacher checkpoint (different per seed): still one cell.
     for seed in (0, 1):

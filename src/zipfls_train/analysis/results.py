@@ -25,8 +25,8 @@ import yaml
 from ..engine.metrics import MetricsFileError, parse_metrics
 from ..loss_options import IMPLEMENTATION_OPTIONS
 
-# Reference values of options a config may predate (SPEC.md section 1): filled in when a zipf run's
-# config lacks them, so such runs still match the paper's cells.
+# Reference values of options a config may predate (configs/loss/zipf.yaml's defaults): filled in
+# when a zipf run's config lacks them, so such runs still match the paper's cells.
 OPTION_DEFAULTS: dict[str, dict[str, Any]] = {
     "zipf": {"rank_by": "dense", "stages": ("final",), "distribution": "zipf"},
 }

@@ -1,7 +1,7 @@
 """CS-KD's partners: for each training sample, another sample of the same class.
 
-SPEC.md asks for "another sample of the same class"; the paper's released sampler never pairs a
-sample with itself (alinlab's original CS-KD sampler may, with probability 1 / class size: 2% of the
+CS-KD's loss pairs each sample with "another sample of the same class"; the paper's released sampler
+never pairs a sample with itself (alinlab's original CS-KD sampler may, with probability 1 / class size: 2% of the
 pairs on INAT21's train_mini). A class holding a single sample pairs it with itself, as nothing else
 exists. Everything stays on the tensors' device (no host sync when the data lives on the GPU).
 """

@@ -1,4 +1,5 @@
-"""Per-image transforms of the 224 px recipe (SPEC.md section 3), run in DataLoader workers.
+"""Per-image transforms of the 224 px recipe (paper sec. 4.1: 224 px inputs, random cropping and
+flipping), run in DataLoader workers.
 
 Each transform opens a file, decodes it with PIL and returns an ``H x W x 3`` uint8 array of the
 final size (normalisation happens later, on the training device):

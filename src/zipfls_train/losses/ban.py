@@ -8,9 +8,10 @@ t: logits of generation k - 1 (frozen, eval mode, under ``no_grad``). KL: batch 
 (Hinton's scale correction, as CS-KD and BYOT use it; ``temperature_squared: false`` drops it, the
 formula as the paper's BAN baseline is often written). Without T^2, at T = 20 the distillation
 gradient is 1/400 of its usual size (~1e-4 of the CE gradient's): generation 2 would train as CE
-scaled by 1 - a and could not show the paper's BAN gains (+0.5 to +2.2 over CE), so the default
+scaled by 1 - a and could not show the paper's BAN gains (up to +2.24 over CE in Tables 1 and 2), so the default
 keeps it, as the KD codes BAN is run with do (e.g. TF-KD's self-training loss). Defaults a = 0.2,
-T = 20, 3 generations (the paper's Table 2 protocol).
+T = 20; experiment=ban_generations trains generations 1-3 (the paper calls its BAN baseline "one
+step", sec. 4.2: generation 2).
 
 Teacher: ``teacher_checkpoint`` is a zipfls-train checkpoint (``<run>/checkpoints/best.pt`` or
 ``last.pt``) of generation k - 1. ``setup`` builds a fresh model with the run's ``model_factory()``,

@@ -1,6 +1,6 @@
 """Zipf's label smoothing (Liang et al., ECCV 2022): the method this framework reproduces.
 
-Per training sample (SPEC.md section 1):
+Per training sample (paper sec. 3.2-3.3, eq. 2-5):
 
 1. **Dense votes.** The model's own classifier is applied to every pixel of a feature map (a 1x1
    convolution with the classifier's weights; optionally after a bilinear x2 upsample), and each
