@@ -38,10 +38,14 @@ from zipfls_train.engine.trainer import Trainer  # noqa: E402
 CASES = ("small", "compile", "resnet50", "small_real", "resnet50_compile")
 
 
+# The trainers' run folders (nothing is trained into them): one temporary folder, removed at exit.
+RUN_DIRS = tempfile.TemporaryDirectory(prefix="bench_train_")
+
+
 def make_trainer(overrides: list[str], device: torch.device) -> Trainer:
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
-    return Trainer(cfg, DistContext(device=device), Path(tempfile.mkdtemp(prefix="bench_train_")))
+    return Trainer(cfg, DistContext(device=device), Path(tempfile.mkdtemp(dir=RUN_DIRS.name)))
 
 
 def endless(trainer: Trainer):

@@ -18,7 +18,7 @@ while getopts "g:o:h" option; do
   case "$option" in
     g) generations="$OPTARG" ;;
     o) root="$OPTARG" ;;
-    h) sed -n '2,14p' "$0"; exit 0 ;;
+    h) sed -n '2,12p' "$0"; exit 0 ;;
     *) echo "usage: $0 [-g GENERATIONS] [-o OUTPUT_ROOT] [hydra overrides...]" >&2; exit 2 ;;
   esac
 done
