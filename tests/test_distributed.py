@@ -262,3 +262,55 @@ def test_spawned_ranks_meet_on_loopback_whatever_master_addr_says(tiny_pack_root
     args = [*DDP_RUN, f"dataset.root={tiny_pack_root}", "trainer.max_steps_per_epoch=1", "trainer.devices=2", f"hydra.run.dir={tmp_path}/run"]
     done = subprocess.run([sys.executable, "train.py", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def _vote_steps(rank: int, port: int, seconds_per_step: list[float], results) -> None:  # noqa: ANN001
+    """Two ranks step through 100 steps (log steps every 50) on their own fake clocks; rank 1
+    receives SIGTERM during step 12. Records at which step each rank decides to stop."""
+    import torch.distributed as dist
+
+    from zipfls_train.engine.interrupt import StopRequests, StopVotes
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        now = [0.0]
+        requests = StopRequests()
+        votes = StopVotes(requests, distributed=True, device=torch.device("cpu"), world_size=2,
+                          log_every=50, within_s=4.5, clock=lambda: now[0])  # fmt: skip
+        stopped_at, intervals = None, []
+        for step in range(1, 101):
+            now[0] += seconds_per_step[rank]
+            if rank == 1 and step == 12:
+                requests.signal_name = "SIGTERM"
+            if votes.at_step(step, logged=step % 50 == 0):
+                stopped_at = step
+                break
+            intervals.append(votes.every)
+        results[rank] = (stopped_at, intervals[-1])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_ranks_vote_on_a_stop_every_few_seconds_not_only_at_log_steps():
+    """With log steps every 50 steps, a stop requested at step 12 on one rank must not wait for step
+    50: the ranks vote first at step 10 (measuring 1 s and 2 s per step: a mean of 1.5 s), then every
+    int(4.5 / 1.5) = 3 steps, so both stop after step 13, the first vote after the request."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_vote_steps, args=(port, [1.0, 2.0], results), nprocs=2, join=True)
+    assert dict(results) == {0: (13, 3), 1: (13, 3)}
+
+
+def test_steps_between_votes_cover_the_time_asked_within_the_log_interval():
+    from zipfls_train.engine.interrupt import steps_between_votes
+
+    assert steps_between_votes(0.01, 5.0, 50) == 50  # fast steps: the log steps already vote often enough
+    assert steps_between_votes(1.0, 5.0, 50) == 5
+    assert steps_between_votes(0.3, 5.0, 50) == 16
+    assert steps_between_votes(30.0, 5.0, 50) == 1  # slower than the bound: vote at every step

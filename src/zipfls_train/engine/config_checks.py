@@ -57,6 +57,8 @@ def validate_config(cfg: DictConfig) -> None:
     limit = cfg.trainer.get("max_steps_per_epoch")
     if limit is not None and not _is_int_at_least(limit, 1):
         raise ConfigError(f"trainer.max_steps_per_epoch must be >= 1, or null for full epochs; got {limit!r}")
+    if not _number(cfg, "trainer.stop_check_s") > 0:
+        raise ConfigError(f"trainer.stop_check_s must be > 0 (seconds between DDP stop votes), got {cfg.trainer.stop_check_s}")
     loader_workers(cfg.trainer.num_workers)  # validates it
     _check_optimiser(cfg)
     _check_model_name(str(cfg.model.name))

@@ -10,7 +10,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
 
@@ -76,11 +76,60 @@ class StopRequests:
             signal.signal(number, signal.SIG_DFL)
             os.kill(os.getpid(), number)
 
-    def agreed(self, device: torch.device, distributed: bool) -> bool:
-        """Whether to stop here. Under DDP every rank must stop at the same step (a rank that stopped
-        alone would leave the others waiting in a collective), so the ranks sum their requests: one
-        small all-reduce, made only where the caller already synchronises."""
-        if not distributed:
-            return self.signal_name is not None
-        votes = torch.tensor([0.0 if self.signal_name is None else 1.0], device=device)
-        return bool(all_reduce_sum(votes).item() > 0)
+
+class StopVotes:
+    """Where the training loop asks whether to stop for a :class:`StopRequests` signal.
+
+    One process: the request is a Python flag, read at every step. Under DDP every rank must stop at
+    the same step (a rank that stopped alone would leave the others waiting in a collective), so
+    the ranks vote: one small all-reduce, read on the host, i.e. a synchronisation, and not worth
+    making at every step. They vote at the log steps (which synchronise anyway) and, between them,
+    every :attr:`every` steps, chosen so that a vote comes about every ``within_s`` seconds: a
+    cluster's SIGTERM is followed by SIGKILL after a grace period (SLURM's default: 30 s), which a
+    log interval of slow steps can exceed. Each vote also sums the ranks' mean step time since the
+    previous vote, so every rank derives the same :attr:`every` from it."""
+
+    # Steps before the first vote, which measures the step time (the log steps vote too).
+    FIRST_EVERY = 10
+
+    def __init__(self, requests: StopRequests, *, distributed: bool, device: torch.device, world_size: int,
+                 log_every: int, within_s: float, clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+        self.requests, self.distributed, self.device, self.world_size = requests, distributed, device, world_size
+        self.log_every, self.within_s, self.clock = log_every, within_s, clock
+        self.every = min(self.FIRST_EVERY, log_every)
+        self._since_step, self._since_time = 0, clock()
+
+    def restart_timing(self, global_step: int) -> None:
+        """Time the steps from ``global_step`` on (called at an epoch's start: the evaluation before it
+        is not step time, and after each vote)."""
+        self._since_step, self._since_time = global_step, self.clock()
+
+    def at_step(self, global_step: int, logged: bool) -> bool:
+        """Whether to stop after step ``global_step`` (``logged``: it was a log step)."""
+        if not self.distributed:
+            return self.requests.signal_name is not None
+        if not logged and global_step - self._since_step < self.every:
+            return False
+        return self._vote(global_step)
+
+    def now(self) -> bool:
+        """Whether to stop here, outside the step loop (an epoch boundary); no step time is measured."""
+        if not self.distributed:
+            return self.requests.signal_name is not None
+        return self._vote(None)
+
+    def _vote(self, global_step: int | None) -> bool:
+        steps = 0 if global_step is None else global_step - self._since_step
+        seconds_per_step = (self.clock() - self._since_time) / steps if steps > 0 else 0.0
+        requested = 0.0 if self.requests.signal_name is None else 1.0
+        requests, seconds_per_step_sum = all_reduce_sum(torch.tensor([requested, seconds_per_step], device=self.device)).tolist()
+        if seconds_per_step_sum > 0:  # the same sum on every rank, so the same interval
+            self.every = steps_between_votes(seconds_per_step_sum / self.world_size, self.within_s, self.log_every)
+        if global_step is not None:
+            self.restart_timing(global_step)
+        return requests > 0
+
+
+def steps_between_votes(seconds_per_step: float, within_s: float, log_every: int) -> int:
+    """As many steps as take ``within_s`` seconds, at least 1 and at most ``log_every``."""
+    return max(1, min(log_every, int(within_s / seconds_per_step)))

@@ -27,7 +27,7 @@ from ..models import build_model, unwrap
 from .checkpoint import CheckpointError, capture_rng_state, load_checkpoint, rank_rng_state, restore_rng_state, save_atomic
 from .config_checks import ConfigError, loader_workers
 from .distributed import DistContext, all_reduce_sum, barrier, broadcast_buffers, gather_objects
-from .interrupt import StopRequests, TrainingInterrupted
+from .interrupt import StopRequests, StopVotes, TrainingInterrupted
 from .metrics import RunRecords, TermAccumulator, read_metrics, topk_correct
 from .optim import build_optimizer, build_scheduler
 
@@ -36,7 +36,7 @@ from .optim import build_optimizer, build_scheduler
 # absent from checkpoints written before it existed).
 RESUME_TOLERATED = {
     "trainer.device", "trainer.devices", "trainer.progress_bar", "trainer.log_every", "trainer.num_workers",
-    "trainer.checkpoint_every_steps", "trainer.resume", "trainer.compile", "trainer.data_on",
+    "trainer.checkpoint_every_steps", "trainer.resume", "trainer.compile", "trainer.data_on", "trainer.stop_check_s",
     "trainer.eval_batch_size", "dataset.root", "tag",
     *(f"loss.{option}" for option in IMPLEMENTATION_OPTIONS),
 }
@@ -180,6 +180,10 @@ class Trainer:
         self.progress = Progress()
         self.running = TermAccumulator()
         self._stops = StopRequests()  # listening only while fit() runs
+        self._stop_votes = StopVotes(
+            self._stops, distributed=ctx.enabled, device=self.device, world_size=ctx.world_size,
+            log_every=int(tcfg.log_every), within_s=float(tcfg.stop_check_s),
+        )
 
     # --- set-up helpers -----------------------------------------------------------------------
     def _wrap_for_training(self, model: nn.Module) -> nn.Module:
@@ -341,7 +345,7 @@ class Trainer:
         try:
             with self._stops:
                 while self.progress.epoch < self.epochs:
-                    if self._stops.agreed(self.device, self.ctx.enabled):  # last.pt is this epoch boundary
+                    if self._stop_votes.now():  # last.pt is this epoch boundary
                         raise TrainingInterrupted(self._interrupted_message(saved=self.progress.global_step > 0))
                     self._train_epoch(records)
             summary = self._summary("finished")
@@ -396,6 +400,7 @@ class Trainer:
         )
         log_every = max(1, int(self.cfg.trainer.log_every))
         window_start, window = self.progress.global_step, self.running.mark()
+        self._stop_votes.restart_timing(self.progress.global_step)
         for step in range(start_step, self.steps_per_epoch):
             step_lr = self.optimizer.param_groups[0]["lr"]  # the lr this step applies
             terms = self.train_step(batches)
@@ -408,10 +413,10 @@ class Trainer:
                 records.scalars("train", {**means, "lr": step_lr}, self.progress.global_step)
                 bar.set_postfix(loss=f"{means['loss']:.4f}")
                 window_start, window = self.progress.global_step, self.running.mark()
-            # Single process: a stop request is a Python flag, checked every step. DDP: the ranks agree
-            # at the log steps, which synchronise anyway.
+            # Single process: a stop request is a Python flag, checked every step. DDP: the ranks vote
+            # at the log steps and every few seconds (StopVotes).
             logged = window_start == self.progress.global_step
-            if (logged or not self.ctx.enabled) and self._stops.agreed(self.device, self.ctx.enabled):
+            if self._stop_votes.at_step(self.progress.global_step, logged):
                 self.save(check_finite_since=window_start)
                 # No rank leaves before rank 0 has written last.pt: the launcher stops the others
                 # as soon as one exits (torch's spawn and torchrun alike).
