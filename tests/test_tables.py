@@ -584,3 +584,11 @@ def test_cli_errors_name_the_folder(tmp_path, capsys):
     (bad / "config.yaml").write_text(yaml.safe_dump({"seed": 0, "dataset": {"name": "cifar100"}, "loss": {"name": "ce"}, "trainer": {"epochs": 1}}))
     assert main([str(tmp_path / "bad")]) == 2
     assert "missing key 'model.name'" in capsys.readouterr().err
+
+
+def test_the_table_builder_starts_without_importing_torch():
+    # It runs wherever the run folders are (a login node, a laptop): reading them must not load torch.
+    code = "import sys, zipfls_train.tables; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False"

@@ -251,17 +251,36 @@ def test_a_finished_run_whose_last_checkpoint_was_deleted_stays_finished(run_tin
         run_tiny(*args[1:], "loss=ls", run_dir=run_dir)
 
 
-def test_starting_over_sets_the_earlier_tensorboard_events_aside(run_tiny, tmp_path):
+def test_starting_over_sets_the_whole_earlier_attempt_aside(run_tiny, tmp_path, monkeypatch):
+    from zipfls_train.analysis.results import load_runs
+
     args = ("loss=ce", "trainer.epochs=1", "trainer.max_steps_per_epoch=2")
     _, run_dir = run_tiny(*args, run_dir=tmp_path / "run")
-    first = sorted(path.name for path in (run_dir / "tb").glob("events.out.tfevents.*"))
+    first = {path.relative_to(run_dir): path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+    # Starting over, then failing before the first checkpoint: the old last.pt, best.pt and
+    # summary.json must not stay in the folder as if they were this attempt's.
+    original = Trainer.train_step
+
+    def failing_step(self, batches):
+        raise RuntimeError("a failure in the first step")
+
+    monkeypatch.setattr(Trainer, "train_step", failing_step)
+    with pytest.raises(RuntimeError, match="a failure in the first step"):
+        run_tiny(*args, "optim.lr=0.05", "trainer.resume=never", run_dir=run_dir)
+    monkeypatch.setattr(Trainer, "train_step", original)
+    earlier = run_dir / "earlier_attempt_1"
+    assert {path.relative_to(earlier): path.read_bytes() for path in earlier.rglob("*") if path.is_file()} == first
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "summary.json").exists()
+    # The original command trains again (nothing says it finished) and its TensorBoard holds its
+    # own events only; the failed attempt is set aside in turn.
+    run_tiny(*args, run_dir=run_dir)
+    assert tensorboard_steps(run_dir, "epoch/val_top1") == [2]  # not [2, 2]
+    assert tensorboard_steps(earlier, "epoch/val_top1") == [2]
+    assert sorted(path.name for path in run_dir.glob("earlier_attempt_*")) == ["earlier_attempt_1", "earlier_attempt_2"]
+    assert [run.path for run in load_runs([tmp_path])] == [run_dir.resolve()]  # tables skip set-aside attempts
+    earlier.rename(run_dir / "earlier_attempt_5")  # numbers need not be dense
     run_tiny(*args, "trainer.resume=never", run_dir=run_dir)
-    assert sorted(path.name for path in (run_dir / "tb/earlier_attempt_1").iterdir()) == first
-    assert tensorboard_steps(run_dir, "epoch/val_top1") == [2]  # the new run's only, not [2, 2]
-    assert tensorboard_steps(run_dir / "tb/earlier_attempt_1", "epoch/val_top1", subdir="") == [2]
-    (run_dir / "tb/earlier_attempt_1").rename(run_dir / "tb/earlier_attempt_3")  # numbers need not be dense
-    run_tiny(*args, "trainer.resume=never", run_dir=run_dir)
-    assert sorted(path.name for path in (run_dir / "tb").glob("earlier_attempt_*")) == ["earlier_attempt_3", "earlier_attempt_4"]
+    assert (run_dir / "earlier_attempt_6/checkpoints/last.pt").is_file()
 
 
 def test_best_pt_in_place_of_last_pt_is_named_not_a_resumable_checkpoint(run_tiny, tmp_path):

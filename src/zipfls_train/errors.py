@@ -9,7 +9,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .engine.checkpoint import CheckpointError
     from .engine.config_checks import ConfigError
     from .engine.interrupt import TrainingInterrupted
-    from .engine.metrics import MetricsFileError
+    from .engine.run_folder import MetricsFileError
     from .engine.trainer import NonFiniteLossError, ResumeError
     from .losses.ban import TeacherCheckpointError
 

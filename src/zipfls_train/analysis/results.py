@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from ..engine.metrics import MetricsFileError, parse_metrics
+from ..engine.run_folder import EARLIER_ATTEMPT_PREFIX, MetricsFileError, parse_metrics
 from ..loss_options import IMPLEMENTATION_OPTIONS
 
 # Reference values of options a config may predate (configs/loss/zipf.yaml's defaults): filled in
@@ -113,9 +113,13 @@ class CellSummary:
 
 
 def find_run_dirs(folder: Path) -> list[Path]:
-    """Folders under ``folder`` (itself included) holding config.yaml next to metrics.jsonl."""
+    """Folders under ``folder`` (itself included) holding config.yaml next to metrics.jsonl, except
+    the results of an attempt a run started over from (``<run>/earlier_attempt_<k>/``)."""
     candidates = [folder / "metrics.jsonl", *folder.rglob("metrics.jsonl")]
-    found = {p.parent.resolve() for p in candidates if p.is_file() and (p.parent / "config.yaml").is_file()}
+    found = {
+        p.parent.resolve() for p in candidates
+        if p.is_file() and (p.parent / "config.yaml").is_file() and not p.parent.name.startswith(EARLIER_ATTEMPT_PREFIX)
+    }  # fmt: skip
     return sorted(found)
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -13,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import replace_atomically
+from .run_folder import parse_metrics
 
 
 def topk_correct(logits: Tensor, targets: Tensor, ks: tuple[int, ...] = (1, 5)) -> Tensor:
@@ -88,8 +87,6 @@ class RunRecords:
         if not enabled:
             return
         self._truncate_after(resume_epoch)
-        if global_step == 0:
-            set_aside_events(run_dir / "tb")
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step drops events a killed run wrote after its last checkpoint, which is at
@@ -123,43 +120,6 @@ class RunRecords:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-
-
-def set_aside_events(tb_dir: Path) -> None:
-    """A run that starts from step 0 where event files exist (trainer.resume=never, or an attempt that
-    died before its first checkpoint) moves them into ``tb/earlier_attempt_<k>/``: TensorBoard shows
-    that as a run of its own instead of mixing two runs' curves, and nothing is deleted."""
-    old = sorted(tb_dir.glob("events.out.tfevents.*")) if tb_dir.is_dir() else []
-    if not old:
-        return
-    numbers = [int(path.name.rsplit("_", 1)[1]) for path in tb_dir.glob("earlier_attempt_*") if path.name.rsplit("_", 1)[1].isdigit()]
-    target = tb_dir / f"earlier_attempt_{max(numbers, default=0) + 1}"
-    target.mkdir()
-    for path in old:
-        os.replace(path, target / path.name)
-
-
-class MetricsFileError(ValueError):
-    """A metrics.jsonl line before the last is not an epoch record: the file is damaged."""
-
-
-def parse_metrics(path: Path) -> list[dict[str, Any]]:
-    """The epoch records of a metrics.jsonl, in file order. A malformed *last* line is a write cut
-    short by a kill: dropped, with a warning. A malformed line before it is damage:
-    :class:`MetricsFileError` naming the file and line."""
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    records = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            record = json.loads(line)
-            record["epoch"] = int(record["epoch"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-            if number == len(lines):
-                warnings.warn(f"{path}:{number}: ignoring a truncated last line", stacklevel=2)
-                break
-            raise MetricsFileError(f"{path}:{number}: not a JSON object with an 'epoch' ({error})") from error
-        records.append(record)
-    return records
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

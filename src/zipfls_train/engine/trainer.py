@@ -29,6 +29,7 @@ from .config_checks import ConfigError, loader_workers
 from .distributed import DistContext, all_reduce_sum, barrier, broadcast_buffers, gather_objects
 from .interrupt import StopRequests, StopVotes, TrainingInterrupted
 from .metrics import RunRecords, TermAccumulator, read_metrics, topk_correct
+from .run_folder import set_aside_earlier_attempt
 from .optim import build_optimizer, build_scheduler
 
 # Config keys that may differ between a checkpoint and the resuming command (they change how the run
@@ -338,6 +339,9 @@ class Trainer:
         if self.ctx.is_main:
             # Only once the resume check has passed: a refused rerun leaves the folder as it was.
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            earlier = None if resumed else set_aside_earlier_attempt(self.run_dir)
+            if earlier is not None:
+                print(f"[zipfls-train] starting over: the earlier attempt's results are in {earlier}", flush=True)
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
         records = RunRecords(self.run_dir, self.progress.epoch, self.progress.global_step, enabled=self.ctx.is_main)
         if self.ctx.is_main:
