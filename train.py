@@ -12,6 +12,8 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from zipfls_train.engine.naming import register_resolvers
@@ -29,6 +31,12 @@ def _compose(overrides: list[str]) -> DictConfig:
     # A launcher that runs the job in a process of its own, without Hydra's global state.
     with hydra.initialize_config_dir(config_dir=str(Path(__file__).resolve().parent / "configs"), version_base="1.3"):
         return hydra.compose(config_name=name, overrides=overrides)
+
+
+class SweepRunFailed(CompactHydraException):
+    """A run of a sweep stopped on a user error (its message was printed as it happened). Hydra
+    records it, runs the sweep's other runs, then prints this one line and exits with status 1; a
+    SystemExit instead would end the whole sweep at the first failed run."""
 
 
 def _remove_if_empty(folder: Path) -> None:
@@ -54,6 +62,9 @@ def main(cfg: DictConfig) -> float | None:
     except user_errors() as error:
         _remove_if_empty(run_dir)
         print(f"error: {error}", file=sys.stderr)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            # The sweep goes on with its other runs; Hydra reports this one at the end, exit status 1.
+            raise SweepRunFailed(f"{run_dir}: {error}") from None
         sys.exit(1)
     # Returned for Hydra sweepers that optimise a metric.
     return None if summary is None else summary.get("best_val_top1")

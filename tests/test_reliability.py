@@ -250,6 +250,28 @@ def test_train_py_prints_one_line_and_leaves_no_empty_run_folder(tmp_path, argum
     assert not run_dir.exists()  # Hydra made it before the app ran; refused before anything was written
 
 
+def test_a_user_error_in_one_run_of_a_sweep_does_not_stop_the_others(tiny_pack_root, tmp_path):
+    """A sweep of many runs must not end at the first run that fails on its own input: the others
+    train, the failure is printed as one line when it happens and named again at the end, and the
+    exit status says that something failed."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, TINY_RUN
+
+    sweep = tmp_path / "sweep"
+    result = subprocess.run([sys.executable, "train.py", "-m", *TINY_RUN, f"dataset.root={tiny_pack_root}", "trainer.epochs=1",
+                             "trainer.max_steps_per_epoch=1", "optim.momentum=1.5,0.9", f"hydra.sweep.dir={sweep}"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    message = "optim.momentum must be in [0, 1) (the paper: 0.9), got 1.5"
+    assert f"error: {message}" in result.stderr.splitlines()
+    assert any(line.endswith(message) and "momentum=1.5" in line for line in result.stderr.splitlines() if not line.startswith("error:"))
+    finished = list(sweep.glob("*/summary.json"))
+    assert len(finished) == 1 and "momentum=0.9" in finished[0].parent.name
+
+
 # --- BAN teacher ---------------------------------------------------------------------------------
 
 def test_a_missing_ban_teacher_is_a_user_error_naming_the_key():
