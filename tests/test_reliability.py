@@ -24,6 +24,7 @@ from zipfls_train.losses.ls import LabelSmoothing
         ("trainer.device=tpu", r"trainer.device must be one of"),
         ("+loss.not_an_option=1", r"loss=zipf has no option\(s\) \['not_an_option'\]"),
         ("optim.lr=-0.1", r"optim.lr must be > 0"),
+        ("optim.lr=inf", r"optim.lr must be > 0 and finite, got inf"),
         ("optim.lr=fast", r"optim.lr must be a number, got 'fast'"),
         ("optim.momentum=5", r"optim.momentum must be in \[0, 1\)"),
         ("optim.weight_decay=-1", r"optim.weight_decay must be >= 0"),
@@ -274,6 +275,15 @@ def test_a_user_error_in_one_run_of_a_sweep_does_not_stop_the_others(tiny_pack_r
 
 # --- BAN teacher ---------------------------------------------------------------------------------
 
+def test_a_ban_teacher_given_as_a_run_folder_says_which_file_to_give(tmp_path):
+    from zipfls_train.losses.ban import TeacherCheckpointError
+
+    with pytest.raises(TeacherCheckpointError) as error:
+        validate_config(compose(["loss=ban", "loss.generation=2", f"loss.teacher_checkpoint={tmp_path}"]))
+    message = one_line_user_error(error.value)
+    assert "is a folder" in message and str(tmp_path / "checkpoints" / "best.pt") in message
+
+
 def test_a_missing_ban_teacher_is_a_user_error_naming_the_key():
     from zipfls_train.losses.ban import TeacherCheckpointError
 
@@ -456,3 +466,40 @@ def test_auto_loader_workers_share_the_cores_among_the_node_s_processes(cores, p
     for bad in (-1, "many", True):
         with pytest.raises(ConfigError, match=r"trainer.num_workers must be auto or an integer >= 0"):
             loader_workers(bad)
+
+
+# --- synthetic data --------------------------------------------------------------------------------
+
+SYNTHETIC = ["dataset=synthetic", "dataset.image_size=32", "dataset.num_classes=50", "model.options.width=8",
+             "trainer.device=cpu", "trainer.progress_bar=false", "trainer.batch_size=8", "trainer.eval_batch_size=8"]
+
+
+def test_synthetic_data_honours_a_class_subset_as_the_method_does(tmp_path):
+    from zipfls_train.engine.distributed import DistContext
+    from zipfls_train.engine.trainer import Trainer
+
+    trainer = Trainer(compose([*SYNTHETIC, "dataset.num_classes_subset=10", "dataset.steps_per_epoch=1", "loss=zipf"]),
+                      DistContext(), tmp_path)  # fmt: skip
+    assert trainer.data.num_classes == 10
+    batch = next(iter(trainer.data.train.epoch(0)))
+    assert int(batch.targets.max()) < 10
+    terms = trainer.train_step(trainer.data.train.epoch(0))  # the Zipf votes index 10 classes
+    assert torch.isfinite(terms["loss"])
+
+
+@pytest.mark.parametrize("steps", [0, -1])
+def test_synthetic_steps_per_epoch_below_one_is_named(tmp_path, steps):
+    from zipfls_train.data import DatasetError
+    from zipfls_train.engine.distributed import DistContext
+    from zipfls_train.engine.trainer import Trainer
+
+    with pytest.raises(DatasetError, match=rf"dataset.steps_per_epoch must be an integer >= 1 .*got {steps}"):
+        Trainer(compose([*SYNTHETIC, f"dataset.steps_per_epoch={steps}"]), DistContext(), tmp_path)
+
+
+def test_a_run_folder_that_cannot_be_written_is_named(run_tiny, tmp_path):
+    from zipfls_train.engine.run_folder import RunFolderNotWritable
+
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(RunFolderNotWritable, match=r"cannot write the run folder .*a_file/run .*hydra.run.dir="):
+        run_tiny("loss=ce", "trainer.max_steps_per_epoch=1", run_dir=tmp_path / "a_file" / "run")

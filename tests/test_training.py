@@ -251,6 +251,18 @@ def test_a_finished_run_whose_last_checkpoint_was_deleted_stays_finished(run_tin
         run_tiny(*args[1:], "loss=ls", run_dir=run_dir)
 
 
+def test_a_run_killed_after_its_last_epoch_resumes_to_write_its_summary(run_tiny, tmp_path, capsys):
+    args = ("loss=ce", "trainer.epochs=2", "trainer.max_steps_per_epoch=2")
+    first, run_dir = run_tiny(*args, run_dir=tmp_path / "run")
+    (run_dir / "summary.json").unlink()  # as a kill between the last checkpoint and the summary leaves it
+    capsys.readouterr()
+    again, _ = run_tiny(*args, run_dir=run_dir)
+    assert "run resumed after its last epoch (2/2) to write its summary" in capsys.readouterr().out
+    assert again["best_val_top1"] == first["best_val_top1"]
+    assert json.loads((run_dir / "summary.json").read_text())["best_val_top1"] == first["best_val_top1"]
+    assert [m["epoch"] for m in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2]
+
+
 def test_starting_over_sets_the_whole_earlier_attempt_aside(run_tiny, tmp_path, monkeypatch):
     from zipfls_train.analysis.results import load_runs
 

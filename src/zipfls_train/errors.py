@@ -9,12 +9,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .engine.checkpoint import CheckpointError
     from .engine.config_checks import ConfigError
     from .engine.interrupt import TrainingInterrupted
-    from .engine.run_folder import MetricsFileError
+    from .engine.run_folder import MetricsFileError, RunFolderNotWritable
     from .engine.trainer import NonFiniteLossError, ResumeError
     from .losses.ban import TeacherCheckpointError
 
     return (ConfigError, DatasetError, CheckpointError, ResumeError, NonFiniteLossError, TeacherCheckpointError,
-            TrainingInterrupted, MetricsFileError)  # fmt: skip
+            TrainingInterrupted, MetricsFileError, RunFolderNotWritable)  # fmt: skip
 
 
 def original_message(error: BaseException) -> str:

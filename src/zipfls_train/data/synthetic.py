@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from .batch import Batch
+from .images import DatasetError
 from .tensor_loader import LoaderOptions
 
 
@@ -44,8 +45,12 @@ class SyntheticLoader:
 def build_synthetic(cfg: Mapping[str, Any], options: LoaderOptions):  # noqa: ANN201 - DataBundle
     from .builders import DataBundle
 
-    size, classes = int(cfg["image_size"]), int(cfg["num_classes"])
-    train = SyntheticLoader(options, image_size=size, num_classes=classes, steps=int(cfg["steps_per_epoch"]), train=True)
+    # num_classes_subset as the file datasets read it: the first K classes (the method is built for K).
+    size, classes = int(cfg["image_size"]), int(cfg.get("num_classes_subset") or cfg["num_classes"])
+    steps = cfg["steps_per_epoch"]
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise DatasetError(f"dataset.steps_per_epoch must be an integer >= 1 (batches per synthetic epoch), got {steps!r}")
+    train = SyntheticLoader(options, image_size=size, num_classes=classes, steps=steps, train=True)
     val = SyntheticLoader(options, image_size=size, num_classes=classes, steps=1, train=False)
     return DataBundle(train=train, val=val, num_classes=classes, train_size=train.num_samples,
                       val_size=val.num_samples, classes=[str(c) for c in range(classes)])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 import warnings
@@ -134,8 +135,8 @@ def _check_optimiser(cfg: DictConfig) -> None:
     from .optim import check_names
 
     check_names(cfg.optim.name, cfg.sched.name)
-    if not _number(cfg, "optim.lr") > 0:
-        raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
+    if not 0 < _number(cfg, "optim.lr") < math.inf:
+        raise ConfigError(f"optim.lr must be > 0 and finite, got {cfg.optim.lr}")
     if not 0 <= _number(cfg, "optim.momentum") < 1:
         raise ConfigError(f"optim.momentum must be in [0, 1) (the paper: 0.9), got {cfg.optim.momentum}")
     if not _number(cfg, "optim.weight_decay") >= 0:

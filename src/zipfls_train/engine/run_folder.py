@@ -11,6 +11,10 @@ from pathlib import Path
 from typing import Any
 
 
+class RunFolderNotWritable(OSError):
+    """The run folder cannot be created or written (the message names it and how to pick another)."""
+
+
 class MetricsFileError(ValueError):
     """A metrics.jsonl line before the last is not an epoch record: the file is damaged."""
 

@@ -29,7 +29,7 @@ from .config_checks import ConfigError, loader_workers
 from .distributed import DistContext, all_reduce_sum, barrier, broadcast_buffers, gather_objects
 from .interrupt import StopRequests, StopVotes, TrainingInterrupted
 from .metrics import RunRecords, TermAccumulator, read_metrics, topk_correct
-from .run_folder import set_aside_earlier_attempt
+from .run_folder import RunFolderNotWritable, set_aside_earlier_attempt
 from .optim import build_optimizer, build_scheduler
 
 # Config keys that may differ between a checkpoint and the resuming command (they change how the run
@@ -338,11 +338,7 @@ class Trainer:
         resumed = state == "resumed"
         if self.ctx.is_main:
             # Only once the resume check has passed: a refused rerun leaves the folder as it was.
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            earlier = None if resumed else set_aside_earlier_attempt(self.run_dir)
-            if earlier is not None:
-                print(f"[zipfls-train] starting over: the earlier attempt's results are in {earlier}", flush=True)
-            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+            self._prepare_run_folder(resumed)
         records = RunRecords(self.run_dir, self.progress.epoch, self.progress.global_step, enabled=self.ctx.is_main)
         if self.ctx.is_main:
             print(f"[zipfls-train] run {self._resumed_at() if resumed else 'started'}: {self.run_dir}", flush=True)
@@ -361,8 +357,24 @@ class Trainer:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
 
+    def _prepare_run_folder(self, resumed: bool) -> None:
+        """Create the folder, set an earlier attempt's results aside on a fresh start, write config.yaml."""
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            earlier = None if resumed else set_aside_earlier_attempt(self.run_dir)
+            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+        except OSError as error:
+            raise RunFolderNotWritable(
+                f"cannot write the run folder {self.run_dir} ({error.strerror or error}): give a writable "
+                "one with hydra.run.dir=... (hydra.sweep.dir=... for a sweep)"
+            ) from error
+        if earlier is not None:
+            print(f"[zipfls-train] starting over: the earlier attempt's results are in {earlier}", flush=True)
+
     def _resumed_at(self) -> str:
         """Where a resumed run goes on, 1-based as the progress lines count epochs."""
+        if self.progress.epoch >= self.epochs:  # killed after its last epoch, before its summary
+            return f"resumed after its last epoch ({self.epochs}/{self.epochs}) to write its summary"
         epoch = f"epoch {self.progress.epoch + 1}/{self.epochs}"
         if self.progress.step_in_epoch == 0:
             return f"resumed at the start of {epoch}"

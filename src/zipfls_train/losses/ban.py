@@ -132,6 +132,11 @@ class BornAgainNetwork(Method):
                     f"loss.generation={generation} distils from generation {generation - 1}: set "
                     "loss.teacher_checkpoint to its checkpoints/best.pt (scripts/run_ban.sh chains generations)"
                 )
+            if Path(teacher_checkpoint).is_dir():
+                raise TeacherCheckpointError(
+                    f"loss.teacher_checkpoint={str(teacher_checkpoint)!r} is a folder; give generation "
+                    f"{generation - 1}'s checkpoint file, e.g. {Path(teacher_checkpoint) / 'checkpoints' / 'best.pt'}"
+                )
             if not Path(teacher_checkpoint).is_file():
                 raise TeacherCheckpointError(
                     f"BAN generation {generation} needs the checkpoint of generation {generation - 1}, but "
