@@ -121,6 +121,21 @@ def test_aux_head_on_penultimate_stage_and_num_classes() -> None:
     assert model.aux_heads["penultimate"].fc.in_features == 256
 
 
+@pytest.mark.parametrize(("name", "final_width"), [("densenet121", 1024), ("mobilenetv2", 1280), ("resnet50", 2048)])
+def test_byot_heads_end_at_the_final_stage_width_of_any_backbone(name: str, final_width: int) -> None:
+    # BYOT pulls each head's pooled feature towards the final stage's: same width, whether or not
+    # the backbone doubles its width per stage (DenseNet-121 and MobileNetV2 do not).
+    from zipfls_train.data.batch import Batch
+    from zipfls_train.losses import build_method
+
+    torch.manual_seed(0)
+    method = build_method({"name": "byot"}, 10)
+    model = build_model(name, 10, aux_stages=method.needs.aux_stages, aux_head=method.needs.aux_head).train()
+    assert [head.feature_channels for head in model.aux_heads.values()] == [final_width] * 3
+    terms = method.training_step(model, Batch(inputs=torch.randn(2, 3, 64, 64), targets=torch.tensor([1, 7]), indices=torch.arange(2)))
+    assert torch.isfinite(terms["loss"]) and terms["byot_feature_l2"] > 0
+
+
 def test_training_step_backward_reaches_every_parameter() -> None:
     model = build_model("mobilenetv2", 5).train()
     out = model(torch.randn(2, 3, 32, 32))

@@ -85,12 +85,6 @@ class BeYourOwnTeacher(Method):
                 )
             head = heads[name]
             features = head.forward_features(outputs.features[name])
-            if features.shape[1] != final_features.shape[1]:
-                raise ValueError(
-                    f"BYOT's {name} head outputs {features.shape[1]} features but the final stage has "
-                    f"{final_features.shape[1]}: this backbone does not follow the width-doubling layout "
-                    "that models/aux_heads.byot_bottleneck_head assumes (pass final_channels to it)"
-                )
             logits = head.fc(features)
             ce_i = cross_entropy(logits, batch.targets)
             kd_i = tempered_kl(logits, outputs.logits, self.temperature)

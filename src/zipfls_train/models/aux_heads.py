@@ -12,17 +12,16 @@ Heads are ordinary modules of the ``ClassifierWrapper`` (``aux_heads``), so they
 parameters (optimiser, DDP) and its training checkpoints, and vanish from the evaluated model
 (``without_aux_heads()``; the eval forward never calls them).
 
-Factory (``byot_bottleneck_head(in_channels, num_classes, stage_index)``, ``AUX_HEADS["byot_bottleneck"]``):
-the wrapper does not tell a factory the final stage's width or resolution, so
-:func:`byot_bottleneck_head` derives them from the standard four-stage layout in which every stage
-after the first doubles the width and halves the resolution (CIFAR/torchvision ResNets and ResNeXts,
-CIFAR DenseNet-121: 128-256-512-1024): ``out = in * 2^(3 - i)``, ``k = 2^(3 - i)`` for the 0-based
-stage i. These are exactly BYOT's heads for ResNet-18/50 (k = 8, 4, 2). CIFAR DenseNet-121's last
-stage keeps its input's resolution (16, 8, 4, 4 px at 32 px), so there its heads end at 2 x 2
-instead of 4 x 4; only pooled features are compared, so nothing else changes. The rule does not hold
-for torchvision-style DenseNet-121 (256-512-1024-1024) or MobileNetV2. ``final_channels`` and
-``downsample`` override the rule for backbones that do not follow it; BYOT checks the widths at its
-first step and names the mismatch.
+Factory (``byot_bottleneck_head(in_channels, num_classes, stage_index, final_channels=...)``,
+``AUX_HEADS["byot_bottleneck"]``): the wrapper gives the final stage's width; the resolution ratio
+comes from the standard four-stage layout in which every stage after the first halves the
+resolution (CIFAR/torchvision ResNets and ResNeXts, torchvision DenseNet-121 and MobileNetV2's
+stages): ``k = 2^(3 - i)`` for the 0-based stage i. These are exactly BYOT's heads for ResNet-18/50
+(k = 8, 4, 2). CIFAR DenseNet-121's last stage keeps its input's resolution (16, 8, 4, 4 px at
+32 px), so there its heads end at 2 x 2 instead of 4 x 4; only pooled features are compared, so
+nothing else changes. Without ``final_channels`` the width follows the same layout's doubling rule,
+``out = in * 2^(3 - i)`` (the final width of ResNets and CIFAR DenseNet-121); ``downsample``
+overrides k.
 """
 
 from __future__ import annotations

@@ -42,12 +42,16 @@ class LinearAuxHead(nn.Module):
         return self.logits(self.classifier_input(feature_map))
 
 
-AuxHeadFactory = Callable[[int, int, int, bool], nn.Module]  # (in_channels, num_classes, stage_index, normalise)
+# (in_channels, num_classes, stage_index, normalise, final_channels: the last stage's width)
+AuxHeadFactory = Callable[[int, int, int, bool, int], nn.Module]
 
 AUX_HEADS: dict[str, AuxHeadFactory] = {
-    "linear": lambda in_channels, num_classes, stage_index, normalise: LinearAuxHead(in_channels, num_classes, normalise),
-    # BYOT's bottleneck ends in its own BN + ReLU whatever the stage output is.
-    "byot_bottleneck": lambda in_channels, num_classes, stage_index, normalise: byot_bottleneck_head(in_channels, num_classes, stage_index),
+    "linear": lambda in_channels, num_classes, stage_index, normalise, final_channels: LinearAuxHead(in_channels, num_classes, normalise),
+    # BYOT's bottleneck ends in its own BN + ReLU whatever the stage output is, at the final stage's
+    # width (its L2 term compares the two).
+    "byot_bottleneck": lambda in_channels, num_classes, stage_index, normalise, final_channels: byot_bottleneck_head(
+        in_channels, num_classes, stage_index, final_channels=final_channels
+    ),
 }
 
 
@@ -79,7 +83,7 @@ class ClassifierWrapper(nn.Module):
         normalise = bool(getattr(backbone, "aux_heads_normalise", False))
         for name in aux_stages:
             index = self.stage_index(name)
-            self.aux_heads[name] = AUX_HEADS[aux_head](channels[index], num_classes, index, normalise)
+            self.aux_heads[name] = AUX_HEADS[aux_head](channels[index], num_classes, index, normalise, channels[-1])
 
     def stage_index(self, name: str) -> int:
         """Position of a stage: ``final``, ``penultimate`` or ``stage<i>`` (1-based)."""
