@@ -29,16 +29,16 @@ from .config_checks import ConfigError, loader_workers
 from .distributed import DistContext, all_reduce_sum, barrier, broadcast_buffers, gather_objects
 from .interrupt import StopRequests, StopVotes, TrainingInterrupted
 from .metrics import RunRecords, TermAccumulator, read_metrics, topk_correct
-from .run_folder import RunFolderNotWritable, set_aside_earlier_attempt
 from .optim import build_optimizer, build_scheduler
+from .run_folder import RunFolderNotWritable, set_aside_earlier_attempt
 
 # Config keys that may differ between a checkpoint and the resuming command (they change how the run
 # is executed, not what it computes; loss.kernel picks an implementation of the same numbers, and is
 # absent from checkpoints written before it existed).
 RESUME_TOLERATED = {
     "trainer.device", "trainer.devices", "trainer.progress_bar", "trainer.log_every", "trainer.num_workers",
-    "trainer.checkpoint_every_steps", "trainer.resume", "trainer.compile", "trainer.data_on", "trainer.stop_check_s",
-    "trainer.eval_batch_size", "dataset.root", "tag",
+    "trainer.checkpoint_every_steps", "trainer.resume", "trainer.compile", "trainer.data_on",
+    "trainer.stop_check_s", "trainer.eval_batch_size", "dataset.root", "tag",
     *(f"loss.{option}" for option in IMPLEMENTATION_OPTIONS),
 }
 # What a checkpoint to resume from holds (best.pt holds only the model).
