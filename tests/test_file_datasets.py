@@ -675,6 +675,28 @@ def test_imagefolder_errors_name_the_layout_and_the_count(tmp_path: Path) -> Non
         run_training(cfg, tmp_path / "run")
 
 
+def test_a_corrupt_image_on_one_ddp_rank_ends_the_run_with_its_message_alone(tmp_path: Path) -> None:
+    """One rank fails on a corrupt image while the other trains on: the other is stopped at once,
+    without taking torch's clean-up SIGTERM for a user's stop request ("stopping after this step
+    and saving a checkpoint", which would not happen)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    root = write_image_folder(tmp_path / "images")
+    (root / "train" / "dog" / "2.jpg").write_bytes(b"not a jpeg at all")
+    args = ["dataset=imagefolder", f"dataset.root={root}", "dataset.num_classes=3", "model=cifar_resnet18",
+            "model.options.width=8", "model.options.norm=group", "loss=ce", "trainer.devices=2", "trainer.batch_size=4",
+            *[o for o in TWO_STEPS if o not in ("trainer.batch_size=2", "trainer.max_steps_per_epoch=2")],
+            f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
+    done = subprocess.run([sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "cannot decode image" in errors[0] and "dog/2.jpg" in errors[0], done.stderr[-3000:]
+    assert "SIGTERM" not in done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]
+
+
 class StuckTransform(CountingTransform):
     """After the first batch, every image read hangs (a dead network filesystem, say)."""
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import multiprocessing.connection
 import os
 import socket
 from pathlib import Path
@@ -58,6 +59,28 @@ def _spawned_worker(local_rank: int, container: dict[str, Any], run_dir: str, wo
         raise
 
 
+def _join_ranks(ranks: Any, errors: Any) -> None:
+    """Wait for the spawned ranks. When one stops on a user error, the others are killed at once:
+    they cannot go on (their next collective waits for it forever) and have nothing to save. torch's
+    own clean-up sends them SIGTERM, which a rank takes for a user's request to save and stop (it
+    says so, wrongly) before torch kills it 30 s later. Any other failure is left to torch's join,
+    which reports the failed rank's traceback."""
+    waiting = {process.sentinel: process for process in ranks.processes}
+    while waiting:
+        for sentinel in multiprocessing.connection.wait(list(waiting)):
+            process = waiting.pop(sentinel)
+            process.join()
+            if process.exitcode != 0:
+                if not errors.empty():
+                    for other in ranks.processes:
+                        if other.is_alive():
+                            other.kill()
+                waiting.clear()
+                break
+    while not ranks.join():
+        pass
+
+
 def _rank_user_error(errors: Any) -> BaseException | None:
     """The user error of the lowest rank that reported one (ranks often fail alike: one message)."""
     reported = []
@@ -93,8 +116,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
                                    join=False, start_method="spawn")  # fmt: skip
         # Ctrl-C or SIGTERM here goes on to the ranks, which save and stop at the same step.
         with StopRequests(forward_to=[process.pid for process in ranks.processes]):
-            while not ranks.join():
-                pass
+            _join_ranks(ranks, errors)
     except ProcessException as failure:
         error = _rank_user_error(errors)
         if error is None:
