@@ -503,3 +503,23 @@ def test_a_run_folder_that_cannot_be_written_is_named(run_tiny, tmp_path):
     (tmp_path / "a_file").write_text("")
     with pytest.raises(RunFolderNotWritable, match=r"cannot write the run folder .*a_file/run .*hydra.run.dir="):
         run_tiny("loss=ce", "trainer.max_steps_per_epoch=1", run_dir=tmp_path / "a_file" / "run")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [(["model=resnet18", "trainer.batch_size=4", "trainer.accumulate_steps=4"],
+      r"model=resnet18 cannot train on dataset.image_size=32 with 1 image\(s\) per process .*Expected more than 1 value per channel"),
+     (["model=densenet121", "dataset.image_size=16", "trainer.batch_size=8"],
+      r"model=densenet121 cannot train on dataset.image_size=16 .*Output size is too small")],
+)  # fmt: skip
+def test_a_model_that_cannot_train_on_the_data_is_named_before_the_run_starts(tiny_pack_root, tmp_path, overrides, message):
+    # ImageNet models end in a 1 x 1 map at 32 px: BatchNorm over one image there, or a pooling
+    # window larger than a map, would fail at the first step with torch's traceback.
+    from conftest import TINY_RUN
+    from zipfls_train.engine.run import run_training
+
+    tiny = [o for o in TINY_RUN if not o.startswith("model")]
+    cfg = compose([*tiny, f"dataset.root={tiny_pack_root}", "loss=ce", "trainer.epochs=1", *overrides])
+    with pytest.raises(ConfigError, match=message):
+        run_training(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

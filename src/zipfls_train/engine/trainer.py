@@ -23,7 +23,7 @@ from tqdm import tqdm
 from ..data import DataBundle, LoaderOptions, build_data
 from ..loss_options import IMPLEMENTATION_OPTIONS
 from ..losses import Method, build_method
-from ..models import build_model, unwrap
+from ..models import build_model, check_trains_on, unwrap
 from .checkpoint import CheckpointError, capture_rng_state, load_checkpoint, rank_rng_state, restore_rng_state, save_atomic
 from .config_checks import ConfigError, loader_workers
 from .distributed import DistContext, all_reduce_sum, barrier, broadcast_buffers, gather_objects
@@ -160,6 +160,7 @@ class Trainer:
         # A partial, not a lambda over self: no reference cycle keeps the trainer (and its DDP
         # reducer) alive past the process group's teardown.
         self.build_fresh_model = functools.partial(build_model, str(cfg.model.name), self.data.num_classes, **model_options)
+        self._check_model_trains_on_the_data(needs, model_options)
         model = build_model(
             str(cfg.model.name), self.data.num_classes, aux_stages=needs.aux_stages, aux_head=needs.aux_head, **model_options
         ).to(self.device)
@@ -187,6 +188,22 @@ class Trainer:
         )
 
     # --- set-up helpers -----------------------------------------------------------------------
+    def _check_model_trains_on_the_data(self, needs, model_options: dict[str, Any]) -> None:  # noqa: ANN001
+        """A model too deep for the image size, or BatchNorm given one image per process on a 1 x 1
+        map, fails at its first step with torch's traceback; say so before the run starts."""
+        tcfg = self.cfg.trainer
+        size = int(self.cfg.dataset.image_size)
+        batch = per_process_batch(int(tcfg.batch_size), self.ctx.world_size, int(tcfg.accumulate_steps))
+        try:
+            check_trains_on(str(self.cfg.model.name), self.data.num_classes, size, batch, feature_stages=needs.feature_stages,
+                            aux_stages=needs.aux_stages, aux_head=needs.aux_head, **model_options)  # fmt: skip
+        except ValueError as error:
+            raise ConfigError(
+                f"model={self.cfg.model.name} cannot train on dataset.image_size={size} with {batch} image(s) per "
+                f"process and step (trainer.batch_size={tcfg.batch_size} over {self.ctx.world_size} process(es) x "
+                f"trainer.accumulate_steps={tcfg.accumulate_steps}): {error}. Use larger images or more per process."
+            ) from error
+
     def _wrap_for_training(self, model: nn.Module) -> nn.Module:
         wrapped = model
         if self.ctx.enabled:

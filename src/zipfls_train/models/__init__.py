@@ -6,6 +6,7 @@ import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from .cifar_densenet import cifar_densenet121
@@ -91,5 +92,30 @@ def build_model(
     return ClassifierWrapper(backbone, num_classes, aux_stages=aux_stages, aux_head=aux_head)
 
 
-__all__ = ["BACKBONES", "ClassifierWrapper", "ModelOutput", "build_model", "check_model_options", "count_parameters",
-           "find_backbone", "register_backbone", "takes_any_option", "unwrap"]
+def check_trains_on(
+    name: str,
+    num_classes: int,
+    image_size: int,
+    batch: int,
+    feature_stages: Sequence[str] = (),
+    aux_stages: Sequence[str] = (),
+    aux_head: str = "linear",
+    **options: Any,
+) -> None:
+    """Raises ValueError when ``name`` cannot train on batches of ``batch`` images of ``image_size``
+    px: a pooling window larger than a late stage's map, or BatchNorm over a single value per
+    channel (one image per process on a 1 x 1 map). A training-mode forward on the meta device
+    computes shapes only (no memory, no arithmetic), so this costs a fraction of a second."""
+    with torch.device("meta"):
+        model = build_model(name, num_classes, aux_stages=aux_stages, aux_head=aux_head, **options)
+    inputs = torch.empty(batch, 3, image_size, image_size, device="meta")
+    try:
+        model.train()(inputs, features=tuple(feature_stages), aux=bool(aux_stages))
+    except NotImplementedError:
+        return  # an operation without a meta kernel: nothing can be said here, the first step will tell
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(str(error).splitlines()[0]) from error
+
+
+__all__ = ["BACKBONES", "ClassifierWrapper", "ModelOutput", "build_model", "check_model_options", "check_trains_on",
+           "count_parameters", "find_backbone", "register_backbone", "takes_any_option", "unwrap"]
