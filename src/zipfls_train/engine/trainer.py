@@ -134,10 +134,11 @@ class Trainer:
         num_classes = int(cfg.dataset.get("num_classes_subset") or cfg.dataset.num_classes)
         self.method: Method = build_method(OmegaConf.to_container(cfg.loss, resolve=True), num_classes)
         needs = self.method.needs
+        micro_batch = per_process_batch(int(tcfg.batch_size), ctx.world_size, int(tcfg.accumulate_steps))
         self.data: DataBundle = build_data(
             OmegaConf.to_container(cfg.dataset, resolve=True),
             LoaderOptions(
-                batch_size=per_process_batch(int(tcfg.batch_size), ctx.world_size, int(tcfg.accumulate_steps)),
+                batch_size=micro_batch,
                 eval_batch_size=int(tcfg.eval_batch_size),
                 device=self.device,
                 seed=int(cfg.seed),
@@ -160,7 +161,7 @@ class Trainer:
         # A partial, not a lambda over self: no reference cycle keeps the trainer (and its DDP
         # reducer) alive past the process group's teardown.
         self.build_fresh_model = functools.partial(build_model, str(cfg.model.name), self.data.num_classes, **model_options)
-        self._check_model_trains_on_the_data(needs, model_options)
+        self._check_model_trains_on_the_data(needs, model_options, micro_batch)
         model = build_model(
             str(cfg.model.name), self.data.num_classes, aux_stages=needs.aux_stages, aux_head=needs.aux_head, **model_options
         ).to(self.device)
@@ -188,12 +189,12 @@ class Trainer:
         )
 
     # --- set-up helpers -----------------------------------------------------------------------
-    def _check_model_trains_on_the_data(self, needs, model_options: dict[str, Any]) -> None:  # noqa: ANN001
+    def _check_model_trains_on_the_data(self, needs, model_options: dict[str, Any], batch: int) -> None:  # noqa: ANN001
         """A model too deep for the image size, or BatchNorm given one image per process on a 1 x 1
-        map, fails at its first step with torch's traceback; say so before the run starts."""
+        map (``batch``: images per process and step), fails at its first step with torch's
+        traceback; say so before the run starts."""
         tcfg = self.cfg.trainer
         size = int(self.cfg.dataset.image_size)
-        batch = per_process_batch(int(tcfg.batch_size), self.ctx.world_size, int(tcfg.accumulate_steps))
         try:
             check_trains_on(str(self.cfg.model.name), self.data.num_classes, size, batch, feature_stages=needs.feature_stages,
                             aux_stages=needs.aux_stages, aux_head=needs.aux_head, **model_options)  # fmt: skip

@@ -12,16 +12,14 @@ Heads are ordinary modules of the ``ClassifierWrapper`` (``aux_heads``), so they
 parameters (optimiser, DDP) and its training checkpoints, and vanish from the evaluated model
 (``without_aux_heads()``; the eval forward never calls them).
 
-Factory (``byot_bottleneck_head(in_channels, num_classes, stage_index, final_channels=...)``,
+Factory (``byot_bottleneck_head(in_channels, num_classes, stage_index, final_channels)``,
 ``AUX_HEADS["byot_bottleneck"]``): the wrapper gives the final stage's width; the resolution ratio
 comes from the standard four-stage layout in which every stage after the first halves the
 resolution (CIFAR/torchvision ResNets and ResNeXts, torchvision DenseNet-121 and MobileNetV2's
 stages): ``k = 2^(3 - i)`` for the 0-based stage i. These are exactly BYOT's heads for ResNet-18/50
 (k = 8, 4, 2). CIFAR DenseNet-121's last stage keeps its input's resolution (16, 8, 4, 4 px at
 32 px), so there its heads end at 2 x 2 instead of 4 x 4; only pooled features are compared, so
-nothing else changes. Without ``final_channels`` the width follows the same layout's doubling rule,
-``out = in * 2^(3 - i)`` (the final width of ResNets and CIFAR DenseNet-121); ``downsample``
-overrides k.
+nothing else changes.
 """
 
 from __future__ import annotations
@@ -68,21 +66,14 @@ class BottleneckAuxHead(nn.Module):
 
 
 def byot_bottleneck_head(
-    in_channels: int,
-    num_classes: int,
-    stage_index: int,
-    *,
-    num_stages: int = STANDARD_NUM_STAGES,
-    final_channels: int | None = None,
-    downsample: int | None = None,
+    in_channels: int, num_classes: int, stage_index: int, final_channels: int, *, num_stages: int = STANDARD_NUM_STAGES
 ) -> BottleneckAuxHead:
-    """BYOT's head for the 0-based ``stage_index`` of a ``num_stages``-stage backbone (see the module
-    docstring for the width/resolution rule and its overrides)."""
+    """BYOT's head for the 0-based ``stage_index`` of a ``num_stages``-stage backbone whose final
+    stage is ``final_channels`` wide (see the module docstring for the resolution rule)."""
     steps = num_stages - 1 - stage_index
     if steps < 0:
         raise ValueError(f"stage_index {stage_index} is beyond a {num_stages}-stage backbone")
-    out_channels = final_channels if final_channels is not None else in_channels * 2**steps
-    return BottleneckAuxHead(in_channels, out_channels, num_classes, downsample if downsample is not None else 2**steps)
+    return BottleneckAuxHead(in_channels, final_channels, num_classes, downsample=2**steps)
 
 
 __all__ = ["BottleneckAuxHead", "byot_bottleneck_head"]

@@ -50,7 +50,7 @@ AUX_HEADS: dict[str, AuxHeadFactory] = {
     # BYOT's bottleneck ends in its own BN + ReLU whatever the stage output is, at the final stage's
     # width (its L2 term compares the two).
     "byot_bottleneck": lambda in_channels, num_classes, stage_index, normalise, final_channels: byot_bottleneck_head(
-        in_channels, num_classes, stage_index, final_channels=final_channels
+        in_channels, num_classes, stage_index, final_channels
     ),
 }
 
