@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -53,3 +54,35 @@ def test_logged_val_accuracy_is_what_the_saved_model_scores_on_the_val_set(run_t
     assert total == 100  # 10 classes x 10 val images, each scored once
     assert logged["val_top1"] == pytest.approx(100 * correct1 / total)
     assert logged["val_top5"] == pytest.approx(100 * correct5 / total)
+
+
+def proc_status_mb(field: str) -> float:
+    """VmHWM (the resident high-water mark) or VmRSS from /proc, independently of getrusage."""
+    for line in open("/proc/self/status"):
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024  # kB
+    raise AssertionError(f"no {field} line in /proc/self/status")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the resident high-water mark is read from Linux's /proc")
+def test_a_run_reports_its_own_peak_memory_not_an_earlier_run_of_the_same_process(run_tiny) -> None:
+    # A sweep trains its runs one after another in one process; stand in for a large earlier run
+    # by touching 1 GiB, then freeing it, before a tiny run starts (which itself adds ~300 MiB to
+    # the imports' ~750 MiB).
+    spike = torch.ones(1024 * 2**20 // 4)
+    process_peak = proc_status_mb("VmHWM")
+    del spike
+    _, run_dir = run_tiny("loss=ce", "trainer.max_steps_per_epoch=2")
+    logged = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["peak_cpu_mem_mb"]
+    assert logged < process_peak - 400, (logged, process_peak)
+    # And it is a peak: at least what is resident now.
+    assert logged >= proc_status_mb("VmRSS") - 1
+
+
+@pytest.mark.cuda
+def test_a_cuda_run_reports_its_own_peak_gpu_memory(run_tiny) -> None:
+    spike = torch.ones(1024 * 2**20 // 4, device="cuda")  # 1 GiB, freed before the run
+    del spike
+    _, run_dir = run_tiny("trainer.device=cuda", "loss=ce", "trainer.max_steps_per_epoch=2")
+    logged = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["peak_gpu_mem_mb"]
+    assert 0 < logged < 256, logged  # a width-8 ResNet at batch 16: a few MiB, not the 1 GiB before it

@@ -8,7 +8,6 @@ import functools
 import json
 import math
 import os
-import resource
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -28,6 +27,7 @@ from .checkpoint import CheckpointError, capture_rng_state, load_checkpoint, ran
 from .config_checks import ConfigError, loader_workers
 from .distributed import DistContext, all_reduce_sum, barrier, broadcast_buffers, gather_objects
 from .interrupt import StopRequests, StopVotes, TrainingInterrupted
+from .memory import peak_cpu_memory_mb, peak_gpu_memory_mb, reset_peak_memory
 from .metrics import RunRecords, TermAccumulator, read_metrics, topk_correct
 from .optim import build_optimizer, build_scheduler
 from .run_folder import RunFolderNotWritable, set_aside_earlier_attempt
@@ -109,16 +109,13 @@ def per_process_batch(global_batch: int, world_size: int, accumulate_steps: int)
     return global_batch // parts
 
 
-def peak_cpu_memory_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
-
-
 class Trainer:
     def __init__(self, cfg: DictConfig, ctx: DistContext, run_dir: Path) -> None:
         self.cfg = cfg
         self.ctx = ctx
         self.run_dir = run_dir
         self.device = ctx.device
+        reset_peak_memory(self.device)  # before the data and model are built: their memory is this run's
         tcfg = cfg.trainer
         self.epochs = int(tcfg.epochs)
         self.autocast_dtype = resolve_precision(str(tcfg.precision), self.device)
@@ -485,7 +482,7 @@ class Trainer:
             "lr": epoch_lr,
             "epoch_time_s": elapsed if timed else None,
             "images_per_s": seen / elapsed if timed and elapsed > 0 else None,
-            "peak_gpu_mem_mb": torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else None,
+            "peak_gpu_mem_mb": peak_gpu_memory_mb(self.device),
             "peak_cpu_mem_mb": peak_cpu_memory_mb(),
         }
         # The metrics line first, then the checkpoint: a kill in between leaves a line for an epoch the
