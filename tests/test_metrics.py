@@ -15,6 +15,10 @@ from zipfls_train.engine.metrics import topk_correct
 from zipfls_train.models import build_model
 
 
+def last_metrics(run_dir) -> dict:
+    return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+
+
 def test_topk_correct_counts_targets_by_their_rank() -> None:
     # Rows over 7 classes with distinct logits; the target's rank (1 = best) is 1, 2, 5, 6, 3.
     logits = torch.tensor(
@@ -36,7 +40,7 @@ def test_topk_correct_counts_targets_by_their_rank() -> None:
 def test_logged_val_accuracy_is_what_the_saved_model_scores_on_the_val_set(run_tiny) -> None:
     _, run_dir = run_tiny("loss=ce", "trainer.epochs=2", "trainer.max_steps_per_epoch=4")
     cfg = OmegaConf.load(run_dir / "config.yaml")
-    logged = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    logged = last_metrics(run_dir)
     model = build_model(str(cfg.model.name), int(cfg.dataset.num_classes), **cfg.model.options)
     model.load_state_dict(load_checkpoint(run_dir / "checkpoints/last.pt")["model"])
     model.eval()
@@ -73,7 +77,7 @@ def test_a_run_reports_its_own_peak_memory_not_an_earlier_run_of_the_same_proces
     process_peak = proc_status_mb("VmHWM")
     del spike
     _, run_dir = run_tiny("loss=ce", "trainer.max_steps_per_epoch=2")
-    logged = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["peak_cpu_mem_mb"]
+    logged = last_metrics(run_dir)["peak_cpu_mem_mb"]
     assert logged < process_peak - 400, (logged, process_peak)
     # And it is a peak: at least what is resident now.
     assert logged >= proc_status_mb("VmRSS") - 1
@@ -84,5 +88,5 @@ def test_a_cuda_run_reports_its_own_peak_gpu_memory(run_tiny) -> None:
     spike = torch.ones(1024 * 2**20 // 4, device="cuda")  # 1 GiB, freed before the run
     del spike
     _, run_dir = run_tiny("trainer.device=cuda", "loss=ce", "trainer.max_steps_per_epoch=2")
-    logged = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["peak_gpu_mem_mb"]
+    logged = last_metrics(run_dir)["peak_gpu_mem_mb"]
     assert 0 < logged < 256, logged  # a width-8 ResNet at batch 16: a few MiB, not the 1 GiB before it
