@@ -1,4 +1,5 @@
-"""Accuracy: top-k counting by hand, and the logged val accuracy recomputed outside the trainer."""
+"""Accuracy: top-k counting by hand, the training top-1 every method reports, the logged val accuracy
+recomputed outside the trainer, and per-run peak memory."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ from omegaconf import OmegaConf
 
 from zipfls_train.data import LoaderOptions, build_data
 from zipfls_train.engine.checkpoint import load_checkpoint
+from zipfls_train.data.batch import Batch
 from zipfls_train.engine.metrics import topk_correct
+from zipfls_train.losses import build_method
+from zipfls_train.losses.base import with_train_top1
 from zipfls_train.models import build_model
 
 
@@ -35,6 +39,34 @@ def test_topk_correct_counts_targets_by_their_rank() -> None:
     assert topk_correct(logits, targets, ks=(1, 2, 3, 6)).tolist() == [1, 2, 3, 5]
     # Fewer classes than k: every target is within the top k.
     assert topk_correct(logits[:, :3], torch.tensor([0, 2, 1, 2, 0]), ks=(1, 5)).tolist() == [1, 5]
+
+
+def test_train_top1_is_the_percentage_of_rows_whose_argmax_is_the_target() -> None:
+    logits = torch.tensor([[0.1, 2.0, 0.3], [5.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 3.0, 2.0]])
+    terms = with_train_top1({"loss": torch.tensor(1.0)}, logits, torch.tensor([1, 1, 2, 2]))
+    assert float(terms["top1"]) == 50.0  # rows 0 and 2 (arg-max 1 and 2) are right, 1 and 3 wrong
+    assert set(terms) == {"loss", "top1"}
+
+
+@pytest.mark.parametrize("name", ["ce", "zipf", "cskd", "ddgsd", "byot"])
+def test_every_training_step_reports_the_top1_of_its_own_forward(name) -> None:
+    # The base training_step and each method that overrides it (CS-KD, DDGSD, BYOT). Targets are
+    # set from the model's own arg-max so that exactly 3 of 8 are right: top1 must read 37.5.
+    torch.manual_seed(0)
+    num_classes, n = 6, 8
+    method = build_method({"name": name}, num_classes)
+    needs = method.needs
+    model = build_model("cifar_resnet18", num_classes, aux_stages=needs.aux_stages, aux_head=needs.aux_head, width=4)
+    model.train()  # BatchNorm on the batch's statistics: the same batch gives the same logits
+    x = torch.randn(n, 3, 16, 16)
+    with torch.no_grad():
+        predicted = model(x).logits.argmax(dim=1)
+    right = torch.tensor([True, False, False, True, False, True, False, False])
+    targets = torch.where(right, predicted, (predicted + 1) % num_classes)
+    # DDGSD's second view is the same images, so BatchNorm's statistics over both views are x's own.
+    batch = Batch(inputs=x, targets=targets, indices=torch.arange(n), pair_inputs=x.flip(0), second_view=x.clone())
+    terms = method.training_step(model, batch)
+    assert float(terms["top1"]) == pytest.approx(37.5)
 
 
 def test_logged_val_accuracy_is_what_the_saved_model_scores_on_the_val_set(run_tiny) -> None:

@@ -471,7 +471,7 @@ def test_method_end_to_end_dense_final() -> None:
     model = build_model("cifar_resnet18", num_classes=10, width=8, aux_stages=method.needs.aux_stages)
     batch = tiny_batch()
     terms = method.training_step(model, batch)
-    assert set(terms) == {"loss", "ce", "zipf"}
+    assert set(terms) == {"loss", "ce", "zipf", "top1"}  # top1: the batch's training accuracy
     assert all(t.dim() == 0 for t in terms.values())
     torch.testing.assert_close(terms["loss"], terms["ce"] + 0.3 * terms["zipf"])
     assert terms["zipf"].item() > 0
@@ -527,7 +527,7 @@ def test_method_dense2_with_auxiliary_head() -> None:
     model = build_model("cifar_resnet18", num_classes=10, width=8, aux_stages=method.needs.aux_stages)
     batch = tiny_batch()
     terms = method.training_step(model, batch)
-    assert set(terms) == {"loss", "ce", "zipf", "aux_ce"}
+    assert set(terms) == {"loss", "ce", "zipf", "aux_ce", "top1"}
     torch.testing.assert_close(terms["loss"], terms["ce"] + 0.5 * terms["zipf"] + 0.25 * terms["aux_ce"])
     terms["loss"].backward()
     head = model.aux_heads["penultimate"].fc

@@ -5,7 +5,8 @@ goes into checkpoints through ``state_dict``/``load_state_dict``. It declares wh
 loop in :class:`Needs`; the trainer provides exactly that and never asks which method it runs.
 
 The trainer calls, per step, ``method.training_step(model, batch)`` and back-propagates
-``terms["loss"]``; every other entry is logged under its name. Methods whose forward pass is not a
+``terms["loss"]``; every other entry is logged under its name (``top1``, the batch's training
+accuracy, is added by ``with_train_top1``: methods that override ``training_step`` call it too). Methods whose forward pass is not a
 plain ``model(batch.inputs)`` (two views, a paired sample, a teacher) override ``training_step``;
 all others only implement ``loss_terms``.
 """
@@ -50,11 +51,20 @@ class Method(nn.Module):
 
     def training_step(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
         outputs = model(batch.inputs, features=self.needs.feature_stages, aux=bool(self.needs.aux_stages))
-        return self.loss_terms(outputs, batch, model)
+        return with_train_top1(self.loss_terms(outputs, batch, model), outputs.logits, batch.targets)
 
     def loss_terms(self, outputs: ModelOutput, batch: Batch, model: nn.Module) -> dict[str, Tensor]:
         """``{"loss": total, <term>: value, ...}``; every value a 0-dim tensor (no host sync)."""
         raise NotImplementedError
+
+
+def with_train_top1(terms: dict[str, Tensor], logits: Tensor, targets: Tensor) -> dict[str, Tensor]:
+    """``terms`` plus ``top1``: the percentage of the batch whose arg-max logit is the target, on the
+    training (augmented) images with the weights before this step's update. The trainer averages it
+    over the epoch like any term (``train_top1`` in metrics.jsonl): how well the model fits its
+    training data, beside val top-1. Four small kernels, no host sync."""
+    terms["top1"] = (logits.detach().argmax(dim=1) == targets).sum() * (100.0 / targets.shape[0])
+    return terms
 
 
 # Option checks shared by the methods' constructors: each names the config key (loss.<name>) and what

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from ..data.batch import Batch
 from ..models.outputs import ModelOutput
 from ..models.wrapper import unwrap
-from .base import Method, Needs, fraction, non_negative, positive
+from .base import Method, Needs, fraction, non_negative, positive, with_train_top1
 from .ce import cross_entropy
 
 AUX_STAGES = ("stage1", "stage2", "stage3")
@@ -69,7 +69,7 @@ class BeYourOwnTeacher(Method):
 
     def training_step(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
         outputs = model(batch.inputs, features=AUX_STAGES)
-        return self.loss_terms(outputs, batch, model)
+        return with_train_top1(self.loss_terms(outputs, batch, model), outputs.logits, batch.targets)
 
     def loss_terms(self, outputs: ModelOutput, batch: Batch, model: nn.Module) -> dict[str, Tensor]:
         heads = unwrap(model).aux_heads

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..data.batch import Batch
 from ..models.outputs import ModelOutput
-from .base import Method, Needs, non_negative, positive
+from .base import Method, Needs, non_negative, positive, with_train_top1
 from .ce import cross_entropy
 
 
@@ -53,7 +53,7 @@ class ClassWiseSelfKD(Method):
         # with gradients.
         pair_logits = self._pair_logits(model, batch)
         outputs = model(batch.inputs)
-        return self._terms(outputs.logits, pair_logits, batch.targets)
+        return with_train_top1(self._terms(outputs.logits, pair_logits, batch.targets), outputs.logits, batch.targets)
 
     def loss_terms(self, outputs: ModelOutput, batch: Batch, model: nn.Module) -> dict[str, Tensor]:
         # Only reached if someone bypasses training_step: compute the pair logits here.

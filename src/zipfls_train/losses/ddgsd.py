@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ..data.batch import Batch
 from ..models.outputs import ModelOutput
-from .base import Method, Needs, non_negative, positive
+from .base import Method, Needs, non_negative, positive, with_train_top1
 from .ce import cross_entropy
 
 
@@ -63,7 +63,8 @@ class DataDistortionGuidedSelfDistillation(Method):
         if batch.second_view is None:
             raise RuntimeError("DDGSD needs batch.second_view (needs.two_views=True): the loader did not provide it")
         outputs = model(torch.cat([batch.inputs, batch.second_view]))
-        return self.loss_terms(outputs, batch, model)
+        first_view = outputs.logits[: batch.targets.shape[0]]
+        return with_train_top1(self.loss_terms(outputs, batch, model), first_view, batch.targets)
 
     def loss_terms(self, outputs: ModelOutput, batch: Batch, model: nn.Module) -> dict[str, Tensor]:
         n = batch.targets.shape[0]
