@@ -35,8 +35,23 @@ def _compose(overrides: list[str]) -> DictConfig:
 
 class SweepRunFailed(CompactHydraException):
     """A run of a sweep stopped on a user error (its message was printed as it happened). Hydra
-    records it, runs the sweep's other runs, then prints this one line and exits with status 1; a
-    SystemExit instead would end the whole sweep at the first failed run."""
+    records it, runs the sweep's other runs, then prints the first failed run's exception and exits
+    with status 1; a SystemExit instead would end the whole sweep at the first failed run.
+
+    Hydra prints only that first exception, so it names every run of the sweep that failed: the
+    runs of the basic launcher share this process, and ``failed_runs`` is read when Hydra prints,
+    after the last run (runs in other processes, e.g. submitit's, name only themselves)."""
+
+    failed_runs: list[str] = []  # noqa: RUF012 - shared on purpose: every failure of this process
+
+    def __init__(self, line: str) -> None:
+        super().__init__(line)
+        self.failed_runs.append(line)
+
+    def __str__(self) -> str:
+        if len(self.failed_runs) <= 1:
+            return str(self.args[0])
+        return f"{len(self.failed_runs)} runs of the sweep failed:\n" + "\n".join(self.failed_runs)
 
 
 def _remove_if_empty(folder: Path) -> None:

@@ -262,13 +262,17 @@ def test_a_user_error_in_one_run_of_a_sweep_does_not_stop_the_others(tiny_pack_r
 
     sweep = tmp_path / "sweep"
     result = subprocess.run([sys.executable, "train.py", "-m", *TINY_RUN, f"dataset.root={tiny_pack_root}", "trainer.epochs=1",
-                             "trainer.max_steps_per_epoch=1", "optim.momentum=1.5,0.9", f"hydra.sweep.dir={sweep}"],
+                             "trainer.max_steps_per_epoch=1", "optim.momentum=1.5,0.9,2.0", f"hydra.sweep.dir={sweep}"],
                             cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
-    message = "optim.momentum must be in [0, 1) (the paper: 0.9), got 1.5"
-    assert f"error: {message}" in result.stderr.splitlines()
-    assert any(line.endswith(message) and "momentum=1.5" in line for line in result.stderr.splitlines() if not line.startswith("error:"))
+    lines = result.stderr.splitlines()
+    for value in ("1.5", "2.0"):
+        message = f"optim.momentum must be in [0, 1) (the paper: 0.9), got {value}"
+        assert f"error: {message}" in lines  # as it happened
+        # and again at the end, with the run's folder: both failed runs, not only the first
+        assert any(line.endswith(message) and f"momentum={value}" in line for line in lines if not line.startswith("error:"))
+    assert "2 runs of the sweep failed:" in lines
     finished = list(sweep.glob("*/summary.json"))
     assert len(finished) == 1 and "momentum=0.9" in finished[0].parent.name
 
