@@ -251,6 +251,29 @@ def test_train_py_prints_one_line_and_leaves_no_empty_run_folder(tmp_path, argum
     assert not run_dir.exists()  # Hydra made it before the app ran; refused before anything was written
 
 
+@pytest.mark.parametrize("mode", ["run", "sweep"])
+def test_an_output_folder_that_cannot_be_created_is_one_line_naming_the_key(tmp_path, mode):
+    """Hydra creates the run (sweep) folder before the app runs; a path through a file used to end
+    in Hydra's mkdir traceback."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    (tmp_path / "a_file").write_text("not a folder")
+    folder = tmp_path / "a_file" / "runs"
+    arguments = [f"hydra.run.dir={folder}"] if mode == "run" else ["-m", "seed=0,1", f"hydra.sweep.dir={folder}"]
+    result = subprocess.run([sys.executable, "train.py", *arguments, "trainer.device=cpu"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    key = "hydra.run.dir" if mode == "run" else "hydra.sweep.dir"
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: {key}='{folder}' cannot be created: Not a directory. Give a writable folder with {key}=..."
+    ]
+    assert (tmp_path / "a_file").read_text() == "not a folder"
+
+
 def test_a_user_error_in_one_run_of_a_sweep_does_not_stop_the_others(tiny_pack_root, tmp_path):
     """A sweep of many runs must not end at the first run that fails on its own input: the others
     train, the failure is printed as one line when it happens and named again at the end, and the

@@ -1,0 +1,43 @@
+"""Hydra callbacks (``configs/hydra/default.yaml`` lists them)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+
+class CheckOutputFolder(Callback):
+    """Creates the run (or sweep) folder before Hydra does, so that a folder that cannot be created
+    (a read-only place, a path through a file, a typo'd mount) is one line naming the key and the
+    reason instead of Hydra's mkdir traceback. Creating it first changes nothing: Hydra would create
+    the same folder a moment later, and train.py removes a run folder a refused run left empty.
+
+    The error exits (SystemExit) rather than raising: Hydra turns a callback's exception into a
+    warning and goes on to its own mkdir."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        make_output_folder(config, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        make_output_folder(config, "hydra.sweep.dir")
+
+
+def make_output_folder(config: DictConfig, key: str) -> Path:
+    """Creates the folder ``key`` names; if it cannot be, prints why (``error: ...``) and exits 1."""
+    # The folder's interpolations read hydra:runtime.* (the chosen loss config): Hydra's own run_job
+    # sets the same config the same way before it resolves the folder.
+    HydraConfig.instance().set_config(config)
+    folder = Path(str(OmegaConf.select(config, key)))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        where = f" ({error.filename})" if error.filename and str(error.filename) != str(folder) else ""
+        print(f"error: {key}={str(folder)!r} cannot be created: {error.strerror or error}{where}. Give a writable "
+              f"folder with {key}=...", file=sys.stderr)  # fmt: skip
+        raise SystemExit(1) from None
+    return folder
