@@ -154,6 +154,7 @@ def test_sigterm_to_the_launching_process_stops_every_rank_at_one_step_with_a_ch
     assert process.returncode == 1, stderr[-3000:]
     (line,) = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert re.fullmatch(r"error: interrupted \(SIGTERM\) in epoch \d/2, after step \d/6; saved .*last.pt: rerun the same command to resume", line), line
+    assert len([line for line in stderr.splitlines() if line.startswith("[zipfls-train] SIGTERM:")]) == 1  # rank 0's
     assert "Traceback" not in stderr
     again = subprocess.run([sys.executable, "train.py", *base, f"hydra.run.dir={stopped}"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -550,3 +550,21 @@ def test_a_model_that_cannot_train_on_the_data_is_named_before_the_run_starts(ti
     with pytest.raises(ConfigError, match=message):
         run_training(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+# --- stop requests -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("announce", [True, False])
+def test_a_stop_request_is_recorded_and_announced_only_where_asked(capfd, announce):
+    """Under DDP every rank receives the signal and only rank 0 announces it (announce=ctx.is_main):
+    one line, not one per rank."""
+    import signal
+
+    from zipfls_train.engine.interrupt import StopRequests
+
+    with StopRequests(announce=announce) as requests:
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler runs as os.kill returns, in this thread
+        assert requests.signal_name == "SIGTERM"
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("[zipfls-train] SIGTERM")]
+    assert lines == (["[zipfls-train] SIGTERM: stopping after this step and saving a checkpoint (send it again to stop at once)"]
+                     if announce else [])  # fmt: skip

@@ -34,11 +34,15 @@ class StopRequests:
     twice (to the whole process group by the terminal or the cluster, and forwarded by a parent).
 
     ``forward_to``: a parent's children (spawned DDP ranks), which get every signal it receives:
-    they do the stopping and saving, so a parent stays quiet."""
+    they do the stopping and saving, so a parent stays quiet.
+    ``announce``: say so on stderr. Under DDP only rank 0 does: every rank gets the signal, and one
+    line says it for all (torchrun also stops the other ranks with SIGTERM when one fails: one
+    misleading line is then followed by torchrun's report of the failure, not one per rank)."""
 
-    def __init__(self, forward_to: Sequence[int] = ()) -> None:
+    def __init__(self, forward_to: Sequence[int] = (), announce: bool = True) -> None:
         self.signal_name: str | None = None
         self.forward_to = list(forward_to)
+        self.announce = announce and not self.forward_to
         self._first_at = 0.0
         self._previous: dict[int, Any] = {}
 
@@ -62,7 +66,7 @@ class StopRequests:
                 self._act_as_before(number, frame)
             return
         self.signal_name, self._first_at = signal.Signals(number).name, time.monotonic()
-        if not self.forward_to:
+        if self.announce:
             # os.write, not print: the signal may land while the progress bar writes to stderr, and
             # a print inside that write raises "reentrant call".
             os.write(2, f"[zipfls-train] {self.signal_name}: stopping after this step and saving a checkpoint "

@@ -179,7 +179,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
         self.progress = Progress()
         self.running = TermAccumulator()
-        self._stops = StopRequests()  # listening only while fit() runs
+        self._stops = StopRequests(announce=ctx.is_main)  # listening only while fit() runs
         self._stop_votes = StopVotes(
             self._stops, distributed=ctx.enabled, device=self.device, world_size=ctx.world_size,
             log_every=int(tcfg.log_every), within_s=float(tcfg.stop_check_s),
