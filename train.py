@@ -67,6 +67,7 @@ def _remove_if_empty(folder: Path) -> None:
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     from zipfls_train.engine.config_checks import check_added_keys
+    from zipfls_train.engine.interrupt import TrainingInterrupted
     from zipfls_train.engine.run import run_training
     from zipfls_train.errors import user_errors
 
@@ -77,9 +78,15 @@ def main(cfg: DictConfig) -> float | None:
     except user_errors() as error:
         _remove_if_empty(run_dir)
         print(f"error: {error}", file=sys.stderr)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
+        in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+        if in_sweep and not isinstance(error, TrainingInterrupted):
             # The sweep goes on with its other runs; Hydra reports this one at the end, exit status 1.
             raise SweepRunFailed(f"{run_dir}: {error}") from None
+        if in_sweep:
+            # Ctrl-C or SIGTERM (a preempted job) stops the sweep, not only its current run: SystemExit
+            # passes through Hydra's launcher, which would otherwise start the next run.
+            print("[zipfls-train] the sweep stops here, before its later runs; rerun the same command to go on "
+                  "(finished runs are skipped, this one resumes)", file=sys.stderr)  # fmt: skip
         sys.exit(1)
     # Returned for Hydra sweepers that optimise a metric.
     return None if summary is None else summary.get("best_val_top1")

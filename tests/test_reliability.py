@@ -300,6 +300,34 @@ def test_a_user_error_in_one_run_of_a_sweep_does_not_stop_the_others(tiny_pack_r
     assert len(finished) == 1 and "momentum=0.9" in finished[0].parent.name
 
 
+def test_sigterm_stops_the_whole_sweep_not_only_its_current_run(tiny_pack_root, tmp_path):
+    """Ctrl-C or a cluster's SIGTERM during a sweep saves the current run and ends the sweep; it
+    used to stop that run only, and the sweep went on to the next."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO, TINY_RUN
+
+    sweep = tmp_path / "sweep"
+    process = subprocess.Popen([sys.executable, "train.py", "-m", *TINY_RUN, f"dataset.root={tiny_pack_root}", "trainer.epochs=50",
+                                "trainer.max_steps_per_epoch=2", "trainer.checkpoint_every_steps=1", "seed=0,1", f"hydra.sweep.dir={sweep}"],
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 300
+    while not list(sweep.glob("*/checkpoints/last.pt")) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 1, stderr[-3000:]
+    assert "Traceback" not in stderr
+    (stopped,) = [line for line in stderr.splitlines() if line.startswith("error: interrupted (SIGTERM)")]
+    assert "seed=0" in stopped and "rerun the same command to resume" in stopped
+    assert "[zipfls-train] the sweep stops here, before its later runs" in stderr
+    (run,) = [folder for folder in sweep.iterdir() if folder.is_dir()]  # seed 1 never started
+    assert "seed=0" in run.name and (run / "checkpoints" / "last.pt").exists()
+
+
 # --- BAN teacher ---------------------------------------------------------------------------------
 
 def test_a_ban_teacher_given_as_a_run_folder_says_which_file_to_give(tmp_path):
