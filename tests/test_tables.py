@@ -360,6 +360,25 @@ def test_tinyimagenet_runs_on_the_32px_pack_never_mix_with_the_originals(tmp_pat
     assert "dataset.format=auto (paper: tree)" in by_value["51.00"]
 
 
+def test_runs_with_another_augmentation_or_batch_never_mix_with_the_recipe_and_say_so(tmp_path):
+    # SPEC.md's TinyImageNet recipe: RandomResizedCrop(32) + flip, batch 128. A crop-and-pad run or
+    # a batch-64 run is its own row, labelled; it used to average into the recipe's cell.
+    recipe = {"format": "tree", "train_augment": "random_resized_crop"}
+    write_run(tmp_path / "recipe", top1=(56.0,), epochs=200, dataset_options=recipe)
+    write_run(tmp_path / "crop_pad", top1=(50.0,), epochs=200, dataset_options={**recipe, "train_augment": "crop_pad"})
+    write_run(tmp_path / "batch64", top1=(52.0,), epochs=200, dataset_options=recipe)
+    config = yaml.safe_load((tmp_path / "batch64" / "config.yaml").read_text())
+    config["trainer"]["batch_size"] = 64
+    (tmp_path / "batch64" / "config.yaml").write_text(yaml.safe_dump(config))
+    report = build_report(load_runs([tmp_path]), load_paper(PAPER_TABLES), table="2")
+    cells = [row["TinyImageNet ResNet18"] for label, row in table_rows(report, "Table 2").items() if label.startswith("Vanilla")]
+    by_value = {cell[:5]: cell for cell in cells}
+    assert sorted(by_value) == ["50.00", "52.00", "56.00"], cells
+    assert "n=1" in by_value["56.00"] and "(paper:" not in by_value["56.00"]
+    assert "dataset.train_augment=crop_pad (paper: random_resized_crop)" in by_value["50.00"]
+    assert "trainer.batch_size=64 (paper: 128)" in by_value["52.00"]
+
+
 def test_model_options_split_cells_and_are_labelled(tmp_path):
     # A half-width demo ResNet never mixes with the paper's width (64) and says so.
     write_run(tmp_path / "w8", top1=(30.0,), model_options={"width": 8})

@@ -81,6 +81,8 @@ class Paper:
     # dataset.format of the paper's data per dataset, where a dataset has several (TinyImageNet: the
     # 64 px originals, not the 32 px pack).
     data_format: Mapping[str, str] = field(default_factory=dict)
+    # Other recipe settings of the paper per dataset, by recipe key (train_augment, batch_size).
+    recipe: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def label(self, kind: str, name: str) -> str:
         return self.labels.get(kind, {}).get(name, name)
@@ -152,6 +154,7 @@ def load_paper(path: Path | None = None) -> Paper:
         labels=data["labels"],
         model_options=data.get("model_options") or {},
         data_format=data.get("data_format") or {},
+        recipe=data.get("recipe") or {},
     )
 
 
@@ -186,7 +189,8 @@ def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def recipe_notes(key: CellKey, paper: Paper) -> list[str]:
-    """How a cell's recipe departs from the paper's: schedule length, data subsets, resolution, data format."""
+    """How a cell's recipe departs from the paper's: schedule length, data subsets, resolution, data
+    format, augmentation, batch size."""
     recipe = dict(key.recipe)
     notes = []
     planned, reference = key.planned_epochs, paper.epochs.get(key.dataset)
@@ -205,6 +209,10 @@ def recipe_notes(key: CellKey, paper: Paper) -> list[str]:
     data_format = recipe.get("format")
     if data_format is not None and paper.data_format.get(key.dataset) not in (None, data_format):
         notes.append(f"dataset.format={data_format} (paper: {paper.data_format[key.dataset]})")
+    for name, config_key in (("train_augment", "dataset.train_augment"), ("batch_size", "trainer.batch_size")):
+        value, expected = recipe.get(name), paper.recipe.get(name, {}).get(key.dataset)
+        if value is not None and expected not in (None, value):
+            notes.append(f"{config_key}={value} (paper: {expected})")
     reference = paper.model_options.get(key.model, {})
     for name, value in recipe.items():
         option = name.removeprefix("model.")

@@ -34,8 +34,10 @@ OPTION_DEFAULTS: dict[str, dict[str, Any]] = {
 # the method's setting, so they never split cells.
 _PATH_LIKE_WORDS = ("path", "ckpt", "checkpoint", "teacher", "dir", "file")
 # Dataset keys that change what is trained on; they are part of a cell's recipe (format: which copy
-# of a dataset that has several, e.g. TinyImageNet's 64 px tree or 32 px pack).
-_RECIPE_DATASET_KEYS = ("image_size", "num_classes_subset", "train_per_class", "val_per_class", "format")
+# of a dataset that has several, e.g. TinyImageNet's 64 px tree or 32 px pack; the augmentation and
+# the test transform: runs that differ there never average into one cell).
+_RECIPE_DATASET_KEYS = ("image_size", "num_classes_subset", "train_per_class", "val_per_class", "format",
+                        "train_augment", "test_transform")
 
 Hashable = Any  # a value made hashable by _freeze (tuples instead of lists)
 
@@ -168,7 +170,8 @@ def cell_key_from_config(config: Mapping[str, Any], source: Path) -> CellKey:
     options = {k: v for k, v in _flatten(chosen).items() if not _is_path_like(k, v)}
     for name, default in OPTION_DEFAULTS.get(method, {}).items():
         options.setdefault(name, default)
-    recipe: dict[str, Any] = {"epochs": int(_require(config, "trainer.epochs", source))}
+    recipe: dict[str, Any] = {"epochs": int(_require(config, "trainer.epochs", source)),
+                              "batch_size": config["trainer"].get("batch_size")}
     for name in _RECIPE_DATASET_KEYS:
         recipe[name] = config["dataset"].get(name)
     # Model options (e.g. a narrower CIFAR ResNet) change the model: runs that differ never mix.
