@@ -379,6 +379,21 @@ def test_runs_with_another_augmentation_or_batch_never_mix_with_the_recipe_and_s
     assert "trainer.batch_size=64 (paper: 128)" in by_value["52.00"]
 
 
+def test_runs_with_other_optimiser_or_schedule_settings_are_separate_rows_named_by_the_setting(tmp_path):
+    for name, weight_decay, top1 in (("wd1e-4_s0", 1e-4, 56.0), ("wd1e-4_s1", 1e-4, 58.0), ("wd5e-4", 5e-4, 50.0)):
+        folder = write_run(tmp_path / name, top1=(top1,), seed=int(name[-1]) if "_s" in name else 0, epochs=200)
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+        config["optim"] = {"name": "sgd", "lr": 0.1, "weight_decay": weight_decay}
+        config["sched"] = {"name": "multistep", "milestones": [0.5, 0.75]}
+        (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    report = build_report(load_runs([tmp_path]), load_paper(PAPER_TABLES), table="2")
+    rows = {label: row["TinyImageNet ResNet18"] for label, row in table_rows(report, "Table 2").items() if label.startswith("Vanilla")}
+    assert len(rows) == 2, rows
+    (same,) = [cell for label, cell in rows.items() if "optim.weight_decay=0.0001" in label]
+    (other,) = [cell for label, cell in rows.items() if "optim.weight_decay=0.0005" in label]
+    assert same.startswith("57.00 ± 1.41, n=2") and other.startswith("50.00 ± -, n=1")
+
+
 def test_model_options_split_cells_and_are_labelled(tmp_path):
     # A half-width demo ResNet never mixes with the paper's width (64) and says so.
     write_run(tmp_path / "w8", top1=(30.0,), model_options={"width": 8})

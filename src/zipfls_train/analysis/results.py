@@ -174,9 +174,13 @@ def cell_key_from_config(config: Mapping[str, Any], source: Path) -> CellKey:
                               "batch_size": config["trainer"].get("batch_size")}
     for name in _RECIPE_DATASET_KEYS:
         recipe[name] = config["dataset"].get(name)
-    # Model options (e.g. a narrower CIFAR ResNet) change the model: runs that differ never mix.
+    # Model options (e.g. a narrower CIFAR ResNet) change the model, and the optimiser and schedule
+    # (lr, weight decay, milestones) the training: runs that differ never mix.
     for name, value in _flatten(config["model"].get("options") or {}).items():
         recipe[f"model.{name}"] = value
+    for group in ("optim", "sched"):
+        for name, value in _flatten(config.get(group) or {}).items():
+            recipe[f"{group}.{name}"] = value
     return CellKey(
         dataset=str(dataset),
         model=str(model),
