@@ -169,10 +169,12 @@ def test_gradient_accumulation_equals_the_whole_batch_at_once(tiny_pack_root, tm
     run_training(compose([*common, "trainer.accumulate_steps=2"]), tmp_path / "accumulated")
     whole, accumulated = _weights(tmp_path / "whole"), _weights(tmp_path / "accumulated")
     # float32 summation order only: one step's gradients agree to 3e-6 (to 1e-14 in float64), and
-    # three SGD steps through the stem's per-sample norm grow that to ~2e-4 in the stem's weights. A
-    # wrong accumulation (e.g. missing the 1/K) is off by tens of percent.
+    # three SGD steps through the stem's per-sample norm grow that to ~2e-4 in the stem's weights
+    # (2.1e-4 with torch 2.14.1+cu130's CPU kernels, which an atol of 1e-4 failed). A wrong
+    # accumulation is far outside 1e-3: missing the 1/K (measured as the same run at twice the lr)
+    # moves the stem's weights by 1.4e-2.
     for name, tensor in whole.items():
-        torch.testing.assert_close(accumulated[name], tensor, rtol=1e-3, atol=1e-4, msg=name)
+        torch.testing.assert_close(accumulated[name], tensor, rtol=1e-3, atol=1e-3, msg=name)
     a, b = _metrics(tmp_path / "whole")[-1], _metrics(tmp_path / "accumulated")[-1]
     assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
 
