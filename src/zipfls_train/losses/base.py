@@ -6,9 +6,9 @@ loop in :class:`Needs`; the trainer provides exactly that and never asks which m
 
 The trainer calls, per step, ``method.training_step(model, batch)`` and back-propagates
 ``terms["loss"]``; every other entry is logged under its name (``top1``, the batch's training
-accuracy, is added by ``with_train_top1``: methods that override ``training_step`` call it too). Methods whose forward pass is not a
-plain ``model(batch.inputs)`` (two views, a paired sample, a teacher) override ``training_step``;
-all others only implement ``loss_terms``.
+accuracy, is added by ``with_train_top1``: methods that override ``training_step`` call it too).
+Methods whose forward pass is not a plain ``model(batch.inputs)`` (two views, a paired sample, a
+teacher) override ``training_step``; all others only implement ``loss_terms``.
 """
 
 from __future__ import annotations
