@@ -78,10 +78,9 @@ class Paper:
     image_size: Mapping[str, int]
     labels: Mapping[str, Mapping[str, str]]
     model_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    # dataset.format of the paper's data per dataset, where a dataset has several (TinyImageNet: the
-    # 64 px originals, not the 32 px pack).
-    data_format: Mapping[str, str] = field(default_factory=dict)
-    # Other recipe settings of the paper per dataset, by recipe key (train_augment, batch_size).
+    # The paper's other recipe settings per dataset, by recipe key (format: which copy of a dataset
+    # that has several, TinyImageNet's 64 px originals rather than the 32 px pack; train_augment;
+    # batch_size).
     recipe: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def label(self, kind: str, name: str) -> str:
@@ -153,7 +152,6 @@ def load_paper(path: Path | None = None) -> Paper:
         image_size=data["image_size"],
         labels=data["labels"],
         model_options=data.get("model_options") or {},
-        data_format=data.get("data_format") or {},
         recipe=data.get("recipe") or {},
     )
 
@@ -206,10 +204,8 @@ def recipe_notes(key: CellKey, paper: Paper) -> list[str]:
     size = recipe.get("image_size")
     if size is not None and paper.image_size.get(key.dataset) not in (None, size):
         notes.append(f"{size} px")
-    data_format = recipe.get("format")
-    if data_format is not None and paper.data_format.get(key.dataset) not in (None, data_format):
-        notes.append(f"dataset.format={data_format} (paper: {paper.data_format[key.dataset]})")
-    for name, config_key in (("train_augment", "dataset.train_augment"), ("batch_size", "trainer.batch_size")):
+    for name, config_key in (("format", "dataset.format"), ("train_augment", "dataset.train_augment"),
+                             ("batch_size", "trainer.batch_size")):
         value, expected = recipe.get(name), paper.recipe.get(name, {}).get(key.dataset)
         if value is not None and expected not in (None, value):
             notes.append(f"{config_key}={value} (paper: {expected})")

@@ -494,7 +494,8 @@ class Trainer:
         if self.ctx.is_main:
             tqdm.write(
                 f"epoch {self.progress.epoch}/{self.epochs}  loss {train_means.get('loss', float('nan')):.4f}  "
-                f"train top-1 {train_means.get('top1', float('nan')):.2f}%  val top-1 {top1:.2f}%  top-5 {top5:.2f}%  best {self.progress.best_top1:.2f}%  "
+                f"train top-1 {train_means.get('top1', float('nan')):.2f}%  "
+                f"val top-1 {top1:.2f}%  top-5 {top5:.2f}%  best {self.progress.best_top1:.2f}%  "
                 f"{record['images_per_s'] or 0:.0f} img/s"
             )
 
