@@ -420,6 +420,32 @@ def test_compiled_step_is_not_recompiled_as_epochs_change_the_method(tmp_path, l
     assert (summary["status"], summary["epochs"]) == ("finished", 3)
 
 
+def test_each_run_of_a_sweep_compiles_its_own_static_graph(tmp_path, monkeypatch):
+    """A sweep trains its runs in one process, each compiling the same training_step. Without a
+    fresh start per run the second run (other classes, other batch) was a recompilation: compiled
+    with dynamic shapes, and past dynamo's recompile limit (1 here, 8 by default) not compiled."""
+    from conftest import compose
+    from zipfls_train.engine.distributed import DistContext
+
+    graphs = []  # per compilation: did it get symbolic (dynamic) shapes?
+
+    def recording_backend(graph_module, example_inputs):
+        sizes = [size for x in example_inputs if isinstance(x, torch.Tensor) for size in x.shape]
+        graphs.append(any(isinstance(value, torch.SymInt) for value in [*sizes, *example_inputs]))
+        return graph_module.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda function, **options: real_compile(function, backend=recording_backend))
+    base = ["dataset=synthetic", "dataset.image_size=32", "dataset.steps_per_epoch=1", "model.options.width=8",
+            "trainer.device=cpu", "trainer.progress_bar=false", "trainer.compile=true"]
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for run, (classes, batch) in enumerate([(20, 16), (10, 8)]):
+            cfg = compose([*base, f"dataset.num_classes={classes}", f"trainer.batch_size={batch}"])
+            trainer = Trainer(cfg, DistContext(), tmp_path / str(run))
+            trainer.train_step(trainer.data.train.epoch(0))
+    assert graphs == [False, False]
+
+
 @pytest.mark.parametrize(("deterministic", "autotune"), [("false", True), ("true", False)])
 def test_cudnn_autotunes_unless_the_run_is_deterministic(tmp_path, monkeypatch, deterministic, autotune):
     from conftest import compose
