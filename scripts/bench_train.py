@@ -7,9 +7,9 @@ in-memory loader (TinyImageNet 32 px pack, augmentation on the device), so the d
 cancels out of the ratios.
 
 Cases: small (cifar_resnet18 32 px, ce/ls/zipf/zipf_dense2, and on CUDA zipf with
-loss.kernel=torch beside the fused kernel), compile (ce and zipf with trainer.compile=true and
-reduce-overhead), resnet50 (224 px, batch 256), small_real (the real loader), resnet50_compile.
-Run in that order.
+loss.kernel=torch beside the fused kernel), resnet50 (224 px, batch 256), small_real (the real
+loader), compile (ce and zipf with trainer.compile=true and reduce-overhead), resnet50_compile.
+Run in that order: the eager cases take seconds, each compiled one a minute or more.
 
     python scripts/bench_train.py --device cuda --data ../shared/data
     python scripts/bench_train.py --device cpu --cases small --batch-size 32 --width 16 --steps 5
@@ -74,7 +74,9 @@ def run_case(name: str, variants: dict[str, list[str]], args: argparse.Namespace
     trainers = {label: make_trainer(overrides, device) for label, overrides in variants.items()}
     streams = {label: endless(t) for label, t in trainers.items()}
     for label, trainer in trainers.items():  # warm-up: kernels, allocator, autotuning, compilation
+        start = time.perf_counter()
         time_steps(trainer, streams[label], args.warmup)
+        print(f"{name:<28} {label:<22} warm-up {time.perf_counter() - start:6.1f} s", flush=True)
     samples: dict[str, list[float]] = {label: [] for label in trainers}
     for _ in range(args.rounds):
         for label, trainer in trainers.items():
@@ -125,12 +127,6 @@ def main() -> None:
             variants["loss=zipf,kernel=torch"] = [*small, *synthetic32, "loss=zipf", "loss.kernel=torch"]
         results["small"] = r = run_case("cifar_resnet18 32px synthetic", variants, args, device)
         print_ratios(r, "loss=ce", [label for label in r if label != "loss=ce"])
-    if "compile" in cases:
-        variants = {f"compile={mode},loss={m}": [*small, *synthetic32, f"loss={m}", f"trainer.compile={mode}"]
-                    for mode in ("true", "reduce-overhead") for m in ("ce", "zipf")}
-        results["compile"] = r = run_case("cifar_resnet18 32px compiled", variants, args, device)
-        for mode in ("true", "reduce-overhead"):
-            print_ratios(r, f"compile={mode},loss=ce", [f"compile={mode},loss=zipf"])
     r50 = [*common, "model=resnet50", "dataset=synthetic", "dataset.image_size=224", "dataset.num_classes=1000",
            f"trainer.batch_size={args.r50_batch_size}"]
     if "resnet50" in cases:
@@ -143,6 +139,12 @@ def main() -> None:
             for m in ("ce", "zipf"):
                 stall = 1 - results["real"][f"loss={m}"] / results["small"][f"loss={m}"]
                 print(f"  data-stall fraction (loss={m}): {stall:.3f}  (1 - real / synthetic images/s)", flush=True)
+    if "compile" in cases:
+        variants = {f"compile={mode},loss={m}": [*small, *synthetic32, f"loss={m}", f"trainer.compile={mode}"]
+                    for mode in ("true", "reduce-overhead") for m in ("ce", "zipf")}
+        results["compile"] = r = run_case("cifar_resnet18 32px compiled", variants, args, device)
+        for mode in ("true", "reduce-overhead"):
+            print_ratios(r, f"compile={mode},loss=ce", [f"compile={mode},loss=zipf"])
     if "resnet50_compile" in cases:
         variants = {f"compile={mode},loss={m}": [*r50, f"loss={m}", f"trainer.compile={mode}"]
                     for mode in ("true",) for m in ("ce", "zipf")}

@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # Every GPU check, in parts (PARTS, default all of them; run in this order):
 #   tests    every test marked cuda, the Zipf kernel's files first (fused Zipf kernel vs reference,
-#            CPU/CUDA agreement, no host sync in any method's step, bf16 run, resume)  T_TESTS   150 s
+#            CPU/CUDA agreement, no host sync in any method's step, bf16 run, resume)  T_TESTS   120 s
 #   loss     scripts/bench_loss_overhead.py (Zipf/CE step time and memory; fused vs reference) T_LOSS 70 s
-#   train    scripts/bench_train.py (images/s: eager, compiled, ResNet-50, real loader; TRAIN_ARGS
-#            "--cases ...,resnet50_compile" adds ResNet-50 compiled, ~2 more minutes)  T_TRAIN   200 s
-#   quick    the quick_tinyimagenet protocol (CE vs Zipf x 2 seeds, four runs sharing
-#            the GPU) + its table; runs cut by T_QUICK still report their epochs      T_QUICK   240 s
+#   train    scripts/bench_train.py (images/s: eager, ResNet-50, real loader, then compiled
+#            cifar_resnet18 and ResNet-50; TRAIN_ARGS replaces the case list)        T_TRAIN   330 s
 #   methods  scripts/bench_methods.py (Table 1's cost columns: every method vs CE)      T_METHODS 40 s
+#   quick    the quick_tinyimagenet protocol (CE vs Zipf x 2 seeds, four runs sharing
+#            the GPU) + its table; runs cut by T_QUICK still report their epochs      T_QUICK   190 s
 # A device call is limited to 600 s and a session's GPU time to ~15 minutes, the machine's start
-# (1-2 min) included, so use two calls (~7 + ~5 min):
+# (1-2 min) included, so use two calls (~9 + ~4 min), the second right after the first (a machine
+# left idle for 30 s is given back):
 #   PARTS="tests loss train" bash scripts/gpu_check.sh $OUT
-#   PARTS="quick methods" bash scripts/gpu_check.sh $OUT
+#   PARTS="methods quick" T_QUICK=<what is left> bash scripts/gpu_check.sh $OUT
 # Usage: [PARTS="..."] bash scripts/gpu_check.sh [OUT_DIR]
 # Data: $ZIPFLS_DATA (a folder holding tinyimagenet-32/), default .gpu_data, else ../shared/data.
 # Python packages the GPU image lacks (hydra-core, omegaconf, antlr4) may be carried in .gpu_site/.
@@ -44,7 +45,7 @@ wants() { [[ "$parts" == *" $1 "* ]]; }
 if wants tests; then
   log "tests: every cuda-marked test"
   # The kernel's checks first, so that a timeout cuts the slower compiled-run tests instead.
-  timeout "${T_TESTS:-150}" $PY -m pytest -m cuda -q -p no:cacheprovider \
+  timeout "${T_TESTS:-120}" $PY -m pytest -m cuda -q -p no:cacheprovider \
     tests/test_zipf_fused.py tests/test_zipf.py tests/test_cuda.py tests/ > "$out/cuda_tests.txt" 2>&1
   log "    exit $? ($(tail -1 "$out/cuda_tests.txt"))"
 fi
@@ -57,10 +58,15 @@ fi
 
 if wants train; then
   log "train: training throughput"
-  timeout "${T_TRAIN:-200}" $PY scripts/bench_train.py --device cuda --data "$data" ${TRAIN_ARGS:---cases small,compile,resnet50,small_real} > "$out/bench_train.txt" 2>&1
+  timeout "${T_TRAIN:-330}" $PY scripts/bench_train.py --device cuda --data "$data" ${TRAIN_ARGS:---cases small,resnet50,small_real,compile,resnet50_compile} > "$out/bench_train.txt" 2>&1
   log "    exit $?"
 fi
 
+if wants methods; then
+  log "methods: every method's step cost (Table 1)"
+  timeout "${T_METHODS:-40}" $PY scripts/bench_methods.py --device cuda --precision bf16 --width 64 --batch 128 --classes 100 --dataset cifar100 > "$out/bench_methods.txt" 2>&1
+  log "    exit $?"
+fi
 if wants quick; then
   log "quick: quick_tinyimagenet (4 runs at once)"
   sweep=$PWD/outputs/gpu_check_quick
@@ -68,7 +74,7 @@ if wants quick; then
   pids=()
   for loss in ce zipf; do
     for seed in 0 1; do
-      timeout "${T_QUICK:-240}" $PY train.py experiment=quick_tinyimagenet "dataset.root=$data" "loss=$loss" "seed=$seed" \
+      timeout "${T_QUICK:-190}" $PY train.py experiment=quick_tinyimagenet "dataset.root=$data" "loss=$loss" "seed=$seed" \
         trainer.progress_bar=false "hydra.run.dir=$sweep/${loss}_seed${seed}" ${QUICK_EXTRA:-} > "$sweep/${loss}_seed${seed}.log" 2>&1 &
       pids+=($!)
     done
@@ -80,9 +86,4 @@ if wants quick; then
   log "    $(tail -n +1 "$out/quick_table.txt" | wc -l) lines of table; runs in quick_runs.tgz"
 fi
 
-if wants methods; then
-  log "methods: every method's step cost (Table 1)"
-  timeout "${T_METHODS:-40}" $PY scripts/bench_methods.py --device cuda --precision bf16 --width 64 --batch 128 --classes 100 --dataset cifar100 > "$out/bench_methods.txt" 2>&1
-  log "    exit $?"
-fi
 log "done"
