@@ -11,7 +11,8 @@ Cases:
   cifar100, cifar200   CIFAR ResNet-18 (pre-activation) at 32 px, 100 / 200 classes, batch 128;
                        Zipf with the CIFAR/TinyImageNet recipe: 4x4 final map, bilinear x2 -> 64 votes.
   head1000, head10000  a synthetic ResNet-50 head: a random 2048 x 7 x 7 feature map (a leaf that
-                       requires grad, standing in for the backbone) + GAP + Linear(2048, C), batch
+                       requires grad, standing in for the backbone; bf16 under --precision bf16, as
+                       the backbone's output under autocast) + GAP + Linear(2048, C), batch
                        256, Zipf without upsampling (49 votes), C = 1,000 (ImageNet) / 10,000
                        (INAT21). Only the head runs, so this isolates the dense classification cost
                        that a real backbone would dilute.
@@ -126,6 +127,8 @@ def build_case(name: str, args: argparse.Namespace, device: torch.device) -> Cas
         model = ClassifierWrapper(FeatureMapStandIn(2048), num_classes)
         n = args.head_batch_size
         inputs = torch.relu(torch.randn(n, 2048, 7, 7, generator=generator))
+        if args.precision == "bf16":  # what ResNet-50's last stage hands the head under autocast
+            inputs = inputs.to(torch.bfloat16)  # (a float32 map made the votes a float32 matmul: 10 ms at 10k classes)
         leaf = True
     targets = torch.randint(0, num_classes, (n,), generator=generator)
     model = model.to(device)
