@@ -1,0 +1,123 @@
+"""Where a training step's time goes, each loss beside CE, from torch.profiler.
+
+Step-time ratios say how much Zipf's LS costs; this says where. For each variant (loss x
+trainer.compile mode) it runs the trainer's exact step (Trainer.train_step) on synthetic batches
+already on the device, times it without the profiler, then profiles a few steps and prints per step:
+the device time of every kernel, the kernels the host launched itself and the CUDA-graph replays
+(under trainer.compile=reduce-overhead a captured step is one or two replays), and whether a
+compiled graph was left out of CUDA graphs. Then, per loss, the kernels whose time differs from CE's
+under the same compile mode: what that loss adds to the step.
+
+    python scripts/profile_step.py --device cuda
+    python scripts/profile_step.py --device cuda --losses ce,zipf,zipf_dense2 --compile reduce-overhead
+    python scripts/profile_step.py --device cpu --width 8 --batch-size 8 --steps 2 --warmup 2 --compile false
+
+On the CPU there are no kernels: the host operators' own times are listed instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_train import SYNTHETIC_32PX, cudagraph_skips, endless, make_trainer, small_model_overrides, sync, time_steps  # noqa: E402
+
+from zipfls_train.engine.distributed import resolve_device  # noqa: E402
+
+# Host calls that start work on the GPU: single kernels, and replays of captured CUDA graphs.
+KERNEL_LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchCooperativeKernel")
+GRAPH_LAUNCHES = ("cudaGraphLaunch", "cuGraphLaunch")
+
+
+def self_device_us(event) -> float:  # noqa: ANN001 - a profiler FunctionEventAvg
+    return float(getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0))
+
+
+def profile_variant(label: str, overrides: list[str], args: argparse.Namespace, device: torch.device) -> dict[str, tuple[float, float]]:
+    """Prints the variant's step; returns {kernel (or host operator on the CPU): (us per step, calls per step)}."""
+    trainer = make_trainer(overrides, device)
+    batches = endless(trainer)
+    skips = cudagraph_skips()
+    time_steps(trainer, batches, args.warmup)  # compilation, autotuning, CUDA-graph recording
+    skipped = cudagraph_skips() - skips
+    step_ms = min(time_steps(trainer, batches, args.steps) for _ in range(3)) * 1e3
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    with profile(activities=activities) as prof:
+        for _ in range(args.steps):
+            trainer.train_step(batches)
+        sync(device)
+    events = prof.key_averages()
+    per_step = 1.0 / args.steps
+    host_calls = {e.key: e.count * per_step for e in events if e.device_type == DeviceType.CPU}
+    if device.type == "cuda":
+        timed = {e.key: (self_device_us(e) * per_step, e.count * per_step) for e in events
+                 if e.device_type == DeviceType.CUDA and self_device_us(e) > 0}
+    else:  # no kernels: the operators' own host time
+        timed = {e.key: (e.self_cpu_time_total * per_step, e.count * per_step) for e in events if e.self_cpu_time_total > 0}
+    kernels = sum(host_calls.get(k, 0.0) for k in KERNEL_LAUNCHES)
+    replays = sum(host_calls.get(k, 0.0) for k in GRAPH_LAUNCHES)
+    total_us = sum(us for us, _ in timed.values())
+    what = "GPU kernels" if device.type == "cuda" else "host operators (self time)"
+    print(f"\n== {label}: {step_ms:.2f} ms/step (fastest of 3 x {args.steps} steps, unprofiled); {what} {total_us / 1e3:.2f} ms/step; "
+          f"launched by the host per step: {kernels:.0f} kernels, {replays:.0f} CUDA-graph replays"
+          + (f"; {skipped} compiled graph(s) NOT in CUDA graphs (TORCH_LOGS=cudagraphs says why)" if skipped else ""), flush=True)
+    for key, (us, calls) in sorted(timed.items(), key=lambda item: -item[1][0])[: args.top]:
+        print(f"   {us:9.1f} us {calls:6.1f}x  {key[:110]}", flush=True)
+    return timed
+
+
+def print_difference(label: str, timed: dict[str, tuple[float, float]], baseline: dict[str, tuple[float, float]], threshold_us: float) -> None:
+    """Per kernel, this variant's time per step minus the baseline's (only differences above the threshold)."""
+    difference: dict[str, float] = defaultdict(float)
+    for key, (us, _) in timed.items():
+        difference[key] += us
+    for key, (us, _) in baseline.items():
+        difference[key] -= us
+    total = sum(difference.values())
+    print(f"\n-- {label}: {total:+.1f} us/step in all", flush=True)
+    for key, us in sorted(difference.items(), key=lambda item: -abs(item[1])):
+        if abs(us) < threshold_us:
+            break
+        calls = timed.get(key, (0.0, 0.0))[1]
+        print(f"   {us:+9.1f} us  ({calls:.1f}x/step here)  {key[:110]}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--losses", default="ce,zipf", help="comma list of loss configs; the first is the baseline")
+    parser.add_argument("--compile", default="false,reduce-overhead", help="comma list of trainer.compile values")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--steps", type=int, default=20, help="steps timed and profiled")
+    parser.add_argument("--warmup", type=int, default=15)
+    parser.add_argument("--top", type=int, default=15, help="kernels listed per variant")
+    parser.add_argument("--threshold-us", type=float, default=3.0, help="smallest per-step difference listed")
+    args = parser.parse_args()
+    try:
+        device = resolve_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
+    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; torch {torch.__version__}; "
+          f"cifar_resnet18 width {args.width}, batch {args.batch_size}, 32 px synthetic, 200 classes", flush=True)
+    small = small_model_overrides(device, args.precision, args.width, args.batch_size)
+    losses = args.losses.split(",")
+    for mode in args.compile.split(","):
+        results = {loss: profile_variant(f"loss={loss}, compile={mode}", [*small, *SYNTHETIC_32PX, f"loss={loss}", f"trainer.compile={mode}"], args, device)
+                   for loss in losses}
+        for loss in losses[1:]:
+            print_difference(f"loss={loss} minus loss={losses[0]}, compile={mode}", results[loss], results[losses[0]], args.threshold_us)
+
+
+if __name__ == "__main__":
+    main()
