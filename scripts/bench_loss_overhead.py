@@ -151,6 +151,7 @@ def make_step(case: Case, method: Method, optimizer: torch.optim.Optimizer, auto
         with autocast():
             terms = method.training_step(case.model, case.batch)
         terms["loss"].backward()
+        method.after_backward()
         optimizer.step()
 
     return step

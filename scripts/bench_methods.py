@@ -6,7 +6,7 @@ Each method (ce, ls, zipf, tfkd, cskd, pskd, byot, ddgsd, ban) is built from its
 dataset/model-dependent defaults resolve as in training) and gets its own model (same architecture,
 same initial weights, with the auxiliary heads the method needs) and its own SGD optimiser (the
 trainer's ``build_optimizer``). A step is exactly what the trainer runs: ``zero_grad``,
-``method.training_step(model, batch)`` under autocast, ``backward``, ``optimizer.step()``. What
+``method.training_step(model, batch)`` under autocast, ``backward``, ``method.after_backward()``, ``optimizer.step()``. What
 each method needs is on the batch: a same-class pair (CS-KD), a second view (DDGSD), sample indices
 into a dataset-sized memory (PS-KD), a frozen teacher (BAN generation 2; its weights are a fresh
 model's, which costs the same as a trained one). Producing pairs and views (data loading and
@@ -139,6 +139,7 @@ class Runner:
         with self.autocast():
             terms = self.method.training_step(self.model, self.batch)
         terms["loss"].backward()
+        self.method.after_backward()  # PS-KD writes its memory here
         self.optimizer.step()
 
     def timed_step(self, record: bool) -> None:

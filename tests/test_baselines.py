@@ -238,6 +238,8 @@ def test_pskd_epoch0_is_onehot_then_uses_last_epochs_softmax():
     method.on_epoch_start(0, 10)
     terms = method.loss_terms(outputs_of(first), batch, None)
     assert close(terms["loss"], ce64(first, y))  # epoch 0: one-hot targets (released code)
+    assert not method.seen.any()  # stored after the backward pass, not during the step
+    method.after_backward()
     second = torch.randn(n, c)
     method.on_epoch_start(1, 10)
     a = 0.8 * 2 / 10
@@ -264,6 +266,7 @@ def test_pskd_auto_memory_dtype_is_float32_up_to_the_size_limit(memory, bytes_in
     logits = torch.randn(4, 12) * 3
     batch = Batch(inputs=torch.zeros(4, 3, 8, 8), targets=torch.zeros(4, dtype=torch.long), indices=torch.arange(4))
     method.loss_terms(outputs_of(logits), batch, None)
+    method.after_backward()
     assert torch.equal(method.memory[:4], torch.softmax(logits, dim=1))  # float32, as the released code keeps it
 
 
@@ -277,6 +280,7 @@ def test_pskd_memory_survives_a_checkpoint_round_trip(memory, tmp_path):
     batch = Batch(inputs=torch.zeros(6, 3, 8, 8), targets=torch.randint(0, c, (6,)), indices=torch.arange(6) * 3)
     logits = torch.randn(6, c) * 3
     method.loss_terms(outputs_of(logits), batch, None)
+    method.after_backward()
     torch.save(method.state_dict(), tmp_path / "method.pt")
     fresh = build_method({"name": "pskd", "memory": memory, "topk": 3}, c)
     fresh.setup(num_classes=c, dataset_size=20, model_factory=None)
@@ -507,6 +511,7 @@ def _ddp_worker(rank: int, world: int, port: int) -> None:
         pskd.setup(num_classes=10, dataset_size=8, model_factory=None)
         logits = torch.randn(4, 10)
         pskd.loss_terms(ModelOutput(logits=logits), batch, None)
+        pskd.after_backward()
         assert pskd.seen.all(), "PS-KD did not store the other rank's predictions"
         everyone = [torch.zeros_like(logits) for _ in range(world)]
         dist.all_gather(everyone, logits)

@@ -557,6 +557,7 @@ class Trainer:
                     terms = self.step_fn(self.train_model, next(batches))
                 loss = terms["loss"] if self.accumulate == 1 else terms["loss"] / self.accumulate
                 self.scaler.scale(loss).backward()
+                self.method.after_backward()  # state updates, outside the compiled step (PS-KD's memory)
             if self.accumulate == 1:  # the common case: no kernels spent combining micro-batches
                 totals = terms
                 continue

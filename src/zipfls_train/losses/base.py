@@ -4,8 +4,8 @@ A method is an ``nn.Module`` so that it can hold state (PS-KD's memory, BAN's fr
 goes into checkpoints through ``state_dict``/``load_state_dict``. It declares what it needs from the
 loop in :class:`Needs`; the trainer provides exactly that and never asks which method it runs.
 
-The trainer calls, per step, ``method.training_step(model, batch)`` and back-propagates
-``terms["loss"]``; every other entry is logged under its name (``top1``, the batch's training
+The trainer calls, per step, ``method.training_step(model, batch)``, back-propagates
+``terms["loss"]`` and then calls ``method.after_backward()``; every other entry is logged under its name (``top1``, the batch's training
 accuracy, is added by ``with_train_top1``: methods that override ``training_step`` call it too).
 Methods whose forward pass is not a plain ``model(batch.inputs)`` (two views, a paired sample, a
 teacher) override ``training_step``; all others only implement ``loss_terms``.
@@ -48,6 +48,12 @@ class Method(nn.Module):
 
     def on_epoch_start(self, epoch: int, num_epochs: int) -> None:
         """Called at the start of every training epoch (0-based). Default: nothing to do."""
+
+    def after_backward(self) -> None:
+        """Called after each (micro-)batch's backward pass, outside ``trainer.compile``'s graph: apply
+        the state updates that the step computed. A step must not change a buffer it reads: the
+        compiled backward may recompute from the buffer after the graph's in-place writes (PS-KD's
+        compiled gradient used the step's own predictions as targets). Default: nothing to do."""
 
     def training_step(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
         outputs = model(batch.inputs, features=self.needs.feature_stages, aux=bool(self.needs.aux_stages))

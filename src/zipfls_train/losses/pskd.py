@@ -5,7 +5,10 @@
 
 p_prev(x_i) is the softmax this sample got when it was last trained on, i.e. in the previous epoch,
 kept in a per-sample memory indexed by ``batch.indices``. After each step the batch's detached
-softmax (of the same forward that the loss used, as in the released code) overwrites its rows.
+softmax (of the same forward that the loss used, as in the released code) overwrites its rows: the
+step keeps it aside and ``after_backward`` writes it, outside the compiled step (``trainer.compile``
+traces the step into one graph whose backward may recompute the targets from the memory after the
+graph's own writes: it then trained on the step's own predictions).
 
 Epoch 0 (checked against the released code, lgcnsai/PS-KD-Pytorch ``main.py``): before building the
 targets of a batch in epoch 0 the code writes the one-hot labels into ``all_predictions`` for that
@@ -99,6 +102,7 @@ class ProgressiveSelfKD(Method):
         self.memory_dtype = memory_dtype
         self.dtype = MEMORY_DTYPES.get(memory_dtype, torch.float32)  # auto: final once setup knows N
         self.alpha = 0.0
+        self.pending: tuple[Tensor, Tensor] | None = None  # (indices, softmax) of the last step, not yet stored
         # The same value as a device tensor, updated in place: under trainer.compile a Python float
         # would be a guard, and every epoch's new alpha_t a recompilation (dynamo stops recompiling
         # after 8 and runs the step eagerly).
@@ -166,5 +170,10 @@ class ProgressiveSelfKD(Method):
         onehot = one_hot(batch.targets, self.num_classes)
         targets = torch.lerp(onehot, self.previous_predictions(batch.indices, batch.targets), alpha)  # (1 - a) onehot + a prev
         loss = soft_cross_entropy(logits, targets)
-        self.store(batch.indices, F.softmax(logits.detach().float(), dim=1))
+        self.pending = (batch.indices, F.softmax(logits.detach().float(), dim=1))
         return {"loss": loss, "pskd_ce": loss, "alpha_t": alpha.clone()}
+
+    def after_backward(self) -> None:
+        if self.pending is not None:
+            self.store(*self.pending)
+            self.pending = None
