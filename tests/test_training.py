@@ -374,51 +374,27 @@ def test_ban_generations_chain_inside_one_sweep(tiny_pack_root, tmp_path):
     assert "train_ban_kl" not in read_jsonl(runs[1] / "metrics.jsonl")[0]
 
 
-def test_compiled_training_step_matches_eager(tmp_path):
-    """trainer.compile=true compiles forward + Zipf loss as one graph; it must compute the same step."""
+@pytest.mark.parametrize("loss", ["zipf", "zipf_dense2", "tfkd", "cskd", "pskd", "byot", "ddgsd"])
+def test_every_method_compiled_trains_as_it_does_eagerly(tmp_path, loss):
+    """Two steps, eager and compiled (same seed, batches and start): the same losses. The second
+    step's loss depends on the first step's update and on state the first step left. Caught: PS-KD
+    stored each step's predictions inside the step, and the compiled backward recomputed the targets
+    from the memory after that write, training on its own predictions (second loss 2.831 vs 2.783).
+    (ce, ls and zipf_logits take the paths of zipf's model call and loss; zipf_random_*: compiled
+    code draws other random numbers than eager code; BAN: tests/test_cuda_graphs.py.)"""
     from conftest import compose
     from zipfls_train.engine.distributed import DistContext
 
     overrides = ["dataset=synthetic", "dataset.image_size=32", "dataset.num_classes=20", "dataset.steps_per_epoch=2",
-                 "dataset.zipf.upsample=bilinear", "model.options.width=8", "trainer.batch_size=16", "loss=zipf",
-                 "trainer.device=cpu", "trainer.progress_bar=false"]
-    results = {}
-    for compiled in ("false", "true"):
-        trainer = Trainer(compose([*overrides, f"trainer.compile={compiled}"]), DistContext(), tmp_path / compiled)
-        before = {name: value.clone() for name, value in trainer.model.state_dict().items()}
-        terms = trainer.train_step(trainer.data.train.epoch(0))
-        results[compiled] = (terms, before, trainer.model.state_dict())
-    (eager_terms, before, eager_after), (compiled_terms, compiled_before, compiled_after) = results["false"], results["true"]
-    for name in ("loss", "ce", "zipf"):
-        assert compiled_terms[name].item() == pytest.approx(eager_terms[name].item(), rel=1e-5, abs=1e-6), name
-    # Same start, and the same update up to the compiler's different float arithmetic in the
-    # backward pass (BatchNorm/convolution kernels; CE alone shows the same ~2% on this tiny net).
-    squared_difference = squared_update = 0.0
-    for name, start in before.items():
-        assert torch.equal(compiled_before[name], start), name
-        if start.is_floating_point() and "running" not in name:
-            squared_difference += float(((compiled_after[name] - eager_after[name]) ** 2).sum())
-            squared_update += float(((eager_after[name] - start) ** 2).sum())
-    assert squared_update > 0 and (squared_difference / squared_update) ** 0.5 < 0.05
-
-
-def test_compiled_pskd_step_trains_on_the_stored_predictions_not_its_own(tmp_path):
-    """PS-KD stored each step's predictions inside the step; compiled, the backward recomputed the
-    targets from the memory after that write, so it trained on the step's own predictions (CPU too:
-    the second step's loss 2.831 instead of 2.783). Same seed, same batches: compiled = eager."""
-    from conftest import compose
-    from zipfls_train.engine.distributed import DistContext
-
-    overrides = ["dataset=synthetic", "dataset.image_size=32", "dataset.num_classes=20", "dataset.steps_per_epoch=3",
-                 "model.options.width=8", "trainer.batch_size=32", "loss=pskd", "trainer.device=cpu",
-                 "trainer.progress_bar=false", "trainer.precision=fp32"]
+                 "dataset.zipf.upsample=bilinear", "model.options.width=8", "trainer.batch_size=32", f"loss={loss}",
+                 "trainer.device=cpu", "trainer.progress_bar=false", "trainer.precision=fp32"]
     losses = {}
     for compiled in ("false", "true"):
         trainer = Trainer(compose([*overrides, f"trainer.compile={compiled}"]), DistContext(), tmp_path / compiled)
-        trainer.method.on_epoch_start(0, 2)  # alpha_t = 0.4; the synthetic batches repeat: steps 2-3 read step 1's predictions
+        trainer.method.on_epoch_start(0, 2)  # PS-KD: alpha_t = 0.4; the synthetic batches repeat, so step 2 reads step 1's predictions
         batches = trainer.data.train.epoch(0)
-        losses[compiled] = [trainer.train_step(batches)["loss"].item() for _ in range(3)]
-        assert int(trainer.method.seen.sum()) == 32
+        losses[compiled] = [trainer.train_step(batches)["loss"].item() for _ in range(2)]
+    # Float rounding of the compiled kernels moves the second loss by ~1e-5 (relative).
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)
 
 
