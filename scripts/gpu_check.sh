@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Every GPU check, in parts (PARTS, default all of them; run in this order):
 #   tests    every test marked cuda, the Zipf kernel's files first (fused Zipf kernel vs reference,
-#            CPU/CUDA agreement, no host sync in any method's step, bf16 run, resume)  T_TESTS   120 s
+#            CPU/CUDA agreement, no host sync in any method's step, bf16 run, resume)  T_TESTS   100 s
+#   graphs   tests/test_cuda_graphs.py: every method trained compiled with CUDA graphs
+#            (trainer.compile=reduce-overhead) and eagerly, same losses               T_GRAPHS  180 s
 #   loss     scripts/bench_loss_overhead.py (Zipf/CE step time and memory; fused vs reference) T_LOSS 70 s
 #   profile  scripts/profile_step.py (per-kernel GPU time of ce and zipf steps, eager and
-#            reduce-overhead: what Zipf adds, kernel by kernel)                    T_PROFILE 120 s
+#            reduce-overhead: what Zipf adds, kernel by kernel)                    T_PROFILE  90 s
 #   train    scripts/bench_train.py (images/s: eager, ResNet-50, real loader, then compiled
 #            cifar_resnet18 and ResNet-50; TRAIN_ARGS replaces the case list)        T_TRAIN   330 s
 #   methods  scripts/bench_methods.py (Table 1's cost columns: every method vs CE)      T_METHODS 40 s
@@ -12,10 +14,10 @@
 #            the GPU) + its table; runs cut by T_QUICK still report their epochs      T_QUICK   190 s
 # A device call is limited to 600 s and a session's GPU time to ~15 minutes, the machine's start
 # (1-2 min) included: two calls, the second right after the first (a machine left idle for 30 s is
-# given back). Where the quick protocol is not needed (it ran on 2026-11-27, experiments/):
-#   PARTS="tests loss profile" bash scripts/gpu_check.sh $OUT        (~5.5 min)
-#   PARTS="train methods" bash scripts/gpu_check.sh $OUT             (~6.5 min)
-# With it: PARTS="tests loss train" (~9 min), then PARTS="methods quick" T_QUICK=<what is left>.
+# given back). The quick protocol and the eager train cases ran on 2026-11-27 (experiments/); next:
+#   PARTS="tests graphs profile" bash scripts/gpu_check.sh $OUT      (~6 min)
+#   PARTS="loss train" TRAIN_ARGS="--cases compile,resnet50_compile" bash scripts/gpu_check.sh $OUT  (~5.5 min)
+# Everything: PARTS="tests loss train" (~9 min), then PARTS="methods quick" T_QUICK=<what is left>.
 # Usage: [PARTS="..."] bash scripts/gpu_check.sh [OUT_DIR]
 # Data: $ZIPFLS_DATA (a folder holding tinyimagenet-32/), default .gpu_data, else ../shared/data.
 # Python packages the GPU image lacks (hydra-core, omegaconf, antlr4) may be carried in .gpu_site/.
@@ -42,15 +44,21 @@ log() { echo "[$(date +%T)] $*" | tee -a "$out/gpu_check.log"; }
 log "start; data=$data"
 { nvidia-smi; $PY -c "import torch, torchvision, timm; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__)"; } >> "$out/gpu_check.log" 2>&1
 
-parts=" ${PARTS:-tests loss profile train methods quick} "
+parts=" ${PARTS:-tests graphs loss profile train methods quick} "
 wants() { [[ "$parts" == *" $1 "* ]]; }
 
 if wants tests; then
   log "tests: every cuda-marked test"
   # The kernel's checks first, so that a timeout cuts the slower compiled-run tests instead.
-  timeout "${T_TESTS:-120}" $PY -m pytest -m cuda -q -p no:cacheprovider \
+  timeout "${T_TESTS:-100}" $PY -m pytest -m cuda -q -p no:cacheprovider --ignore=tests/test_cuda_graphs.py \
     tests/test_zipf_fused.py tests/test_zipf.py tests/test_cuda.py tests/ > "$out/cuda_tests.txt" 2>&1
   log "    exit $? ($(tail -1 "$out/cuda_tests.txt"))"
+fi
+
+if wants graphs; then
+  log "graphs: every method under CUDA graphs vs eager"
+  timeout "${T_GRAPHS:-180}" $PY -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda_graphs.py > "$out/cuda_graphs_tests.txt" 2>&1
+  log "    exit $? ($(tail -1 "$out/cuda_graphs_tests.txt"))"
 fi
 
 if wants loss; then
@@ -61,7 +69,7 @@ fi
 
 if wants profile; then
   log "profile: where the step's GPU time goes"
-  timeout "${T_PROFILE:-120}" $PY scripts/profile_step.py --device cuda > "$out/profile_step.txt" 2>&1
+  timeout "${T_PROFILE:-90}" $PY scripts/profile_step.py --device cuda > "$out/profile_step.txt" 2>&1
   log "    exit $?"
 fi
 
