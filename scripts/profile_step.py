@@ -18,6 +18,7 @@ On the CPU there are no kernels: the host operators' own times are listed instea
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -37,12 +38,20 @@ KERNEL_LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", 
 GRAPH_LAUNCHES = ("cudaGraphLaunch", "cuGraphLaunch")
 
 
+def kernel_kind(name: str) -> str:
+    """A kernel's name without what differs between two compilations of the same code: Inductor
+    numbers its generated kernels (``triton_poi_fused_relu_12``) and hashes its graphs, so one extra
+    kernel in one step would renumber all the others and hide that the rest are the same."""
+    name = re.sub(r"CompiledFxGraph \w+", "CompiledFxGraph", name)
+    return re.sub(r"_\d+$", "", name)
+
+
 def self_device_us(event) -> float:  # noqa: ANN001 - a profiler FunctionEventAvg
     return float(getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0))
 
 
 def profile_variant(label: str, overrides: list[str], args: argparse.Namespace, device: torch.device) -> dict[str, tuple[float, float]]:
-    """Prints the variant's step; returns {kernel (or host operator on the CPU): (us per step, calls per step)}."""
+    """Prints the variant's step; returns {kernel kind (host operator on the CPU): (us per step, calls per step)}."""
     trainer = make_trainer(overrides, device)
     batches = endless(trainer)
     skips = cudagraph_skips()
@@ -58,11 +67,16 @@ def profile_variant(label: str, overrides: list[str], args: argparse.Namespace, 
     events = prof.key_averages()
     per_step = 1.0 / args.steps
     host_calls = {e.key: e.count * per_step for e in events if e.device_type == DeviceType.CPU}
-    if device.type == "cuda":
-        timed = {e.key: (self_device_us(e) * per_step, e.count * per_step) for e in events
-                 if e.device_type == DeviceType.CUDA and self_device_us(e) > 0}
-    else:  # no kernels: the operators' own host time
-        timed = {e.key: (e.self_cpu_time_total * per_step, e.count * per_step) for e in events if e.self_cpu_time_total > 0}
+    timed: dict[str, tuple[float, float]] = {}
+    for e in events:
+        if device.type == "cuda":
+            us = self_device_us(e) if e.device_type == DeviceType.CUDA else 0.0
+        else:  # no kernels: the operators' own host time
+            us = e.self_cpu_time_total
+        if us > 0:
+            kind = kernel_kind(e.key)
+            total_us, calls = timed.get(kind, (0.0, 0.0))
+            timed[kind] = (total_us + us * per_step, calls + e.count * per_step)
     kernels = sum(host_calls.get(k, 0.0) for k in KERNEL_LAUNCHES)
     replays = sum(host_calls.get(k, 0.0) for k in GRAPH_LAUNCHES)
     total_us = sum(us for us, _ in timed.values())
