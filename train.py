@@ -87,6 +87,9 @@ def main(cfg: DictConfig) -> float | None:
             # passes through Hydra's launcher, which would otherwise start the next run.
             print("[zipfls-train] the sweep stops here, before its later runs; rerun the same command to go on "
                   "(finished runs are skipped, this one resumes)", file=sys.stderr)  # fmt: skip
+            if SweepRunFailed.failed_runs:  # Hydra's closing report of them is skipped by this exit
+                failed = SweepRunFailed.failed_runs
+                print(f"[zipfls-train] earlier in this sweep {len(failed)} run(s) failed:", *failed, sep="\n", file=sys.stderr)
         sys.exit(1)
     # Returned for Hydra sweepers that optimise a metric.
     return None if summary is None else summary.get("best_val_top1")

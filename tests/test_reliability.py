@@ -302,7 +302,8 @@ def test_a_user_error_in_one_run_of_a_sweep_does_not_stop_the_others(tiny_pack_r
 
 def test_sigterm_stops_the_whole_sweep_not_only_its_current_run(tiny_pack_root, tmp_path):
     """Ctrl-C or a cluster's SIGTERM during a sweep saves the current run and ends the sweep; it
-    used to stop that run only, and the sweep went on to the next."""
+    used to stop that run only, and the sweep went on to the next. Runs that failed earlier in the
+    sweep are named again at the end, as when the sweep ends by itself."""
     import signal
     import subprocess
     import sys
@@ -312,7 +313,8 @@ def test_sigterm_stops_the_whole_sweep_not_only_its_current_run(tiny_pack_root, 
 
     sweep = tmp_path / "sweep"
     process = subprocess.Popen([sys.executable, "train.py", "-m", *TINY_RUN, f"dataset.root={tiny_pack_root}", "trainer.epochs=50",
-                                "trainer.max_steps_per_epoch=2", "trainer.checkpoint_every_steps=1", "seed=0,1", f"hydra.sweep.dir={sweep}"],
+                                "trainer.max_steps_per_epoch=2", "trainer.checkpoint_every_steps=1", "optim.momentum=1.5,0.9", "seed=0,1",
+                                f"hydra.sweep.dir={sweep}"],
                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.time() + 300
     while not list(sweep.glob("*/checkpoints/last.pt")) and time.time() < deadline and process.poll() is None:
@@ -322,10 +324,14 @@ def test_sigterm_stops_the_whole_sweep_not_only_its_current_run(tiny_pack_root, 
     assert process.returncode == 1, stderr[-3000:]
     assert "Traceback" not in stderr
     (stopped,) = [line for line in stderr.splitlines() if line.startswith("error: interrupted (SIGTERM)")]
-    assert "seed=0" in stopped and "rerun the same command to resume" in stopped
-    assert "[zipfls-train] the sweep stops here, before its later runs" in stderr
-    (run,) = [folder for folder in sweep.iterdir() if folder.is_dir()]  # seed 1 never started
-    assert "seed=0" in run.name and (run / "checkpoints" / "last.pt").exists()
+    assert "momentum=0.9" in stopped and "seed=0" in stopped and "rerun the same command to resume" in stopped
+    lines = stderr.splitlines()
+    at_end = lines[lines.index("[zipfls-train] earlier in this sweep 2 run(s) failed:") + 1 :]
+    assert [("momentum=1.5" in line and f"seed={seed}" in line and line.endswith("got 1.5")) for line, seed in zip(at_end, (0, 1))] == [True, True]
+    assert lines.index("[zipfls-train] earlier in this sweep 2 run(s) failed:") > lines.index(stopped)
+    assert any(line.startswith("[zipfls-train] the sweep stops here, before its later runs") for line in lines)
+    (run,) = [folder for folder in sweep.iterdir() if folder.is_dir()]  # the failed runs left none; seed 1 never started
+    assert "momentum=0.9" in run.name and "seed=0" in run.name and (run / "checkpoints" / "last.pt").exists()
 
 
 # --- BAN teacher ---------------------------------------------------------------------------------
