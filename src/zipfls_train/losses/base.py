@@ -5,8 +5,9 @@ goes into checkpoints through ``state_dict``/``load_state_dict``. It declares wh
 loop in :class:`Needs`; the trainer provides exactly that and never asks which method it runs.
 
 The trainer calls, per step, ``method.training_step(model, batch)``, back-propagates
-``terms["loss"]`` and then calls ``method.after_backward()``; every other entry is logged under its name (``top1``, the batch's training
-accuracy, is added by ``with_train_top1``: methods that override ``training_step`` call it too).
+``terms["loss"]`` and then calls ``method.after_backward()``; every other entry is logged under its
+name (``top1``, the batch's training accuracy, is added by ``with_train_top1``: methods that
+override ``training_step`` call it too).
 Methods whose forward pass is not a plain ``model(batch.inputs)`` (two views, a paired sample, a
 teacher) override ``training_step``; all others only implement ``loss_terms``.
 """
