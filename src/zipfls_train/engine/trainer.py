@@ -225,7 +225,8 @@ class Trainer:
         # earlier ones, a run of other shapes was compiled with dynamic shapes (slower kernels), and
         # past the recompile limit (8) the rest of the sweep silently ran eagerly. Measured on an
         # H100: a ResNet-50 compiled after four small models took 164 s, dynamic. A run starts from
-        # empty caches instead (this also frees the previous run's CUDA-graph memory pool).
+        # empty caches instead (this also frees the previous run's CUDA-graph memory pool; another
+        # compiled Trainer still in use in this process compiles again at its next step).
         torch._dynamo.reset()
         options = {} if mode == "default" else {"mode": mode}
         if self.ctx.enabled:
