@@ -1,0 +1,57 @@
+"""The benchmark scripts that scripts/gpu_check.sh runs, on the CPU at toy sizes: a GPU session is
+short and rare, and a script that fails at import or on an option costs its measurements."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def run_script(*arguments: str) -> str:
+    result = subprocess.run([sys.executable, *arguments], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def ratio(output: str, label: str) -> float:
+    (value,) = re.findall(rf"{re.escape(label)}: ([0-9.]+)", output)
+    return float(value)
+
+
+def test_bench_train_prints_images_per_second_and_ratios():
+    output = run_script("scripts/bench_train.py", "--device", "cpu", "--cases", "small", "--batch-size", "4", "--width", "4",
+                        "--steps", "1", "--warmup", "1", "--rounds", "1")  # fmt: skip
+    for loss in ("ce", "ls", "zipf", "zipf_dense2"):
+        assert re.search(rf"loss={loss}\s+[0-9.]+ ms/step\s+[0-9]+ img/s", output), output
+    assert ratio(output, "step-time ratio loss=zipf / loss=ce") > 0
+
+
+def test_bench_loss_overhead_prints_one_line_per_case():
+    output = run_script("scripts/bench_loss_overhead.py", "--device", "cpu", "--cases", "cifar100", "--batch-size", "4",
+                        "--width", "4", "--repeats", "1", "--warmup", "1", "--loss-repeats", "1")  # fmt: skip
+    (line,) = [line for line in output.splitlines() if line.startswith("cifar100")]
+    assert re.search(r"time zipf/ce [0-9.]+", line) and "isolated loss ms" in line, line
+
+
+def test_bench_methods_prints_every_method_against_ce():
+    output = run_script("scripts/bench_methods.py", "--device", "cpu", "--width", "4", "--batch", "4", "--classes", "10",
+                        "--dataset", "cifar100", "--rounds", "1", "--warmup", "0", "--methods", "ce,pskd,ban")  # fmt: skip
+    rows = {line.split()[0]: line.split() for line in output.splitlines() if line.split() and line.split()[0] in ("ce", "pskd", "ban")}
+    assert sorted(rows) == ["ban", "ce", "pskd"], output
+    assert rows["ce"][2] == "1.00"  # the "x CE" column
+
+
+def test_profile_step_lists_kernels_and_the_difference_to_ce():
+    # (eager only: a compiled variant adds 40 s of CPU compilation and no code path of the script)
+    output = run_script("scripts/profile_step.py", "--device", "cpu", "--width", "4", "--batch-size", "4", "--steps", "1",
+                        "--warmup", "1", "--compile", "false", "--top", "3")  # fmt: skip
+    for loss in ("ce", "zipf"):
+        assert f"== loss={loss}, compile=false:" in output, output
+    assert re.search(r"-- loss=zipf minus loss=ce, compile=false: [+-][0-9.]+ us/step in all", output), output
+
+
+def test_gpu_check_is_valid_bash():
+    subprocess.run(["bash", "-n", "scripts/gpu_check.sh"], cwd=REPO, check=True)
