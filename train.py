@@ -51,7 +51,12 @@ class SweepRunFailed(CompactHydraException):
     def __str__(self) -> str:
         if len(self.failed_runs) <= 1:
             return str(self.args[0])
-        return f"{len(self.failed_runs)} runs of the sweep failed:\n" + "\n".join(self.failed_runs)
+        return self.listing(f"{len(self.failed_runs)} runs of the sweep failed:")
+
+    @classmethod
+    def listing(cls, heading: str) -> str:
+        """``heading``, then one line per failed run."""
+        return "\n".join([heading, *cls.failed_runs])
 
 
 def _remove_if_empty(folder: Path) -> None:
@@ -88,8 +93,8 @@ def main(cfg: DictConfig) -> float | None:
             print("[zipfls-train] the sweep stops here, before its later runs; rerun the same command to go on "
                   "(finished runs are skipped, this one resumes)", file=sys.stderr)  # fmt: skip
             if SweepRunFailed.failed_runs:  # Hydra's closing report of them is skipped by this exit
-                failed = SweepRunFailed.failed_runs
-                print(f"[zipfls-train] earlier in this sweep {len(failed)} run(s) failed:", *failed, sep="\n", file=sys.stderr)
+                heading = f"[zipfls-train] earlier in this sweep {len(SweepRunFailed.failed_runs)} run(s) failed:"
+                print(SweepRunFailed.listing(heading), file=sys.stderr)
         sys.exit(1)
     # Returned for Hydra sweepers that optimise a metric.
     return None if summary is None else summary.get("best_val_top1")

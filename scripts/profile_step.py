@@ -46,10 +46,6 @@ def kernel_kind(name: str) -> str:
     return re.sub(r"_\d+$", "", name)
 
 
-def self_device_us(event) -> float:  # noqa: ANN001 - a profiler FunctionEventAvg
-    return float(getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0))
-
-
 def profile_variant(label: str, overrides: list[str], args: argparse.Namespace, device: torch.device) -> dict[str, tuple[float, float]]:
     """Prints the variant's step; returns {kernel kind (host operator on the CPU): (us per step, calls per step)}."""
     trainer = make_trainer(overrides, device)
@@ -70,7 +66,7 @@ def profile_variant(label: str, overrides: list[str], args: argparse.Namespace, 
     timed: dict[str, tuple[float, float]] = {}
     for e in events:
         if device.type == "cuda":
-            us = self_device_us(e) if e.device_type == DeviceType.CUDA else 0.0
+            us = e.self_device_time_total if e.device_type == DeviceType.CUDA else 0.0
         else:  # no kernels: the operators' own host time
             us = e.self_cpu_time_total
         if us > 0:
