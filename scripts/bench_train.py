@@ -75,11 +75,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def cudagraph_skips() -> int:
-    """Graphs Inductor compiled for CUDA graphs but runs without them (process total so far)."""
+def cudagraph_counts() -> tuple[int, int]:
+    """Process totals so far: (graphs Inductor compiled for CUDA graphs but runs without them,
+    partitions of graphs Inductor split around operations it cannot capture; each split graph
+    replays its captured parts and runs the rest from the host in between, every step)."""
     from torch._dynamo.utils import counters
 
-    return int(counters["inductor"]["cudagraph_skips"])
+    return int(counters["inductor"]["cudagraph_skips"]), int(counters["inductor"]["cudagraph_partitions"])
+
+
+def cudagraph_note(before: tuple[int, int]) -> str:
+    """What went wrong with CUDA graphs since ``before`` (a :func:`cudagraph_counts`), or ''."""
+    skipped, partitions = (now - then for now, then in zip(cudagraph_counts(), before))
+    notes = [f"{skipped} graph(s) not captured in CUDA graphs"] if skipped else []
+    notes += [f"graph(s) split into {partitions} partitions around operations left out of CUDA graphs"] if partitions else []
+    return f"; {', '.join(notes)} (TORCH_LOGS=cudagraphs says why)" if notes else ""
 
 
 def time_steps(trainer: Trainer, batches, steps: int) -> float:
@@ -96,11 +106,9 @@ def run_case(name: str, variants: dict[str, list[str]], args: argparse.Namespace
     trainers = {label: make_trainer(overrides, device) for label, overrides in variants.items()}
     streams = {label: endless(t) for label, t in trainers.items()}
     for label, trainer in trainers.items():  # warm-up: kernels, allocator, autotuning, compilation
-        start, skips = time.perf_counter(), cudagraph_skips()
+        start, counts = time.perf_counter(), cudagraph_counts()
         time_steps(trainer, streams[label], args.warmup)
-        skipped = cudagraph_skips() - skips  # reduce-overhead compiled a graph it will not capture
-        note = f"; {skipped} graph(s) not captured in CUDA graphs (TORCH_LOGS=cudagraphs says why)" if skipped else ""
-        print(f"{name:<28} {label:<22} warm-up {time.perf_counter() - start:6.1f} s{note}", flush=True)
+        print(f"{name:<28} {label:<22} warm-up {time.perf_counter() - start:6.1f} s{cudagraph_note(counts)}", flush=True)
     samples: dict[str, list[float]] = {label: [] for label in trainers}
     for _ in range(args.rounds):
         for label, trainer in trainers.items():

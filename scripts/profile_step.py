@@ -29,7 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_train import SYNTHETIC_32PX, cudagraph_skips, endless, make_trainer, small_model_overrides, sync, time_steps  # noqa: E402
+from bench_train import SYNTHETIC_32PX, cudagraph_counts, cudagraph_note, endless, make_trainer, small_model_overrides, sync, time_steps  # noqa: E402
 
 from zipfls_train.engine.distributed import resolve_device  # noqa: E402
 
@@ -50,9 +50,9 @@ def profile_variant(label: str, overrides: list[str], args: argparse.Namespace, 
     """Prints the variant's step; returns {kernel kind (host operator on the CPU): (us per step, calls per step)}."""
     trainer = make_trainer(overrides, device)
     batches = endless(trainer)
-    skips = cudagraph_skips()
+    counts = cudagraph_counts()
     time_steps(trainer, batches, args.warmup)  # compilation, autotuning, CUDA-graph recording
-    skipped = cudagraph_skips() - skips
+    note = cudagraph_note(counts) if device.type == "cuda" else ""
     step_ms = min(time_steps(trainer, batches, args.steps) for _ in range(3)) * 1e3
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sync(device)
@@ -79,7 +79,7 @@ def profile_variant(label: str, overrides: list[str], args: argparse.Namespace, 
     what = "GPU kernels" if device.type == "cuda" else "host operators (self time)"
     print(f"\n== {label}: {step_ms:.2f} ms/step (fastest of 3 x {args.steps} steps, unprofiled); {what} {total_us / 1e3:.2f} ms/step; "
           f"launched by the host per step: {kernels:.0f} kernels, {replays:.0f} CUDA-graph replays"
-          + (f"; {skipped} compiled graph(s) NOT in CUDA graphs (TORCH_LOGS=cudagraphs says why)" if skipped else ""), flush=True)
+          + note, flush=True)
     for key, (us, calls) in sorted(timed.items(), key=lambda item: -item[1][0])[: args.top]:
         print(f"   {us:9.1f} us {calls:6.1f}x  {key[:110]}", flush=True)
     return timed

@@ -108,7 +108,7 @@ def test_step_captured_in_cuda_graphs_runs_the_fused_kernel(tmp_path, monkeypatc
     losses = {}
     for compiled in ("false", "reduce-overhead"):
         launches.clear()
-        skips = int(counters["inductor"]["cudagraph_skips"])
+        skips, partitions = (int(counters["inductor"][name]) for name in ("cudagraph_skips", "cudagraph_partitions"))
         trainer = _trainer(tmp_path / compiled, *overrides, f"trainer.compile={compiled}")
         batches = trainer.data.train.epoch(0)
         # (copied at once: a CUDA graph's replay overwrites the outputs of the previous one)
@@ -116,6 +116,8 @@ def test_step_captured_in_cuda_graphs_runs_the_fused_kernel(tmp_path, monkeypatc
         assert launches, f"trainer.compile={compiled}: the fused kernel never ran"
         # Inductor runs a graph it cannot capture without CUDA graphs, silently but for a log line.
         assert int(counters["inductor"]["cudagraph_skips"]) == skips, "a compiled graph of the step was left out of CUDA graphs"
+        # Nor split around the kernel's custom op (the op would then run from the host every step).
+        assert int(counters["inductor"]["cudagraph_partitions"]) == partitions, "a compiled graph of the step was split for CUDA graphs"
     assert zipf_fused._kernel_state.get("cuda:0") == "checked"
     assert losses["reduce-overhead"] == pytest.approx(losses["false"], rel=1e-3)
 
