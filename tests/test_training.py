@@ -381,8 +381,12 @@ def test_every_method_compiled_trains_as_it_does_eagerly(tmp_path, loss):
     stored each step's predictions inside the step, and the compiled backward recomputed the targets
     from the memory after that write, training on its own predictions (second loss 2.831 vs 2.783).
     (ce, ls and zipf_logits take the paths of zipf's model call and loss; zipf_random_*: compiled
-    code draws other random numbers than eager code; BAN: tests/test_cuda_graphs.py.)"""
+    code draws other random numbers than eager code; BAN: tests/test_cuda_graphs.py.) The step is
+    one graph: a graph break would run the code around it eagerly, and under reduce-overhead split
+    the step into several CUDA graphs with host work between them."""
     from conftest import compose
+    from torch._dynamo.utils import counters
+
     from zipfls_train.engine.distributed import DistContext
 
     overrides = ["dataset=synthetic", "dataset.image_size=32", "dataset.num_classes=20", "dataset.steps_per_epoch=2",
@@ -393,7 +397,9 @@ def test_every_method_compiled_trains_as_it_does_eagerly(tmp_path, loss):
         trainer = Trainer(compose([*overrides, f"trainer.compile={compiled}"]), DistContext(), tmp_path / compiled)
         trainer.method.on_epoch_start(0, 2)  # PS-KD: alpha_t = 0.4; the synthetic batches repeat, so step 2 reads step 1's predictions
         batches = trainer.data.train.epoch(0)
+        counters.clear()
         losses[compiled] = [trainer.train_step(batches)["loss"].item() for _ in range(2)]
+    assert dict(counters["graph_break"]) == {} and counters["stats"]["unique_graphs"] == 1
     # Float rounding of the compiled kernels moves the second loss by ~1e-5 (relative).
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)
 
