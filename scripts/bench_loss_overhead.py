@@ -216,12 +216,15 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device) -> dict
     return summaries
 
 
-def isolated_loss_ms(case: Case, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+def isolated_loss_ms(case: Case, args: argparse.Namespace, device: torch.device) -> tuple[dict[str, float], dict[str, float] | None]:
     """Per method, the fastest of ``args.loss_repeats`` runs of its loss alone: ``loss_terms`` on one
     fixed model output + backward to the logits (detached from the network). The network's forward
     and backward are the same for every method, so zipf - ce here is the whole of Zipf's extra work
-    per step, measured without the step's much larger variance."""
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.precision == "bf16" else contextlib.nullcontext
+    per step, measured without the step's much larger variance. On CUDA also the same loss and
+    backward captured in a CUDA graph and replayed: its GPU time alone, without the host's launches
+    (what the loss costs inside a ``reduce-overhead`` step); None on the CPU."""
+    # (No autocast weight-cast cache: a CUDA graph must not capture casts cached outside it.)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)) if args.precision == "bf16" else contextlib.nullcontext
     stages = sorted({s for m in case.methods.values() for s in m.needs.feature_stages})
     with torch.no_grad(), autocast():
         out = case.model(case.batch.inputs, features=stages, aux=True)
@@ -247,7 +250,31 @@ def isolated_loss_ms(case: Case, args: argparse.Namespace, device: torch.device)
     for _ in range(args.loss_repeats):  # interleaved, like the steps: a burst of load hits every method
         for name, run in runs.items():
             fastest[name] = min(fastest[name], timed(run, device).wall_ms)
-    return fastest
+    graphed = {name: graphed_gpu_ms(run, args.loss_repeats) for name, run in runs.items()} if device.type == "cuda" else None
+    return fastest, graphed
+
+
+def graphed_gpu_ms(run: Callable[[], None], replays: int) -> float:
+    """GPU milliseconds of ``run`` captured once in a CUDA graph and replayed ``replays`` times back
+    to back (events around all replays: the GPU never waits for the host). Warmed up on a side
+    stream first, as ``torch.cuda.graph`` requires."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    graph.replay()  # first replay uploads the graph
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / replays
 
 
 def format_line(name: str, device: torch.device, r: dict[str, Summary]) -> str:
@@ -336,11 +363,14 @@ def main(argv: list[str] | None = None) -> int:
         results = run_case(case, args, device)
         line = format_line(name, device, results)
         if args.loss_repeats > 0:
-            loss = isolated_loss_ms(case, args, device)
+            loss, graphed = isolated_loss_ms(case, args, device)
             extra = loss["zipf"] - loss["ce"]
             each = " ".join(f"{name} {ms:.2f}" for name, ms in loss.items())
             line += (f"  | isolated loss ms {each}: "
                      f"zipf extra {extra:.2f} ms = {100 * extra / results['ce'].min_ms:.2f}% of the fastest ce step")
+            if graphed is not None:
+                each = " ".join(f"{name} {1e3 * ms:.1f}" for name, ms in graphed.items())
+                line += f"  | in a CUDA graph, GPU us {each}: zipf extra {1e3 * (graphed['zipf'] - graphed['ce']):.1f} us"
         print(line, flush=True)
         del case
         if device.type == "cuda":

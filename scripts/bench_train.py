@@ -8,8 +8,9 @@ cancels out of the ratios.
 
 Cases: small (cifar_resnet18 32 px, ce/ls/zipf/zipf_dense2, and on CUDA zipf with
 loss.kernel=torch beside the fused kernel), resnet50 (224 px, batch 256), small_real (the real
-loader), compile (ce and zipf with trainer.compile=true and reduce-overhead), resnet50_compile
-(the same for ResNet-50).
+loader), compile (ce and zipf with trainer.compile=true and reduce-overhead), compile_real
+(reduce-overhead with the real loader: what a long 32 px run trains at), resnet50_compile (the
+same for ResNet-50).
 Run in that order: the eager cases take seconds, each compiled one a minute or more.
 
     python scripts/bench_train.py --device cuda --data ../shared/data
@@ -36,7 +37,7 @@ from zipfls_train.engine.distributed import DistContext, resolve_device  # noqa:
 from zipfls_train.engine.trainer import Trainer  # noqa: E402
 
 
-CASES = ("small", "compile", "resnet50", "small_real", "resnet50_compile")
+CASES = ("small", "compile", "resnet50", "small_real", "compile_real", "resnet50_compile")
 
 
 # The trainers' run folders (nothing is trained into them): one temporary folder, removed at exit.
@@ -136,6 +137,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=15)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--r50-batch-size", type=int, default=256)
+    parser.add_argument("--compile-modes", default="true,reduce-overhead",
+                        help="trainer.compile values of the compile and resnet50_compile cases (each costs a compilation per loss)")
     args = parser.parse_args()
     try:
         device = resolve_device(args.device)  # (the Trainer turns on cuDNN's autotuning, as in a run)
@@ -145,6 +148,7 @@ def main() -> None:
     common = common_overrides(device, args.precision)
     small = small_model_overrides(device, args.precision, args.width, args.batch_size)
     cases = args.cases.split(",")
+    modes = args.compile_modes.split(",")
     unknown = sorted(set(cases) - set(CASES))
     if unknown:
         parser.error(f"unknown case(s) {unknown}; expected a subset of {list(CASES)}")
@@ -162,25 +166,37 @@ def main() -> None:
     if "resnet50" in cases:
         results["r50"] = r = run_case("resnet50 224px synthetic", {f"loss={m}": [*r50, f"loss={m}"] for m in ("ce", "zipf")}, args, device)
         print_ratios(r, "loss=ce", ["loss=zipf"])
+    real = ["dataset=tinyimagenet", "dataset.format=pack", f"dataset.root={args.data}"]
     if "small_real" in cases:
-        real = ["dataset=tinyimagenet", "dataset.format=pack", f"dataset.root={args.data}"]
         results["real"] = run_case("cifar_resnet18 32px real", {f"loss={m}": [*small, *real, f"loss={m}"] for m in ("ce", "zipf")}, args, device)
-        if "small" in results:
-            for m in ("ce", "zipf"):
-                stall = 1 - results["real"][f"loss={m}"] / results["small"][f"loss={m}"]
-                print(f"  data-stall fraction (loss={m}): {stall:.3f}  (1 - real / synthetic images/s)", flush=True)
+        print_stalls(results, "real", "small", {f"loss={m}": f"loss={m}" for m in ("ce", "zipf")})
     if "compile" in cases:
         variants = {f"compile={mode},loss={m}": [*small, *SYNTHETIC_32PX, f"loss={m}", f"trainer.compile={mode}"]
-                    for mode in ("true", "reduce-overhead") for m in ("ce", "zipf")}
+                    for mode in modes for m in ("ce", "zipf")}
         results["compile"] = r = run_case("cifar_resnet18 32px compiled", variants, args, device)
-        for mode in ("true", "reduce-overhead"):
+        for mode in modes:
             print_ratios(r, f"compile={mode},loss=ce", [f"compile={mode},loss=zipf"])
+    if "compile_real" in cases:
+        variants = {f"compile=reduce-overhead,loss={m}": [*small, *real, f"loss={m}", "trainer.compile=reduce-overhead"] for m in ("ce", "zipf")}
+        results["compile_real"] = r = run_case("cifar_resnet18 32px real compiled", variants, args, device)
+        print_ratios(r, "compile=reduce-overhead,loss=ce", ["compile=reduce-overhead,loss=zipf"])
+        print_stalls(results, "compile_real", "compile", {label: label for label in variants})
     if "resnet50_compile" in cases:
         variants = {f"compile={mode},loss={m}": [*r50, f"loss={m}", f"trainer.compile={mode}"]
-                    for mode in ("true", "reduce-overhead") for m in ("ce", "zipf")}
+                    for mode in modes for m in ("ce", "zipf")}
         results["r50_compile"] = r = run_case("resnet50 224px compiled", variants, args, device)
-        for mode in ("true", "reduce-overhead"):
+        for mode in modes:
             print_ratios(r, f"compile={mode},loss=ce", [f"compile={mode},loss=zipf"])
+
+
+def print_stalls(results: dict[str, dict[str, float]], real: str, synthetic: str, labels: dict[str, str]) -> None:
+    """Data-stall fractions 1 - real / synthetic images/s, for ``labels`` (real variant: synthetic
+    variant), where the synthetic variant ran too."""
+    for real_label, synthetic_label in labels.items():
+        if synthetic_label not in results.get(synthetic, {}):
+            continue
+        stall = 1 - results[real][real_label] / results[synthetic][synthetic_label]
+        print(f"  data-stall fraction ({real_label}): {stall:.3f}  (1 - real / synthetic images/s)", flush=True)
 
 
 def print_ratios(images_per_s: dict[str, float], baseline: str, others: list[str]) -> None:

@@ -4,11 +4,13 @@
 #            CPU/CUDA agreement, no host sync in any method's step, bf16 run, resume)  T_TESTS   100 s
 #   graphs   tests/test_cuda_graphs.py: every method trained compiled with CUDA graphs
 #            (trainer.compile=reduce-overhead) and eagerly, same losses               T_GRAPHS  180 s
-#   loss     scripts/bench_loss_overhead.py (Zipf/CE step time and memory; fused vs reference) T_LOSS 70 s
+#   loss     scripts/bench_loss_overhead.py (Zipf/CE step time and memory; fused vs reference;
+#            each loss alone replayed from a CUDA graph: its GPU time)             T_LOSS     70 s
 #   profile  scripts/profile_step.py (per-kernel GPU time of ce and zipf steps, eager and
 #            reduce-overhead: what Zipf adds, kernel by kernel)                    T_PROFILE  90 s
 #   train    scripts/bench_train.py (images/s: eager, ResNet-50, real loader, then compiled
-#            cifar_resnet18 and ResNet-50; TRAIN_ARGS replaces the case list)        T_TRAIN   330 s
+#            cifar_resnet18, synthetic and real loader, and ResNet-50; TRAIN_ARGS replaces
+#            the case list)                                                         T_TRAIN   330 s
 #   methods  scripts/bench_methods.py (Table 1's cost columns: every method vs CE)      T_METHODS 40 s
 #   quick    the quick_tinyimagenet protocol (CE vs Zipf x 2 seeds, four runs sharing
 #            the GPU) + its table; runs cut by T_QUICK still report their epochs      T_QUICK   190 s
@@ -16,7 +18,8 @@
 # (1-2 min) included: two calls, the second right after the first (a machine left idle for 30 s is
 # given back). The quick protocol and the eager train cases ran on 2026-11-27 (experiments/); next:
 #   PARTS="tests graphs profile" bash scripts/gpu_check.sh $OUT      (~6 min)
-#   PARTS="loss train" TRAIN_ARGS="--cases compile,resnet50_compile" bash scripts/gpu_check.sh $OUT  (~5.5 min)
+#   PARTS="loss train" TRAIN_ARGS="--cases compile,compile_real,resnet50_compile --compile-modes reduce-overhead" \
+#     bash scripts/gpu_check.sh $OUT                                  (~5.5 min)
 # Everything: PARTS="tests loss train" (~9 min), then PARTS="methods quick" T_QUICK=<what is left>.
 # Usage: [PARTS="..."] bash scripts/gpu_check.sh [OUT_DIR]
 # Data: $ZIPFLS_DATA (a folder holding tinyimagenet-32/), default .gpu_data, else ../shared/data.
@@ -75,7 +78,7 @@ fi
 
 if wants train; then
   log "train: training throughput"
-  timeout "${T_TRAIN:-330}" $PY scripts/bench_train.py --device cuda --data "$data" ${TRAIN_ARGS:---cases small,resnet50,small_real,compile,resnet50_compile} > "$out/bench_train.txt" 2>&1
+  timeout "${T_TRAIN:-330}" $PY scripts/bench_train.py --device cuda --data "$data" ${TRAIN_ARGS:---cases small,resnet50,small_real,compile,compile_real,resnet50_compile} > "$out/bench_train.txt" 2>&1
   log "    exit $?"
 fi
 

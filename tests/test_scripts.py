@@ -7,7 +7,7 @@ import re
 import subprocess
 import sys
 
-from conftest import REPO
+from conftest import REPO, shared_data
 
 
 def run_script(*arguments: str) -> str:
@@ -27,6 +27,18 @@ def test_bench_train_prints_images_per_second_and_ratios():
     for loss in ("ce", "ls", "zipf", "zipf_dense2"):
         assert re.search(rf"loss={loss}\s+[0-9.]+ ms/step\s+[0-9]+ img/s", output), output
     assert ratio(output, "step-time ratio loss=zipf / loss=ce") > 0
+
+
+def test_bench_train_compiled_real_loader_case_reports_the_data_stall():
+    # The one compiled case: the real-loader one reads the synthetic compiled case's figures for its
+    # data-stall line (reduce-overhead only, one compilation per loss; on the CPU without CUDA graphs).
+    output = run_script("scripts/bench_train.py", "--device", "cpu", "--cases", "compile,compile_real", "--compile-modes",
+                        "reduce-overhead", "--data", str(shared_data()), "--batch-size", "4", "--width", "4",
+                        "--steps", "1", "--warmup", "1", "--rounds", "1", "--precision", "fp32")  # fmt: skip
+    for case in ("compiled", "real compiled"):
+        for loss in ("ce", "zipf"):
+            assert re.search(rf"32px {case} +compile=reduce-overhead,loss={loss}\s+[0-9.]+ ms/step", output), output
+    assert "data-stall fraction (compile=reduce-overhead,loss=zipf)" in output, output
 
 
 def test_bench_loss_overhead_prints_one_line_per_case():
