@@ -85,8 +85,11 @@ def cudagraph_counts() -> tuple[int, int]:
     return int(counters["inductor"]["cudagraph_skips"]), int(counters["inductor"]["cudagraph_partitions"])
 
 
-def cudagraph_note(before: tuple[int, int]) -> str:
-    """What went wrong with CUDA graphs since ``before`` (a :func:`cudagraph_counts`), or ''."""
+def cudagraph_note(before: tuple[int, int], device: torch.device) -> str:
+    """What went wrong with CUDA graphs since ``before`` (a :func:`cudagraph_counts`), or '' (always
+    on the CPU, which has none to capture)."""
+    if device.type != "cuda":
+        return ""
     skipped, partitions = (now - then for now, then in zip(cudagraph_counts(), before))
     notes = [f"{skipped} graph(s) not captured in CUDA graphs"] if skipped else []
     notes += [f"graph(s) split into {partitions} partitions around operations left out of CUDA graphs"] if partitions else []
@@ -109,7 +112,7 @@ def run_case(name: str, variants: dict[str, list[str]], args: argparse.Namespace
     for label, trainer in trainers.items():  # warm-up: kernels, allocator, autotuning, compilation
         start, counts = time.perf_counter(), cudagraph_counts()
         time_steps(trainer, streams[label], args.warmup)
-        print(f"{name:<28} {label:<22} warm-up {time.perf_counter() - start:6.1f} s{cudagraph_note(counts)}", flush=True)
+        print(f"{name:<28} {label:<22} warm-up {time.perf_counter() - start:6.1f} s{cudagraph_note(counts, device)}", flush=True)
     samples: dict[str, list[float]] = {label: [] for label in trainers}
     for _ in range(args.rounds):
         for label, trainer in trainers.items():

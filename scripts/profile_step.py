@@ -5,7 +5,7 @@ trainer.compile mode) it runs the trainer's exact step (Trainer.train_step) on s
 already on the device, times it without the profiler, then profiles a few steps and prints per step:
 the device time of every kernel, the kernels the host launched itself and the CUDA-graph replays
 (under trainer.compile=reduce-overhead a captured step is one or two replays), and whether a
-compiled graph was left out of CUDA graphs. Then, per loss, the kernels whose time differs from CE's
+compiled graph was left out of CUDA graphs or split for them. Then, per loss, the kernels whose time differs from CE's
 under the same compile mode: what that loss adds to the step.
 
     python scripts/profile_step.py --device cuda
@@ -52,7 +52,7 @@ def profile_variant(label: str, overrides: list[str], args: argparse.Namespace, 
     batches = endless(trainer)
     counts = cudagraph_counts()
     time_steps(trainer, batches, args.warmup)  # compilation, autotuning, CUDA-graph recording
-    note = cudagraph_note(counts) if device.type == "cuda" else ""
+    note = cudagraph_note(counts, device)
     step_ms = min(time_steps(trainer, batches, args.steps) for _ in range(3)) * 1e3
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sync(device)

@@ -3,11 +3,12 @@ short real training runs."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import tarfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,24 @@ def shared_data() -> Path:
     if os.environ.get("CI") == "true":
         raise FileNotFoundError(f"CI=true but the shared data folder {SHARED_DATA} is missing")
     pytest.skip(f"{SHARED_DATA} not present (outside CI)")
+
+
+@contextlib.contextmanager
+def captured_whole_in_cuda_graphs(what: str) -> Iterator[None]:
+    """Asserts that every graph compiled inside was captured whole in CUDA graphs. Inductor runs a
+    graph it cannot capture without CUDA graphs (``cudagraph_skips``), or splits it around the
+    operations it cannot capture and runs those from the host every step
+    (``cudagraph_partitions``), silently but for a log line."""
+    from torch._dynamo.utils import counters
+
+    def counts() -> tuple[int, int]:
+        return int(counters["inductor"]["cudagraph_skips"]), int(counters["inductor"]["cudagraph_partitions"])
+
+    skips, partitions = counts()
+    yield
+    skips_after, partitions_after = counts()
+    assert skips_after == skips, f"{what}: a compiled graph was left out of CUDA graphs"
+    assert partitions_after == partitions, f"{what}: a compiled graph was split for CUDA graphs"
 
 
 def class_pattern_images(label: int, count: int, size: int, rng: np.random.Generator) -> np.ndarray:
