@@ -6,8 +6,9 @@
 #            (trainer.compile=reduce-overhead) and eagerly, same losses               T_GRAPHS  180 s
 #   loss     scripts/bench_loss_overhead.py (Zipf/CE step time and memory; fused vs reference;
 #            each loss alone replayed from a CUDA graph: its GPU time)             T_LOSS     70 s
-#   profile  scripts/profile_step.py (per-kernel GPU time of ce and zipf steps, eager and
-#            reduce-overhead: what Zipf adds, kernel by kernel)                    T_PROFILE  90 s
+#   profile  scripts/profile_step.py (per-kernel GPU time of ce and zipf steps, the fused kernel
+#            and the reference functions, eager and reduce-overhead: what Zipf adds,
+#            kernel by kernel)                                                      T_PROFILE 120 s
 #   train    scripts/bench_train.py (images/s: eager, ResNet-50, real loader, then compiled
 #            cifar_resnet18, synthetic and real loader, and ResNet-50; TRAIN_ARGS replaces
 #            the case list)                                                         T_TRAIN   330 s
@@ -17,9 +18,9 @@
 # A device call is limited to 600 s and a session's GPU time to ~15 minutes, the machine's start
 # (1-2 min) included: two calls, the second right after the first (a machine left idle for 30 s is
 # given back). The quick protocol and the eager train cases ran on 2026-11-27 (experiments/); next:
-#   PARTS="tests graphs profile" bash scripts/gpu_check.sh $OUT      (~6 min)
+#   PARTS="tests graphs profile" bash scripts/gpu_check.sh $OUT      (~6.5 min)
 #   PARTS="loss train" TRAIN_ARGS="--cases compile,compile_real,resnet50_compile --compile-modes reduce-overhead" \
-#     bash scripts/gpu_check.sh $OUT                                  (~5.5 min)
+#     bash scripts/gpu_check.sh $OUT                                  (~6 min)
 # Everything: PARTS="tests loss train" (~9 min), then PARTS="methods quick" T_QUICK=<what is left>.
 # Usage: [PARTS="..."] bash scripts/gpu_check.sh [OUT_DIR]
 # Data: $ZIPFLS_DATA (a folder holding tinyimagenet-32/), default .gpu_data, else ../shared/data.
@@ -72,7 +73,7 @@ fi
 
 if wants profile; then
   log "profile: where the step's GPU time goes"
-  timeout "${T_PROFILE:-90}" $PY scripts/profile_step.py --device cuda > "$out/profile_step.txt" 2>&1
+  timeout "${T_PROFILE:-120}" $PY scripts/profile_step.py --device cuda --losses ce,zipf,zipf+loss.kernel=torch > "$out/profile_step.txt" 2>&1
   log "    exit $?"
 fi
 

@@ -10,6 +10,7 @@ under the same compile mode: what that loss adds to the step.
 
     python scripts/profile_step.py --device cuda
     python scripts/profile_step.py --device cuda --losses ce,zipf,zipf_dense2 --compile reduce-overhead
+    python scripts/profile_step.py --device cuda --losses ce,zipf,zipf+loss.kernel=torch
     python scripts/profile_step.py --device cpu --width 8 --batch-size 8 --steps 2 --warmup 2 --compile false
 
 On the CPU there are no kernels: the host operators' own times are listed instead.
@@ -101,10 +102,18 @@ def print_difference(label: str, timed: dict[str, tuple[float, float]], baseline
         print(f"   {us:+9.1f} us  ({calls:.1f}x/step here)  {key[:110]}", flush=True)
 
 
+def loss_overrides(entry: str) -> list[str]:
+    """``zipf+loss.kernel=torch`` -> ``["loss=zipf", "loss.kernel=torch"]``."""
+    name, *extra = entry.split("+")
+    return [f"loss={name}", *extra]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--losses", default="ce,zipf", help="comma list of loss configs; the first is the baseline")
+    parser.add_argument("--losses", default="ce,zipf",
+                        help="comma list of loss configs, each with optional '+'-joined overrides "
+                             "(zipf+loss.kernel=torch); the first is the baseline")
     parser.add_argument("--compile", default="false,reduce-overhead", help="comma list of trainer.compile values")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--width", type=int, default=64)
@@ -123,7 +132,7 @@ def main() -> None:
     small = small_model_overrides(device, args.precision, args.width, args.batch_size)
     losses = args.losses.split(",")
     for mode in args.compile.split(","):
-        results = {loss: profile_variant(f"loss={loss}, compile={mode}", [*small, *SYNTHETIC_32PX, f"loss={loss}", f"trainer.compile={mode}"], args, device)
+        results = {loss: profile_variant(f"loss={loss}, compile={mode}", [*small, *SYNTHETIC_32PX, *loss_overrides(loss), f"trainer.compile={mode}"], args, device)
                    for loss in losses}
         for loss in losses[1:]:
             print_difference(f"loss={loss} minus loss={losses[0]}, compile={mode}", results[loss], results[losses[0]], args.threshold_us)
