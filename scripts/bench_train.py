@@ -112,7 +112,12 @@ def run_case(name: str, variants: dict[str, list[str]], args: argparse.Namespace
     for label, trainer in trainers.items():  # warm-up: kernels, allocator, autotuning, compilation
         start, counts = time.perf_counter(), cudagraph_counts()
         time_steps(trainer, streams[label], args.warmup)
-        print(f"{name:<28} {label:<22} warm-up {time.perf_counter() - start:6.1f} s{cudagraph_note(counts, device)}", flush=True)
+        warmup_s = time.perf_counter() - start
+        # A first figure right away: a time limit that falls in a later variant's compilation (a
+        # minute or more for ResNet-50) must not take this one's with it. The medians below, over
+        # interleaved rounds, are the figures to compare.
+        first = int(trainer.cfg.trainer.batch_size) / time_steps(trainer, streams[label], args.steps)
+        print(f"{name:<28} {label:<22} warm-up {warmup_s:6.1f} s, first look {first:10.0f} img/s{cudagraph_note(counts, device)}", flush=True)
     samples: dict[str, list[float]] = {label: [] for label in trainers}
     for _ in range(args.rounds):
         for label, trainer in trainers.items():

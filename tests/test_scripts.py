@@ -26,6 +26,8 @@ def test_bench_train_prints_images_per_second_and_ratios():
                         "--steps", "1", "--warmup", "1", "--rounds", "1")  # fmt: skip
     for loss in ("ce", "ls", "zipf", "zipf_dense2"):
         assert re.search(rf"loss={loss}\s+[0-9.]+ ms/step\s+[0-9]+ img/s", output), output
+        # each variant's figure printed as soon as it is warm (a time limit keeps what ran)
+        assert re.search(rf"loss={loss}\s+warm-up\s+[0-9.]+ s, first look\s+[0-9]+ img/s", output), output
     assert ratio(output, "step-time ratio loss=zipf / loss=ce") > 0
 
 
