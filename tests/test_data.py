@@ -357,3 +357,26 @@ def test_tinyimagenet_32px_test_images_are_torchvisions_antialiased_resize_of_th
             assert error <= 1.0 + 1e-3
             seen += 1
     assert seen == 9
+
+
+def test_in_memory_test_transform_is_read_and_checked(tmp_path):
+    """dataset.test_transform of CIFAR-100/TinyImageNet: an unknown value is named before any file
+    is read; "none" (as stored) at another image_size is refused, not silently resized; "resize"
+    evaluates the 32 px CIFAR images at 16 px."""
+    from conftest import compose
+    from zipfls_train.data.builders import build_data
+
+    options = LoaderOptions(batch_size=4, eval_batch_size=10, device=torch.device("cpu"), seed=0)
+    empty = tmp_path / "empty"  # no dataset here: the value is refused before the readers look
+    cfg = compose(["dataset=cifar100", f"dataset.root={empty}", "dataset.download=false", "dataset.test_transform=resize_center_crop"]).dataset
+    with pytest.raises(DatasetError, match=r"dataset.test_transform must be one of \['none', 'resize'\] for cifar100.*'resize_center_crop'"):
+        build_data(cfg, options)
+
+    root = write_cifar100(tmp_path, train_per_class=2, test_per_class=1, num_classes=100)
+    cfg = compose(["dataset=cifar100", f"dataset.root={root}", "dataset.download=false", "dataset.image_size=16"]).dataset
+    assert cfg.test_transform == "none"
+    with pytest.raises(DatasetError, match=r"test_transform=none keeps cifar100's val images as stored, 32x32 px, but dataset.image_size=16"):
+        build_data(cfg, options)
+    cfg = compose(["dataset=cifar100", f"dataset.root={root}", "dataset.download=false", "dataset.image_size=16", "dataset.test_transform=resize"]).dataset
+    batch = next(iter(build_data(cfg, options).val.epoch(0)))
+    assert tuple(batch.inputs.shape) == (10, 3, 16, 16)

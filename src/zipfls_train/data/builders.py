@@ -58,10 +58,27 @@ def read_in_memory(cfg: Mapping[str, Any], split: str) -> ImageTensors:
     return take_subset(data, cfg.get("num_classes_subset"), cfg.get(key), per_class_key=f"dataset.{key}")
 
 
+# What an in-memory dataset's val images get: resized to dataset.image_size (TinyImageNet's 64 px
+# at 32), or "none", kept as stored (CIFAR's 32 px at 32).
+IN_MEMORY_TEST_TRANSFORMS = ("none", "resize")
+
+
 def build_in_memory(cfg: Mapping[str, Any], options: LoaderOptions) -> DataBundle:
+    test_transform = str(cfg.get("test_transform", "resize"))
+    if test_transform not in IN_MEMORY_TEST_TRANSFORMS:  # checked before any file is read
+        raise DatasetError(
+            f"dataset.test_transform must be one of {list(IN_MEMORY_TEST_TRANSFORMS)} for {cfg['name']} "
+            f"(its val images are held in memory), got {test_transform!r}"
+        )
     train = read_in_memory(cfg, "train")
     val = read_in_memory(cfg, "val")
     check_class_count(cfg, len(train.classes))
+    stored = tuple(val.images.shape[-2:])
+    if test_transform == "none" and stored != (int(cfg["image_size"]),) * 2:
+        raise DatasetError(
+            f"dataset.test_transform=none keeps {cfg['name']}'s val images as stored, {stored[0]}x{stored[1]} px, "
+            f"but dataset.image_size={cfg['image_size']}: set dataset.test_transform=resize to evaluate at image_size"
+        )
     common = dict(image_size=int(cfg["image_size"]), mean=list(cfg["mean"]), std=list(cfg["std"]))
     return DataBundle(
         train=TensorLoader(train, options, train=True, augment=str(cfg["train_augment"]), **common),
