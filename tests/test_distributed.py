@@ -317,3 +317,56 @@ def test_steps_between_votes_cover_the_time_asked_within_the_log_interval():
     assert steps_between_votes(1.0, 5.0, 50) == 5
     assert steps_between_votes(0.3, 5.0, 50) == 16
     assert steps_between_votes(30.0, 5.0, 50) == 1  # slower than the bound: vote at every step
+
+
+def _bucket_view_step(rank: int, port: int, results) -> None:  # noqa: ANN001
+    import torch.distributed as dist
+
+    from zipfls_train.engine.distributed import wrap_ddp
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)  # the same initial weights on both ranks
+        model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+        ddp = wrap_ddp(model, torch.device("cpu"))
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        for step in range(2):  # the trainer's pattern: grads set to None before each backward
+            optimizer.zero_grad(set_to_none=True)
+            inputs = torch.randn(4, 6, generator=torch.Generator().manual_seed(10 * step + rank))
+            ddp(inputs).square().sum().backward()
+            if step == 0:  # step 1's gradients are checked against the weights step 0 left
+                optimizer.step()
+        storages = {p.grad.untyped_storage().data_ptr() for p in model.parameters()}
+        results[rank] = (len(storages), [p.grad.clone() for p in model.parameters()], [p.detach().clone() for p in model.parameters()])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_gradients_are_views_of_one_bucket_and_the_mean_over_ranks():
+    """wrap_ddp: after a backward every gradient of a small model lives in one all-reduce bucket (one
+    storage: DDP keeps no second copy), and is the mean of the two ranks' gradients, recomputed here
+    in one process in float64 from the same weights and inputs."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_bucket_view_step, args=(port, results), nprocs=2, join=True)
+    (storages0, grads0, weights0), (storages1, grads1, _) = results[0], results[1]
+    assert storages0 == storages1 == 1
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3)).double()
+    with torch.no_grad():
+        for param, weight in zip(model.parameters(), weights0):
+            param.copy_(weight)
+    expected = [torch.zeros_like(p) for p in model.parameters()]
+    for rank in range(2):
+        model.zero_grad()
+        model(torch.randn(4, 6, generator=torch.Generator().manual_seed(10 + rank)).double()).square().sum().backward()
+        for total, param in zip(expected, model.parameters()):
+            total += param.grad / 2
+    for got0, got1, want in zip(grads0, grads1, expected):
+        assert torch.equal(got0, got1)
+        torch.testing.assert_close(got0.double(), want, rtol=1e-5, atol=1e-6)

@@ -61,6 +61,18 @@ def init_distributed(requested_device: str, rank: int, world_size: int, local_ra
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
+def wrap_ddp(model: torch.nn.Module, device: torch.device, sync_batchnorm: bool = False) -> torch.nn.parallel.DistributedDataParallel:
+    """``model`` under DDP (the process group initialised). Each backward leaves the gradients as
+    views into DDP's all-reduce buckets (``gradient_as_bucket_view``), so a rank holds one copy of
+    them, not two: the gradients' size saved (ResNet-50: 100 MB; 180 MB with INAT21's 10,000-class
+    classifier). (Zeroing them with ``set_to_none``, as the trainer does, still costs one copy into
+    the bucket per step; keeping them would cost a zeroing kernel per parameter instead.)"""
+    if sync_batchnorm:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    device_ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)

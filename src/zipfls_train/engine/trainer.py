@@ -25,7 +25,7 @@ from ..losses import Method, build_method
 from ..models import build_model, check_trains_on, unwrap
 from .checkpoint import CheckpointError, capture_rng_state, load_checkpoint, rank_rng_state, restore_rng_state, save_atomic
 from .config_checks import ConfigError, loader_workers
-from .distributed import DistContext, all_reduce_sum, barrier, broadcast_buffers, gather_objects
+from .distributed import DistContext, all_reduce_sum, barrier, broadcast_buffers, gather_objects, wrap_ddp
 from .interrupt import StopRequests, StopVotes, TrainingInterrupted
 from .memory import peak_cpu_memory_mb, peak_gpu_memory_mb, reset_peak_memory
 from .metrics import RunRecords, TermAccumulator, read_metrics, topk_correct
@@ -203,13 +203,7 @@ class Trainer:
             ) from error
 
     def _wrap_for_training(self, model: nn.Module) -> nn.Module:
-        wrapped = model
-        if self.ctx.enabled:
-            if bool(self.cfg.trainer.sync_batchnorm):
-                wrapped = nn.SyncBatchNorm.convert_sync_batchnorm(wrapped)
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            wrapped = nn.parallel.DistributedDataParallel(wrapped, device_ids=device_ids)
-        return wrapped
+        return wrap_ddp(model, self.device, bool(self.cfg.trainer.sync_batchnorm)) if self.ctx.enabled else model
 
     def _compile_step(self) -> None:
         """trainer.compile: one compiled graph for the model's forward and the method's loss (on
