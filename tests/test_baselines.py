@@ -420,13 +420,15 @@ def test_ban_default_distils_at_hinton_scale():
     n, c = 6, 10
     z = (torch.randn(n, c, dtype=torch.float64) * 3).requires_grad_()
     teacher, y = torch.randn(n, c, dtype=torch.float64) * 3, torch.randint(0, c, (n,))
-    terms = build_method(OmegaConf.to_container(loss), c)._distil_terms(z.float(), teacher.float(), y)
+    student = z.detach().float().requires_grad_()
+    terms = build_method(OmegaConf.to_container(loss), c)._distil_terms(student, teacher.float(), y)
     expected = 0.8 * ce64(z, y) + 0.2 * 400.0 * kl_rows64(teacher, z, 20.0).mean()
     assert close(terms["loss"], expected)
-    # The distillation term's gradient is a sizeable share of the CE term's, not a rounding error.
-    (grad_ce,) = torch.autograd.grad(0.8 * ce64(z, y), z)
-    (grad_kd,) = torch.autograd.grad(0.2 * 400.0 * kl_rows64(teacher, z, 20.0).mean(), z)
-    assert grad_kd.norm() > 0.01 * grad_ce.norm()
+    # The distillation part of the loss's gradient (all of it but the CE part) is a sizeable share
+    # of the CE part, not a rounding error: without T^2 it would be 400x smaller.
+    terms["loss"].backward()
+    grad_ce = 0.8 * ce_grad64(z.detach(), y)
+    assert (student.grad.double() - grad_ce).norm() > 0.01 * grad_ce.norm()
 
 
 def test_ban_requires_an_existing_teacher_and_names_the_path(tmp_path):
@@ -532,6 +534,130 @@ def test_ddp_all_reduces_byot_heads_and_all_gathers_pskd_memory():
     mp.spawn(_ddp_worker, args=(2, port), nprocs=2, join=True)
 
 
+# --- the shipped defaults are SPEC.md section 2's ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["loss=ls"], {"epsilon": 0.1}),
+        (["loss=cskd", "model=cifar_resnet18"], {"temperature": 4.0, "weight": 1.0}),
+        (["loss=cskd", "model=resnet50", "dataset=imagenet"], {"temperature": 4.0, "weight": 3.0}),  # lam 3 at ImageNet scale
+        (["loss=cskd", "model=resnet50", "dataset=inat21"], {"temperature": 4.0, "weight": 3.0}),
+        (["loss=pskd"], {"final_alpha": 0.8}),
+        (["loss=byot"], {"alpha": 0.1, "temperature": 3.0, "feature_weight": 1e-6}),
+        (["loss=ddgsd"], {"weight": 1.0, "mmd_weight": 5e-4}),
+        (["loss=ban"], {"alpha": 0.2, "temperature": 20.0}),
+    ],
+    ids=lambda value: ",".join(value) if isinstance(value, list) else None,
+)
+def test_composed_loss_defaults_are_the_spec_values(overrides, expected):
+    loss = OmegaConf.to_container(compose(overrides).loss, resolve=True)
+    assert {key: loss[key] for key in expected} == pytest.approx(expected)
+
+
+# --- gradients: every distillation term trains the student, and only the student ----------------
+# Analytic gradients of SPEC's formulas with respect to the student logits z (batch means over N):
+#   d CE / dz = (softmax(z) - onehot(y)) / N
+#   d [T^2 KL(softmax(t/T) || softmax(z/T))] / dz = T (softmax(z/T) - softmax(t/T)) / N
+# A term whose student side were detached would leave the loss values above unchanged and fail here.
+
+
+def softmax64(z: torch.Tensor, t: float = 1.0) -> torch.Tensor:
+    return log_softmax64(z / t).exp()
+
+
+def ce_grad64(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (softmax64(z) - torch.nn.functional.one_hot(y, z.shape[1]).double()) / len(y)
+
+
+def student_logits(n: int, c: int, seed: int) -> torch.Tensor:
+    return (torch.randn(n, c, generator=torch.Generator().manual_seed(seed)) * 3).requires_grad_()
+
+
+def test_tfkd_gradient_is_the_virtual_teachers_pull():
+    n, c, t, a, m = 5, 6, 20.0, 0.1, 100.0
+    z, y = student_logits(n, c, 21), torch.tensor([0, 5, 2, 2, 1])
+    method = build_method({"name": "tfkd", "alpha": a, "temperature": t, "multiplier": m, "reduction": "mean"}, c)
+    method.loss_terms(outputs_of(z), make_batch(y.tolist()), None)["loss"].backward()
+    q = torch.full((n, c), 0.01 / (c - 1), dtype=torch.float64)
+    q[torch.arange(n), y] = 0.99
+    teacher = softmax64(q, t)  # softmax(q / T); the student has no temperature; 'mean' divides by N * C
+    expected = (1 - a) * ce_grad64(z.detach(), y) + a * m * (softmax64(z.detach()) - teacher) / (n * c)
+    torch.testing.assert_close(z.grad.double(), expected, rtol=1e-4, atol=1e-7)
+
+
+def test_cskd_gradient_reaches_the_sample_and_not_its_pair():
+    n, c, t, lam = 5, 6, 4.0, 1.5
+    za, zb, y = student_logits(n, c, 22), student_logits(n, c, 23), torch.tensor([3, 0, 1, 5, 5])
+    method = build_method({"name": "cskd", "temperature": t, "weight": lam}, c)
+    method._terms(za, zb, y)["loss"].backward()
+    za64, zb64 = za.detach().double(), zb.detach().double()
+    expected = ce_grad64(za64, y) + lam * t * (softmax64(za64, t) - softmax64(zb64, t)) / n
+    torch.testing.assert_close(za.grad.double(), expected, rtol=1e-4, atol=1e-7)
+    assert zb.grad is None  # the pair's prediction is a constant target
+
+
+@pytest.mark.parametrize("temperature_squared", [False, True])
+def test_ban_gradient_reaches_the_student_and_not_the_teacher(temperature_squared):
+    n, c, a, t = 5, 6, 0.2, 20.0
+    z, teacher, y = student_logits(n, c, 24), student_logits(n, c, 25), torch.tensor([1, 1, 0, 4, 2])
+    method = build_method({"name": "ban", "temperature_squared": temperature_squared}, c)
+    method._distil_terms(z, teacher, y)["loss"].backward()
+    z64, t64 = z.detach().double(), teacher.detach().double()
+    kd_scale = t**2 if temperature_squared else 1.0
+    expected = (1 - a) * ce_grad64(z64, y) + a * kd_scale * (softmax64(z64, t) - softmax64(t64, t)) / (t * n)
+    torch.testing.assert_close(z.grad.double(), expected, rtol=1e-4, atol=1e-9)
+    assert teacher.grad is None
+
+
+def test_byot_gradients_teach_the_heads_and_leave_the_deepest_classifier_to_the_labels():
+    """The KD and L2 terms pull each head's logits and features toward the final ones (their
+    analytic gradients below); the final logits, the heads' constant target, get only the CE
+    gradient (1 - a) (softmax - onehot) / N, and the final features only what flows back through
+    the classifier (the L2 term's target is constant too)."""
+    from zipfls_train.losses.byot import AUX_STAGES
+
+    a, t, b = 0.3, 3.0, 1e-2
+    method = build_method({"name": "byot", "alpha": a, "temperature": t, "feature_weight": b}, 6)
+    model = build_model("cifar_resnet18", 6, aux_stages=method.needs.aux_stages, aux_head=method.needs.aux_head, width=4)
+    x, y = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(26)), torch.tensor([0, 5, 2, 2])
+    outputs = model(x, features=AUX_STAGES)
+    for tensor in (outputs.logits, outputs.pooled):
+        tensor.retain_grad()
+    heads = unwrap(model).aux_heads
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # head -> (features, logits) of the loss's own forward
+
+    def keep(name: str):  # noqa: ANN202
+        def hook(_fc, inputs, logits):  # noqa: ANN001, ANN202
+            inputs[0].retain_grad()
+            logits.retain_grad()
+            seen[name] = (inputs[0], logits)
+
+        return hook
+
+    handles = [heads[name].fc.register_forward_hook(keep(name)) for name in AUX_STAGES]
+    try:
+        method.loss_terms(outputs, Batch(inputs=x, targets=y, indices=torch.arange(4)), model)["loss"].backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    final_logits, final_features = outputs.logits.detach().double(), outputs.pooled.detach().double()
+    final_grad = (1 - a) * ce_grad64(final_logits, y)
+    torch.testing.assert_close(outputs.logits.grad.double(), final_grad, rtol=1e-4, atol=1e-8)
+    classifier = unwrap(model).classifier.weight.detach().double()
+    torch.testing.assert_close(outputs.pooled.grad.double(), final_grad @ classifier, rtol=1e-4, atol=1e-8)
+    for name in AUX_STAGES:
+        features, logits = seen[name]
+        logits64, features64 = logits.detach().double(), features.detach().double()
+        expected = (1 - a) * ce_grad64(logits64, y) + a * t * (softmax64(logits64, t) - softmax64(final_logits, t)) / len(y)
+        torch.testing.assert_close(logits.grad.double(), expected, rtol=1e-4, atol=1e-8)
+        head_weight = heads[name].fc.weight.detach().double()
+        # the features' gradient: what the head's logits send back through its fc, plus the L2 pull
+        expected_features = expected @ head_weight + 2 * b * (features64 - final_features)
+        torch.testing.assert_close(features.grad.double(), expected_features, rtol=1e-4, atol=1e-8)
+
+
 # --- two real training steps of every method ---------------------------------------------------
 
 EXPECTED_TERMS = {  # "top1": the batch's training accuracy, which every method reports
@@ -555,3 +681,5 @@ def test_two_training_steps_log_finite_terms(run_tiny, name):
     if name == "pskd":
         state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["method"]
         assert int(state["seen"].sum()) == 2 * 16  # two steps of 16 samples were stored
+        # a_t = a_T (t + 1) / E with the trainer's epoch t = 0 of E = 1: the configured a_T = 0.8
+        assert record["train_alpha_t"] == pytest.approx(0.8, rel=1e-6)

@@ -268,6 +268,23 @@ def test_pairs_are_same_class_and_second_view_differs():
     assert batch.second_view.shape == batch.inputs.shape and not torch.equal(batch.second_view, batch.inputs)
 
 
+def test_second_view_is_another_augmentation_of_the_same_image():
+    """DDGSD's two views: each sample's second view is drawn from the same source image (here every
+    image is one flat grey level of its own, so a view's pixels are that level or crop padding), with
+    other crop parameters."""
+    count = 24
+    levels = 10 * torch.arange(count, dtype=torch.uint8) + 5  # 5, 15, ..., 235: one per image
+    data = ImageTensors(levels.view(count, 1, 1, 1).expand(count, 3, 8, 8).contiguous(), torch.arange(count) % 3, ["0", "1", "2"])
+    crops_differ = 0
+    for batch in _loader(data, train=True, two_views=True, batch=8).epoch(0):
+        for index, first, second in zip(batch.indices.tolist(), batch.inputs, batch.second_view):
+            for view in (first, second):
+                pixels = set(torch.round((view * 0.5 + 0.5) * 255).to(torch.int64).unique().tolist())
+                assert int(levels[index]) in pixels and pixels <= {0, int(levels[index])}, (index, pixels)
+            crops_differ += int(not torch.equal(first, second))
+    assert crops_differ > count // 2
+
+
 def test_horizontal_flip_mirrors_half_the_images_along_the_width_axis():
     """augment="none" at the stored size leaves only the flip: every view is its source image or that
     image mirrored left-right, about half of them mirrored."""

@@ -36,12 +36,21 @@ def test_label_smoothing_hand_value():
     assert label_smoothing_loss(logits, torch.tensor([0]), eps).item() == pytest.approx(expected, abs=1e-6)
 
 
-def test_label_smoothing_is_not_torchs_eps_over_c():
-    logits = torch.randn(4, 7)
-    targets = torch.tensor([0, 3, 6, 2])
-    ours = label_smoothing_loss(logits, targets, 0.1)
-    torch_variant = torch.nn.functional.cross_entropy(logits, targets, label_smoothing=0.1)
-    assert not torch.isclose(ours, torch_variant)
+def test_loss_ls_as_configured_is_spec_eps_over_c_minus_1_not_torchs_eps_over_c():
+    """loss=ls as composed (epsilon 0.1), through the method the trainer builds, on a hand example:
+    C = 4, logits [2, 0, 0, 0], target 0: 0.9 on class 0 and 0.1 / 3 on each other class."""
+    from conftest import compose
+    from zipfls_train.data.batch import Batch
+    from zipfls_train.models.outputs import ModelOutput
+
+    method = build_method(compose(["loss=ls"]).loss, 4)
+    batch = Batch(inputs=torch.zeros(1, 3, 8, 8), targets=torch.tensor([0]), indices=torch.arange(1))
+    loss = method.loss_terms(ModelOutput(logits=torch.tensor([[2.0, 0.0, 0.0, 0.0]])), batch, None)["loss"]
+    log_z = math.log(math.exp(2) + 3)
+    expected = -(0.9 * (2 - log_z) + 3 * (0.1 / 3) * (0 - log_z))
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    torchs = -(0.925 * (2 - log_z) + 3 * 0.025 * (0 - log_z))  # torch's label_smoothing: eps / C everywhere
+    assert abs(torchs - expected) > 1e-3
 
 
 def test_low_precision_logits_are_computed_in_float32():

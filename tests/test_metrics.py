@@ -59,12 +59,15 @@ def test_every_training_step_reports_the_top1_of_its_own_forward(name) -> None:
     model = build_model("cifar_resnet18", num_classes, aux_stages=needs.aux_stages, aux_head=needs.aux_head, width=4)
     model.train()  # BatchNorm on the batch's statistics: the same batch gives the same logits
     x = torch.randn(n, 3, 16, 16)
+    # DDGSD's second view holds other images (the top-1 of view 2, or of both views, would read 25.0
+    # or 31.25 here, not 37.5); it forwards both views at once, so BatchNorm sees both here too.
+    second_view = x.flip(0)
     with torch.no_grad():
-        predicted = model(x).logits.argmax(dim=1)
+        forwarded = torch.cat([x, second_view]) if name == "ddgsd" else x
+        predicted = model(forwarded).logits[:n].argmax(dim=1)
     right = torch.tensor([True, False, False, True, False, True, False, False])
     targets = torch.where(right, predicted, (predicted + 1) % num_classes)
-    # DDGSD's second view is the same images, so BatchNorm's statistics over both views are x's own.
-    batch = Batch(inputs=x, targets=targets, indices=torch.arange(n), pair_inputs=x.flip(0), second_view=x.clone())
+    batch = Batch(inputs=x, targets=targets, indices=torch.arange(n), pair_inputs=x.flip(0), second_view=second_view)
     terms = method.training_step(model, batch)
     assert float(terms["top1"]) == pytest.approx(37.5)
 

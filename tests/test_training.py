@@ -46,6 +46,9 @@ def test_zipf_run_logs_every_term(run_tiny):
     record = read_jsonl(run_dir / "metrics.jsonl")[0]
     assert {"train_loss", "train_ce", "train_zipf"} <= set(record)
     assert record["train_loss"] == pytest.approx(record["train_ce"] + 1.0 * record["train_zipf"], rel=1e-5)
+    # the Zipf term is there: a peaked soft label against a fresh model's near-uniform non-target
+    # softmax is far from 0 (a term computed as 0 would pass the sum above)
+    assert record["train_zipf"] > 0.05
 
 
 class Interrupted(Exception):
@@ -372,6 +375,19 @@ def test_ban_generations_chain_inside_one_sweep(tiny_pack_root, tmp_path):
     assert second["teacher_checkpoint"] == str(runs[1] / "checkpoints" / "best.pt")
     assert "train_ban_kl" in read_jsonl(runs[2] / "metrics.jsonl")[0]
     assert "train_ban_kl" not in read_jsonl(runs[1] / "metrics.jsonl")[0]
+
+
+def test_each_ban_generation_distils_from_the_one_before_in_its_own_sweep_cell():
+    """The teacher of generation k is generation k-1's best.pt in the job that differs only by
+    loss.generation (k = 3 reads 2's, not 1's), whatever else the sweep varies."""
+    from zipfls_train.engine.naming import previous_generation_checkpoint
+
+    sweep = "/runs/sweep"
+    assert previous_generation_checkpoint(sweep, "loss.generation=1,seed=4", 1) is None
+    assert previous_generation_checkpoint(sweep, "loss.generation=3,seed=4", 3) == f"{sweep}/loss.generation=2,seed=4/checkpoints/best.pt"
+    assert previous_generation_checkpoint(sweep, "dataset.root=/d,loss.generation=2", 2) == f"{sweep}/dataset.root=_d,loss.generation=1/checkpoints/best.pt"
+    with pytest.raises(ValueError, match="sweep loss.generation"):
+        previous_generation_checkpoint(sweep, "seed=4", 2)
 
 
 @pytest.mark.parametrize("loss", ["zipf", "zipf_dense2", "tfkd", "cskd", "pskd", "byot", "ddgsd"])
