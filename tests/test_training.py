@@ -432,10 +432,14 @@ def test_compiled_step_is_not_recompiled_as_epochs_change_the_method(tmp_path, l
                  "dataset.zipf.upsample=bilinear", "model.options.width=8", "trainer.batch_size=16", f"loss={loss}",
                  "trainer.device=cpu", "trainer.progress_bar=false", "trainer.compile=true", "trainer.epochs=3",
                  "trainer.zipf_fit_at_end=false"]
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
+    counters.clear()
     with torch._dynamo.config.patch(error_on_recompile=True):
         summary = Trainer(compose(overrides), DistContext(), tmp_path).fit()
     assert (summary["status"], summary["epochs"]) == ("finished", 3)
+    assert counters["stats"]["unique_graphs"] == 1  # the step was compiled (once), not run eagerly
 
 
 def test_each_run_of_a_sweep_compiles_its_own_static_graph(tmp_path, monkeypatch):
