@@ -165,7 +165,14 @@ def test_sweep_point_composes_and_fits_its_table(name, overrides):
     key = cell_key_from_config(resolved, Path(f"{name}:{','.join(overrides)}"))
     table = load_paper().tables[prefix.removeprefix("table")]
     fitting = [cell for cell in table.cells if matches(cell, key)]
-    assert fitting, f"{name} {overrides}: the run {key} fits no cell of table {table.table_id}"
+    assert len(fitting) == 1, f"{name} {overrides}: the run {key} fits {len(fitting)} cells of table {table.table_id}, not one"
+    # ... and the right one: the run's method and every option the cell fixes (e.g. Table 6's
+    # distribution, Table 5's rank_by and stages), read from the composed config, not from the key.
+    cell, loss = fitting[0], resolved["loss"]
+    assert cell.method == loss["name"]
+    for option, value in cell.options:
+        given = loss[option]
+        assert (tuple(given) if isinstance(given, list) else given) == value, (option, given, value)
 
 
 def test_zipf_variants_keep_the_method_name():

@@ -188,9 +188,16 @@ def test_every_distribution_is_a_non_target_distribution(distribution: str) -> N
 
 
 def test_random_pareto_with_heavy_tail_stays_finite() -> None:
-    soft = zipf_soft_labels(torch.zeros(64, 1000), torch.zeros(64, dtype=torch.long), 0.05, "random_pareto")
+    """alpha 0.05: (1 - U)^-20 - 1 spans hundreds of orders of magnitude (float32 overflows): the
+    labels are finite and still the documented draw, computed here in float64 from the same U."""
+    soft = zipf_soft_labels(torch.zeros(64, 1000), torch.zeros(64, dtype=torch.long), 0.05, "random_pareto",
+                            generator=torch.Generator().manual_seed(5))  # fmt: skip
     assert torch.isfinite(soft).all()
     torch.testing.assert_close(soft.sum(dim=1), torch.ones(64), atol=1e-5, rtol=0)
+    uniform = torch.rand(64, 1000, generator=torch.Generator().manual_seed(5)).double()
+    log_weights = torch.log(torch.expm1(-torch.log1p(-uniform) / 0.05))  # log((1 - U)^(-1/alpha) - 1)
+    log_weights[:, 0] = -math.inf  # the target
+    torch.testing.assert_close(soft.double(), torch.softmax(log_weights, dim=1), atol=1e-6, rtol=1e-4)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -229,11 +236,35 @@ def test_vectorised_matches_loop_reference_on_logits(n: int, c: int, alpha: floa
 
 def test_ranks_at_inat_scale_are_cheap() -> None:
     # N = 256, C = 10,000 (INAT21): an O(N C^2) comparison would need 25.6e9 operations.
-    scores = torch.randint(0, 50, (256, 10_000))
+    scores = torch.randint(0, 50, (256, 10_000), generator=torch.Generator().manual_seed(0))
     ranks = zipf_module.min_ranks(scores)
     row = scores[0].tolist()
     sample = random.Random(0).sample(range(10_000), 20)
     assert [ranks[0, c].item() for c in sample] == [1 + sum(1 for s in row if s > row[c]) for c in sample]
+
+
+def test_soft_labels_and_kl_at_inat_scale_match_the_loop_reference() -> None:
+    """Whole rows at C = 10,000 (INAT21), 49 votes per sample as a 7x7 map casts: soft labels and the
+    KL of several samples against the plain-Python reference (ranks by counting, O(C^2) per row)."""
+    rng = random.Random(7)
+    n, c = 3, 10_000
+    votes = [[rng.randrange(40) * 250 + rng.randrange(3) for _ in range(49)] for _ in range(n)]
+    targets = [votes[0][0], 17, votes[2][5]]  # voted targets, and one without votes
+    logits = [[rng.gauss(0.0, 2.0) for _ in range(c)] for _ in range(n)]
+    counts = vote_counts(torch.tensor(votes), c)
+    soft = zipf_soft_labels(counts, torch.tensor(targets))
+    for i in range(n):
+        histogram = [0] * c
+        for vote in votes[i]:
+            histogram[vote] += 1
+        # Ranks by counting distinct greater counts (the vote counts take few values).
+        greater = {count: sum(1 for other in histogram if other > count) for count in set(histogram)}
+        ranks = [1 + greater[count] for count in histogram]
+        normaliser = sum(1.0 / ranks[k] for k in range(c) if k != targets[i])
+        expected = [0.0 if k == targets[i] else 1.0 / ranks[k] / normaliser for k in range(c)]
+        torch.testing.assert_close(soft[i].double(), torch.tensor(expected, dtype=torch.float64), atol=1e-9, rtol=1e-5)
+        loss = nontarget_kl(torch.tensor([logits[i]]), torch.tensor([targets[i]]), soft[i : i + 1])
+        assert loss.item() == pytest.approx(reference_kl(logits[i], targets[i], expected), rel=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -305,7 +336,18 @@ def test_low_precision_logits_are_accepted(dtype: torch.dtype) -> None:
     expected = sum(reference_kl(z, t, p) for z, t, p in zip(rows, targets.tolist(), soft_ref)) / 8
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     loss.backward()
-    assert logits.grad.dtype == dtype and torch.isfinite(logits.grad.float()).all()
+    assert logits.grad.dtype == dtype
+    # eq. 6 on the low-precision values themselves: (Q_c - P_c) / N off the target, exactly 0 on it
+    # (the gradient is rounded to the logits' dtype: compared to its rounding)
+    expected_grad = torch.zeros(8, 30, dtype=torch.float64)
+    for i, (z, y) in enumerate(zip(rows, targets.tolist())):
+        denominator = sum(math.exp(v) for k, v in enumerate(z) if k != y)
+        for k in range(30):
+            if k != y:
+                expected_grad[i, k] = (math.exp(z[k]) / denominator - soft_ref[i][k]) / 8
+    resolution = 2**-10 if dtype == torch.float16 else 2**-7
+    torch.testing.assert_close(logits.grad.double(), expected_grad, rtol=resolution, atol=1e-6)
+    assert (logits.grad[torch.arange(8), targets] == 0).all()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -463,6 +505,31 @@ def tiny_batch(num_classes: int = 10, n: int = 6) -> Batch:
     )
 
 
+def reference_zipf_term(out, model, targets: torch.Tensor, upsample: str | None) -> tuple[float, list[int]]:  # noqa: ANN001
+    """The Zipf term of SPEC section 1 from a model output: every voting stage's map (x2 bilinear,
+    align_corners=False, in float64, when asked) classified pixel by pixel (the final map by the
+    classifier, the penultimate by its auxiliary head's fc, each rounded to the map's dtype), the
+    votes of all stages pooled, soft labels and the KL of the logits. Returns (KL, votes per sample)."""
+    stages = {"final": model.classifier}
+    if "penultimate" in out.features:
+        stages["penultimate"] = model.aux_heads["penultimate"].fc
+    votes = [[] for _ in range(len(targets))]
+    for stage, classifier in stages.items():
+        feature_map = out.features[stage]
+        weight, bias = classifier.weight.to(feature_map.dtype), classifier.bias.to(feature_map.dtype)
+        feature_map = feature_map.double()
+        if upsample == "bilinear":
+            feature_map = F.interpolate(feature_map, scale_factor=2, mode="bilinear", align_corners=False)
+        for row, stage_votes in zip(votes, reference_dense_votes(feature_map, weight, bias)):
+            row.extend(stage_votes)
+    num_classes = out.logits.shape[1]
+    counts = [[row.count(k) for k in range(num_classes)] for row in votes]
+    soft = [reference_soft_label(row, t) for row, t in zip(counts, targets.tolist())]
+    logits = out.logits.double().tolist()
+    kl = sum(reference_kl(z, t, p) for z, t, p in zip(logits, targets.tolist(), soft)) / len(targets)
+    return kl, [len(row) for row in votes]
+
+
 def test_method_end_to_end_dense_final() -> None:
     torch.manual_seed(8)
     method = build_method({"name": "zipf", "weight": 0.3, "upsample": "bilinear", "aux_weight": 0.1}, 10)
@@ -496,12 +563,36 @@ def test_method_under_bf16_autocast() -> None:
     torch.manual_seed(10)
     method = ZipfLabelSmoothing(10, weight=0.5, stages=("final", "penultimate"), aux_weight=0.1)
     model = build_model("cifar_resnet18", num_classes=10, width=8, aux_stages=method.needs.aux_stages)
+    batch = tiny_batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        terms = method.training_step(model, tiny_batch())
+        terms = method.training_step(model, batch)
+        with torch.no_grad():
+            out = model(batch.inputs, features=("final", "penultimate"), aux=True)
+    assert out.features["final"].dtype == torch.bfloat16
     assert all(t.dtype == torch.float32 and torch.isfinite(t) for t in terms.values())
     torch.testing.assert_close(terms["loss"], terms["ce"] + 0.5 * terms["zipf"] + 0.1 * terms["aux_ce"])
+    # The Zipf term itself: votes of the bf16 maps, KL of the bf16 logits, both in float64 here.
+    expected, votes_per_sample = reference_zipf_term(out, model, batch.targets, method.upsample)
+    assert votes_per_sample == [64 + 256] * 6  # the default upsample: bilinear x2
+    assert terms["zipf"].item() == pytest.approx(expected, rel=1e-4)
     terms["loss"].backward()
     assert torch.isfinite(model.classifier.weight.grad).all()
+
+
+def test_method_dense2_upsampled_pools_320_votes_per_sample() -> None:
+    """The TinyImageNet Dense2 recipe (Table 5, Table 6's Zipf row): both maps upsampled x2 before
+    voting, 8x8 + 16x16 = 320 votes per sample at 32 px, pooled into one soft label."""
+    torch.manual_seed(12)
+    method = ZipfLabelSmoothing(10, weight=1.0, stages=["final", "penultimate"], upsample="bilinear", aux_weight=0.5)
+    model = build_model("cifar_resnet18", num_classes=10, width=8, aux_stages=method.needs.aux_stages)
+    batch = tiny_batch()
+    terms = method.training_step(model, batch)
+    with torch.no_grad():
+        out = model(batch.inputs, features=("final", "penultimate"), aux=True)
+    expected, votes_per_sample = reference_zipf_term(out, model, batch.targets, "bilinear")
+    assert votes_per_sample == [64 + 256] * 6
+    assert method.votes(out, model).shape == (6, 320)
+    assert terms["zipf"].item() == pytest.approx(expected, rel=1e-4)
 
 
 def test_method_rank_by_logits() -> None:

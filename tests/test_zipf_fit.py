@@ -20,6 +20,18 @@ def test_fit_recovers_the_exponent_of_an_exact_zipf_curve():
     assert fit.r_squared == pytest.approx(1.0, abs=1e-12)
 
 
+def test_fit_of_a_curve_that_is_not_a_power_law():
+    """p = e^0, e^-1, e^-3 at ranks 1, 2, 3: least squares of y = (0, -1, -3) on x = (0, ln 2, ln 3),
+    computed beside this test with numpy.polyfit: slope -2.5920208, intercept 0.2147593; the
+    residuals leave R^2 = 1 - SS_res / SS_tot = 0.8886770."""
+    fit = fit_zipf(torch.tensor([1.0, math.exp(-1.0), math.exp(-3.0)], dtype=torch.float64))
+    assert fit.alpha == pytest.approx(2.5920208, abs=1e-6)
+    assert fit.intercept == pytest.approx(0.2147593, abs=1e-6)
+    assert fit.r_squared == pytest.approx(0.8886770, abs=1e-6)
+    # max_rank keeps the first ranks only: ranks 1-2 lie on a line of slope -1 / ln 2
+    assert fit_zipf(torch.tensor([1.0, math.exp(-1.0), math.exp(-3.0)], dtype=torch.float64), max_rank=2).alpha == pytest.approx(1 / math.log(2), abs=1e-9)
+
+
 def test_sorted_softmax_sums_by_hand():
     logits = torch.tensor([[0.0, math.log(2.0), math.log(5.0)], [math.log(3.0), 0.0, 0.0]])
     targets = torch.tensor([2, 0])
