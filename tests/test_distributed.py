@@ -43,6 +43,7 @@ def test_two_process_ddp_matches_one_process_on_the_global_batch(tiny_pack_root,
         torch.testing.assert_close(ddp[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
     # 35 val images over 2 ranks (18 + 17): each counted once, so accuracies agree exactly.
     a, b = _metrics(tmp_path / "single")[-1], _metrics(tmp_path / "ddp")[-1]
+    assert a["val_images"] == b["val_images"] == 35  # (a rank scoring the whole set would count 70)
     assert a["val_top1"] == b["val_top1"] and a["val_top5"] == b["val_top5"]
     correct = a["val_top1"] * 35 / 100
     assert abs(correct - round(correct)) < 1e-9  # a whole number of images out of 35
@@ -58,7 +59,9 @@ def test_torchrun_two_processes_match_one_process(tiny_pack_root, tmp_path):
     single, ranked = _weights(tmp_path / "single"), _weights(tmp_path / "torchrun")
     for name, tensor in single.items():
         torch.testing.assert_close(ranked[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
-    assert _metrics(tmp_path / "torchrun")[-1]["val_top1"] == _metrics(tmp_path / "single")[-1]["val_top1"]
+    ranked_metrics, single_metrics = _metrics(tmp_path / "torchrun")[-1], _metrics(tmp_path / "single")[-1]
+    assert ranked_metrics["val_images"] == single_metrics["val_images"] == 35
+    assert ranked_metrics["val_top1"] == single_metrics["val_top1"]
 
 
 def test_slurm_launcher_runs_a_sweep_through_submitit_local_executor(tiny_pack_root, tmp_path):

@@ -469,7 +469,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - started
-        top1, top5 = self.evaluate()
+        top1, top5, val_images = self.evaluate()
         self.progress.epoch += 1
         self.progress.step_in_epoch = 0
         improved = top1 > self.progress.best_top1
@@ -480,6 +480,7 @@ class Trainer:
             **{f"train_{name}": value for name, value in train_means.items()},
             "val_top1": top1,
             "val_top5": top5,
+            "val_images": val_images,  # scored over all ranks: the val set's size, each image once
             "best_val_top1": self.progress.best_top1,
             "lr": epoch_lr,
             "epoch_time_s": elapsed if timed else None,
@@ -590,9 +591,10 @@ class Trainer:
         return means
 
     @torch.no_grad()
-    def evaluate(self) -> tuple[float, float]:
-        """Top-1/top-5 (%) over the whole val set: each rank scores its own unpadded shard and the
-        counts are summed, so every image is counted exactly once. Every rank first takes rank 0's
+    def evaluate(self) -> tuple[float, float, int]:
+        """Top-1/top-5 (%) over the whole val set, and how many images were scored: each rank
+        scores its own unpadded shard and the counts are summed, so every image is counted exactly
+        once. Every rank first takes rank 0's
         buffers (BatchNorm running statistics: DDP sends them at the start of each training forward,
         and the last forward then moved each rank's own way), so the score is that of the weights
         rank 0 saves."""
@@ -608,7 +610,7 @@ class Trainer:
         all_reduce_sum(counts)
         correct1, correct5, total = counts.tolist()
         model.train()
-        return 100.0 * correct1 / max(total, 1.0), 100.0 * correct5 / max(total, 1.0)
+        return 100.0 * correct1 / max(total, 1.0), 100.0 * correct5 / max(total, 1.0), int(total)
 
     def _summary(self, status: str) -> dict[str, Any]:
         from .metrics import read_metrics
