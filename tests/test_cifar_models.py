@@ -92,3 +92,35 @@ def test_the_head_norm_runs_once_per_training_step():
     pixel_logits = torch.einsum("ndhw,cd->nhwc", normalised, head_fc.weight) + head_fc.bias
     upsampled = F.interpolate(pixel_logits.permute(0, 3, 1, 2), scale_factor=2, mode="bilinear", align_corners=False)
     assert torch.equal(votes[:, 64:], upsampled.argmax(dim=1).flatten(1))
+
+
+def test_parameter_counts_are_the_released_architectures():
+    """Counted here layer by layer from the released definitions (kuangliu-style CIFAR models):
+    PreAct ResNet-18 = 3x3 stem conv + BN, stages of 2 pre-activation blocks at 64/128/256/512
+    channels (BN, 3x3 conv, BN, 3x3 conv; a bare 1x1 conv shortcut where the shape changes), no
+    final BN, a 512-wide classifier. DenseNet-121 = growth 32, blocks (6, 12, 24, 16), bottlenecks
+    (BN, 1x1 conv to 4 x growth, BN, 3x3 conv to growth), transitions (BN, 1x1 conv halving the
+    channels), a 3x3 stem conv to 2 x growth, a final BN and a 1024-wide classifier. A wrong depth,
+    width, growth or compression changes the count."""
+    classes = 100
+    resnet, width_in = 3 * 64 * 9 + 2 * 64, 64
+    for width in (64, 128, 256, 512):
+        for block in range(2):
+            first = block == 0
+            resnet += 2 * width_in + width_in * width * 9 + 2 * width + width * width * 9
+            resnet += width_in * width if first and width != 64 else 0  # the 1x1 shortcut
+            width_in = width
+    resnet += 512 * classes + classes
+    densenet, channels = 3 * 64 * 9, 64
+    for index, layers in enumerate((6, 12, 24, 16)):
+        for _ in range(layers):
+            densenet += 2 * channels + channels * 128 + 2 * 128 + 128 * 32 * 9
+            channels += 32
+        if index < 3:
+            densenet += 2 * channels + channels * (channels // 2)
+            channels //= 2
+    densenet += 2 * channels + channels * classes + classes
+    assert (resnet, densenet, channels) == (11_217_444, 7_048_548, 1024)  # (the sums above, evaluated)
+    for name, expected in (("cifar_resnet18", resnet), ("cifar_densenet121", densenet)):
+        model = build_model(name, num_classes=classes)
+        assert sum(p.numel() for p in model.parameters()) == expected, name

@@ -187,3 +187,27 @@ def test_classifier_init_is_torchvisions_per_model() -> None:
     assert float(densenet.weight.abs().max()) <= bound and float(densenet.weight.std()) > bound / 3
     resnet = build_model("resnet18", 1000).classifier
     assert resnet.bias.abs().max() <= 1 / math.sqrt(512) and resnet.bias.any()
+
+
+@pytest.mark.parametrize(("name", "head"), [("resnet50", "fc"), ("resnext50_32x4d", "fc"), ("densenet121", "classifier")])
+@torch.no_grad()
+def test_forward_is_torchvisions_network_given_its_weights(name: str, head: str) -> None:
+    """torchvision's model as the independent implementation: its weights (random, with non-trivial
+    BatchNorm statistics) loaded into ours give its logits, so every stride (ResNet v1.5: on the 3x3
+    conv), shortcut, pool and norm is where torchvision has it."""
+    import torchvision
+
+    torch.manual_seed(3)
+    reference = getattr(torchvision.models, name)(num_classes=10).eval()
+    for module in reference.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.normal_(0.0, 0.2)
+            module.running_var.uniform_(0.5, 1.5)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.normal_(0.0, 0.2)
+    ours = build_model(name, num_classes=10).eval()
+    state = reference.state_dict()
+    ours.backbone.model.load_state_dict({k: v for k, v in state.items() if not k.startswith(f"{head}.")}, strict=True)
+    ours.classifier.load_state_dict({"weight": state[f"{head}.weight"], "bias": state[f"{head}.bias"]})
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(ours(x).logits, reference(x), rtol=1e-4, atol=1e-4)
