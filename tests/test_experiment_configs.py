@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 from omegaconf import OmegaConf
 
@@ -203,3 +204,34 @@ def test_long_sweep_folder_names_keep_the_swept_values_and_stay_unique():
     assert safe_dirname("loss=ce,seed=0") == "loss=ce,seed=0"
     huge = [safe_dirname(f"{'x' * 300},seed={seed}") for seed in (0, 1)]
     assert all(len(name) == 150 for name in huge) and huge[0] != huge[1]
+
+
+# Normalisation (mean, std per RGB channel): ImageNet's are torchvision's documented constants,
+# used for INAT21 too (the paper trains it with the ImageNet pipeline); CIFAR-100's are its train
+# set's statistics as published with the CIFAR training recipes; TinyImageNet's are its 64 px train
+# set's (checked against the data below).
+NORMALISATION = {
+    "imagenet": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+    "inat21": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+    "cifar100": ([0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762]),
+    "tinyimagenet": ([0.4802, 0.4481, 0.3975], [0.2770, 0.2691, 0.2821]),
+}
+
+
+@pytest.mark.parametrize("dataset", sorted(NORMALISATION))
+def test_each_dataset_normalises_with_its_published_statistics(dataset):
+    config = compose([f"dataset={dataset}"]).dataset
+    assert (list(config.mean), list(config.std)) == NORMALISATION[dataset]
+
+
+def test_tinyimagenet_mean_is_its_train_sets_mean():
+    """The configured TinyImageNet mean against the 100,000 training images themselves (the 32 px
+    pack: averaging 2x2 keeps the mean; JPEG moves it by ~0.002)."""
+    from conftest import shared_data
+    from zipfls_train.data.tinyimagenet import read_pack
+
+    images = read_pack(shared_data(), "train").images
+    assert len(images) == 100_000
+    measured = images.double().mean(dim=(0, 2, 3)) / 255
+    expected = torch.tensor(NORMALISATION["tinyimagenet"][0], dtype=torch.float64)
+    torch.testing.assert_close(measured, expected, atol=0.005, rtol=0)

@@ -222,6 +222,31 @@ def test_train_crops_are_torchvisions_resized_crop_to_rounding() -> None:
         assert np.abs(transform(str(path), random.Random(seed)).astype(np.int64) - expected).max() <= 1, path
 
 
+def test_train_crop_plans_follow_torchvisions_distribution() -> None:
+    """The boxes and flips the file loader draws, against torchvision's RandomResizedCrop.get_params
+    on the same 500 x 375 image (4000 draws each): area and aspect-ratio quantiles agree to
+    sampling noise, the smallest area reaches the 0.08 bound, and half the views are flipped."""
+    import torch
+    from torchvision.transforms import RandomResizedCrop
+
+    transform, rng = TrainTransform(224, draft=False), random.Random(0)
+    plans = [transform.plan(500, 375, rng) for _ in range(4000)]
+    boxes = torch.tensor([box for box, _ in plans], dtype=torch.float64)
+    width, height = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 500).all() and (boxes[:, 3] <= 375).all()
+    torch.manual_seed(0)
+    image = torch.zeros(3, 375, 500)
+    reference = torch.tensor([RandomResizedCrop.get_params(image, (0.08, 1.0), (3 / 4, 4 / 3))[2:] for _ in range(4000)], dtype=torch.float64)
+    levels = torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95], dtype=torch.float64)
+    area, reference_area = width * height / (500 * 375), reference[:, 0] * reference[:, 1] / (500 * 375)
+    torch.testing.assert_close(area.quantile(levels), reference_area.quantile(levels), atol=0.03, rtol=0)
+    ratio, reference_ratio = (width / height).log(), (reference[:, 1] / reference[:, 0]).log()
+    torch.testing.assert_close(ratio.quantile(levels), reference_ratio.quantile(levels), atol=0.04, rtol=0)
+    assert area.min() < 0.085
+    flips = sum(flip for _, flip in plans)
+    assert 1850 < flips < 2150  # 2000 +- 4.7 standard deviations
+
+
 def test_train_transform_is_seeded_and_close_without_draft() -> None:
     path = str(samples()[17][1])  # n03759954 microphone, 702 x 1094: drafting applies at 64 px
     crop = TrainTransform(64)
