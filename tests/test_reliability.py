@@ -602,3 +602,28 @@ def test_a_stop_request_is_recorded_and_announced_only_where_asked(capfd, announ
     lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("[zipfls-train] SIGTERM")]
     assert lines == (["[zipfls-train] SIGTERM: stopping after this step and saving a checkpoint (send it again to stop at once)"]
                      if announce else [])  # fmt: skip
+
+
+def test_synthetic_ranks_share_one_set_and_each_scores_its_own_val_shard():
+    """Under DDP each rank takes its part of one set drawn from the seed: the ranks' training batches
+    together are what one process with the global batch gets, and the val shards together are the
+    val set once (no image scored twice; a rank without val images yields no batch)."""
+    from zipfls_train.data import LoaderOptions
+    from zipfls_train.data.synthetic import SyntheticLoader
+
+    def loaders(world: int, batch: int, eval_batch: int, train: bool) -> list[SyntheticLoader]:
+        return [SyntheticLoader(LoaderOptions(batch_size=batch, eval_batch_size=eval_batch, device=torch.device("cpu"), seed=5,
+                                              rank=rank, world_size=world), image_size=8, num_classes=4, steps=2 if train else 1, train=train)
+                for rank in range(world)]  # fmt: skip
+
+    (whole,) = loaders(1, 6, 5, train=True)
+    parts = loaders(2, 3, 5, train=True)
+    assert torch.equal(torch.cat([p.batch.inputs for p in parts]), whole.batch.inputs)
+    assert torch.cat([p.batch.indices for p in parts]).tolist() == list(range(6))
+    (val,) = loaders(1, 6, 5, train=False)
+    shards = loaders(2, 3, 5, train=False)
+    scored = [b for shard in shards for b in shard.epoch(0)]
+    assert torch.equal(torch.cat([b.inputs for b in scored]), val.batch.inputs)
+    assert sum(b.size for b in scored) == 5
+    sparse = loaders(3, 2, 2, train=False)  # 2 val images, 3 ranks
+    assert [sum(b.size for b in shard.epoch(0)) for shard in sparse] == [0, 1, 1]

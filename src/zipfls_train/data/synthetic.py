@@ -14,25 +14,32 @@ from .tensor_loader import LoaderOptions
 
 
 class SyntheticLoader:
-    """``steps`` batches per epoch, all the same pre-made batch (no per-step data work at all)."""
+    """``steps`` batches per epoch, all the same pre-made batch (no per-step data work at all).
+
+    One set of images for the whole run, drawn from the seed alike on every rank, each rank taking
+    its own part, as a real loader shards its data: in training a batch of ``batch_size`` per
+    process (the ranks' batches together are the global batch), in evaluation ``eval_batch_size``
+    images in all, split into contiguous shards, so that every val image is scored exactly once."""
 
     def __init__(self, options: LoaderOptions, *, image_size: int, num_classes: int, steps: int, train: bool) -> None:
-        self.steps = steps
-        batch_size = options.batch_size if train else options.eval_batch_size
+        rank, world = options.rank, options.world_size
+        total = options.batch_size * world if train else options.eval_batch_size
         generator = torch.Generator().manual_seed(options.seed)
-        inputs = torch.randn(batch_size, 3, image_size, image_size, generator=generator)
-        targets = torch.randint(0, num_classes, (batch_size,), generator=generator)
+        inputs = torch.randn(total, 3, image_size, image_size, generator=generator)
+        targets = torch.randint(0, num_classes, (total,), generator=generator)
+        start, stop = rank * total // world, (rank + 1) * total // world
+        self.steps = steps if stop > start else 0  # a val shard can be empty with more ranks than images
         layout = torch.channels_last if options.channels_last else torch.contiguous_format
         self.batch = Batch(
-            inputs=inputs.to(options.device).contiguous(memory_format=layout),
-            targets=targets.to(options.device),
-            indices=torch.arange(batch_size, device=options.device),
+            inputs=inputs[start:stop].to(options.device).contiguous(memory_format=layout),
+            targets=targets[start:stop].to(options.device),
+            indices=torch.arange(start, stop, device=options.device),
         )
         if options.pairs:
             self.batch.pair_inputs, self.batch.pair_targets = self.batch.inputs.flip(0), self.batch.targets
         if options.two_views:
             self.batch.second_view = self.batch.inputs.flip(-1)
-        self.num_samples = batch_size * steps
+        self.num_samples = total * steps if train else total  # over all ranks
 
     def __len__(self) -> int:
         return self.steps
