@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 
 import pytest
 import torch
@@ -61,6 +62,29 @@ def test_global_batch_not_divisible_by_processes_is_rejected():
 def test_bad_zipf_option_value_names_the_key():
     with pytest.raises(ValueError, match="loss.distribution"):
         validate_config(compose(["loss.distribution=gaussian"]))
+
+
+def test_the_fused_kernel_asked_for_on_the_cpu_is_refused_before_the_run(monkeypatch):
+    """loss.kernel=triton where the kernel cannot run (the CPU, without Triton's interpreter) is a
+    config error naming the key, not a traceback at the first step after the run folder exists."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ConfigError, match=r"loss.kernel=triton, but the run is on cpu; .*use loss.kernel=auto or torch"):
+        validate_config(compose(["loss=zipf", "loss.kernel=triton", "trainer.device=cpu"]))
+    validate_config(compose(["loss=zipf", "loss.kernel=auto", "trainer.device=cpu"]))  # auto: the reference path
+
+
+def test_milestones_past_the_end_of_a_shortened_run_warn():
+    with pytest.warns(UserWarning, match=r"sched.milestones \[100, 150\]: epoch\(s\) \[100, 150\] are not before the run's end \(trainer.epochs=20\)"):
+        validate_config(compose(["sched.milestones=[100,150]", "trainer.epochs=20", "trainer.device=cpu"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # fractions, or epochs inside the run: nothing to say
+        validate_config(compose(["sched.milestones=[0.5,0.75]", "trainer.epochs=20", "trainer.device=cpu"]))
+        validate_config(compose(["sched.milestones=[10,15]", "trainer.epochs=20", "trainer.device=cpu"]))
+
+
+def test_zipf_with_two_classes_warns_that_its_term_is_zero():
+    with pytest.warns(UserWarning, match=r"loss=zipf with 2 classes: .*the Zipf term is 0"):
+        validate_config(compose(["loss=zipf", "dataset=synthetic", "dataset.num_classes=2", "trainer.device=cpu"]))
 
 
 def poison_label_smoothing_from_step(monkeypatch, first_bad_step: int) -> None:

@@ -81,8 +81,11 @@ def validate_config(cfg: DictConfig) -> None:
         loss = OmegaConf.to_container(cfg.loss, resolve=True)
     except InterpolationKeyError as error:
         raise ConfigError(_missing_interpolation(cfg, error)) from None
+    from .distributed import resolve_device
+
     try:
-        build_method(loss, int(cfg.dataset.get("num_classes_subset") or cfg.dataset.num_classes))
+        method = build_method(loss, int(cfg.dataset.get("num_classes_subset") or cfg.dataset.num_classes))
+        method.check_run(resolve_device(str(cfg.trainer.device)))
     except (KeyError, TypeError, ValueError) as error:
         raise ConfigError(_message(error)) from error
 
@@ -149,11 +152,20 @@ def _check_optimiser(cfg: DictConfig) -> None:
     if any(isinstance(m, bool) or not isinstance(m, (int, float)) for m in given):
         raise ConfigError(f"sched.milestones must be numbers (fractions of the run or epoch numbers), got {given}")
     try:
-        milestone_epochs(given, int(cfg.trainer.epochs))
+        epochs = milestone_epochs(given, int(cfg.trainer.epochs))
     except (TypeError, ValueError) as error:
         raise ConfigError(str(error)) from error
     if given != sorted(given):
         raise ConfigError(f"sched.milestones must be in increasing order, got {given}")
+    late = [m for m in epochs if m >= int(cfg.trainer.epochs)]
+    if late:  # e.g. a recipe's [100, 150] kept when a run is shortened
+        warnings.warn(
+            f"sched.milestones {given}: epoch(s) {late} are not before the run's end (trainer.epochs="
+            f"{cfg.trainer.epochs}), so the lr never decays there; fractions of the run (e.g. [0.5, 0.75]) "
+            "follow trainer.epochs",
+            UserWarning,
+            stacklevel=2,
+        )
 
 
 def _check_model_name(name: str) -> None:

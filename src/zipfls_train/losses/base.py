@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from ..data.batch import Batch
@@ -42,6 +43,11 @@ class Needs:
 
 class Method(nn.Module):
     needs: Needs = Needs()
+
+    def check_run(self, device: torch.device) -> None:
+        """Called once before a run writes anything (in the launching process), with the device it
+        will train on: raise ValueError naming the loss key for an option that cannot work there,
+        warn for one that does nothing there. Default: nothing to check."""
 
     def setup(self, *, num_classes: int, dataset_size: int, model_factory) -> None:  # noqa: ANN001
         """Called once before training, after the model exists. ``model_factory()`` builds a fresh,

@@ -75,7 +75,8 @@ def all_gather_rows(*tensors: Tensor) -> tuple[Tensor, ...]:
     for tensor in tensors:
         tensor = tensor.contiguous()
         out = tensor.new_empty((world * tensor.shape[0], *tensor.shape[1:]))
-        dist.all_gather_into_tensor(out, tensor)
+        gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # (the older name: torch < 2.14)
+        gather_into(out, tensor)
         gathered.append(out)
     return tuple(gathered)
 

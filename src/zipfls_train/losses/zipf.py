@@ -22,6 +22,7 @@ Votes and ranks are computed under ``no_grad`` from detached tensors; only the K
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -303,6 +304,22 @@ class ZipfLabelSmoothing(Method):
         if self.rank_by == "logits":
             return outputs.logits.detach()
         return vote_counts(self.votes(outputs, model), self.num_classes)
+
+    def check_run(self, device: torch.device) -> None:
+        """loss.kernel=triton on a device the kernel cannot run on is refused before the run starts
+        (else the first step fails, after the run folder is made); two classes leave no ranking to
+        learn from (one non-target class: the Zipf term is 0 and the run trains as CE): a warning."""
+        if self.kernel == "triton":
+            reason = unavailable_reason(device, 0)
+            if reason is not None:
+                raise ValueError(f"loss.kernel=triton, but {reason.replace('the logits are', 'the run is')}; use loss.kernel=auto or torch")
+        if self.num_classes == 2:
+            warnings.warn(
+                "loss=zipf with 2 classes: the soft label has one non-target class, so the Zipf term is 0 "
+                "and loss.weight has no effect (the run trains as cross-entropy)",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def _use_fused_kernel(self, logits: Tensor, num_votes: int) -> bool:
         if self.kernel == "torch" or (self.kernel == "auto" and not logits.is_cuda):
