@@ -80,6 +80,7 @@ def test_milestones_past_the_end_of_a_shortened_run_warn():
         warnings.simplefilter("error")  # fractions, or epochs inside the run: nothing to say
         validate_config(compose(["sched.milestones=[0.5,0.75]", "trainer.epochs=20", "trainer.device=cpu"]))
         validate_config(compose(["sched.milestones=[10,15]", "trainer.epochs=20", "trainer.device=cpu"]))
+        validate_config(compose(["sched.milestones=[0.5,0.75]", "trainer.epochs=1", "trainer.device=cpu"]))  # a 1-epoch test run
 
 
 def test_zipf_with_two_classes_warns_that_its_term_is_zero():

@@ -157,7 +157,8 @@ def _check_optimiser(cfg: DictConfig) -> None:
         raise ConfigError(str(error)) from error
     if given != sorted(given):
         raise ConfigError(f"sched.milestones must be in increasing order, got {given}")
-    late = [m for m in epochs if m >= int(cfg.trainer.epochs)]
+    given_as_epochs = all(m >= 1 for m in given)  # (fractions follow trainer.epochs by design)
+    late = [m for m in epochs if m >= int(cfg.trainer.epochs)] if given_as_epochs else []
     if late:  # e.g. a recipe's [100, 150] kept when a run is shortened
         warnings.warn(
             f"sched.milestones {given}: epoch(s) {late} are not before the run's end (trainer.epochs="
