@@ -68,7 +68,7 @@ def test_the_fused_kernel_asked_for_on_the_cpu_is_refused_before_the_run(monkeyp
     """loss.kernel=triton where the kernel cannot run (the CPU, without Triton's interpreter) is a
     config error naming the key, not a traceback at the first step after the run folder exists."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(ConfigError, match=r"loss.kernel=triton, but the run is on cpu; .*use loss.kernel=auto or torch"):
+    with pytest.raises(ConfigError, match=r"loss.kernel=triton cannot run on this run's device: the logits are on cpu; .*use loss.kernel=auto or torch"):
         validate_config(compose(["loss=zipf", "loss.kernel=triton", "trainer.device=cpu"]))
     validate_config(compose(["loss=zipf", "loss.kernel=auto", "trainer.device=cpu"]))  # auto: the reference path
 

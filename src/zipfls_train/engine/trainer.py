@@ -594,10 +594,9 @@ class Trainer:
     def evaluate(self) -> tuple[float, float, int]:
         """Top-1/top-5 (%) over the whole val set, and how many images were scored: each rank
         scores its own unpadded shard and the counts are summed, so every image is counted exactly
-        once. Every rank first takes rank 0's
-        buffers (BatchNorm running statistics: DDP sends them at the start of each training forward,
-        and the last forward then moved each rank's own way), so the score is that of the weights
-        rank 0 saves."""
+        once. Every rank first takes rank 0's buffers (BatchNorm running statistics: DDP sends them
+        at the start of each training forward, and the last forward then moved each rank's own
+        way), so the score is that of the weights rank 0 saves."""
         model = self.model
         broadcast_buffers(model)
         model.eval()

@@ -312,7 +312,7 @@ class ZipfLabelSmoothing(Method):
         if self.kernel == "triton":
             reason = unavailable_reason(device, 0)
             if reason is not None:
-                raise ValueError(f"loss.kernel=triton, but {reason.replace('the logits are', 'the run is')}; use loss.kernel=auto or torch")
+                raise ValueError(f"loss.kernel=triton cannot run on this run's device: {reason}; use loss.kernel=auto or torch")
         if self.num_classes == 2:
             warnings.warn(
                 "loss=zipf with 2 classes: the soft label has one non-target class, so the Zipf term is 0 "
