@@ -8,7 +8,7 @@ cancels out of the ratios.
 
 Cases: small (cifar_resnet18 32 px, ce/ls/zipf/zipf_dense2, and on CUDA zipf with
 loss.kernel=torch beside the fused kernel), resnet50 (224 px, batch 256), small_real (the real
-loader), compile (ce and zipf with trainer.compile=true and reduce-overhead), compile_real
+loader), compile (ce and zipf with trainer.compile=default and reduce-overhead), compile_real
 (reduce-overhead with the real loader: what a long 32 px run trains at), resnet50_compile (the
 same for ResNet-50).
 Run in that order: the eager cases take seconds, each compiled one a minute or more.
@@ -145,7 +145,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=15)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--r50-batch-size", type=int, default=256)
-    parser.add_argument("--compile-modes", default="true,reduce-overhead",
+    parser.add_argument("--compile-modes", default="default,reduce-overhead",
                         help="trainer.compile values of the compile and resnet50_compile cases (each costs a compilation per loss)")
     args = parser.parse_args()
     try:

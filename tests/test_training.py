@@ -377,6 +377,19 @@ def test_ban_generations_chain_inside_one_sweep(tiny_pack_root, tmp_path):
     assert "train_ban_kl" not in read_jsonl(runs[1] / "metrics.jsonl")[0]
 
 
+def test_compile_true_is_cuda_graphs_on_one_gpu_and_inductor_alone_elsewhere():
+    from zipfls_train.engine.trainer import compile_mode
+
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert compile_mode(True, gpu) == compile_mode("true", gpu) == "reduce-overhead"
+    assert compile_mode(True, gpu, distributed=True) == "default"  # DDP's hooks between the backward's graphs
+    assert compile_mode(True, cpu) == "default"  # no CUDA graphs on the CPU
+    assert compile_mode("default", gpu) == "default" and compile_mode("max-autotune", cpu) == "max-autotune"
+    assert compile_mode(False, gpu) is None and compile_mode("false", gpu) is None
+    with pytest.raises(ConfigError, match=r"trainer.compile must be false, true or one of .*got 'fast'"):
+        compile_mode("fast", gpu)
+
+
 def test_each_ban_generation_distils_from_the_one_before_in_its_own_sweep_cell():
     """The teacher of generation k is generation k-1's best.pt in the job that differs only by
     loss.generation (k = 3 reads 2's, not 1's), whatever else the sweep varies."""
