@@ -8,10 +8,13 @@ import os
 import re
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationKeyError, MissingMandatoryValue
+
+if TYPE_CHECKING:
+    import torch
 
 
 class ConfigError(ValueError):
@@ -65,7 +68,7 @@ def validate_config(cfg: DictConfig) -> None:
     _check_model_name(str(cfg.model.name))
     _check_model_options(cfg)
     _check_dataset_subsets(cfg)
-    _check_devices(cfg)
+    device = _check_devices(cfg)
     # Under torchrun the world comes from its environment; otherwise trainer.devices ranks are spawned.
     world = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else int(cfg.trainer.devices)
     parts = world * int(cfg.trainer.accumulate_steps)
@@ -81,11 +84,9 @@ def validate_config(cfg: DictConfig) -> None:
         loss = OmegaConf.to_container(cfg.loss, resolve=True)
     except InterpolationKeyError as error:
         raise ConfigError(_missing_interpolation(cfg, error)) from None
-    from .distributed import resolve_device
-
     try:
         method = build_method(loss, int(cfg.dataset.get("num_classes_subset") or cfg.dataset.num_classes))
-        method.check_run(resolve_device(str(cfg.trainer.device)))
+        method.check_run(device)
     except (KeyError, TypeError, ValueError) as error:
         raise ConfigError(_message(error)) from error
 
@@ -202,19 +203,23 @@ def _check_dataset_subsets(cfg: DictConfig) -> None:
             raise ConfigError(f"dataset.{key} ({meaning}) must be null (all) or an integer >= {minimum}, got {value!r}")
 
 
-def _check_devices(cfg: DictConfig) -> None:
+def _check_devices(cfg: DictConfig) -> torch.device:
+    """The device the run will train on (the trainer's rule, and its error), checked against
+    trainer.devices, sync_batchnorm and precision."""
     import torch
 
     from .distributed import resolve_device
 
     devices = int(cfg.trainer.devices)
-    uses_cuda = resolve_device(str(cfg.trainer.device)).type == "cuda"  # the trainer's rule (and its error)
+    device = resolve_device(str(cfg.trainer.device))
+    uses_cuda = device.type == "cuda"
     if uses_cuda and "WORLD_SIZE" not in os.environ and torch.cuda.device_count() < devices:
         raise ConfigError(f"trainer.devices={devices} but only {torch.cuda.device_count()} CUDA device(s) are visible")
     if bool(cfg.trainer.get("sync_batchnorm", False)) and devices > 1 and not uses_cuda:
         raise ConfigError("trainer.sync_batchnorm=true needs CUDA devices (torch's SyncBatchNorm has no CPU implementation)")
     if str(cfg.trainer.precision) == "fp16" and not uses_cuda:
         warnings.warn("trainer.precision=fp16 on the CPU runs many times slower than fp32 (no fast float16 kernels); use fp32 or bf16", stacklevel=2)
+    return device
 
 
 # --- keys added on the command line with + or ++ --------------------------------------------------

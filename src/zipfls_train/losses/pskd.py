@@ -71,11 +71,11 @@ def all_gather_rows(*tensors: Tensor) -> tuple[Tensor, ...]:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensors
     world = dist.get_world_size()
+    gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # (the older name: torch < 2.14)
     gathered = []
     for tensor in tensors:
         tensor = tensor.contiguous()
         out = tensor.new_empty((world * tensor.shape[0], *tensor.shape[1:]))
-        gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # (the older name: torch < 2.14)
         gather_into(out, tensor)
         gathered.append(out)
     return tuple(gathered)
