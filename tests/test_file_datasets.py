@@ -19,7 +19,8 @@ from PIL import Image
 
 from conftest import compose, shared_data
 from zipfls_train.data import DatasetError, LoaderOptions, build_data
-from zipfls_train.data.file_loader import FileList, FileLoader, build_transforms
+from zipfls_train.data.file_list import FileList
+from zipfls_train.data.file_loader import FileLoader, build_transforms
 from zipfls_train.data.imagenet import read_imagenet
 from zipfls_train.data.inat21 import read_inat21
 from zipfls_train.data.transforms import EvalTransform, TrainTransform, eval_resize_size

@@ -449,7 +449,7 @@ def test_a_corrupt_pack_meta_json_names_the_file(tmp_path):
 @pytest.mark.parametrize("split_key", ["train_per_class", "val_per_class"])
 def test_a_zero_per_class_subset_names_its_key_in_the_readers(split_key, tmp_path):
     from zipfls_train.data.builders import read_in_memory
-    from zipfls_train.data.file_loader import FileList
+    from zipfls_train.data.file_list import FileList
     from conftest import write_tinyimagenet_pack
     from zipfls_train.data import DatasetError
 

@@ -48,6 +48,7 @@ from ..errors import original_message
 from .augment import Normalizer
 from .batch import Batch
 from .class_pairs import SameClassPartners
+from .file_list import FileList
 from .images import DatasetError, check_class_count
 from .page_lock import CUDA_SUCCESS, cuda_error_text, page_lock, page_unlock
 from .seeds import mix_seed
@@ -59,93 +60,9 @@ TRAIN_AUGMENTS = ("random_resized_crop", "none")
 # decodes (nvjpeg through torchvision.io.decode_jpeg on CUDA) and crops/resizes there.
 DECODE_MODES = ("cpu", "device")
 TEST_TRANSFORMS = ("resize_center_crop",)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 # Views of one sample get different augmentation seeds.
 VIEW_MAIN, VIEW_SECOND, VIEW_PAIR = 0, 1, 2
-
-
-def is_image_file(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
-
-
-def list_images(folder: str) -> list[str]:
-    """Sorted names of the image files directly in ``folder``."""
-    with os.scandir(folder) as entries:
-        return sorted(entry.name for entry in entries if entry.is_file() and is_image_file(entry.name))
-
-
-@dataclass
-class FileList:
-    """Image files and their labels. Paths are stored as (folder index, file name) in numpy arrays:
-    1.3 M Python strings would be copied page by page into every forked worker as their reference
-    counts change; numpy arrays stay shared."""
-
-    root: str
-    folders: list[str]  # relative to root
-    folder_index: np.ndarray  # int32, per sample
-    names: np.ndarray  # bytes, per sample
-    targets: np.ndarray  # int64, per sample, in [0, len(classes))
-    classes: list[str]
-
-    def __post_init__(self) -> None:
-        n = len(self.names)
-        if len(self.folder_index) != n or len(self.targets) != n:
-            raise DatasetError(f"{n} files but {len(self.folder_index)} folders and {len(self.targets)} labels")
-        if n and (int(self.targets.min()) < 0 or int(self.targets.max()) >= len(self.classes)):
-            raise DatasetError(
-                f"label out of range under {self.root}: labels span [{int(self.targets.min())}, "
-                f"{int(self.targets.max())}] but there are {len(self.classes)} classes"
-            )
-
-    @classmethod
-    def from_paths(cls, root: str, relative_paths: Sequence[str], targets: Sequence[int], classes: list[str]) -> "FileList":
-        folders: dict[str, int] = {}
-        folder_index = np.empty(len(relative_paths), dtype=np.int32)
-        names = []
-        for i, relative in enumerate(relative_paths):
-            folder, _, name = relative.replace(os.sep, "/").rpartition("/")
-            folder_index[i] = folders.setdefault(folder, len(folders))
-            names.append(name.encode())
-        return cls(
-            root=str(root),
-            folders=list(folders),
-            folder_index=folder_index,
-            names=np.array(names, dtype=np.bytes_) if names else np.array([], dtype="S1"),
-            targets=np.asarray(targets, dtype=np.int64),
-            classes=list(classes),
-        )
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def path(self, index: int) -> str:
-        return os.path.join(self.root, self.folders[self.folder_index[index]], self.names[index].decode())
-
-    def take(self, index: np.ndarray, classes: list[str] | None = None) -> "FileList":
-        return FileList(self.root, self.folders, self.folder_index[index], self.names[index], self.targets[index],
-                        self.classes if classes is None else classes)
-
-    def subset(self, num_classes: int | None, per_class: int | None, per_class_key: str = "dataset.train_per_class") -> "FileList":
-        """The first ``num_classes`` classes (labels kept: they are 0..K-1) and the first ``per_class``
-        files of each class, in list order (as :func:`images.take_subset`). ``None`` keeps all.
-        ``per_class_key`` names the config key ``per_class`` came from, for the error message."""
-        if num_classes is None and per_class is None:
-            return self
-        keep = len(self.classes) if num_classes is None else int(num_classes)
-        if not 2 <= keep <= len(self.classes):
-            raise DatasetError(f"dataset.num_classes_subset must be in [2, {len(self.classes)}], got {num_classes}")
-        mask = self.targets < keep
-        if per_class is not None:
-            if int(per_class) < 1:
-                raise DatasetError(f"{per_class_key} (files per class) must be null (all) or an integer >= 1, got {per_class}")
-            order = np.argsort(self.targets, kind="stable")
-            sorted_targets = self.targets[order]
-            rank_sorted = np.arange(len(order)) - np.searchsorted(sorted_targets, sorted_targets, side="left")
-            rank = np.empty_like(rank_sorted)
-            rank[order] = rank_sorted
-            mask &= rank < int(per_class)
-        return self.take(np.nonzero(mask)[0], self.classes[:keep])
 
 
 # Key of one sample in a batch plan: (dataset index, index of its CS-KD pair or -1, epoch, ring slot

@@ -2,7 +2,7 @@
 
     <root>/train/<class>/<image>    <root>/val/<class>/<image>
 
-Images are any of ``file_loader.IMAGE_EXTENSIONS`` (jpg, png, webp, ...), in the class folder or
+Images are any of ``file_list.IMAGE_EXTENSIONS`` (jpg, png, webp, ...), in the class folder or
 its subfolders. Class index = position of
 the class folder's name in sorted order, as ImageFolder's. Decoded, augmented and loaded by
 :class:`FileLoader` exactly as ImageNet is (ImageNet's prepared layout is this one); the class-folder
@@ -16,7 +16,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .file_loader import IMAGE_EXTENSIONS, FileList, build_file_bundle, list_images
+from .file_list import IMAGE_EXTENSIONS, FileList, list_images
+from .file_loader import build_file_bundle
 from .images import DatasetError, missing_dataset_error
 from .tensor_loader import LoaderOptions
 

@@ -27,7 +27,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .file_loader import FileList, build_file_bundle, is_image_file, list_images
+from .file_list import FileList, is_image_file, list_images
+from .file_loader import build_file_bundle
 from .image_folder import read_class_folders, read_classes
 from .images import DatasetError, missing_dataset_error
 from .tensor_loader import LoaderOptions

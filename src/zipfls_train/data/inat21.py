@@ -29,7 +29,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .file_loader import FileList, build_file_bundle, list_images
+from .file_list import FileList, list_images
+from .file_loader import build_file_bundle
 from .images import DatasetError, missing_dataset_error
 from .tensor_loader import LoaderOptions
 
