@@ -8,7 +8,7 @@ cancels out of the ratios.
 
 Cases: small (cifar_resnet18 32 px, ce/ls/zipf/zipf_dense2, and on CUDA zipf with
 loss.kernel=torch beside the fused kernel), resnet50 (224 px, batch 256), small_real (the real
-loader), compile (ce and zipf with trainer.compile=default and reduce-overhead), compile_real
+loader), compile (ce and zipf with trainer.compile=default and reduce-overhead, beside eager ce), compile_real
 (reduce-overhead with the real loader: what a long 32 px run trains at), resnet50_compile (the
 same for ResNet-50).
 Run in that order: the eager cases take seconds, each compiled one a minute or more.
@@ -179,7 +179,8 @@ def main() -> None:
         results["real"] = run_case("cifar_resnet18 32px real", {f"loss={m}": [*small, *real, f"loss={m}"] for m in ("ce", "zipf")}, args, device)
         print_stalls(results, "real", "small", {f"loss={m}": f"loss={m}" for m in ("ce", "zipf")})
     if "compile" in cases:
-        variants = {}
+        # The eager step too, interleaved with the compiled ones: what compiling buys, side by side.
+        variants = {"eager,loss=ce": [*small, *SYNTHETIC_32PX, "loss=ce"]}
         for mode in modes:
             for m in ("ce", "zipf"):
                 variants[f"compile={mode},loss={m}"] = [*small, *SYNTHETIC_32PX, f"loss={m}", f"trainer.compile={mode}"]
@@ -191,6 +192,7 @@ def main() -> None:
                 variants[f"compile={mode},loss=zipf,kernel=torch"] = [
                     *small, *SYNTHETIC_32PX, "loss=zipf", "loss.kernel=torch", f"trainer.compile={mode}"]
         results["compile"] = r = run_case("cifar_resnet18 32px compiled", variants, args, device)
+        print_ratios(r, "eager,loss=ce", [f"compile={mode},loss=ce" for mode in modes])
         for mode in modes:
             print_ratios(r, f"compile={mode},loss=ce", [label for label in r if label.startswith(f"compile={mode},loss=zipf")])
     if "compile_real" in cases:

@@ -43,6 +43,11 @@ def test_bench_train_compiled_real_loader_case_reports_the_data_stall():
         for loss in ("ce", "zipf"):
             assert re.search(rf"32px {case} +compile=reduce-overhead,loss={loss}\s+[0-9.]+ ms/step", output), output
     assert "data-stall fraction (compile=reduce-overhead,loss=zipf)" in output, output
+    # the eager step runs beside the compiled ones, and the compiled/eager ratio is their step times'
+    ms = {label: float(re.search(rf"32px compiled +{label}\s+([0-9.]+) ms/step", output).group(1))
+          for label in ("eager,loss=ce", "compile=reduce-overhead,loss=ce")}  # fmt: skip
+    measured = ms["compile=reduce-overhead,loss=ce"] / ms["eager,loss=ce"]
+    assert abs(ratio(output, "step-time ratio compile=reduce-overhead,loss=ce / eager,loss=ce") - measured) < 0.002 + 0.01 / ms["eager,loss=ce"]
 
 
 def test_bench_loss_overhead_prints_one_line_per_case():
