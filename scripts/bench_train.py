@@ -10,7 +10,8 @@ Cases: small (cifar_resnet18 32 px, ce/ls/zipf/zipf_dense2, and on CUDA zipf wit
 loss.kernel=torch beside the fused kernel), resnet50 (224 px, batch 256), small_real (the real
 loader), compile (ce and zipf with trainer.compile=default and reduce-overhead, beside eager ce), compile_real
 (reduce-overhead with the real loader: what a long 32 px run trains at), resnet50_compile (the
-same for ResNet-50).
+same for ResNet-50), layout (eager CE with trainer.channels_last false and true, for each of
+--layout-models: the 32 px ones at --batch-size, the others at 224 px and --r50-batch-size).
 Run in that order: the eager cases take seconds, each compiled one a minute or more.
 
     python scripts/bench_train.py --device cuda --data ../shared/data
@@ -37,7 +38,7 @@ from zipfls_train.engine.distributed import DistContext, resolve_device  # noqa:
 from zipfls_train.engine.trainer import Trainer  # noqa: E402
 
 
-CASES = ("small", "compile", "resnet50", "small_real", "compile_real", "resnet50_compile")
+CASES = ("small", "compile", "resnet50", "small_real", "compile_real", "resnet50_compile", "layout")
 
 
 # The trainers' run folders (nothing is trained into them): one temporary folder, removed at exit.
@@ -145,6 +146,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=15)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--r50-batch-size", type=int, default=256)
+    parser.add_argument("--layout-models", default="cifar_resnet18", help="comma list of model configs for the layout case")
     parser.add_argument("--compile-modes", default="default,reduce-overhead",
                         help="trainer.compile values of the compile and resnet50_compile cases (each costs a compilation per loss)")
     args = parser.parse_args()
@@ -206,6 +208,18 @@ def main() -> None:
         results["r50_compile"] = r = run_case("resnet50 224px compiled", variants, args, device)
         for mode in modes:
             print_ratios(r, f"compile={mode},loss=ce", [f"compile={mode},loss=zipf"])
+    if "layout" in cases:
+        for model in args.layout_models.split(","):
+            # 32 px models (the cifar_* configs; --width is cifar_resnet18's), the rest at 224 px.
+            if model == "cifar_resnet18":
+                shape = [*small, *SYNTHETIC_32PX]
+            elif model.startswith("cifar_"):
+                shape = [*common, f"model={model}", f"trainer.batch_size={args.batch_size}", *SYNTHETIC_32PX]
+            else:
+                shape = [*r50, f"model={model}"]
+            variants = {f"{model},channels_last={on}": [*shape, "loss=ce", f"trainer.channels_last={on}"] for on in ("false", "true")}
+            results[f"layout_{model}"] = r = run_case(f"{model} layout, loss=ce", variants, args, device)
+            print_ratios(r, f"{model},channels_last=false", [f"{model},channels_last=true"])
 
 
 def print_stalls(results: dict[str, dict[str, float]], real: str, synthetic: str, labels: dict[str, str]) -> None:

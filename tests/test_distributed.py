@@ -22,8 +22,11 @@ from zipfls_train.engine.run import run_training
 # gradient all-reduce, which is what these tests check (BatchNorm would see half-batches per rank).
 # A small lr: float differences of the all-reduce order (~1e-8) are amplified by every step of a
 # large-lr start (x100 per step at lr 0.1 on this tiny net), which would test chaos, not DDP.
+# NCHW: the CPU's NHWC convolutions (oneDNN) sum a batch's weight gradients in an order that depends
+# on the batch (32 in one process, 16 per rank), 1-ulp differences that three steps of this net grow
+# to 1e-5; NCHW ones agree to the all-reduce's rounding. channels_last under DDP: its own test below.
 DDP_RUN = [*TINY_RUN, "model.options.norm=group", "trainer.batch_size=32", "trainer.epochs=1", "loss=ce", "optim.lr=0.02",
-           "dataset.num_classes_subset=5", "dataset.val_per_class=7", "trainer.eval_batch_size=4"]
+           "dataset.num_classes_subset=5", "dataset.val_per_class=7", "trainer.eval_batch_size=4", "trainer.channels_last=false"]
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -47,6 +50,18 @@ def test_two_process_ddp_matches_one_process_on_the_global_batch(tiny_pack_root,
     assert a["val_top1"] == b["val_top1"] and a["val_top5"] == b["val_top5"]
     correct = a["val_top1"] * 35 / 100
     assert abs(correct - round(correct)) < 1e-9  # a whole number of images out of 35
+
+
+def test_two_process_ddp_trains_channels_last_models_as_one_process(tiny_pack_root, tmp_path):
+    # DDP's gradient buckets hold channels_last gradients as views in the parameters' own strides:
+    # one step agrees to float rounding (a wrong layout would scramble each 4-d weight's gradient).
+    common = [*DDP_RUN, f"dataset.root={tiny_pack_root}", "trainer.max_steps_per_epoch=1", "trainer.channels_last=true"]
+    run_training(compose([*common, "trainer.devices=1"]), tmp_path / "single")
+    run_training(compose([*common, "trainer.devices=2"]), tmp_path / "ddp")
+    single, ddp = _weights(tmp_path / "single"), _weights(tmp_path / "ddp")
+    assert single["backbone.stem.0.weight"].is_contiguous(memory_format=torch.channels_last)  # the layout under test
+    for name, tensor in single.items():
+        torch.testing.assert_close(ddp[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_torchrun_two_processes_match_one_process(tiny_pack_root, tmp_path):

@@ -50,6 +50,16 @@ def test_bench_train_compiled_real_loader_case_reports_the_data_stall():
     assert abs(ratio(output, "step-time ratio compile=reduce-overhead,loss=ce / eager,loss=ce") - measured) < 0.002 + 0.01 / ms["eager,loss=ce"]
 
 
+def test_bench_train_layout_case_times_both_memory_formats_per_model():
+    output = run_script("scripts/bench_train.py", "--device", "cpu", "--cases", "layout", "--layout-models", "cifar_resnet18,resnet18",
+                        "--batch-size", "4", "--width", "4", "--r50-batch-size", "2", "--steps", "1", "--warmup", "1",
+                        "--rounds", "1", "--precision", "fp32")  # fmt: skip
+    for model in ("cifar_resnet18", "resnet18"):
+        ms = {on: float(re.search(rf"\s{model},channels_last={on}\s+([0-9.]+) ms/step", output).group(1)) for on in ("false", "true")}
+        printed = ratio(output, f"step-time ratio {model},channels_last=true / {model},channels_last=false")
+        assert abs(printed - ms["true"] / ms["false"]) < 0.002 + 0.01 / ms["false"], output
+
+
 def test_bench_loss_overhead_prints_one_line_per_case():
     output = run_script("scripts/bench_loss_overhead.py", "--device", "cpu", "--cases", "cifar100", "--batch-size", "4",
                         "--width", "4", "--repeats", "1", "--warmup", "1", "--loss-repeats", "1")  # fmt: skip

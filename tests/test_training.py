@@ -494,6 +494,27 @@ def test_cudnn_autotunes_unless_the_run_is_deterministic(tmp_path, monkeypatch, 
     assert torch.backends.cudnn.benchmark is autotune
 
 
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_the_run_lays_out_its_model_batches_and_teacher_as_trainer_channels_last_says(tmp_path, tiny_pack_root, channels_last):
+    # On the CPU too (oneDNN's NHWC convolutions are faster: experiments/cpu_speed.md): the model,
+    # BAN's teacher (saved here from an NCHW run) and the in-memory loader's batches.
+    from conftest import compose
+    from zipfls_train.engine.distributed import DistContext
+
+    teacher_run = tmp_path / "teacher"
+    Trainer(compose([*TINY_RUN, f"dataset.root={tiny_pack_root}", "trainer.channels_last=false"]), DistContext(), teacher_run).save()
+    overrides = [*TINY_RUN, f"dataset.root={tiny_pack_root}", "loss=ban", "loss.generation=2",
+                 f"loss.teacher_checkpoint={teacher_run / 'checkpoints' / 'last.pt'}", f"trainer.channels_last={channels_last}"]
+    trainer = Trainer(compose(overrides), DistContext(), tmp_path / "run")
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    for model in (trainer.model, trainer.method.teacher):
+        weights = [w for w in model.parameters() if w.dim() == 4]
+        assert weights and all(w.is_contiguous(memory_format=layout) for w in weights)
+        assert channels_last == weights[0].is_contiguous(memory_format=torch.channels_last) != weights[0].is_contiguous()
+    for batch in (next(trainer.data.train.epoch(0)), next(trainer.data.val.epoch(0))):
+        assert batch.inputs.is_contiguous(memory_format=layout) and batch.inputs.is_contiguous() != channels_last
+
+
 COMPILE_OVERRIDES = ["dataset=synthetic", "dataset.image_size=32", "dataset.num_classes=20", "dataset.steps_per_epoch=2",
                      "dataset.zipf.upsample=bilinear", "model.options.width=8", "trainer.batch_size=16",
                      "trainer.device=cpu", "trainer.progress_bar=false"]
