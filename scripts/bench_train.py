@@ -10,8 +10,9 @@ Cases: small (cifar_resnet18 32 px, ce/ls/zipf/zipf_dense2, and on CUDA zipf wit
 loss.kernel=torch beside the fused kernel), resnet50 (224 px, batch 256), small_real (the real
 loader), compile (ce and zipf with trainer.compile=default and reduce-overhead, beside eager ce), compile_real
 (reduce-overhead with the real loader: what a long 32 px run trains at), resnet50_compile (the
-same for ResNet-50), layout (eager CE with trainer.channels_last false and true, for each of
---layout-models: the 32 px ones at --batch-size, the others at 224 px and --r50-batch-size).
+same for ResNet-50), layout and precision (eager CE with trainer.channels_last false and true, with
+trainer.precision fp32 and bf16, for each of --models: the 32 px ones at --batch-size, the others at
+224 px and --r50-batch-size; --precision does not apply to them).
 Run in that order: the eager cases take seconds, each compiled one a minute or more.
 
     python scripts/bench_train.py --device cuda --data ../shared/data
@@ -38,7 +39,9 @@ from zipfls_train.engine.distributed import DistContext, resolve_device  # noqa:
 from zipfls_train.engine.trainer import Trainer  # noqa: E402
 
 
-CASES = ("small", "compile", "resnet50", "small_real", "compile_real", "resnet50_compile", "layout")
+# Cases that time one setting's two values (eager CE) for each of --models: (config key, values).
+SETTING_CASES = {"layout": ("trainer.channels_last", ("false", "true")), "precision": ("trainer.precision", ("fp32", "bf16"))}
+CASES = ("small", "compile", "resnet50", "small_real", "compile_real", "resnet50_compile", *SETTING_CASES)
 
 
 # The trainers' run folders (nothing is trained into them): one temporary folder, removed at exit.
@@ -146,7 +149,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=15)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--r50-batch-size", type=int, default=256)
-    parser.add_argument("--layout-models", default="cifar_resnet18", help="comma list of model configs for the layout case")
+    parser.add_argument("--models", default="cifar_resnet18", help="comma list of model configs for the layout and precision cases")
     parser.add_argument("--compile-modes", default="default,reduce-overhead",
                         help="trainer.compile values of the compile and resnet50_compile cases (each costs a compilation per loss)")
     args = parser.parse_args()
@@ -208,8 +211,10 @@ def main() -> None:
         results["r50_compile"] = r = run_case("resnet50 224px compiled", variants, args, device)
         for mode in modes:
             print_ratios(r, f"compile={mode},loss=ce", [f"compile={mode},loss=zipf"])
-    if "layout" in cases:
-        for model in args.layout_models.split(","):
+    for case, (key, values) in SETTING_CASES.items():
+        if case not in cases:
+            continue
+        for model in args.models.split(","):
             # 32 px models (the cifar_* configs; --width is cifar_resnet18's), the rest at 224 px.
             if model == "cifar_resnet18":
                 shape = [*small, *SYNTHETIC_32PX]
@@ -217,9 +222,10 @@ def main() -> None:
                 shape = [*common, f"model={model}", f"trainer.batch_size={args.batch_size}", *SYNTHETIC_32PX]
             else:
                 shape = [*r50, f"model={model}"]
-            variants = {f"{model},channels_last={on}": [*shape, "loss=ce", f"trainer.channels_last={on}"] for on in ("false", "true")}
-            results[f"layout_{model}"] = r = run_case(f"{model} layout, loss=ce", variants, args, device)
-            print_ratios(r, f"{model},channels_last=false", [f"{model},channels_last=true"])
+            name = key.split(".")[-1]
+            variants = {f"{model},{name}={value}": [*shape, "loss=ce", f"{key}={value}"] for value in values}
+            results[f"{case}_{model}"] = r = run_case(f"{model} {case}, loss=ce", variants, args, device)
+            print_ratios(r, f"{model},{name}={values[0]}", [f"{model},{name}={values[1]}"])
 
 
 def print_stalls(results: dict[str, dict[str, float]], real: str, synthetic: str, labels: dict[str, str]) -> None:

@@ -22,11 +22,13 @@ from zipfls_train.engine.run import run_training
 # gradient all-reduce, which is what these tests check (BatchNorm would see half-batches per rank).
 # A small lr: float differences of the all-reduce order (~1e-8) are amplified by every step of a
 # large-lr start (x100 per step at lr 0.1 on this tiny net), which would test chaos, not DDP.
-# NCHW: the CPU's NHWC convolutions (oneDNN) sum a batch's weight gradients in an order that depends
-# on the batch (32 in one process, 16 per rank), 1-ulp differences that three steps of this net grow
-# to 1e-5; NCHW ones agree to the all-reduce's rounding. channels_last under DDP: its own test below.
+# fp32 (trainer.precision=auto is bf16 on CPUs with AMX): bf16 rounds each split of the batch its
+# own way. NCHW: the CPU's NHWC convolutions (oneDNN) sum a batch's weight gradients in an order that
+# depends on the batch (32 in one process, 16 per rank), 1-ulp differences that three steps of this
+# net grow to 1e-5; NCHW ones agree to the all-reduce's rounding. channels_last: its own test below.
 DDP_RUN = [*TINY_RUN, "model.options.norm=group", "trainer.batch_size=32", "trainer.epochs=1", "loss=ce", "optim.lr=0.02",
-           "dataset.num_classes_subset=5", "dataset.val_per_class=7", "trainer.eval_batch_size=4", "trainer.channels_last=false"]
+           "dataset.num_classes_subset=5", "dataset.val_per_class=7", "trainer.eval_batch_size=4", "trainer.channels_last=false",
+           "trainer.precision=fp32"]
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:

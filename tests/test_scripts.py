@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO, shared_data
 
 
@@ -50,14 +52,15 @@ def test_bench_train_compiled_real_loader_case_reports_the_data_stall():
     assert abs(ratio(output, "step-time ratio compile=reduce-overhead,loss=ce / eager,loss=ce") - measured) < 0.002 + 0.01 / ms["eager,loss=ce"]
 
 
-def test_bench_train_layout_case_times_both_memory_formats_per_model():
-    output = run_script("scripts/bench_train.py", "--device", "cpu", "--cases", "layout", "--layout-models", "cifar_resnet18,resnet18",
-                        "--batch-size", "4", "--width", "4", "--r50-batch-size", "2", "--steps", "1", "--warmup", "1",
-                        "--rounds", "1", "--precision", "fp32")  # fmt: skip
+@pytest.mark.parametrize(("case", "setting"), [("layout", "channels_last"), ("precision", "precision")])
+def test_bench_train_setting_cases_time_both_values_per_model(case, setting):
+    output = run_script("scripts/bench_train.py", "--device", "cpu", "--cases", case, "--models", "cifar_resnet18,resnet18",
+                        "--batch-size", "4", "--width", "4", "--r50-batch-size", "2", "--steps", "1", "--warmup", "1", "--rounds", "1")  # fmt: skip
+    before, after = {"layout": ("false", "true"), "precision": ("fp32", "bf16")}[case]
     for model in ("cifar_resnet18", "resnet18"):
-        ms = {on: float(re.search(rf"\s{model},channels_last={on}\s+([0-9.]+) ms/step", output).group(1)) for on in ("false", "true")}
-        printed = ratio(output, f"step-time ratio {model},channels_last=true / {model},channels_last=false")
-        assert abs(printed - ms["true"] / ms["false"]) < 0.002 + 0.01 / ms["false"], output
+        ms = {value: float(re.search(rf"\s{model},{setting}={value}\s+([0-9.]+) ms/step", output).group(1)) for value in (before, after)}
+        printed = ratio(output, f"step-time ratio {model},{setting}={after} / {model},{setting}={before}")
+        assert abs(printed - ms[after] / ms[before]) < 0.002 + 0.01 / ms[before], output
 
 
 def test_bench_loss_overhead_prints_one_line_per_case():

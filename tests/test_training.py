@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -492,6 +493,27 @@ def test_cudnn_autotunes_unless_the_run_is_deterministic(tmp_path, monkeypatch, 
                  "model.options.width=8", "trainer.device=cpu", "trainer.progress_bar=false", f"trainer.deterministic={deterministic}"]
     Trainer(compose(overrides), DistContext(), tmp_path)
     assert torch.backends.cudnn.benchmark is autotune
+
+
+@pytest.mark.parametrize(("amx", "expected"), [(True, torch.bfloat16), (False, None), ("absent", None)])
+def test_precision_auto_is_bf16_on_cpus_with_amx_and_fp32_on_other_cpus(monkeypatch, amx, expected):
+    from zipfls_train.engine.trainer import resolve_precision
+
+    if amx == "absent":  # a torch without the probe
+        monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    else:
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) is expected
+    # explicit choices do not depend on the CPU
+    assert (resolve_precision("fp32", cpu), resolve_precision("bf16", cpu), resolve_precision("fp16", cpu)) == (
+        None, torch.bfloat16, torch.float16)  # fmt: skip
+
+
+def test_the_run_reports_the_precision_auto_chose(run_tiny, capsys):
+    summary, _ = run_tiny("trainer.precision=bf16")
+    assert summary["precision"] == "bf16"
+    assert re.search(r"\[zipfls-train\] run started: \S+ \(cpu, bf16\)", capsys.readouterr().out)
 
 
 @pytest.mark.parametrize("channels_last", [True, False])

@@ -62,16 +62,31 @@ class Progress:
     best_epoch: int = 0
 
 
+def cpu_has_bf16_matrix_units() -> bool:
+    """Intel AMX (Xeon from the 4th generation on): bf16 tiles for convolutions and matmuls, on which
+    bf16 autocast trains 2-3x faster than fp32 (experiments/cpu_speed.md). Elsewhere a CPU emulates
+    bf16 matrix products, or only converts faster, so fp32 stays the default there."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # (private; absent from older torch)
+    return bool(probe is not None and probe())
+
+
 def resolve_precision(requested: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32."""
+    """The autocast dtype, or None for fp32. auto: bf16 where the device multiplies bf16 matrices
+    natively (CUDA GPUs with bf16, CPUs with AMX), fp32 elsewhere."""
     if requested == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if device.type == "cpu" and cpu_has_bf16_matrix_units():
             return torch.bfloat16
         return None
     table = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
     if requested not in table:
         raise ConfigError(f"trainer.precision must be auto, fp32, bf16 or fp16, got {requested!r}")
     return table[requested]
+
+
+def precision_name(autocast_dtype: torch.dtype | None) -> str:
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast_dtype]
 
 
 def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
@@ -372,7 +387,8 @@ class Trainer:
             self._prepare_run_folder(resumed)
         records = RunRecords(self.run_dir, self.progress.epoch, self.progress.global_step, enabled=self.ctx.is_main)
         if self.ctx.is_main:
-            print(f"[zipfls-train] run {self._resumed_at() if resumed else 'started'}: {self.run_dir}", flush=True)
+            print(f"[zipfls-train] run {self._resumed_at() if resumed else 'started'}: {self.run_dir} "
+                  f"({self.device.type}, {precision_name(self.autocast_dtype)})", flush=True)
         try:
             with self._stops:
                 while self.progress.epoch < self.epochs:
@@ -635,5 +651,6 @@ class Trainer:
             "best_epoch": self.progress.best_epoch,
             "last_val_top1": metrics[-1]["val_top1"] if metrics else None,
             "epochs": self.progress.epoch,
+            "precision": precision_name(self.autocast_dtype),  # what trainer.precision=auto chose
             "run_dir": str(self.run_dir),
         }
