@@ -39,6 +39,7 @@ from zipfls_train.data.file_loader import FileLoader  # noqa: E402
 from zipfls_train.data.imagenet import read_imagenet  # noqa: E402
 from zipfls_train.data.tensor_loader import LoaderOptions  # noqa: E402
 from zipfls_train.data.transforms import TrainTransform  # noqa: E402
+from zipfls_train.engine.trainer import precision_name, resolve_precision  # noqa: E402
 from zipfls_train.models import build_model  # noqa: E402
 
 DEFAULT_SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-samples"
@@ -116,7 +117,7 @@ def main() -> None:
     parser.add_argument("--samples", type=Path, default=DEFAULT_SAMPLES, help="real JPEGs to build the generated folder from")
     parser.add_argument("--classes", type=int, default=20, help="classes of the generated folder")
     parser.add_argument("--per-class", type=int, default=0, help="train images per class of the generated folder (0: enough for the run)")
-    parser.add_argument("--precision", default="auto", help="auto (bf16 on CUDA) | fp32 | bf16")
+    parser.add_argument("--precision", default="auto", help="as trainer.precision: auto | fp32 | bf16")
     parser.add_argument("--no-draft", action="store_true", help="decode JPEGs at full size")
     parser.add_argument("--decode", default="cpu", choices=["cpu", "device"], help="where JPEGs are decoded (dataset.decode)")
     parser.add_argument("--skip-model", action="store_true", help="measure the loader only")
@@ -128,7 +129,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    autocast = torch.bfloat16 if (args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")) else None
+    autocast = resolve_precision(args.precision, device)
 
     with tempfile.TemporaryDirectory() as scratch:
         if args.data is None:
@@ -230,7 +231,7 @@ def check_cuda_paths(train_files, args: argparse.Namespace, device: torch.device
 def report(args: argparse.Namespace, device: torch.device, autocast, train_files, mean_bytes: float, results: dict[str, float]) -> None:  # noqa: ANN001
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
     print(f"\n{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC  host {platform.node()}  {os.cpu_count()} CPU cores  GPU: {gpu}")
-    print(f"torch {torch.__version__}  python {platform.python_version()}  device {device}  precision {autocast or 'fp32'}")
+    print(f"torch {torch.__version__}  python {platform.python_version()}  device {device}  precision {precision_name(autocast)}")
     print(f"model {args.model}  batch {args.batch_size}  workers {args.workers}  image_size {args.image_size}  "
           f"decode {args.decode}  draft {'off' if args.no_draft else 'on'}  files {len(train_files)} (mean {mean_bytes / 1024:.0f} KiB)  "
           f"steps {args.steps} after {args.warmup} warm-up")

@@ -57,7 +57,7 @@ from zipfls_train.data.batch import Batch
 from zipfls_train.engine.checkpoint import save_atomic
 from zipfls_train.engine.distributed import resolve_device
 from zipfls_train.engine.optim import build_optimizer
-from zipfls_train.engine.trainer import resolve_precision
+from zipfls_train.engine.trainer import precision_name, resolve_precision
 from zipfls_train.losses import Method, build_method
 from zipfls_train.models import build_model
 
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {datetime.date.today().isoformat()}  {describe_machine(device)}  torch {torch.__version__}")
     print(
         f"# model {args.model} {args.model_options or ''} classes {args.classes} batch {args.batch} "
-        f"image {args.image_size}px precision {args.precision} dataset-defaults {args.dataset} "
+        f"image {args.image_size}px precision {precision_name(resolve_precision(args.precision, device))} dataset-defaults {args.dataset} "
         f"PS-KD rows {args.dataset_size}; {args.rounds} rounds x {args.steps} steps (+{args.warmup} warm-up rounds)"
     )
     ce_ms = statistics.median(runners["ce"].times)

@@ -63,6 +63,14 @@ def test_bench_train_setting_cases_time_both_values_per_model(case, setting):
         assert abs(printed - ms[after] / ms[before]) < 0.002 + 0.01 / ms[before], output
 
 
+def test_bench_loader_reports_the_data_stall_of_its_own_figures():
+    output = run_script("scripts/bench_loader.py", "--device", "cpu", "--model", "resnet18", "--batch-size", "4", "--workers", "1",
+                        "--steps", "2", "--warmup", "1", "--samples", "16", "--image-size", "32")  # fmt: skip
+    rate = {name: float(value) for name, value in re.findall(r"^(model alone|loader \+ model) +([0-9.]+)$", output, re.MULTILINE)}
+    (stall,) = re.findall(r"data stall: (-?[0-9]+)% of step time", output)
+    assert abs(int(stall) - 100 * (1 - rate["loader + model"] / rate["model alone"])) <= 0.5 + 1e-9, output
+
+
 def test_bench_loss_overhead_prints_one_line_per_case():
     output = run_script("scripts/bench_loss_overhead.py", "--device", "cpu", "--cases", "cifar100", "--batch-size", "4",
                         "--width", "4", "--repeats", "1", "--warmup", "1", "--loss-repeats", "1")  # fmt: skip
