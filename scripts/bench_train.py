@@ -12,7 +12,7 @@ loader), compile (ce and zipf with trainer.compile=default and reduce-overhead, 
 (reduce-overhead with the real loader: what a long 32 px run trains at), resnet50_compile (the
 same for ResNet-50), layout and precision (eager CE with trainer.channels_last false and true, with
 trainer.precision fp32 and bf16, for each of --models: the 32 px ones at --batch-size, the others at
-224 px and --r50-batch-size; --precision does not apply to them).
+224 px and --r50-batch-size; --precision sets the layout case's, the precision case sets its own).
 Run in that order: the eager cases take seconds, each compiled one a minute or more.
 
     python scripts/bench_train.py --device cuda --data ../shared/data
