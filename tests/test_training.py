@@ -510,10 +510,12 @@ def test_precision_auto_is_bf16_on_cpus_with_amx_and_fp32_on_other_cpus(monkeypa
         None, torch.bfloat16, torch.float16)  # fmt: skip
 
 
-def test_the_run_reports_the_precision_auto_chose(run_tiny, capsys):
-    summary, _ = run_tiny("trainer.precision=bf16")
-    assert summary["precision"] == "bf16"
-    assert re.search(r"\[zipfls-train\] run started: \S+ \(cpu, bf16\)", capsys.readouterr().out)
+@pytest.mark.parametrize(("amx", "used"), [(True, "bf16"), (False, "fp32")])
+def test_the_run_reports_the_precision_auto_chose(run_tiny, capsys, monkeypatch, amx, used):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    summary, _ = run_tiny("trainer.precision=auto")
+    assert summary["precision"] == used
+    assert re.search(rf"\[zipfls-train\] run started: \S+ \(cpu, {used}\)", capsys.readouterr().out)
 
 
 @pytest.mark.parametrize("channels_last", [True, False])
