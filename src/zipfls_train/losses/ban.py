@@ -16,8 +16,9 @@ step", sec. 4.2: generation 2).
 Teacher: ``teacher_checkpoint`` is a zipfls-train checkpoint (``<run>/checkpoints/best.pt`` or
 ``last.pt``) of generation k - 1. ``setup`` builds a fresh model with the run's ``model_factory()``,
 loads the checkpoint's ``model`` state (auxiliary-head entries, if the teacher run had any, are
-ignored: they never affect the logits), freezes it (``requires_grad_(False)``, eval mode) and moves it
-to the training device at the first step. It is deliberately *not* a registered submodule: it stays
+ignored: they never affect the logits), freezes it (``requires_grad_(False)``, eval mode); the trainer's factory
+builds it on the training device and in its layout (a teacher built elsewhere is moved at the first
+step). It is deliberately *not* a registered submodule: it stays
 out of the optimiser (the trainer optimises ``method.parameters()``), out of ``train()`` calls and out
 of this method's ``state_dict`` (checkpoints stay small; the teacher is reloaded from its path on
 resume).

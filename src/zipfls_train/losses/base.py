@@ -51,7 +51,8 @@ class Method(nn.Module):
 
     def setup(self, *, num_classes: int, dataset_size: int, model_factory) -> None:  # noqa: ANN001
         """Called once before training, after the model exists. ``model_factory()`` builds a fresh,
-        unwrapped model of the run's architecture (BAN's teacher). Default: nothing to do."""
+        unwrapped model of the run's architecture, on its device and in its memory layout (BAN's
+        teacher). Default: nothing to do."""
 
     def on_epoch_start(self, epoch: int, num_epochs: int) -> None:
         """Called at the start of every training epoch (0-based). Default: nothing to do."""
