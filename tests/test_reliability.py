@@ -36,6 +36,14 @@ from zipfls_train.losses.ls import LabelSmoothing
         ("model.name=resnet19", r"model.name='resnet19' is not a known model; expected one of \[.*'cifar_resnet18'"),
         ("loss.alpha=abc", r"got 'abc'$"),
         ("trainer.sync_batchnorm=true trainer.devices=2 trainer.device=cpu", r"trainer.sync_batchnorm=true needs CUDA devices"),
+        # on/off keys: a word is refused (bool("no") is True: it would switch the option on)
+        ("trainer.deterministic=yes", r"trainer.deterministic must be true or false, got 'yes'"),
+        ("trainer.progress_bar=off", r"trainer.progress_bar must be true or false, got 'off'"),
+        ("trainer.channels_last=0", r"trainer.channels_last must be true or false, got 0"),
+        ("optim.nesterov=no", r"optim.nesterov must be true or false, got 'no'"),
+        ("dataset=cifar100 dataset.download=no", r"dataset.download must be true or false, got 'no'"),
+        ("dataset=imagenet dataset.decode_draft=off", r"dataset.decode_draft must be true or false, got 'off'"),
+        ("loss=ban loss.temperature_squared=no", r"loss.temperature_squared must be true or false, got 'no'"),
     ],
 )
 def test_bad_config_values_fail_before_any_work(override, message):

@@ -34,6 +34,19 @@ def _positive_int(cfg: DictConfig, key: str, minimum: int = 1) -> None:
         raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
 
 
+# On/off keys (where the config has them). A string is refused: bool("no") is True, so a value
+# like trainer.deterministic=yes or progress_bar=off would silently mean "on".
+SWITCHES = ("trainer.channels_last", "trainer.progress_bar", "trainer.deterministic", "trainer.sync_batchnorm",
+            "trainer.zipf_fit_at_end", "optim.nesterov", "dataset.download", "dataset.decode_draft")
+
+
+def _check_switches(cfg: DictConfig) -> None:
+    for key in SWITCHES:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+
+
 def validate_config(cfg: DictConfig) -> None:
     for key, minimum in [
         ("seed", 0),
@@ -58,6 +71,7 @@ def validate_config(cfg: DictConfig) -> None:
         value = cfg.trainer[key.split(".", 1)[1]]
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
+    _check_switches(cfg)
     limit = cfg.trainer.get("max_steps_per_epoch")
     if limit is not None and not _is_int_at_least(limit, 1):
         raise ConfigError(f"trainer.max_steps_per_epoch must be >= 1, or null for full epochs; got {limit!r}")

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from ..data.batch import Batch
 from ..engine.checkpoint import load_checkpoint
 from ..models.outputs import ModelOutput
-from .base import Method, fraction, positive
+from .base import Method, fraction, positive, switch
 from .ce import cross_entropy
 
 
@@ -149,7 +149,7 @@ class BornAgainNetwork(Method):
         self.teacher_checkpoint = Path(teacher_checkpoint) if teacher_checkpoint else None
         self.alpha = float(alpha)
         self.temperature = float(temperature)
-        self.kd_scale = self.temperature**2 if temperature_squared else 1.0
+        self.kd_scale = self.temperature**2 if switch("temperature_squared", temperature_squared) else 1.0
         # Not a submodule (see the module docstring): object.__setattr__ bypasses registration.
         object.__setattr__(self, "_teacher", None)
 

@@ -95,6 +95,13 @@ def non_negative(name: str, value: float) -> float:
     return float(value)
 
 
+def switch(name: str, value: bool) -> bool:
+    """A true/false option: ``bool("no")`` would be True, so anything but a boolean is refused."""
+    if not isinstance(value, bool):
+        raise ValueError(f"loss.{name} must be true or false, got {value!r}")
+    return value
+
+
 def fraction(name: str, value: float) -> float:
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"loss.{name} must be in [0, 1], got {value}")
