@@ -441,6 +441,10 @@ def test_in_memory_test_transform_is_read_and_checked(tmp_path):
     cfg = compose(["dataset=cifar100", f"dataset.root={empty}", "dataset.download=false", "dataset.test_transform=resize_center_crop"]).dataset
     with pytest.raises(DatasetError, match=r"dataset.test_transform must be one of \['none', 'resize'\] for cifar100.*'resize_center_crop'"):
         build_data(cfg, options)
+    # the same for the train augmentation, which the loader reads only at the first batch
+    cfg = compose(["dataset=cifar100", f"dataset.root={empty}", "dataset.download=false", "dataset.train_augment=jitter"]).dataset
+    with pytest.raises(DatasetError, match=r"dataset.train_augment must be one of \['crop_pad', 'random_resized_crop', 'none'\] for cifar100, got 'jitter'"):
+        build_data(cfg, options)
 
     root = write_cifar100(tmp_path, train_per_class=2, test_per_class=1, num_classes=100)
     cfg = compose(["dataset=cifar100", f"dataset.root={root}", "dataset.download=false", "dataset.image_size=16"]).dataset

@@ -36,6 +36,10 @@ from zipfls_train.losses.ls import LabelSmoothing
         ("model.name=resnet19", r"model.name='resnet19' is not a known model; expected one of \[.*'cifar_resnet18'"),
         ("loss.alpha=abc", r"got 'abc'$"),
         ("trainer.sync_batchnorm=true trainer.devices=2 trainer.device=cpu", r"trainer.sync_batchnorm=true needs CUDA devices"),
+        ("dataset.mean=[0.5,0.5]", r"dataset.mean must be 3 finite numbers, one per RGB channel on a 0-1 scale, got \[0.5, 0.5\]"),
+        ("dataset.std=[0,1,1]", r"dataset.std must be 3 numbers > 0, .* got \[0, 1, 1\]"),  # (every loss was NaN)
+        ("optim.base_batch_size=0", r"optim.base_batch_size must be null \(lr as given\) or an integer >= 1"),  # (read as null)
+        ("sched.warmup_epochs=-1", r"sched.warmup_epochs must be >= 0"),  # (trained with a negative lr)
         # on/off keys: a word is refused (bool("no") is True: it would switch the option on)
         ("trainer.deterministic=yes", r"trainer.deterministic must be true or false, got 'yes'"),
         ("trainer.progress_bar=off", r"trainer.progress_bar must be true or false, got 'off'"),

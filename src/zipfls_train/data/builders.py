@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from .augment import TRAIN_AUGMENTS
 from .batch import Batch
 from .cifar100 import read_cifar100
 from .images import DatasetError, ImageTensors, check_class_count, take_subset
@@ -64,6 +65,9 @@ IN_MEMORY_TEST_TRANSFORMS = ("none", "resize")
 
 
 def build_in_memory(cfg: Mapping[str, Any], options: LoaderOptions) -> DataBundle:
+    train_augment = str(cfg["train_augment"])
+    if train_augment not in TRAIN_AUGMENTS:  # (else found at the first batch, after the run began)
+        raise DatasetError(f"dataset.train_augment must be one of {list(TRAIN_AUGMENTS)} for {cfg['name']}, got {train_augment!r}")
     test_transform = str(cfg.get("test_transform", "resize"))
     if test_transform not in IN_MEMORY_TEST_TRANSFORMS:  # checked before any file is read
         raise DatasetError(
@@ -81,7 +85,7 @@ def build_in_memory(cfg: Mapping[str, Any], options: LoaderOptions) -> DataBundl
         )
     common = dict(image_size=int(cfg["image_size"]), mean=list(cfg["mean"]), std=list(cfg["std"]))
     return DataBundle(
-        train=TensorLoader(train, options, train=True, augment=str(cfg["train_augment"]), **common),
+        train=TensorLoader(train, options, train=True, augment=train_augment, **common),
         val=TensorLoader(val, options, train=False, augment="none", **common),
         num_classes=len(train.classes),
         train_size=len(train),

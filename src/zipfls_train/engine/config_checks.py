@@ -82,6 +82,7 @@ def validate_config(cfg: DictConfig) -> None:
     _check_model_name(str(cfg.model.name))
     _check_model_options(cfg)
     _check_dataset_subsets(cfg)
+    _check_normalisation(cfg)
     device = _check_devices(cfg)
     # Under torchrun the world comes from its environment; otherwise trainer.devices ranks are spawned.
     world = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else int(cfg.trainer.devices)
@@ -159,6 +160,11 @@ def _check_optimiser(cfg: DictConfig) -> None:
         raise ConfigError(f"optim.momentum must be in [0, 1) (the paper: 0.9), got {cfg.optim.momentum}")
     if not _number(cfg, "optim.weight_decay") >= 0:
         raise ConfigError(f"optim.weight_decay must be >= 0 (the paper: 1e-4), got {cfg.optim.weight_decay}")
+    base_batch = cfg.optim.get("base_batch_size")
+    if base_batch is not None and not _is_int_at_least(base_batch, 1):
+        raise ConfigError(f"optim.base_batch_size must be null (lr as given) or an integer >= 1 (the batch lr is for), got {base_batch!r}")
+    if "warmup_epochs" in cfg.sched and not 0 <= _number(cfg, "sched.warmup_epochs") < math.inf:
+        raise ConfigError(f"sched.warmup_epochs must be >= 0 (0: no warm-up, the paper), got {cfg.sched.warmup_epochs}")
     if not 0 < _number(cfg, "sched.gamma") <= 1:
         raise ConfigError(f"sched.gamma (the lr factor at each milestone) must be in (0, 1], got {cfg.sched.gamma}")
     from .optim import milestone_epochs
@@ -203,6 +209,21 @@ def _check_model_options(cfg: DictConfig) -> None:
         check_model_options(str(cfg.model.name), OmegaConf.to_container(options, resolve=True))
     except (TypeError, ValueError) as error:
         raise ConfigError(str(error)) from error
+
+
+def _check_normalisation(cfg: DictConfig) -> None:
+    """dataset.mean / dataset.std (0-1 scale, one per RGB channel), where the dataset has them."""
+    for key in ("mean", "std"):
+        values = cfg.dataset.get(key)
+        if values is None:
+            continue
+        numbers = list(values) if OmegaConf.is_list(values) else None
+        valid = numbers is not None and len(numbers) == 3 and all(
+            not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and (key == "mean" or v > 0) for v in numbers
+        )
+        if not valid:
+            wanted = "3 finite numbers" if key == "mean" else "3 numbers > 0"
+            raise ConfigError(f"dataset.{key} must be {wanted}, one per RGB channel on a 0-1 scale, got {OmegaConf.to_container(values) if numbers is not None else values!r}")
 
 
 def _check_dataset_subsets(cfg: DictConfig) -> None:
