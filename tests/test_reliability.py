@@ -40,6 +40,9 @@ from zipfls_train.losses.ls import LabelSmoothing
         ("dataset.std=[0,1,1]", r"dataset.std must be 3 numbers > 0, .* got \[0, 1, 1\]"),  # (every loss was NaN)
         ("optim.base_batch_size=0", r"optim.base_batch_size must be null \(lr as given\) or an integer >= 1"),  # (read as null)
         ("sched.warmup_epochs=-1", r"sched.warmup_epochs must be >= 0"),  # (trained with a negative lr)
+        ("loss=tfkd loss.temperature=abc", r"loss.temperature must be a number > 0, got 'abc'"),
+        ("loss=tfkd loss.multiplier=-1", r"loss.multiplier must be > 0 and finite, got -1"),
+        ("tag=_a/b", r"tag='_a/b' names a part of the run folder and must not contain a path separator"),
         # on/off keys: a word is refused (bool("no") is True: it would switch the option on)
         ("trainer.deterministic=yes", r"trainer.deterministic must be true or false, got 'yes'"),
         ("trainer.progress_bar=off", r"trainer.progress_bar must be true or false, got 'off'"),

@@ -72,6 +72,10 @@ def validate_config(cfg: DictConfig) -> None:
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
     _check_switches(cfg)
+    for key in ("tag", "experiment_name"):  # parts of the run folder's name (configs/hydra/default.yaml)
+        value = str(cfg.get(key) or "")
+        if "/" in value or "\\" in value or value in (".", ".."):
+            raise ConfigError(f"{key}={value!r} names a part of the run folder and must not contain a path separator or be . or ..")
     limit = cfg.trainer.get("max_steps_per_epoch")
     if limit is not None and not _is_int_at_least(limit, 1):
         raise ConfigError(f"trainer.max_steps_per_epoch must be >= 1, or null for full epochs; got {limit!r}")

@@ -14,6 +14,8 @@ teacher) override ``training_step``; all others only implement ``loss_terms``.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -83,16 +85,25 @@ def with_train_top1(terms: dict[str, Tensor], logits: Tensor, targets: Tensor) -
 
 # Option checks shared by the methods' constructors: each names the config key (loss.<name>) and what
 # was expected, and returns the value as the type the method stores.
-def positive(name: str, value: float) -> float:
-    if not value > 0:
-        raise ValueError(f"loss.{name} must be > 0, got {value}")
+def _number(name: str, value: object, wanted: str) -> float:
+    """``value`` as a float, or a ValueError naming the key (a string or a bool is not a number)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"loss.{name} must be a number {wanted}, got {value!r}")
     return float(value)
+
+
+def positive(name: str, value: float) -> float:
+    number = _number(name, value, "> 0")
+    if not 0 < number < math.inf:
+        raise ValueError(f"loss.{name} must be > 0 and finite, got {value}")
+    return number
 
 
 def non_negative(name: str, value: float) -> float:
-    if not value >= 0:
-        raise ValueError(f"loss.{name} must be >= 0, got {value}")
-    return float(value)
+    number = _number(name, value, ">= 0")
+    if not 0 <= number < math.inf:
+        raise ValueError(f"loss.{name} must be >= 0 and finite, got {value}")
+    return number
 
 
 def switch(name: str, value: bool) -> bool:
@@ -103,9 +114,10 @@ def switch(name: str, value: bool) -> bool:
 
 
 def fraction(name: str, value: float) -> float:
-    if not 0.0 <= value <= 1.0:
+    number = _number(name, value, "in [0, 1]")
+    if not 0.0 <= number <= 1.0:
         raise ValueError(f"loss.{name} must be in [0, 1], got {value}")
-    return float(value)
+    return number
 
 
 def one_of(name: str, value: str, choices) -> str:  # noqa: ANN001 - any container of choices

@@ -64,7 +64,7 @@ class TeacherFreeKD(Method):
         self.num_classes = num_classes
         self.alpha = fraction("alpha", alpha)
         self.temperature = positive("temperature", temperature)
-        self.multiplier = float(multiplier)
+        self.multiplier = positive("multiplier", multiplier)
         self.correct_prob = float(correct_prob)
         self.reduction = one_of("reduction", reduction, REDUCTIONS)
 
