@@ -518,6 +518,29 @@ def test_the_run_reports_the_precision_auto_chose(run_tiny, capsys, monkeypatch,
     assert re.search(rf"\[zipfls-train\] run started: \S+ \(cpu, {used}\)", capsys.readouterr().out)
 
 
+def test_a_run_resumed_where_auto_means_another_precision_says_so(run_tiny, tmp_path, monkeypatch):
+    # Started on a CPU without AMX (auto = fp32), resumed on one with it (auto = bf16).
+    args = ("trainer.precision=auto", "trainer.epochs=2", "trainer.max_steps_per_epoch=2")
+    original = Trainer.save
+
+    def stop_after_first_epoch(self, name="last.pt"):
+        original(self, name)
+        if self.progress.epoch == 1:
+            raise Interrupted
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(Trainer, "save", stop_after_first_epoch)
+    with pytest.raises(Interrupted):
+        run_tiny(*args)
+    monkeypatch.setattr(Trainer, "save", original)
+    assert load_checkpoint(tmp_path / "run/checkpoints/last.pt")["precision"] == "fp32"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    with pytest.warns(UserWarning, match=r"last.pt trained in fp32 so far; trainer.precision=auto is bf16 on this machine, so the run "
+                                         r"continues in bf16 \(trainer.precision=fp32 keeps it in fp32\)"):
+        summary, _ = run_tiny(*args)
+    assert (summary["status"], summary["precision"]) == ("finished", "bf16")
+
+
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_the_run_lays_out_its_model_batches_and_teacher_as_trainer_channels_last_says(tmp_path, tiny_pack_root, channels_last):
     # On the CPU too (oneDNN's NHWC convolutions are faster: experiments/cpu_speed.md): the model,

@@ -284,6 +284,7 @@ class Trainer:
             "progress": asdict(self.progress),
             "running": self.running.state_dict(),
             "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "precision": precision_name(self.autocast_dtype),  # what auto resolved to (per machine)
         }
 
     def save(self, name: str = "last.pt", check_finite_since: int | None = None) -> None:
@@ -340,6 +341,7 @@ class Trainer:
                 "the model): put the run's own last.pt back, or start over with trainer.resume=never"
             )
         self._check_same_config(state["config"], path)
+        self._warn_if_precision_changed(state.get("precision"), path)  # (absent from checkpoints before 2026-11-27)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -349,6 +351,19 @@ class Trainer:
         self.running.load_state_dict(state["running"], self.device)
         restore_rng_state(rank_rng_state(state["rng"], self.ctx.rank), self.device)
         return "finished" if self.progress.epoch >= self.epochs and (self.run_dir / "summary.json").is_file() else "resumed"
+
+    def _warn_if_precision_changed(self, saved: str | None, path: Path) -> None:
+        """trainer.precision=auto resolves per machine (bf16 on GPUs and AMX CPUs, else fp32): a run
+        resumed on another kind of machine continues in another precision. Allowed, as any change of
+        where a run executes, but said."""
+        current = precision_name(self.autocast_dtype)
+        if saved is not None and saved != current and self.ctx.is_main:
+            warnings.warn(
+                f"{path} trained in {saved} so far; trainer.precision={self.cfg.trainer.precision} is {current} on this "
+                f"machine, so the run continues in {current} (trainer.precision={saved} keeps it in {saved})",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def _refuse_to_overwrite_results(self) -> None:
         """No last.pt and no summary.json, yet the folder holds results beyond a first epoch: an
