@@ -56,24 +56,28 @@ class Interrupted(Exception):
     pass
 
 
+def run_until_the_first_epoch_checkpoint(monkeypatch, run_tiny, *args, **kwargs) -> None:
+    """``run_tiny(*args, **kwargs)``, killed right after its epoch-1 checkpoint (last.pt) is written."""
+    original = Trainer.save
+
+    def stop_after_first_epoch(self, name="last.pt"):
+        original(self, name)
+        if self.progress.epoch == 1 and self.progress.step_in_epoch == 0:
+            raise Interrupted
+
+    monkeypatch.setattr(Trainer, "save", stop_after_first_epoch)
+    with pytest.raises(Interrupted):
+        run_tiny(*args, **kwargs)
+    monkeypatch.setattr(Trainer, "save", original)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_auto_resume_continues_at_the_next_epoch_with_identical_state(device, run_tiny, tmp_path, monkeypatch):
     # On CUDA: deterministic kernels, so that the resumed run can equal the straight one bit for bit.
     args = ("loss=ce", "trainer.epochs=2", "trainer.max_steps_per_epoch=4", f"trainer.device={device}",
             f"trainer.deterministic={device == 'cuda'}")  # fmt: skip
     _, straight = run_tiny(*args, run_dir=tmp_path / "straight")
-
-    original = Trainer.save
-
-    def stop_after_first_epoch(self, name="last.pt"):
-        original(self, name)
-        if self.progress.epoch == 1 and self.progress.step_in_epoch == 0:
-            raise Interrupted  # killed right after the epoch-1 checkpoint
-
-    monkeypatch.setattr(Trainer, "save", stop_after_first_epoch)
-    with pytest.raises(Interrupted):
-        run_tiny(*args, run_dir=tmp_path / "resumed")
-    monkeypatch.setattr(Trainer, "save", original)
+    run_until_the_first_epoch_checkpoint(monkeypatch, run_tiny, *args, run_dir=tmp_path / "resumed")
     assert load_checkpoint(tmp_path / "resumed/checkpoints/last.pt")["progress"]["epoch"] == 1
 
     run_tiny(*args, run_dir=tmp_path / "resumed")  # the same command again
@@ -142,17 +146,7 @@ def test_resume_accepts_a_different_implementation_of_the_same_loss(run_tiny, tm
     """loss.kernel chooses how Zipf's loss is computed, not what: a run checkpointed with one
     (or before the key existed) resumes with another."""
     args = ("loss=zipf", "trainer.epochs=2", "trainer.max_steps_per_epoch=1")
-    original = Trainer.save
-
-    def stop_after_first_epoch(self, name="last.pt"):
-        original(self, name)
-        if self.progress.epoch == 1:
-            raise Interrupted
-
-    monkeypatch.setattr(Trainer, "save", stop_after_first_epoch)
-    with pytest.raises(Interrupted):
-        run_tiny(*args, "loss.kernel=torch", run_dir=tmp_path / "run")
-    monkeypatch.setattr(Trainer, "save", original)
+    run_until_the_first_epoch_checkpoint(monkeypatch, run_tiny, *args, "loss.kernel=torch", run_dir=tmp_path / "run")
     checkpoint = tmp_path / "run/checkpoints/last.pt"
     state = load_checkpoint(checkpoint)
     del state["config"]["loss"]["kernel"]  # as written by a version without the key
@@ -521,18 +515,8 @@ def test_the_run_reports_the_precision_auto_chose(run_tiny, capsys, monkeypatch,
 def test_a_run_resumed_where_auto_means_another_precision_says_so(run_tiny, tmp_path, monkeypatch):
     # Started on a CPU without AMX (auto = fp32), resumed on one with it (auto = bf16).
     args = ("trainer.precision=auto", "trainer.epochs=2", "trainer.max_steps_per_epoch=2")
-    original = Trainer.save
-
-    def stop_after_first_epoch(self, name="last.pt"):
-        original(self, name)
-        if self.progress.epoch == 1:
-            raise Interrupted
-
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
-    monkeypatch.setattr(Trainer, "save", stop_after_first_epoch)
-    with pytest.raises(Interrupted):
-        run_tiny(*args)
-    monkeypatch.setattr(Trainer, "save", original)
+    run_until_the_first_epoch_checkpoint(monkeypatch, run_tiny, *args)
     assert load_checkpoint(tmp_path / "run/checkpoints/last.pt")["precision"] == "fp32"
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
     with pytest.warns(UserWarning, match=r"last.pt trained in fp32 so far; trainer.precision=auto is bf16 on this machine, so the run "
