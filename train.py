@@ -76,6 +76,11 @@ def main(cfg: DictConfig) -> float | None:
     from zipfls_train.engine.run import run_training
     from zipfls_train.errors import user_errors
 
+    import warnings
+
+    from zipfls_train.errors import format_warning
+
+    warnings.formatwarning = format_warning  # this package's warnings as "warning: ..." lines
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         check_added_keys(list(HydraConfig.get().overrides.task), _compose)

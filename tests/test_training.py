@@ -347,6 +347,17 @@ def test_unknown_config_choice_names_the_group_and_options():
     assert "nope" in result.stderr and "loss" in result.stderr and "zipf" in result.stderr
 
 
+def test_train_py_prints_its_own_warnings_as_one_line_each(tmp_path):
+    result = _train_py("dataset=synthetic", "dataset.num_classes=2", "dataset.image_size=32", "dataset.steps_per_epoch=1", "loss=zipf",
+                       "model.options.width=4", "trainer.batch_size=4", "trainer.epochs=1", "trainer.progress_bar=false",
+                       f"hydra.run.dir={tmp_path}/run")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stderr.splitlines()
+    assert "warning: loss=zipf with 2 classes: the soft label has one non-target class, so the Zipf term is 0 and loss.weight has " \
+           "no effect (the run trains as cross-entropy)" in lines
+    assert "UserWarning" not in result.stderr and "check_run(device)" not in result.stderr  # no file, line or source
+
+
 def test_missing_dataset_fails_with_the_expected_layout(tmp_path):
     result = _train_py("dataset=tinyimagenet", f"dataset.root={tmp_path}/empty", "trainer.device=cpu")
     assert result.returncode != 0

@@ -3,6 +3,9 @@ traceback, since each one already names the key, file or value and what was expe
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
+
 
 def user_errors() -> tuple[type[BaseException], ...]:
     from .data.images import DatasetError
@@ -15,6 +18,19 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
     return (ConfigError, DatasetError, CheckpointError, ResumeError, NonFiniteLossError, TeacherCheckpointError,
             TrainingInterrupted, MetricsFileError, RunFolderNotWritable)  # fmt: skip
+
+
+def format_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001 - warnings.formatwarning's signature
+    """train.py's format of warnings: this package's own (each names the key and the reason, as its
+    errors do) as ``warning: <message>``, like the ``error: ...`` lines; other libraries' as Python
+    shows them (file, line and source)."""
+    package = str(Path(__file__).resolve().parent)
+    if str(Path(filename).resolve()).startswith(package):
+        return f"warning: {message}\n"
+    return _python_format(message, category, filename, lineno, line)
+
+
+_python_format = warnings.formatwarning
 
 
 def original_message(error: BaseException) -> str:
