@@ -47,6 +47,14 @@ def _check_switches(cfg: DictConfig) -> None:
             raise ConfigError(f"{key} must be true or false, got {value!r}")
 
 
+def _check_run_folder_name_parts(cfg: DictConfig) -> None:
+    """tag and experiment_name are pieces of the run folder's path (configs/hydra/default.yaml)."""
+    for key in ("tag", "experiment_name"):
+        value = str(cfg.get(key) or "")
+        if "/" in value or "\\" in value or value in (".", ".."):
+            raise ConfigError(f"{key}={value!r} names a part of the run folder and must not contain a path separator or be . or ..")
+
+
 def validate_config(cfg: DictConfig) -> None:
     for key, minimum in [
         ("seed", 0),
@@ -72,10 +80,7 @@ def validate_config(cfg: DictConfig) -> None:
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
     _check_switches(cfg)
-    for key in ("tag", "experiment_name"):  # parts of the run folder's name (configs/hydra/default.yaml)
-        value = str(cfg.get(key) or "")
-        if "/" in value or "\\" in value or value in (".", ".."):
-            raise ConfigError(f"{key}={value!r} names a part of the run folder and must not contain a path separator or be . or ..")
+    _check_run_folder_name_parts(cfg)
     limit = cfg.trainer.get("max_steps_per_epoch")
     if limit is not None and not _is_int_at_least(limit, 1):
         raise ConfigError(f"trainer.max_steps_per_epoch must be >= 1, or null for full epochs; got {limit!r}")
@@ -149,7 +154,7 @@ def _message(error: Exception) -> str:
 
 def _number(cfg: DictConfig, key: str) -> float:
     value = OmegaConf.select(cfg, key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not _is_real(value):
         raise ConfigError(f"{key} must be a number, got {value!r}")
     return float(value)
 
@@ -217,17 +222,18 @@ def _check_model_options(cfg: DictConfig) -> None:
 
 def _check_normalisation(cfg: DictConfig) -> None:
     """dataset.mean / dataset.std (0-1 scale, one per RGB channel), where the dataset has them."""
-    for key in ("mean", "std"):
+    for key, wanted, lowest in (("mean", "3 finite numbers", -math.inf), ("std", "3 numbers > 0", 0.0)):
         values = cfg.dataset.get(key)
         if values is None:
             continue
-        numbers = list(values) if OmegaConf.is_list(values) else None
-        valid = numbers is not None and len(numbers) == 3 and all(
-            not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and (key == "mean" or v > 0) for v in numbers
-        )
-        if not valid:
-            wanted = "3 finite numbers" if key == "mean" else "3 numbers > 0"
-            raise ConfigError(f"dataset.{key} must be {wanted}, one per RGB channel on a 0-1 scale, got {OmegaConf.to_container(values) if numbers is not None else values!r}")
+        values = OmegaConf.to_container(values) if OmegaConf.is_list(values) else values
+        numbers = isinstance(values, list) and len(values) == 3 and all(_is_real(v) and lowest < v < math.inf for v in values)
+        if not numbers:
+            raise ConfigError(f"dataset.{key} must be {wanted}, one per RGB channel on a 0-1 scale, got {values!r}")
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_dataset_subsets(cfg: DictConfig) -> None:

@@ -70,6 +70,10 @@ def cpu_has_bf16_matrix_units() -> bool:
     return bool(probe is not None and probe())
 
 
+# trainer.precision's explicit values: the autocast dtype of each (None: no autocast, fp32).
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def resolve_precision(requested: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for fp32. auto: bf16 where the device multiplies bf16 matrices
     natively (CUDA GPUs with bf16, CPUs with AMX), fp32 elsewhere."""
@@ -79,14 +83,14 @@ def resolve_precision(requested: str, device: torch.device) -> torch.dtype | Non
         if device.type == "cpu" and cpu_has_bf16_matrix_units():
             return torch.bfloat16
         return None
-    table = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if requested not in table:
+    if requested not in PRECISIONS:
         raise ConfigError(f"trainer.precision must be auto, fp32, bf16 or fp16, got {requested!r}")
-    return table[requested]
+    return PRECISIONS[requested]
 
 
 def precision_name(autocast_dtype: torch.dtype | None) -> str:
-    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast_dtype]
+    """The trainer.precision value of an autocast dtype (what ``auto`` resolved to)."""
+    return next(name for name, dtype in PRECISIONS.items() if dtype is autocast_dtype)
 
 
 def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
@@ -271,6 +275,11 @@ class Trainer:
 
     # --- checkpoints --------------------------------------------------------------------------
     @property
+    def precision(self) -> str:
+        """fp32 | bf16 | fp16: what the run trains in (trainer.precision, ``auto`` resolved)."""
+        return precision_name(self.autocast_dtype)
+
+    @property
     def checkpoint_dir(self) -> Path:
         return self.run_dir / "checkpoints"
 
@@ -284,7 +293,7 @@ class Trainer:
             "progress": asdict(self.progress),
             "running": self.running.state_dict(),
             "config": OmegaConf.to_container(self.cfg, resolve=True),
-            "precision": precision_name(self.autocast_dtype),  # what auto resolved to (per machine)
+            "precision": self.precision,  # what auto resolved to (per machine)
         }
 
     def save(self, name: str = "last.pt", check_finite_since: int | None = None) -> None:
@@ -356,7 +365,7 @@ class Trainer:
         """trainer.precision=auto resolves per machine (bf16 on GPUs and AMX CPUs, else fp32): a run
         resumed on another kind of machine continues in another precision. Allowed, as any change of
         where a run executes, but said."""
-        current = precision_name(self.autocast_dtype)
+        current = self.precision
         if saved is not None and saved != current and self.ctx.is_main:
             warnings.warn(
                 f"{path} trained in {saved} so far; trainer.precision={self.cfg.trainer.precision} is {current} on this "
@@ -403,7 +412,7 @@ class Trainer:
         records = RunRecords(self.run_dir, self.progress.epoch, self.progress.global_step, enabled=self.ctx.is_main)
         if self.ctx.is_main:
             print(f"[zipfls-train] run {self._resumed_at() if resumed else 'started'}: {self.run_dir} "
-                  f"({self.device.type}, {precision_name(self.autocast_dtype)})", flush=True)
+                  f"({self.device.type}, {self.precision})", flush=True)
         try:
             with self._stops:
                 while self.progress.epoch < self.epochs:
@@ -666,6 +675,6 @@ class Trainer:
             "best_epoch": self.progress.best_epoch,
             "last_val_top1": metrics[-1]["val_top1"] if metrics else None,
             "epochs": self.progress.epoch,
-            "precision": precision_name(self.autocast_dtype),  # what trainer.precision=auto chose
+            "precision": self.precision,  # what trainer.precision=auto chose
             "run_dir": str(self.run_dir),
         }
