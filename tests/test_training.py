@@ -32,6 +32,14 @@ def test_two_epochs_learn_and_fill_the_run_folder(run_tiny):
     for key in ("train_loss", "train_ce", "val_top1", "val_top5", "best_val_top1", "lr", "images_per_s"):
         assert key in metrics[0]
     assert summary["best_val_top1"] == max(m["val_top1"] for m in metrics)
+    # The run's first step (loader start, compilation, tuning) is timed apart and left out of
+    # epoch 1's images/s; later epochs time all their steps.
+    first, second = metrics[0], metrics[1]
+    assert 0 < first["first_step_s"] < first["epoch_time_s"]
+    assert all("first_step_s" not in m for m in metrics[1:])
+    images_per_epoch = second["images_per_s"] * second["epoch_time_s"]  # batch 16 x the steps
+    timed_s = first["epoch_time_s"] - first["first_step_s"]
+    assert first["images_per_s"] * timed_s == pytest.approx(images_per_epoch - 16, rel=1e-6)
     assert (run_dir / "config.yaml").read_text().count("name: tinyimagenet") == 1
     assert (run_dir / "checkpoints/last.pt").is_file() and (run_dir / "checkpoints/best.pt").is_file()
     assert any((run_dir / "tb").iterdir())
@@ -196,13 +204,17 @@ def test_a_signal_saves_the_step_and_the_rerun_resumes_exactly(signal_number, at
     metrics = read_jsonl(tmp_path / "resumed/metrics.jsonl")
     assert [m["epoch"] for m in metrics] == [1, 2, 3]
     assert metrics[-1]["val_top1"] == read_jsonl(straight / "metrics.jsonl")[-1]["val_top1"]
-    # The resumed epoch's throughput counts only the images it trained after the restart (none when
-    # it stopped after the epoch's last step: then nothing was timed).
+    # The resumed epoch's throughput counts only the images it trained after the restart, less the
+    # restarted run's first step, timed apart (none when it stopped after the epoch's last step:
+    # then nothing was timed, and the first step comes in epoch 3).
     resumed = metrics[1]
     if at_step == 8:
         assert resumed["images_per_s"] is None and resumed["epoch_time_s"] is None
+        assert "first_step_s" not in resumed and metrics[2]["first_step_s"] > 0
     else:
-        assert resumed["images_per_s"] * resumed["epoch_time_s"] == pytest.approx((8 - at_step) * 16, rel=1e-9)
+        timed_s = resumed["epoch_time_s"] - resumed["first_step_s"]
+        assert resumed["images_per_s"] * timed_s == pytest.approx((8 - at_step - 1) * 16, rel=1e-6)
+        assert "first_step_s" not in metrics[2]
 
 
 def test_a_truncated_last_metrics_line_does_not_block_the_resume(run_tiny, tmp_path, monkeypatch):

@@ -212,6 +212,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
         self.progress = Progress()
         self.running = TermAccumulator()
+        self._stepped = False  # whether this run has taken its first step (timed apart: see _train_epoch)
         self._stops = StopRequests(announce=ctx.is_main)  # listening only while fit() runs
         self._stop_votes = StopVotes(
             self._stops, distributed=ctx.enabled, device=self.device, world_size=ctx.world_size,
@@ -267,6 +268,11 @@ class Trainer:
         if limit is not None:
             batches = min(batches, int(limit) * self.accumulate)
         return max(1, batches // self.accumulate)
+
+    def _wait_for_device(self) -> None:
+        """Until the device has run what was queued (for timings; a no-op on the CPU)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
@@ -488,15 +494,25 @@ class Trainer:
         log_every = max(1, int(self.cfg.trainer.log_every))
         window_start, window = self.progress.global_step, self.running.mark()
         self._stop_votes.restart_timing(self.progress.global_step)
+        first_step_s, timed_from, timed_from_step = None, started, start_step  # images/s: from here
         for step in range(start_step, self.steps_per_epoch):
             step_lr = self.optimizer.param_groups[0]["lr"]  # the lr this step applies
             terms = self.train_step(batches)
+            if not self._stepped:
+                # The run's first step also starts the loader, compiles the step (trainer.compile),
+                # tunes cuDNN and captures CUDA graphs: seconds no later step takes (a compiled
+                # TinyImageNet epoch on a GPU takes less). Timed apart, with one device sync per
+                # run, and left out of the epoch's images/s.
+                self._stepped = True
+                self._wait_for_device()
+                timed_from, timed_from_step = time.perf_counter(), step + 1
+                first_step_s = timed_from - started
             self.running.add(terms)
             self.progress.step_in_epoch = step + 1
             self.progress.global_step += 1
             bar.update(1)
             if self.progress.global_step % log_every == 0 or step + 1 == self.steps_per_epoch:
-                means = self._check_finite(window, window_start)  # the only host sync of the step loop
+                means = self._check_finite(window, window_start)  # the step loop's only host sync (after the run's first step)
                 records.scalars("train", {**means, "lr": step_lr}, self.progress.global_step)
                 bar.set_postfix(loss=f"{means['loss']:.4f}")
                 window_start, window = self.progress.global_step, self.running.mark()
@@ -518,11 +534,10 @@ class Trainer:
         epoch_terms = self.running.copy()  # the running sums stay rank-local until the next save
         epoch_terms.all_reduce_mean()
         train_means = epoch_terms.means()
-        seen = (self.steps_per_epoch - start_step) * int(self.cfg.trainer.batch_size)  # in this process's time
-        timed = seen > 0  # not an epoch resumed after its last step (a stop there): nothing was timed
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        elapsed = time.perf_counter() - started
+        timed = start_step < self.steps_per_epoch  # not an epoch resumed after its last step (a stop there)
+        self._wait_for_device()
+        ended = time.perf_counter()
+        timed_images = (self.steps_per_epoch - timed_from_step) * int(self.cfg.trainer.batch_size)
         top1, top5, val_images = self.evaluate()
         self.progress.epoch += 1
         self.progress.step_in_epoch = 0
@@ -537,8 +552,10 @@ class Trainer:
             "val_images": val_images,  # scored over all ranks: the val set's size, each image once
             "best_val_top1": self.progress.best_top1,
             "lr": epoch_lr,
-            "epoch_time_s": elapsed if timed else None,
-            "images_per_s": seen / elapsed if timed and elapsed > 0 else None,
+            "epoch_time_s": ended - started if timed else None,
+            # training images/s of this process's steps, the run's first step left out (first_step_s)
+            "images_per_s": timed_images / (ended - timed_from) if timed_images > 0 else None,
+            **({} if first_step_s is None else {"first_step_s": first_step_s}),
             "peak_gpu_mem_mb": peak_gpu_memory_mb(self.device),
             "peak_cpu_mem_mb": peak_cpu_memory_mb(),
         }
@@ -554,6 +571,7 @@ class Trainer:
                 f"train top-1 {train_means.get('top1', float('nan')):.2f}%  "
                 f"val top-1 {top1:.2f}%  top-5 {top5:.2f}%  best {self.progress.best_top1:.2f}%  "
                 f"{record['images_per_s'] or 0:.0f} img/s"
+                + ("" if first_step_s is None else f" (first step {first_step_s:.1f} s)")
             )
 
     def _zipf_fit_at_end(self, records: RunRecords) -> float | None:
