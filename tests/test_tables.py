@@ -327,13 +327,16 @@ def test_table2_cells_paper_values_and_differences(tmp_path):
     assert rows["Vanilla"][col].startswith("56.50 ± 0.71, n=2, last 56.50")
     assert rows["Vanilla"][f"{col} paper"] == "56.41 ± 0.20"
     assert rows["Vanilla"][f"{col} Δ"] == "+0.09"
-    assert rows["Zipf's LS"][col].startswith("60.00 ± -, n=1, last 60.00")
-    assert rows["Zipf's LS"][f"{col} Δ"] == "+0.75"
+    # The paper's cell here is its Dense2 result, a row of its own that says so.
+    dense2 = "Zipf's LS (paper: stages=final+penultimate)"
+    assert rows[dense2][col].startswith("60.00 ± -, n=1, last 60.00")
+    assert rows[dense2][f"{col} Δ"] == "+0.75"
+    assert rows["Zipf's LS"]["CIFAR100 ResNet18"] == "missing"
     # Every paper cell without runs reads "missing"; the paper's value is still there.
     assert rows["CS-KD"][col] == "missing" and rows["CS-KD"][f"{col} paper"] == "58.38 ± 0.38" and rows["CS-KD"][f"{col} Δ"] == ""
     assert rows["Vanilla"]["CIFAR100 DenseNet121"] == "missing"
     assert rows["Vanilla"]["CIFAR100 DenseNet121 paper"] == "77.86 ± 0.26"
-    assert list(rows) == ["Vanilla", "BAN", "BYOT", "PS-KD", "DDGSD", "CS-KD", "LS", "TF-KD", "Zipf's LS"]
+    assert list(rows) == ["Vanilla", "BAN", "BYOT", "PS-KD", "DDGSD", "CS-KD", "LS", "TF-KD", "Zipf's LS", dense2]
     # Two planned epochs where the paper trains 200: labelled, never silently compared.
     assert "short schedule 2/200 ep" in rows["Vanilla"][col]
 
@@ -460,9 +463,11 @@ def test_table5_ablation_rows_and_gains(tmp_path):
     # In Table 2 only Dense2 fits the Zipf row: the paper's 59.25 there is Table 5's Dense2 result.
     t2 = table_rows(report, "Table 2")
     zipf_rows = [label for label in t2 if label.startswith("Zipf's LS")]
-    assert zipf_rows == ["Zipf's LS"], zipf_rows
-    assert t2["Zipf's LS"][col].startswith("59.00")
-    assert t2["Zipf's LS"][f"{col} paper"] == "59.25 ± 0.20"
+    # (The other Zipf row holds the paper's cells of the other three columns, which take any stages.)
+    dense2 = "Zipf's LS (paper: stages=final+penultimate)"
+    assert zipf_rows == ["Zipf's LS", dense2], zipf_rows
+    assert t2[dense2][col].startswith("59.00")
+    assert t2[dense2][f"{col} paper"] == "59.25 ± 0.20"
     assert "Other runs" not in report
 
 
@@ -472,7 +477,9 @@ def test_table5_rows_hold_only_zipf_distribution_runs(tmp_path):
     write_run(tmp_path / "k", method="zipf", top1=(58.5,),
               loss_options={"weight": 1.0, "distribution": "constant", "rank_by": "dense", "stages": ["final"]})  # fmt: skip
     report = build_report(load_runs([tmp_path]), load_paper(PAPER_TABLES), table="5")
-    assert table_rows(report, "Table 5")["Voting-based (Dense1)"]["TinyImageNet ResNet18"] == "missing"
+    assert table_rows(report, "Table 5")["Voting-based (Dense1)"]["TinyImageNet ResNet18"] == (
+        "missing: this cell needs distribution=zipf; runs of this method here have distribution=constant"
+    )
 
 
 def test_the_kernel_choice_does_not_split_a_cell(tmp_path):
@@ -499,6 +506,21 @@ def test_table6_distributions_and_table4_shape(tmp_path):
     assert t4["ResNet18 · Zipf's LS"]["ImageNet paper"] == "70.73 (+0.26)"
     assert t4["ResNet18 · Zipf's LS"]["ImageNet"] == "missing"
     assert "### Table 3" in report  # ImageNet ResNet50 CE is a Table 3 cell too
+
+
+def test_a_cell_whose_method_ran_with_other_options_says_what_it_needs(tmp_path):
+    # README's sweep trains loss=zipf (final-stage votes); Table 2's TinyImageNet ResNet18 cell is
+    # the paper's Dense2 result, so those runs do not fill it: the cell says why, and the runs are
+    # listed, also when one table is asked for.
+    for seed in (0, 1):
+        write_run(tmp_path / f"zipf{seed}", method="zipf", seed=seed, top1=(45.0, 50.0),
+                  loss_options={**ZIPF_DENSE2, "stages": ["final"]})  # fmt: skip
+    report = build_report(load_runs([tmp_path]), load_paper(PAPER_TABLES), table="2")
+    cell = table_rows(report, "Table 2")["Zipf's LS (paper: stages=final+penultimate)"]["TinyImageNet ResNet18"]
+    assert cell == "missing: this cell needs stages=final+penultimate; runs of this method here have stages=final"
+    other = table_rows(report, "Other runs")
+    assert list(other) == ["TinyImageNet"] and other["TinyImageNet"]["Method"] == "Zipf's LS"
+    assert "stages=final," in other["TinyImageNet"]["Options"] and other["TinyImageNet"]["ours"].startswith("50.00 ± 0.00, n=2")
 
 
 def test_unmatched_runs_are_listed(tmp_path):

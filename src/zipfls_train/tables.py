@@ -6,8 +6,9 @@
 Every folder is searched recursively for runs (config.yaml next to metrics.jsonl). Per cell
 (dataset, model, method, the method's options, the recipe) the table shows the best-epoch top-1
 mean ± sample std over seeds, the number of seeds and the last-epoch mean, the paper's value and
-the difference ours - paper. Cells of the paper without runs read "missing"; unfinished runs, short
-schedules and data subsets are marked in the cell. ``--cost`` adds Table 1's cost columns as ratios
+the difference ours - paper. Cells of the paper without runs read "missing" (saying what the cell
+needs where runs of its method have other options, e.g. Dense2's stages); unfinished runs, short
+schedules and data subsets are marked in the cell; runs that fit no cell shown are listed after. ``--cost`` adds Table 1's cost columns as ratios
 to CE's (median epoch time, peak GPU and CPU memory) beside the paper's ratios. The markdown is
 printed and written to ``--out`` (default ``<first folder>/table.md``).
 
@@ -271,6 +272,19 @@ def _row_label(table: PaperTable, cell: PaperCell, paper: Paper) -> str:
     return " · ".join(paper.label(name, cell.value_of(name)) for name in table.row_fields)
 
 
+def _row_labels(table: PaperTable, first_cells: Sequence[PaperCell], paper: Paper) -> list[str]:
+    """Each row's label; rows that would read alike (the paper's cells of one method that ask for
+    other options, e.g. Table 2's Dense2 cell of TinyImageNet ResNet18) add the options that tell
+    them apart: 'Zipf's LS (paper: stages=final+penultimate)'."""
+    plain = [_row_label(table, cell, paper) for cell in first_cells]
+    labels = []
+    for label, cell in zip(plain, first_cells):
+        alike = [other for other, other_label in zip(first_cells, plain) if other_label == label]
+        own = [(name, value) for name, value in cell.options if any(dict(other.options).get(name) != value for other in alike)]
+        labels.append(f"{label} (paper: {_options_text(own)})" if own else label)
+    return labels
+
+
 def _column_label(table: PaperTable, column: tuple[str, ...], paper: Paper) -> str:
     return " ".join(paper.label(name, value) for name, value in zip(table.column_fields, column))
 
@@ -305,8 +319,30 @@ def _variant(summary: CellSummary, split_keys: Sequence[str]) -> str:
     return ", ".join(f"{name.removeprefix('recipe.')}={_value(values.get(name))}" for name in split_keys)
 
 
+def _options_text(options: Sequence[tuple[str, Any]]) -> str:
+    return ", ".join(f"{name}={_value(value)}" for name, value in options)
+
+
+def missing_text(table: PaperTable, cell: PaperCell, summaries: Sequence[CellSummary]) -> str:
+    """'missing', and where runs of the cell's method that fit no cell of the table exist with other
+    options, what the cell asks for and what they have (e.g. Table 2's Dense2 cell beside loss=zipf
+    runs: stages=final)."""
+    near = [
+        s for s in summaries
+        if (s.key.dataset, s.key.model, s.key.method) == (cell.dataset, cell.model, cell.method)
+        and not any(matches(other, s.key) for other in table.cells)
+    ]  # fmt: skip
+    if not near:
+        return "missing"
+    differing = [(name, value) for name, value in cell.options if any(s.key.option(name) != value for s in near)]
+    theirs = sorted({_value(s.key.option(name)) for s in near for name, _ in differing[:1]})
+    return f"missing: this cell needs {_options_text(differing)}; runs of this method here have {differing[0][0]}={' or '.join(theirs)}"
+
+
 def _cell_texts(table: PaperTable, cell: PaperCell, summary: CellSummary | None, summaries: Sequence[CellSummary], paper: Paper) -> list[str]:
     """[ours, paper, Δ] of one column of one row."""
+    if summary is None:
+        return [missing_text(table, cell, summaries), paper_text(cell), ""]
     gain = diff = None
     if summary is not None and summary.best_mean is not None:
         base = _baseline(summary, summaries)
@@ -329,12 +365,12 @@ def render_table(table: PaperTable, summaries: Sequence[CellSummary], paper: Pap
 
     used: set[CellKey] = set()
     body: list[list[str]] = []
-    for row_cells in rows.values():
+    labels = _row_labels(table, [cells[0] for cells in rows.values()], paper)
+    for row_cells, label in zip(rows.values(), labels):
         by_column = {_column_id(table, cell): cell for cell in row_cells}
         matched = {id(cell): [s for s in summaries if matches(cell, s.key)] for cell in row_cells}
         split_keys = _split_keys(list(matched.values()))
         variants = list(dict.fromkeys(_variant(s, split_keys) for found in matched.values() for s in found)) or [""]
-        label = _row_label(table, row_cells[0], paper)
         for variant in variants:
             line = [f"{label} [{variant}]" if variant else label]
             for column in columns:
@@ -477,12 +513,11 @@ def build_report(runs: Sequence[Run], paper: Paper, table: str = "auto", cost: b
             continue
         sections.append(text)
         used |= table_used
-    if table == "auto":
-        others = [s for s in summaries if s.key not in used]
-        if not sections:
-            sections.append("No run fits a cell of Tables 2-6.")
-        if others:
-            sections.append(render_other(others, paper))
+    if not sections:
+        sections.append("No run fits a cell of Tables 2-6.")
+    others = [s for s in summaries if s.key not in used]
+    if others:
+        sections.append(render_other(others, paper))
     if cost:
         sections.append(render_cost(runs, paper))
     return "\n\n".join(sections) + "\n"
