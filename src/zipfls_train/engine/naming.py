@@ -12,15 +12,31 @@ def safe_dirname(overrides: str) -> str:
     """``loss=ce,seed=0`` stays as it is; path separators become ``_`` (a path-valued override such as
     ``loss.teacher_checkpoint=/x/best.pt`` must not create nested folders). A name longer than
     MAX_NAME characters drops the groups of dotted keys (``dataset.train_per_class=20`` ->
-    ``train_per_class=20``), so the swept values (often ``loss`` and ``seed``, sorted last) stay
-    readable, is cut to fit if it must, and ends in ``__`` and a short hash of the whole overrides,
-    so names stay unique."""
+    ``train_per_class=20``), then, if it must, shortens the longest items' keys (then values) until
+    it fits, so short items such as the swept ``loss=ce`` and ``seed=0`` stay whole wherever they
+    sit, and ends in ``__`` and a short hash of the whole overrides, so names stay unique."""
     name = _path_safe(overrides) or "default"
     if len(name) <= MAX_NAME:
         return name
-    short = _path_safe(",".join(_leaf_key(item) for item in overrides.split(",")))
+    items = [_path_safe(_leaf_key(item)) for item in overrides.split(",")]
     digest = hashlib.sha1(overrides.encode()).hexdigest()[:10]
-    return f"{short[: MAX_NAME - 12]}__{digest}"
+    return f"{','.join(_fit(items, MAX_NAME - 12))}__{digest}"
+
+
+def _fit(items: list[str], budget: int) -> list[str]:
+    """``items`` (joined by commas) within ``budget`` characters: each item cut to the largest common
+    length that fits, keys before values (``num_classes_subset=10`` -> ``num_cla=10``)."""
+    cap = max(len(item) for item in items)
+    while cap > 1 and sum(min(len(item), cap) for item in items) + len(items) - 1 > budget:
+        cap -= 1
+    return [item if len(item) <= cap else _shorten(item, cap) for item in items]
+
+
+def _shorten(item: str, length: int) -> str:
+    key, separator, value = item.partition("=")
+    if separator and len(value) + 2 <= length:
+        return key[: length - len(value) - 1] + "=" + value
+    return item[:length]
 
 
 def _path_safe(text: str) -> str:
