@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from zipfls_train.analysis.zipf_fit import default_png, fit_zipf, main, report_fit, sorted_softmax_sums
+from zipfls_train.analysis.zipf_fit import default_png, figure_title, fit_zipf, main, report_fit, sorted_softmax_sums
 
 
 def test_fit_recovers_the_exponent_of_an_exact_zipf_curve():
@@ -71,6 +72,25 @@ def test_cli_on_a_folder_without_a_checkpoint_names_it_without_a_traceback(tmp_p
     with pytest.raises(SystemExit) as stop:
         main([str(tmp_path), "--device", "cpu"])
     assert str(stop.value) == f"error: checkpoint {tmp_path / 'checkpoints' / 'last.pt'} does not exist"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without a GPU gives")
+def test_cli_on_a_path_that_does_not_exist_says_so(tmp_path):
+    with pytest.raises(SystemExit) as stop:
+        main([str(tmp_path / "typo"), "--device", "cpu"])
+    assert str(stop.value).startswith(f"error: {tmp_path / 'typo'} does not exist: expected a run folder")
+
+
+def test_the_figure_title_names_the_losss_variant():
+    # Two Zipf variants (Table 5's Dense2, Table 6's constant) share loss.name; the title tells them apart.
+    cfg = OmegaConf.create({
+        "seed": 3, "dataset": {"name": "tinyimagenet"}, "model": {"name": "cifar_resnet18"},
+        "loss": {"name": "zipf", "weight": 1.0, "distribution": "constant", "stages": ["final", "penultimate"], "kernel": "auto"},
+    })  # fmt: skip
+    assert figure_title(cfg, "epoch 200") == (
+        "tinyimagenet / cifar_resnet18 / seed 3 / epoch 200\n"
+        "loss=zipf (weight=1.0, distribution=constant, stages=final+penultimate)"
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without a GPU gives")

@@ -493,7 +493,8 @@ def render_cost(runs: Sequence[Run], paper: Paper) -> str:
         "### Table 1 (cost): ours as ratios to CE of the same setting, beside the paper's",
         "",
         "Paper: ImageNet, 4x 2080Ti, batch 16 (Table 1), ratio of each method's cost to the baseline's. "
-        "Ours: median epoch_time_s over all epochs of the cell's runs, max peak_gpu_mem_mb / "
+        "Ours: median epoch_time_s over the epochs of the cell's runs (those holding a run's first step, "
+        "which starts the loader and compiles, left out where a run has others), max peak_gpu_mem_mb / "
         "peak_cpu_mem_mb (- where not measured, e.g. GPU memory on CPU).",
     ]
     return "\n".join([*legend, "", _markdown(header, body)])

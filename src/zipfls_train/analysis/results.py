@@ -78,7 +78,7 @@ class Run:
     best_top1: float | None  # max val_top1 over the completed epochs
     best_epoch: int | None
     last_top1: float | None  # val_top1 of the last completed epoch
-    epoch_times_s: tuple[float, ...] = ()
+    epoch_times_s: tuple[float, ...] = ()  # steady ones: see _steady_epoch_times
     peak_gpu_mem_mb: float | None = None  # max over epochs; None on CPU
     peak_cpu_mem_mb: float | None = None
 
@@ -234,10 +234,18 @@ def read_run(run_dir: Path) -> Run:
         best_top1=best_top1,
         best_epoch=best_epoch,
         last_top1=_finite(records[-1].get("val_top1")) if records else None,
-        epoch_times_s=tuple(t for r in records if (t := _finite(r.get("epoch_time_s"))) is not None),
+        epoch_times_s=_steady_epoch_times(records),
         peak_gpu_mem_mb=max(gpu) if gpu else None,
         peak_cpu_mem_mb=max(cpu) if cpu else None,
     )
+
+
+def _steady_epoch_times(records: Sequence[Mapping[str, Any]]) -> tuple[float, ...]:
+    """The timed epochs' ``epoch_time_s``, less those holding a process's first step (``first_step_s``:
+    loader start-up, compilation, tuning; epoch 1 and a resumed run's first epoch) when there are others."""
+    timed = [(t, "first_step_s" in r) for r in records if (t := _finite(r.get("epoch_time_s"))) is not None]
+    steady = tuple(t for t, warm_up in timed if not warm_up)
+    return steady or tuple(t for t, _ in timed)
 
 
 def load_runs(folders: Iterable[str | Path]) -> list[Run]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,6 +108,21 @@ def plot(curves: dict[str, Tensor], fit: ZipfFit, title: str, path: Path):  # no
     return figure
 
 
+# Loss options that say how a run computes, not what: left out of the figure's title.
+_UNTITLED_LOSS_OPTIONS = ("name", "kernel", "teacher_checkpoint")
+
+
+def figure_title(cfg, where: str) -> str:  # noqa: ANN001 - a run's DictConfig
+    """'<dataset> / <model> / seed <s> / <where>' over the loss and its options, so that the PNGs of
+    a method's variants (zipf_dense2, zipf_constant, ...) tell themselves apart."""
+    from omegaconf import OmegaConf
+
+    options = {k: v for k, v in OmegaConf.to_container(cfg.loss, resolve=True).items() if k not in _UNTITLED_LOSS_OPTIONS}
+    loss = ", ".join(f"{k}={'+'.join(map(str, v)) if isinstance(v, (list, tuple)) else v}" for k, v in options.items())
+    head = f"{cfg.dataset.name} / {cfg.model.name} / seed {cfg.seed} / {where}"
+    return head + "\n" + textwrap.fill(f"loss={cfg.loss.name}" + (f" ({loss})" if loss else ""), width=72)
+
+
 def report_fit(curves: dict[str, Tensor], title: str, png: Path, writer=None, step: int = 0) -> ZipfFit:  # noqa: ANN001
     """Fit of the all-class curve + PNG (+ TensorBoard figure and scalars when ``writer`` is given)."""
     import matplotlib.pyplot as plt
@@ -126,9 +142,11 @@ def _load(path: Path, data_root: str | None, device: torch.device):  # noqa: ANN
     from omegaconf import OmegaConf
 
     from ..data import DatasetError, LoaderOptions, build_data
-    from ..engine.checkpoint import load_checkpoint
+    from ..engine.checkpoint import CheckpointError, load_checkpoint
     from ..models import build_model
 
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist: expected a run folder (holding checkpoints/last.pt) or a checkpoint file")
     checkpoint_path = path / "checkpoints" / "last.pt" if path.is_dir() else path
     state = load_checkpoint(checkpoint_path, map_location="cpu")
     cfg = OmegaConf.create(state["config"])
@@ -151,8 +169,7 @@ def _load(path: Path, data_root: str | None, device: torch.device):  # noqa: ANN
     # Auxiliary heads are training-only: load the weights the evaluated model has.
     weights = {k: v for k, v in state["model"].items() if not k.startswith("aux_heads.")}
     model.load_state_dict(weights)
-    title = f"{cfg.dataset.name} / {cfg.model.name} / loss={cfg.loss.name} / seed {cfg.seed} / {checkpoint_path.name}"
-    return model.to(device), data.val, title, checkpoint_path
+    return model.to(device), data.val, figure_title(cfg, checkpoint_path.name), checkpoint_path
 
 
 def default_png(checkpoint: Path) -> Path:

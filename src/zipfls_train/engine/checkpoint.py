@@ -56,7 +56,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as error:
         raise CheckpointError(
             f"checkpoint {path} is corrupt or truncated ({type(error).__name__}: {error}); "
-            "restore a copy, or delete it (training: or pass trainer.resume=never) to start over"
+            "restore a copy; a run whose last.pt this is starts over with trainer.resume=never (deleting the "
+            "file is not enough once it has recorded epochs: the run then refuses to overwrite them)"
         ) from error
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path} is a torch file but not a zipfls-train checkpoint (no 'model' entry)")

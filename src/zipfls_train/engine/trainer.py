@@ -579,13 +579,13 @@ class Trainer:
         saved as zipf_fit.png and logged to TensorBoard (every rank scores its shard)."""
         if not bool(self.cfg.trainer.get("zipf_fit_at_end", True)):
             return None
-        from ..analysis.zipf_fit import mean_sorted_softmax, report_fit
+        from ..analysis.zipf_fit import figure_title, mean_sorted_softmax, report_fit
 
         curves = mean_sorted_softmax(self.model, self.data.val, self.device)
         self.model.train()
         if not self.ctx.is_main:
             return None
-        title = f"{self.cfg.dataset.name} / {self.cfg.model.name} / loss={self.cfg.loss.name} / epoch {self.progress.epoch}"
+        title = figure_title(self.cfg, f"epoch {self.progress.epoch}")
         fit = report_fit(curves, title, self.run_dir / "zipf_fit.png", records.writer, self.progress.global_step)
         if not math.isfinite(fit.alpha):  # a diverged model, or a saturated one (all but one probability 0)
             warnings.warn(
