@@ -16,6 +16,7 @@ from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from zipfls_train.engine.hydra_callbacks import FailedRuns
 from zipfls_train.engine.naming import register_resolvers
 
 register_resolvers()  # before Hydra composes: the sweep subdir uses ${safe_dirname:...}
@@ -34,29 +35,15 @@ def _compose(overrides: list[str]) -> DictConfig:
 
 
 class SweepRunFailed(CompactHydraException):
-    """A run of a sweep stopped on a user error (its message was printed as it happened). Hydra
-    records it, runs the sweep's other runs, then prints the first failed run's exception and exits
-    with status 1; a SystemExit instead would end the whole sweep at the first failed run.
+    """A run of a sweep, in a process of its own (e.g. submitit's), stopped on a user error (its
+    message was printed as it happened). Hydra records it, runs the sweep's other runs, then prints
+    the first failed run's exception and exits with status 1; a SystemExit instead would end the
+    whole sweep at the first failed run. (Runs in this process are reported by FailedRuns.)"""
 
-    Hydra prints only that first exception, so it names every run of the sweep that failed: the
-    runs of the basic launcher share this process, and ``failed_runs`` is read when Hydra prints,
-    after the last run (runs in other processes, e.g. submitit's, name only themselves)."""
 
-    failed_runs: list[str] = []  # noqa: RUF012 - shared on purpose: every failure of this process
-
-    def __init__(self, line: str) -> None:
-        super().__init__(line)
-        self.failed_runs.append(line)
-
-    def __str__(self) -> str:
-        if len(self.failed_runs) <= 1:
-            return str(self.args[0])
-        return self.listing(f"{len(self.failed_runs)} runs of the sweep failed:")
-
-    @classmethod
-    def listing(cls, heading: str) -> str:
-        """``heading``, then one line per failed run."""
-        return "\n".join([heading, *cls.failed_runs])
+def _runs_in_this_process() -> bool:
+    """The sweep's launcher runs its jobs one after another in this process (Hydra's basic launcher)."""
+    return str(HydraConfig.get().launcher.get("_target_", "")).endswith(".BasicLauncher")
 
 
 def _remove_if_empty(folder: Path) -> None:
@@ -90,16 +77,18 @@ def main(cfg: DictConfig) -> float | None:
         print(f"error: {error}", file=sys.stderr)
         in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
         if in_sweep and not isinstance(error, TrainingInterrupted):
-            # The sweep goes on with its other runs; Hydra reports this one at the end, exit status 1.
-            raise SweepRunFailed(f"{run_dir}: {error}") from None
+            # The sweep goes on with its other runs; this one is named again at the end, exit status 1.
+            if not _runs_in_this_process():
+                raise SweepRunFailed(f"{run_dir}: {error}") from None
+            FailedRuns.runs.append(f"{run_dir}: {error}")
+            return None
         if in_sweep:
             # Ctrl-C or SIGTERM (a preempted job) stops the sweep, not only its current run: SystemExit
             # passes through Hydra's launcher, which would otherwise start the next run.
             print("[zipfls-train] the sweep stops here, before its later runs; rerun the same command to go on "
                   "(finished runs are skipped, this one resumes)", file=sys.stderr)  # fmt: skip
-            if SweepRunFailed.failed_runs:  # Hydra's closing report of them is skipped by this exit
-                heading = f"[zipfls-train] earlier in this sweep {len(SweepRunFailed.failed_runs)} run(s) failed:"
-                print(SweepRunFailed.listing(heading), file=sys.stderr)
+            if FailedRuns.runs:  # the sweep's closing report of them is skipped by this exit
+                print(FailedRuns.listing(f"[zipfls-train] earlier in this sweep {len(FailedRuns.runs)} run(s) failed:"), file=sys.stderr)
         sys.exit(1)
     # Returned for Hydra sweepers that optimise a metric.
     return None if summary is None else summary.get("best_val_top1")

@@ -335,7 +335,10 @@ def test_a_user_error_in_one_run_of_a_sweep_does_not_stop_the_others(tiny_pack_r
         assert f"error: {message}" in lines  # as it happened
         # and again at the end, with the run's folder: both failed runs, not only the first
         assert any(line.endswith(message) and f"momentum={value}" in line for line in lines if not line.startswith("error:"))
-    assert "2 runs of the sweep failed:" in lines
+    assert "[zipfls-train] 2 run(s) of the sweep failed:" in lines
+    # Only our lines: not Hydra's "Error executing job with overrides: <the first failed run's>" and
+    # its pointer to HYDRA_FULL_ERROR for a stack trace.
+    assert "Error executing job" not in result.stderr and "HYDRA_FULL_ERROR" not in result.stderr
     finished = list(sweep.glob("*/summary.json"))
     assert len(finished) == 1 and "momentum=0.9" in finished[0].parent.name
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
@@ -41,3 +41,26 @@ def make_output_folder(config: DictConfig, key: str) -> Path:
               f"folder with {key}=...", file=sys.stderr)  # fmt: skip
         raise SystemExit(1) from None
     return folder
+
+
+class FailedRuns(Callback):
+    """Runs of a sweep that stopped on a user error, named again when the sweep ends (each printed its
+    ``error: ...`` line as it happened), and the sweep's exit status 1.
+
+    For sweeps whose runs share this process (Hydra's basic launcher): train.py records a failed run
+    here and returns, so the sweep goes on and Hydra prints none of its own lines (a raised
+    exception would add "Error executing job with overrides: <the first failed run's>" and a
+    pointer to HYDRA_FULL_ERROR for a stack trace that says nothing more). Runs in other processes
+    (submitit) raise instead, which Hydra reports."""
+
+    runs: ClassVar[list[str]] = []  # "<run folder>: <message>", in order
+
+    @classmethod
+    def listing(cls, heading: str) -> str:
+        """``heading``, then one line per failed run."""
+        return "\n".join([heading, *cls.runs])
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.runs:
+            print(self.listing(f"[zipfls-train] {len(self.runs)} run(s) of the sweep failed:"), file=sys.stderr)
+            raise SystemExit(1)  # not an exception: Hydra would turn that into a warning
