@@ -3,6 +3,7 @@ and the in-memory loader."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -454,3 +455,24 @@ def test_in_memory_test_transform_is_read_and_checked(tmp_path):
     cfg = compose(["dataset=cifar100", f"dataset.root={root}", "dataset.download=false", "dataset.image_size=16", "dataset.test_transform=resize"]).dataset
     batch = next(iter(build_data(cfg, options).val.epoch(0)))
     assert tuple(batch.inputs.shape) == (10, 3, 16, 16)
+
+
+def test_num_classes_is_the_whole_datasets_count_also_with_a_subset(tiny_pack_root):
+    """dataset.num_classes declares the dataset's classes; num_classes_subset takes the first K of
+    them. A num_classes that is not the dataset's was accepted beside a subset (and recorded in the
+    run's config beside a classifier of another size)."""
+    from conftest import compose
+    from zipfls_train.data.builders import build_data
+
+    options = LoaderOptions(batch_size=4, eval_batch_size=10, device=torch.device("cpu"), seed=0)
+    base = ["dataset=tinyimagenet", f"dataset.root={tiny_pack_root}", "dataset.format=auto"]
+    for wrong in (["dataset.num_classes=5", "dataset.num_classes_subset=8"], ["dataset.num_classes=200", "dataset.num_classes_subset=3"]):
+        declared = wrong[0].split("=")[1]
+        with pytest.raises(DatasetError, match=rf"dataset.num_classes is {declared} but the tinyimagenet files under .* hold 10 classes"):
+            build_data(compose([*base, *wrong]).dataset, options)
+    bundle = build_data(compose([*base, "dataset.num_classes=10", "dataset.num_classes_subset=3"]).dataset, options)
+    assert bundle.num_classes == 3 and bundle.resolved == {"format": "pack"}
+    # What tells this data from other data: the classes' names and the split sizes (40 and 10 per class).
+    identity = bundle.identity()
+    assert identity["num_classes"] == 3 and identity["train_size"] == 120 and identity["val_size"] == 30
+    assert identity["classes_sha1"] == hashlib.sha1("\n".join(bundle.classes).encode()).hexdigest()[:12]

@@ -230,6 +230,51 @@ def test_a_truncated_last_metrics_line_does_not_block_the_resume(run_tiny, tmp_p
     assert [m["epoch"] for m in read_jsonl(tmp_path / "run/metrics.jsonl")] == [1, 2]
 
 
+def test_other_data_under_another_root_is_never_taken_for_the_run(run_tiny, tiny_pack_root, tmp_path, monkeypatch, capsys):
+    """Run folders are named without dataset.root (the same data copied elsewhere is the same run),
+    so other data under another root (an image folder of other photos, say) is told apart by what it
+    holds: refused, never reported as this finished run nor resumed into it."""
+    from conftest import write_tinyimagenet_pack
+
+    args = ("loss=ce", "trainer.epochs=2", "trainer.max_steps_per_epoch=1")
+    other = write_tinyimagenet_pack(tmp_path / "other", num_classes=10, train_per_class=30, val_per_class=10, seed=1)
+    refused = (r"is a run on other data than dataset.root=.*other holds: it trained on 10 classes \(names sha1 \w+\), "
+               r"400 train / 100 val images, this data has 10 classes \(names sha1 \w+\), 300 train / 100 val images")  # fmt: skip
+    unfinished = tmp_path / "unfinished"
+    run_until_the_first_epoch_checkpoint(monkeypatch, run_tiny, *args, run_dir=unfinished)
+    with pytest.raises(ResumeError, match=refused):
+        run_tiny(*args, f"dataset.root={other}", run_dir=unfinished)
+    _, finished = run_tiny(*args, run_dir=tmp_path / "finished")
+    written = {path: path.read_bytes() for path in finished.rglob("*") if path.is_file()}
+    with pytest.raises(ResumeError, match=refused):
+        run_tiny(*args, f"dataset.root={other}", run_dir=finished)
+    assert {path: path.read_bytes() for path in finished.rglob("*") if path.is_file()} == written
+    # The same data elsewhere: the same run, finished; and the unfinished one resumes.
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_pack_root, copy)
+    capsys.readouterr()
+    run_tiny(*args, f"dataset.root={copy}", run_dir=finished)
+    assert "run already finished (2 epochs" in capsys.readouterr().out
+    run_tiny(*args, f"dataset.root={copy}", run_dir=unfinished)
+    assert [m["epoch"] for m in read_jsonl(unfinished / "metrics.jsonl")] == [1, 2]
+
+
+def test_the_run_records_the_format_auto_found_and_resumes_runs_that_recorded_auto(run_tiny, tmp_path, monkeypatch):
+    # TinyImageNet's tree (64 px originals) and pack (32 px JPEG tiles) are different inputs: the
+    # config says which one a run read, so results and resumes never mix them.
+    args = ("loss=ce", "trainer.epochs=2", "trainer.max_steps_per_epoch=1", "dataset.format=auto")
+    run_until_the_first_epoch_checkpoint(monkeypatch, run_tiny, *args, run_dir=tmp_path / "run")
+    assert "format: pack" in (tmp_path / "run/config.yaml").read_text()
+    checkpoint = tmp_path / "run/checkpoints/last.pt"
+    state = load_checkpoint(checkpoint)
+    assert state["config"]["dataset"]["format"] == "pack"
+    state["config"]["dataset"]["format"] = "auto"  # as runs recorded it before the format was resolved
+    del state["data"]
+    torch.save(state, checkpoint)
+    run_tiny(*args, run_dir=tmp_path / "run")
+    assert [m["epoch"] for m in read_jsonl(tmp_path / "run/metrics.jsonl")] == [1, 2]
+
+
 def test_an_unfinished_run_whose_last_checkpoint_is_gone_is_not_overwritten(run_tiny, tmp_path, monkeypatch):
     args = ("loss=ce", "trainer.epochs=3", "trainer.max_steps_per_epoch=2")
     original = signal_at_step(monkeypatch, signal.SIGTERM, 5)  # in epoch 3: 2 epochs written

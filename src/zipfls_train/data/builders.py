@@ -7,9 +7,10 @@ datasets (ImageNet, INAT21) register their own builder returning the same :class
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -18,7 +19,7 @@ from .batch import Batch
 from .cifar100 import read_cifar100
 from .images import DatasetError, ImageTensors, check_class_count, take_subset
 from .tensor_loader import LoaderOptions, TensorLoader
-from .tinyimagenet import read_tinyimagenet
+from .tinyimagenet import find_format, read_tinyimagenet
 
 
 class Loader(Protocol):
@@ -35,6 +36,18 @@ class DataBundle:
     train_size: int
     val_size: int
     classes: list[str]
+    # Config values resolved from what was found (dataset.<key>: value), e.g. TinyImageNet's format.
+    resolved: dict[str, Any] = field(default_factory=dict)
+
+    def identity(self) -> dict[str, Any]:
+        """What tells this data from other data, wherever it is stored: a run folder's name leaves out
+        dataset.root (a copy elsewhere is the same data), so a resumed or rerun run compares this."""
+        return {
+            "num_classes": self.num_classes,
+            "classes_sha1": hashlib.sha1("\n".join(map(str, self.classes)).encode()).hexdigest()[:12],
+            "train_size": self.train_size,
+            "val_size": self.val_size,
+        }
 
 
 Reader = Callable[[Mapping[str, Any], str], ImageTensors]  # (dataset config, "train"|"val") -> images
@@ -53,8 +66,18 @@ FILE_DATASETS: dict[str, str] = {
 }
 
 
+# Config values a dataset resolves from what it finds (dataset config -> {key: value}), recorded in
+# the run's config in place of the requested ones: TinyImageNet's format=auto is the tree or the pack,
+# two different inputs (64 px originals, 32 px JPEG tiles) that results must not mix.
+IN_MEMORY_RESOLVED: dict[str, Callable[[Mapping[str, Any]], dict[str, Any]]] = {
+    "tinyimagenet": lambda cfg: {"format": find_format(Path(cfg["root"]), str(cfg.get("format", "auto")))},
+}
+
+
 def read_in_memory(cfg: Mapping[str, Any], split: str) -> ImageTensors:
     data = IN_MEMORY_READERS[cfg["name"]](cfg, split)
+    if split == "train":  # the whole dataset's classes, before the subset takes the first K
+        check_class_count(cfg, len(data.classes))
     key = "train_per_class" if split == "train" else "val_per_class"
     return take_subset(data, cfg.get("num_classes_subset"), cfg.get(key), per_class_key=f"dataset.{key}")
 
@@ -74,9 +97,10 @@ def build_in_memory(cfg: Mapping[str, Any], options: LoaderOptions) -> DataBundl
             f"dataset.test_transform must be one of {list(IN_MEMORY_TEST_TRANSFORMS)} for {cfg['name']} "
             f"(its val images are held in memory), got {test_transform!r}"
         )
+    resolved = IN_MEMORY_RESOLVED.get(cfg["name"], lambda _: {})(cfg)
+    cfg = {**cfg, **resolved}
     train = read_in_memory(cfg, "train")
     val = read_in_memory(cfg, "val")
-    check_class_count(cfg, len(train.classes))
     stored = tuple(val.images.shape[-2:])
     if test_transform == "none" and stored != (int(cfg["image_size"]),) * 2:
         raise DatasetError(
@@ -91,6 +115,7 @@ def build_in_memory(cfg: Mapping[str, Any], options: LoaderOptions) -> DataBundl
         train_size=len(train),
         val_size=len(val),
         classes=train.classes,
+        resolved=resolved,
     )
 
 

@@ -570,9 +570,9 @@ def build_file_bundle(cfg: Mapping[str, Any], options: LoaderOptions, train_file
     """Subsets, class-count check and the two loaders: the common tail of every file dataset builder."""
     from .builders import DataBundle  # builders imports this module's users lazily; avoid a cycle
 
+    check_class_count(cfg, len(train_files.classes))  # the whole dataset's, before the subset
     train_files = train_files.subset(cfg.get("num_classes_subset"), cfg.get("train_per_class"), "dataset.train_per_class")
     val_files = val_files.subset(cfg.get("num_classes_subset"), cfg.get("val_per_class"), "dataset.val_per_class")
-    check_class_count(cfg, len(train_files.classes))
     train_transform, eval_transform = build_transforms(cfg, draft=bool(cfg.get("decode_draft", True)))
     common = dict(mean=list(cfg["mean"]), std=list(cfg["std"]), decode=str(cfg.get("decode", "cpu")))
     return DataBundle(

@@ -16,17 +16,14 @@ class DatasetError(RuntimeError):
 
 
 def check_class_count(cfg: Mapping[str, Any], found: int) -> None:
-    """The classes read (after any ``num_classes_subset``) must be the ones the config declares."""
-    subset = cfg.get("num_classes_subset")
-    expected = int(subset or cfg["num_classes"])
-    if found == expected:
+    """The dataset's classes, as read before any ``num_classes_subset`` is taken, must be as many as
+    ``dataset.num_classes`` declares (a subset is the first K of them: it does not replace it)."""
+    if found == int(cfg["num_classes"]):
         return
-    where = f"the {cfg['name']} files under {cfg['root']} hold {found} classes"
-    if subset:
-        raise DatasetError(f"dataset.num_classes_subset={subset} but {where}; use dataset.num_classes_subset<={found}")
     raise DatasetError(
-        f"dataset.num_classes is {cfg['num_classes']} but {where}: set dataset.num_classes={found} for this "
-        f"folder, or dataset.num_classes_subset=K to train on its first K classes"
+        f"dataset.num_classes is {cfg['num_classes']} but the {cfg['name']} files under {cfg['root']} hold {found} "
+        f"classes: set dataset.num_classes={found} for this folder (dataset.num_classes_subset=K trains on "
+        "its first K classes)"
     )
 
 

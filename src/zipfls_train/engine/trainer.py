@@ -41,6 +41,8 @@ RESUME_TOLERATED = {
     "trainer.stop_check_s", "trainer.eval_batch_size", "dataset.root", "tag",
     *(f"loss.{option}" for option in IMPLEMENTATION_OPTIONS),
 }
+# Config values a run records as the dataset resolved them, which older runs recorded as requested.
+RESOLVED_SINCE = ("dataset.format",)
 # What a checkpoint to resume from holds (best.pt holds only the model).
 RESUMABLE_KEYS = ("model", "optimizer", "scheduler", "scaler", "method", "progress", "running", "rng", "config")
 
@@ -181,6 +183,8 @@ class Trainer:
                 accumulate_steps=int(tcfg.accumulate_steps),
             ),
         )
+        for key, value in self.data.resolved.items():  # e.g. dataset.format=auto -> tree | pack, as recorded
+            cfg.dataset[key] = value
         if len(self.data.train) == 0:
             raise ConfigError(
                 f"trainer.batch_size={tcfg.batch_size} is larger than the {self.data.train_size} training "
@@ -300,6 +304,7 @@ class Trainer:
             "running": self.running.state_dict(),
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "precision": self.precision,  # what auto resolved to (per machine)
+            "data": self.data.identity(),
         }
 
     def save(self, name: str = "last.pt", check_finite_since: int | None = None) -> None:
@@ -343,8 +348,10 @@ class Trainer:
             return "fresh"
         if mode == "auto" and not path.exists():
             config = self.run_dir / "config.yaml"
-            if (self.run_dir / "summary.json").is_file() and config.is_file():  # finished: the same run?
+            summary = self.run_dir / "summary.json"
+            if summary.is_file() and config.is_file():  # finished: the same run?
                 self._check_same_config(OmegaConf.to_container(OmegaConf.load(config), resolve=False), config)
+                self._check_same_data(json.loads(summary.read_text()).get("data"), summary)
                 return "finished"
             self._refuse_to_overwrite_results()
             return "fresh"
@@ -356,6 +363,7 @@ class Trainer:
                 "the model): put the run's own last.pt back, or start over with trainer.resume=never"
             )
         self._check_same_config(state["config"], path)
+        self._check_same_data(state.get("data"), path)  # (absent from checkpoints before 2026-11-27)
         self._warn_if_precision_changed(state.get("precision"), path)  # (absent from checkpoints before 2026-11-27)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -393,9 +401,30 @@ class Trainer:
                 "folder (tag=... or hydra.run.dir=...), or trainer.resume=never to start over in this one."
             )
 
+    def _check_same_data(self, saved: dict[str, Any] | None, path: Path) -> None:
+        """The data found now must be the data the run trained on: a run folder's name leaves out
+        dataset.root, so another dataset under another root (an image folder, say) would otherwise
+        resume this run, or be reported as this finished run."""
+        now = self.data.identity()
+        if saved is None or saved == now:
+            return
+
+        def described(identity: dict[str, Any]) -> str:
+            return (f"{identity.get('num_classes')} classes (names sha1 {identity.get('classes_sha1')}), "
+                    f"{identity.get('train_size')} train / {identity.get('val_size')} val images")  # fmt: skip
+
+        raise ResumeError(
+            f"{path} is a run on other data than dataset.root={self.cfg.dataset.root} holds: it trained on "
+            f"{described(saved)}, this data has {described(now)}. Run folders are named without dataset.root: "
+            "give this data a run folder of its own (tag=... or experiment_name=...), or trainer.resume=never "
+            "to start over in this one."
+        )
+
     def _check_same_config(self, saved: dict[str, Any], path: Path) -> None:
         now = flatten(OmegaConf.to_container(self.cfg, resolve=True))
         before = flatten(saved)
+        # Recorded before the dataset resolved them (runs before 2026-11-27): "auto" matches what it is now.
+        before.update({key: now.get(key) for key in RESOLVED_SINCE if before.get(key) == "auto"})
         differing = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k) and k not in RESUME_TOLERATED)
         if differing:
             details = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in differing[:8])
@@ -694,5 +723,6 @@ class Trainer:
             "last_val_top1": metrics[-1]["val_top1"] if metrics else None,
             "epochs": self.progress.epoch,
             "precision": self.precision,  # what trainer.precision=auto chose
+            "data": self.data.identity(),
             "run_dir": str(self.run_dir),
         }
