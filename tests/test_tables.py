@@ -350,6 +350,24 @@ def test_short_schedules_and_subsets_are_labelled(tmp_path):
     assert "short schedule 2/200 ep" in cell and "100 train img/class" in cell
 
 
+def test_runs_on_another_class_count_or_capped_epochs_never_mix_with_the_recipe(tmp_path):
+    # A 20-class image folder read as TinyImageNet, and a run capped at 1 step per epoch, used to sit
+    # in the paper's cell unlabelled (and average with the recipe's runs).
+    write_run(tmp_path / "full", seed=0, top1=(50.0,), epochs=200, dataset_options={"num_classes": 200})
+    write_run(tmp_path / "twenty", seed=1, top1=(70.0,), epochs=200, dataset_options={"num_classes": 20})
+    write_run(tmp_path / "capped", seed=2, top1=(5.0,), epochs=200, dataset_options={"num_classes": 200})
+    config = yaml.safe_load((tmp_path / "capped/config.yaml").read_text())
+    config["trainer"]["max_steps_per_epoch"] = 1
+    (tmp_path / "capped/config.yaml").write_text(yaml.safe_dump(config))
+    report = build_report(load_runs([tmp_path]), load_paper(PAPER_TABLES), table="2")
+    cells = {label: row["TinyImageNet ResNet18"] for label, row in table_rows(report, "Table 2").items() if label.startswith("Vanilla")}
+    assert len(cells) == 3, cells
+    recipe = [text for text in cells.values() if text.startswith("50.00")]
+    assert len(recipe) == 1 and "n=1" in recipe[0] and "num_classes" not in recipe[0] and "max_steps" not in recipe[0]
+    assert any(text.startswith("70.00") and "dataset.num_classes=20 (paper: 200)" in text for text in cells.values())
+    assert any(text.startswith("5.00") and "trainer.max_steps_per_epoch=1" in text for text in cells.values())
+
+
 def test_tinyimagenet_runs_on_the_32px_pack_never_mix_with_the_originals(tmp_path):
     # The paper's recipe crops the 64 px originals (dataset.format=tree); the pack's runs, and runs
     # on format auto (which does not record what it found), are their own rows and say so.

@@ -188,8 +188,8 @@ def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def recipe_notes(key: CellKey, paper: Paper) -> list[str]:
-    """How a cell's recipe departs from the paper's: schedule length, data subsets, resolution, data
-    format, augmentation, batch size."""
+    """How a cell's recipe departs from the paper's: schedule length, data subsets, resolution, capped
+    epochs, data format, augmentation, batch size, the dataset's class count."""
     recipe = dict(key.recipe)
     notes = []
     planned, reference = key.planned_epochs, paper.epochs.get(key.dataset)
@@ -205,8 +205,10 @@ def recipe_notes(key: CellKey, paper: Paper) -> list[str]:
     size = recipe.get("image_size")
     if size is not None and paper.image_size.get(key.dataset) not in (None, size):
         notes.append(f"{size} px")
+    if recipe.get("max_steps_per_epoch") is not None:
+        notes.append(f"trainer.max_steps_per_epoch={recipe['max_steps_per_epoch']}")
     for name, config_key in (("format", "dataset.format"), ("train_augment", "dataset.train_augment"),
-                             ("batch_size", "trainer.batch_size")):
+                             ("batch_size", "trainer.batch_size"), ("num_classes", "dataset.num_classes")):
         value, expected = recipe.get(name), paper.recipe.get(name, {}).get(key.dataset)
         if value is not None and expected not in (None, value):
             notes.append(f"{config_key}={value} (paper: {expected})")

@@ -35,9 +35,13 @@ OPTION_DEFAULTS: dict[str, dict[str, Any]] = {
 _PATH_LIKE_WORDS = ("path", "ckpt", "checkpoint", "teacher", "dir", "file")
 # Dataset keys that change what is trained on; they are part of a cell's recipe (format: which copy
 # of a dataset that has several, e.g. TinyImageNet's 64 px tree or 32 px pack; the augmentation and
-# the test transform: runs that differ there never average into one cell).
-_RECIPE_DATASET_KEYS = ("image_size", "num_classes_subset", "train_per_class", "val_per_class", "format",
+# the test transform: runs that differ there never average into one cell; num_classes: the dataset's
+# classes, another folder of images read under the dataset's name).
+_RECIPE_DATASET_KEYS = ("image_size", "num_classes", "num_classes_subset", "train_per_class", "val_per_class", "format",
                         "train_augment", "test_transform")
+# Trainer keys that change what is trained: the global batch and a cap on an epoch's steps (an epoch
+# of 1 step is not an epoch of the recipe).
+_RECIPE_TRAINER_KEYS = ("batch_size", "max_steps_per_epoch")
 
 Hashable = Any  # a value made hashable by _freeze (tuples instead of lists)
 
@@ -170,8 +174,9 @@ def cell_key_from_config(config: Mapping[str, Any], source: Path) -> CellKey:
     options = {k: v for k, v in _flatten(chosen).items() if not _is_path_like(k, v)}
     for name, default in OPTION_DEFAULTS.get(method, {}).items():
         options.setdefault(name, default)
-    recipe: dict[str, Any] = {"epochs": int(_require(config, "trainer.epochs", source)),
-                              "batch_size": config["trainer"].get("batch_size")}
+    recipe: dict[str, Any] = {"epochs": int(_require(config, "trainer.epochs", source))}
+    for name in _RECIPE_TRAINER_KEYS:
+        recipe[name] = config["trainer"].get(name)
     for name in _RECIPE_DATASET_KEYS:
         recipe[name] = config["dataset"].get(name)
     # Model options (e.g. a narrower CIFAR ResNet) change the model, and the optimiser and schedule
