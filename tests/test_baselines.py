@@ -23,7 +23,7 @@ from zipfls_train.data.batch import Batch
 from zipfls_train.data.class_pairs import SameClassPartners
 from zipfls_train.data.images import ImageTensors
 from zipfls_train.data.tensor_loader import LoaderOptions, TensorLoader
-from zipfls_train.losses import build_method
+from zipfls_train.losses import Method, build_method
 from zipfls_train.models import build_model, unwrap
 from zipfls_train.models.aux_heads import BottleneckAuxHead
 from zipfls_train.models.outputs import ModelOutput
@@ -139,6 +139,32 @@ def test_tfkd_config_defaults_and_model_dependent_overrides():
     assert (tuned.temperature, tuned.multiplier) == (30, 7)
     with pytest.raises(ValueError, match="reduction"):
         build_method({"name": "tfkd", "reduction": "sum"}, 10)
+
+
+class _GammaOnly(Method):
+    """A new method whose constructor takes its one option and not the class count."""
+
+    def __init__(self, gamma: float = 2.0) -> None:
+        super().__init__()
+        self.gamma = gamma
+
+
+class _AnyKeywords(Method):
+    def __init__(self, **options) -> None:
+        super().__init__()
+        self.options = options
+
+
+def test_the_class_count_goes_to_the_methods_that_name_it(monkeypatch):
+    import zipfls_train.losses as losses
+
+    monkeypatch.setitem(losses.METHODS, "gamma_only", f"{__name__}:_GammaOnly")
+    monkeypatch.setitem(losses.METHODS, "any_keywords", f"{__name__}:_AnyKeywords")
+    assert build_method({"name": "gamma_only", "gamma": 1.0}, 10).gamma == 1.0
+    with pytest.raises(ValueError, match=r"loss=gamma_only has no option\(s\) \['alpha'\]; its options are \['gamma'\]"):
+        build_method({"name": "gamma_only", "alpha": 1.0}, 10)
+    assert build_method({"name": "any_keywords"}, 7).options == {"num_classes": 7}
+    assert build_method({"name": "ce"}, 5).num_classes == 5
 
 
 # --- CS-KD ---------------------------------------------------------------------------------------

@@ -636,3 +636,23 @@ def test_every_method_compiles_to_one_graph(tmp_path, loss):
     torch._dynamo.reset()
     traced = torch._dynamo.explain(trainer.method.training_step)(trainer.train_model, next(trainer.data.train.epoch(0)))
     assert (traced.graph_count, traced.graph_break_count) == (1, 0), [str(b.reason) for b in traced.break_reasons]
+
+
+@pytest.mark.parametrize(
+    ("returned", "message"),
+    [
+        (lambda ce: {"ce": ce}, r"must return a dict with a 'loss' entry, the value back-propagated; got keys \['ce', 'top1'\]"),
+        (lambda ce: {"loss": ce.expand(4)}, r"returned loss of shape \(4,\): every term must be a 0-dim tensor"),
+        (lambda ce: {"loss": ce, "ce": 1.5}, r"returned ce=1.5, a float: every term must be a 0-dim tensor"),
+        (lambda ce: {"loss": ce.detach()}, r"returned a 'loss' without a gradient"),
+    ],
+)
+def test_a_method_that_returns_what_the_trainer_cannot_use_is_named(returned, message, run_tiny, tmp_path, monkeypatch):
+    """A new method's mistake (no 'loss', a per-sample vector, a float, a detached loss) is one line
+    naming the loss config, not a traceback from backward() or the term accumulator."""
+    from zipfls_train.losses.base import MethodContractError
+    from zipfls_train.losses.ce import CrossEntropy, cross_entropy
+
+    monkeypatch.setattr(CrossEntropy, "loss_terms", lambda self, outputs, batch, model: returned(cross_entropy(outputs.logits, batch.targets)))
+    with pytest.raises(MethodContractError, match=r"^loss=ce: its training_step \(loss_terms\) " + message):
+        run_tiny("loss=ce", "trainer.max_steps_per_epoch=1", run_dir=tmp_path / "run")

@@ -15,9 +15,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .engine.run_folder import MetricsFileError, RunFolderNotWritable
     from .engine.trainer import NonFiniteLossError, ResumeError
     from .losses.ban import TeacherCheckpointError
+    from .losses.base import MethodContractError
 
     return (ConfigError, DatasetError, CheckpointError, ResumeError, NonFiniteLossError, TeacherCheckpointError,
-            TrainingInterrupted, MetricsFileError, RunFolderNotWritable)  # fmt: skip
+            TrainingInterrupted, MetricsFileError, RunFolderNotWritable, MethodContractError)  # fmt: skip
 
 
 def format_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001 - warnings.formatwarning's signature

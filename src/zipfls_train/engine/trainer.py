@@ -22,6 +22,7 @@ from tqdm import tqdm
 from ..data import DataBundle, LoaderOptions, build_data
 from ..loss_options import IMPLEMENTATION_OPTIONS
 from ..losses import Method, build_method
+from ..losses.base import check_terms
 from ..models import build_model, check_trains_on, unwrap
 from .checkpoint import CheckpointError, capture_rng_state, load_checkpoint, rank_rng_state, restore_rng_state, save_atomic
 from .config_checks import ConfigError, loader_workers
@@ -217,6 +218,7 @@ class Trainer:
         self.progress = Progress()
         self.running = TermAccumulator()
         self._stepped = False  # whether this run has taken its first step (timed apart: see _train_epoch)
+        self._terms_checked = False  # whether the method's terms were checked (at the first step)
         self._stops = StopRequests(announce=ctx.is_main)  # listening only while fit() runs
         self._stop_votes = StopVotes(
             self._stops, distributed=ctx.enabled, device=self.device, world_size=ctx.world_size,
@@ -652,6 +654,8 @@ class Trainer:
             with sync:
                 with self._autocast():
                     terms = self.step_fn(self.train_model, next(batches))
+                if not self._terms_checked:  # the run's first step: what the method returns
+                    check_terms(terms, str(self.cfg.loss.name))
                 loss = terms["loss"] if self.accumulate == 1 else terms["loss"] / self.accumulate
                 self.scaler.scale(loss).backward()
                 self.method.after_backward()  # state updates, outside the compiled step (PS-KD's memory)
@@ -662,6 +666,7 @@ class Trainer:
                 value = value.detach() / self.accumulate
                 totals[name] = totals[name] + value if name in totals else value
         self._optimizer_update()
+        self._terms_checked = True
         return totals
 
     def _lr_at(self, global_step: int) -> float:

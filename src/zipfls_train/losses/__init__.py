@@ -56,7 +56,9 @@ def build_method(config: Mapping[str, Any], num_classes: int) -> Method:
             f"loss={name} has no option(s) {unknown}; its options are {accepted} "
             f"(see configs/loss/{name}.yaml and {cls.__module__})"
         )
-    return cls(num_classes=num_classes, **options)
+    # The run's class count, for the methods that ask for it by name.
+    wants_classes = "num_classes" in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    return cls(**options, **({"num_classes": num_classes} if wants_classes else {}))
 
 
 __all__ = ["METHODS", "Method", "Needs", "build_method", "method_class"]

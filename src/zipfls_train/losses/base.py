@@ -83,6 +83,33 @@ def with_train_top1(terms: dict[str, Tensor], logits: Tensor, targets: Tensor) -
     return terms
 
 
+class MethodContractError(TypeError):
+    """A method's step returned what the trainer cannot use (a user's new method, most likely)."""
+
+
+def check_terms(terms: object, loss_name: str) -> None:
+    """What ``training_step`` returned, checked at a run's first step (a mistake in a new method is
+    then one line naming it, not a traceback from ``backward`` or the term accumulator): a dict of
+    0-dim tensors with a differentiable ``loss``."""
+    where = f"loss={loss_name}: its training_step (loss_terms)"
+    if not isinstance(terms, dict) or "loss" not in terms:
+        got = f"keys {list(terms)}" if isinstance(terms, dict) else f"a {type(terms).__name__}"
+        raise MethodContractError(f"{where} must return a dict with a 'loss' entry, the value back-propagated; got {got}")
+    for name, value in terms.items():
+        if not isinstance(value, Tensor):
+            raise MethodContractError(
+                f"{where} returned {name}={value!r}, a {type(value).__name__}: every term must be a 0-dim tensor "
+                "(a Python number, from .item() say, would also synchronise the device at every step)"
+            )
+        if value.dim() != 0:
+            raise MethodContractError(
+                f"{where} returned {name} of shape {tuple(value.shape)}: every term must be a 0-dim tensor, "
+                "e.g. its mean over the batch"
+            )
+    if not terms["loss"].requires_grad:
+        raise MethodContractError(f"{where} returned a 'loss' without a gradient (computed under no_grad, or detached)")
+
+
 # Option checks shared by the methods' constructors: each names the config key (loss.<name>) and what
 # was expected, and returns the value as the type the method stores.
 def _number(name: str, value: object, wanted: str) -> float:
