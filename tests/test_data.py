@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -476,3 +477,21 @@ def test_num_classes_is_the_whole_datasets_count_also_with_a_subset(tiny_pack_ro
     identity = bundle.identity()
     assert identity["num_classes"] == 3 and identity["train_size"] == 120 and identity["val_size"] == 30
     assert identity["classes_sha1"] == hashlib.sha1("\n".join(bundle.classes).encode()).hexdigest()[:12]
+
+
+def test_a_missing_dataset_says_what_the_root_holds(tmp_path):
+    """Beside the expected layout: what dataset.root holds, and where a root names the dataset's own
+    folder (one level too deep), the root that was meant."""
+    from zipfls_train.data.image_folder import read_image_folder
+    from zipfls_train.data.tinyimagenet import find_format
+
+    root = write_tinyimagenet_tree(tmp_path / "data", WNIDS, train_per_class=1, val_per_class=1)
+    too_deep = root / "tiny-imagenet-200"
+    held = ", ".join(sorted(f"{p.name}/" if p.is_dir() else p.name for p in too_deep.iterdir()))
+    with pytest.raises(DatasetError, match=re.escape(f"Found: {held}; dataset.root is the folder that holds tiny-imagenet-200/: dataset.root={root}\n")):
+        find_format(too_deep, "auto")
+    with pytest.raises(DatasetError, match="\nFound: no such folder\n"):
+        find_format(tmp_path / "typo", "auto")
+    (tmp_path / "mine" / "train" / "cat").mkdir(parents=True)  # no val/ yet
+    with pytest.raises(DatasetError, match="\nFound: train/\n"):
+        read_image_folder(tmp_path / "mine")

@@ -472,7 +472,7 @@ def test_a_zero_per_class_subset_names_its_key_in_the_readers(split_key, tmp_pat
     from zipfls_train.data import DatasetError
 
     root = write_tinyimagenet_pack(tmp_path, num_classes=2, train_per_class=2, val_per_class=1, size=8)
-    cfg = {"name": "tinyimagenet", "root": str(root), "format": "pack", split_key: 0}
+    cfg = {"name": "tinyimagenet", "root": str(root), "format": "pack", "num_classes": 2, split_key: 0}
     with pytest.raises(DatasetError, match=rf"^dataset.{split_key} \(images per class\) must be null \(all\) or an integer >= 1, got 0$"):
         read_in_memory(cfg, "train" if split_key == "train_per_class" else "val")
     files = FileList.from_paths(str(root), ["a/x.JPEG", "b/y.JPEG"], [0, 1], ["a", "b"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,7 +79,22 @@ def take_subset(data: ImageTensors, num_classes: int | None, per_class: int | No
 
 
 def missing_dataset_error(name: str, root: Path, layout: str, how_to_get: str) -> DatasetError:
+    """The expected layout, what ``root`` holds instead, and how to get the data."""
     return DatasetError(
         f"{name} not found under dataset.root={str(root)!r} (resolved: {root.resolve()}).\n"
-        f"Expected layout:\n{layout}\nHow to get it: {how_to_get}"
+        f"Expected layout:\n{layout}\nFound: {_what_root_holds(root, layout)}\nHow to get it: {how_to_get}"
     )
+
+
+def _what_root_holds(root: Path, layout: str) -> str:
+    """A line on ``root``: missing, empty, or its first entries; and, when ``root`` is itself one of
+    the layout's top folders (``<root>/tiny-imagenet-200/...`` given .../tiny-imagenet-200), that the
+    root is the folder above it."""
+    if not root.is_dir():
+        return "no such folder" if not root.exists() else "a file, not a folder"
+    entries = sorted(f"{entry.name}/" if entry.is_dir() else entry.name for entry in root.iterdir())
+    held = "an empty folder" if not entries else ", ".join(entries[:8]) + (f" ... ({len(entries)} entries)" if len(entries) > 8 else "")
+    top_folders = set(re.findall(r"<root>/([^/<>\s]+)/", layout))
+    if root.name in top_folders:
+        held += f"; dataset.root is the folder that holds {root.name}/: dataset.root={root.parent}"
+    return held
