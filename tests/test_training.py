@@ -656,3 +656,18 @@ def test_a_method_that_returns_what_the_trainer_cannot_use_is_named(returned, me
     monkeypatch.setattr(CrossEntropy, "loss_terms", lambda self, outputs, batch, model: returned(cross_entropy(outputs.logits, batch.targets)))
     with pytest.raises(MethodContractError, match=r"^loss=ce: its training_step \(loss_terms\) " + message):
         run_tiny("loss=ce", "trainer.max_steps_per_epoch=1", run_dir=tmp_path / "run")
+
+
+def test_a_dense_method_given_a_1x1_map_is_warned_before_the_run(tiny_pack_root, tmp_path):
+    """An ImageNet model on 32 px images ends on a 1 x 1 map: it trains, but Zipf's LS then gets one
+    vote per image. Said at set-up (the meta-device shape check), not discovered from the results."""
+    from conftest import compose
+    from zipfls_train.engine.distributed import DistContext
+    from zipfls_train.models import check_trains_on
+
+    assert check_trains_on("resnet18", 10, 32, 2, feature_stages=("final",)) == {"final": (1, 1)}
+    assert check_trains_on("cifar_resnet18", 10, 32, 2, feature_stages=("final", "penultimate")) == {"final": (4, 4), "penultimate": (8, 8)}
+    base = [item for item in TINY_RUN if not item.startswith("model")]
+    cfg = compose([*base, f"dataset.root={tiny_pack_root}", "model=resnet18", "loss=zipf"])
+    with pytest.warns(UserWarning, match=r"loss=zipf reads the dense final map\(s\) of model=resnet18, 1 x 1 at dataset.image_size=32"):
+        Trainer(cfg, DistContext(), tmp_path / "run")

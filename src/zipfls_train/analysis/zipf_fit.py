@@ -143,6 +143,7 @@ def _load(path: Path, data_root: str | None, device: torch.device):  # noqa: ANN
 
     from ..data import DatasetError, LoaderOptions, build_data
     from ..engine.checkpoint import CheckpointError, load_checkpoint
+    from ..engine.config_checks import loader_workers
     from ..models import build_model
 
     if not path.exists():
@@ -153,8 +154,9 @@ def _load(path: Path, data_root: str | None, device: torch.device):  # noqa: ANN
     if data_root is not None:
         cfg.dataset.root = data_root
     dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
+    # Loader workers for this machine (the run's own setting was for the machine it trained on).
     options = LoaderOptions(batch_size=int(cfg.trainer.batch_size), eval_batch_size=int(cfg.trainer.eval_batch_size),
-                            device=device, seed=int(cfg.seed))
+                            device=device, seed=int(cfg.seed), num_workers=loader_workers("auto"))
     try:
         data = build_data(dataset, options)
     except DatasetError as error:

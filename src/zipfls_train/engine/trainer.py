@@ -229,18 +229,28 @@ class Trainer:
     def _check_model_trains_on_the_data(self, needs, model_options: dict[str, Any], batch: int) -> None:  # noqa: ANN001
         """A model too deep for the image size, or BatchNorm given one image per process on a 1 x 1
         map (``batch``: images per process and step), fails at its first step with torch's
-        traceback; say so before the run starts."""
+        traceback; say so before the run starts. A dense map the method reads that is 1 x 1 (an
+        ImageNet model on 32 px images) trains, but gives it one pixel per image: warned."""
         tcfg = self.cfg.trainer
         size = int(self.cfg.dataset.image_size)
         try:
-            check_trains_on(str(self.cfg.model.name), self.data.num_classes, size, batch, feature_stages=needs.feature_stages,
-                            aux_stages=needs.aux_stages, aux_head=needs.aux_head, **model_options)  # fmt: skip
+            sizes = check_trains_on(str(self.cfg.model.name), self.data.num_classes, size, batch, feature_stages=needs.feature_stages,
+                                    aux_stages=needs.aux_stages, aux_head=needs.aux_head, **model_options)  # fmt: skip
         except ValueError as error:
             raise ConfigError(
                 f"model={self.cfg.model.name} cannot train on dataset.image_size={size} with {batch} image(s) per "
                 f"process and step (trainer.batch_size={tcfg.batch_size} over {self.ctx.world_size} process(es) x "
                 f"trainer.accumulate_steps={tcfg.accumulate_steps}): {error}. Use larger images or more per process."
             ) from error
+        single_pixel = [stage for stage, hw in sizes.items() if hw == (1, 1)]
+        if single_pixel and self.ctx.is_main:
+            warnings.warn(
+                f"loss={self.cfg.loss.name} reads the dense {' and '.join(single_pixel)} map(s) of model={self.cfg.model.name}, "
+                f"1 x 1 at dataset.image_size={size}: one pixel per image (Zipf's LS: one vote, so its soft label "
+                "ranks no other class); a model made for this size (cifar_resnet18 at 32 px) or larger images fit",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def _wrap_for_training(self, model: nn.Module) -> nn.Module:
         return wrap_ddp(model, self.device, bool(self.cfg.trainer.sync_batchnorm)) if self.ctx.enabled else model

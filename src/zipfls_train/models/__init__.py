@@ -101,20 +101,22 @@ def check_trains_on(
     aux_stages: Sequence[str] = (),
     aux_head: str = "linear",
     **options: Any,
-) -> None:
+) -> dict[str, tuple[int, int]]:
     """Raises ValueError when ``name`` cannot train on batches of ``batch`` images of ``image_size``
     px: a pooling window larger than a late stage's map, or BatchNorm over a single value per
     channel (one image per process on a 1 x 1 map). A training-mode forward on the meta device
-    computes shapes only (no memory, no arithmetic), so this costs a fraction of a second."""
+    computes shapes only (no memory, no arithmetic), so this costs a fraction of a second. Returns
+    the (H, W) of the ``feature_stages`` maps ({} where an operation has no meta kernel)."""
     with torch.device("meta"):
         model = build_model(name, num_classes, aux_stages=aux_stages, aux_head=aux_head, **options)
     inputs = torch.empty(batch, 3, image_size, image_size, device="meta")
     try:
-        model.train()(inputs, features=tuple(feature_stages), aux=bool(aux_stages))
+        outputs = model.train()(inputs, features=tuple(feature_stages), aux=bool(aux_stages))
     except NotImplementedError:
-        return  # an operation without a meta kernel: nothing can be said here, the first step will tell
+        return {}  # an operation without a meta kernel: nothing can be said here, the first step will tell
     except (RuntimeError, ValueError) as error:
         raise ValueError(str(error).splitlines()[0]) from error
+    return {stage: tuple(feature_map.shape[-2:]) for stage, feature_map in outputs.features.items()}
 
 
 __all__ = ["BACKBONES", "ClassifierWrapper", "ModelOutput", "build_model", "check_model_options", "check_trains_on",
