@@ -217,8 +217,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
         self.progress = Progress()
         self.running = TermAccumulator()
-        self._stepped = False  # whether this run has taken its first step (timed apart: see _train_epoch)
-        self._terms_checked = False  # whether the method's terms were checked (at the first step)
+        # The run's first step checks what the method returns and is timed apart (see _train_epoch).
+        self._took_first_step = False
         self._stops = StopRequests(announce=ctx.is_main)  # listening only while fit() runs
         self._stop_votes = StopVotes(
             self._stops, distributed=ctx.enabled, device=self.device, world_size=ctx.world_size,
@@ -538,13 +538,13 @@ class Trainer:
         first_step_s, timed_from, timed_from_step = None, started, start_step  # images/s: from here
         for step in range(start_step, self.steps_per_epoch):
             step_lr = self.optimizer.param_groups[0]["lr"]  # the lr this step applies
+            first_of_run = not self._took_first_step
             terms = self.train_step(batches)
-            if not self._stepped:
+            if first_of_run:
                 # The run's first step also starts the loader, compiles the step (trainer.compile),
                 # tunes cuDNN and captures CUDA graphs: seconds no later step takes (a compiled
                 # TinyImageNet epoch on a GPU takes less). Timed apart, with one device sync per
                 # run, and left out of the epoch's images/s.
-                self._stepped = True
                 self._wait_for_device()
                 timed_from, timed_from_step = time.perf_counter(), step + 1
                 first_step_s = timed_from - started
@@ -664,7 +664,7 @@ class Trainer:
             with sync:
                 with self._autocast():
                     terms = self.step_fn(self.train_model, next(batches))
-                if not self._terms_checked:  # the run's first step: what the method returns
+                if not self._took_first_step:  # what the method returns, checked once
                     check_terms(terms, str(self.cfg.loss.name))
                 loss = terms["loss"] if self.accumulate == 1 else terms["loss"] / self.accumulate
                 self.scaler.scale(loss).backward()
@@ -676,7 +676,7 @@ class Trainer:
                 value = value.detach() / self.accumulate
                 totals[name] = totals[name] + value if name in totals else value
         self._optimizer_update()
-        self._terms_checked = True
+        self._took_first_step = True
         return totals
 
     def _lr_at(self, global_step: int) -> float:
