@@ -70,9 +70,14 @@ def test_torchrun_two_processes_match_one_process(tiny_pack_root, tmp_path):
     common = [*DDP_RUN, f"dataset.root={tiny_pack_root}", "trainer.max_steps_per_epoch=3"]
     run_training(compose(common), tmp_path / "single")
     torchrun = Path(sys.executable).with_name("torchrun")
-    result = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node=2", "train.py", *common, f"hydra.run.dir={tmp_path}/torchrun"],
-                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    # trainer.devices asks for 3: torchrun's 2 processes are what runs, said once and recorded.
+    result = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node=2", "train.py", *common, "trainer.devices=3",
+                             f"hydra.run.dir={tmp_path}/torchrun"], cwd=REPO, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    warned = [line for line in result.stderr.splitlines() if line.startswith("warning: trainer.devices=3 is not used under torchrun")]
+    assert len(warned) == 1 and "which started 2 process(es) per node" in warned[0], result.stderr[-3000:]
+    assert "devices: 2" in (tmp_path / "torchrun/config.yaml").read_text()
+    assert json.loads((tmp_path / "torchrun/summary.json").read_text())["processes"] == 2
     single, ranked = _weights(tmp_path / "single"), _weights(tmp_path / "torchrun")
     for name, tensor in single.items():
         torch.testing.assert_close(ranked[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
@@ -183,6 +188,38 @@ def test_sigterm_to_the_launching_process_stops_every_rank_at_one_step_with_a_ch
         assert torch.equal(tensor, b[name]), name
 
 
+def _spawned_ranks(parent: int) -> list[int]:
+    """Pids of the DDP ranks a train.py process spawned (multiprocessing's resource tracker left out)."""
+    ranks = []
+    for child in Path(f"/proc/{parent}/task/{parent}/children").read_text().split():
+        command = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        if "spawn_main" in command:
+            ranks.append(int(child))
+    return sorted(ranks)
+
+
+def test_a_rank_killed_from_outside_is_one_line_naming_it_and_the_checkpoint(tiny_pack_root, tmp_path):
+    """The kernel's out-of-memory killer (here: SIGKILL) ends one spawned rank: one line names the
+    rank, the signal and the checkpoint to resume from; it was a Hydra report and torch's traceback."""
+    run_dir = tmp_path / "run"
+    base = [*TINY_RUN, f"dataset.root={tiny_pack_root}", "trainer.epochs=50", "trainer.checkpoint_every_steps=1",
+            "loss=ce", "trainer.devices=2", "model.options.norm=group", f"hydra.run.dir={run_dir}"]  # fmt: skip
+    process = _launch(base)
+    deadline = time.time() + 300
+    while not (run_dir / "checkpoints/last.pt").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    ranks = _spawned_ranks(process.pid)
+    assert len(ranks) == 2, ranks
+    os.kill(ranks[1], signal.SIGKILL)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 1, stderr[-3000:]
+    assert "Traceback" not in stderr and "Error executing job" not in stderr, stderr[-3000:]
+    (line,) = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert re.fullmatch(rf"error: rank 1 \(pid {ranks[1]}\) was killed by SIGKILL from outside the run \(out of memory, say: "
+                        rf"check the kernel log\); the other ranks were stopped; its last checkpoint, {run_dir}/checkpoints/last.pt, "
+                        r"is where the same command resumes", line), line  # fmt: skip
+
+
 def test_gradient_accumulation_equals_the_whole_batch_at_once(tiny_pack_root, tmp_path):
     common = [*DDP_RUN, f"dataset.root={tiny_pack_root}", "trainer.max_steps_per_epoch=3"]
     run_training(compose(common), tmp_path / "whole")
@@ -207,6 +244,44 @@ def test_ddp_train_loss_is_the_global_batch_mean(tiny_pack_root, tmp_path):
     single, ddp = _metrics(tmp_path / "single")[-1], _metrics(tmp_path / "ddp")[-1]
     assert ddp["train_loss"] == pytest.approx(single["train_loss"], rel=1e-5)
 
+
+
+def _window_means(rank: int, port: int, results) -> None:  # noqa: ANN001
+    import torch.distributed as dist
+
+    from zipfls_train.engine.metrics import TermAccumulator
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        running = TermAccumulator()
+        running.add({"loss": torch.tensor(100.0)})  # before the window
+        mark = running.mark()
+        for step in range(2):  # rank 0: losses 1, 2; rank 1: 3, 4 (or a NaN)
+            value = float("nan") if rank == 1 and step == 1 and results.get("nan") else 1.0 + 2 * rank + step
+            running.add({"loss": torch.tensor(value)})
+        results[rank] = (running.means(since=mark, across_ranks=True)["loss"], running.means(since=mark)["loss"])
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("nan", [False, True])
+def test_logged_window_means_are_every_ranks_and_a_nan_reaches_all(nan):
+    """The log steps' means (TensorBoard's train/* and the NaN check) average every rank's steps:
+    (1 + 2 + 3 + 4) / 4 = 2.5 on both ranks, where rank 0 alone has 1.5; one rank's NaN is every rank's."""
+    import math
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    results = mp.Manager().dict({"nan": nan})
+    mp.spawn(_window_means, args=(port, results), nprocs=2, join=True)
+    if nan:
+        assert all(math.isnan(results[rank][0]) for rank in (0, 1)) and results[0][1] == 1.5
+    else:
+        assert (results[0], results[1]) == ((2.5, 1.5), (2.5, 3.5))
 
 
 def _buffers_after_broadcast(rank: int, port: int, results) -> None:  # noqa: ANN001

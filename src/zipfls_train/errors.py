@@ -12,13 +12,14 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .engine.checkpoint import CheckpointError
     from .engine.config_checks import ConfigError
     from .engine.interrupt import TrainingInterrupted
+    from .engine.run import RankKilled
     from .engine.run_folder import MetricsFileError, RunFolderNotWritable
     from .engine.trainer import NonFiniteLossError, ResumeError
     from .losses.ban import TeacherCheckpointError
     from .losses.base import MethodContractError
 
     return (ConfigError, DatasetError, CheckpointError, ResumeError, NonFiniteLossError, TeacherCheckpointError,
-            TrainingInterrupted, MetricsFileError, RunFolderNotWritable, MethodContractError)  # fmt: skip
+            TrainingInterrupted, MetricsFileError, RunFolderNotWritable, MethodContractError, RankKilled)  # fmt: skip
 
 
 def format_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001 - warnings.formatwarning's signature

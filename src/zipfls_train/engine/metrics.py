@@ -44,12 +44,17 @@ class TermAccumulator:
         """A point to measure a window from (see ``means``)."""
         return self.total, self.count
 
-    def means(self, since: tuple[Tensor | None, int] = (None, 0)) -> dict[str, float]:
-        """Per-term means over all steps, or over the steps after the mark ``since``."""
+    def means(self, since: tuple[Tensor | None, int] = (None, 0), across_ranks: bool = False) -> dict[str, float]:
+        """Per-term means over all steps, or over the steps after the mark ``since``; ``across_ranks``:
+        of every DDP rank's steps (one collective, which every rank must make), not this rank's alone."""
+        from .distributed import all_reduce_sum
+
         start_total, start_count = since
         if self.total is None or self.count == start_count:
             return {}
         total = self.total if start_total is None else self.total - start_total
+        if across_ranks and torch.distributed.is_available() and torch.distributed.is_initialized():
+            total = all_reduce_sum(total.clone()) / torch.distributed.get_world_size()
         values = (total / (self.count - start_count)).cpu().tolist()  # one sync for all terms
         return dict(zip(self.names, values))
 

@@ -12,31 +12,33 @@ def safe_dirname(overrides: str) -> str:
     """``loss=ce,seed=0`` stays as it is; path separators become ``_`` (a path-valued override such as
     ``loss.teacher_checkpoint=/x/best.pt`` must not create nested folders). A name longer than
     MAX_NAME characters drops the groups of dotted keys (``dataset.train_per_class=20`` ->
-    ``train_per_class=20``), then, if it must, shortens the longest items' keys (then values) until
-    it fits, so short items such as the swept ``loss=ce`` and ``seed=0`` stay whole wherever they
-    sit, and ends in ``__`` and a short hash of the whole overrides, so names stay unique."""
+    ``train_per_class=20``), then, if it must, writes keys of several words as their initials
+    (``tpc=20``: the same in every run of a sweep, whatever its values), then cuts the longest
+    items to fit; it ends in ``__`` and a short hash of the whole overrides, so names stay unique.
+    Short items such as the swept ``loss=ce`` and ``seed=0`` stay whole."""
     name = _path_safe(overrides) or "default"
     if len(name) <= MAX_NAME:
         return name
-    items = [_path_safe(_leaf_key(item)) for item in overrides.split(",")]
     digest = hashlib.sha1(overrides.encode()).hexdigest()[:10]
-    return f"{','.join(_fit(items, MAX_NAME - 12))}__{digest}"
+    short = _path_safe(",".join(_leaf_key(item) for item in overrides.split(",")))
+    if len(short) > MAX_NAME - 12:
+        short = ",".join(_fit([_path_safe(_initials_key(_leaf_key(item))) for item in overrides.split(",")], MAX_NAME - 12))
+    return f"{short}__{digest}"
 
 
 def _fit(items: list[str], budget: int) -> list[str]:
-    """``items`` (joined by commas) within ``budget`` characters: each item cut to the largest common
-    length that fits, keys before values (``num_classes_subset=10`` -> ``num_cla=10``)."""
+    """``items`` (joined by commas) within ``budget`` characters: the longest cut to the largest
+    common length that fits (values that long are rare: a path, say), so short ones stay whole."""
     cap = max(len(item) for item in items)
     while cap > 1 and sum(min(len(item), cap) for item in items) + len(items) - 1 > budget:
         cap -= 1
-    return [item if len(item) <= cap else _shorten(item, cap) for item in items]
+    return [item[:cap] for item in items]
 
 
-def _shorten(item: str, length: int) -> str:
+def _initials_key(item: str) -> str:
     key, separator, value = item.partition("=")
-    if separator and len(value) + 2 <= length:
-        return key[: length - len(value) - 1] + "=" + value
-    return item[:length]
+    words = [word for word in key.split("_") if word]
+    return ("".join(word[0] for word in words) if len(words) > 1 else key) + separator + value
 
 
 def _path_safe(text: str) -> str:

@@ -11,18 +11,33 @@ import logging
 import multiprocessing.connection
 import os
 import socket
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch.multiprocessing as mp
 from omegaconf import DictConfig, OmegaConf
-from torch.multiprocessing.spawn import ProcessException
+from torch.multiprocessing.spawn import ProcessException, ProcessExitedException
 
 from ..errors import user_errors
 from .config_checks import validate_config
 from .distributed import barrier, init_distributed, launched_by_torchrun, shutdown
 from .interrupt import StopRequests
 from .trainer import Trainer
+
+
+class RankKilled(RuntimeError):
+    """A spawned rank was killed by a signal from outside the run (the kernel's out-of-memory
+    killer, a job scheduler, ``kill``); the message names the rank, the signal and what is saved."""
+
+
+def _rank_killed(failure: ProcessExitedException, run_dir: Path) -> RankKilled:
+    last = run_dir / "checkpoints" / "last.pt"
+    saved = f"its last checkpoint, {last}, is where the same command resumes" if last.is_file() else "no checkpoint was written yet"
+    return RankKilled(
+        f"rank {failure.error_index} (pid {failure.error_pid}) was killed by {failure.signal_name} from outside the run "
+        f"(out of memory, say: check the kernel log); the other ranks were stopped; {saved}"
+    )
 
 
 def _free_port() -> int:
@@ -92,12 +107,27 @@ def _rank_user_error(errors: Any) -> BaseException | None:
     return kind(message)  # every user error is built from its message alone
 
 
+def _record_torchrun_processes(container: dict[str, Any], rank: int) -> None:
+    """Under torchrun the processes per node are its --nproc-per-node, whatever trainer.devices says:
+    the run's config records those, and a trainer.devices that asked for another number is warned
+    about (it used to be ignored without a word and recorded as if it had been used)."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+    asked = container["trainer"]["devices"]
+    if asked not in (1, per_node) and rank == 0:
+        warnings.warn(
+            f"trainer.devices={asked} is not used under torchrun, which started {per_node} process(es) per node "
+            "(--nproc-per-node); the run's config records those", UserWarning, stacklevel=2,
+        )  # fmt: skip
+    container["trainer"]["devices"] = per_node
+
+
 def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     """Train one run in ``run_dir``; returns the summary (rank 0 / single process)."""
     validate_config(cfg)
     container = OmegaConf.to_container(cfg, resolve=True)
     if launched_by_torchrun():
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        _record_torchrun_processes(container, rank)
         return _worker(int(os.environ["LOCAL_RANK"]), container, str(run_dir), world, rank - int(os.environ["LOCAL_RANK"]))
     devices = int(cfg.trainer.devices)
     if devices == 1:
@@ -119,6 +149,8 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
             _join_ranks(ranks, errors)
     except ProcessException as failure:
         error = _rank_user_error(errors)
+        if error is None and isinstance(failure, ProcessExitedException) and failure.signal_name:
+            error = _rank_killed(failure, run_dir)
         if error is None:
             raise
         raise error from failure  # the rank's traceback stays in __cause__ (train.py prints the message only)

@@ -39,7 +39,7 @@ from .run_folder import RunFolderNotWritable, set_aside_earlier_attempt
 RESUME_TOLERATED = {
     "trainer.device", "trainer.devices", "trainer.progress_bar", "trainer.log_every", "trainer.num_workers",
     "trainer.checkpoint_every_steps", "trainer.resume", "trainer.compile", "trainer.data_on",
-    "trainer.stop_check_s", "trainer.eval_batch_size", "dataset.root", "tag",
+    "trainer.stop_check_s", "trainer.eval_batch_size", "trainer.zipf_fit_at_end", "dataset.root", "tag",
     *(f"loss.{option}" for option in IMPLEMENTATION_OPTIONS),
 }
 # Config values a run records as the dataset resolved them, which older runs recorded as requested.
@@ -611,7 +611,7 @@ class Trainer:
                 f"epoch {self.progress.epoch}/{self.epochs}  loss {train_means.get('loss', float('nan')):.4f}  "
                 f"train top-1 {train_means.get('top1', float('nan')):.2f}%  "
                 f"val top-1 {top1:.2f}%  top-5 {top5:.2f}%  best {self.progress.best_top1:.2f}%  "
-                f"{record['images_per_s'] or 0:.0f} img/s"
+                + ("img/s n/a" if record["images_per_s"] is None else f"{record['images_per_s']:.0f} img/s")
                 + ("" if first_step_s is None else f" (first step {first_step_s:.1f} s)")
             )
 
@@ -690,9 +690,11 @@ class Trainer:
         self.scheduler.step()
 
     def _check_finite(self, window: tuple, window_start: int) -> dict[str, float]:
-        """Means of the terms since the last log (``window``, a mark of the running sums); a NaN/inf
-        stays in the running sums once there, so the first log after it stops the run."""
-        means = self.running.means(since=window)
+        """Means of the terms since the last log (``window``, a mark of the running sums) over every
+        rank's steps (TensorBoard's train/* curve is the global batch's, as the epoch's record; and
+        a NaN/inf on one rank stops all of them at the same step); a NaN/inf stays in the running
+        sums once there, so the first log after it stops the run."""
+        means = self.running.means(since=window, across_ranks=True)
         bad = {name: value for name, value in means.items() if not math.isfinite(value)}
         if bad:
             last = self.checkpoint_dir / "last.pt"
@@ -738,6 +740,7 @@ class Trainer:
             "last_val_top1": metrics[-1]["val_top1"] if metrics else None,
             "epochs": self.progress.epoch,
             "precision": self.precision,  # what trainer.precision=auto chose
+            "processes": self.ctx.world_size,  # DDP ranks, all nodes together
             "data": self.data.identity(),
             "run_dir": str(self.run_dir),
         }
