@@ -441,7 +441,7 @@ def test_ban_generations_chain_inside_one_sweep(tiny_pack_root, tmp_path):
 
 
 def test_compile_true_is_cuda_graphs_on_one_gpu_and_inductor_alone_elsewhere():
-    from zipfls_train.engine.trainer import compile_mode
+    from zipfls_train.engine.config_checks import compile_mode
 
     gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
     assert compile_mode(True, gpu) == compile_mode("true", gpu) == "reduce-overhead"

@@ -25,7 +25,7 @@ from ..losses import Method, build_method
 from ..losses.base import check_terms
 from ..models import build_model, check_trains_on, unwrap
 from .checkpoint import CheckpointError, capture_rng_state, load_checkpoint, rank_rng_state, restore_rng_state, save_atomic
-from .config_checks import ConfigError, loader_workers
+from .config_checks import ConfigError, compile_mode, loader_workers
 from .distributed import DistContext, all_reduce_sum, barrier, broadcast_buffers, gather_objects, wrap_ddp
 from .interrupt import StopRequests, StopVotes, TrainingInterrupted
 from .memory import peak_cpu_memory_mb, peak_gpu_memory_mb, reset_peak_memory
@@ -103,25 +103,6 @@ def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
             out.update(flatten(value, f"{prefix}{key}."))
         return out
     return {prefix[:-1]: config}
-
-
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
-def compile_mode(value: Any, device: torch.device | None = None, distributed: bool = False) -> str | None:
-    """trainer.compile: false | true | one of COMPILE_MODES. ``true`` is the fast path for the run:
-    with CUDA graphs (reduce-overhead) on one CUDA process, where a small-image step is bound by
-    kernel launches that only CUDA graphs remove (H100, cifar_resnet18 batch 128: 46.1k images/s,
-    against 9.2k for Inductor alone and 10.8k eager); Inductor alone (default) on the CPU, which has
-    no CUDA graphs, and under DDP, whose gradient hooks run between the backward's graphs."""
-    if value is False or value is None or value == "false":
-        return None
-    if value is True or value == "true":
-        one_gpu = device is not None and device.type == "cuda" and not distributed
-        return "reduce-overhead" if one_gpu else "default"
-    if value in COMPILE_MODES:
-        return str(value)
-    raise ConfigError(f"trainer.compile must be false, true or one of {list(COMPILE_MODES)}, got {value!r}")
 
 
 def per_process_batch(global_batch: int, world_size: int, accumulate_steps: int) -> int:
