@@ -59,6 +59,7 @@ def _remove_if_empty(folder: Path) -> None:
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     from zipfls_train.engine.config_checks import check_added_keys
+    from zipfls_train.engine.distributed import launched_by_torchrun, lost_a_peer, speaks_for_its_node
     from zipfls_train.engine.interrupt import TrainingInterrupted
     from zipfls_train.engine.run import run_training
     from zipfls_train.errors import user_errors
@@ -74,7 +75,8 @@ def main(cfg: DictConfig) -> float | None:
         summary = run_training(cfg, run_dir)
     except user_errors() as error:
         _remove_if_empty(run_dir)
-        print(f"error: {error}", file=sys.stderr)
+        if speaks_for_its_node():  # (under torchrun a node's ranks raise the same error: one line)
+            print(f"error: {error}", file=sys.stderr)
         in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
         if in_sweep and not isinstance(error, TrainingInterrupted):
             # The sweep goes on with its other runs; this one is named again at the end, exit status 1.
@@ -90,6 +92,10 @@ def main(cfg: DictConfig) -> float | None:
             if FailedRuns.runs:  # the sweep's closing report of them is skipped by this exit
                 print(FailedRuns.listing(f"[zipfls-train] earlier in this sweep {len(FailedRuns.runs)} run(s) failed:"), file=sys.stderr)
         sys.exit(1)
+    except RuntimeError as error:
+        if launched_by_torchrun() and lost_a_peer(error):
+            sys.exit(1)  # another rank stopped first and its process says why; this one only lost it
+        raise
     # Returned for Hydra sweepers that optimise a metric.
     return None if summary is None else summary.get("best_val_top1")
 

@@ -86,6 +86,17 @@ def test_torchrun_two_processes_match_one_process(tiny_pack_root, tmp_path):
     assert ranked_metrics["val_top1"] == single_metrics["val_top1"]
 
 
+def test_under_torchrun_a_user_error_is_one_line_not_one_per_rank(tiny_pack_root, tmp_path):
+    """Every rank of a node raises the same user error (a config value, the node's data): its first
+    rank says it; torchrun's own report of the failed processes follows, as torchrun prints it."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    result = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node=2", "train.py", *DDP_RUN, f"dataset.root={tiny_pack_root}",
+                             "trainer.precision=fp8", f"hydra.run.dir={tmp_path}/run"], cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: trainer.precision must be one of ['auto', 'fp32', 'bf16', 'fp16'], got 'fp8'"], result.stderr[-3000:]
+
+
 def test_slurm_launcher_runs_a_sweep_through_submitit_local_executor(tiny_pack_root, tmp_path):
     """hydra/launcher=submitit_slurm shares everything with submitit_local but the cluster: the local
     executor pickles and runs our job function in fresh processes, as SLURM nodes would."""

@@ -29,6 +29,22 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
 
 
+def speaks_for_its_node() -> bool:
+    """Whether this process prints a user error: every process, but under torchrun only each node's
+    first (its ranks raise the same error together: a config or the node's data; one line, not one
+    per rank)."""
+    return not launched_by_torchrun() or os.environ.get("LOCAL_RANK") == "0"
+
+
+def lost_a_peer(error: BaseException) -> bool:
+    """The collective failed because another rank's process ended (it stopped on an error of its own,
+    which that process reports): gloo's 'Connection closed by peer', NCCL's remote errors."""
+    message = str(error)
+    return isinstance(error, dist.DistNetworkError) or any(
+        sign in message for sign in ("Connection closed by peer", "Connection reset by peer", "remote process exited")
+    )
+
+
 def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
