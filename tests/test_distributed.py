@@ -231,6 +231,23 @@ def test_a_rank_killed_from_outside_is_one_line_naming_it_and_the_checkpoint(tin
                         r"is where the same command resumes", line), line  # fmt: skip
 
 
+def test_ctrl_c_while_the_ranks_start_is_one_line(tiny_pack_root, tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while the spawned ranks are
+    still starting: one line, no KeyboardInterrupt traceback from each rank and the launcher."""
+    run_dir = tmp_path / "run"
+    process = _launch([*TINY_RUN, f"dataset.root={tiny_pack_root}", "trainer.devices=2", "model.options.norm=group",
+                       f"hydra.run.dir={run_dir}"])  # fmt: skip
+    deadline = time.time() + 120
+    while len(_spawned_ranks(process.pid)) < 2 and time.time() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 1, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    (line,) = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert line == "error: interrupted (SIGINT) before the ranks saved a checkpoint; no checkpoint was written yet", line
+
+
 def test_gradient_accumulation_equals_the_whole_batch_at_once(tiny_pack_root, tmp_path):
     common = [*DDP_RUN, f"dataset.root={tiny_pack_root}", "trainer.max_steps_per_epoch=3"]
     run_training(compose(common), tmp_path / "whole")

@@ -39,10 +39,11 @@ class StopRequests:
     line says it for all (torchrun also stops the other ranks with SIGTERM when one fails: one
     misleading line is then followed by torchrun's report of the failure, not one per rank)."""
 
-    def __init__(self, forward_to: Sequence[int] = (), announce: bool = True) -> None:
+    def __init__(self, forward_to: Sequence[int] = (), announce: bool = True, on_request: Callable[[], None] | None = None) -> None:
         self.signal_name: str | None = None
         self.forward_to = list(forward_to)
         self.announce = announce and not self.forward_to
+        self.on_request = on_request  # called at the first request (e.g. to tell ranks still starting)
         self._first_at = 0.0
         self._previous: dict[int, Any] = {}
 
@@ -66,6 +67,8 @@ class StopRequests:
                 self._act_as_before(number, frame)
             return
         self.signal_name, self._first_at = signal.Signals(number).name, time.monotonic()
+        if self.on_request is not None:
+            self.on_request()
         if self.announce:
             # os.write, not print: the signal may land while the progress bar writes to stderr, and
             # a print inside that write raises "reentrant call".

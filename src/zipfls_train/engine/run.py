@@ -6,12 +6,15 @@ folder, so multirun and DDP never fight over output folders.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import multiprocessing.connection
 import os
+import signal
 import socket
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,7 @@ from torch.multiprocessing.spawn import ProcessException, ProcessExitedException
 from ..errors import user_errors
 from .config_checks import validate_config
 from .distributed import barrier, init_distributed, launched_by_torchrun, shutdown
-from .interrupt import StopRequests
+from .interrupt import StopRequests, TrainingInterrupted
 from .trainer import Trainer
 
 
@@ -31,12 +34,15 @@ class RankKilled(RuntimeError):
     killer, a job scheduler, ``kill``); the message names the rank, the signal and what is saved."""
 
 
-def _rank_killed(failure: ProcessExitedException, run_dir: Path) -> RankKilled:
+def _saved(run_dir: Path) -> str:
     last = run_dir / "checkpoints" / "last.pt"
-    saved = f"its last checkpoint, {last}, is where the same command resumes" if last.is_file() else "no checkpoint was written yet"
+    return f"its last checkpoint, {last}, is where the same command resumes" if last.is_file() else "no checkpoint was written yet"
+
+
+def _rank_killed(failure: ProcessExitedException, run_dir: Path) -> RankKilled:
     return RankKilled(
         f"rank {failure.error_index} (pid {failure.error_pid}) was killed by {failure.signal_name} from outside the run "
-        f"(out of memory, say: check the kernel log); the other ranks were stopped; {saved}"
+        f"(out of memory, say: check the kernel log); the other ranks were stopped; {_saved(run_dir)}"
     )
 
 
@@ -64,14 +70,38 @@ def _worker(local_rank: int, container: dict[str, Any], run_dir: str, world_size
         shutdown()
 
 
-def _spawned_worker(local_rank: int, container: dict[str, Any], run_dir: str, world_size: int, base_rank: int, errors: Any) -> None:
+def _spawned_worker(local_rank: int, container: dict[str, Any], run_dir: str, world_size: int, base_rank: int, errors: Any,
+                    stopped: Any) -> None:  # fmt: skip
     """A spawned rank: a user error is also sent to the parent as (rank, type, message), which raises
-    it as such instead of torch's ProcessRaisedException with the rank's whole traceback."""
+    it as such instead of torch's ProcessRaisedException with the rank's whole traceback.
+
+    Ctrl-C or SIGTERM while the rank starts ends it quietly; the parent, which gets every signal,
+    says so. The rank was started ignoring both (Python's start-up, imports included, would print a
+    KeyboardInterrupt traceback), takes them back here, and ends at once if the parent was asked to
+    stop meanwhile (``stopped``); from its training loop on, they ask it to save and stop."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
+        if stopped.is_set():
+            raise KeyboardInterrupt
         _worker(local_rank, container, run_dir, world_size, base_rank)
     except user_errors() as error:
         errors.put((base_rank + local_rank, type(error), str(error)))
         raise
+    except KeyboardInterrupt:
+        raise SystemExit(1) from None
+
+
+@contextlib.contextmanager
+def _signals_ignored() -> Iterator[None]:
+    """SIGINT and SIGTERM ignored in this process meanwhile, and so in the processes it starts (an
+    ignored signal stays ignored across exec, and Python's start-up keeps it so)."""
+    previous = {number: signal.signal(number, signal.SIG_IGN) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _join_ranks(ranks: Any, errors: Any) -> None:
@@ -136,19 +166,27 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     # (a cluster's address there would make them wait for a peer that never comes).
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(_free_port())
-    errors = mp.get_context("spawn").SimpleQueue()
     # After one rank fails, torch logs a warning for each sibling it stops: noise beside the error.
     spawn_log = logging.getLogger("torch.multiprocessing.spawn")
     level = spawn_log.level
     spawn_log.setLevel(logging.ERROR)
+    # Ctrl-C or SIGTERM goes on to the ranks, which save and stop at the same step. The parent listens
+    # from before they start (a signal then ended it with a KeyboardInterrupt traceback), and ranks
+    # still starting learn of it from `stopped`.
+    context = mp.get_context("spawn")
+    stopped, errors = context.Event(), context.SimpleQueue()
+    stops = StopRequests(announce=False, on_request=stopped.set)
     try:
-        ranks = mp.start_processes(_spawned_worker, args=(container, str(run_dir), devices, 0, errors), nprocs=devices,
-                                   join=False, start_method="spawn")  # fmt: skip
-        # Ctrl-C or SIGTERM here goes on to the ranks, which save and stop at the same step.
-        with StopRequests(forward_to=[process.pid for process in ranks.processes]):
+        with stops:
+            with _signals_ignored():  # (for the moment the ranks are started: they inherit it)
+                ranks = mp.start_processes(_spawned_worker, args=(container, str(run_dir), devices, 0, errors, stopped),
+                                           nprocs=devices, join=False, start_method="spawn")  # fmt: skip
+            stops.forward_to += [process.pid for process in ranks.processes]
             _join_ranks(ranks, errors)
     except ProcessException as failure:
         error = _rank_user_error(errors)
+        if error is None and stops.signal_name is not None:  # stopped while setting up, or at once on a second signal
+            error = TrainingInterrupted(f"interrupted ({stops.signal_name}) before the ranks saved a checkpoint; {_saved(run_dir)}")
         if error is None and isinstance(failure, ProcessExitedException) and failure.signal_name:
             error = _rank_killed(failure, run_dir)
         if error is None:
