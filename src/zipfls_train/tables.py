@@ -8,9 +8,10 @@ Every folder is searched recursively for runs (config.yaml next to metrics.jsonl
 mean ± sample std over seeds, the number of seeds and the last-epoch mean, the paper's value and
 the difference ours - paper. Cells of the paper without runs read "missing" (saying what the cell
 needs where runs of its method have other options, e.g. Dense2's stages); unfinished runs, short
-schedules and data subsets are marked in the cell; runs that fit no cell shown are listed after. ``--cost`` adds Table 1's cost columns as ratios
-to CE's (median epoch time, peak GPU and CPU memory) beside the paper's ratios. The markdown is
-printed and written to ``--out`` (default ``<first folder>/table.md``).
+schedules and data subsets are marked in the cell; runs that fit no cell shown are listed after.
+``--cost`` adds Table 1's cost columns as ratios to CE's (median epoch time, peak GPU and CPU
+memory) beside the paper's ratios. The markdown is printed and written to ``--out`` (default
+``<first folder>/table.md``).
 
 The reading and grouping live in :mod:`zipfls_train.analysis.results`; this module only matches
 cells to the paper's and formats them.
