@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import urllib.request
@@ -43,6 +44,14 @@ def locate_data(data: Path) -> Path:
     )
 
 
+def run_folder_named_in(line: str) -> Path | None:
+    """The run folder of train.py's '[zipfls-train] run started|resumed ...: <dir> (<device>, <precision>)'
+    or '[zipfls-train] run already finished (...): <dir>; trainer.resume=never ...' line, else None
+    (this demo's own run, not whichever summary in outputs/demo/ is newest)."""
+    match = re.match(r"\[zipfls-train\] run (?:already finished \(.*?\): (.+); trainer\.resume=never|.*?: (.+) \(\w+, \w+\)$)", line.rstrip("\n"))
+    return Path(match.group(1) or match.group(2)) if match else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", type=Path, default=REPO / "data", help="folder holding tiny-imagenet-200/ or tinyimagenet-32/")
@@ -51,12 +60,16 @@ def main() -> None:
     root = locate_data(args.data).resolve()
     command = [sys.executable, str(REPO / "train.py"), "experiment=demo", f"dataset.root={root}", *args.overrides]
     print("$ " + " ".join(command), flush=True)
-    completed = subprocess.run(command, cwd=REPO)
-    if completed.returncode != 0:
-        sys.exit(completed.returncode)
-    summaries = sorted((REPO / "outputs" / "demo").glob("*/summary.json"), key=lambda p: p.stat().st_mtime)
-    summary = json.loads(summaries[-1].read_text())
-    run_dir = Path(summary["run_dir"])
+    run_dir = None
+    with subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True, bufsize=1) as training:
+        for line in training.stdout:  # shown as it comes; the run's own folder read from its first line
+            print(line, end="", flush=True)
+            run_dir = run_dir or run_folder_named_in(line)
+    if training.returncode != 0:
+        sys.exit(training.returncode)
+    if run_dir is None:
+        sys.exit("the training run did not say which folder it used (its '[zipfls-train] run ...' line)")
+    summary = json.loads((run_dir / "summary.json").read_text())
     print()
     print(f"Demo finished: best val top-1 {summary['best_val_top1']:.2f}% (epoch {summary['best_epoch']}; "
           f"chance is 5.00% on these 20 classes), last-epoch top-1 {summary['last_val_top1']:.2f}%")

@@ -104,3 +104,18 @@ def test_profile_step_lists_kernels_and_the_difference_to_ce():
 
 def test_gpu_check_is_valid_bash():
     subprocess.run(["bash", "-n", "scripts/gpu_check.sh"], cwd=REPO, check=True)
+
+
+def test_the_demo_reports_the_run_it_trained_not_the_newest_one(tiny_pack_root, tmp_path):
+    """`make demo` (scripts/demo.py) prints the result and folder of its own run: rerun after another
+    run, it printed whichever summary was newest."""
+    tiny = ["dataset.num_classes=10", "dataset.num_classes_subset=5", "dataset.train_per_class=8", "dataset.val_per_class=4",
+            "model.options.width=8", "trainer.epochs=1", "trainer.batch_size=8", "trainer.device=cpu", "trainer.progress_bar=false"]
+    demo = ["scripts/demo.py", "--data", str(tiny_pack_root), *tiny]
+    first = run_script(*demo, f"hydra.run.dir={tmp_path}/seed0")
+    assert f"Run folder:       {tmp_path}/seed0" in first
+    run_script(*demo, "seed=1", f"hydra.run.dir={tmp_path}/seed1")
+    again = run_script(*demo, f"hydra.run.dir={tmp_path}/seed0")  # finished: reported, not retrained
+    assert "run already finished" in again and f"Run folder:       {tmp_path}/seed0" in again
+    best = re.search(r"Demo finished: best val top-1 ([0-9.]+)%", again).group(1)
+    assert best == re.search(r"Demo finished: best val top-1 ([0-9.]+)%", first).group(1)

@@ -27,7 +27,8 @@ or the 32 px pack:
   <root>/{PACK_DIR}/meta.json, train_<wnid>.jpg, val_<wnid>.jpg"""
 HOW_TO_GET = (
     f"download {OFFICIAL_URL} and unzip it into the root folder (or run `make demo`, which downloads "
-    "it when the internet is reachable); the 32 px pack ships in ../shared/data (make demo DATA=../shared/data)"
+    "it when the internet is reachable); the 32 px pack ships in ../shared/data: dataset.root=../shared/data "
+    "(for make demo: make demo DATA=../shared/data)"
 )
 
 
