@@ -16,7 +16,7 @@ from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from zipfls_train.engine.hydra_callbacks import FailedRuns
+from zipfls_train.engine.hydra_callbacks import CREATED_FOLDERS, FailedRuns
 from zipfls_train.engine.naming import register_resolvers
 
 register_resolvers()  # before Hydra composes: the sweep subdir uses ${safe_dirname:...}
@@ -48,12 +48,14 @@ def _runs_in_this_process() -> bool:
 
 def _remove_if_empty(folder: Path) -> None:
     """Hydra creates the run folder before the app runs: a run refused before writing anything must
-    not leave an empty folder behind (a folder with anything in it is never touched)."""
-    try:
-        if folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
-    except OSError:
-        pass
+    not leave an empty folder behind, nor the empty parents this process created for it
+    (outputs/<experiment>/); a folder with anything in it is never touched."""
+    for candidate in [folder, *(path for path in CREATED_FOLDERS if path != folder)]:  # deepest first
+        try:
+            if candidate.is_dir() and not any(candidate.iterdir()):
+                candidate.rmdir()
+        except OSError:
+            pass
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")

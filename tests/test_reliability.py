@@ -284,13 +284,16 @@ def test_train_py_prints_one_line_and_leaves_no_empty_run_folder(tmp_path, argum
 
     from conftest import REPO
 
-    run_dir = tmp_path / "run"
+    run_dir = tmp_path / "outputs" / "experiment" / "run"
+    (tmp_path / "kept").mkdir()
     result = subprocess.run([sys.executable, "train.py", argument, "trainer.device=cpu", f"hydra.run.dir={run_dir}"],
                             cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr
     assert "Traceback" not in result.stderr
-    assert not run_dir.exists()  # Hydra made it before the app ran; refused before anything was written
+    # Made before the app ran (with outputs/experiment/ above it); refused before anything was
+    # written: none is left, and nothing that was there before is touched.
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["kept"]
 
 
 @pytest.mark.parametrize("mode", ["run", "sweep"])

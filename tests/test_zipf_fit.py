@@ -81,6 +81,15 @@ def test_cli_on_a_path_that_does_not_exist_says_so(tmp_path):
     assert str(stop.value).startswith(f"error: {tmp_path / 'typo'} does not exist: expected a run folder")
 
 
+def test_cli_on_a_sweep_folder_names_its_runs(tmp_path):
+    for name in ("loss=ce,seed=0", "loss=zipf,seed=0"):
+        (tmp_path / name / "checkpoints").mkdir(parents=True)
+        (tmp_path / name / "checkpoints" / "last.pt").write_bytes(b"")
+    with pytest.raises(SystemExit) as stop:
+        main([str(tmp_path), "--device", "cpu"])
+    assert str(stop.value) == f"error: {tmp_path} is a folder of runs (a sweep's, say), not one run: pass one of them (loss=ce,seed=0, loss=zipf,seed=0)"
+
+
 def test_the_figure_title_names_the_losss_variant():
     # Two Zipf variants (Table 5's Dense2, Table 6's constant) share loss.name; the title tells them apart.
     cfg = OmegaConf.create({

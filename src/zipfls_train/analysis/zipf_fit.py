@@ -149,6 +149,11 @@ def _load(path: Path, data_root: str | None, device: torch.device):  # noqa: ANN
     if not path.exists():
         raise CheckpointError(f"{path} does not exist: expected a run folder (holding checkpoints/last.pt) or a checkpoint file")
     checkpoint_path = path / "checkpoints" / "last.pt" if path.is_dir() else path
+    if path.is_dir() and not checkpoint_path.exists():
+        runs = sorted(found.parent.parent for found in path.glob("*/checkpoints/last.pt"))
+        if runs:
+            names = ", ".join(run.name for run in runs[:3]) + (f" ... ({len(runs)} runs)" if len(runs) > 3 else "")
+            raise CheckpointError(f"{path} is a folder of runs (a sweep's, say), not one run: pass one of them ({names})")
     state = load_checkpoint(checkpoint_path, map_location="cpu")
     cfg = OmegaConf.create(state["config"])
     if data_root is not None:

@@ -27,6 +27,11 @@ class CheckOutputFolder(Callback):
         make_output_folder(config, "hydra.sweep.dir")
 
 
+# Folders make_output_folder created in this process, deepest first: a run refused before it wrote
+# anything removes those it left empty (train.py), not only its own (outputs/<experiment>/ too).
+CREATED_FOLDERS: list[Path] = []
+
+
 def make_output_folder(config: DictConfig, key: str) -> Path:
     """Creates the folder ``key`` names; if it cannot be, prints why (``error: ...``) and exits 1."""
     # The folder's interpolations read hydra:runtime.* (the chosen loss config): Hydra's own run_job
@@ -34,7 +39,9 @@ def make_output_folder(config: DictConfig, key: str) -> Path:
     HydraConfig.instance().set_config(config)
     folder = Path(str(OmegaConf.select(config, key)))
     try:
+        missing = [path for path in [folder, *folder.parents] if not path.exists()]
         folder.mkdir(parents=True, exist_ok=True)
+        CREATED_FOLDERS.extend(missing)
     except OSError as error:
         where = f" ({error.filename})" if error.filename and str(error.filename) != str(folder) else ""
         print(f"error: {key}={str(folder)!r} cannot be created: {error.strerror or error}{where}. Give a writable "
