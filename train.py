@@ -77,15 +77,15 @@ def main(cfg: DictConfig) -> float | None:
         summary = run_training(cfg, run_dir)
     except user_errors() as error:
         _remove_if_empty(run_dir)
+        in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+        if in_sweep and not isinstance(error, TrainingInterrupted) and _runs_in_this_process():
+            # The sweep goes on with its other runs; this one is named again at the end, exit status 1.
+            print(f"error: {FailedRuns.add(run_dir, str(error))}", file=sys.stderr)
+            return None
         if speaks_for_its_node():  # (under torchrun a node's ranks raise the same error: one line)
             print(f"error: {error}", file=sys.stderr)
-        in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
         if in_sweep and not isinstance(error, TrainingInterrupted):
-            # The sweep goes on with its other runs; this one is named again at the end, exit status 1.
-            if not _runs_in_this_process():
-                raise SweepRunFailed(f"{run_dir}: {error}") from None
-            FailedRuns.runs.append(f"{run_dir}: {error}")
-            return None
+            raise SweepRunFailed(f"{run_dir}: {error}") from None  # a run in a process of its own: Hydra reports it
         if in_sweep:
             # Ctrl-C or SIGTERM (a preempted job) stops the sweep, not only its current run: SystemExit
             # passes through Hydra's launcher, which would otherwise start the next run.

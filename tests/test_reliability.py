@@ -348,6 +348,26 @@ def test_a_user_error_in_one_run_of_a_sweep_does_not_stop_the_others(tiny_pack_r
     assert len(finished) == 1 and "momentum=0.9" in finished[0].parent.name
 
 
+def test_a_sweeps_runs_that_fail_alike_say_it_once(tmp_path):
+    """A table's sweep of 40 runs pointed at a root without the data printed the same 8-line error
+    80 times (as each run failed, then at the end): now once, then a short line per run."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    sweep = tmp_path / "sweep"
+    result = subprocess.run([sys.executable, "train.py", "-m", "seed=0,1,2", "dataset=tinyimagenet", f"dataset.root={tmp_path / 'nothing'}",
+                             "trainer.device=cpu", f"hydra.sweep.dir={sweep}"], cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.count("TinyImageNet not found") == 2, result.stderr[-3000:]  # once as it happened, once at the end
+    lines = result.stderr.splitlines()
+    assert lines.count("error: the same error as the previous failed run") == 2
+    at_end = lines[lines.index("[zipfls-train] 3 run(s) of the sweep failed:") + 1 :]
+    assert at_end[0].startswith(f"{sweep}/dataset=tinyimagenet,seed=0: TinyImageNet not found")
+    assert at_end[-2:] == [f"{sweep}/dataset=tinyimagenet,seed={seed}: the same error as the previous failed run" for seed in (1, 2)]
+
+
 def test_sigterm_stops_the_whole_sweep_not_only_its_current_run(tiny_pack_root, tmp_path):
     """Ctrl-C or a cluster's SIGTERM during a sweep saves the current run and ends the sweep; it
     used to stop that run only, and the sweep went on to the next. Runs that failed earlier in the
@@ -375,7 +395,8 @@ def test_sigterm_stops_the_whole_sweep_not_only_its_current_run(tiny_pack_root, 
     assert "momentum=0.9" in stopped and "seed=0" in stopped and "rerun the same command to resume" in stopped
     lines = stderr.splitlines()
     at_end = lines[lines.index("[zipfls-train] earlier in this sweep 2 run(s) failed:") + 1 :]
-    assert [("momentum=1.5" in line and f"seed={seed}" in line and line.endswith("got 1.5")) for line, seed in zip(at_end, (0, 1))] == [True, True]
+    ends = ("got 1.5", "the same error as the previous failed run")  # (the second run failed as the first)
+    assert [("momentum=1.5" in line and f"seed={seed}" in line and line.endswith(end)) for line, seed, end in zip(at_end, (0, 1), ends)] == [True, True]
     assert lines.index("[zipfls-train] earlier in this sweep 2 run(s) failed:") > lines.index(stopped)
     assert any(line.startswith("[zipfls-train] the sweep stops here, before its later runs") for line in lines)
     (run,) = [folder for folder in sweep.iterdir() if folder.is_dir()]  # the failed runs left none; seed 1 never started

@@ -50,6 +50,9 @@ def make_output_folder(config: DictConfig, key: str) -> Path:
     return folder
 
 
+SAME_AS_BEFORE = "the same error as the previous failed run"
+
+
 class FailedRuns(Callback):
     """Runs of a sweep that stopped on a user error, named again when the sweep ends (each printed its
     ``error: ...`` line as it happened), and the sweep's exit status 1.
@@ -61,6 +64,16 @@ class FailedRuns(Callback):
     (submitit) raise instead, which Hydra reports."""
 
     runs: ClassVar[list[str]] = []  # "<run folder>: <message>", in order
+    last_message: ClassVar[str | None] = None
+
+    @classmethod
+    def add(cls, run_dir: object, message: str) -> str:
+        """Records a failed run; returns its message, or, where the run before failed with the same
+        one (a table's 40 runs without their data), a short line that says so."""
+        said = SAME_AS_BEFORE if message == cls.last_message else message
+        cls.runs.append(f"{run_dir}: {said}")
+        cls.last_message = message
+        return said
 
     @classmethod
     def listing(cls, heading: str) -> str:
