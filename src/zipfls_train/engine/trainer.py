@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import math
 import os
 import time
@@ -253,6 +254,10 @@ class Trainer:
         # empty caches instead (this also frees the previous run's CUDA-graph memory pool; another
         # compiled Trainer still in use in this process compiles again at its next step).
         torch._dynamo.reset()
+        if self.device.type == "cpu":
+            # Inductor's C++ build imports torch.utils.cpp_extension, which logs "No CUDA runtime is
+            # found, using CUDA_HOME=..." on a machine with a CUDA toolkit but no GPU: nothing to act on.
+            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         options = {} if mode == "default" else {"mode": mode}
         if self.ctx.enabled:
             self.train_model = torch.compile(self.train_model, **options)
