@@ -55,6 +55,8 @@ def _check_run_folder_name_parts(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value!r} names a part of the run folder and must not contain a path separator or be . or ..")
 
 
+# trainer.precision's explicit values (their autocast dtypes: trainer.PRECISIONS, which needs torch).
+PRECISION_NAMES = ("fp32", "bf16", "fp16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -90,7 +92,7 @@ def validate_config(cfg: DictConfig) -> None:
         _positive_int(cfg, key, minimum)
     choices = {
         "trainer.device": ("auto", "cpu", "cuda"),
-        "trainer.precision": ("auto", "fp32", "bf16", "fp16"),
+        "trainer.precision": ("auto", *PRECISION_NAMES),
         "trainer.resume": ("auto", "never", "must"),
         "trainer.data_on": ("auto", "cpu"),
     }

@@ -47,30 +47,20 @@ class TermAccumulator:
     def means(self, since: tuple[Tensor | None, int] = (None, 0), across_ranks: bool = False) -> dict[str, float]:
         """Per-term means over all steps, or over the steps after the mark ``since``; ``across_ranks``:
         of every DDP rank's steps (one collective, which every rank must make), not this rank's alone."""
-        from .distributed import all_reduce_sum
-
         start_total, start_count = since
         if self.total is None or self.count == start_count:
             return {}
         total = self.total if start_total is None else self.total - start_total
-        if across_ranks and torch.distributed.is_available() and torch.distributed.is_initialized():
-            total = all_reduce_sum(total.clone()) / torch.distributed.get_world_size()
+        if across_ranks:
+            total = _mean_over_ranks(total)
         values = (total / (self.count - start_count)).cpu().tolist()  # one sync for all terms
         return dict(zip(self.names, values))
-
-    def copy(self) -> "TermAccumulator":
-        other = TermAccumulator()
-        other.names, other.total, other.count = list(self.names), self.total, self.count
-        return other
 
     def all_reduce_mean(self) -> None:
         """Average the sums over DDP ranks (equal step counts per rank), so logged train losses
         describe the whole global batch, not rank 0's share. One collective; no-op in one process."""
-        from .distributed import all_reduce_sum
-
-        if self.total is None or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return
-        self.total = all_reduce_sum(self.total.clone()) / torch.distributed.get_world_size()
+        if self.total is not None:
+            self.total = _mean_over_ranks(self.total)
 
     def state_dict(self) -> dict[str, Any]:
         sums = {} if self.total is None else {name: value.cpu() for name, value in zip(self.names, self.total)}
@@ -80,6 +70,15 @@ class TermAccumulator:
         self.names = list(state["sums"])
         self.total = torch.stack([state["sums"][name] for name in self.names]).to(device) if self.names else None
         self.count = int(state["count"])
+
+
+def _mean_over_ranks(tensor: Tensor) -> Tensor:
+    """The mean of ``tensor`` over the DDP ranks (one collective; ``tensor`` itself in one process)."""
+    from .distributed import all_reduce_sum
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return tensor
+    return all_reduce_sum(tensor.clone()) / torch.distributed.get_world_size()
 
 
 class RunRecords:

@@ -26,7 +26,7 @@ from ..losses import Method, build_method
 from ..losses.base import check_terms
 from ..models import build_model, check_trains_on, unwrap
 from .checkpoint import CheckpointError, capture_rng_state, load_checkpoint, rank_rng_state, restore_rng_state, save_atomic
-from .config_checks import ConfigError, compile_mode, loader_workers
+from .config_checks import PRECISION_NAMES, ConfigError, compile_mode, loader_workers
 from .distributed import DistContext, all_reduce_sum, barrier, broadcast_buffers, gather_objects, wrap_ddp
 from .interrupt import StopRequests, StopVotes, TrainingInterrupted
 from .memory import peak_cpu_memory_mb, peak_gpu_memory_mb, reset_peak_memory
@@ -75,7 +75,7 @@ def cpu_has_bf16_matrix_units() -> bool:
 
 
 # trainer.precision's explicit values: the autocast dtype of each (None: no autocast, fp32).
-PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS: dict[str, torch.dtype | None] = dict(zip(PRECISION_NAMES, (None, torch.bfloat16, torch.float16), strict=True))
 
 
 def resolve_precision(requested: str, device: torch.device) -> torch.dtype | None:
@@ -88,7 +88,7 @@ def resolve_precision(requested: str, device: torch.device) -> torch.dtype | Non
             return torch.bfloat16
         return None
     if requested not in PRECISIONS:
-        raise ConfigError(f"trainer.precision must be auto, fp32, bf16 or fp16, got {requested!r}")
+        raise ConfigError(f"trainer.precision must be one of {['auto', *PRECISIONS]}, got {requested!r}")
     return PRECISIONS[requested]
 
 
@@ -314,7 +314,7 @@ class Trainer:
         anything is written, so a non-finite step never reaches ``last.pt``."""
         self.running.all_reduce_mean()
         if check_finite_since is not None:
-            self._check_finite((None, 0), check_finite_since)
+            self._check_finite((None, 0), check_finite_since, across_ranks=False)  # (averaged just above)
         rng = gather_objects(capture_rng_state(self.device))
         if self.ctx.is_main:
             save_atomic({**self.state_dict(), "rng": rng}, self.checkpoint_dir / name)
@@ -558,9 +558,7 @@ class Trainer:
                 # save() averaged the sums over ranks and checked them: measure from here.
                 window_start, window = self.progress.global_step, self.running.mark()
         bar.close()
-        epoch_terms = self.running.copy()  # the running sums stay rank-local until the next save
-        epoch_terms.all_reduce_mean()
-        train_means = epoch_terms.means()
+        train_means = self.running.means(across_ranks=True)  # the running sums stay rank-local until the next save
         timed = start_step < self.steps_per_epoch  # not an epoch resumed after its last step (a stop there)
         self._wait_for_device()
         ended = time.perf_counter()
@@ -675,12 +673,13 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
 
-    def _check_finite(self, window: tuple, window_start: int) -> dict[str, float]:
+    def _check_finite(self, window: tuple, window_start: int, across_ranks: bool = True) -> dict[str, float]:
         """Means of the terms since the last log (``window``, a mark of the running sums) over every
         rank's steps (TensorBoard's train/* curve is the global batch's, as the epoch's record; and
         a NaN/inf on one rank stops all of them at the same step); a NaN/inf stays in the running
-        sums once there, so the first log after it stops the run."""
-        means = self.running.means(since=window, across_ranks=True)
+        sums once there, so the first log after it stops the run. ``across_ranks=False`` where the
+        sums were just averaged over the ranks (a save): the same means, one collective fewer."""
+        means = self.running.means(since=window, across_ranks=across_ranks)
         bad = {name: value for name, value in means.items() if not math.isfinite(value)}
         if bad:
             last = self.checkpoint_dir / "last.pt"
