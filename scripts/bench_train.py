@@ -7,7 +7,9 @@ in-memory loader (TinyImageNet 32 px pack, augmentation on the device), so the d
 cancels out of the ratios.
 
 Cases: small (cifar_resnet18 32 px, ce/ls/zipf/zipf_dense2, and on CUDA zipf with
-loss.kernel=torch beside the fused kernel), resnet50 (224 px, batch 256), small_real (the real
+loss.kernel=torch beside the fused kernel), resnet50 (224 px, batch 256); both also time a plain
+PyTorch step (:class:`PlainStep`: the same model, resp. torchvision's ResNet-50, with no framework
+code) beside the trainer's, the trainer's overhead being their ratio; small_real (the real
 loader), compile (ce and zipf with trainer.compile=default and reduce-overhead, beside eager ce), compile_real
 (reduce-overhead with the real loader: what a long 32 px run trains at), resnet50_compile (the
 same for ResNet-50), layout and precision (eager CE with trainer.channels_last false and true, with
@@ -26,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -68,7 +71,7 @@ def make_trainer(overrides: list[str], device: torch.device) -> Trainer:
     return Trainer(cfg, DistContext(device=device), Path(tempfile.mkdtemp(dir=RUN_DIRS.name)))
 
 
-def endless(trainer: Trainer):
+def endless(trainer: Trainer | PlainStep):
     epoch = 0
     while True:
         yield from trainer.data.train.epoch(epoch)
@@ -100,7 +103,7 @@ def cudagraph_note(before: tuple[int, int], device: torch.device) -> str:
     return f"; {', '.join(notes)} (TORCH_LOGS=cudagraphs says why)" if notes else ""
 
 
-def time_steps(trainer: Trainer, batches, steps: int) -> float:
+def time_steps(trainer: Trainer | PlainStep, batches, steps: int) -> float:
     """Seconds per step over ``steps`` steps, with one sync at each end (as in training)."""
     sync(trainer.device)
     start = time.perf_counter()
@@ -110,8 +113,59 @@ def time_steps(trainer: Trainer, batches, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def run_case(name: str, variants: dict[str, list[str]], args: argparse.Namespace, device: torch.device) -> dict[str, float]:
-    trainers = {label: make_trainer(overrides, device) for label, overrides in variants.items()}
+class PlainStep:
+    """The textbook training step, with none of this project's code in it: ``model(x)``, cross-entropy,
+    backward, SGD (fused on CUDA, foreach on the CPU, as the trainer's), under the same autocast, in
+    the same layout, on the same pre-made batch as ``like`` (a Trainer on synthetic data). It is what
+    "plain eager PyTorch" means in issue #8: the trainer's step over this one is the framework's cost
+    (wrapper, method, term bookkeeping, scheduler), and this one's images/s the reference to beat."""
+
+    def __init__(self, model: torch.nn.Module, like: Trainer) -> None:
+        self.cfg, self.device, self.data = like.cfg, like.device, like.data  # run_case reads these
+        layout = torch.channels_last if like.channels_last else torch.contiguous_format
+        self.model = model.to(like.device, memory_format=layout).train()
+        self.autocast_dtype = like.autocast_dtype
+        optim = like.cfg.optim
+        kind = {"fused": True} if like.device.type == "cuda" else {"foreach": True}
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=float(optim.lr), momentum=float(optim.momentum),
+                                         weight_decay=float(optim.weight_decay), **kind)
+
+    def train_step(self, batches) -> None:  # noqa: ANN001
+        batch = next(batches)
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            output = self.model(batch.inputs)
+            logits = output.logits if hasattr(output, "logits") else output
+            loss = torch.nn.functional.cross_entropy(logits, batch.targets)
+        loss.backward()
+        self.optimizer.step()
+
+
+PLAIN_SAME_MODEL, PLAIN_TORCHVISION = "plain step, same model", "plain torchvision resnet50"
+
+
+def torchvision_resnet50(like: Trainer) -> PlainStep:
+    import torchvision
+
+    return PlainStep(torchvision.models.resnet50(num_classes=like.data.num_classes), like)
+
+
+def same_model(like: Trainer) -> PlainStep:
+    """The trainer's own model architecture (a fresh copy), stepped plainly: the trainer's overhead alone."""
+    from zipfls_train.models import build_model
+
+    options = dict(like.cfg.model.get("options") or {})
+    return PlainStep(build_model(str(like.cfg.model.name), like.data.num_classes, **options), like)
+
+
+def run_case(name: str, variants: dict[str, list[str]], args: argparse.Namespace, device: torch.device,
+             plain: tuple[str, Callable[[Trainer], PlainStep]] | None = None) -> dict[str, float]:
+    """Images/s of each variant's trainer step (medians of interleaved rounds); ``plain``: (label,
+    builder) of a :class:`PlainStep` timed beside them, built like the first variant's trainer."""
+    trainers: dict[str, Trainer | PlainStep] = {label: make_trainer(overrides, device) for label, overrides in variants.items()}
+    if plain is not None:
+        label, build = plain
+        trainers[label] = build(next(iter(trainers.values())))
     streams = {label: endless(t) for label, t in trainers.items()}
     for label, trainer in trainers.items():  # warm-up: kernels, allocator, autotuning, compilation
         start, counts = time.perf_counter(), cudagraph_counts()
@@ -172,13 +226,16 @@ def main() -> None:
         variants = {f"loss={m}": [*small, *SYNTHETIC_32PX, f"loss={m}"] for m in ("ce", "ls", "zipf", "zipf_dense2")}
         if device.type == "cuda":
             variants["loss=zipf,kernel=torch"] = [*small, *SYNTHETIC_32PX, "loss=zipf", "loss.kernel=torch"]
-        results["small"] = r = run_case("cifar_resnet18 32px synthetic", variants, args, device)
-        print_ratios(r, "loss=ce", [label for label in r if label != "loss=ce"])
+        results["small"] = r = run_case("cifar_resnet18 32px synthetic", variants, args, device, plain=(PLAIN_SAME_MODEL, same_model))
+        print_ratios(r, "loss=ce", [label for label in r if label not in ("loss=ce", PLAIN_SAME_MODEL)])
+        print_ratios(r, PLAIN_SAME_MODEL, ["loss=ce"])
     r50 = [*common, "model=resnet50", "dataset=synthetic", "dataset.image_size=224", "dataset.num_classes=1000",
            f"trainer.batch_size={args.r50_batch_size}"]
     if "resnet50" in cases:
-        results["r50"] = r = run_case("resnet50 224px synthetic", {f"loss={m}": [*r50, f"loss={m}"] for m in ("ce", "zipf")}, args, device)
+        results["r50"] = r = run_case("resnet50 224px synthetic", {f"loss={m}": [*r50, f"loss={m}"] for m in ("ce", "zipf")}, args, device,
+                                      plain=(PLAIN_TORCHVISION, torchvision_resnet50))
         print_ratios(r, "loss=ce", ["loss=zipf"])
+        print_ratios(r, PLAIN_TORCHVISION, ["loss=ce"])
     real = ["dataset=tinyimagenet", "dataset.format=pack", f"dataset.root={args.data}"]
     if "small_real" in cases:
         results["real"] = run_case("cifar_resnet18 32px real", {f"loss={m}": [*small, *real, f"loss={m}"] for m in ("ce", "zipf")}, args, device)

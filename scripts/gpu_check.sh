@@ -19,8 +19,8 @@
 # (1-2 min) included: two calls, the second right after the first (a machine left idle for 30 s is
 # given back). The quick protocol and the eager train cases ran on 2026-11-27 (experiments/); next:
 #   PARTS="tests graphs profile" bash scripts/gpu_check.sh $OUT      (~6.5 min)
-#   PARTS="loss train" TRAIN_ARGS="--cases compile,compile_real,resnet50_compile --compile-modes reduce-overhead" \
-#     bash scripts/gpu_check.sh $OUT                                  (~6 min)
+#   PARTS="loss train" TRAIN_ARGS="--cases resnet50,compile,compile_real,resnet50_compile --compile-modes reduce-overhead" \
+#     bash scripts/gpu_check.sh $OUT                                  (~6.5 min; resnet50: ours vs plain torchvision)
 # Everything: PARTS="tests loss train" (~9 min), then PARTS="methods quick" T_QUICK=<what is left>.
 # Usage: [PARTS="..."] bash scripts/gpu_check.sh [OUT_DIR]
 # Data: $ZIPFLS_DATA (a folder holding tinyimagenet-32/), default .gpu_data, else ../shared/data.

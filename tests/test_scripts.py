@@ -33,6 +33,9 @@ def test_bench_train_prints_images_per_second_and_ratios():
     # the ratio is the printed step times' (each rounded to 0.01 ms): zipf ms / ce ms
     ms = {loss: float(re.search(rf"loss={loss}\s+([0-9.]+) ms/step", output).group(1)) for loss in ("ce", "zipf")}
     assert abs(ratio(output, "step-time ratio loss=zipf / loss=ce") - ms["zipf"] / ms["ce"]) < 0.002 + 0.01 / ms["ce"]
+    # the plain PyTorch step on the same model, beside the trainer's: the trainer's cost is their ratio
+    plain = float(re.search(r"plain step, same model\s+([0-9.]+) ms/step", output).group(1))
+    assert abs(ratio(output, "step-time ratio loss=ce / plain step, same model") - ms["ce"] / plain) < 0.002 + 0.01 / plain
 
 
 def test_bench_train_compiled_real_loader_case_reports_the_data_stall():
