@@ -60,6 +60,17 @@ def _remove_if_empty(folder: Path) -> None:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        return _train(cfg, run_dir)
+    except KeyboardInterrupt:  # Ctrl-C while the run sets up (training itself stops at a step), or twice
+        _remove_if_empty(run_dir)
+        said = "nothing since the last checkpoint is saved" if run_dir.exists() else "nothing was written"
+        print(f"[zipfls-train] stopped at once (SIGINT): {said}", file=sys.stderr)
+        sys.exit(130)
+
+
+def _train(cfg: DictConfig, run_dir: Path) -> float | None:
     from zipfls_train.engine.config_checks import check_added_keys
     from zipfls_train.engine.distributed import launched_by_torchrun, lost_a_peer, speaks_for_its_node
     from zipfls_train.engine.interrupt import TrainingInterrupted
@@ -71,7 +82,6 @@ def main(cfg: DictConfig) -> float | None:
     from zipfls_train.errors import format_warning
 
     warnings.formatwarning = format_warning  # this package's warnings as "warning: ..." lines
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         check_added_keys(list(HydraConfig.get().overrides.task), _compose)
         summary = run_training(cfg, run_dir)
