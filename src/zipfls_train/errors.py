@@ -9,7 +9,8 @@ from pathlib import Path
 
 def user_errors() -> tuple[type[BaseException], ...]:
     from .data.images import DatasetError
-    from .engine.checkpoint import CheckpointError
+    from .engine.checkpoint import CheckpointError, FileWriteError
+    from .engine.folder_lock import RunFolderBusy
     from .engine.config_checks import ConfigError
     from .engine.interrupt import TrainingInterrupted
     from .engine.run import RankKilled
@@ -19,7 +20,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .losses.base import MethodContractError
 
     return (ConfigError, DatasetError, CheckpointError, ResumeError, NonFiniteLossError, TeacherCheckpointError,
-            TrainingInterrupted, MetricsFileError, RunFolderNotWritable, MethodContractError, RankKilled)  # fmt: skip
+            TrainingInterrupted, MetricsFileError, RunFolderNotWritable, MethodContractError, RankKilled, FileWriteError,
+            RunFolderBusy)  # fmt: skip
 
 
 def format_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001 - warnings.formatwarning's signature

@@ -19,25 +19,82 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be read; the message names the file."""
 
 
+class FileWriteError(OSError):
+    """A file could not be written (disk full, file size limit, read-only or vanished folder); the
+    message names it and says the previous version is intact."""
+
+
 def save_atomic(state: dict[str, Any], path: Path) -> None:
     """``torch.save`` through :func:`replace_atomically`."""
     replace_atomically(path, lambda stream: torch.save(state, stream))
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# Read once, at import (single-threaded): os.umask can only be read by setting it.
+_UMASK = _current_umask()
+TEMPORARY_GLOB = ".*.tmp"  # what replace_atomically's temporary files look like (".<name>.<random>.tmp")
+
+
 def replace_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """``write`` into a temporary file in the same folder, fsync, then ``os.replace``: a crash at any
-    point leaves either the old complete file or the new complete file, never a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    point leaves either the old complete file or the new complete file, never a torn one. The file
+    gets the mode of the one it replaces, or the umask's for a new one (mkstemp's 0600 would hide
+    a shared project's checkpoints from the group). A failure to write is a :class:`FileWriteError`."""
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        mode = path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_UMASK
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise write_error(path, error) from error
+    try:
+        os.fchmod(handle, mode)
         with os.fdopen(handle, "wb") as stream:
             write(stream)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
+        cause = _os_error_in(error)
+        if cause is not None:
+            raise write_error(path, cause) from error
         raise
+
+
+def _os_error_in(error: BaseException) -> OSError | None:
+    """The OSError behind ``error``: itself, or one it was raised from or while handling (torch.save
+    on a full disk raises RuntimeError "[enforce fail at inline_container.cc] unexpected pos ..."
+    while handling the OSError that says why)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def write_error(path: Path, cause: OSError, kept: str | None = None) -> FileWriteError:
+    """``kept``: what became of the file (default: a replaced file's, unchanged, or none written)."""
+    reason = cause.strerror or str(cause)
+    if kept is None:
+        kept = f"the previous {path.name} is unchanged" if path.exists() else f"no {path.name} was written"
+    return FileWriteError(
+        f"cannot write {path} ({reason}): {kept}; free disk space or fix the folder's permissions, "
+        "then rerun the same command to resume from the last checkpoint"
+    )
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete the temporary files of writes that a kill interrupted (each as large as its checkpoint).
+    Only while no other process writes into ``folder`` (the caller holds the run folder's lock)."""
+    for temporary in folder.glob(TEMPORARY_GLOB):
+        temporary.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .checkpoint import replace_atomically
+from .checkpoint import replace_atomically, write_error
 from .run_folder import parse_metrics
 
 
@@ -115,8 +115,11 @@ class RunRecords:
     def epoch(self, record: Mapping[str, Any], step: int) -> None:
         if not self.enabled:
             return
-        with self.metrics_path.open("a") as stream:
-            stream.write(json.dumps(dict(record)) + "\n")
+        try:
+            with self.metrics_path.open("a") as stream:
+                stream.write(json.dumps(dict(record)) + "\n")
+        except OSError as error:
+            raise write_error(self.metrics_path, error, kept="a line cut short there is dropped when the run resumes") from error
         numeric = {k: float(v) for k, v in record.items() if isinstance(v, (int, float)) and k != "epoch"}
         self.scalars("epoch", numeric, step)
         self.writer.flush()

@@ -15,6 +15,13 @@ class RunFolderNotWritable(OSError):
     """The run folder cannot be created or written (the message names it and how to pick another)."""
 
 
+def not_writable(run_dir: Path, error: OSError) -> RunFolderNotWritable:
+    return RunFolderNotWritable(
+        f"cannot write the run folder {run_dir} ({error.strerror or error}): give a writable "
+        "one with hydra.run.dir=... (hydra.sweep.dir=... for a sweep)"
+    )
+
+
 class MetricsFileError(ValueError):
     """A metrics.jsonl line before the last is not an epoch record: the file is damaged."""
 

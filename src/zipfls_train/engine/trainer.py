@@ -9,8 +9,10 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,18 +23,24 @@ from torch import nn
 from tqdm import tqdm
 
 from ..data import DataBundle, LoaderOptions, build_data
+from ..data.images import DatasetError
+from ..errors import original_message
 from ..loss_options import IMPLEMENTATION_OPTIONS
 from ..losses import Method, build_method
 from ..losses.base import check_terms
 from ..models import build_model, check_trains_on, unwrap
-from .checkpoint import CheckpointError, capture_rng_state, load_checkpoint, rank_rng_state, restore_rng_state, save_atomic
+from .checkpoint import (
+    CheckpointError, capture_rng_state, load_checkpoint, rank_rng_state, remove_stale_temporaries, replace_atomically,
+    restore_rng_state, save_atomic,
+)
 from .config_checks import PRECISION_NAMES, ConfigError, compile_mode, loader_workers
 from .distributed import DistContext, all_reduce_sum, barrier, broadcast_buffers, gather_objects, wrap_ddp
+from .folder_lock import RunFolderBusy, RunFolderLock
 from .interrupt import StopRequests, StopVotes, TrainingInterrupted
 from .memory import peak_cpu_memory_mb, peak_gpu_memory_mb, reset_peak_memory
 from .metrics import RunRecords, TermAccumulator, read_metrics, topk_correct
 from .optim import build_optimizer, build_scheduler
-from .run_folder import RunFolderNotWritable, set_aside_earlier_attempt
+from .run_folder import not_writable, set_aside_earlier_attempt
 
 # Config keys that may differ between a checkpoint and the resuming command (they change how the run
 # is executed, not what it computes; loss.kernel picks an implementation of the same numbers, and is
@@ -349,7 +357,7 @@ class Trainer:
             summary = self.run_dir / "summary.json"
             if summary.is_file() and config.is_file():  # finished: the same run?
                 self._check_same_config(OmegaConf.to_container(OmegaConf.load(config), resolve=False), config)
-                self._check_same_data(json.loads(summary.read_text()).get("data"), summary)
+                self._check_same_data(self._read_summary().get("data"), summary)
                 return "finished"
             self._refuse_to_overwrite_results()
             return "fresh"
@@ -435,6 +443,31 @@ class Trainer:
 
     # --- the loop -----------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
+        with self._run_folder_lock():
+            return self._fit()
+
+    @contextlib.contextmanager
+    def _run_folder_lock(self) -> Iterator[None]:
+        """Rank 0 holds the run folder's lock while the run trains (:mod:`.folder_lock`); every rank
+        learns whether it got it, so that all stop together when another process holds it. Then the
+        temporary files of saves a kill cut short (as large as a checkpoint each) are removed."""
+        with contextlib.ExitStack() as stack:
+            refusal = None
+            if self.ctx.is_main:
+                try:
+                    stack.enter_context(RunFolderLock(self.run_dir))
+                except RunFolderBusy as error:
+                    refusal = str(error)
+            if self.ctx.enabled:
+                refusal = gather_objects(refusal)[0]
+            if refusal is not None:
+                raise RunFolderBusy(refusal)
+            if self.ctx.is_main:
+                for folder in (self.run_dir, self.checkpoint_dir):
+                    remove_stale_temporaries(folder)
+            yield
+
+    def _fit(self) -> dict[str, Any]:
         state = self.maybe_resume()
         if state == "finished":
             return self._already_finished()
@@ -454,11 +487,45 @@ class Trainer:
                     self._train_epoch(records)
             summary = self._summary("finished")
             summary["zipf_alpha"] = self._zipf_fit_at_end(records)
+        except DatasetError as error:
+            if self.ctx.enabled:  # (the other ranks wait in a collective: no save together)
+                raise
+            raise DatasetError(self._saved_after_data_error(error)) from error
         finally:
-            records.close()
+            # Closing TensorBoard's writer fails too when the disk is full or the folder went read-only:
+            # then the error that stopped the run is the one to report, not the writer's.
+            with contextlib.suppress(OSError) if sys.exc_info()[1] is not None else contextlib.nullcontext():
+                records.close()
             self._close_loaders()
         if self.ctx.is_main:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            text = json.dumps(summary, indent=2) + "\n"
+            replace_atomically(self.run_dir / "summary.json", lambda stream: stream.write(text.encode()))
+        return summary
+
+    def _saved_after_data_error(self, error: DatasetError) -> str:
+        """A file the loader cannot read stops the run (an ImageNet epoch in, with
+        ``trainer.checkpoint_every_steps=0``): keep what was trained until then in last.pt, at the
+        last whole step, and say so after the loader's message."""
+        message = original_message(error)
+        if self.progress.global_step == 0:
+            return message
+        # The epoch's running sums hold any NaN of it: check them all (the range named is the epoch's).
+        self.save(check_finite_since=self.progress.global_step - self.progress.step_in_epoch)
+        where = f"epoch {self.progress.epoch + 1}/{self.epochs}, after step {self.progress.step_in_epoch}/{self.steps_per_epoch}"
+        evaluating = " (before its evaluation)" if self.progress.step_in_epoch == self.steps_per_epoch else ""
+        return f"{message}\nsaved {self.checkpoint_dir / 'last.pt'} in {where}{evaluating}: once the file reads, rerun the same command to resume"
+
+    def _read_summary(self) -> dict[str, Any]:
+        """A finished run's summary.json, or a CheckpointError saying how to get a readable one."""
+        path = self.run_dir / "summary.json"
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            fix = ("delete it and rerun the same command: it is written again from checkpoints/last.pt"
+                   if (self.checkpoint_dir / "last.pt").is_file() else "restore it, or train the run again with trainer.resume=never")
+            raise CheckpointError(f"{path}, this finished run's summary, is unreadable ({error}): {fix}") from error
+        if not isinstance(summary, dict):
+            raise CheckpointError(f"{path} is not a run summary (a JSON object expected): restore it, or train the run again with trainer.resume=never")
         return summary
 
     def _prepare_run_folder(self, resumed: bool) -> None:
@@ -468,10 +535,7 @@ class Trainer:
             earlier = None if resumed else set_aside_earlier_attempt(self.run_dir)
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
         except OSError as error:
-            raise RunFolderNotWritable(
-                f"cannot write the run folder {self.run_dir} ({error.strerror or error}): give a writable "
-                "one with hydra.run.dir=... (hydra.sweep.dir=... for a sweep)"
-            ) from error
+            raise not_writable(self.run_dir, error) from error
         if earlier is not None:
             print(f"[zipfls-train] starting over: the earlier attempt's results are in {earlier}", flush=True)
 
@@ -496,7 +560,7 @@ class Trainer:
         self._close_loaders()
         if not self.ctx.is_main:
             return {}
-        summary = json.loads((self.run_dir / "summary.json").read_text())
+        summary = self._read_summary()
         print(
             f"[zipfls-train] run already finished ({summary.get('epochs')} epochs, best val top-1 "
             f"{summary.get('best_val_top1') or float('nan'):.2f}%): {self.run_dir}; trainer.resume=never trains it again",
@@ -563,7 +627,11 @@ class Trainer:
         self._wait_for_device()
         ended = time.perf_counter()
         timed_images = (self.steps_per_epoch - timed_from_step) * int(self.cfg.trainer.batch_size)
-        top1, top5, val_images = self.evaluate()
+        scores = self.evaluate(stoppable=True)
+        if scores is None:  # a stop request during the evaluation: keep the trained epoch, evaluate it on resume
+            self.save(check_finite_since=window_start)
+            raise TrainingInterrupted(self._interrupted_message() + " (and evaluate this epoch, whose evaluation was cut short)")
+        top1, top5, val_images = scores
         self.progress.epoch += 1
         self.progress.step_in_epoch = 0
         improved = top1 > self.progress.best_top1
@@ -694,17 +762,22 @@ class Trainer:
         return means
 
     @torch.no_grad()
-    def evaluate(self) -> tuple[float, float, int]:
+    def evaluate(self, stoppable: bool = False) -> tuple[float, float, int] | None:
         """Top-1/top-5 (%) over the whole val set, and how many images were scored: each rank
         scores its own unpadded shard and the counts are summed, so every image is counted exactly
         once. Every rank first takes rank 0's buffers (BatchNorm running statistics: DDP sends them
         at the start of each training forward, and the last forward then moved each rank's own
-        way), so the score is that of the weights rank 0 saves."""
+        way), so the score is that of the weights rank 0 saves. ``stoppable``: None at once on a stop
+        request (one process; an ImageNet evaluation can outlast a cluster's grace period; under DDP
+        the ranks' shards differ in length, so they could not agree on a batch to stop at)."""
         model = self.model
         broadcast_buffers(model)
         model.eval()
         counts = torch.zeros(3, dtype=torch.float64, device=self.device)
         for batch in self.data.val.epoch(0):
+            if stoppable and not self.ctx.enabled and self._stops.signal_name is not None:
+                model.train()
+                return None
             with self._autocast():
                 logits = model(batch.inputs).logits
             counts[:2] += topk_correct(logits.float(), batch.targets)
