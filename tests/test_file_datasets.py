@@ -335,6 +335,30 @@ def test_corrupt_image_raises_dataset_error_naming_the_file(tmp_path: Path, work
         list(bundle.val.epoch(0))
 
 
+def test_an_unreadable_image_is_to_be_replaced_not_deleted(tmp_path: Path) -> None:
+    # Deleting the file changes the data's image count, which a run started on it refuses to resume.
+    root = tmp_path / "data"
+    for wnid, source in samples()[:2]:
+        for split in ("train", "val"):
+            (root / split / wnid).mkdir(parents=True)
+            shutil.copyfile(source, root / split / wnid / "good.JPEG")
+    broken = root / "train" / samples()[0][0] / "broken.JPEG"
+    broken.write_bytes(b"this is not a JPEG")
+    bundle = build_data(dataset_cfg("imagenet", root, num_classes=2), options(batch_size=3))
+    with pytest.raises(DatasetError) as error:
+        list(bundle.train.epoch(0))
+    message = str(error.value)
+    assert message.startswith(f"cannot decode image {broken}: ") and "\n" not in message
+    assert "replace the file with a readable image rather than delete it" in message
+    assert "trainer.resume=never" in message
+    broken.unlink()  # gone after the files were listed
+    with pytest.raises(DatasetError) as error:
+        list(bundle.train.epoch(0))
+    message = str(error.value)
+    assert message.startswith(f"image file missing: {broken}; put a readable image back there") and "\n" not in message
+    assert "trainer.resume=never" in message
+
+
 def test_device_decode_gives_the_cpu_decode_pixels(imagenet_root: Path) -> None:
     """decode=device (torchvision.io.decode_jpeg: nvjpeg on CUDA, libjpeg here) crops and resizes
     with torch's antialiased bilinear: within ~1/255 of the PIL path, same crops, flips and labels."""
