@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -404,6 +406,13 @@ def test_inat21_folder_fallback_agrees_with_the_json(inat_root: Path, tmp_path: 
         read_inat21(inat_root, train_split="train", requested_format="json")
 
 
+def test_inat21_unreadable_class_folder_is_named(inat_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = inat_root / "val" / INAT_CLASSES[2][2]
+    deny_reading(monkeypatch, folder)
+    with pytest.raises(DatasetError, match=f"^cannot read folder {re.escape(str(folder))}: Permission denied"):
+        read_inat21(inat_root, requested_format="folders")
+
+
 def test_inat21_bundle_batches(inat_root: Path) -> None:
     bundle = build_data(dataset_cfg("inat21", inat_root, image_size=40), options(batch_size=4, eval_batch_size=8))
     assert (bundle.num_classes, bundle.train_size, bundle.val_size) == (4, 12, 8)
@@ -724,6 +733,34 @@ def test_imagefolder_errors_name_the_layout_and_the_count(tmp_path: Path) -> Non
     cfg = compose(["dataset=imagefolder", f"dataset.root={root}", "dataset.num_classes=5", "loss=ce", *TWO_STEPS])
     with pytest.raises(DatasetError, match=r"dataset.num_classes is 5 but the imagefolder files under .* hold 3 classes: set dataset.num_classes=3"):
         run_training(cfg, tmp_path / "run")
+
+
+def deny_reading(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    """``folder`` cannot be listed, as a folder without read permission for this user (chmod does
+    not stop root, who runs the tests in CI containers)."""
+    scandir = os.scandir
+
+    def denying(path=".") -> object:  # noqa: ANN001
+        if os.fspath(path) == os.fspath(folder):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", denying)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_an_unreadable_class_folder_is_named_not_taken_for_empty_or_skipped(split: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from zipfls_train.data.image_folder import read_image_folder
+
+    root = write_image_folder(tmp_path / "images")
+    assert [len(files) for files in read_image_folder(root)] == [12, 7]
+    deny_reading(monkeypatch, root / split / "dog")
+    with pytest.raises(DatasetError, match=f"^cannot read folder {re.escape(str(root / split / 'dog'))}: Permission denied"):
+        read_image_folder(root)
+    monkeypatch.undo()
+    deny_reading(monkeypatch, root / "val" / "dog" / "more")  # a subfolder of a class folder
+    with pytest.raises(DatasetError, match=f"^cannot read folder {re.escape(str(root / 'val' / 'dog' / 'more'))}: Permission denied"):
+        read_image_folder(root)
 
 
 def test_a_corrupt_image_on_one_ddp_rank_ends_the_run_with_its_message_alone(tmp_path: Path) -> None:

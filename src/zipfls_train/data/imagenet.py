@@ -22,12 +22,11 @@ Class index = position of the wnid in sorted order (ImageFolder's order), 1000 c
 from __future__ import annotations
 
 import csv
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .file_list import FileList, is_image_file, list_images
+from .file_list import FileList, folder_entries, is_image_file, list_images
 from .file_loader import build_file_bundle
 from .image_folder import read_class_folders, read_classes
 from .images import DatasetError, missing_dataset_error
@@ -132,12 +131,11 @@ def val_is_flat(base: Path, requested: str) -> bool:
         raise DatasetError(f"dataset.format must be auto, folders or flat for imagenet, got {requested!r}")
     if requested != "auto":
         return requested == "flat"
-    with os.scandir(base / "val") as entries:
-        for entry in entries:
-            if entry.is_dir():
-                return False
-            if entry.is_file() and is_image_file(entry.name):
-                return True
+    for entry in folder_entries(base / "val"):
+        if entry.is_dir():
+            return False
+        if entry.is_file() and is_image_file(entry.name):
+            return True
     return False
 
 

@@ -23,13 +23,12 @@ json, so it is not used.)
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .file_list import FileList, list_images
+from .file_list import FileList, folder_entries, list_images
 from .file_loader import build_file_bundle
 from .images import DatasetError, missing_dataset_error
 from .tensor_loader import LoaderOptions
@@ -86,14 +85,13 @@ def read_json_split(root: Path, split: str, reference: FileList | None = None, r
 
 def _class_folders(folder: Path) -> dict[int, str]:
     found: dict[int, str] = {}
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            match = FOLDER_PATTERN.match(entry.name)
-            if entry.is_dir() and match:
-                number = int(match.group(1))
-                if number in found:
-                    raise DatasetError(f"{folder}: two class folders share the number {number}: {found[number]}, {entry.name}")
-                found[number] = entry.name
+    for entry in folder_entries(folder):
+        match = FOLDER_PATTERN.match(entry.name)
+        if entry.is_dir() and match:
+            number = int(match.group(1))
+            if number in found:
+                raise DatasetError(f"{folder}: two class folders share the number {number}: {found[number]}, {entry.name}")
+            found[number] = entry.name
     return found
 
 
