@@ -735,6 +735,28 @@ def test_imagefolder_errors_name_the_layout_and_the_count(tmp_path: Path) -> Non
         run_training(cfg, tmp_path / "run")
 
 
+def test_file_and_class_folder_names_that_are_not_utf8_are_read(tmp_path: Path) -> None:
+    import hashlib
+
+    (_, photo), (_, other) = samples()[:2]
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        latin1 = os.fsencode(root / split) + b"/caf\xe9"  # Latin-1 "cafe" with an acute e: not UTF-8
+        os.makedirs(latin1)
+        shutil.copyfile(photo, latin1 + b"/\xe9t\xe9.JPEG")
+        (root / split / "plain").mkdir()
+        shutil.copyfile(other, root / split / "plain" / "b.JPEG")
+    bundle = build_data(dataset_cfg("imagefolder", root, num_classes=2), options(batch_size=2, eval_batch_size=2))
+    assert bundle.classes == [os.fsdecode(b"caf\xe9"), "plain"]
+    assert bundle.identity()["classes_sha1"] == hashlib.sha1(b"caf\xe9\nplain").hexdigest()[:12]
+    batch = next(bundle.val.epoch(0))
+    assert batch.targets.tolist() == [0, 1]
+    expected = EvalTransform(32, eval_resize_size(32), draft=False)(str(photo))
+    got = pixels(batch.inputs[:1])[0].permute(1, 2, 0).numpy()
+    assert np.abs(got - expected).max() < 0.01
+    assert next(bundle.train.epoch(0)).inputs.shape == (2, 3, 32, 32)
+
+
 def deny_reading(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
     """``folder`` cannot be listed, as a folder without read permission for this user (chmod does
     not stop root, who runs the tests in CI containers)."""

@@ -70,7 +70,7 @@ class FileList:
         for i, relative in enumerate(relative_paths):
             folder, _, name = relative.replace(os.sep, "/").rpartition("/")
             folder_index[i] = folders.setdefault(folder, len(folders))
-            names.append(name.encode())
+            names.append(os.fsencode(name))  # a file name that is not UTF-8 gets its own bytes back
         return cls(
             root=str(root),
             folders=list(folders),
@@ -84,7 +84,7 @@ class FileList:
         return len(self.names)
 
     def path(self, index: int) -> str:
-        return os.path.join(self.root, self.folders[self.folder_index[index]], self.names[index].decode())
+        return os.path.join(self.root, self.folders[self.folder_index[index]], os.fsdecode(self.names[index]))
 
     def take(self, index: np.ndarray, classes: list[str] | None = None) -> "FileList":
         return FileList(self.root, self.folders, self.folder_index[index], self.names[index], self.targets[index],
