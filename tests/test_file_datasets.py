@@ -406,6 +406,17 @@ def test_inat21_folder_fallback_agrees_with_the_json(inat_root: Path, tmp_path: 
         read_inat21(inat_root, train_split="train", requested_format="json")
 
 
+def test_inat21_folders_refuse_an_empty_train_class_folder(inat_root: Path, tmp_path: Path) -> None:
+    # As ImageNet and image folders: training without the class's images would go unnoticed.
+    root = tmp_path / "inat"
+    shutil.copytree(inat_root, root, ignore=shutil.ignore_patterns("*.json"))
+    empty = root / "train_mini" / INAT_CLASSES[1][2]
+    for image in empty.iterdir():
+        image.unlink()
+    with pytest.raises(DatasetError, match=f"^empty class folder {re.escape(str(empty))}: expected image files"):
+        read_inat21(root)
+
+
 def test_inat21_unreadable_class_folder_is_named(inat_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = inat_root / "val" / INAT_CLASSES[2][2]
     deny_reading(monkeypatch, folder)

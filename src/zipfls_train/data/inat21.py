@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .file_list import FileList, folder_entries, list_images
+from .file_list import IMAGE_EXTENSIONS, FileList, folder_entries, list_images
 from .file_loader import build_file_bundle
 from .images import DatasetError, missing_dataset_error
 from .tensor_loader import LoaderOptions
@@ -110,6 +110,8 @@ def read_folder_split(root: Path, split: str, reference: FileList | None = None,
     paths, targets = [], []
     for number in sorted(found):
         names = list_images(str(folder / found[number]))
+        if not names and reference is None:  # the train split's (as ImageNet's: val may lack a class)
+            raise DatasetError(f"empty class folder {folder / found[number]}: expected image files ({', '.join(IMAGE_EXTENSIONS)})")
         paths += [f"{split}/{found[number]}/{name}" for name in names]
         targets += [label_of[number]] * len(names)
     names = [found[i] for i in ids] if reference is None else reference.classes
