@@ -406,6 +406,17 @@ def test_inat21_folder_fallback_agrees_with_the_json(inat_root: Path, tmp_path: 
         read_inat21(inat_root, train_split="train", requested_format="json")
 
 
+@pytest.mark.parametrize("kept", ["train_mini.json", "val.json"])
+def test_inat21_with_one_of_its_two_json_files_names_the_missing_one(kept: str, inat_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "inat"
+    shutil.copytree(inat_root, root, ignore=shutil.ignore_patterns("*.json"))
+    shutil.copyfile(inat_root / kept, root / kept)
+    missing = root / ({"train_mini.json", "val.json"} - {kept}).pop()
+    with pytest.raises(DatasetError, match=f"^{re.escape(str(root / kept))} is there but {re.escape(str(missing))} is not: .*dataset.format=folders"):
+        read_inat21(root)
+    assert [len(files) for files in read_inat21(root, requested_format="folders")] == [12, 8]
+
+
 def test_inat21_folders_refuse_an_empty_train_class_folder(inat_root: Path, tmp_path: Path) -> None:
     # As ImageNet and image folders: training without the class's images would go unnoticed.
     root = tmp_path / "inat"

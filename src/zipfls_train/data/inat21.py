@@ -14,8 +14,9 @@ val.tar.gz -> ``val/``, train_mini.json.tar.gz -> ``train_mini.json``, val.json.
 ``dataset.train_split`` picks ``train_mini`` (the paper's) or ``train`` (the full 2.7 M images).
 Labels come from the json (``category_id``); class index = position of the category id in sorted
 order, which for the 2021 release is the id itself (0..9999) and also the number that prefixes each
-class folder. Without the json files (``format: auto`` falls back, ``format: folders`` forces it),
-labels are read from the folder-name prefixes the same way, so both sources agree.
+class folder. Without the json files (``format: auto`` falls back when neither is there: one alone
+is refused; ``format: folders`` forces it), labels are read from the folder-name prefixes the same
+way, so both sources agree.
 (torchvision's ``INaturalist`` wants the archives renamed to ``2021_train_mini/`` and ignores the
 json, so it is not used.)
 """
@@ -39,8 +40,8 @@ BASE_URL = "https://ml-inat-competition-datasets.s3.amazonaws.com/2021"
 
 LAYOUT = """  <root>/train_mini/<NNNNN>_<kingdom>_..._<species>/<uuid>.jpg   (10,000 class folders)
   <root>/val/<NNNNN>_<kingdom>_..._<species>/<uuid>.jpg
-  <root>/train_mini.json and <root>/val.json (COCO-style labels; optional: without them the
-  folder-name prefix NNNNN is the label)"""
+  <root>/train_mini.json and <root>/val.json (COCO-style labels; optional, both or neither: without
+  them the folder-name prefix NNNNN is the label)"""
 HOW_TO_GET = (
     f"download {BASE_URL}/train_mini.tar.gz, {BASE_URL}/val.tar.gz, {BASE_URL}/train_mini.json.tar.gz and "
     f"{BASE_URL}/val.json.tar.gz (https://github.com/visipedia/inat_comp/tree/master/2021) and extract them in the root folder"
@@ -123,7 +124,15 @@ def read_inat21(root: Path, train_split: str = "train_mini", requested_format: s
         raise DatasetError(f"dataset.train_split must be one of {list(TRAIN_SPLITS)}, got {train_split!r}")
     if requested_format not in ("auto", "json", "folders"):
         raise DatasetError(f"dataset.format must be auto, json or folders for inat21, got {requested_format!r}")
-    has_json = (root / f"{train_split}.json").is_file() and (root / "val.json").is_file()
+    train_json, val_json = root / f"{train_split}.json", root / "val.json"
+    has_json = train_json.is_file() and val_json.is_file()
+    if requested_format == "auto" and train_json.is_file() != val_json.is_file():
+        found, absent = (train_json, val_json) if train_json.is_file() else (val_json, train_json)
+        raise DatasetError(
+            f"{found} is there but {absent} is not: labels from the json files need both (extract "
+            f"{BASE_URL}/{absent.name}.tar.gz in {root}), or set dataset.format=folders to read the labels "
+            "from the class folders' numbers"
+        )
     has_folders = (root / train_split).is_dir() and (root / "val").is_dir()
     if requested_format == "json" or (requested_format == "auto" and has_json):
         if not has_json:
