@@ -292,6 +292,52 @@ def test_imagenet_kaggle_download_layout_is_found(tmp_path: Path) -> None:
     assert (len(train), len(val), len(train.classes)) == (24, 24, 24)
 
 
+def test_the_format_auto_finds_is_resolved(imagenet_root: Path, inat_root: Path, tmp_path: Path) -> None:
+    assert build_data(dataset_cfg("imagenet", imagenet_root), options()).resolved == {"format": "folders"}
+    flat = write_imagenet(tmp_path / "flat", val="flat", train_copies=1)
+    write_loc_solution(flat / "LOC_val_solution.csv", flat_val_truth(flat))
+    assert build_data(dataset_cfg("imagenet", flat), options()).resolved == {"format": "flat"}
+    assert build_data(dataset_cfg("inat21", inat_root), options()).resolved == {"format": "json"}
+    no_json = tmp_path / "inat_folders"
+    shutil.copytree(inat_root, no_json, ignore=shutil.ignore_patterns("*.json"))
+    assert build_data(dataset_cfg("inat21", no_json), options()).resolved == {"format": "folders"}
+
+
+def test_a_file_dataset_run_records_the_format_found_and_resumes_one_that_recorded_auto(
+    imagenet_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from zipfls_train.engine.checkpoint import load_checkpoint
+    from zipfls_train.engine.run import run_training
+    from zipfls_train.engine.trainer import Trainer
+
+    class Stop(Exception):
+        pass
+
+    save = Trainer.save
+
+    def stop_after_epoch_1(self, name="last.pt") -> None:  # noqa: ANN001
+        save(self, name)
+        if self.progress.epoch == 1 and self.progress.step_in_epoch == 0:
+            raise Stop
+
+    overrides = ["dataset=imagenet", f"dataset.root={imagenet_root}", "dataset.num_classes=24", "dataset.format=auto",
+                 "model=cifar_resnet18", "model.options.width=8", "loss=ce", *TWO_STEPS,
+                 "trainer.epochs=2", "trainer.max_steps_per_epoch=1"]  # fmt: skip
+    run = tmp_path / "run"
+    monkeypatch.setattr(Trainer, "save", stop_after_epoch_1)
+    with pytest.raises(Stop):
+        run_training(compose(overrides), run)
+    monkeypatch.setattr(Trainer, "save", save)
+    assert "format: folders" in (run / "config.yaml").read_text()
+    checkpoint = run / "checkpoints" / "last.pt"
+    state = load_checkpoint(checkpoint)
+    assert state["config"]["dataset"]["format"] == "folders"
+    state["config"]["dataset"]["format"] = "auto"  # as runs recorded it before the format was resolved
+    torch.save(state, checkpoint)
+    assert run_training(compose(overrides), run)["status"] == "finished"
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
 def test_missing_datasets_name_the_path_and_expected_layout(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match=r"(?s)ImageNet not found under dataset.root=.*empty.*train/<wnid>/\*\.JPEG"):
         build_data(dataset_cfg("imagenet", tmp_path / "empty"), options())

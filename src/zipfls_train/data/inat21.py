@@ -119,28 +119,34 @@ def read_folder_split(root: Path, split: str, reference: FileList | None = None,
     return FileList.from_paths(str(root), paths, targets, names), ids
 
 
-def read_inat21(root: Path, train_split: str = "train_mini", requested_format: str = "auto") -> tuple[FileList, FileList]:
+def find_format(root: Path, train_split: str, requested: str) -> str:
+    """``json`` or ``folders``: where the labels come from, as ``format`` (auto | json | folders)
+    resolves under ``root``."""
     if train_split not in TRAIN_SPLITS:
         raise DatasetError(f"dataset.train_split must be one of {list(TRAIN_SPLITS)}, got {train_split!r}")
-    if requested_format not in ("auto", "json", "folders"):
-        raise DatasetError(f"dataset.format must be auto, json or folders for inat21, got {requested_format!r}")
+    if requested not in ("auto", "json", "folders"):
+        raise DatasetError(f"dataset.format must be auto, json or folders for inat21, got {requested!r}")
+    if requested != "auto":
+        return requested
     train_json, val_json = root / f"{train_split}.json", root / "val.json"
-    has_json = train_json.is_file() and val_json.is_file()
-    if requested_format == "auto" and train_json.is_file() != val_json.is_file():
+    if train_json.is_file() != val_json.is_file():
         found, absent = (train_json, val_json) if train_json.is_file() else (val_json, train_json)
         raise DatasetError(
             f"{found} is there but {absent} is not: labels from the json files need both (extract "
             f"{BASE_URL}/{absent.name}.tar.gz in {root}), or set dataset.format=folders to read the labels "
             "from the class folders' numbers"
         )
-    has_folders = (root / train_split).is_dir() and (root / "val").is_dir()
-    if requested_format == "json" or (requested_format == "auto" and has_json):
-        if not has_json:
+    return "json" if train_json.is_file() else "folders"
+
+
+def read_inat21(root: Path, train_split: str = "train_mini", requested_format: str = "auto") -> tuple[FileList, FileList]:
+    if find_format(root, train_split, requested_format) == "json":
+        if not ((root / f"{train_split}.json").is_file() and (root / "val.json").is_file()):
             raise missing_dataset_error(f"INAT21 {train_split}.json / val.json", root, LAYOUT, HOW_TO_GET)
         train, ids = read_json_split(root, train_split)
         val, _ = read_json_split(root, "val", train, ids)
         return train, val
-    if not has_folders:
+    if not ((root / train_split).is_dir() and (root / "val").is_dir()):
         raise missing_dataset_error("INAT21", root, LAYOUT, HOW_TO_GET)
     train, ids = read_folder_split(root, train_split)
     val, _ = read_folder_split(root, "val", train, ids)
@@ -148,5 +154,7 @@ def read_inat21(root: Path, train_split: str = "train_mini", requested_format: s
 
 
 def build_inat21(cfg: Mapping[str, Any], options: LoaderOptions):  # noqa: ANN201 - DataBundle
-    train, val = read_inat21(Path(cfg["root"]), str(cfg.get("train_split", "train_mini")), str(cfg.get("format", "auto")))
-    return build_file_bundle(cfg, options, train, val)
+    root, train_split = Path(cfg["root"]), str(cfg.get("train_split", "train_mini"))
+    found = find_format(root, train_split, str(cfg.get("format", "auto")))
+    train, val = read_inat21(root, train_split, found)
+    return build_file_bundle(cfg, options, train, val, resolved={"format": found})
