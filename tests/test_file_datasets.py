@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -290,6 +292,52 @@ def test_imagenet_kaggle_download_layout_is_found(tmp_path: Path) -> None:
     assert (len(train), len(val), len(train.classes)) == (24, 24, 24)
 
 
+def test_the_format_auto_finds_is_resolved(imagenet_root: Path, inat_root: Path, tmp_path: Path) -> None:
+    assert build_data(dataset_cfg("imagenet", imagenet_root), options()).resolved == {"format": "folders"}
+    flat = write_imagenet(tmp_path / "flat", val="flat", train_copies=1)
+    write_loc_solution(flat / "LOC_val_solution.csv", flat_val_truth(flat))
+    assert build_data(dataset_cfg("imagenet", flat), options()).resolved == {"format": "flat"}
+    assert build_data(dataset_cfg("inat21", inat_root), options()).resolved == {"format": "json"}
+    no_json = tmp_path / "inat_folders"
+    shutil.copytree(inat_root, no_json, ignore=shutil.ignore_patterns("*.json"))
+    assert build_data(dataset_cfg("inat21", no_json), options()).resolved == {"format": "folders"}
+
+
+def test_a_file_dataset_run_records_the_format_found_and_resumes_one_that_recorded_auto(
+    imagenet_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from zipfls_train.engine.checkpoint import load_checkpoint
+    from zipfls_train.engine.run import run_training
+    from zipfls_train.engine.trainer import Trainer
+
+    class Stop(Exception):
+        pass
+
+    save = Trainer.save
+
+    def stop_after_epoch_1(self, name="last.pt") -> None:  # noqa: ANN001
+        save(self, name)
+        if self.progress.epoch == 1 and self.progress.step_in_epoch == 0:
+            raise Stop
+
+    overrides = ["dataset=imagenet", f"dataset.root={imagenet_root}", "dataset.num_classes=24", "dataset.format=auto",
+                 "model=cifar_resnet18", "model.options.width=8", "loss=ce", *TWO_STEPS,
+                 "trainer.epochs=2", "trainer.max_steps_per_epoch=1"]  # fmt: skip
+    run = tmp_path / "run"
+    monkeypatch.setattr(Trainer, "save", stop_after_epoch_1)
+    with pytest.raises(Stop):
+        run_training(compose(overrides), run)
+    monkeypatch.setattr(Trainer, "save", save)
+    assert "format: folders" in (run / "config.yaml").read_text()
+    checkpoint = run / "checkpoints" / "last.pt"
+    state = load_checkpoint(checkpoint)
+    assert state["config"]["dataset"]["format"] == "folders"
+    state["config"]["dataset"]["format"] = "auto"  # as runs recorded it before the format was resolved
+    torch.save(state, checkpoint)
+    assert run_training(compose(overrides), run)["status"] == "finished"
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
 def test_missing_datasets_name_the_path_and_expected_layout(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match=r"(?s)ImageNet not found under dataset.root=.*empty.*train/<wnid>/\*\.JPEG"):
         build_data(dataset_cfg("imagenet", tmp_path / "empty"), options())
@@ -335,6 +383,30 @@ def test_corrupt_image_raises_dataset_error_naming_the_file(tmp_path: Path, work
         list(bundle.val.epoch(0))
 
 
+def test_an_unreadable_image_is_to_be_replaced_not_deleted(tmp_path: Path) -> None:
+    # Deleting the file changes the data's image count, which a run started on it refuses to resume.
+    root = tmp_path / "data"
+    for wnid, source in samples()[:2]:
+        for split in ("train", "val"):
+            (root / split / wnid).mkdir(parents=True)
+            shutil.copyfile(source, root / split / wnid / "good.JPEG")
+    broken = root / "train" / samples()[0][0] / "broken.JPEG"
+    broken.write_bytes(b"this is not a JPEG")
+    bundle = build_data(dataset_cfg("imagenet", root, num_classes=2), options(batch_size=3))
+    with pytest.raises(DatasetError) as error:
+        list(bundle.train.epoch(0))
+    message = str(error.value)
+    assert message.startswith(f"cannot decode image {broken}: ") and "\n" not in message
+    assert "replace the file with a readable image rather than delete it" in message
+    assert "trainer.resume=never" in message
+    broken.unlink()  # gone after the files were listed
+    with pytest.raises(DatasetError) as error:
+        list(bundle.train.epoch(0))
+    message = str(error.value)
+    assert message.startswith(f"image file missing: {broken}; put a readable image back there") and "\n" not in message
+    assert "trainer.resume=never" in message
+
+
 def test_device_decode_gives_the_cpu_decode_pixels(imagenet_root: Path) -> None:
     """decode=device (torchvision.io.decode_jpeg: nvjpeg on CUDA, libjpeg here) crops and resizes
     with torch's antialiased bilinear: within ~1/255 of the PIL path, same crops, flips and labels."""
@@ -378,6 +450,35 @@ def test_inat21_folder_fallback_agrees_with_the_json(inat_root: Path, tmp_path: 
             assert label_a == label_b
     with pytest.raises(DatasetError, match="train.json"):
         read_inat21(inat_root, train_split="train", requested_format="json")
+
+
+@pytest.mark.parametrize("kept", ["train_mini.json", "val.json"])
+def test_inat21_with_one_of_its_two_json_files_names_the_missing_one(kept: str, inat_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "inat"
+    shutil.copytree(inat_root, root, ignore=shutil.ignore_patterns("*.json"))
+    shutil.copyfile(inat_root / kept, root / kept)
+    missing = root / ({"train_mini.json", "val.json"} - {kept}).pop()
+    with pytest.raises(DatasetError, match=f"^{re.escape(str(root / kept))} is there but {re.escape(str(missing))} is not: .*dataset.format=folders"):
+        read_inat21(root)
+    assert [len(files) for files in read_inat21(root, requested_format="folders")] == [12, 8]
+
+
+def test_inat21_folders_refuse_an_empty_train_class_folder(inat_root: Path, tmp_path: Path) -> None:
+    # As ImageNet and image folders: training without the class's images would go unnoticed.
+    root = tmp_path / "inat"
+    shutil.copytree(inat_root, root, ignore=shutil.ignore_patterns("*.json"))
+    empty = root / "train_mini" / INAT_CLASSES[1][2]
+    for image in empty.iterdir():
+        image.unlink()
+    with pytest.raises(DatasetError, match=f"^empty class folder {re.escape(str(empty))}: expected image files"):
+        read_inat21(root)
+
+
+def test_inat21_unreadable_class_folder_is_named(inat_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = inat_root / "val" / INAT_CLASSES[2][2]
+    deny_reading(monkeypatch, folder)
+    with pytest.raises(DatasetError, match=f"^cannot read folder {re.escape(str(folder))}: Permission denied"):
+        read_inat21(inat_root, requested_format="folders")
 
 
 def test_inat21_bundle_batches(inat_root: Path) -> None:
@@ -700,6 +801,56 @@ def test_imagefolder_errors_name_the_layout_and_the_count(tmp_path: Path) -> Non
     cfg = compose(["dataset=imagefolder", f"dataset.root={root}", "dataset.num_classes=5", "loss=ce", *TWO_STEPS])
     with pytest.raises(DatasetError, match=r"dataset.num_classes is 5 but the imagefolder files under .* hold 3 classes: set dataset.num_classes=3"):
         run_training(cfg, tmp_path / "run")
+
+
+def test_file_and_class_folder_names_that_are_not_utf8_are_read(tmp_path: Path) -> None:
+    import hashlib
+
+    (_, photo), (_, other) = samples()[:2]
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        latin1 = os.fsencode(root / split) + b"/caf\xe9"  # Latin-1 "cafe" with an acute e: not UTF-8
+        os.makedirs(latin1)
+        shutil.copyfile(photo, latin1 + b"/\xe9t\xe9.JPEG")
+        (root / split / "plain").mkdir()
+        shutil.copyfile(other, root / split / "plain" / "b.JPEG")
+    bundle = build_data(dataset_cfg("imagefolder", root, num_classes=2), options(batch_size=2, eval_batch_size=2))
+    assert bundle.classes == [os.fsdecode(b"caf\xe9"), "plain"]
+    assert bundle.identity()["classes_sha1"] == hashlib.sha1(b"caf\xe9\nplain").hexdigest()[:12]
+    batch = next(bundle.val.epoch(0))
+    assert batch.targets.tolist() == [0, 1]
+    expected = EvalTransform(32, eval_resize_size(32), draft=False)(str(photo))
+    got = pixels(batch.inputs[:1])[0].permute(1, 2, 0).numpy()
+    assert np.abs(got - expected).max() < 0.01
+    assert next(bundle.train.epoch(0)).inputs.shape == (2, 3, 32, 32)
+
+
+def deny_reading(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    """``folder`` cannot be listed, as a folder without read permission for this user (chmod does
+    not stop root, who runs the tests in CI containers)."""
+    scandir = os.scandir
+
+    def denying(path=".") -> object:  # noqa: ANN001
+        if os.fspath(path) == os.fspath(folder):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", denying)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_an_unreadable_class_folder_is_named_not_taken_for_empty_or_skipped(split: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from zipfls_train.data.image_folder import read_image_folder
+
+    root = write_image_folder(tmp_path / "images")
+    assert [len(files) for files in read_image_folder(root)] == [12, 7]
+    deny_reading(monkeypatch, root / split / "dog")
+    with pytest.raises(DatasetError, match=f"^cannot read folder {re.escape(str(root / split / 'dog'))}: Permission denied"):
+        read_image_folder(root)
+    monkeypatch.undo()
+    deny_reading(monkeypatch, root / "val" / "dog" / "more")  # a subfolder of a class folder
+    with pytest.raises(DatasetError, match=f"^cannot read folder {re.escape(str(root / 'val' / 'dog' / 'more'))}: Permission denied"):
+        read_image_folder(root)
 
 
 def test_a_corrupt_image_on_one_ddp_rank_ends_the_run_with_its_message_alone(tmp_path: Path) -> None:

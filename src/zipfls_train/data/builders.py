@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +45,8 @@ class DataBundle:
         dataset.root (a copy elsewhere is the same data), so a resumed or rerun run compares this."""
         return {
             "num_classes": self.num_classes,
-            "classes_sha1": hashlib.sha1("\n".join(map(str, self.classes)).encode()).hexdigest()[:12],
+            # os.fsencode: a class folder's name may not be UTF-8 (its bytes come back as they are).
+            "classes_sha1": hashlib.sha1(os.fsencode("\n".join(map(str, self.classes)))).hexdigest()[:12],
             "train_size": self.train_size,
             "val_size": self.val_size,
         }

@@ -21,10 +21,22 @@ def is_image_file(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def list_images(folder: str) -> list[str]:
+def list_images(folder: str | os.PathLike) -> list[str]:
     """Sorted names of the image files directly in ``folder``."""
-    with os.scandir(folder) as entries:
-        return sorted(entry.name for entry in entries if entry.is_file() and is_image_file(entry.name))
+    return sorted(entry.name for entry in folder_entries(folder) if entry.is_file() and is_image_file(entry.name))
+
+
+def folder_entries(folder: str | os.PathLike) -> list[os.DirEntry]:
+    """The entries of ``folder``; a folder that cannot be read raises DatasetError naming it."""
+    try:
+        with os.scandir(folder) as entries:
+            return list(entries)
+    except OSError as error:
+        raise unreadable_folder(error) from error
+
+
+def unreadable_folder(error: OSError) -> DatasetError:
+    return DatasetError(f"cannot read folder {error.filename}: {error.strerror or error} (the dataset's folders must be readable)")
 
 
 @dataclass
@@ -58,7 +70,7 @@ class FileList:
         for i, relative in enumerate(relative_paths):
             folder, _, name = relative.replace(os.sep, "/").rpartition("/")
             folder_index[i] = folders.setdefault(folder, len(folders))
-            names.append(name.encode())
+            names.append(os.fsencode(name))  # a file name that is not UTF-8 gets its own bytes back
         return cls(
             root=str(root),
             folders=list(folders),
@@ -72,7 +84,7 @@ class FileList:
         return len(self.names)
 
     def path(self, index: int) -> str:
-        return os.path.join(self.root, self.folders[self.folder_index[index]], self.names[index].decode())
+        return os.path.join(self.root, self.folders[self.folder_index[index]], os.fsdecode(self.names[index]))
 
     def take(self, index: np.ndarray, classes: list[str] | None = None) -> "FileList":
         return FileList(self.root, self.folders, self.folder_index[index], self.names[index], self.targets[index],

@@ -566,8 +566,10 @@ def build_transforms(cfg: Mapping[str, Any], draft: bool = True) -> tuple[Callab
     return train, evaluate
 
 
-def build_file_bundle(cfg: Mapping[str, Any], options: LoaderOptions, train_files: FileList, val_files: FileList):  # noqa: ANN201
-    """Subsets, class-count check and the two loaders: the common tail of every file dataset builder."""
+def build_file_bundle(cfg: Mapping[str, Any], options: LoaderOptions, train_files: FileList, val_files: FileList,
+                      resolved: dict[str, Any] | None = None):  # noqa: ANN201
+    """Subsets, class-count check and the two loaders: the common tail of every file dataset builder.
+    ``resolved``: the config values the builder resolved from what it found (``DataBundle.resolved``)."""
     from .builders import DataBundle  # builders imports this module's users lazily; avoid a cycle
 
     check_class_count(cfg, len(train_files.classes))  # the whole dataset's, before the subset
@@ -582,4 +584,5 @@ def build_file_bundle(cfg: Mapping[str, Any], options: LoaderOptions, train_file
         train_size=len(train_files),
         val_size=len(val_files),
         classes=train_files.classes,
+        resolved=dict(resolved or {}),
     )

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .file_list import IMAGE_EXTENSIONS, FileList, list_images
+from .file_list import IMAGE_EXTENSIONS, FileList, folder_entries, list_images, unreadable_folder
 from .file_loader import build_file_bundle
 from .images import DatasetError, missing_dataset_error
 from .tensor_loader import LoaderOptions
@@ -28,8 +28,7 @@ HOW_TO_GET = "sort your images into that layout; any of " + ", ".join(IMAGE_EXTE
 
 def read_classes(base: Path) -> list[str]:
     """The class folders of ``base/train``, sorted (ImageFolder's order)."""
-    with os.scandir(base / "train") as entries:
-        classes = sorted(entry.name for entry in entries if entry.is_dir())
+    classes = sorted(entry.name for entry in folder_entries(base / "train") if entry.is_dir())
     if not classes:
         raise DatasetError(f"no class folders in {base / 'train'}; expected train/<class>/<image files>")
     return classes
@@ -39,8 +38,7 @@ def read_class_folders(base: Path, split: str, classes: list[str]) -> FileList:
     """``<split>/<class>/*`` for every class that has a folder there (train: every class)."""
     index_of = {name: i for i, name in enumerate(classes)}
     folder = base / split
-    with os.scandir(folder) as entries:
-        present = sorted(entry.name for entry in entries if entry.is_dir())
+    present = sorted(entry.name for entry in folder_entries(folder) if entry.is_dir())
     unknown = [name for name in present if name not in index_of]
     if unknown:
         raise DatasetError(f"{folder} has class folders not in train/: {unknown[:5]} ({len(unknown)} in all)")
@@ -58,11 +56,16 @@ def images_under(folder: Path) -> list[str]:
     """Image files in ``folder`` and its subfolders (as ImageFolder finds them), as sorted paths
     relative to it."""
     found = []
-    for directory, subfolders, _ in os.walk(folder):
+    # os.walk skips a folder it cannot read unless told otherwise: a class would lose its images.
+    for directory, subfolders, _ in os.walk(folder, onerror=_raise_unreadable):
         subfolders.sort()
         prefix = os.path.relpath(directory, folder)
         found += [name if prefix == "." else f"{prefix}/{name}" for name in list_images(directory)]
     return sorted(found)
+
+
+def _raise_unreadable(error: OSError) -> None:
+    raise unreadable_folder(error) from error
 
 
 def read_image_folder(root: Path) -> tuple[FileList, FileList]:

@@ -22,12 +22,11 @@ Class index = position of the wnid in sorted order (ImageFolder's order), 1000 c
 from __future__ import annotations
 
 import csv
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .file_list import FileList, is_image_file, list_images
+from .file_list import FileList, folder_entries, is_image_file, list_images
 from .file_loader import build_file_bundle
 from .image_folder import read_class_folders, read_classes
 from .images import DatasetError, missing_dataset_error
@@ -126,19 +125,19 @@ def read_flat_val(root: Path, base: Path, wnids: list[str], configured: str | No
     return FileList.from_paths(str(base), [f"val/{name}" for name in names], targets, wnids)
 
 
-def val_is_flat(base: Path, requested: str) -> bool:
-    """``format``: auto (class folders in val/ if any, else flat + ground truth) | folders | flat."""
+def find_format(base: Path, requested: str) -> str:
+    """``folders`` or ``flat``: what ``format`` (auto: class folders in val/ if any, else flat +
+    ground truth | folders | flat) resolves to for ``base/val``."""
     if requested not in ("auto", "folders", "flat"):
         raise DatasetError(f"dataset.format must be auto, folders or flat for imagenet, got {requested!r}")
     if requested != "auto":
-        return requested == "flat"
-    with os.scandir(base / "val") as entries:
-        for entry in entries:
-            if entry.is_dir():
-                return False
-            if entry.is_file() and is_image_file(entry.name):
-                return True
-    return False
+        return requested
+    for entry in folder_entries(base / "val"):
+        if entry.is_dir():
+            return "folders"
+        if entry.is_file() and is_image_file(entry.name):
+            return "flat"
+    return "folders"
 
 
 def read_imagenet(root: Path, requested_format: str = "auto", val_labels: str | None = None) -> tuple[FileList, FileList]:
@@ -146,7 +145,7 @@ def read_imagenet(root: Path, requested_format: str = "auto", val_labels: str | 
     base = find_base(root)
     wnids = read_classes(base)
     train = read_class_folders(base, "train", wnids)
-    if val_is_flat(base, requested_format):
+    if find_format(base, requested_format) == "flat":
         val = read_flat_val(root, base, wnids, val_labels)
     else:
         val = read_class_folders(base, "val", wnids)
@@ -156,5 +155,7 @@ def read_imagenet(root: Path, requested_format: str = "auto", val_labels: str | 
 
 
 def build_imagenet(cfg: Mapping[str, Any], options: LoaderOptions):  # noqa: ANN201 - DataBundle
-    train, val = read_imagenet(Path(cfg["root"]), str(cfg.get("format", "auto")), cfg.get("val_labels"))
-    return build_file_bundle(cfg, options, train, val)
+    root = Path(cfg["root"])
+    found = find_format(find_base(root), str(cfg.get("format", "auto")))
+    train, val = read_imagenet(root, found, cfg.get("val_labels"))
+    return build_file_bundle(cfg, options, train, val, resolved={"format": found})

@@ -14,8 +14,9 @@ val.tar.gz -> ``val/``, train_mini.json.tar.gz -> ``train_mini.json``, val.json.
 ``dataset.train_split`` picks ``train_mini`` (the paper's) or ``train`` (the full 2.7 M images).
 Labels come from the json (``category_id``); class index = position of the category id in sorted
 order, which for the 2021 release is the id itself (0..9999) and also the number that prefixes each
-class folder. Without the json files (``format: auto`` falls back, ``format: folders`` forces it),
-labels are read from the folder-name prefixes the same way, so both sources agree.
+class folder. Without the json files (``format: auto`` falls back when neither is there: one alone
+is refused; ``format: folders`` forces it), labels are read from the folder-name prefixes the same
+way, so both sources agree.
 (torchvision's ``INaturalist`` wants the archives renamed to ``2021_train_mini/`` and ignores the
 json, so it is not used.)
 """
@@ -23,13 +24,12 @@ json, so it is not used.)
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .file_list import FileList, list_images
+from .file_list import IMAGE_EXTENSIONS, FileList, folder_entries, list_images
 from .file_loader import build_file_bundle
 from .images import DatasetError, missing_dataset_error
 from .tensor_loader import LoaderOptions
@@ -40,8 +40,8 @@ BASE_URL = "https://ml-inat-competition-datasets.s3.amazonaws.com/2021"
 
 LAYOUT = """  <root>/train_mini/<NNNNN>_<kingdom>_..._<species>/<uuid>.jpg   (10,000 class folders)
   <root>/val/<NNNNN>_<kingdom>_..._<species>/<uuid>.jpg
-  <root>/train_mini.json and <root>/val.json (COCO-style labels; optional: without them the
-  folder-name prefix NNNNN is the label)"""
+  <root>/train_mini.json and <root>/val.json (COCO-style labels; optional, both or neither: without
+  them the folder-name prefix NNNNN is the label)"""
 HOW_TO_GET = (
     f"download {BASE_URL}/train_mini.tar.gz, {BASE_URL}/val.tar.gz, {BASE_URL}/train_mini.json.tar.gz and "
     f"{BASE_URL}/val.json.tar.gz (https://github.com/visipedia/inat_comp/tree/master/2021) and extract them in the root folder"
@@ -86,14 +86,13 @@ def read_json_split(root: Path, split: str, reference: FileList | None = None, r
 
 def _class_folders(folder: Path) -> dict[int, str]:
     found: dict[int, str] = {}
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            match = FOLDER_PATTERN.match(entry.name)
-            if entry.is_dir() and match:
-                number = int(match.group(1))
-                if number in found:
-                    raise DatasetError(f"{folder}: two class folders share the number {number}: {found[number]}, {entry.name}")
-                found[number] = entry.name
+    for entry in folder_entries(folder):
+        match = FOLDER_PATTERN.match(entry.name)
+        if entry.is_dir() and match:
+            number = int(match.group(1))
+            if number in found:
+                raise DatasetError(f"{folder}: two class folders share the number {number}: {found[number]}, {entry.name}")
+            found[number] = entry.name
     return found
 
 
@@ -112,26 +111,42 @@ def read_folder_split(root: Path, split: str, reference: FileList | None = None,
     paths, targets = [], []
     for number in sorted(found):
         names = list_images(str(folder / found[number]))
+        if not names and reference is None:  # the train split's (as ImageNet's: val may lack a class)
+            raise DatasetError(f"empty class folder {folder / found[number]}: expected image files ({', '.join(IMAGE_EXTENSIONS)})")
         paths += [f"{split}/{found[number]}/{name}" for name in names]
         targets += [label_of[number]] * len(names)
     names = [found[i] for i in ids] if reference is None else reference.classes
     return FileList.from_paths(str(root), paths, targets, names), ids
 
 
-def read_inat21(root: Path, train_split: str = "train_mini", requested_format: str = "auto") -> tuple[FileList, FileList]:
+def find_format(root: Path, train_split: str, requested: str) -> str:
+    """``json`` or ``folders``: where the labels come from, as ``format`` (auto | json | folders)
+    resolves under ``root``."""
     if train_split not in TRAIN_SPLITS:
         raise DatasetError(f"dataset.train_split must be one of {list(TRAIN_SPLITS)}, got {train_split!r}")
-    if requested_format not in ("auto", "json", "folders"):
-        raise DatasetError(f"dataset.format must be auto, json or folders for inat21, got {requested_format!r}")
-    has_json = (root / f"{train_split}.json").is_file() and (root / "val.json").is_file()
-    has_folders = (root / train_split).is_dir() and (root / "val").is_dir()
-    if requested_format == "json" or (requested_format == "auto" and has_json):
-        if not has_json:
+    if requested not in ("auto", "json", "folders"):
+        raise DatasetError(f"dataset.format must be auto, json or folders for inat21, got {requested!r}")
+    if requested != "auto":
+        return requested
+    train_json, val_json = root / f"{train_split}.json", root / "val.json"
+    if train_json.is_file() != val_json.is_file():
+        found, absent = (train_json, val_json) if train_json.is_file() else (val_json, train_json)
+        raise DatasetError(
+            f"{found} is there but {absent} is not: labels from the json files need both (extract "
+            f"{BASE_URL}/{absent.name}.tar.gz in {root}), or set dataset.format=folders to read the labels "
+            "from the class folders' numbers"
+        )
+    return "json" if train_json.is_file() else "folders"
+
+
+def read_inat21(root: Path, train_split: str = "train_mini", requested_format: str = "auto") -> tuple[FileList, FileList]:
+    if find_format(root, train_split, requested_format) == "json":
+        if not ((root / f"{train_split}.json").is_file() and (root / "val.json").is_file()):
             raise missing_dataset_error(f"INAT21 {train_split}.json / val.json", root, LAYOUT, HOW_TO_GET)
         train, ids = read_json_split(root, train_split)
         val, _ = read_json_split(root, "val", train, ids)
         return train, val
-    if not has_folders:
+    if not ((root / train_split).is_dir() and (root / "val").is_dir()):
         raise missing_dataset_error("INAT21", root, LAYOUT, HOW_TO_GET)
     train, ids = read_folder_split(root, train_split)
     val, _ = read_folder_split(root, "val", train, ids)
@@ -139,5 +154,7 @@ def read_inat21(root: Path, train_split: str = "train_mini", requested_format: s
 
 
 def build_inat21(cfg: Mapping[str, Any], options: LoaderOptions):  # noqa: ANN201 - DataBundle
-    train, val = read_inat21(Path(cfg["root"]), str(cfg.get("train_split", "train_mini")), str(cfg.get("format", "auto")))
-    return build_file_bundle(cfg, options, train, val)
+    root, train_split = Path(cfg["root"]), str(cfg.get("train_split", "train_mini"))
+    found = find_format(root, train_split, str(cfg.get("format", "auto")))
+    train, val = read_inat21(root, train_split, found)
+    return build_file_bundle(cfg, options, train, val, resolved={"format": found})

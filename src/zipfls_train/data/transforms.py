@@ -75,13 +75,20 @@ def random_resized_crop_box(
     return (width - w) // 2, (height - h) // 2, w, h
 
 
+def unreadable_image(path: str, error: Exception) -> DatasetError:
+    """The error for an image that is gone or cannot be decoded. Deleting the file is the obvious
+    fix but changes the data (its image count), which a run started on it then refuses to resume."""
+    keep = "a run resumes only on the data it started on, so removing an image means starting over (a new run folder, or trainer.resume=never)"
+    if isinstance(error, FileNotFoundError):
+        return DatasetError(f"image file missing: {path}; put a readable image back there: {keep}")
+    return DatasetError(f"cannot decode image {path}: {error}; replace the file with a readable image rather than delete it: {keep}")
+
+
 def _open(path: str) -> Image.Image:
     try:
         return Image.open(path)
-    except FileNotFoundError as error:
-        raise DatasetError(f"image file missing: {path}") from error
     except DECODE_ERRORS as error:
-        raise DatasetError(f"cannot decode image {path}: {error}") from error
+        raise unreadable_image(path, error) from error
 
 
 def _draft(image: Image.Image, reduction: float) -> float:
@@ -176,7 +183,7 @@ def _resize_region(image: Image.Image, path: str, size: int, box: tuple[float, f
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return np.asarray(out)
     except DECODE_ERRORS as error:
-        raise DatasetError(f"cannot decode image {path}: {error}") from error
+        raise unreadable_image(path, error) from error
 
 
 def transform_region(path: str, transform: TrainTransform | EvalTransform, box: tuple[float, float, float, float], flip: bool) -> np.ndarray:
@@ -197,7 +204,7 @@ def read_for_device_decode(path: str, transform: TrainTransform | EvalTransform,
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as error:
-        raise DatasetError(f"cannot read image {path}: {error}") from error
+        raise unreadable_image(path, error) from error
     if not _has_end_marker(data):
         # nvjpeg decodes a truncated file without an error (grey where data is missing); PIL raises.
         return None, plan, transform_region(path, transform, *plan)
