@@ -44,6 +44,9 @@ from zipfls_train.losses.ls import LabelSmoothing
         ("sched.warmup_epochs=-1", r"sched.warmup_epochs must be >= 0"),  # (trained with a negative lr)
         ("loss=tfkd loss.temperature=abc", r"loss.temperature must be a number > 0, got 'abc'"),
         ("loss=tfkd loss.multiplier=-1", r"loss.multiplier must be > 0 and finite, got -1"),
+        # (range checks that compared first: "'<=' not supported between instances of 'float' and 'str'")
+        ("loss=ls loss.epsilon=abc", r"^loss.epsilon must be a number in \[0, 1\), got 'abc'$"),
+        ("loss=tfkd loss.correct_prob=abc", r"^loss.correct_prob must be a number in \(0, 1\), got 'abc'$"),
         ("tag=_a/b", r"tag='_a/b' names a part of the run folder and must not contain a path separator"),
         # on/off keys: a word is refused (bool("no") is True: it would switch the option on)
         ("trainer.deterministic=yes", r"trainer.deterministic must be true or false, got 'yes'"),
