@@ -48,6 +48,8 @@ from zipfls_train.losses.ls import LabelSmoothing
         ("loss=ls loss.epsilon=abc", r"^loss.epsilon must be a number in \[0, 1\), got 'abc'$"),
         ("loss=tfkd loss.correct_prob=abc", r"^loss.correct_prob must be a number in \(0, 1\), got 'abc'$"),
         ("loss=pskd loss.memory=topk loss.topk=2.5", r"^loss.topk \(classes kept per sample\) must be an integer, got 2.5$"),  # (was truncated to 2)
+        # (a virtual teacher that favours the wrong classes: 0.05 < each other class's 0.95 / 9)
+        ("loss=tfkd loss.correct_prob=0.05 dataset.num_classes_subset=10", r"^loss.correct_prob must be > 1/10 .*got 0.05$"),
         ("tag=_a/b", r"tag='_a/b' names a part of the run folder and must not contain a path separator"),
         # on/off keys: a word is refused (bool("no") is True: it would switch the option on)
         ("trainer.deterministic=yes", r"trainer.deterministic must be true or false, got 'yes'"),

@@ -62,6 +62,13 @@ class TeacherFreeKD(Method):
         correct_prob = as_number("correct_prob", correct_prob, "in (0, 1)")
         if not 0.0 < correct_prob < 1.0:
             raise ValueError(f"loss.correct_prob must be in (0, 1), got {correct_prob}")
+        # At or below 1/C the virtual teacher's correct class is no more likely than each other
+        # class, (1 - correct_prob) / (C - 1): it teaches the wrong classes.
+        if correct_prob <= 1.0 / num_classes:
+            raise ValueError(
+                f"loss.correct_prob must be > 1/{num_classes} (1 / the number of classes), so that the virtual "
+                f"teacher's correct class is more likely than each other class; got {correct_prob}"
+            )
         self.num_classes = num_classes
         self.alpha = fraction("alpha", alpha)
         self.temperature = positive("temperature", temperature)
