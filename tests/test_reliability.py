@@ -82,6 +82,31 @@ def test_global_batch_not_divisible_by_processes_is_rejected():
         validate_config(compose(["trainer.batch_size=127", "trainer.devices=2"]))
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        # (a KeyError traceback when the model was built, after the run folder was made)
+        (["loss.stages=[final,stage9]"], r"^loss.stages=\['final', 'stage9'\]: unknown feature stage 'stage9'; expected 'final', "
+                                          r"'penultimate' or one of \['stage1', 'stage2', 'stage3', 'stage4'\] \(model=cifar_resnet18\)$"),
+        # cifar_resnet18 has 4 stages: stage4 is the final map (it trained, the final map voting twice)
+        (["loss.stages=[final,stage4]"], r"^loss.stages=\['final', 'stage4'\]: 'final' and 'stage4' are the same map of "
+                                          r"model=cifar_resnet18 \(stage4 of its 4 stages\), whose votes would count twice"),
+        (["loss.stages=[final,penultimate,stage3]"], r"'penultimate' and 'stage3' are the same map of model=cifar_resnet18 \(stage3 of"),
+        # MobileNetV2 has 5 (its conv_head is the last): stage6 is none, stage4 is not the final map
+        (["model=mobilenetv2", "loss.stages=[final,stage6]"], r"unknown feature stage 'stage6'; .*'stage5'\] \(model=mobilenetv2\)$"),
+    ],
+)
+def test_stages_a_method_reads_are_checked_against_the_model(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        validate_config(compose(["trainer.device=cpu", *overrides]))
+    assert re.search(message, one_line_user_error(error.value))
+
+
+def test_distinct_stages_of_the_model_pass():
+    for overrides in (["loss=zipf_dense2"], ["loss.stages=[final,stage3]"], ["loss=byot"], ["model=mobilenetv2", "loss.stages=[final,stage4]"]):
+        validate_config(compose(["trainer.device=cpu", *overrides]))
+
+
 def test_bad_zipf_option_value_names_the_key():
     with pytest.raises(ValueError, match="loss.distribution"):
         validate_config(compose(["loss.distribution=gaussian"]))
