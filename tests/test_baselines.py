@@ -112,6 +112,20 @@ def test_tfkd_hand_value_one_sample():
     assert close(terms["loss"], 0.7 * ce + 0.3 * 5.0 * kl_sum / 3)
 
 
+def test_tfkd_refuses_a_teacher_whose_correct_class_is_not_its_most_likely():
+    """correct_prob = 1/C makes the virtual teacher uniform (1/C on every class); below it the target
+    is the least likely class. Both are refused, naming C; just above 1/C the target leads."""
+    from zipfls_train.losses.tfkd import virtual_teacher
+
+    uniform = virtual_teacher(torch.tensor([2]), 4, 0.25, 1.0)
+    assert torch.allclose(uniform, torch.full((1, 4), 0.25))
+    for correct_prob in (0.25, 0.1):
+        with pytest.raises(ValueError, match=rf"^loss.correct_prob must be > 1/4 .*got {correct_prob}$"):
+            build_method({"name": "tfkd", "correct_prob": correct_prob}, 4)
+    method = build_method({"name": "tfkd", "correct_prob": 0.26}, 4)
+    assert virtual_teacher(torch.tensor([2]), 4, method.correct_prob, 1.0).argmax().item() == 2
+
+
 @pytest.mark.parametrize("reduction", ["mean", "batchmean"])
 def test_tfkd_matches_float64_reference(reduction):
     torch.manual_seed(0)

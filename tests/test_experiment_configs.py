@@ -186,12 +186,31 @@ def test_zipf_variants_keep_the_method_name():
         "zipf_linear_decay": {"distribution": "linear_decay"},
         "zipf_random_uniform": {"distribution": "random_uniform"},
         "zipf_random_pareto": {"distribution": "random_pareto"},
+        **{
+            f"zipf_dense2_{shape}": {"rank_by": "dense", "stages": ["final", "penultimate"], "distribution": shape}
+            for shape in ("constant", "linear_decay", "random_uniform", "random_pareto")
+        },
     }
     require_files([CONFIG_DIR / "loss" / "zipf.yaml"])
     reference = OmegaConf.to_container(compose(["loss=zipf"]).loss, resolve=True)
     for option, changes in expected.items():
         loss = OmegaConf.to_container(compose([f"loss={option}"]).loss, resolve=True)
         assert loss == {**reference, **changes}, option
+
+
+def test_table6_tinyimagenet_distribution_rows_differ_from_the_zipf_row_in_the_distribution_alone():
+    """Sec. 4.4 compares soft-label distributions: every Zipf's LS run of the sweep has the Zipf row's
+    options (Dense2: final + penultimate votes, the auxiliary head) but loss.distribution. (The other
+    distributions ran with the final stage's votes, and without the auxiliary head's CE.)"""
+    name = "table6_tinyimagenet_resnet18"
+    losses = {}
+    for overrides in sweep_points(name):
+        loss = OmegaConf.to_container(compose([f"experiment={name}", *overrides]).loss, resolve=True)
+        if loss["name"] == "zipf":
+            losses[loss.pop("distribution")] = loss
+    assert sorted(losses) == sorted(["zipf", "constant", "linear_decay", "random_uniform", "random_pareto"])
+    assert losses["zipf"]["stages"] == ["final", "penultimate"] and losses["zipf"]["rank_by"] == "dense"
+    assert all(loss == losses["zipf"] for loss in losses.values()), losses
 
 
 def test_long_sweep_folder_names_keep_the_swept_values_and_stay_unique():

@@ -121,6 +121,24 @@ def test_aux_head_on_penultimate_stage_and_num_classes() -> None:
     assert model.aux_heads["penultimate"].fc.in_features == 256
 
 
+@torch.no_grad()
+def test_densenet_penultimate_head_normalises_its_map_as_the_cifar_densenet_does() -> None:
+    """timm's denseblock3 output is raw concatenated convolutions (strongly negative values after MSRA
+    init): Dense2's head (and its votes) classify ReLU(BN(map)), as on the CIFAR DenseNet and in the
+    paper's released code; the ResNets' post-ReLU stage outputs are classified as they are."""
+    torch.manual_seed(0)
+    inputs = torch.randn(2, 3, 64, 64)
+    densenet = build_model("densenet121", 10, aux_stages=("penultimate",)).train()
+    raw = densenet.backbone.forward_stages(inputs)[-2]
+    assert float(raw.min()) < -1.0  # (what the head used to pool and classify)
+    seen = densenet(inputs, features=("penultimate",), aux=True).features["penultimate"]
+    assert isinstance(densenet.aux_heads["penultimate"].norm[0], nn.BatchNorm2d)
+    assert float(seen.min()) >= 0.0 and seen.shape == raw.shape
+    for cifar_like in ("cifar_densenet121", "densenet121"):
+        assert build_model(cifar_like, 10).backbone.aux_heads_normalise is True
+    assert isinstance(build_model("resnet18", 10, aux_stages=("penultimate",)).aux_heads["penultimate"].norm, nn.Identity)
+
+
 @pytest.mark.parametrize(("name", "final_width"), [("densenet121", 1024), ("mobilenetv2", 1280), ("resnet50", 2048)])
 def test_byot_heads_end_at_the_final_stage_width_of_any_backbone(name: str, final_width: int) -> None:
     # BYOT pulls each head's pooled feature towards the final stage's: same width, whether or not

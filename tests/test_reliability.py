@@ -44,6 +44,12 @@ from zipfls_train.losses.ls import LabelSmoothing
         ("sched.warmup_epochs=-1", r"sched.warmup_epochs must be >= 0"),  # (trained with a negative lr)
         ("loss=tfkd loss.temperature=abc", r"loss.temperature must be a number > 0, got 'abc'"),
         ("loss=tfkd loss.multiplier=-1", r"loss.multiplier must be > 0 and finite, got -1"),
+        # (range checks that compared first: "'<=' not supported between instances of 'float' and 'str'")
+        ("loss=ls loss.epsilon=abc", r"^loss.epsilon must be a number in \[0, 1\), got 'abc'$"),
+        ("loss=tfkd loss.correct_prob=abc", r"^loss.correct_prob must be a number in \(0, 1\), got 'abc'$"),
+        ("loss=pskd loss.memory=topk loss.topk=2.5", r"^loss.topk \(classes kept per sample\) must be an integer, got 2.5$"),  # (was truncated to 2)
+        # (a virtual teacher that favours the wrong classes: 0.05 < each other class's 0.95 / 9)
+        ("loss=tfkd loss.correct_prob=0.05 dataset.num_classes_subset=10", r"^loss.correct_prob must be > 1/10 .*got 0.05$"),
         ("tag=_a/b", r"tag='_a/b' names a part of the run folder and must not contain a path separator"),
         # on/off keys: a word is refused (bool("no") is True: it would switch the option on)
         ("trainer.deterministic=yes", r"trainer.deterministic must be true or false, got 'yes'"),
@@ -74,6 +80,31 @@ def test_fp16_on_the_cpu_warns_that_it_is_slow():
 def test_global_batch_not_divisible_by_processes_is_rejected():
     with pytest.raises(ConfigError, match=r"trainer.batch_size=127 \(the global batch\) must be divisible by the number of processes \(2\)"):
         validate_config(compose(["trainer.batch_size=127", "trainer.devices=2"]))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        # (a KeyError traceback when the model was built, after the run folder was made)
+        (["loss.stages=[final,stage9]"], r"^loss.stages=\['final', 'stage9'\]: unknown feature stage 'stage9'; expected 'final', "
+                                          r"'penultimate' or one of \['stage1', 'stage2', 'stage3', 'stage4'\] \(model=cifar_resnet18\)$"),
+        # cifar_resnet18 has 4 stages: stage4 is the final map (it trained, the final map voting twice)
+        (["loss.stages=[final,stage4]"], r"^loss.stages=\['final', 'stage4'\]: 'final' and 'stage4' are the same map of "
+                                          r"model=cifar_resnet18 \(stage4 of its 4 stages\), whose votes would count twice"),
+        (["loss.stages=[final,penultimate,stage3]"], r"'penultimate' and 'stage3' are the same map of model=cifar_resnet18 \(stage3 of"),
+        # MobileNetV2 has 5 (its conv_head is the last): stage6 is none, stage4 is not the final map
+        (["model=mobilenetv2", "loss.stages=[final,stage6]"], r"unknown feature stage 'stage6'; .*'stage5'\] \(model=mobilenetv2\)$"),
+    ],
+)
+def test_stages_a_method_reads_are_checked_against_the_model(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        validate_config(compose(["trainer.device=cpu", *overrides]))
+    assert re.search(message, one_line_user_error(error.value))
+
+
+def test_distinct_stages_of_the_model_pass():
+    for overrides in (["loss=zipf_dense2"], ["loss.stages=[final,stage3]"], ["loss=byot"], ["model=mobilenetv2", "loss.stages=[final,stage4]"]):
+        validate_config(compose(["trainer.device=cpu", *overrides]))
 
 
 def test_bad_zipf_option_value_names_the_key():

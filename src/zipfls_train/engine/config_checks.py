@@ -135,6 +135,34 @@ def validate_config(cfg: DictConfig) -> None:
         method.check_run(device)
     except (KeyError, TypeError, ValueError) as error:
         raise ConfigError(_message(error)) from error
+    _check_method_stages(cfg, method.needs)
+
+
+def _check_method_stages(cfg: DictConfig, needs: Any) -> None:
+    """The stages a method reads (Zipf's loss.stages, BYOT's heads) exist in the model and are
+    different maps: an unknown one failed when the model was built, after the run folder was made,
+    and one that is the final map under another name (stage4 of cifar_resnet18) counted the final
+    map's votes twice through an extra head."""
+    stages = list(dict.fromkeys([*needs.feature_stages, *needs.aux_stages]))
+    if not stages:
+        return
+    from ..models import stage_positions
+
+    name = str(cfg.model.name)
+    options = cfg.model.get("options")
+    options = OmegaConf.to_container(options, resolve=True) if options is not None else {}
+    where = f"loss.stages={stages}" if "stages" in cfg.loss else f"loss={cfg.loss.name} reads the stages {stages}, but"
+    try:
+        positions, count = stage_positions(name, stages, **options)
+    except KeyError as error:
+        raise ConfigError(f"{where}: {_message(error)} (model={name})") from None
+    for stage, position in positions.items():
+        same = [other for other, other_position in positions.items() if other_position == position]
+        if len(same) > 1:
+            raise ConfigError(
+                f"{where}: {' and '.join(repr(s) for s in same)} are the same map of model={name} (stage{position + 1} "
+                f"of its {count} stages), whose votes would count twice; list each map once"
+            )
 
 
 def _missing_interpolation(cfg: DictConfig, error: InterpolationKeyError) -> str:

@@ -112,22 +112,24 @@ def check_terms(terms: object, loss_name: str) -> None:
 
 # Option checks shared by the methods' constructors: each names the config key (loss.<name>) and what
 # was expected, and returns the value as the type the method stores.
-def _number(name: str, value: object, wanted: str) -> float:
-    """``value`` as a float, or a ValueError naming the key (a string or a bool is not a number)."""
+def as_number(name: str, value: object, wanted: str) -> float:
+    """``value`` as a float, or a ValueError naming the key (a string or a bool is not a number).
+    Every range check of an option goes through it first: comparing a string raised Python's
+    "'<=' not supported between instances of 'float' and 'str'", naming no key."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"loss.{name} must be a number {wanted}, got {value!r}")
     return float(value)
 
 
 def positive(name: str, value: float) -> float:
-    number = _number(name, value, "> 0")
+    number = as_number(name, value, "> 0")
     if not 0 < number < math.inf:
         raise ValueError(f"loss.{name} must be > 0 and finite, got {value}")
     return number
 
 
 def non_negative(name: str, value: float) -> float:
-    number = _number(name, value, ">= 0")
+    number = as_number(name, value, ">= 0")
     if not 0 <= number < math.inf:
         raise ValueError(f"loss.{name} must be >= 0 and finite, got {value}")
     return number
@@ -141,7 +143,7 @@ def switch(name: str, value: bool) -> bool:
 
 
 def fraction(name: str, value: float) -> float:
-    number = _number(name, value, "in [0, 1]")
+    number = as_number(name, value, "in [0, 1]")
     if not 0.0 <= number <= 1.0:
         raise ValueError(f"loss.{name} must be in [0, 1], got {value}")
     return number

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..data.batch import Batch
 from ..models.outputs import ModelOutput
-from .base import Method
+from .base import Method, as_number
 
 
 def smoothed_targets(targets: Tensor, num_classes: int, epsilon: float) -> Tensor:
@@ -29,10 +29,11 @@ def label_smoothing_loss(logits: Tensor, targets: Tensor, epsilon: float) -> Ten
 class LabelSmoothing(Method):
     def __init__(self, num_classes: int, epsilon: float = 0.1) -> None:
         super().__init__()
+        epsilon = as_number("epsilon", epsilon, "in [0, 1)")
         if not 0.0 <= epsilon < 1.0:
             raise ValueError(f"loss.epsilon must be in [0, 1), got {epsilon}")
         self.num_classes = num_classes
-        self.epsilon = float(epsilon)
+        self.epsilon = epsilon
 
     def loss_terms(self, outputs: ModelOutput, batch: Batch, model: nn.Module) -> dict[str, Tensor]:
         loss = label_smoothing_loss(outputs.logits, batch.targets, self.epsilon)

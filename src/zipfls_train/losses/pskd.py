@@ -94,12 +94,14 @@ class ProgressiveSelfKD(Method):
         fraction("final_alpha", final_alpha)
         one_of("memory", memory, MEMORY_KINDS)
         one_of("memory_dtype", memory_dtype, ("auto", *MEMORY_DTYPES))
+        if isinstance(topk, bool) or not isinstance(topk, int):  # (2.5 was truncated to 2)
+            raise ValueError(f"loss.topk (classes kept per sample) must be an integer, got {topk!r}")
         if memory == "topk" and not 1 <= topk <= num_classes:
             raise ValueError(f"loss.topk must be in [1, {num_classes}] (the number of classes), got {topk}")
         self.num_classes = num_classes
         self.final_alpha = float(final_alpha)
         self.memory_kind = memory
-        self.topk = int(topk)
+        self.topk = topk
         self.memory_dtype = memory_dtype
         self.dtype = MEMORY_DTYPES.get(memory_dtype, torch.float32)  # auto: final once setup knows N
         self.alpha = 0.0

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..data.batch import Batch
 from ..models.outputs import ModelOutput
-from .base import Method, fraction, one_of, positive
+from .base import Method, as_number, fraction, one_of, positive
 from .ce import cross_entropy
 
 REDUCTIONS = ("mean", "batchmean")
@@ -59,13 +59,21 @@ class TeacherFreeKD(Method):
         reduction: str = "mean",
     ) -> None:
         super().__init__()
+        correct_prob = as_number("correct_prob", correct_prob, "in (0, 1)")
         if not 0.0 < correct_prob < 1.0:
             raise ValueError(f"loss.correct_prob must be in (0, 1), got {correct_prob}")
+        # At or below 1/C the virtual teacher's correct class is no more likely than each other
+        # class, (1 - correct_prob) / (C - 1): it teaches the wrong classes.
+        if correct_prob <= 1.0 / num_classes:
+            raise ValueError(
+                f"loss.correct_prob must be > 1/{num_classes} (1 / the number of classes), so that the virtual "
+                f"teacher's correct class is more likely than each other class; got {correct_prob}"
+            )
         self.num_classes = num_classes
         self.alpha = fraction("alpha", alpha)
         self.temperature = positive("temperature", temperature)
         self.multiplier = positive("multiplier", multiplier)
-        self.correct_prob = float(correct_prob)
+        self.correct_prob = correct_prob
         self.reduction = one_of("reduction", reduction, REDUCTIONS)
 
     def loss_terms(self, outputs: ModelOutput, batch: Batch, model: nn.Module) -> dict[str, Tensor]:

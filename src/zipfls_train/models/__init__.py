@@ -13,7 +13,7 @@ from .cifar_densenet import cifar_densenet121
 from .cifar_resnet import check_options as check_cifar_resnet_options
 from .cifar_resnet import cifar_resnet18
 from .outputs import ModelOutput
-from .wrapper import ClassifierWrapper, count_parameters, unwrap
+from .wrapper import ClassifierWrapper, count_parameters, stage_index, unwrap
 
 # name -> builder of a backbone (see wrapper.py for the backbone contract). Builders take keyword
 # options from the model config (e.g. ``width``).
@@ -92,6 +92,15 @@ def build_model(
     return ClassifierWrapper(backbone, num_classes, aux_stages=aux_stages, aux_head=aux_head)
 
 
+def stage_positions(name: str, stages: Sequence[str], **options: Any) -> tuple[dict[str, int], int]:
+    """The 0-based position of each of ``stages`` in model ``name``'s backbone, and its number of
+    stages (the backbone is built on the meta device: no memory, no arithmetic); KeyError naming an
+    unknown stage and the stages the model has."""
+    with torch.device("meta"):
+        count = len(find_backbone(name)(**options).stage_channels)
+    return {stage: stage_index(stage, count) for stage in stages}, count
+
+
 def check_trains_on(
     name: str,
     num_classes: int,
@@ -120,4 +129,4 @@ def check_trains_on(
 
 
 __all__ = ["BACKBONES", "ClassifierWrapper", "ModelOutput", "build_model", "check_model_options", "check_trains_on",
-           "count_parameters", "find_backbone", "register_backbone", "takes_any_option", "unwrap"]
+           "count_parameters", "find_backbone", "register_backbone", "stage_positions", "takes_any_option", "unwrap"]

@@ -12,7 +12,10 @@ what timm's ``forward_features`` returns, i.e. the map the classifier is applied
 
 * ResNet / ResNeXt: layer1 .. layer4 (post-ReLU block outputs; 7 x 7 at 224 px);
 * DenseNet-121: denseblock1 .. denseblock3 (before their transitions, timm's taps) and
-  ``norm5`` = ReLU(BN(denseblock4)) (timm's ``BatchNormAct2d``), 1024 x 7 x 7;
+  ``norm5`` = ReLU(BN(denseblock4)) (timm's ``BatchNormAct2d``), 1024 x 7 x 7. The first three are
+  concatenations of un-normalised convolutions (values down to -2.4e5 after MSRA init), so an
+  auxiliary linear head there (Zipf's Dense2) has its own BN + ReLU, as on the CIFAR DenseNet
+  (``aux_heads_normalise``, :data:`NORMALISED_AUX_HEADS`);
 * MobileNetV2: the last block at strides 4, 8, 16, 32 (24, 32, 96, 320 channels) and
   ReLU6(BN(conv_head)), 1280 x 7 x 7.
 
@@ -73,6 +76,9 @@ CLASSIFIER_INITS: Mapping[str, Callable[[nn.Linear], None]] = {
     "mobilenetv2": _normal_weights_zero_bias,
 }
 
+# Models whose intermediate stage outputs are not normalised: their auxiliary heads apply BN + ReLU first.
+NORMALISED_AUX_HEADS = frozenset({"densenet121"})
+
 # feature_info entries below this stride belong to the stem, not to a stage.
 MIN_STAGE_REDUCTION = 4
 
@@ -80,8 +86,15 @@ MIN_STAGE_REDUCTION = 4
 class TimmBackbone(nn.Module):
     """A timm classifier without its head, exposing its stages to :class:`ClassifierWrapper`."""
 
-    def __init__(self, timm_name: str, init_classifier: Callable[[nn.Linear], None] | None = None, **timm_kwargs: Any) -> None:
+    def __init__(
+        self,
+        timm_name: str,
+        init_classifier: Callable[[nn.Linear], None] | None = None,
+        aux_heads_normalise: bool = False,
+        **timm_kwargs: Any,
+    ) -> None:
         super().__init__()
+        self.aux_heads_normalise = aux_heads_normalise  # read by the wrapper
         if init_classifier is not None:  # the wrapper calls it on the classifier it builds
             self.init_classifier = init_classifier
         # Read by the wrapper, which owns the classifier (timm's head, where drop_rate acts, is removed).
@@ -113,7 +126,7 @@ def _builder(name: str):  # noqa: ANN202
     def build(**options: Any) -> TimmBackbone:
         """Model options from the config (``model.options``) are passed to timm (e.g. drop_path_rate),
         except ``drop_rate``, the dropout before the classifier (see the module docstring)."""
-        return TimmBackbone(timm_name, CLASSIFIER_INITS.get(name), **{**defaults, **options})
+        return TimmBackbone(timm_name, CLASSIFIER_INITS.get(name), name in NORMALISED_AUX_HEADS, **{**defaults, **options})
 
     def check_options(**options: Any) -> None:
         """ValueError naming ``model.options.<key>`` when timm refuses the options: the model is built

@@ -55,6 +55,19 @@ AUX_HEADS: dict[str, AuxHeadFactory] = {
 }
 
 
+def stage_index(name: str, count: int) -> int:
+    """0-based position of the stage ``name`` (``final``, ``penultimate`` or ``stage<i>``, 1-based)
+    in a backbone of ``count`` stages; KeyError naming the stages it has."""
+    stage_names = [f"stage{i + 1}" for i in range(count)]
+    if name == "final":
+        return count - 1
+    if name == "penultimate":
+        return count - 2
+    if name in stage_names:
+        return stage_names.index(name)
+    raise KeyError(f"unknown feature stage {name!r}; expected 'final', 'penultimate' or one of {stage_names}")
+
+
 class ClassifierWrapper(nn.Module):
     def __init__(
         self,
@@ -87,16 +100,7 @@ class ClassifierWrapper(nn.Module):
 
     def stage_index(self, name: str) -> int:
         """Position of a stage: ``final``, ``penultimate`` or ``stage<i>`` (1-based)."""
-        count = len(self.stage_names)
-        if name == "final":
-            return count - 1
-        if name == "penultimate":
-            return count - 2
-        if name in self.stage_names:
-            return self.stage_names.index(name)
-        raise KeyError(
-            f"unknown feature stage {name!r}; expected 'final', 'penultimate' or one of {self.stage_names}"
-        )
+        return stage_index(name, len(self.stage_names))
 
     def stage_channels(self, name: str) -> int:
         return int(self.backbone.stage_channels[self.stage_index(name)])
