@@ -658,28 +658,6 @@ def test_a_method_that_returns_what_the_trainer_cannot_use_is_named(returned, me
         run_tiny("loss=ce", "trainer.max_steps_per_epoch=1", run_dir=tmp_path / "run")
 
 
-def test_an_extra_voting_stage_as_coarse_as_the_final_map_is_warned_before_the_run(tiny_pack_root, tmp_path):
-    """Dense2 reads the penultimate stage for its finer map (twice the final map's resolution on
-    cifar_resnet18). MobileNetV2's penultimate stage (blocks.6, 320 channels) is at the final map's
-    stride, 32 (7 x 7 at 224 px): said at set-up. cifar_resnet18's 8 x 8 beside 4 x 4 is not."""
-    import warnings
-
-    from conftest import compose
-    from zipfls_train.engine.distributed import DistContext
-    from zipfls_train.models import check_trains_on
-
-    assert check_trains_on("mobilenetv2", 10, 224, 2, feature_stages=("final", "penultimate")) == {"final": (7, 7), "penultimate": (7, 7)}
-    base = [item for item in TINY_RUN if not item.startswith("model")]
-    cfg = compose([*base, f"dataset.root={tiny_pack_root}", "model=mobilenetv2", "loss=zipf_dense2", "dataset.image_size=64"])
-    with pytest.warns(UserWarning, match=r"loss=zipf reads the dense penultimate map\(s\) of model=mobilenetv2 at the final map's size, "
-                                         r"2 x 2 at dataset.image_size=64: no finer votes"):
-        Trainer(cfg, DistContext(), tmp_path / "mobilenetv2")
-    cfg = compose([*TINY_RUN, f"dataset.root={tiny_pack_root}", "loss=zipf_dense2"])
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=".*at the final map's size")
-        Trainer(cfg, DistContext(), tmp_path / "cifar_resnet18")
-
-
 def test_a_dense_method_given_a_1x1_map_is_warned_before_the_run(tiny_pack_root, tmp_path):
     """An ImageNet model on 32 px images ends on a 1 x 1 map: it trains, but Zipf's LS then gets one
     vote per image. Said at set-up (the meta-device shape check), not discovered from the results."""

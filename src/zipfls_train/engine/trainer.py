@@ -241,17 +241,6 @@ class Trainer:
                 UserWarning,
                 stacklevel=2,
             )
-        # An extra stage is read for its finer map (the paper's Dense2: twice the final map's resolution).
-        final = sizes.get("final")
-        as_coarse = [stage for stage, hw in sizes.items() if stage != "final" and hw == final]
-        if as_coarse and self.ctx.is_main:
-            warnings.warn(
-                f"loss={self.cfg.loss.name} reads the dense {' and '.join(as_coarse)} map(s) of model={self.cfg.model.name} at "
-                f"the final map's size, {final[0]} x {final[1]} at dataset.image_size={size}: no finer votes than the final "
-                "map's (what an extra stage is for, Dense2)",
-                UserWarning,
-                stacklevel=2,
-            )
 
     def _wrap_for_training(self, model: nn.Module) -> nn.Module:
         return wrap_ddp(model, self.device, bool(self.cfg.trainer.sync_batchnorm)) if self.ctx.enabled else model
