@@ -98,3 +98,12 @@ def _what_root_holds(root: Path, layout: str) -> str:
     if root.name in top_folders:
         held += f"; dataset.root is the folder that holds {root.name}/: dataset.root={root.parent}"
     return held
+
+
+def unreadable_image(path: str, error: Exception) -> DatasetError:
+    """The error for an image that is gone or cannot be decoded. Deleting the file is the obvious
+    fix but changes the data (its image count), which a run started on it then refuses to resume."""
+    keep = "a run resumes only on the data it started on, so removing an image means starting over (a new run folder, or trainer.resume=never)"
+    if isinstance(error, FileNotFoundError):
+        return DatasetError(f"image file missing: {path}; put a readable image back there: {keep}")
+    return DatasetError(f"cannot decode image {path}: {error}; replace the file with a readable image rather than delete it: {keep}")

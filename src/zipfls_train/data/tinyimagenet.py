@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .images import DatasetError, ImageTensors, missing_dataset_error
+from .images import DatasetError, ImageTensors, missing_dataset_error, unreadable_image
 
 TREE_DIR = "tiny-imagenet-200"
 PACK_DIR = "tinyimagenet-32"
@@ -55,10 +55,8 @@ def _load_rgb(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as image:
             return np.asarray(image.convert("RGB"))
-    except FileNotFoundError as error:
-        raise DatasetError(f"image file missing: {path}") from error
-    except (OSError, ValueError) as error:
-        raise DatasetError(f"cannot decode image {path}: {error}") from error
+    except (OSError, ValueError) as error:  # (FileNotFoundError too: called missing)
+        raise unreadable_image(str(path), error) from error
 
 
 def _read_val_annotations(path: Path) -> list[tuple[int, str, str]]:

@@ -34,7 +34,7 @@ from typing import ClassVar
 import numpy as np
 from PIL import Image
 
-from .images import DatasetError
+from .images import DatasetError, unreadable_image
 
 # Errors PIL raises on unreadable, truncated or malformed files.
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -73,15 +73,6 @@ def random_resized_crop_box(
     else:
         w, h = width, height
     return (width - w) // 2, (height - h) // 2, w, h
-
-
-def unreadable_image(path: str, error: Exception) -> DatasetError:
-    """The error for an image that is gone or cannot be decoded. Deleting the file is the obvious
-    fix but changes the data (its image count), which a run started on it then refuses to resume."""
-    keep = "a run resumes only on the data it started on, so removing an image means starting over (a new run folder, or trainer.resume=never)"
-    if isinstance(error, FileNotFoundError):
-        return DatasetError(f"image file missing: {path}; put a readable image back there: {keep}")
-    return DatasetError(f"cannot decode image {path}: {error}; replace the file with a readable image rather than delete it: {keep}")
 
 
 def _open(path: str) -> Image.Image:

@@ -429,7 +429,8 @@ class Trainer:
     def _check_same_config(self, saved: dict[str, Any], path: Path) -> None:
         now = flatten(OmegaConf.to_container(self.cfg, resolve=True))
         before = flatten(saved)
-        # Recorded before the dataset resolved them (runs before 2026-11-27): "auto" matches what it is now.
+        # Recorded before the dataset resolved them (TinyImageNet before 2026-11-27, ImageNet and INAT21 until
+        # then too): "auto" matches what it is now.
         before.update({key: now.get(key) for key in RESOLVED_SINCE if before.get(key) == "auto"})
         differing = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k) and k not in RESUME_TOLERATED)
         if differing:
