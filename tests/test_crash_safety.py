@@ -193,3 +193,21 @@ def test_ctrl_c_while_a_run_sets_up_is_one_line_and_leaves_no_empty_run_folder(t
     assert result.returncode == 130, result.stderr
     assert result.stderr.strip().splitlines() == ["[zipfls-train] stopped at once (SIGINT): nothing was written"], result.stderr
     assert sorted(path.name for path in tmp_path.iterdir()) == ["hook"]
+
+
+def test_an_unreadable_file_in_figure_2_s_pass_after_the_last_epoch_is_reported_as_it_is(run_tiny, tmp_path, monkeypatch):
+    # Every epoch is saved by then: nothing to add, and no "epoch 3/2" to name.
+    original, val_passes = TensorLoader.epoch, {"n": 0}
+
+    def third_val_pass_fails(self, epoch, start_step=0):
+        if not self.train:
+            val_passes["n"] += 1
+            if val_passes["n"] == 3:  # after the evaluations of epochs 1 and 2: the Zipf fit's pass
+                raise DatasetError("cannot decode image /data/val/broken.JPEG: image file is truncated")
+        return original(self, epoch, start_step)
+
+    monkeypatch.setattr(TensorLoader, "epoch", third_val_pass_fails)
+    with pytest.raises(DatasetError) as error:
+        run_tiny(*ARGS, "trainer.zipf_fit_at_end=true", run_dir=tmp_path / "run")
+    assert str(error.value) == "cannot decode image /data/val/broken.JPEG: image file is truncated"
+    assert load_checkpoint(tmp_path / "run/checkpoints/last.pt")["progress"]["epoch"] == 2

@@ -508,7 +508,7 @@ class Trainer:
         ``trainer.checkpoint_every_steps=0``): keep what was trained until then in last.pt, at the
         last whole step, and say so after the loader's message."""
         message = original_message(error)
-        if self.progress.global_step == 0:
+        if self.progress.global_step == 0 or self.progress.epoch >= self.epochs:  # nothing trained, or all saved (Figure 2's pass)
             return message
         # The epoch's running sums hold any NaN of it: check them all (the range named is the epoch's).
         self.save(check_finite_since=self.progress.global_step - self.progress.step_in_epoch)
