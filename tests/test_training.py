@@ -131,6 +131,12 @@ def test_resume_refuses_another_number_of_steps_per_epoch(run_tiny, tmp_path):
         run_tiny("loss=ce", "trainer.epochs=2", "trainer.max_steps_per_epoch=3", run_dir=tmp_path / "run")
 
 
+def test_a_finished_run_asked_for_more_epochs_says_why_it_is_not_extended(run_tiny, tmp_path):
+    run_tiny("loss=ce", "trainer.max_steps_per_epoch=1", run_dir=tmp_path / "run")
+    with pytest.raises(ResumeError, match=r"trainer.epochs: 1 -> 3\)\. A run is not extended in place: its lr schedule .* laid out for trainer.epochs=1"):
+        run_tiny("loss=ce", "trainer.max_steps_per_epoch=1", "trainer.epochs=3", run_dir=tmp_path / "run")
+
+
 def test_resume_refuses_a_checkpoint_of_another_configuration_and_changes_nothing(run_tiny, tmp_path):
     run_tiny("loss=ce", "trainer.max_steps_per_epoch=1", run_dir=tmp_path / "run")
     written = {path: path.read_bytes() for path in (tmp_path / "run").rglob("*") if path.is_file()}

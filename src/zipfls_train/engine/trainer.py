@@ -437,8 +437,12 @@ class Trainer:
             details = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in differing[:8])
             if len(differing) > 8:
                 details += f", and {len(differing) - 8} more"
+            why = ""
+            if "trainer.epochs" in differing:
+                why = (f" A run is not extended in place: its lr schedule (warm-up, milestones) was laid out for "
+                       f"trainer.epochs={before.get('trainer.epochs')}, so a longer run is another run.")
             raise ResumeError(
-                f"{path} was written by a different configuration ({details}). Use another run folder "
+                f"{path} was written by a different configuration ({details}).{why} Use another run folder "
                 "(hydra.run.dir=... or tag=...), or trainer.resume=never to start over in this one."
             )
 
