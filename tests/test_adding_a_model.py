@@ -61,3 +61,35 @@ def test_a_stage_the_new_backbone_lacks_is_refused_naming_its_stages(tinynet, ti
     with pytest.raises(ConfigError, match=r"stage5.*\['stage1', 'stage2', 'stage3', 'stage4'\]"):
         run_training(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+# --- any other timm CNN: model=timm model.name=timm.<architecture> -----------------------------------
+
+TINY_DATA = [override for override in TINY_RUN if not override.startswith("model")]
+
+def test_a_timm_architecture_without_a_config_of_its_own_trains_with_dense2(tiny_pack_root, tmp_path):
+    from zipfls_train.models import build_model
+
+    model = build_model("timm.resnet10t", num_classes=10)
+    # resnet10t's four stages have ResNet-18's widths (timm's model card), the last pooled into the logits.
+    assert model.backbone.stage_channels == [64, 128, 256, 512]
+    out = model.eval()(torch.randn(2, 3, 64, 64), features=["final"])
+    dense = torch.einsum("ndhw,cd->nchw", out.features["final"], model.classifier.weight) + model.classifier.bias[:, None, None]
+    torch.testing.assert_close(dense.mean(dim=(2, 3)), out.logits, rtol=1e-4, atol=1e-5)
+
+    cfg = compose([*TINY_DATA, f"dataset.root={tiny_pack_root}", "model=timm", "model.name=timm.resnet10t", "dataset.image_size=64",
+                   "loss=zipf_dense2", "trainer.epochs=1", "trainer.max_steps_per_epoch=2", "trainer.zipf_fit_at_end=false"])  # fmt: skip
+    summary = run_training(cfg, tmp_path / "run")
+    assert summary["status"] == "finished"
+
+
+@pytest.mark.parametrize(("name", "message"), [
+    ("timm.efficentnet_b0", r"model.name='timm.efficentnet_b0': timm has no architecture 'efficentnet_b0'; similar: \['timm.efficientnet_b0'"),
+    ("timm.not_a_network", r"timm has no architecture 'not_a_network' \(timm.list_models\(\) lists them\)"),
+    (None, r"model.name must be given \(model=timm takes any timm architecture as model.name=timm.<architecture>"),
+])  # fmt: skip
+def test_a_timm_architecture_that_does_not_exist_or_is_not_given_is_named(tiny_pack_root, tmp_path, name, message):
+    overrides = [*TINY_DATA, f"dataset.root={tiny_pack_root}", "model=timm", *([f"model.name={name}"] if name else [])]
+    with pytest.raises(ConfigError, match=message):
+        run_training(compose(overrides), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

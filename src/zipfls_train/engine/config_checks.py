@@ -110,7 +110,11 @@ def validate_config(cfg: DictConfig) -> None:
     loader_workers(cfg.trainer.num_workers)  # validates it
     compile_mode(cfg.trainer.compile)  # validates it (what true means waits for the device)
     _check_optimiser(cfg)
-    _check_model_name(str(cfg.model.name))
+    try:
+        name = OmegaConf.select(cfg, "model.name", throw_on_missing=True)
+    except MissingMandatoryValue:  # configs/model/timm.yaml leaves the architecture to the command line
+        raise ConfigError(f"model.name must be given ({MODEL_NAME_HINT})") from None
+    _check_model_name(str(name))
     _check_model_options(cfg)
     _check_dataset_subsets(cfg)
     _check_normalisation(cfg)
@@ -249,11 +253,21 @@ def _check_optimiser(cfg: DictConfig) -> None:
         )
 
 
+MODEL_NAME_HINT = "model=timm takes any timm architecture as model.name=timm.<architecture>, e.g. timm.efficientnet_b0"
+
+
 def _check_model_name(name: str) -> None:
     from ..models import BACKBONES, find_backbone
 
     if find_backbone(name) is None:
-        raise ConfigError(f"model.name={name!r} is not a known model; expected one of {sorted(BACKBONES)} (or model=<one of configs/model/>)")
+        if name.startswith("timm."):
+            from ..models.imagenet import similar_timm_models
+
+            similar = similar_timm_models(name)
+            raise ConfigError(f"model.name={name!r}: timm has no architecture {name.removeprefix('timm.')!r}"
+                              + (f"; similar: {similar}" if similar else " (timm.list_models() lists them)"))
+        raise ConfigError(f"model.name={name!r} is not a known model; expected one of {sorted(BACKBONES)}, "
+                          "timm.<any timm architecture> (model=timm), or model=<one of configs/model/>")
 
 
 def _check_model_options(cfg: DictConfig) -> None:

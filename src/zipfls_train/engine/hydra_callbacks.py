@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Any, ClassVar
@@ -9,6 +10,7 @@ from typing import Any, ClassVar
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationToMissingValueError
 
 
 class CheckOutputFolder(Callback):
@@ -37,7 +39,14 @@ def make_output_folder(config: DictConfig, key: str) -> Path:
     # The folder's interpolations read hydra:runtime.* (the chosen loss config): Hydra's own run_job
     # sets the same config the same way before it resolves the folder.
     HydraConfig.instance().set_config(config)
-    folder = Path(str(OmegaConf.select(config, key)))
+    try:
+        folder = Path(str(OmegaConf.select(config, key)))
+    except InterpolationToMissingValueError as error:  # e.g. ${model.name} of model=timm, left to the command line
+        missing = re.search(r"Missing mandatory value: ([\w.]+)", str(error))
+        what = missing.group(1) if missing else "a value of the config"
+        print(f"error: {what} must be given (its config file leaves it to you: ???); the run folder {key} is named "
+              f"after it", file=sys.stderr)  # fmt: skip
+        raise SystemExit(1) from None
     try:
         missing = [path for path in [folder, *folder.parents] if not path.exists()]
         folder.mkdir(parents=True, exist_ok=True)

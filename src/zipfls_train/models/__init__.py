@@ -41,9 +41,14 @@ def _ensure_imagenet_models_registered() -> None:
 
 
 def find_backbone(name: str) -> Callable[..., nn.Module] | None:
-    """The builder registered as ``name`` (importing the ImageNet models on first need), or None."""
+    """The builder registered as ``name`` (importing the ImageNet models on first need; registering a
+    ``timm.<architecture>`` that timm has), or None."""
     if name not in BACKBONES:
         _ensure_imagenet_models_registered()
+        if name not in BACKBONES and name.startswith("timm."):
+            from .imagenet import register_timm_model
+
+            register_timm_model(name)
     return BACKBONES.get(name)
 
 

@@ -120,8 +120,11 @@ class TimmBackbone(nn.Module):
         return maps
 
 
-def _builder(name: str):  # noqa: ANN202
-    timm_name, defaults = ARCHITECTURES[name]
+# model.name=timm.<architecture>: any other timm model, with timm's own defaults (configs/model/timm.yaml).
+TIMM_PREFIX = "timm."
+
+
+def _builder(name: str, timm_name: str, defaults: Mapping[str, Any]):  # noqa: ANN202
 
     def build(**options: Any) -> TimmBackbone:
         """Model options from the config (``model.options``) are passed to timm (e.g. drop_path_rate),
@@ -129,9 +132,10 @@ def _builder(name: str):  # noqa: ANN202
         return TimmBackbone(timm_name, CLASSIFIER_INITS.get(name), name in NORMALISED_AUX_HEADS, **{**defaults, **options})
 
     def check_options(**options: Any) -> None:
-        """ValueError naming ``model.options.<key>`` when timm refuses the options: the model is built
-        on the meta device (no memory, ~0.1 s), before any data is read."""
-        if not options:
+        """ValueError naming ``model.options.<key>`` when timm refuses the options (or, for a
+        ``timm.<architecture>``, the architecture itself): the model is built on the meta device (no
+        memory, ~0.1 s), before any data is read."""
+        if not options and name in ARCHITECTURES:
             return
         drop_rate = options.get("drop_rate", 0.0)
         if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)) or not 0 <= drop_rate < 1:
@@ -149,11 +153,33 @@ def _builder(name: str):  # noqa: ANN202
             raise ValueError(f"model.options {options} do not fit model={name} (timm's {timm_name}): {error}") from error
         except (ValueError, AssertionError, RuntimeError) as error:
             raise ValueError(f"model.options {options} do not fit model={name} (timm's {timm_name}): {error}") from error
+        except (AttributeError, NotImplementedError) as error:  # no feature_info / forward_intermediates
+            raise ValueError(
+                f"model.name={name}: timm's {timm_name} does not expose its stages (feature_info and "
+                f"forward_intermediates: {error}); take a CNN that does, or wrap it as README's 'Adding a model' says"
+            ) from error
 
     build.__name__ = name
     build.check_options = check_options  # type: ignore[attr-defined]
     return build
 
 
-for _name in ARCHITECTURES:
-    register_backbone(_name, _builder(_name))
+for _name, (_timm_name, _defaults) in ARCHITECTURES.items():
+    register_backbone(_name, _builder(_name, _timm_name, _defaults))
+
+
+def register_timm_model(name: str) -> bool:
+    """Registers ``timm.<architecture>`` if timm has that architecture; whether it did."""
+    architecture = name.removeprefix(TIMM_PREFIX)
+    if not name.startswith(TIMM_PREFIX) or not timm.is_model(architecture):
+        return False
+    register_backbone(name, _builder(name, architecture, {}))
+    return True
+
+
+def similar_timm_models(name: str, limit: int = 5) -> list[str]:
+    """timm architectures named most like ``name`` (for an error message: a typo's intended name)."""
+    import difflib
+
+    close = difflib.get_close_matches(name.removeprefix(TIMM_PREFIX), timm.list_models(), n=limit, cutoff=0.8)
+    return [f"{TIMM_PREFIX}{model}" for model in close]
