@@ -29,6 +29,11 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
     replace_atomically(path, lambda stream: torch.save(state, stream))
 
 
+def write_text_atomically(path: Path, text: str) -> None:
+    """``text`` (UTF-8) through :func:`replace_atomically`."""
+    replace_atomically(path, lambda stream: stream.write(text.encode()))
+
+
 def _current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)

@@ -257,14 +257,14 @@ MODEL_NAME_HINT = "model=timm takes any timm architecture as model.name=timm.<ar
 
 
 def _check_model_name(name: str) -> None:
-    from ..models import BACKBONES, find_backbone
+    from ..models import BACKBONES, TIMM_PREFIX, find_backbone
 
     if find_backbone(name) is None:
-        if name.startswith("timm."):
+        if name.startswith(TIMM_PREFIX):
             from ..models.imagenet import similar_timm_models
 
             similar = similar_timm_models(name)
-            raise ConfigError(f"model.name={name!r}: timm has no architecture {name.removeprefix('timm.')!r}"
+            raise ConfigError(f"model.name={name!r}: timm has no architecture {name.removeprefix(TIMM_PREFIX)!r}"
                               + (f"; similar: {similar}" if similar else " (timm.list_models() lists them)"))
         raise ConfigError(f"model.name={name!r} is not a known model; expected one of {sorted(BACKBONES)}, "
                           "timm.<any timm architecture> (model=timm), or model=<one of configs/model/>")

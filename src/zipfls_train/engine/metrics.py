@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .checkpoint import replace_atomically, write_error
+from .checkpoint import write_error, write_text_atomically
 from .run_folder import parse_metrics
 
 
@@ -105,7 +105,7 @@ class RunRecords:
             return
         kept = [record for record in parse_metrics(self.metrics_path) if record["epoch"] <= epoch]
         text = "".join(json.dumps(record) + "\n" for record in kept)
-        replace_atomically(self.metrics_path, lambda stream: stream.write(text.encode()))
+        write_text_atomically(self.metrics_path, text)
 
     def scalars(self, prefix: str, values: Mapping[str, float], step: int) -> None:
         if self.writer is not None:

@@ -30,8 +30,8 @@ from ..losses import Method, build_method
 from ..losses.base import check_terms
 from ..models import build_model, check_trains_on, unwrap
 from .checkpoint import (
-    CheckpointError, capture_rng_state, load_checkpoint, rank_rng_state, remove_stale_temporaries, replace_atomically,
-    restore_rng_state, save_atomic,
+    CheckpointError, capture_rng_state, load_checkpoint, rank_rng_state, remove_stale_temporaries, restore_rng_state,
+    save_atomic, write_text_atomically,
 )
 from .config_checks import PRECISION_NAMES, ConfigError, compile_mode, loader_workers
 from .distributed import DistContext, all_reduce_sum, barrier, broadcast_buffers, gather_objects, wrap_ddp
@@ -503,8 +503,7 @@ class Trainer:
                 records.close()
             self._close_loaders()
         if self.ctx.is_main:
-            text = json.dumps(summary, indent=2) + "\n"
-            replace_atomically(self.run_dir / "summary.json", lambda stream: stream.write(text.encode()))
+            write_text_atomically(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
 
     def _saved_after_data_error(self, error: DatasetError) -> str:
@@ -516,9 +515,8 @@ class Trainer:
             return message
         # The epoch's running sums hold any NaN of it: check them all (the range named is the epoch's).
         self.save(check_finite_since=self.progress.global_step - self.progress.step_in_epoch)
-        where = f"epoch {self.progress.epoch + 1}/{self.epochs}, after step {self.progress.step_in_epoch}/{self.steps_per_epoch}"
         evaluating = " (before its evaluation)" if self.progress.step_in_epoch == self.steps_per_epoch else ""
-        return f"{message}\nsaved {self.checkpoint_dir / 'last.pt'} in {where}{evaluating}: once the file reads, rerun the same command to resume"
+        return f"{message}\nsaved {self.checkpoint_dir / 'last.pt'} in {self._position()}{evaluating}: once the file reads, rerun the same command to resume"
 
     def _read_summary(self) -> dict[str, Any]:
         """A finished run's summary.json, or a CheckpointError saying how to get a readable one."""
@@ -553,9 +551,13 @@ class Trainer:
             return f"resumed at the start of {epoch}"
         return f"resumed in {epoch} after step {self.progress.step_in_epoch}/{self.steps_per_epoch}"
 
+    def _position(self) -> str:
+        """Where the run is, 1-based: 'epoch 2/200, after step 37/390'."""
+        return f"epoch {self.progress.epoch + 1}/{self.epochs}, after step {self.progress.step_in_epoch}/{self.steps_per_epoch}"
+
     def _interrupted_message(self, saved: bool = True) -> str:
         by = self._stops.signal_name or "a signal to another rank"
-        where = f"epoch {self.progress.epoch + 1}/{self.epochs}, after step {self.progress.step_in_epoch}/{self.steps_per_epoch}"
+        where = self._position()
         if not saved:
             return f"interrupted ({by}) in {where}, before anything was trained; nothing to save"
         return f"interrupted ({by}) in {where}; saved {self.checkpoint_dir / 'last.pt'}: rerun the same command to resume"

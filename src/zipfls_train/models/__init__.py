@@ -15,6 +15,9 @@ from .cifar_resnet import cifar_resnet18
 from .outputs import ModelOutput
 from .wrapper import ClassifierWrapper, count_parameters, stage_index, unwrap
 
+# model.name=timm.<architecture>: any other timm model, with timm's own defaults (configs/model/timm.yaml).
+TIMM_PREFIX = "timm."
+
 # name -> builder of a backbone (see wrapper.py for the backbone contract). Builders take keyword
 # options from the model config (e.g. ``width``).
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
@@ -45,7 +48,7 @@ def find_backbone(name: str) -> Callable[..., nn.Module] | None:
     ``timm.<architecture>`` that timm has), or None."""
     if name not in BACKBONES:
         _ensure_imagenet_models_registered()
-        if name not in BACKBONES and name.startswith("timm."):
+        if name not in BACKBONES and name.startswith(TIMM_PREFIX):
             from .imagenet import register_timm_model
 
             register_timm_model(name)
@@ -133,5 +136,5 @@ def check_trains_on(
     return {stage: tuple(feature_map.shape[-2:]) for stage, feature_map in outputs.features.items()}
 
 
-__all__ = ["BACKBONES", "ClassifierWrapper", "ModelOutput", "build_model", "check_model_options", "check_trains_on",
+__all__ = ["BACKBONES", "TIMM_PREFIX", "ClassifierWrapper", "ModelOutput", "build_model", "check_model_options", "check_trains_on",
            "count_parameters", "find_backbone", "register_backbone", "stage_positions", "takes_any_option", "unwrap"]

@@ -45,7 +45,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from . import register_backbone
+from . import TIMM_PREFIX, register_backbone
 from .wrapper import kaiming_init
 
 # Our model name -> (timm model name, timm keyword arguments). Published parameter counts at 1000
@@ -120,10 +120,6 @@ class TimmBackbone(nn.Module):
         return maps
 
 
-# model.name=timm.<architecture>: any other timm model, with timm's own defaults (configs/model/timm.yaml).
-TIMM_PREFIX = "timm."
-
-
 def _builder(name: str, timm_name: str, defaults: Mapping[str, Any]):  # noqa: ANN202
 
     def build(**options: Any) -> TimmBackbone:
@@ -168,13 +164,11 @@ for _name, (_timm_name, _defaults) in ARCHITECTURES.items():
     register_backbone(_name, _builder(_name, _timm_name, _defaults))
 
 
-def register_timm_model(name: str) -> bool:
-    """Registers ``timm.<architecture>`` if timm has that architecture; whether it did."""
+def register_timm_model(name: str) -> None:
+    """Registers ``timm.<architecture>`` if timm has that architecture."""
     architecture = name.removeprefix(TIMM_PREFIX)
-    if not name.startswith(TIMM_PREFIX) or not timm.is_model(architecture):
-        return False
-    register_backbone(name, _builder(name, architecture, {}))
-    return True
+    if timm.is_model(architecture):
+        register_backbone(name, _builder(name, architecture, {}))
 
 
 def similar_timm_models(name: str, limit: int = 5) -> list[str]:
