@@ -57,7 +57,7 @@ from zipfls_train.data.batch import Batch
 from zipfls_train.engine.checkpoint import save_atomic
 from zipfls_train.engine.distributed import resolve_device
 from zipfls_train.engine.optim import build_optimizer
-from zipfls_train.engine.trainer import precision_name, resolve_precision
+from zipfls_train.engine.precision import precision_name, resolve_precision
 from zipfls_train.losses import Method, build_method
 from zipfls_train.models import build_model
 

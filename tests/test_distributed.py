@@ -349,7 +349,8 @@ def _folder_views(rank: int, port: int, folders, results) -> None:  # noqa: ANN0
     import torch.distributed as dist
 
     from zipfls_train.engine.distributed import DistContext
-    from zipfls_train.engine.trainer import ResumeError, Trainer
+    from zipfls_train.engine.resume import ResumeError
+    from zipfls_train.engine.trainer import Trainer
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:

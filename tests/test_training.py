@@ -17,7 +17,8 @@ from conftest import REPO, TINY_RUN
 from zipfls_train.engine.checkpoint import CheckpointError, load_checkpoint
 from zipfls_train.engine.config_checks import ConfigError
 from zipfls_train.engine.interrupt import TrainingInterrupted
-from zipfls_train.engine.trainer import ResumeError, Trainer
+from zipfls_train.engine.resume import ResumeError
+from zipfls_train.engine.trainer import Trainer
 
 
 def read_jsonl(path):
@@ -565,7 +566,7 @@ def test_cudnn_autotunes_unless_the_run_is_deterministic(tmp_path, monkeypatch, 
 
 @pytest.mark.parametrize(("amx", "expected"), [(True, torch.bfloat16), (False, None), ("absent", None)])
 def test_precision_auto_is_bf16_on_cpus_with_amx_and_fp32_on_other_cpus(monkeypatch, amx, expected):
-    from zipfls_train.engine.trainer import resolve_precision
+    from zipfls_train.engine.precision import resolve_precision
 
     if amx == "absent":  # a torch without the probe
         monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)

@@ -15,7 +15,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .engine.interrupt import TrainingInterrupted
     from .engine.run import RankKilled
     from .engine.run_folder import MetricsFileError, RunFolderNotWritable
-    from .engine.trainer import NonFiniteLossError, ResumeError
+    from .engine.resume import ResumeError
+    from .engine.trainer import NonFiniteLossError
     from .losses.ban import TeacherCheckpointError
     from .losses.base import MethodContractError
 

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from ..engine.run_folder import EARLIER_ATTEMPT_PREFIX, MetricsFileError, parse_metrics
+from ..flat_config import flatten
 from ..loss_options import IMPLEMENTATION_OPTIONS
 
 # Reference values of options a config may predate (configs/loss/zipf.yaml's defaults): filled in
@@ -137,17 +138,6 @@ def _freeze(value: Any) -> Hashable:
     return value
 
 
-def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in mapping.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, prefix=f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
 def _is_path_like(name: str, value: Any) -> bool:
     lowered = name.lower()
     return any(word in lowered for word in _PATH_LIKE_WORDS) or (isinstance(value, str) and "/" in value)
@@ -171,7 +161,7 @@ def cell_key_from_config(config: Mapping[str, Any], source: Path) -> CellKey:
     # The method's options tell cells apart; its name, checkpoint paths and the implementation
     # choices (loss.kernel: the same numbers either way) do not.
     chosen = {k: v for k, v in loss.items() if k != "name" and k not in IMPLEMENTATION_OPTIONS}
-    options = {k: v for k, v in _flatten(chosen).items() if not _is_path_like(k, v)}
+    options = {k: v for k, v in flatten(chosen).items() if not _is_path_like(k, v)}
     for name, default in OPTION_DEFAULTS.get(method, {}).items():
         options.setdefault(name, default)
     recipe: dict[str, Any] = {"epochs": int(_require(config, "trainer.epochs", source))}
@@ -181,10 +171,10 @@ def cell_key_from_config(config: Mapping[str, Any], source: Path) -> CellKey:
         recipe[name] = config["dataset"].get(name)
     # Model options (e.g. a narrower CIFAR ResNet) change the model, and the optimiser and schedule
     # (lr, weight decay, milestones) the training: runs that differ never mix.
-    for name, value in _flatten(config["model"].get("options") or {}).items():
+    for name, value in flatten(config["model"].get("options") or {}).items():
         recipe[f"model.{name}"] = value
     for group in ("optim", "sched"):
-        for name, value in _flatten(config.get(group) or {}).items():
+        for name, value in flatten(config.get(group) or {}).items():
             recipe[f"{group}.{name}"] = value
     return CellKey(
         dataset=str(dataset),

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..engine.distributed import all_reduce_sum
+from ..loss_options import IMPLEMENTATION_OPTIONS
 
 
 @dataclass
@@ -108,8 +109,9 @@ def plot(curves: dict[str, Tensor], fit: ZipfFit, title: str, path: Path):  # no
     return figure
 
 
-# Loss options that say how a run computes, not what: left out of the figure's title.
-_UNTITLED_LOSS_OPTIONS = ("name", "kernel", "teacher_checkpoint")
+# Loss options that say how a run computes, not what (or, the name, are in the title already): left
+# out of the figure's title.
+_UNTITLED_LOSS_OPTIONS = frozenset({"name", "teacher_checkpoint", *IMPLEMENTATION_OPTIONS})
 
 
 def figure_title(cfg, where: str) -> str:  # noqa: ANN001 - a run's DictConfig

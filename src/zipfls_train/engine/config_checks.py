@@ -55,7 +55,7 @@ def _check_run_folder_name_parts(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value!r} names a part of the run folder and must not contain a path separator or be . or ..")
 
 
-# trainer.precision's explicit values (their autocast dtypes: trainer.PRECISIONS, which needs torch).
+# trainer.precision's explicit values (their autocast dtypes: precision.PRECISIONS, which needs torch).
 PRECISION_NAMES = ("fp32", "bf16", "fp16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 

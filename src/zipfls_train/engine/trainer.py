@@ -25,7 +25,6 @@ from tqdm import tqdm
 from ..data import DataBundle, LoaderOptions, build_data
 from ..data.images import DatasetError
 from ..errors import original_message
-from ..loss_options import IMPLEMENTATION_OPTIONS
 from ..losses import Method, build_method
 from ..losses.base import check_terms
 from ..models import build_model, check_trains_on, unwrap
@@ -33,36 +32,21 @@ from .checkpoint import (
     CheckpointError, capture_rng_state, load_checkpoint, rank_rng_state, remove_stale_temporaries, restore_rng_state,
     save_atomic, write_text_atomically,
 )
-from .config_checks import PRECISION_NAMES, ConfigError, compile_mode, loader_workers
+from .config_checks import ConfigError, compile_mode, loader_workers
 from .distributed import DistContext, all_reduce_sum, barrier, broadcast_buffers, gather_objects, wrap_ddp
 from .folder_lock import RunFolderBusy, RunFolderLock
 from .interrupt import StopRequests, StopVotes, TrainingInterrupted
 from .memory import peak_cpu_memory_mb, peak_gpu_memory_mb, reset_peak_memory
 from .metrics import RunRecords, TermAccumulator, read_metrics, topk_correct
 from .optim import build_optimizer, build_scheduler
+from .precision import precision_name, resolve_precision
+from .resume import (
+    RESUMABLE_KEYS, ResumeError, check_same_config, check_same_data, refuse_to_overwrite_results, warn_if_precision_changed,
+)
 from .run_folder import not_writable, set_aside_earlier_attempt
-
-# Config keys that may differ between a checkpoint and the resuming command (they change how the run
-# is executed, not what it computes; loss.kernel picks an implementation of the same numbers, and is
-# absent from checkpoints written before it existed).
-RESUME_TOLERATED = {
-    "trainer.device", "trainer.devices", "trainer.progress_bar", "trainer.log_every", "trainer.num_workers",
-    "trainer.checkpoint_every_steps", "trainer.resume", "trainer.compile", "trainer.data_on",
-    "trainer.stop_check_s", "trainer.eval_batch_size", "trainer.zipf_fit_at_end", "dataset.root", "tag",
-    *(f"loss.{option}" for option in IMPLEMENTATION_OPTIONS),
-}
-# Config values a run records as the dataset resolved them, which older runs recorded as requested.
-RESOLVED_SINCE = ("dataset.format",)
-# What a checkpoint to resume from holds (best.pt holds only the model).
-RESUMABLE_KEYS = ("model", "optimizer", "scheduler", "scaler", "method", "progress", "running", "rng", "config")
-
 
 class NonFiniteLossError(RuntimeError):
     """Raised when a loss term becomes NaN/inf; the last good checkpoint is left in place."""
-
-
-class ResumeError(RuntimeError):
-    """The run folder holds a checkpoint of a different configuration."""
 
 
 @dataclass
@@ -72,46 +56,6 @@ class Progress:
     global_step: int = 0
     best_top1: float = -1.0
     best_epoch: int = 0
-
-
-def cpu_has_bf16_matrix_units() -> bool:
-    """Intel AMX (Xeon from the 4th generation on): bf16 tiles for convolutions and matmuls, on which
-    bf16 autocast trains 2-3x faster than fp32 (experiments/cpu_speed.md). Elsewhere a CPU emulates
-    bf16 matrix products, or only converts faster, so fp32 stays the default there."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # (private; absent from older torch)
-    return bool(probe is not None and probe())
-
-
-# trainer.precision's explicit values: the autocast dtype of each (None: no autocast, fp32).
-PRECISIONS: dict[str, torch.dtype | None] = dict(zip(PRECISION_NAMES, (None, torch.bfloat16, torch.float16), strict=True))
-
-
-def resolve_precision(requested: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32. auto: bf16 where the device multiplies bf16 matrices
-    natively (CUDA GPUs with bf16, CPUs with AMX), fp32 elsewhere."""
-    if requested == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        if device.type == "cpu" and cpu_has_bf16_matrix_units():
-            return torch.bfloat16
-        return None
-    if requested not in PRECISIONS:
-        raise ConfigError(f"trainer.precision must be one of {['auto', *PRECISIONS]}, got {requested!r}")
-    return PRECISIONS[requested]
-
-
-def precision_name(autocast_dtype: torch.dtype | None) -> str:
-    """The trainer.precision value of an autocast dtype (what ``auto`` resolved to)."""
-    return next(name for name, dtype in PRECISIONS.items() if dtype is autocast_dtype)
-
-
-def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(config, dict):
-        out: dict[str, Any] = {}
-        for key, value in config.items():
-            out.update(flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: config}
 
 
 def per_process_batch(global_batch: int, world_size: int, accumulate_steps: int) -> int:
@@ -133,6 +77,15 @@ def placed_model(name: str, num_classes: int, device: torch.device, channels_las
 
 
 class Trainer:
+    """One run: built from the composed config, trained by :meth:`fit` into ``run_dir``.
+
+    Reading order: :meth:`fit` (lock, resume, epochs) -> :meth:`_train_epoch` (steps, logging,
+    evaluation, the epoch's record and checkpoint) -> :meth:`train_step` (one optimiser step: the
+    method's ``training_step``, backward, the optimiser and lr schedule). The trainer reaches the
+    method only through ``needs`` and ``setup`` (in ``__init__``), ``on_epoch_start``,
+    ``training_step``, ``after_backward`` and its state dict. Resume checks are in :mod:`.resume`,
+    precision in :mod:`.precision`."""
+
     def __init__(self, cfg: DictConfig, ctx: DistContext, run_dir: Path) -> None:
         self.cfg = cfg
         self.ctx = ctx
@@ -188,10 +141,7 @@ class Trainer:
             placed_model, str(cfg.model.name), self.data.num_classes, self.device, self.channels_last, **model_options
         )
         self._check_model_trains_on_the_data(needs, model_options, micro_batch)
-        model = placed_model(
-            str(cfg.model.name), self.data.num_classes, self.device, self.channels_last,
-            aux_stages=needs.aux_stages, aux_head=needs.aux_head, **model_options,
-        )  # fmt: skip
+        model = self.build_fresh_model(aux_stages=needs.aux_stages, aux_head=needs.aux_head)
         self.method.to(self.device)
         self.method.setup(num_classes=self.data.num_classes, dataset_size=self.data.train_size, model_factory=self.build_fresh_model)
         self.model: nn.Module = model
@@ -289,163 +239,6 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    # --- checkpoints --------------------------------------------------------------------------
-    @property
-    def precision(self) -> str:
-        """fp32 | bf16 | fp16: what the run trains in (trainer.precision, ``auto`` resolved)."""
-        return precision_name(self.autocast_dtype)
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.run_dir / "checkpoints"
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "method": self.method.state_dict(),
-            "progress": asdict(self.progress),
-            "running": self.running.state_dict(),
-            "config": OmegaConf.to_container(self.cfg, resolve=True),
-            "precision": self.precision,  # what auto resolved to (per machine)
-            "data": self.data.identity(),
-        }
-
-    def save(self, name: str = "last.pt", check_finite_since: int | None = None) -> None:
-        """Called by every rank; rank 0 writes. The epoch's running loss sums are first averaged over
-        ranks (every rank then continues from that mean), so the one copy in the checkpoint is valid
-        for all ranks on resume and the epoch's logged mean is unchanged. Every rank's random state
-        is kept (a rank resumes with its own). ``check_finite_since``: the first global step not yet
-        checked for a NaN/inf loss; checked on the averaged sums (the same on every rank) before
-        anything is written, so a non-finite step never reaches ``last.pt``."""
-        self.running.all_reduce_mean()
-        if check_finite_since is not None:
-            self._check_finite((None, 0), check_finite_since, across_ranks=False)  # (averaged just above)
-        rng = gather_objects(capture_rng_state(self.device))
-        if self.ctx.is_main:
-            save_atomic({**self.state_dict(), "rng": rng}, self.checkpoint_dir / name)
-
-    def _check_ranks_see_one_folder(self) -> None:
-        """Every rank decides alone whether to resume, so all must see the same run folder: on
-        several nodes it has to be on a filesystem they share (only rank 0 writes into it). Ranks
-        that disagree would train different things and hang in a collective; stop instead."""
-        if not self.ctx.enabled:
-            return
-        seen = ((self.checkpoint_dir / "last.pt").is_file(), (self.run_dir / "summary.json").is_file())
-        views = gather_objects(seen)
-        if any(view != views[0] for view in views):
-            raise ResumeError(
-                f"the ranks see different contents in {self.run_dir} (checkpoint, summary per rank: {views}): "
-                "with several nodes the run folder must be on a filesystem every node shares "
-                "(run from a shared directory, or set hydra.run.dir to one)"
-            )
-
-    def maybe_resume(self) -> str:
-        """Returns "resumed" (from last.pt), "finished" (a finished run: from last.pt, or its
-        summary.json alone when last.pt was deleted, e.g. to save disk) or "fresh"."""
-        mode = str(self.cfg.trainer.resume)
-        path = self.checkpoint_dir / "last.pt"
-        if mode not in ("auto", "never", "must"):
-            raise ConfigError(f"trainer.resume must be auto, never or must, got {mode!r}")
-        self._check_ranks_see_one_folder()
-        if mode == "never":
-            return "fresh"
-        if mode == "auto" and not path.exists():
-            config = self.run_dir / "config.yaml"
-            summary = self.run_dir / "summary.json"
-            if summary.is_file() and config.is_file():  # finished: the same run?
-                self._check_same_config(OmegaConf.to_container(OmegaConf.load(config), resolve=False), config)
-                self._check_same_data(self._read_summary().get("data"), summary)
-                return "finished"
-            self._refuse_to_overwrite_results()
-            return "fresh"
-        state = load_checkpoint(path, map_location=self.device)
-        missing = [key for key in RESUMABLE_KEYS if key not in state]
-        if missing:
-            raise CheckpointError(
-                f"{path} is not a checkpoint to resume from (it lacks {missing}; best.pt, for one, holds only "
-                "the model): put the run's own last.pt back, or start over with trainer.resume=never"
-            )
-        self._check_same_config(state["config"], path)
-        self._check_same_data(state.get("data"), path)  # (absent from checkpoints before 2026-11-27)
-        self._warn_if_precision_changed(state.get("precision"), path)  # (absent from checkpoints before 2026-11-27)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.method.load_state_dict(state["method"])
-        self.progress = Progress(**state["progress"])
-        self.running.load_state_dict(state["running"], self.device)
-        restore_rng_state(rank_rng_state(state["rng"], self.ctx.rank), self.device)
-        return "finished" if self.progress.epoch >= self.epochs and (self.run_dir / "summary.json").is_file() else "resumed"
-
-    def _warn_if_precision_changed(self, saved: str | None, path: Path) -> None:
-        """trainer.precision=auto resolves per machine (bf16 on GPUs and AMX CPUs, else fp32): a run
-        resumed on another kind of machine continues in another precision. Allowed, as any change of
-        where a run executes, but said."""
-        current = self.precision
-        if saved is not None and saved != current and self.ctx.is_main:
-            warnings.warn(
-                f"{path} trained in {saved} so far; trainer.precision={self.cfg.trainer.precision} is {current} on this "
-                f"machine, so the run continues in {current} (trainer.precision={saved} keeps it in {saved})",
-                UserWarning,
-                stacklevel=2,
-            )
-
-    def _refuse_to_overwrite_results(self) -> None:
-        """No last.pt and no summary.json, yet the folder holds results beyond a first epoch: an
-        unfinished run's checkpoint was deleted or lost. Starting over would truncate metrics.jsonl
-        and overwrite best.pt. (A kill between the first epoch's metrics line and its checkpoint
-        leaves one epoch line: that one is redone.)"""
-        done = [record["epoch"] for record in read_metrics(self.run_dir)]
-        if max(done, default=0) >= 2:
-            raise ResumeError(
-                f"{self.run_dir} holds the results of {max(done, default=0)} epoch(s) but no checkpoints/last.pt "
-                "to resume from; rerunning here would overwrite them. Put last.pt back, use another run "
-                "folder (tag=... or hydra.run.dir=...), or trainer.resume=never to start over in this one."
-            )
-
-    def _check_same_data(self, saved: dict[str, Any] | None, path: Path) -> None:
-        """The data found now must be the data the run trained on: a run folder's name leaves out
-        dataset.root, so another dataset under another root (an image folder, say) would otherwise
-        resume this run, or be reported as this finished run."""
-        now = self.data.identity()
-        if saved is None or saved == now:
-            return
-
-        def described(identity: dict[str, Any]) -> str:
-            return (f"{identity.get('num_classes')} classes (names sha1 {identity.get('classes_sha1')}), "
-                    f"{identity.get('train_size')} train / {identity.get('val_size')} val images")  # fmt: skip
-
-        raise ResumeError(
-            f"{path} is a run on other data than dataset.root={self.cfg.dataset.root} holds: it trained on "
-            f"{described(saved)}, this data has {described(now)}. Run folders are named without dataset.root: "
-            "give this data a run folder of its own (tag=... or experiment_name=...), or trainer.resume=never "
-            "to start over in this one."
-        )
-
-    def _check_same_config(self, saved: dict[str, Any], path: Path) -> None:
-        now = flatten(OmegaConf.to_container(self.cfg, resolve=True))
-        before = flatten(saved)
-        # Recorded before the dataset resolved them (TinyImageNet before 2026-11-27, ImageNet and INAT21 until
-        # then too): "auto" matches what it is now.
-        before.update({key: now.get(key) for key in RESOLVED_SINCE if before.get(key) == "auto"})
-        differing = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k) and k not in RESUME_TOLERATED)
-        if differing:
-            details = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in differing[:8])
-            if len(differing) > 8:
-                details += f", and {len(differing) - 8} more"
-            why = ""
-            if "trainer.epochs" in differing:
-                why = (f" A run is not extended in place: its lr schedule (warm-up, milestones) was laid out for "
-                       f"trainer.epochs={before.get('trainer.epochs')}, so a longer run is another run.")
-            raise ResumeError(
-                f"{path} was written by a different configuration ({details}).{why} Use another run folder "
-                "(hydra.run.dir=... or tag=...), or trainer.resume=never to start over in this one."
-            )
-
     # --- the loop -----------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         with self._run_folder_lock():
@@ -490,7 +283,7 @@ class Trainer:
                     if self._stop_votes.now():  # last.pt is this epoch boundary
                         raise TrainingInterrupted(self._interrupted_message(saved=self.progress.global_step > 0))
                     self._train_epoch(records)
-            summary = self._summary("finished")
+            summary = self._summary_of_finished_run()
             summary["zipf_alpha"] = self._zipf_fit_at_end(records)
         except DatasetError as error:
             if self.ctx.enabled:  # (the other ranks wait in a collective: no save together)
@@ -504,75 +297,6 @@ class Trainer:
             self._close_loaders()
         if self.ctx.is_main:
             write_text_atomically(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-        return summary
-
-    def _saved_after_data_error(self, error: DatasetError) -> str:
-        """A file the loader cannot read stops the run (an ImageNet epoch in, with
-        ``trainer.checkpoint_every_steps=0``): keep what was trained until then in last.pt, at the
-        last whole step, and say so after the loader's message."""
-        message = original_message(error)
-        if self.progress.global_step == 0 or self.progress.epoch >= self.epochs:  # nothing trained, or all saved (Figure 2's pass)
-            return message
-        # The epoch's running sums hold any NaN of it: check them all (the range named is the epoch's).
-        self.save(check_finite_since=self.progress.global_step - self.progress.step_in_epoch)
-        evaluating = " (before its evaluation)" if self.progress.step_in_epoch == self.steps_per_epoch else ""
-        return f"{message}\nsaved {self.checkpoint_dir / 'last.pt'} in {self._position()}{evaluating}: once the file reads, rerun the same command to resume"
-
-    def _read_summary(self) -> dict[str, Any]:
-        """A finished run's summary.json, or a CheckpointError saying how to get a readable one."""
-        path = self.run_dir / "summary.json"
-        try:
-            summary = json.loads(path.read_text())
-        except (OSError, ValueError) as error:
-            fix = ("delete it and rerun the same command: it is written again from checkpoints/last.pt"
-                   if (self.checkpoint_dir / "last.pt").is_file() else "restore it, or train the run again with trainer.resume=never")
-            raise CheckpointError(f"{path}, this finished run's summary, is unreadable ({error}): {fix}") from error
-        if not isinstance(summary, dict):
-            raise CheckpointError(f"{path} is not a run summary (a JSON object expected): restore it, or train the run again with trainer.resume=never")
-        return summary
-
-    def _prepare_run_folder(self, resumed: bool) -> None:
-        """Create the folder, set an earlier attempt's results aside on a fresh start, write config.yaml."""
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            earlier = None if resumed else set_aside_earlier_attempt(self.run_dir)
-            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
-        except OSError as error:
-            raise not_writable(self.run_dir, error) from error
-        if earlier is not None:
-            print(f"[zipfls-train] starting over: the earlier attempt's results are in {earlier}", flush=True)
-
-    def _resumed_at(self) -> str:
-        """Where a resumed run goes on, 1-based as the progress lines count epochs."""
-        if self.progress.epoch >= self.epochs:  # killed after its last epoch, before its summary
-            return f"resumed after its last epoch ({self.epochs}/{self.epochs}) to write its summary"
-        epoch = f"epoch {self.progress.epoch + 1}/{self.epochs}"
-        if self.progress.step_in_epoch == 0:
-            return f"resumed at the start of {epoch}"
-        return f"resumed in {epoch} after step {self.progress.step_in_epoch}/{self.steps_per_epoch}"
-
-    def _position(self) -> str:
-        """Where the run is, 1-based: 'epoch 2/200, after step 37/390'."""
-        return f"epoch {self.progress.epoch + 1}/{self.epochs}, after step {self.progress.step_in_epoch}/{self.steps_per_epoch}"
-
-    def _interrupted_message(self, saved: bool = True) -> str:
-        by = self._stops.signal_name or "a signal to another rank"
-        where = self._position()
-        if not saved:
-            return f"interrupted ({by}) in {where}, before anything was trained; nothing to save"
-        return f"interrupted ({by}) in {where}; saved {self.checkpoint_dir / 'last.pt'}: rerun the same command to resume"
-
-    def _already_finished(self) -> dict[str, Any]:
-        """A rerun of a finished run: nothing to train, evaluate or rewrite; its summary as written."""
-        self._close_loaders()
-        if not self.ctx.is_main:
-            return {}
-        summary = self._read_summary()
-        print(
-            f"[zipfls-train] run already finished ({summary.get('epochs')} epochs, best val top-1 "
-            f"{summary.get('best_val_top1') or float('nan'):.2f}%): {self.run_dir}; trainer.resume=never trains it again",
-            flush=True,
-        )
         return summary
 
     def _train_epoch(self, records: RunRecords) -> None:
@@ -610,7 +334,7 @@ class Trainer:
             self.progress.global_step += 1
             bar.update(1)
             if self.progress.global_step % log_every == 0 or step + 1 == self.steps_per_epoch:
-                means = self._check_finite(window, window_start)  # the step loop's only host sync (after the run's first step)
+                means = self._check_finite(window, window_start)  # the step loop's only host sync in one process (DDP adds StopVotes' few-second votes)
                 records.scalars("train", {**means, "lr": step_lr}, self.progress.global_step)
                 bar.set_postfix(loss=f"{means['loss']:.4f}")
                 window_start, window = self.progress.global_step, self.running.mark()
@@ -674,44 +398,6 @@ class Trainer:
                 + ("" if first_step_s is None else f" (first step {first_step_s:.1f} s)")
             )
 
-    def _zipf_fit_at_end(self, records: RunRecords) -> float | None:
-        """Figure 2 for this run: the final model's mean sorted softmax on the val set, its Zipf fit,
-        saved as zipf_fit.png and logged to TensorBoard (every rank scores its shard)."""
-        if not bool(self.cfg.trainer.get("zipf_fit_at_end", True)):
-            return None
-        from ..analysis.zipf_fit import figure_title, mean_sorted_softmax, report_fit
-
-        curves = mean_sorted_softmax(self.model, self.data.val, self.device)
-        self.model.train()
-        if not self.ctx.is_main:
-            return None
-        title = figure_title(self.cfg, f"epoch {self.progress.epoch}")
-        fit = report_fit(curves, title, self.run_dir / "zipf_fit.png", records.writer, self.progress.global_step)
-        if not math.isfinite(fit.alpha):  # a diverged model, or a saturated one (all but one probability 0)
-            warnings.warn(
-                f"the Zipf fit of {self.run_dir} is not finite (the final model's val probabilities are "
-                "non-finite, or all but the top one underflow to 0); summary.json has null", stacklevel=2,
-            )
-            return None
-        return fit.alpha
-
-    def _close_loaders(self) -> None:
-        """Stop loader worker processes now rather than whenever the garbage collector gets to them."""
-        for loader in (self.data.train, self.data.val):
-            close = getattr(loader, "close", None)
-            if close is not None:
-                close()
-
-    def save_best(self) -> None:
-        if self.ctx.is_main:
-            state = {
-                "model": self.model.state_dict(),
-                "epoch": self.progress.epoch,
-                "val_top1": self.progress.best_top1,
-                "config": OmegaConf.to_container(self.cfg, resolve=True),
-            }
-            save_atomic(state, self.checkpoint_dir / "best.pt")
-
     def train_step(self, batches) -> dict[str, torch.Tensor]:  # noqa: ANN001
         """One optimiser step (over ``accumulate_steps`` micro-batches drawn from ``batches``); returns
         the loss terms as device tensors (no host sync): the step's own, or the micro-batches' mean."""
@@ -738,15 +424,15 @@ class Trainer:
         self._took_first_step = True
         return totals
 
-    def _lr_at(self, global_step: int) -> float:
-        """The first parameter group's lr at an optimiser step, from the schedule itself (whatever
-        step the scheduler is at now, e.g. mid-epoch after a resume)."""
-        return self.scheduler.base_lrs[0] * self.scheduler.lr_lambdas[0](global_step)
-
     def _optimizer_update(self) -> None:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+
+    def _lr_at(self, global_step: int) -> float:
+        """The first parameter group's lr at an optimiser step, from the schedule itself (whatever
+        step the scheduler is at now, e.g. mid-epoch after a resume)."""
+        return self.scheduler.base_lrs[0] * self.scheduler.lr_lambdas[0](global_step)
 
     def _check_finite(self, window: tuple, window_start: int, across_ranks: bool = True) -> dict[str, float]:
         """Means of the terms since the last log (``window``, a mark of the running sums) over every
@@ -794,12 +480,138 @@ class Trainer:
         model.train()
         return 100.0 * correct1 / max(total, 1.0), 100.0 * correct5 / max(total, 1.0), int(total)
 
-    def _summary(self, status: str) -> dict[str, Any]:
-        from .metrics import read_metrics
+    # --- checkpoints --------------------------------------------------------------------------
+    @property
+    def precision(self) -> str:
+        """fp32 | bf16 | fp16: what the run trains in (trainer.precision, ``auto`` resolved)."""
+        return precision_name(self.autocast_dtype)
 
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "method": self.method.state_dict(),
+            "progress": asdict(self.progress),
+            "running": self.running.state_dict(),
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "precision": self.precision,  # what auto resolved to (per machine)
+            "data": self.data.identity(),
+        }
+
+    def save(self, name: str = "last.pt", check_finite_since: int | None = None) -> None:
+        """Called by every rank; rank 0 writes. The epoch's running loss sums are first averaged over
+        ranks (every rank then continues from that mean), so the one copy in the checkpoint is valid
+        for all ranks on resume and the epoch's logged mean is unchanged. Every rank's random state
+        is kept (a rank resumes with its own). ``check_finite_since``: the first global step not yet
+        checked for a NaN/inf loss; checked on the averaged sums (the same on every rank) before
+        anything is written, so a non-finite step never reaches ``last.pt``."""
+        self.running.all_reduce_mean()
+        if check_finite_since is not None:
+            self._check_finite((None, 0), check_finite_since, across_ranks=False)  # (averaged just above)
+        rng = gather_objects(capture_rng_state(self.device))
+        if self.ctx.is_main:
+            save_atomic({**self.state_dict(), "rng": rng}, self.checkpoint_dir / name)
+
+    def save_best(self) -> None:
+        if self.ctx.is_main:
+            state = {
+                "model": self.model.state_dict(),
+                "epoch": self.progress.epoch,
+                "val_top1": self.progress.best_top1,
+                "config": OmegaConf.to_container(self.cfg, resolve=True),
+            }
+            save_atomic(state, self.checkpoint_dir / "best.pt")
+
+    def _check_ranks_see_one_folder(self) -> None:
+        """Every rank decides alone whether to resume, so all must see the same run folder: on
+        several nodes it has to be on a filesystem they share (only rank 0 writes into it). Ranks
+        that disagree would train different things and hang in a collective; stop instead."""
+        if not self.ctx.enabled:
+            return
+        seen = ((self.checkpoint_dir / "last.pt").is_file(), (self.run_dir / "summary.json").is_file())
+        views = gather_objects(seen)
+        if any(view != views[0] for view in views):
+            raise ResumeError(
+                f"the ranks see different contents in {self.run_dir} (checkpoint, summary per rank: {views}): "
+                "with several nodes the run folder must be on a filesystem every node shares "
+                "(run from a shared directory, or set hydra.run.dir to one)"
+            )
+
+    def maybe_resume(self) -> str:
+        """Returns "resumed" (from last.pt), "finished" (a finished run: from last.pt, or its
+        summary.json alone when last.pt was deleted, e.g. to save disk) or "fresh"."""
+        mode = str(self.cfg.trainer.resume)
+        path = self.checkpoint_dir / "last.pt"
+        if mode not in ("auto", "never", "must"):
+            raise ConfigError(f"trainer.resume must be auto, never or must, got {mode!r}")
+        self._check_ranks_see_one_folder()
+        if mode == "never":
+            return "fresh"
+        if mode == "auto" and not path.exists():
+            config = self.run_dir / "config.yaml"
+            summary = self.run_dir / "summary.json"
+            if summary.is_file() and config.is_file():  # finished: the same run?
+                check_same_config(self.cfg, OmegaConf.to_container(OmegaConf.load(config), resolve=False), config)
+                check_same_data(self._read_summary().get("data"), self.data.identity(), self.cfg.dataset.root, summary)
+                return "finished"
+            refuse_to_overwrite_results(self.run_dir)
+            return "fresh"
+        state = load_checkpoint(path, map_location=self.device)
+        missing = [key for key in RESUMABLE_KEYS if key not in state]
+        if missing:
+            raise CheckpointError(
+                f"{path} is not a checkpoint to resume from (it lacks {missing}; best.pt, for one, holds only "
+                "the model): put the run's own last.pt back, or start over with trainer.resume=never"
+            )
+        check_same_config(self.cfg, state["config"], path)
+        check_same_data(state.get("data"), self.data.identity(), self.cfg.dataset.root, path)
+        if self.ctx.is_main:
+            warn_if_precision_changed(state.get("precision"), self.precision, self.cfg.trainer.precision, path)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.method.load_state_dict(state["method"])
+        self.progress = Progress(**state["progress"])
+        self.running.load_state_dict(state["running"], self.device)
+        restore_rng_state(rank_rng_state(state["rng"], self.ctx.rank), self.device)
+        return "finished" if self.progress.epoch >= self.epochs and (self.run_dir / "summary.json").is_file() else "resumed"
+
+    # --- run folder, messages and the summary -------------------------------------------------
+    def _prepare_run_folder(self, resumed: bool) -> None:
+        """Create the folder, set an earlier attempt's results aside on a fresh start, write config.yaml."""
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            earlier = None if resumed else set_aside_earlier_attempt(self.run_dir)
+            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+        except OSError as error:
+            raise not_writable(self.run_dir, error) from error
+        if earlier is not None:
+            print(f"[zipfls-train] starting over: the earlier attempt's results are in {earlier}", flush=True)
+
+    def _read_summary(self) -> dict[str, Any]:
+        """A finished run's summary.json, or a CheckpointError saying how to get a readable one."""
+        path = self.run_dir / "summary.json"
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            fix = ("delete it and rerun the same command: it is written again from checkpoints/last.pt"
+                   if (self.checkpoint_dir / "last.pt").is_file() else "restore it, or train the run again with trainer.resume=never")
+            raise CheckpointError(f"{path}, this finished run's summary, is unreadable ({error}): {fix}") from error
+        if not isinstance(summary, dict):
+            raise CheckpointError(f"{path} is not a run summary (a JSON object expected): restore it, or train the run again with trainer.resume=never")
+        return summary
+
+    def _summary_of_finished_run(self) -> dict[str, Any]:
         metrics = read_metrics(self.run_dir) if self.ctx.is_main else []
         return {
-            "status": status,
+            "status": "finished",
             "best_val_top1": self.progress.best_top1,
             "best_epoch": self.progress.best_epoch,
             "last_val_top1": metrics[-1]["val_top1"] if metrics else None,
@@ -809,3 +621,76 @@ class Trainer:
             "data": self.data.identity(),
             "run_dir": str(self.run_dir),
         }
+
+    def _zipf_fit_at_end(self, records: RunRecords) -> float | None:
+        """Figure 2 for this run: the final model's mean sorted softmax on the val set, its Zipf fit,
+        saved as zipf_fit.png and logged to TensorBoard (every rank scores its shard)."""
+        if not bool(self.cfg.trainer.get("zipf_fit_at_end", True)):
+            return None
+        from ..analysis.zipf_fit import figure_title, mean_sorted_softmax, report_fit
+
+        curves = mean_sorted_softmax(self.model, self.data.val, self.device)
+        self.model.train()
+        if not self.ctx.is_main:
+            return None
+        title = figure_title(self.cfg, f"epoch {self.progress.epoch}")
+        fit = report_fit(curves, title, self.run_dir / "zipf_fit.png", records.writer, self.progress.global_step)
+        if not math.isfinite(fit.alpha):  # a diverged model, or a saturated one (all but one probability 0)
+            warnings.warn(
+                f"the Zipf fit of {self.run_dir} is not finite (the final model's val probabilities are "
+                "non-finite, or all but the top one underflow to 0); summary.json has null", stacklevel=2,
+            )
+            return None
+        return fit.alpha
+
+    def _already_finished(self) -> dict[str, Any]:
+        """A rerun of a finished run: nothing to train, evaluate or rewrite; its summary as written."""
+        self._close_loaders()
+        if not self.ctx.is_main:
+            return {}
+        summary = self._read_summary()
+        print(
+            f"[zipfls-train] run already finished ({summary.get('epochs')} epochs, best val top-1 "
+            f"{summary.get('best_val_top1') or float('nan'):.2f}%): {self.run_dir}; trainer.resume=never trains it again",
+            flush=True,
+        )
+        return summary
+
+    def _saved_after_data_error(self, error: DatasetError) -> str:
+        """A file the loader cannot read stops the run (an ImageNet epoch in, with
+        ``trainer.checkpoint_every_steps=0``): keep what was trained until then in last.pt, at the
+        last whole step, and say so after the loader's message."""
+        message = original_message(error)
+        if self.progress.global_step == 0 or self.progress.epoch >= self.epochs:  # nothing trained, or all saved (Figure 2's pass)
+            return message
+        # The epoch's running sums hold any NaN of it: check them all (the range named is the epoch's).
+        self.save(check_finite_since=self.progress.global_step - self.progress.step_in_epoch)
+        evaluating = " (before its evaluation)" if self.progress.step_in_epoch == self.steps_per_epoch else ""
+        return f"{message}\nsaved {self.checkpoint_dir / 'last.pt'} in {self._position()}{evaluating}: once the file reads, rerun the same command to resume"
+
+    def _resumed_at(self) -> str:
+        """Where a resumed run goes on, 1-based as the progress lines count epochs."""
+        if self.progress.epoch >= self.epochs:  # killed after its last epoch, before its summary
+            return f"resumed after its last epoch ({self.epochs}/{self.epochs}) to write its summary"
+        epoch = f"epoch {self.progress.epoch + 1}/{self.epochs}"
+        if self.progress.step_in_epoch == 0:
+            return f"resumed at the start of {epoch}"
+        return f"resumed in {epoch} after step {self.progress.step_in_epoch}/{self.steps_per_epoch}"
+
+    def _position(self) -> str:
+        """Where the run is, 1-based: 'epoch 2/200, after step 37/390'."""
+        return f"epoch {self.progress.epoch + 1}/{self.epochs}, after step {self.progress.step_in_epoch}/{self.steps_per_epoch}"
+
+    def _interrupted_message(self, saved: bool = True) -> str:
+        by = self._stops.signal_name or "a signal to another rank"
+        where = self._position()
+        if not saved:
+            return f"interrupted ({by}) in {where}, before anything was trained; nothing to save"
+        return f"interrupted ({by}) in {where}; saved {self.checkpoint_dir / 'last.pt'}: rerun the same command to resume"
+
+    def _close_loaders(self) -> None:
+        """Stop loader worker processes now rather than whenever the garbage collector gets to them."""
+        for loader in (self.data.train, self.data.val):
+            close = getattr(loader, "close", None)
+            if close is not None:
+                close()

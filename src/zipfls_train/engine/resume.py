@@ -1,0 +1,105 @@
+"""Whether a run folder's checkpoint (or finished summary) belongs to the command rerun on it.
+
+Run folders are named deterministically, so rerunning a command resumes its run; these checks keep
+a rerun with other settings or on other data from resuming, or being reported as, a run it is not.
+Each refusal names what differs and how to get a folder of one's own, and changes nothing on disk."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from ..flat_config import flatten
+from ..loss_options import IMPLEMENTATION_OPTIONS
+from .metrics import read_metrics
+
+# Config keys that may differ between a checkpoint and the resuming command (they change how the run
+# is executed, not what it computes; loss.kernel picks an implementation of the same numbers, and is
+# absent from checkpoints written before it existed).
+RESUME_TOLERATED = {
+    "trainer.device", "trainer.devices", "trainer.progress_bar", "trainer.log_every", "trainer.num_workers",
+    "trainer.checkpoint_every_steps", "trainer.resume", "trainer.compile", "trainer.data_on",
+    "trainer.stop_check_s", "trainer.eval_batch_size", "trainer.zipf_fit_at_end", "dataset.root", "tag",
+    *(f"loss.{option}" for option in IMPLEMENTATION_OPTIONS),
+}
+# Config values a run records as the dataset resolved them, which older runs recorded as requested.
+RESOLVED_SINCE = ("dataset.format",)
+# What a checkpoint to resume from holds (best.pt holds only the model).
+RESUMABLE_KEYS = ("model", "optimizer", "scheduler", "scaler", "method", "progress", "running", "rng", "config")
+
+
+class ResumeError(RuntimeError):
+    """The run folder holds a checkpoint of a different configuration."""
+
+
+def check_same_config(cfg: DictConfig, saved: dict[str, Any], path: Path) -> None:
+    """``saved`` (the config in ``path``) must equal the command's, but for RESUME_TOLERATED keys."""
+    now = flatten(OmegaConf.to_container(cfg, resolve=True))
+    before = flatten(saved)
+    # Recorded before the dataset resolved them (TinyImageNet before 2026-11-27, ImageNet and INAT21 until
+    # then too): "auto" matches what it is now.
+    before.update({key: now.get(key) for key in RESOLVED_SINCE if before.get(key) == "auto"})
+    differing = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k) and k not in RESUME_TOLERATED)
+    if not differing:
+        return
+    details = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in differing[:8])
+    if len(differing) > 8:
+        details += f", and {len(differing) - 8} more"
+    why = ""
+    if "trainer.epochs" in differing:
+        why = (f" A run is not extended in place: its lr schedule (warm-up, milestones) was laid out for "
+               f"trainer.epochs={before.get('trainer.epochs')}, so a longer run is another run.")
+    raise ResumeError(
+        f"{path} was written by a different configuration ({details}).{why} Use another run folder "
+        "(hydra.run.dir=... or tag=...), or trainer.resume=never to start over in this one."
+    )
+
+
+def check_same_data(saved: dict[str, Any] | None, now: dict[str, Any], root: object, path: Path) -> None:
+    """The data found now (``now``, under dataset.root ``root``) must be the data the run trained on
+    (``saved``, recorded in ``path``; None in files written before 2026-11-27): a run folder's name
+    leaves out dataset.root, so another dataset under another root (an image folder, say) would
+    otherwise resume this run, or be reported as this finished run."""
+    if saved is None or saved == now:
+        return
+
+    def described(identity: dict[str, Any]) -> str:
+        return (f"{identity.get('num_classes')} classes (names sha1 {identity.get('classes_sha1')}), "
+                f"{identity.get('train_size')} train / {identity.get('val_size')} val images")  # fmt: skip
+
+    raise ResumeError(
+        f"{path} is a run on other data than dataset.root={root} holds: it trained on "
+        f"{described(saved)}, this data has {described(now)}. Run folders are named without dataset.root: "
+        "give this data a run folder of its own (tag=... or experiment_name=...), or trainer.resume=never "
+        "to start over in this one."
+    )
+
+
+def refuse_to_overwrite_results(run_dir: Path) -> None:
+    """No last.pt and no summary.json, yet the folder holds results beyond a first epoch: an
+    unfinished run's checkpoint was deleted or lost. Starting over would truncate metrics.jsonl
+    and overwrite best.pt. (A kill between the first epoch's metrics line and its checkpoint
+    leaves one epoch line: that one is redone.)"""
+    done = max((record["epoch"] for record in read_metrics(run_dir)), default=0)
+    if done >= 2:
+        raise ResumeError(
+            f"{run_dir} holds the results of {done} epoch(s) but no checkpoints/last.pt "
+            "to resume from; rerunning here would overwrite them. Put last.pt back, use another run "
+            "folder (tag=... or hydra.run.dir=...), or trainer.resume=never to start over in this one."
+        )
+
+
+def warn_if_precision_changed(saved: str | None, current: str, requested: object, path: Path) -> None:
+    """trainer.precision=auto (``requested``) resolves per machine (bf16 on GPUs and AMX CPUs, else
+    fp32): a run resumed on another kind of machine continues in another precision. Allowed, as any
+    change of where a run executes, but said. ``saved``: None in checkpoints before 2026-11-27."""
+    if saved is not None and saved != current:
+        warnings.warn(
+            f"{path} trained in {saved} so far; trainer.precision={requested} is {current} on this "
+            f"machine, so the run continues in {current} (trainer.precision={saved} keeps it in {saved})",
+            UserWarning,
+            stacklevel=2,
+        )
