@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..losses.base import MethodContractError
 from .checkpoint import write_error, write_text_atomically
 from .run_folder import parse_metrics
 
@@ -25,7 +26,8 @@ def topk_correct(logits: Tensor, targets: Tensor, ks: tuple[int, ...] = (1, 5)) 
 class TermAccumulator:
     """Sums of the loss terms over steps, kept as one stacked device tensor: two small kernels per
     step (stack + add) whatever the number of terms, which matters when a step is launch-bound.
-    Reading the means is the only host sync, done at log time."""
+    Reading the means is the only host sync, done at log time. The terms are summed by position, so
+    every step must return the same names in the same order (checked: a host-side list compare)."""
 
     def __init__(self) -> None:
         self.names: list[str] = []
@@ -36,6 +38,11 @@ class TermAccumulator:
         values = torch.stack([value.detach().float() for value in terms.values()])
         if self.total is None:
             self.names, self.total = list(terms), values
+        elif list(terms) != self.names:
+            raise MethodContractError(
+                f"a training step returned the terms {list(terms)} after steps that returned {self.names}: a method's "
+                "training_step (loss_terms) must return the same terms, in the same order, at every step"
+            )
         else:
             self.total = self.total + values  # out of place: a mark() keeps its snapshot for free
         self.count += 1
