@@ -98,6 +98,23 @@ def test_files_written_atomically_take_the_umask_or_keep_the_replaced_file_s_mod
     assert stat.S_IMODE((tmp_path / "best.pt").stat().st_mode) == 0o640
 
 
+def test_a_run_trains_where_windows_lacks_fcntl_resource_and_fchmod(run_tiny, tmp_path, monkeypatch):
+    """Windows has no fcntl (the folder lock), no resource (the CPU memory peak) and, before Python
+    3.13, no os.fchmod: a run there trains and saves, says that its folder is not locked, and records
+    no CPU peak (rather than failing at import or at its first checkpoint)."""
+    from zipfls_train.engine import folder_lock, memory
+
+    monkeypatch.setattr(folder_lock, "fcntl", None)
+    monkeypatch.setattr(memory, "resource", None)
+    monkeypatch.delattr(os, "fchmod")
+    monkeypatch.setattr(checkpoint, "_UMASK", 0o022)
+    with pytest.warns(UserWarning, match=r"no advisory file locks on this platform \(Windows\): nothing stops a second process"):
+        summary, run_dir = run_tiny("loss=ce", "trainer.max_steps_per_epoch=1")
+    assert summary["status"] == "finished" and not (run_dir / ".lock").exists()
+    assert stat.S_IMODE((run_dir / "checkpoints" / "last.pt").stat().st_mode) == 0o644
+    assert read_jsonl(run_dir / "metrics.jsonl")[-1]["peak_cpu_mem_mb"] is None
+
+
 def test_a_second_process_on_a_run_folder_in_use_is_refused_and_writes_nothing(run_tiny, tmp_path):
     run_dir = tmp_path / "run"
     with RunFolderLock(run_dir):  # flock: a second open file (the run's) conflicts, as another process's would

@@ -57,8 +57,8 @@ def replace_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
     except OSError as error:
         raise write_error(path, error) from error
     try:
-        os.fchmod(handle, mode)
-        with os.fdopen(handle, "wb") as stream:
+        with os.fdopen(handle, "wb") as stream:  # closed before the unlink below, which Windows needs
+            os.chmod(temporary, mode)  # (os.fchmod is POSIX, and on Windows only from Python 3.13)
             write(stream)
             stream.flush()
             os.fsync(stream.fileno())

@@ -17,7 +17,7 @@ from .run_folder import not_writable
 
 try:
     import fcntl
-except ImportError:  # pragma: no cover - Windows: no advisory locks, no check
+except ImportError:  # Windows: no advisory locks; warned, not checked
     fcntl = None
 
 LOCK_NAME = ".lock"
@@ -38,6 +38,11 @@ class RunFolderLock:
     def __enter__(self) -> RunFolderLock:
         if fcntl is not None:
             self._stream = self._acquire()
+        else:
+            warnings.warn(
+                f"no advisory file locks on this platform (Windows): nothing stops a second process from "
+                f"training in {self.path.parent} at the same time", stacklevel=2,
+            )
         return self
 
     def __exit__(self, *exc: object) -> None:

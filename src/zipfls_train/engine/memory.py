@@ -7,8 +7,12 @@ an earlier, larger one (CE after BYOT would show BYOT's memory).
 
 from __future__ import annotations
 
-import resource
 import sys
+
+try:
+    import resource
+except ImportError:  # Windows: no getrusage; the CPU peak is not recorded there
+    resource = None
 
 import torch
 
@@ -29,8 +33,10 @@ def reset_peak_memory(device: torch.device) -> None:
         pass
 
 
-def peak_cpu_memory_mb() -> float:
-    """Peak resident memory of this process since the last reset, in MiB."""
+def peak_cpu_memory_mb() -> float | None:
+    """Peak resident memory of this process since the last reset, in MiB; None on Windows."""
+    if resource is None:
+        return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # macOS reports bytes, Linux KiB
 
