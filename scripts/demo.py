@@ -52,13 +52,19 @@ def run_folder_named_in(line: str) -> Path | None:
     return Path(match.group(1) or match.group(2)) if match else None
 
 
+def hydra_quoted(value: str) -> str:
+    """``value`` as one quoted Hydra override value: unquoted, a path with accents, brackets or an
+    apostrophe breaks the override grammar, and one with a comma makes a sweep. Inside quotes Hydra still reads ``\\"`` and ``${...}``: escaped."""
+    return '"' + value.replace('"', '\\"').replace("${", "\\${") + '"'
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", type=Path, default=REPO / "data", help="folder holding tiny-imagenet-200/ or tinyimagenet-32/")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. trainer.epochs=2")
     args = parser.parse_args()
     root = locate_data(args.data).resolve()
-    command = [sys.executable, str(REPO / "train.py"), "experiment=demo", f"dataset.root={root}", *args.overrides]
+    command = [sys.executable, str(REPO / "train.py"), "experiment=demo", f"dataset.root={hydra_quoted(str(root))}", *args.overrides]
     print("$ " + " ".join(command), flush=True)
     run_dir = None
     with subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True, bufsize=1) as training:

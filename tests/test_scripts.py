@@ -4,6 +4,7 @@ short and rare, and a script that fails at import or on an option costs its meas
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 
@@ -115,10 +116,14 @@ def test_gpu_check_is_valid_bash():
 
 def test_the_demo_reports_the_run_it_trained_not_the_newest_one(tiny_pack_root, tmp_path):
     """`make demo` (scripts/demo.py) prints the result and folder of its own run: rerun after another
-    run, it printed whichever summary was newest."""
+    run, it printed whichever summary was newest. Its data folder's name is one a laptop's folders
+    have (accents, an apostrophe, brackets, a comma): Hydra's override grammar refused it unquoted
+    (and a comma unquoted makes a sweep)."""
+    data = tmp_path / "Jane's dätä (copy), v2"
+    shutil.copytree(tiny_pack_root, data)
     tiny = ["dataset.num_classes=10", "dataset.num_classes_subset=5", "dataset.train_per_class=8", "dataset.val_per_class=4",
             "model.options.width=8", "trainer.epochs=1", "trainer.batch_size=8", "trainer.device=cpu", "trainer.progress_bar=false"]
-    demo = ["scripts/demo.py", "--data", str(tiny_pack_root), *tiny]
+    demo = ["scripts/demo.py", "--data", str(data), *tiny]
     first = run_script(*demo, f"hydra.run.dir={tmp_path}/seed0")
     assert f"Run folder:       {tmp_path}/seed0" in first
     run_script(*demo, "seed=1", f"hydra.run.dir={tmp_path}/seed1")
