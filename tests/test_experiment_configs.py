@@ -219,6 +219,9 @@ def test_long_sweep_folder_names_keep_the_swept_values_and_stay_unique():
     assert names[0].startswith("num_classes_subset=5,root=_data_x,train_per_class=20,") and "/" not in names[0]
     assert ",loss=ce,seed=0__" in names[0] and ",loss=ce,seed=1__" in names[1]
     assert len(names[0]) <= 150 and names[0] != names[1]
+    # Characters Windows refuses in names (a teacher checkpoint's drive letter; a value quoted for its
+    # spaces) become "_" or, the quotes, go.
+    assert safe_dirname('loss.teacher_checkpoint=C:\\runs\\best.pt,tag="_my run?"') == "loss.teacher_checkpoint=C__runs_best.pt,tag=_my run_"
     # Short names are the overrides as given; an enormous one is cut but keeps its unique hash.
     assert safe_dirname("loss=ce,seed=0") == "loss=ce,seed=0"
     huge = [safe_dirname(f"{'x' * 300},seed={seed}") for seed in (0, 1)]

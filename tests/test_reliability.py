@@ -51,6 +51,7 @@ from zipfls_train.losses.ls import LabelSmoothing
         # (a virtual teacher that favours the wrong classes: 0.05 < each other class's 0.95 / 9)
         ("loss=tfkd loss.correct_prob=0.05 dataset.num_classes_subset=10", r"^loss.correct_prob must be > 1/10 .*got 0.05$"),
         ("tag=_a/b", r"tag='_a/b' names a part of the run folder and must not contain a path separator"),
+        ("tag=_lr:0.1", r"tag='_lr:0.1' names a part of the run folder and must not contain :: Windows .* refuses them"),
         # on/off keys: a word is refused (bool("no") is True: it would switch the option on)
         ("trainer.deterministic=yes", r"trainer.deterministic must be true or false, got 'yes'"),
         ("trainer.progress_bar=off", r"trainer.progress_bar must be true or false, got 'off'"),

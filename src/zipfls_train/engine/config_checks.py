@@ -53,6 +53,12 @@ def _check_run_folder_name_parts(cfg: DictConfig) -> None:
         value = str(cfg.get(key) or "")
         if "/" in value or "\\" in value or value in (".", ".."):
             raise ConfigError(f"{key}={value!r} names a part of the run folder and must not contain a path separator or be . or ..")
+        refused = sorted(set(value) & set('<>:"|?*'))
+        if refused:
+            raise ConfigError(
+                f"{key}={value!r} names a part of the run folder and must not contain {' '.join(refused)}: "
+                "Windows (and a Windows share the runs are copied to) refuses them in folder names"
+            )
 
 
 # trainer.precision's explicit values (their autocast dtypes: precision.PRECISIONS, which needs torch).

@@ -10,7 +10,8 @@ MAX_NAME = 150
 
 def safe_dirname(overrides: str) -> str:
     """``loss=ce,seed=0`` stays as it is; path separators become ``_`` (a path-valued override such as
-    ``loss.teacher_checkpoint=/x/best.pt`` must not create nested folders). A name longer than
+    ``loss.teacher_checkpoint=/x/best.pt`` must not create nested folders), and so do the other
+    characters Windows refuses in names (``<>:|?*``; double quotes are dropped). A name longer than
     MAX_NAME characters drops the groups of dotted keys (``dataset.train_per_class=20`` ->
     ``train_per_class=20``), then, if it must, writes keys of several words as their initials
     (``tpc=20``: the same in every run of a sweep, whatever its values), then cuts the longest
@@ -41,8 +42,14 @@ def _initials_key(item: str) -> str:
     return ("".join(word[0] for word in words) if len(words) > 1 else key) + separator + value
 
 
+# A folder name holds none of these on Windows (NTFS, and SMB shares anywhere): the path separators,
+# which would also nest folders, become "_"; so do the rest, but the double quotes of a value quoted
+# for its spaces (tag="my run"), which are dropped.
+_NOT_IN_FOLDER_NAMES = str.maketrans({**{character: "_" for character in '/\\<>:|?*'}, '"': None})
+
+
 def _path_safe(text: str) -> str:
-    return text.replace("/", "_").replace("\\", "_")
+    return text.translate(_NOT_IN_FOLDER_NAMES)
 
 
 def _leaf_key(item: str) -> str:
