@@ -564,6 +564,27 @@ def test_cudnn_autotunes_unless_the_run_is_deterministic(tmp_path, monkeypatch, 
     assert torch.backends.cudnn.benchmark is autotune
 
 
+def test_a_deterministic_run_does_not_leave_the_next_run_of_its_sweep_deterministic(tmp_path, monkeypatch):
+    """Hydra runs a sweep's jobs in one process, and torch's deterministic mode is process-wide: the
+    trainer only ever switched it on, so every job after a trainer.deterministic=true one ran with
+    deterministic (slower, on GPUs) kernels."""
+    from conftest import compose
+    from zipfls_train.engine.distributed import DistContext
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)  # restored after the test
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    overrides = ["dataset=synthetic", "dataset.image_size=32", "dataset.num_classes=4", "dataset.steps_per_epoch=1",
+                 "model.options.width=8", "trainer.device=cpu", "trainer.progress_bar=false"]
+    states = []
+    try:
+        for deterministic in ("true", "false"):
+            Trainer(compose([*overrides, f"trainer.deterministic={deterministic}"]), DistContext(), tmp_path / deterministic)
+            states.append((torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark))
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    assert states == [(True, False), (False, True)]
+
+
 @pytest.mark.parametrize(("amx", "expected"), [(True, torch.bfloat16), (False, None), ("absent", None)])
 def test_precision_auto_is_bf16_on_cpus_with_amx_and_fp32_on_other_cpus(monkeypatch, amx, expected):
     from zipfls_train.engine.precision import resolve_precision

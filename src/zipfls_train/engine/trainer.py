@@ -99,8 +99,8 @@ class Trainer:
         # took 0.74-0.95x the NCHW time for every model family measured: experiments/cpu_speed.md).
         self.channels_last = bool(tcfg.channels_last)
         deterministic = bool(tcfg.deterministic)
-        if deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
+        # Process-wide: set either way, or one deterministic run would leave the rest of its sweep so.
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)
         # cuDNN times its convolution algorithms once per shape and keeps the fastest (a run's shapes
         # are fixed: the recipe's batch and image size); a deterministic run must not pick by timing.
         torch.backends.cudnn.benchmark = not deterministic
