@@ -498,7 +498,10 @@ def render_cost(runs: Sequence[Run], paper: Paper) -> str:
         "Paper: ImageNet, 4x 2080Ti, batch 16 (Table 1), ratio of each method's cost to the baseline's. "
         "Ours: median epoch_time_s over the epochs of the cell's runs (those holding a run's first step, "
         "which starts the loader and compiles, left out where a run has others), max peak_gpu_mem_mb / "
-        "peak_cpu_mem_mb (- where not measured, e.g. GPU memory on CPU).",
+        "peak_cpu_mem_mb (- where not measured, e.g. GPU memory on CPU). A CPU peak is its process's "
+        "since the run started: a run that followed others in one sweep process also counts what they "
+        "left resident (imports, compiler caches: +5-8% measured), so compare costs of runs started as "
+        "separate commands.",
     ]
     return "\n".join([*legend, "", _markdown(header, body)])
 
