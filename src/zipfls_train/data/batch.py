@@ -9,7 +9,8 @@ from torch import Tensor
 
 @dataclass
 class Batch:
-    """inputs:   N x 3 x H x W, float, normalised, on the device (channels_last on GPU).
+    """inputs:   N x 3 x H x W, float, normalised, on the device, channels_last when
+                 ``trainer.channels_last`` (the default) asks for it, on every device.
     targets:     N, int64 class indices.
     indices:     N, int64 dataset indices (PS-KD's per-sample memory), always present.
     pair_inputs: N x 3 x H x W, another image of the same class per sample (CS-KD), when asked.

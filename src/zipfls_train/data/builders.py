@@ -1,4 +1,5 @@
-"""From a dataset config to train/val loaders. ``dataset.name`` picks a builder in ``DATASETS``.
+"""From a dataset config to train/val loaders. ``dataset.name`` picks a reader in ``IN_MEMORY_READERS``
+or a builder in ``FILE_DATASETS``.
 
 In-memory datasets (CIFAR-100, TinyImageNet) share one builder: a reader turns the official files
 into :class:`ImageTensors`; subsets are taken; :class:`TensorLoader` does the rest. File-based
