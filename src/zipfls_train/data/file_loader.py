@@ -105,8 +105,6 @@ class _FileDataset(Dataset):
         if self.pairs:
             views["pair_inputs"] = (pair, VIEW_PAIR)
         item: dict[str, Any] = {"targets": int(self.files.targets[index]), "indices": index, "slot": slot}
-        if self.pairs:
-            item["pair_targets"] = int(self.files.targets[pair])
         for name, (source, view) in views.items():
             pixels = self._view(source, (epoch, index, view))
             if slot >= 0 and self.ring is not None:
@@ -164,8 +162,6 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         "slot": first["slot"],
         "count": len(items),
     }
-    if "pair_targets" in first:
-        out["pair_targets"] = np.array([it["pair_targets"] for it in items], dtype=np.int64)
     for name in VIEW_NAMES:
         if name in first:
             out[name] = _stack_views([it[name] for it in items])
@@ -448,7 +444,6 @@ class FileLoader:
             batch.second_view = self._to_device(raw["second_view"])
         if "pair_inputs" in raw:
             batch.pair_inputs = self._to_device(raw["pair_inputs"])
-            batch.pair_targets = torch.from_numpy(raw["pair_targets"]).to(device, non_blocking=True)
         if device.type == "cuda" and raw.get("slot", -1) >= 0:
             # The copies out of this ring slot are queued; the slot is reused only after they ran.
             event = torch.cuda.Event()
@@ -511,8 +506,7 @@ class FileLoader:
             if pending is not None:
                 yield pending
             torch.cuda.current_stream(self.options.device).wait_stream(stream)
-            for tensor in (upcoming.inputs, upcoming.targets, upcoming.indices, upcoming.second_view,
-                           upcoming.pair_inputs, upcoming.pair_targets):
+            for tensor in (upcoming.inputs, upcoming.targets, upcoming.indices, upcoming.second_view, upcoming.pair_inputs):
                 if tensor is not None:
                     # Memory allocated on the side stream is used on the main stream from here on.
                     tensor.record_stream(torch.cuda.current_stream(self.options.device))

@@ -36,7 +36,7 @@ class SyntheticLoader:
             indices=torch.arange(start, stop, device=options.device),
         )
         if options.pairs:
-            self.batch.pair_inputs, self.batch.pair_targets = self.batch.inputs.flip(0), self.batch.targets
+            self.batch.pair_inputs = self.batch.inputs.flip(0)
         if options.two_views:
             self.batch.second_view = self.batch.inputs.flip(-1)
         self.num_samples = total * steps if train else total  # over all ranks

@@ -155,5 +155,4 @@ class TensorLoader:
             if self.options.pairs:
                 pair = self._partners.draw(index, targets, params["pair_uniform"][rows])
                 batch.pair_inputs = self._view(pair, params["pair_view"].rows(rows))
-                batch.pair_targets = self.targets[pair].to(self.options.device, non_blocking=True)
             yield batch
