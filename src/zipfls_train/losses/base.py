@@ -52,9 +52,9 @@ class Method(nn.Module):
         warn for one that does nothing there. Default: nothing to check."""
 
     def setup(self, *, num_classes: int, dataset_size: int, model_factory) -> None:  # noqa: ANN001
-        """Called once before training, after the model exists. ``model_factory()`` builds a fresh,
-        unwrapped model of the run's architecture, on its device and in its memory layout (BAN's
-        teacher). Default: nothing to do."""
+        """Called once before training, after the model exists. ``model_factory()`` builds a fresh
+        model of the run's architecture (a ``ClassifierWrapper`` without auxiliary heads, not
+        DDP-wrapped), on its device and in its memory layout (BAN's teacher). Default: nothing to do."""
 
     def on_epoch_start(self, epoch: int, num_epochs: int) -> None:
         """Called at the start of every training epoch (0-based). Default: nothing to do."""

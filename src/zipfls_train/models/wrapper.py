@@ -102,9 +102,6 @@ class ClassifierWrapper(nn.Module):
         """Position of a stage: ``final``, ``penultimate`` or ``stage<i>`` (1-based)."""
         return stage_index(name, len(self.stage_names))
 
-    def stage_channels(self, name: str) -> int:
-        return int(self.backbone.stage_channels[self.stage_index(name)])
-
     def forward(self, x: Tensor, features: Sequence[str] = (), aux: bool = False) -> ModelOutput:
         """``features``: the dense maps to return. A stage with a linear auxiliary head returns what
         that head's classifier sees (its BN + ReLU applied, where it has one), computed once for both
