@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from .augment import TRAIN_AUGMENTS
+from .augment import IN_MEMORY_TRAIN_AUGMENTS
 from .batch import Batch
 from .cifar100 import read_cifar100
 from .images import DatasetError, ImageTensors, check_class_count, take_subset
@@ -92,8 +92,10 @@ IN_MEMORY_TEST_TRANSFORMS = ("none", "resize")
 
 def build_in_memory(cfg: Mapping[str, Any], options: LoaderOptions) -> DataBundle:
     train_augment = str(cfg["train_augment"])
-    if train_augment not in TRAIN_AUGMENTS:  # (else found at the first batch, after the run began)
-        raise DatasetError(f"dataset.train_augment must be one of {list(TRAIN_AUGMENTS)} for {cfg['name']}, got {train_augment!r}")
+    if train_augment not in IN_MEMORY_TRAIN_AUGMENTS:  # before any file is read (else found at the first batch)
+        raise DatasetError(
+            f"dataset.train_augment must be one of {list(IN_MEMORY_TRAIN_AUGMENTS)} for {cfg['name']}, got {train_augment!r}"
+        )
     test_transform = str(cfg.get("test_transform", "resize"))
     if test_transform not in IN_MEMORY_TEST_TRANSFORMS:  # checked before any file is read
         raise DatasetError(

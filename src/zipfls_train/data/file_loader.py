@@ -55,7 +55,8 @@ from .seeds import mix_seed
 from .tensor_loader import LoaderOptions
 from .transforms import EvalTransform, TrainTransform, eval_resize_size, read_for_device_decode, transform_region
 
-TRAIN_AUGMENTS = ("random_resized_crop", "none")
+# dataset.train_augment of the file datasets (in-memory datasets: augment.IN_MEMORY_TRAIN_AUGMENTS).
+FILE_TRAIN_AUGMENTS = ("random_resized_crop", "none")
 # cpu: workers decode with PIL | device: workers only read bytes and draw crops, the training device
 # decodes (nvjpeg through torchvision.io.decode_jpeg on CUDA) and crops/resizes there.
 DECODE_MODES = ("cpu", "device")
@@ -551,8 +552,8 @@ def build_transforms(cfg: Mapping[str, Any], draft: bool = True) -> tuple[Callab
     size = int(cfg["image_size"])
     augment = str(cfg.get("train_augment", "random_resized_crop"))
     test = str(cfg.get("test_transform", "resize_center_crop"))
-    if augment not in TRAIN_AUGMENTS:
-        raise DatasetError(f"dataset.train_augment must be one of {list(TRAIN_AUGMENTS)} for {cfg['name']}, got {augment!r}")
+    if augment not in FILE_TRAIN_AUGMENTS:
+        raise DatasetError(f"dataset.train_augment must be one of {list(FILE_TRAIN_AUGMENTS)} for {cfg['name']}, got {augment!r}")
     if test not in TEST_TRANSFORMS:
         raise DatasetError(f"dataset.test_transform must be one of {list(TEST_TRANSFORMS)} for {cfg['name']}, got {test!r}")
     evaluate = EvalTransform(size, eval_resize_size(size), draft=False)
