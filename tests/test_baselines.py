@@ -22,7 +22,8 @@ from omegaconf import OmegaConf
 from zipfls_train.data.batch import Batch
 from zipfls_train.data.class_pairs import SameClassPartners
 from zipfls_train.data.images import ImageTensors
-from zipfls_train.data.tensor_loader import LoaderOptions, TensorLoader
+from zipfls_train.data.bundle import LoaderOptions
+from zipfls_train.data.tensor_loader import TensorLoader
 from zipfls_train.losses import Method, build_method
 from zipfls_train.models import build_model, unwrap
 from zipfls_train.models.aux_heads import BottleneckAuxHead

@@ -8,49 +8,18 @@ datasets (ImageNet, INAT21) register their own builder returning the same :class
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from .augment import IN_MEMORY_TRAIN_AUGMENTS
 from .batch import Batch
+from .bundle import DataBundle, LoaderOptions
 from .cifar100 import read_cifar100
 from .images import DatasetError, ImageTensors, check_class_count, take_subset
-from .tensor_loader import LoaderOptions, TensorLoader
+from .tensor_loader import TensorLoader
 from .tinyimagenet import find_format, read_tinyimagenet
-
-
-class Loader(Protocol):
-    def __len__(self) -> int: ...
-
-    def epoch(self, epoch: int, start_step: int = 0): ...  # -> Iterator[Batch]
-
-
-@dataclass
-class DataBundle:
-    train: Loader
-    val: Loader
-    num_classes: int
-    train_size: int
-    val_size: int
-    classes: list[str]
-    # Config values resolved from what was found (dataset.<key>: value), e.g. TinyImageNet's format.
-    resolved: dict[str, Any] = field(default_factory=dict)
-
-    def identity(self) -> dict[str, Any]:
-        """What tells this data from other data, wherever it is stored: a run folder's name leaves out
-        dataset.root (a copy elsewhere is the same data), so a resumed or rerun run compares this."""
-        return {
-            "num_classes": self.num_classes,
-            # os.fsencode: a class folder's name may not be UTF-8 (its bytes come back as they are).
-            "classes_sha1": hashlib.sha1(os.fsencode("\n".join(map(str, self.classes)))).hexdigest()[:12],
-            "train_size": self.train_size,
-            "val_size": self.val_size,
-        }
 
 
 Reader = Callable[[Mapping[str, Any], str], ImageTensors]  # (dataset config, "train"|"val") -> images

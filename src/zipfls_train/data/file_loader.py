@@ -47,12 +47,12 @@ from torch.utils.data import DataLoader, Dataset
 from ..errors import original_message
 from .augment import Normalizer
 from .batch import Batch
+from .bundle import DataBundle, LoaderOptions
 from .class_pairs import SameClassPartners
 from .file_list import FileList
 from .images import DatasetError, check_class_count
 from .page_lock import CUDA_SUCCESS, cuda_error_text, page_lock, page_unlock
 from .seeds import mix_seed
-from .tensor_loader import LoaderOptions
 from .transforms import EvalTransform, TrainTransform, eval_resize_size, read_for_device_decode, transform_region
 
 # dataset.train_augment of the file datasets (in-memory datasets: augment.IN_MEMORY_TRAIN_AUGMENTS).
@@ -562,11 +562,9 @@ def build_transforms(cfg: Mapping[str, Any], draft: bool = True) -> tuple[Callab
 
 
 def build_file_bundle(cfg: Mapping[str, Any], options: LoaderOptions, train_files: FileList, val_files: FileList,
-                      resolved: dict[str, Any] | None = None):  # noqa: ANN201
+                      resolved: dict[str, Any] | None = None) -> DataBundle:
     """Subsets, class-count check and the two loaders: the common tail of every file dataset builder.
     ``resolved``: the config values the builder resolved from what it found (``DataBundle.resolved``)."""
-    from .builders import DataBundle  # builders imports this module's users lazily; avoid a cycle
-
     check_class_count(cfg, len(train_files.classes))  # the whole dataset's, before the subset
     train_files = train_files.subset(cfg.get("num_classes_subset"), cfg.get("train_per_class"), "dataset.train_per_class")
     val_files = val_files.subset(cfg.get("num_classes_subset"), cfg.get("val_per_class"), "dataset.val_per_class")

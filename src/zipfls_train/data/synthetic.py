@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from .batch import Batch
+from .bundle import DataBundle, LoaderOptions
 from .images import DatasetError
-from .tensor_loader import LoaderOptions
 
 
 class SyntheticLoader:
@@ -49,9 +49,7 @@ class SyntheticLoader:
             yield self.batch
 
 
-def build_synthetic(cfg: Mapping[str, Any], options: LoaderOptions):  # noqa: ANN201 - DataBundle
-    from .builders import DataBundle
-
+def build_synthetic(cfg: Mapping[str, Any], options: LoaderOptions) -> DataBundle:
     # num_classes_subset as the file datasets read it: the first K classes (the method is built for K).
     size, classes = int(cfg["image_size"]), int(cfg.get("num_classes_subset") or cfg["num_classes"])
     steps = cfg["steps_per_epoch"]
