@@ -22,7 +22,8 @@ from PIL import Image
 from conftest import compose, shared_data
 from zipfls_train.data import DatasetError, LoaderOptions, build_data
 from zipfls_train.data.file_list import FileList
-from zipfls_train.data.file_loader import FileLoader, build_transforms
+from zipfls_train.data.file_bundle import build_transforms
+from zipfls_train.data.file_loader import FileLoader
 from zipfls_train.data.imagenet import read_imagenet
 from zipfls_train.data.inat21 import read_inat21
 from zipfls_train.data.transforms import EvalTransform, TrainTransform, eval_resize_size
@@ -663,7 +664,7 @@ def test_recipe_experiment_sets_the_224px_schedule() -> None:
 def test_device_eval_crop_on_whole_pixels_is_still_resize_then_center_crop() -> None:
     # 512 x 512 at 224 px: Resize(256) halves it and CenterCrop keeps source pixels 32..480, a box
     # on whole pixels; the crop's border pixels must still see their neighbours, as torchvision's do.
-    from zipfls_train.data.file_loader import _crop_resize
+    from zipfls_train.data.device_decode import _crop_resize
 
     image = torch.randint(0, 256, (3, 512, 512), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     box, flip = EvalTransform(224, eval_resize_size(224)).plan(512, 512)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # dataset.train_augment of the in-memory datasets (data/builders.py checks it before any file is
-# read; the file datasets have their own: file_loader.FILE_TRAIN_AUGMENTS).
+# read; the file datasets have their own: file_bundle.FILE_TRAIN_AUGMENTS).
 IN_MEMORY_TRAIN_AUGMENTS = ("crop_pad", "random_resized_crop", "none")
 
 

@@ -1,5 +1,5 @@
 """What every dataset builder takes and returns: :class:`LoaderOptions` in, a :class:`DataBundle` of
-two :class:`Loader` objects out (``builders.build_in_memory`` and ``file_loader.build_file_bundle``
+two :class:`Loader` objects out (``builders.build_in_memory`` and ``file_bundle.build_file_bundle``
 make them; a new dataset's builder returns one through the latter)."""
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from .bundle import DataBundle, LoaderOptions
+from .file_bundle import build_file_bundle
 from .file_list import IMAGE_EXTENSIONS, FileList, folder_entries, list_images, unreadable_folder
-from .file_loader import build_file_bundle
 from .images import DatasetError, missing_dataset_error
 
 LAYOUT = """  <root>/train/<class>/<image>   (one folder per class, e.g. train/cat/0001.jpg)

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from .bundle import DataBundle, LoaderOptions
+from .file_bundle import build_file_bundle
 from .file_list import FileList, folder_entries, is_image_file, list_images
-from .file_loader import build_file_bundle
 from .image_folder import read_class_folders, read_classes
 from .images import DatasetError, missing_dataset_error
 

@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from .bundle import DataBundle, LoaderOptions
+from .file_bundle import build_file_bundle
 from .file_list import IMAGE_EXTENSIONS, FileList, folder_entries, list_images
-from .file_loader import build_file_bundle
 from .images import DatasetError, missing_dataset_error
 
 TRAIN_SPLITS = ("train_mini", "train")
