@@ -31,8 +31,8 @@ from torch import Tensor, nn
 
 from ..data.batch import Batch
 from ..models.outputs import ModelOutput
-from ..models.wrapper import unwrap
-from .base import Method, Needs
+from ..models.wrapper import is_stage_name, unwrap
+from .base import Method, Needs, non_negative, one_of, positive
 from .ce import cross_entropy
 from .dense_logits import dense_argmax, votes_per_sample
 from .zipf_fused import FUSED_DISTRIBUTIONS, DenseMap, fused_ce_zipf, unavailable_reason
@@ -208,12 +208,6 @@ def _stage_classifier(model: nn.Module, stage: str) -> nn.Linear:
     return fc
 
 
-def _is_stage_name(stage: object) -> bool:
-    if not isinstance(stage, str):
-        return False
-    return stage in ("final", "penultimate") or (stage.startswith("stage") and stage[5:].isdigit() and int(stage[5:]) >= 1)
-
-
 class ZipfLabelSmoothing(Method):
     """``loss = CE(z, y) + weight * KL(P_zipf || Q_nontarget) (+ aux_weight * CE(aux logits, y))``.
 
@@ -246,15 +240,13 @@ class ZipfLabelSmoothing(Method):
         if isinstance(stages, str) or not isinstance(stages, Iterable):
             raise ValueError(f"loss.stages must be a list of stage names, e.g. [final] or [final, penultimate]; got {stages!r}")
         stages = tuple(stages)
-        if not _is_number(weight) or not weight >= 0 or weight == float("inf"):
-            raise ValueError(f"loss.weight (the paper's lambda) must be a finite number >= 0, got {weight!r}")
-        if not _is_number(alpha) or not alpha > 0 or alpha == float("inf"):
-            raise ValueError(f"loss.alpha (the Zipf exponent) must be a finite number > 0, got {alpha!r}")
-        if distribution not in DISTRIBUTIONS:
-            raise ValueError(f"loss.distribution must be one of {list(DISTRIBUTIONS)}, got {distribution!r}")
-        if rank_by not in RANK_BY:
-            raise ValueError(f"loss.rank_by must be one of {list(RANK_BY)}, got {rank_by!r}")
-        if not stages or "final" not in stages or not all(_is_stage_name(s) for s in stages) or len(set(stages)) != len(stages):
+        self.weight = non_negative("weight", weight, "the paper's lambda")
+        self.alpha = positive("alpha", alpha, "the Zipf exponent")
+        self.distribution = str(one_of("distribution", distribution, DISTRIBUTIONS))
+        self.rank_by = str(one_of("rank_by", rank_by, RANK_BY))
+        # Whether a name is a stage at all; which stages the model has is checked before the run
+        # starts (engine/config_checks, through models.stage_positions).
+        if not stages or "final" not in stages or not all(is_stage_name(s) for s in stages) or len(set(stages)) != len(stages):
             raise ValueError(
                 "loss.stages must be a list of distinct stage names containing 'final' ('final', "
                 f"'penultimate' or 'stage<i>'), e.g. [final] or [final, penultimate]; got {list(stages)!r}"
@@ -263,10 +255,8 @@ class ZipfLabelSmoothing(Method):
             raise ValueError(f"loss.stages only applies to rank_by=dense; with rank_by=logits leave it [final], got {list(stages)!r}")
         if upsample not in UPSAMPLE_MODES:
             raise ValueError(f"loss.upsample must be one of ['none', 'bilinear'] (or null), got {upsample!r}")
-        if not _is_number(aux_weight) or not aux_weight >= 0 or aux_weight == float("inf"):
-            raise ValueError(f"loss.aux_weight (the paper's beta) must be a finite number >= 0, got {aux_weight!r}")
-        if kernel not in KERNELS:
-            raise ValueError(f"loss.kernel must be one of {list(KERNELS)}, got {kernel!r}")
+        self.aux_weight = non_negative("aux_weight", aux_weight, "the paper's beta")
+        self.kernel = str(one_of("kernel", kernel, KERNELS))
         fusable = rank_by == "dense" and distribution in FUSED_DISTRIBUTIONS
         if kernel == "triton" and not fusable:
             raise ValueError(
@@ -274,14 +264,8 @@ class ZipfLabelSmoothing(Method):
                 f"got rank_by={rank_by!r}, distribution={distribution!r} (use loss.kernel=auto or torch)"
             )
         self.num_classes = int(num_classes)
-        self.weight = float(weight)
-        self.alpha = float(alpha)
-        self.distribution = str(distribution)
-        self.rank_by = str(rank_by)
         self.stages = tuple(str(s) for s in stages)
         self.upsample = None if upsample in (None, "none") else str(upsample)
-        self.aux_weight = float(aux_weight)
-        self.kernel = str(kernel)
         self.fusable = fusable  # what the fused kernel computes (rank_by=dense, a rank-based distribution)
         dense = self.rank_by == "dense"
         self.aux_stages = tuple(s for s in self.stages if s != "final") if dense else ()
@@ -374,10 +358,6 @@ class ZipfLabelSmoothing(Method):
             loss = loss + self.aux_weight * aux_ce
             terms["aux_ce"] = aux_ce
         return {"loss": loss, **terms}
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # not NaN
 
 
 __all__ = [
