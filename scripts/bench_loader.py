@@ -35,9 +35,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from zipfls_train.data.bundle import LoaderOptions  # noqa: E402
 from zipfls_train.data.file_loader import FileLoader  # noqa: E402
 from zipfls_train.data.imagenet import read_imagenet  # noqa: E402
-from zipfls_train.data.tensor_loader import LoaderOptions  # noqa: E402
 from zipfls_train.data.transforms import TrainTransform  # noqa: E402
 from zipfls_train.engine.precision import precision_name, resolve_precision  # noqa: E402
 from zipfls_train.models import build_model  # noqa: E402

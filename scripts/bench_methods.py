@@ -124,7 +124,6 @@ class Runner:
             targets=targets,
             indices=torch.randperm(args.dataset_size, generator=generator)[:n].to(device),
             pair_inputs=images() if needs.pairs else None,
-            pair_targets=targets if needs.pairs else None,
             second_view=images() if needs.two_views else None,
         )
         dtype = resolve_precision(args.precision, device)

@@ -318,8 +318,14 @@ def test_an_image_is_augmented_alike_whatever_the_processes_and_accumulation(aug
 
 def test_pairs_are_same_class_and_second_view_differs():
     data = _numbered(30)
+    # Channel 0 of every image is one flat level naming its class (crop_pad's padding is 0, below
+    # every level), so the class of each pair image (CS-KD's pair_inputs) can be read back.
+    levels = 50 + 60 * data.targets
+    data.images[:, 0] = levels.view(-1, 1, 1).to(torch.uint8)
     batch = next(_loader(data, train=True, pairs=True, two_views=True).epoch(0))
-    assert torch.equal(batch.pair_targets, batch.targets)
+    pair_levels = ((batch.pair_inputs[:, 0].amax(dim=(1, 2)) * 0.5 + 0.5) * 255).round().long()
+    assert torch.equal(pair_levels, levels[batch.indices])
+    assert torch.equal(data.targets[batch.indices], batch.targets)
     assert batch.second_view.shape == batch.inputs.shape and not torch.equal(batch.second_view, batch.inputs)
 
 

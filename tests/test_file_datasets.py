@@ -22,7 +22,8 @@ from PIL import Image
 from conftest import compose, shared_data
 from zipfls_train.data import DatasetError, LoaderOptions, build_data
 from zipfls_train.data.file_list import FileList
-from zipfls_train.data.file_loader import FileLoader, build_transforms
+from zipfls_train.data.file_bundle import build_transforms
+from zipfls_train.data.file_loader import FileLoader
 from zipfls_train.data.imagenet import read_imagenet
 from zipfls_train.data.inat21 import read_inat21
 from zipfls_train.data.transforms import EvalTransform, TrainTransform, eval_resize_size
@@ -584,7 +585,7 @@ def test_worker_count_does_not_change_the_batches(imagenet_root: Path) -> None:
         a_batches, b_batches = list(in_process.epoch(epoch)), list(with_workers.epoch(epoch))
         assert len(a_batches) == len(b_batches) == 8
         for a, b in zip(a_batches, b_batches):
-            assert torch.equal(a.indices, b.indices) and torch.equal(a.pair_targets, b.pair_targets)
+            assert torch.equal(a.indices, b.indices)
             for view in ("inputs", "second_view", "pair_inputs"):
                 assert torch.equal(getattr(a, view), getattr(b, view)), view
     assert with_workers._ring is not None and len(with_workers._ring) == 6
@@ -595,7 +596,6 @@ def test_pairs_and_second_view(imagenet_root: Path) -> None:
     loader = make_loader(files, train=True, pairs=True, two_views=True, batch_size=6)
     batch = next(loader.epoch(0))
     assert batch.second_view.shape == batch.inputs.shape == batch.pair_inputs.shape
-    assert torch.equal(batch.pair_targets, batch.targets)
     assert not torch.equal(batch.second_view, batch.inputs)  # an independent augmentation
     for epoch in range(3):  # CS-KD partners: same class, another image (SPEC.md)
         order, pairs = loader.shard_indices(epoch)
@@ -664,7 +664,7 @@ def test_recipe_experiment_sets_the_224px_schedule() -> None:
 def test_device_eval_crop_on_whole_pixels_is_still_resize_then_center_crop() -> None:
     # 512 x 512 at 224 px: Resize(256) halves it and CenterCrop keeps source pixels 32..480, a box
     # on whole pixels; the crop's border pixels must still see their neighbours, as torchvision's do.
-    from zipfls_train.data.file_loader import _crop_resize
+    from zipfls_train.data.device_decode import _crop_resize
 
     image = torch.randint(0, 256, (3, 512, 512), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     box, flip = EvalTransform(224, eval_resize_size(224)).plan(512, 512)

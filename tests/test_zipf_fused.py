@@ -416,7 +416,7 @@ def kernel_as_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     triton_or_fail()
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(zipf_fused, "_kernel_state", {})
-    monkeypatch.setattr(ZipfLabelSmoothing, "_use_fused_kernel", lambda self, logits, votes: True)
+    monkeypatch.setattr(ZipfLabelSmoothing, "_kernel_applies", lambda self, outputs: True)
 
 
 def test_a_kernel_that_fails_to_build_falls_back_once_with_a_warning(kernel_as_on_a_gpu: None, monkeypatch: pytest.MonkeyPatch) -> None:

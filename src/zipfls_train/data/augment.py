@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-TRAIN_AUGMENTS = ("crop_pad", "random_resized_crop", "none")
+# dataset.train_augment of the in-memory datasets (data/builders.py checks it before any file is
+# read; the file datasets have their own: file_bundle.FILE_TRAIN_AUGMENTS).
+IN_MEMORY_TRAIN_AUGMENTS = ("crop_pad", "random_resized_crop", "none")
 
 
 def uniform(generator: torch.Generator, device: torch.device, *shape: int) -> Tensor:
@@ -213,8 +215,8 @@ def draw_params(kind: str, n: int, height: int, width: int, size: int, generator
         crop = boxes_to_spans(random_resized_crop_boxes(n, height, width, generator, device))
     elif kind == "none":
         crop = None
-    else:
-        raise ValueError(f"dataset.train_augment must be one of {TRAIN_AUGMENTS}, got {kind!r}")
+    else:  # a direct caller's (TensorLoader(augment=...)); a run's config was checked in data/builders.py
+        raise ValueError(f"augment must be one of {list(IN_MEMORY_TRAIN_AUGMENTS)} (dataset.train_augment of an in-memory dataset), got {kind!r}")
     return ViewParams(kind, crop, random_flips(n, generator, device))
 
 

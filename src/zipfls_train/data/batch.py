@@ -9,11 +9,11 @@ from torch import Tensor
 
 @dataclass
 class Batch:
-    """inputs:   N x 3 x H x W, float, normalised, on the device (channels_last on GPU).
+    """inputs:   N x 3 x H x W, float, normalised, on the device, channels_last when
+                 ``trainer.channels_last`` (the default) asks for it, on every device.
     targets:     N, int64 class indices.
     indices:     N, int64 dataset indices (PS-KD's per-sample memory), always present.
     pair_inputs: N x 3 x H x W, another image of the same class per sample (CS-KD), when asked.
-    pair_targets: the pair images' labels (equal to ``targets``).
     second_view: N x 3 x H x W, a second augmentation of the same images (DDGSD), when asked.
     """
 
@@ -21,7 +21,6 @@ class Batch:
     targets: Tensor
     indices: Tensor
     pair_inputs: Tensor | None = None
-    pair_targets: Tensor | None = None
     second_view: Tensor | None = None
 
     @property

@@ -1,4 +1,5 @@
-"""From a dataset config to train/val loaders. ``dataset.name`` picks a builder in ``DATASETS``.
+"""From a dataset config to train/val loaders. ``dataset.name`` picks a reader in ``IN_MEMORY_READERS``
+or a builder in ``FILE_DATASETS``.
 
 In-memory datasets (CIFAR-100, TinyImageNet) share one builder: a reader turns the official files
 into :class:`ImageTensors`; subsets are taken; :class:`TensorLoader` does the rest. File-based
@@ -7,49 +8,18 @@ datasets (ImageNet, INAT21) register their own builder returning the same :class
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from .augment import TRAIN_AUGMENTS
+from .augment import IN_MEMORY_TRAIN_AUGMENTS
 from .batch import Batch
+from .bundle import DataBundle, LoaderOptions
 from .cifar100 import read_cifar100
 from .images import DatasetError, ImageTensors, check_class_count, take_subset
-from .tensor_loader import LoaderOptions, TensorLoader
+from .tensor_loader import TensorLoader
 from .tinyimagenet import find_format, read_tinyimagenet
-
-
-class Loader(Protocol):
-    def __len__(self) -> int: ...
-
-    def epoch(self, epoch: int, start_step: int = 0): ...  # -> Iterator[Batch]
-
-
-@dataclass
-class DataBundle:
-    train: Loader
-    val: Loader
-    num_classes: int
-    train_size: int
-    val_size: int
-    classes: list[str]
-    # Config values resolved from what was found (dataset.<key>: value), e.g. TinyImageNet's format.
-    resolved: dict[str, Any] = field(default_factory=dict)
-
-    def identity(self) -> dict[str, Any]:
-        """What tells this data from other data, wherever it is stored: a run folder's name leaves out
-        dataset.root (a copy elsewhere is the same data), so a resumed or rerun run compares this."""
-        return {
-            "num_classes": self.num_classes,
-            # os.fsencode: a class folder's name may not be UTF-8 (its bytes come back as they are).
-            "classes_sha1": hashlib.sha1(os.fsencode("\n".join(map(str, self.classes)))).hexdigest()[:12],
-            "train_size": self.train_size,
-            "val_size": self.val_size,
-        }
 
 
 Reader = Callable[[Mapping[str, Any], str], ImageTensors]  # (dataset config, "train"|"val") -> images
@@ -91,8 +61,10 @@ IN_MEMORY_TEST_TRANSFORMS = ("none", "resize")
 
 def build_in_memory(cfg: Mapping[str, Any], options: LoaderOptions) -> DataBundle:
     train_augment = str(cfg["train_augment"])
-    if train_augment not in TRAIN_AUGMENTS:  # (else found at the first batch, after the run began)
-        raise DatasetError(f"dataset.train_augment must be one of {list(TRAIN_AUGMENTS)} for {cfg['name']}, got {train_augment!r}")
+    if train_augment not in IN_MEMORY_TRAIN_AUGMENTS:  # before any file is read (else found at the first batch)
+        raise DatasetError(
+            f"dataset.train_augment must be one of {list(IN_MEMORY_TRAIN_AUGMENTS)} for {cfg['name']}, got {train_augment!r}"
+        )
     test_transform = str(cfg.get("test_transform", "resize"))
     if test_transform not in IN_MEMORY_TEST_TRANSFORMS:  # checked before any file is read
         raise DatasetError(

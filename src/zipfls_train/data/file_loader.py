@@ -18,8 +18,8 @@ Same protocol as :class:`TensorLoader`: ``len(loader)`` batches per epoch for th
   *is* the channels_last layout, and is normalised there. On CUDA the copy and normalisation run on a
   side stream one batch ahead (timm's PrefetchLoader idea), overlapping the previous step's compute.
 * ``decode="device"``: workers only read the JPEG bytes and draw the crops; the training device decodes
-  them (nvjpeg via ``torchvision.io.decode_jpeg`` on CUDA) and crops/resizes there. For GPU hosts with
-  few CPU cores per GPU (3.8x the training throughput of the stock path in the benchmark).
+  them (nvjpeg via ``torchvision.io.decode_jpeg`` on CUDA) and crops/resizes there (device_decode.py).
+  For GPU hosts with few CPU cores per GPU (3.8x the training throughput of the stock path in the benchmark).
 * DataLoader: ``num_workers`` from the options, persistent workers (forked once, reused every epoch:
   the batch list is swapped underneath them), ``prefetch_factor`` batches in flight per worker.
 * A file that cannot be decoded raises :class:`DatasetError` naming it; DataLoader re-raises a
@@ -34,32 +34,28 @@ import random
 import signal
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import original_message
 from .augment import Normalizer
 from .batch import Batch
+from .bundle import LoaderOptions
 from .class_pairs import SameClassPartners
+from .device_decode import DeviceJob, decode_on_device, read_device_job, stack_device_jobs
 from .file_list import FileList
-from .images import DatasetError, check_class_count
+from .images import DatasetError
 from .page_lock import CUDA_SUCCESS, cuda_error_text, page_lock, page_unlock
 from .seeds import mix_seed
-from .tensor_loader import LoaderOptions
-from .transforms import EvalTransform, TrainTransform, eval_resize_size, read_for_device_decode, transform_region
 
-TRAIN_AUGMENTS = ("random_resized_crop", "none")
 # cpu: workers decode with PIL | device: workers only read bytes and draw crops, the training device
 # decodes (nvjpeg through torchvision.io.decode_jpeg on CUDA) and crops/resizes there.
 DECODE_MODES = ("cpu", "device")
-TEST_TRANSFORMS = ("resize_center_crop",)
 
 # Views of one sample get different augmentation seeds.
 VIEW_MAIN, VIEW_SECOND, VIEW_PAIR = 0, 1, 2
@@ -94,8 +90,7 @@ class _FileDataset(Dataset):
         path = self.files.path(index)
         if self.decode == "cpu":
             return self.transform(path, rng)
-        data, plan, pixels = read_for_device_decode(path, self.transform, rng)
-        return DeviceJob(path, data, plan[0], plan[1], pixels)
+        return read_device_job(path, self.transform, rng)
 
     def __getitem__(self, key: SampleKey) -> dict[str, Any]:
         index, pair, epoch, slot, position = key
@@ -105,8 +100,6 @@ class _FileDataset(Dataset):
         if self.pairs:
             views["pair_inputs"] = (pair, VIEW_PAIR)
         item: dict[str, Any] = {"targets": int(self.files.targets[index]), "indices": index, "slot": slot}
-        if self.pairs:
-            item["pair_targets"] = int(self.files.targets[pair])
         for name, (source, view) in views.items():
             pixels = self._view(source, (epoch, index, view))
             if slot >= 0 and self.ring is not None:
@@ -116,33 +109,11 @@ class _FileDataset(Dataset):
         return item
 
 
-@dataclass
-class DeviceJob:
-    """One image for device decoding: its JPEG bytes and crop plan, or (files nvjpeg may not take)
-    pixels already transformed by the worker."""
-
-    path: str
-    data: np.ndarray | None
-    box: tuple[float, float, float, float]
-    flip: bool
-    pixels: np.ndarray | None
-
-
 def _stack_views(views: Sequence[Any]) -> Any:
     if views[0] is None:  # written into the shared ring
         return None
     if isinstance(views[0], DeviceJob):
-        # All the batch's JPEG bytes in one buffer: one shared-memory segment per batch, not one per image.
-        sizes = [0 if v.data is None else len(v.data) for v in views]
-        data = np.concatenate([v.data for v in views if v.data is not None] or [np.empty(0, np.uint8)])
-        return {
-            "paths": [v.path for v in views],
-            "bytes": torch.from_numpy(data),
-            "offsets": np.cumsum([0, *sizes]).tolist(),
-            "boxes": [v.box for v in views],
-            "flips": [v.flip for v in views],
-            "pixels": [torch.from_numpy(v.pixels.copy()) if v.pixels is not None else None for v in views],
-        }
+        return stack_device_jobs(views)
     return torch.from_numpy(np.stack(views))
 
 
@@ -164,8 +135,6 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         "slot": first["slot"],
         "count": len(items),
     }
-    if "pair_targets" in first:
-        out["pair_targets"] = np.array([it["pair_targets"] for it in items], dtype=np.int64)
     for name in VIEW_NAMES:
         if name in first:
             out[name] = _stack_views([it[name] for it in items])
@@ -383,49 +352,12 @@ class FileLoader:
     def _to_device(self, pixels: Tensor | dict[str, Any]) -> Tensor:
         """uint8 N x H x W x 3 (host), or a device-decode job -> normalised float N x 3 x H x W on the device."""
         if isinstance(pixels, dict):
-            on_device = self._decode_on_device(pixels)
+            on_device = decode_on_device(pixels, self.options.device, self.transform)
         else:
             on_device = pixels.to(self.options.device, non_blocking=True).permute(0, 3, 1, 2)
         out = self.normalize(on_device)
         memory_format = torch.channels_last if self.options.channels_last else torch.contiguous_format
         return out.contiguous(memory_format=memory_format)
-
-    def _decode_on_device(self, job: dict[str, Any]) -> Tensor:
-        """Batched JPEG decode on the device (nvjpeg on CUDA), then per image: crop the planned
-        region and resize it with torchvision's tensor ``Resize`` (antialiased bilinear), flip.
-        Float N x 3 x S x S in 0..255."""
-        device, size = self.options.device, int(self.transform.size)
-        count = len(job["paths"])
-        offsets = job["offsets"]
-        job["data"] = [job["bytes"][offsets[i] : offsets[i + 1]] if job["pixels"][i] is None else None for i in range(count)]
-        out = torch.empty((count, 3, size, size), dtype=torch.float32, device=device)
-        jpegs = [i for i in range(count) if job["data"][i] is not None]
-        decoded: dict[int, Tensor] = {}
-        if jpegs:
-            try:
-                decoded = dict(zip(jpegs, _decode_jpeg([job["data"][i] for i in jpegs], device)))
-            except RuntimeError:
-                decoded = self._decode_one_by_one(job, jpegs)
-        for i in range(count):
-            if i not in decoded:
-                pixels = job["pixels"][i]
-                out[i] = pixels.to(device, non_blocking=True).permute(2, 0, 1)
-                continue
-            resized = _crop_resize(decoded[i], job["boxes"][i], size, self.transform.crops_first)
-            out[i] = resized.flip(-1) if job["flips"][i] else resized
-        return out.clamp_(0, 255)
-
-    def _decode_one_by_one(self, job: dict[str, Any], jpegs: list[int]) -> dict[int, Tensor]:
-        """After a failed batched decode: each image alone on the device, else on the CPU with PIL;
-        a file neither can decode raises DatasetError naming it."""
-        decoded: dict[int, Tensor] = {}
-        for i in jpegs:
-            try:
-                decoded[i] = _decode_jpeg(job["data"][i], self.options.device)
-            except RuntimeError:
-                pixels = transform_region(job["paths"][i], self.transform, job["boxes"][i], job["flips"][i])
-                job["pixels"][i] = torch.from_numpy(pixels.copy())
-        return decoded
 
     def _resolve_ring(self, raw: dict[str, Any]) -> dict[str, Any]:
         """Views the workers wrote into the ring become slices of its buffers (valid until the slot
@@ -448,7 +380,6 @@ class FileLoader:
             batch.second_view = self._to_device(raw["second_view"])
         if "pair_inputs" in raw:
             batch.pair_inputs = self._to_device(raw["pair_inputs"])
-            batch.pair_targets = torch.from_numpy(raw["pair_targets"]).to(device, non_blocking=True)
         if device.type == "cuda" and raw.get("slot", -1) >= 0:
             # The copies out of this ring slot are queued; the slot is reused only after they ran.
             event = torch.cuda.Event()
@@ -511,78 +442,10 @@ class FileLoader:
             if pending is not None:
                 yield pending
             torch.cuda.current_stream(self.options.device).wait_stream(stream)
-            for tensor in (upcoming.inputs, upcoming.targets, upcoming.indices, upcoming.second_view,
-                           upcoming.pair_inputs, upcoming.pair_targets):
+            for tensor in (upcoming.inputs, upcoming.targets, upcoming.indices, upcoming.second_view, upcoming.pair_inputs):
                 if tensor is not None:
                     # Memory allocated on the side stream is used on the main stream from here on.
                     tensor.record_stream(torch.cuda.current_stream(self.options.device))
             pending = upcoming
         if pending is not None:
             yield pending
-
-
-def _decode_jpeg(data: Tensor | list[Tensor], device: torch.device) -> Tensor | list[Tensor]:
-    """torchvision's ``decode_jpeg`` to RGB on ``device`` (nvjpeg on CUDA; one image or a batch)."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    with warnings.catch_warnings():  # torchvision 0.29 deprecates its image io for TorchCodec
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-
-
-def _crop_resize(image: Tensor, box: tuple[float, float, float, float], size: int, crop_first: bool) -> Tensor:
-    """uint8 3 x H x W -> float 3 x size x size of the region ``box`` (source pixels). A training
-    crop (``crop_first``: RandomResizedCrop's whole-pixel box) is cropped then resized; an eval box
-    (the center crop of the resized image) is the crop of the resized whole image, as Resize +
-    CenterCrop compute it, even where the box happens to fall on whole pixels."""
-    left, top, right, bottom = box
-    if crop_first:
-        region = image[:, int(top):int(bottom), int(left):int(right)].unsqueeze(0).float()
-        return F.interpolate(region, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
-    scale_x, scale_y = size / (right - left), size / (bottom - top)
-    height, width = image.shape[-2:]
-    full = (int(round(height * scale_y)), int(round(width * scale_x)))
-    x0, y0 = int(round(left * scale_x)), int(round(top * scale_y))
-    resized = F.interpolate(image.unsqueeze(0).float(), size=full, mode="bilinear", antialias=True, align_corners=False)[0]
-    return resized[:, y0 : y0 + size, x0 : x0 + size]
-
-
-# --- building a dataset's loaders from its config ------------------------------------------------
-
-def build_transforms(cfg: Mapping[str, Any], draft: bool = True) -> tuple[Callable[..., np.ndarray], Callable[..., np.ndarray]]:
-    """(train transform, eval transform) of a file dataset config (``image_size``, ``train_augment``,
-    ``test_transform``); the eval transform resizes to image_size * 256 / 224 and center-crops.
-    ``draft`` (reduced-size JPEG decoding) applies to training crops only: evaluation decodes at full
-    size, so reported accuracies come from exactly the recipe's test transform."""
-    size = int(cfg["image_size"])
-    augment = str(cfg.get("train_augment", "random_resized_crop"))
-    test = str(cfg.get("test_transform", "resize_center_crop"))
-    if augment not in TRAIN_AUGMENTS:
-        raise DatasetError(f"dataset.train_augment must be one of {list(TRAIN_AUGMENTS)} for {cfg['name']}, got {augment!r}")
-    if test not in TEST_TRANSFORMS:
-        raise DatasetError(f"dataset.test_transform must be one of {list(TEST_TRANSFORMS)} for {cfg['name']}, got {test!r}")
-    evaluate = EvalTransform(size, eval_resize_size(size), draft=False)
-    train = TrainTransform(size, draft=draft) if augment == "random_resized_crop" else evaluate
-    return train, evaluate
-
-
-def build_file_bundle(cfg: Mapping[str, Any], options: LoaderOptions, train_files: FileList, val_files: FileList,
-                      resolved: dict[str, Any] | None = None):  # noqa: ANN201
-    """Subsets, class-count check and the two loaders: the common tail of every file dataset builder.
-    ``resolved``: the config values the builder resolved from what it found (``DataBundle.resolved``)."""
-    from .builders import DataBundle  # builders imports this module's users lazily; avoid a cycle
-
-    check_class_count(cfg, len(train_files.classes))  # the whole dataset's, before the subset
-    train_files = train_files.subset(cfg.get("num_classes_subset"), cfg.get("train_per_class"), "dataset.train_per_class")
-    val_files = val_files.subset(cfg.get("num_classes_subset"), cfg.get("val_per_class"), "dataset.val_per_class")
-    train_transform, eval_transform = build_transforms(cfg, draft=bool(cfg.get("decode_draft", True)))
-    common = dict(mean=list(cfg["mean"]), std=list(cfg["std"]), decode=str(cfg.get("decode", "cpu")))
-    return DataBundle(
-        train=FileLoader(train_files, options, train=True, transform=train_transform, **common),
-        val=FileLoader(val_files, options, train=False, transform=eval_transform, **common),
-        num_classes=len(train_files.classes),
-        train_size=len(train_files),
-        val_size=len(val_files),
-        classes=train_files.classes,
-        resolved=dict(resolved or {}),
-    )

@@ -16,10 +16,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .bundle import DataBundle, LoaderOptions
+from .file_bundle import build_file_bundle
 from .file_list import IMAGE_EXTENSIONS, FileList, folder_entries, list_images, unreadable_folder
-from .file_loader import build_file_bundle
 from .images import DatasetError, missing_dataset_error
-from .tensor_loader import LoaderOptions
 
 LAYOUT = """  <root>/train/<class>/<image>   (one folder per class, e.g. train/cat/0001.jpg)
   <root>/val/<class>/<image>     (the same class names; a class may have no val folder)"""
@@ -79,6 +79,6 @@ def read_image_folder(root: Path) -> tuple[FileList, FileList]:
     return train, val
 
 
-def build_image_folder(cfg: Mapping[str, Any], options: LoaderOptions):  # noqa: ANN201 - DataBundle
+def build_image_folder(cfg: Mapping[str, Any], options: LoaderOptions) -> DataBundle:
     train, val = read_image_folder(Path(cfg["root"]))
     return build_file_bundle(cfg, options, train, val)

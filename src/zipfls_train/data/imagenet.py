@@ -26,11 +26,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .bundle import DataBundle, LoaderOptions
+from .file_bundle import build_file_bundle
 from .file_list import FileList, folder_entries, is_image_file, list_images
-from .file_loader import build_file_bundle
 from .image_folder import read_class_folders, read_classes
 from .images import DatasetError, missing_dataset_error
-from .tensor_loader import LoaderOptions
 
 KAGGLE_SUBDIR = Path("ILSVRC") / "Data" / "CLS-LOC"
 LOC_SOLUTION = "LOC_val_solution.csv"
@@ -154,7 +154,7 @@ def read_imagenet(root: Path, requested_format: str = "auto", val_labels: str | 
     return train, val
 
 
-def build_imagenet(cfg: Mapping[str, Any], options: LoaderOptions):  # noqa: ANN201 - DataBundle
+def build_imagenet(cfg: Mapping[str, Any], options: LoaderOptions) -> DataBundle:
     root = Path(cfg["root"])
     found = find_format(find_base(root), str(cfg.get("format", "auto")))
     train, val = read_imagenet(root, found, cfg.get("val_labels"))

@@ -29,10 +29,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .bundle import DataBundle, LoaderOptions
+from .file_bundle import build_file_bundle
 from .file_list import IMAGE_EXTENSIONS, FileList, folder_entries, list_images
-from .file_loader import build_file_bundle
 from .images import DatasetError, missing_dataset_error
-from .tensor_loader import LoaderOptions
 
 TRAIN_SPLITS = ("train_mini", "train")
 FOLDER_PATTERN = re.compile(r"^(\d+)_")
@@ -153,7 +153,7 @@ def read_inat21(root: Path, train_split: str = "train_mini", requested_format: s
     return train, val
 
 
-def build_inat21(cfg: Mapping[str, Any], options: LoaderOptions):  # noqa: ANN201 - DataBundle
+def build_inat21(cfg: Mapping[str, Any], options: LoaderOptions) -> DataBundle:
     root, train_split = Path(cfg["root"]), str(cfg.get("train_split", "train_mini"))
     found = find_format(root, train_split, str(cfg.get("format", "auto")))
     train, val = read_inat21(root, train_split, found)

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from .batch import Batch
+from .bundle import DataBundle, LoaderOptions
 from .images import DatasetError
-from .tensor_loader import LoaderOptions
 
 
 class SyntheticLoader:
@@ -36,7 +36,7 @@ class SyntheticLoader:
             indices=torch.arange(start, stop, device=options.device),
         )
         if options.pairs:
-            self.batch.pair_inputs, self.batch.pair_targets = self.batch.inputs.flip(0), self.batch.targets
+            self.batch.pair_inputs = self.batch.inputs.flip(0)
         if options.two_views:
             self.batch.second_view = self.batch.inputs.flip(-1)
         self.num_samples = total * steps if train else total  # over all ranks
@@ -49,9 +49,7 @@ class SyntheticLoader:
             yield self.batch
 
 
-def build_synthetic(cfg: Mapping[str, Any], options: LoaderOptions):  # noqa: ANN201 - DataBundle
-    from .builders import DataBundle
-
+def build_synthetic(cfg: Mapping[str, Any], options: LoaderOptions) -> DataBundle:
     # num_classes_subset as the file datasets read it: the first K classes (the method is built for K).
     size, classes = int(cfg["image_size"]), int(cfg.get("num_classes_subset") or cfg["num_classes"])
     steps = cfg["steps_per_epoch"]

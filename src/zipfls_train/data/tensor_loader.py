@@ -11,34 +11,16 @@ of the same global batch, with the same parameters a single process would use.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from .augment import Normalizer, ViewParams, apply_params, draw_params, resize_uint8, uniform
 from .batch import Batch
+from .bundle import LoaderOptions
 from .class_pairs import SameClassPartners
 from .images import ImageTensors
 from .seeds import mix_seed
-
-
-@dataclass(frozen=True)
-class LoaderOptions:
-    """How loaders are built for one process of a run."""
-
-    batch_size: int
-    eval_batch_size: int
-    device: torch.device
-    seed: int
-    rank: int = 0
-    world_size: int = 1
-    pairs: bool = False
-    two_views: bool = False
-    channels_last: bool = False
-    data_device: torch.device | None = None  # where in-memory data lives; None = the training device
-    num_workers: int = 4
-    accumulate_steps: int = 1  # micro-batches per optimiser step (batch_size is one micro-batch)
 
 
 class TensorLoader:
@@ -155,5 +137,4 @@ class TensorLoader:
             if self.options.pairs:
                 pair = self._partners.draw(index, targets, params["pair_uniform"][rows])
                 batch.pair_inputs = self._view(pair, params["pair_view"].rows(rows))
-                batch.pair_targets = self.targets[pair].to(self.options.device, non_blocking=True)
             yield batch

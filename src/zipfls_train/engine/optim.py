@@ -17,16 +17,27 @@ OPTIMIZERS = ("sgd",)
 SCHEDULES = ("multistep",)
 
 
+def check_optimizer_name(name: object) -> None:
+    """ConfigError naming optim.name and the allowed values."""
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"optim.name must be one of {list(OPTIMIZERS)} (the paper's SGD with momentum; configs/optim/sgd.yaml), got {name!r}")
+
+
+def check_schedule_name(name: object) -> None:
+    """ConfigError naming sched.name and the allowed values."""
+    if name not in SCHEDULES:
+        raise ConfigError(f"sched.name must be one of {list(SCHEDULES)} (step decay at sched.milestones; configs/sched/multistep.yaml), got {name!r}")
+
+
 def check_names(optim_name: object, sched_name: object) -> None:
-    """ConfigError naming optim.name / sched.name and the allowed values."""
-    if optim_name not in OPTIMIZERS:
-        raise ConfigError(f"optim.name must be one of {list(OPTIMIZERS)} (the paper's SGD with momentum; configs/optim/sgd.yaml), got {optim_name!r}")
-    if sched_name not in SCHEDULES:
-        raise ConfigError(f"sched.name must be one of {list(SCHEDULES)} (step decay at sched.milestones; configs/sched/multistep.yaml), got {sched_name!r}")
+    """Both names, before the run starts (engine/config_checks); the builders below check their own
+    again, for a caller that builds them directly from Python."""
+    check_optimizer_name(optim_name)
+    check_schedule_name(sched_name)
 
 
 def build_optimizer(cfg: Mapping[str, Any], parameters: Iterable[nn.Parameter], global_batch: int, device: torch.device) -> torch.optim.Optimizer:
-    check_names(cfg["name"], SCHEDULES[0])
+    check_optimizer_name(cfg["name"])
     lr = float(cfg["lr"])
     if cfg.get("base_batch_size"):
         lr *= global_batch / float(cfg["base_batch_size"])  # linear scaling rule
@@ -57,7 +68,7 @@ def milestone_epochs(milestones: Sequence[float], epochs: int) -> list[int]:
 def build_scheduler(cfg: Mapping[str, Any], optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Stepped once per optimiser step; the factor depends on the epoch, so it equals the recipe's
     per-epoch MultiStepLR, plus an optional linear warm-up over the first ``warmup_epochs``."""
-    check_names(OPTIMIZERS[0], cfg["name"])
+    check_schedule_name(cfg["name"])
     milestones = milestone_epochs(cfg["milestones"], epochs)
     gamma = float(cfg["gamma"])
     warmup_steps = int(float(cfg.get("warmup_epochs", 0)) * steps_per_epoch)

@@ -52,9 +52,9 @@ class Method(nn.Module):
         warn for one that does nothing there. Default: nothing to check."""
 
     def setup(self, *, num_classes: int, dataset_size: int, model_factory) -> None:  # noqa: ANN001
-        """Called once before training, after the model exists. ``model_factory()`` builds a fresh,
-        unwrapped model of the run's architecture, on its device and in its memory layout (BAN's
-        teacher). Default: nothing to do."""
+        """Called once before training, after the model exists. ``model_factory()`` builds a fresh
+        model of the run's architecture (a ``ClassifierWrapper`` without auxiliary heads, not
+        DDP-wrapped), on its device and in its memory layout (BAN's teacher). Default: nothing to do."""
 
     def on_epoch_start(self, epoch: int, num_epochs: int) -> None:
         """Called at the start of every training epoch (0-based). Default: nothing to do."""
@@ -110,28 +110,33 @@ def check_terms(terms: object, loss_name: str) -> None:
         raise MethodContractError(f"{where} returned a 'loss' without a gradient (computed under no_grad, or detached)")
 
 
-# Option checks shared by the methods' constructors: each names the config key (loss.<name>) and what
-# was expected, and returns the value as the type the method stores.
-def as_number(name: str, value: object, wanted: str) -> float:
+# Option checks shared by the methods' constructors: each names the config key (loss.<name>, followed
+# by what it is in the paper where ``meaning`` says so) and what was expected, and returns the value as
+# the type the method stores.
+def _key(name: str, meaning: str | None) -> str:
+    return f"loss.{name} ({meaning})" if meaning else f"loss.{name}"
+
+
+def as_number(name: str, value: object, wanted: str, meaning: str | None = None) -> float:
     """``value`` as a float, or a ValueError naming the key (a string or a bool is not a number).
     Every range check of an option goes through it first: comparing a string raised Python's
     "'<=' not supported between instances of 'float' and 'str'", naming no key."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"loss.{name} must be a number {wanted}, got {value!r}")
+        raise ValueError(f"{_key(name, meaning)} must be a number {wanted}, got {value!r}")
     return float(value)
 
 
-def positive(name: str, value: float) -> float:
-    number = as_number(name, value, "> 0")
+def positive(name: str, value: float, meaning: str | None = None) -> float:
+    number = as_number(name, value, "> 0", meaning)
     if not 0 < number < math.inf:
-        raise ValueError(f"loss.{name} must be > 0 and finite, got {value}")
+        raise ValueError(f"{_key(name, meaning)} must be > 0 and finite, got {value}")
     return number
 
 
-def non_negative(name: str, value: float) -> float:
-    number = as_number(name, value, ">= 0")
+def non_negative(name: str, value: float, meaning: str | None = None) -> float:
+    number = as_number(name, value, ">= 0", meaning)
     if not 0 <= number < math.inf:
-        raise ValueError(f"loss.{name} must be >= 0 and finite, got {value}")
+        raise ValueError(f"{_key(name, meaning)} must be >= 0 and finite, got {value}")
     return number
 
 

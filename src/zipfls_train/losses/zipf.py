@@ -31,8 +31,8 @@ from torch import Tensor, nn
 
 from ..data.batch import Batch
 from ..models.outputs import ModelOutput
-from ..models.wrapper import unwrap
-from .base import Method, Needs
+from ..models.wrapper import is_stage_name, unwrap
+from .base import Method, Needs, non_negative, one_of, positive
 from .ce import cross_entropy
 from .dense_logits import dense_argmax, votes_per_sample
 from .zipf_fused import FUSED_DISTRIBUTIONS, DenseMap, fused_ce_zipf, unavailable_reason
@@ -208,12 +208,6 @@ def _stage_classifier(model: nn.Module, stage: str) -> nn.Linear:
     return fc
 
 
-def _is_stage_name(stage: object) -> bool:
-    if not isinstance(stage, str):
-        return False
-    return stage in ("final", "penultimate") or (stage.startswith("stage") and stage[5:].isdigit() and int(stage[5:]) >= 1)
-
-
 class ZipfLabelSmoothing(Method):
     """``loss = CE(z, y) + weight * KL(P_zipf || Q_nontarget) (+ aux_weight * CE(aux logits, y))``.
 
@@ -224,9 +218,28 @@ class ZipfLabelSmoothing(Method):
     ``aux_weight``, the paper's beta, and whose classifier casts that stage's votes); ``upsample``
     of every voting map before classifying; ``kernel`` how the soft label and KL are computed:
     ``torch`` (the reference functions above), ``triton`` (``zipf_fused.py``: one kernel for the
-    votes' arg-max, ranks, soft label, KL and CE, the same numbers to float rounding; eager and
-    under ``torch.compile``, as a custom op) or ``auto`` (triton on CUDA where it applies, else
-    torch: on the CPU the reference path is already ~free).
+    ranks, soft label, KL and CE, the same numbers to float rounding; eager and under
+    ``torch.compile``, as a custom op) or ``auto`` (triton on CUDA where it applies, else torch: on
+    the CPU the reference path is already ~free).
+
+    Which path computes a step (:meth:`_kernel_applies`): the kernel where ``kernel`` is triton, or
+    auto on a CUDA device, for ``rank_by=dense`` with a distribution of the rank (zipf, constant,
+    linear_decay) and at most ``MAX_FUSED_VOTES`` (512) votes per sample; the reference functions
+    otherwise (``rank_by=logits``, the random distributions, more votes than that such as Dense2 on
+    upsampled 224 px maps, 196 + 784, the CPU under auto). ``triton`` where the kernel cannot run is an error, not a switch. Under auto, a
+    kernel that fails to build or disagrees with the reference on its first call is replaced by the
+    reference functions for the rest of the process, with a warning.
+
+    Who casts the votes on the kernel's path: the kernel itself (the upsample and the arg-max of the
+    classifier's dense logits, in the same launch) only for one upsampled voting map of at most
+    ``MAX_CAST_VOTES`` (128) pixels after upsampling, i.e. ``stages=[final]`` with
+    ``upsample=bilinear`` on the 4 x 4 maps of the 32 px recipe, where a step is bound by kernel
+    launches (and only while the batch's dense logits fit one ``dense_logits.MAX_DENSE_LOGITS``
+    chunk). Torch casts them (:func:`dense_votes`) and hands them to the kernel in every other case:
+    Dense2 (two maps, two classifiers), ``upsample=none`` (the 224 px recipe's 7 x 7 maps) and maps
+    above 128 pixels (224 px with bilinear: 14 x 14). There a step is long enough that two more
+    launches do not matter, and torch's arg-max over up to 49 x 10,000 logits per sample is better
+    parallelised than the kernel's one program per sample.
     """
 
     def __init__(
@@ -246,15 +259,13 @@ class ZipfLabelSmoothing(Method):
         if isinstance(stages, str) or not isinstance(stages, Iterable):
             raise ValueError(f"loss.stages must be a list of stage names, e.g. [final] or [final, penultimate]; got {stages!r}")
         stages = tuple(stages)
-        if not _is_number(weight) or not weight >= 0 or weight == float("inf"):
-            raise ValueError(f"loss.weight (the paper's lambda) must be a finite number >= 0, got {weight!r}")
-        if not _is_number(alpha) or not alpha > 0 or alpha == float("inf"):
-            raise ValueError(f"loss.alpha (the Zipf exponent) must be a finite number > 0, got {alpha!r}")
-        if distribution not in DISTRIBUTIONS:
-            raise ValueError(f"loss.distribution must be one of {list(DISTRIBUTIONS)}, got {distribution!r}")
-        if rank_by not in RANK_BY:
-            raise ValueError(f"loss.rank_by must be one of {list(RANK_BY)}, got {rank_by!r}")
-        if not stages or "final" not in stages or not all(_is_stage_name(s) for s in stages) or len(set(stages)) != len(stages):
+        self.weight = non_negative("weight", weight, "the paper's lambda")
+        self.alpha = positive("alpha", alpha, "the Zipf exponent")
+        self.distribution = str(one_of("distribution", distribution, DISTRIBUTIONS))
+        self.rank_by = str(one_of("rank_by", rank_by, RANK_BY))
+        # Whether a name is a stage at all; which stages the model has is checked before the run
+        # starts (engine/config_checks, through models.stage_positions).
+        if not stages or "final" not in stages or not all(is_stage_name(s) for s in stages) or len(set(stages)) != len(stages):
             raise ValueError(
                 "loss.stages must be a list of distinct stage names containing 'final' ('final', "
                 f"'penultimate' or 'stage<i>'), e.g. [final] or [final, penultimate]; got {list(stages)!r}"
@@ -263,10 +274,8 @@ class ZipfLabelSmoothing(Method):
             raise ValueError(f"loss.stages only applies to rank_by=dense; with rank_by=logits leave it [final], got {list(stages)!r}")
         if upsample not in UPSAMPLE_MODES:
             raise ValueError(f"loss.upsample must be one of ['none', 'bilinear'] (or null), got {upsample!r}")
-        if not _is_number(aux_weight) or not aux_weight >= 0 or aux_weight == float("inf"):
-            raise ValueError(f"loss.aux_weight (the paper's beta) must be a finite number >= 0, got {aux_weight!r}")
-        if kernel not in KERNELS:
-            raise ValueError(f"loss.kernel must be one of {list(KERNELS)}, got {kernel!r}")
+        self.aux_weight = non_negative("aux_weight", aux_weight, "the paper's beta")
+        self.kernel = str(one_of("kernel", kernel, KERNELS))
         fusable = rank_by == "dense" and distribution in FUSED_DISTRIBUTIONS
         if kernel == "triton" and not fusable:
             raise ValueError(
@@ -274,14 +283,8 @@ class ZipfLabelSmoothing(Method):
                 f"got rank_by={rank_by!r}, distribution={distribution!r} (use loss.kernel=auto or torch)"
             )
         self.num_classes = int(num_classes)
-        self.weight = float(weight)
-        self.alpha = float(alpha)
-        self.distribution = str(distribution)
-        self.rank_by = str(rank_by)
         self.stages = tuple(str(s) for s in stages)
         self.upsample = None if upsample in (None, "none") else str(upsample)
-        self.aux_weight = float(aux_weight)
-        self.kernel = str(kernel)
         self.fusable = fusable  # what the fused kernel computes (rank_by=dense, a rank-based distribution)
         dense = self.rank_by == "dense"
         self.aux_stages = tuple(s for s in self.stages if s != "final") if dense else ()
@@ -321,63 +324,53 @@ class ZipfLabelSmoothing(Method):
                 stacklevel=2,
             )
 
-    def _use_fused_kernel(self, logits: Tensor, num_votes: int) -> bool:
-        if self.kernel == "torch" or (self.kernel == "auto" and not logits.is_cuda):
+    def _kernel_applies(self, outputs: ModelOutput) -> bool:
+        """Whether the fused kernel computes this step's terms, rather than the reference functions
+        (see the class docstring). Raises where ``kernel=triton`` asks for a kernel that cannot run."""
+        if not self.fusable or self.kernel == "torch" or (self.kernel == "auto" and not outputs.logits.is_cuda):
             return False
-        reason = unavailable_reason(logits.device, num_votes)
+        upsample = self.upsample == "bilinear"
+        num_votes = sum(votes_per_sample(outputs.features[stage], upsample) for stage in self.stages if stage in outputs.features)
+        reason = unavailable_reason(outputs.logits.device, num_votes)
         if reason is not None and self.kernel == "triton":
             raise RuntimeError(f"loss.kernel=triton, but {reason}; use loss.kernel=auto or torch")
         return reason is None
 
-    def ce_and_zipf(self, outputs: ModelOutput, targets: Tensor, model: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
-        """``(ce + weight * KL, ce, KL)``: by the fused kernel (one launch for all three; only the
-        first is differentiable then) or by the reference functions."""
-        fused = self._fused(outputs, targets, model)
-        return fused if fused is not None else self._reference_terms(outputs, targets, model)
+    def _kernel_terms(self, outputs: ModelOutput, targets: Tensor, model: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
+        """``(ce + weight * KL, ce, KL)`` in one launch; only the first is differentiable. (The kernel
+        checks itself against the reference functions on its first call; under ``auto`` one that
+        fails to build or disagrees is replaced by them, with a warning.)"""
+        votes = self._kernel_votes(outputs, model)
+        return fused_ce_zipf(outputs.logits, targets, votes, self.weight, self.alpha, self.distribution, fallback=self.kernel == "auto")
 
-    def _reference_terms(self, outputs: ModelOutput, targets: Tensor, model: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
-        soft = zipf_soft_labels(self.scores(outputs, model), targets, self.alpha, self.distribution)
-        ce, zipf = cross_entropy(outputs.logits, targets), nontarget_kl(outputs.logits, targets, soft)
-        return torch.add(ce, zipf, alpha=self.weight), ce, zipf
-
-    def _fused_votes(self, outputs: ModelOutput, model: nn.Module) -> Tensor | DenseMap:
-        """What the kernel takes. One upsampled voting map (the 32 px recipe, where a step is bound
-        by kernel launches): the map and its classifier, and the kernel casts the votes itself (no
-        upsample or arg-max launches). Otherwise the votes of every stage side by side: Dense2's two
-        maps have two classifiers; at 224 px a step is long enough that two launches do not matter,
-        and torch's arg-max over up to 49 x 10,000 logits per sample is better parallelised than the
-        kernel's one program per sample."""
+    def _kernel_votes(self, outputs: ModelOutput, model: nn.Module) -> Tensor | DenseMap:
+        """What the kernel takes: the one upsampled voting map and its classifier (a ``DenseMap``,
+        which the kernel votes itself where it has at most ``MAX_CAST_VOTES`` pixels, torch
+        otherwise: ``zipf_fused._vote_source``), or, for every other configuration, the votes torch
+        cast from every stage, side by side."""
         if self.stages != ("final",) or self.upsample != "bilinear":
             return self.votes(outputs, model)
         classifier = _stage_classifier(model, "final")
         return DenseMap(outputs.features["final"], classifier.weight, classifier.bias, upsample=True)
 
-    def _fused(self, outputs: ModelOutput, targets: Tensor, model: nn.Module) -> tuple[Tensor, Tensor, Tensor] | None:
-        """The fused kernel's ``(loss, ce, KL)``, or None where the reference path is to be used. (The
-        kernel checks itself against the reference functions on its first call; under ``auto`` one
-        that fails to build or disagrees is replaced by them, with a warning.)"""
-        if not self.fusable:  # rank_by=logits or a random distribution
-            return None
-        upsample = self.upsample == "bilinear"
-        num_votes = sum(votes_per_sample(outputs.features[stage], upsample) for stage in self.stages if stage in outputs.features)
-        if not self._use_fused_kernel(outputs.logits, num_votes):
-            return None
-        votes = self._fused_votes(outputs, model)
-        return fused_ce_zipf(outputs.logits, targets, votes, self.weight, self.alpha, self.distribution, fallback=self.kernel == "auto")
+    def _reference_terms(self, outputs: ModelOutput, targets: Tensor, model: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
+        """``(ce + weight * KL, ce, KL)`` by the reference functions above."""
+        soft = zipf_soft_labels(self.scores(outputs, model), targets, self.alpha, self.distribution)
+        ce, zipf = cross_entropy(outputs.logits, targets), nontarget_kl(outputs.logits, targets, soft)
+        return torch.add(ce, zipf, alpha=self.weight), ce, zipf
 
     def loss_terms(self, outputs: ModelOutput, batch: Batch, model: nn.Module) -> dict[str, Tensor]:
         targets = batch.targets
-        loss, ce, zipf = self.ce_and_zipf(outputs, targets, model)
+        if self._kernel_applies(outputs):
+            loss, ce, zipf = self._kernel_terms(outputs, targets, model)
+        else:
+            loss, ce, zipf = self._reference_terms(outputs, targets, model)
         terms = {"ce": ce, "zipf": zipf}
         if self.aux_stages:
             aux_ce = sum(cross_entropy(outputs.aux_logits[stage], targets) for stage in self.aux_stages)
             loss = loss + self.aux_weight * aux_ce
             terms["aux_ce"] = aux_ce
         return {"loss": loss, **terms}
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # not NaN
 
 
 __all__ = [

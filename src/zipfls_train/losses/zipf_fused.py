@@ -25,9 +25,12 @@ the backward pass.
 
 Scope: ``rank_by=dense`` with ``distribution`` zipf, constant or linear_decay (functions of the rank)
 and at most :data:`MAX_FUSED_VOTES` votes per sample (one or two stages at 32 px, one at 224 px; the
-random distributions use the reference path). The method hands over the map itself for the 32 px
-recipe (one upsampled map: the kernel casts its votes), the votes otherwise (Dense2, 224 px).
-``ZipfLabelSmoothing(kernel=...)`` chooses the path.
+random distributions use the reference path). The method hands over the map itself for one
+upsampled voting map (a :class:`DenseMap`): the kernel casts its votes where it has at most
+:data:`MAX_CAST_VOTES` pixels (the 32 px recipe), torch casts them otherwise (:func:`_vote_source`);
+for every other configuration (Dense2, the 224 px recipe's maps without upsampling) the method hands
+over the votes torch cast. ``ZipfLabelSmoothing(kernel=...)`` chooses the path (its class docstring
+lists the cases).
 
 Eager calls go through an ``autograd.Function``; under ``torch.compile`` the same computation is the
 custom op ``zipfls_train::ce_zipf``, which Inductor calls as it is (one launch, captured by CUDA

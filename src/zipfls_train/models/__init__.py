@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from .cifar_densenet import cifar_densenet121
-from .cifar_resnet import check_options as check_cifar_resnet_options
 from .cifar_resnet import cifar_resnet18
 from .outputs import ModelOutput
 from .wrapper import ClassifierWrapper, count_parameters, stage_index, unwrap
@@ -19,15 +18,12 @@ from .wrapper import ClassifierWrapper, count_parameters, stage_index, unwrap
 TIMM_PREFIX = "timm."
 
 # name -> builder of a backbone (see wrapper.py for the backbone contract). Builders take keyword
-# options from the model config (e.g. ``width``).
+# options from the model config (e.g. ``width``). A builder may carry a ``check_options(**options)``
+# attribute that checks the options' values without building anything (see check_model_options).
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "cifar_resnet18": cifar_resnet18,
     "cifar_densenet121": cifar_densenet121,
 }
-
-
-# name -> a check of its options that builds nothing: raises ValueError naming model.options.<key>.
-OPTION_CHECKS: dict[str, Callable[..., None]] = {"cifar_resnet18": check_cifar_resnet_options}
 
 
 def register_backbone(name: str, builder: Callable[..., nn.Module]) -> None:
@@ -64,12 +60,10 @@ def takes_any_option(name: str) -> bool:
 
 def check_model_options(name: str, options: Mapping[str, Any]) -> None:
     """ValueError naming ``model.options.<key>`` and what is allowed, before anything is built.
-    Builders with a fixed set of options reject any other key; ``OPTION_CHECKS`` checks the values."""
+    Builders with a fixed set of options reject any other key; the builder's own
+    ``check_options(**options)``, where it has one, checks the values (cifar_resnet18's width and
+    norm; the timm models: a build on the meta device)."""
     builder = find_backbone(name)
-    hook = getattr(builder, "check_options", None)
-    if hook is not None:  # e.g. the timm models: a build on the meta device
-        hook(**options)
-        return
     if not takes_any_option(name):
         allowed = list(inspect.signature(builder).parameters)
         unknown = [key for key in options if key not in allowed]
@@ -78,9 +72,9 @@ def check_model_options(name: str, options: Mapping[str, Any]) -> None:
                 f"model.options.{unknown[0]} is not an option of model={name}; its options are "
                 f"{allowed if allowed else 'none (model.options must be empty)'}"
             )
-    check = OPTION_CHECKS.get(name)
-    if check is not None:
-        check(**options)
+    check_options = getattr(builder, "check_options", None)
+    if check_options is not None:
+        check_options(**options)
 
 
 def build_model(

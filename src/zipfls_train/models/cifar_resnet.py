@@ -78,3 +78,6 @@ def check_options(width: int = 64, norm: str = "batch") -> None:
 def cifar_resnet18(width: int = 64, norm: str = "batch") -> CifarPreActResNet:
     check_options(width, norm)
     return CifarPreActResNet((2, 2, 2, 2), width=width, norm=norm)
+
+
+cifar_resnet18.check_options = check_options  # type: ignore[attr-defined]  # read by models.check_model_options

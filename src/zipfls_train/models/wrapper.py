@@ -12,6 +12,7 @@ training logits is the same one that can be applied densely (Zipf's dense votes)
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 
 import torch
@@ -53,6 +54,17 @@ AUX_HEADS: dict[str, AuxHeadFactory] = {
         in_channels, num_classes, stage_index, final_channels
     ),
 }
+
+
+# The names of a backbone's stages, whatever the model: ``final`` (the pooled map), ``penultimate``
+# (the one before) or ``stage<i>`` (1-based). Which of them a given model has is stage_index's.
+_STAGE_NAME = re.compile(r"final|penultimate|stage[1-9][0-9]*")
+
+
+def is_stage_name(name: object) -> bool:
+    """Whether ``name`` is a stage name in the grammar :func:`stage_index` reads (``final``,
+    ``penultimate`` or ``stage<i>``, i >= 1), before any model says whether it has that stage."""
+    return isinstance(name, str) and _STAGE_NAME.fullmatch(name) is not None
 
 
 def stage_index(name: str, count: int) -> int:
@@ -101,9 +113,6 @@ class ClassifierWrapper(nn.Module):
     def stage_index(self, name: str) -> int:
         """Position of a stage: ``final``, ``penultimate`` or ``stage<i>`` (1-based)."""
         return stage_index(name, len(self.stage_names))
-
-    def stage_channels(self, name: str) -> int:
-        return int(self.backbone.stage_channels[self.stage_index(name)])
 
     def forward(self, x: Tensor, features: Sequence[str] = (), aux: bool = False) -> ModelOutput:
         """``features``: the dense maps to return. A stage with a linear auxiliary head returns what
