@@ -411,12 +411,13 @@ def test_kernel_stand_in_matches_the_references(name: str, monkeypatch: pytest.M
 
 @pytest.fixture
 def kernel_as_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The path choice of a GPU on the CPU: auto takes the fused path, the device check passes (the
-    interpreter flag; the tests replace the kernel launch itself) and no device has been checked."""
+    """The path choice of a GPU on the CPU: auto and triton take the fused path, torch the reference
+    functions, the device check passes (the interpreter flag; the tests replace the kernel launch
+    itself) and no device has been checked."""
     triton_or_fail()
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(zipf_fused, "_kernel_state", {})
-    monkeypatch.setattr(ZipfLabelSmoothing, "_kernel_applies", lambda self, outputs: True)
+    monkeypatch.setattr(ZipfLabelSmoothing, "_kernel_applies", lambda self, outputs: self.kernel != "torch")
 
 
 def test_a_kernel_that_fails_to_build_falls_back_once_with_a_warning(kernel_as_on_a_gpu: None, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -465,6 +466,10 @@ def test_a_kernel_that_computes_wrong_numbers_is_caught_on_its_first_call(kernel
     with pytest.warns(RuntimeWarning, match="disagrees with the reference functions on its first call.*gradient difference"):
         ZipfLabelSmoothing(10, kernel="auto").training_step(model, batch)
     assert zipf_fused._kernel_state == {"cpu": "failed"}
+    # A later run asking for the kernel itself (loss.kernel=triton in the same sweep process) is
+    # refused again, not handed the reference functions in its place.
+    with pytest.raises(RuntimeError, match="disagrees with the reference functions on its first call"):
+        ZipfLabelSmoothing(10, kernel="triton").training_step(model, batch)
 
 
 def test_near_tie_samples_are_those_with_a_pixel_whose_two_best_classes_almost_tie() -> None:

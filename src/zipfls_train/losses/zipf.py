@@ -226,9 +226,10 @@ class ZipfLabelSmoothing(Method):
     auto on a CUDA device, for ``rank_by=dense`` with a distribution of the rank (zipf, constant,
     linear_decay) and at most ``MAX_FUSED_VOTES`` (512) votes per sample; the reference functions
     otherwise (``rank_by=logits``, the random distributions, more votes than that such as Dense2 on
-    upsampled 224 px maps, 196 + 784, the CPU under auto). ``triton`` where the kernel cannot run is an error, not a switch. Under auto, a
-    kernel that fails to build or disagrees with the reference on its first call is replaced by the
-    reference functions for the rest of the process, with a warning.
+    upsampled 224 px maps, 196 + 784, the CPU under auto). ``triton`` where the kernel cannot run is
+    an error, not a switch. Under auto, a kernel that fails to build or disagrees with the reference
+    on its first call is replaced by the reference functions for the rest of the process, with a
+    warning.
 
     Who casts the votes on the kernel's path: the kernel itself (the upsample and the arg-max of the
     classifier's dense logits, in the same launch) only for one upsampled voting map of at most

@@ -384,7 +384,9 @@ def _reference(logits: Tensor, targets: Tensor, *options: object) -> tuple[Tenso
 
 
 # Per device: "checked" once the kernel matched the reference there, "failed" once it failed to
-# build or disagreed under loss.kernel=auto (the reference then stands in for it in this process).
+# build or disagreed under loss.kernel=auto (the reference then stands in for it under auto in this
+# process). Per process, not per run: in a Hydra sweep (one process) the first run's configuration
+# is the one checked.
 _kernel_state: dict[str, str] = {}
 
 
@@ -397,7 +399,9 @@ def _compute(logits: Tensor, targets: Tensor, *options: object, fallback: bool) 
     device = str(logits.device)
     state = _kernel_state.get(device)
     if state == "failed":
-        return _reference(logits, targets, *options)
+        if fallback:
+            return _reference(logits, targets, *options)
+        state = None  # loss.kernel=triton (a later run of a sweep, say) asks for the kernel: check it again
     if state is None and not (logits.is_cuda and torch.cuda.is_current_stream_capturing()):  # no sync while capturing
         try:
             _check_against_reference(logits, targets, *options)
