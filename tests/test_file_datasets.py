@@ -894,3 +894,57 @@ def test_close_ends_a_worker_stuck_in_a_read_although_workers_ignore_sigterm(ima
     loader.close()
     assert time.monotonic() - started < 20  # torch's 5 s join, then our SIGKILL
     assert not any(worker.is_alive() for worker in workers)
+
+
+def test_a_signal_while_spawned_workers_start_does_not_kill_them(imagenet_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """macOS starts DataLoader workers by spawn (and Python 3.14's Linux by forkserver): a worker
+    spends seconds starting Python and importing torch before its own code ignores Ctrl-C and
+    SIGTERM. A signal to the process group then (Ctrl-C at the start of an epoch or evaluation)
+    killed it, and the run with it ("DataLoader worker exited unexpectedly"), instead of letting
+    the training process save and stop. Here each worker gets SIGINT the moment it is started."""
+    import multiprocessing
+    import signal
+
+    from torch.utils.data import DataLoader
+
+    started_iterators = []
+    original_iter = DataLoader.__iter__
+
+    def iter_then_signal_the_workers(self):  # noqa: ANN001, ANN202
+        iterator = original_iter(self)
+        for worker in iterator._workers:
+            os.kill(worker.pid, signal.SIGINT)
+        started_iterators.append(iterator)
+        return iterator
+
+    monkeypatch.setattr(DataLoader, "__iter__", iter_then_signal_the_workers)
+    previous = multiprocessing.get_start_method()
+    multiprocessing.set_start_method("spawn", force=True)
+    try:
+        files = imagenet_files(imagenet_root, subset=8)
+        loader = FileLoader(files, options(num_workers=1), train=True, transform=TrainTransform(24), mean=MEAN, std=STD)
+        try:
+            batch = next(loader.epoch(0))
+        finally:
+            loader.close()
+    finally:
+        multiprocessing.set_start_method(previous, force=True)
+    assert len(started_iterators) == 1 and batch.inputs.shape == (loader.batch_size, 3, 24, 24)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_loading_epochs_leaves_torch_s_global_random_state_alone(imagenet_root: Path, workers: int) -> None:
+    """A DataLoader iterator without a generator of its own draws its workers' base seed from the
+    global RNG, which Zipf's random distributions and dropout draw from: a run's results then
+    depended on trainer.num_workers (a draw per epoch without workers, one per loader with
+    persistent workers) and a resumed run differed from an uninterrupted one."""
+    files = imagenet_files(imagenet_root, subset=8)
+    loader = make_loader(files, train=True, num_workers=workers)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    try:
+        for epoch in range(2):
+            assert len(list(loader.epoch(epoch))) == len(loader)
+    finally:
+        loader.close()
+    assert torch.equal(torch.get_rng_state(), before)

@@ -43,6 +43,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import original_message
+from ..stop_signals import STOP_SIGNALS, stop_signals_ignored
 from .augment import Normalizer
 from .batch import Batch
 from .bundle import LoaderOptions
@@ -120,8 +121,10 @@ def _stack_views(views: Sequence[Any]) -> Any:
 def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
     """Workers ignore Ctrl-C and SIGTERM, which reach the whole process group: the training process
     then saves at the next step (engine/interrupt.py) and stops its workers itself. A worker killed
-    by SIGTERM would instead make DataLoader fail the main process at once, before that save."""
-    for number in (signal.SIGINT, signal.SIGTERM):
+    by SIGTERM would instead make DataLoader fail the main process at once, before that save. (A
+    worker is started with them ignored already, :func:`stop_signals_ignored`; this keeps them so
+    in a forked worker, which inherits the training process's handlers.)"""
+    for number in STOP_SIGNALS:
         signal.signal(number, signal.SIG_IGN)
 
 
@@ -346,6 +349,13 @@ class FileLoader:
                 persistent_workers=workers > 0,
                 prefetch_factor=self.prefetch_factor if workers > 0 else None,
                 worker_init_fn=_leave_stop_signals_to_the_trainer,
+                # Without a generator of its own, each new DataLoader iterator draws its workers'
+                # base seed from torch's global RNG, which methods draw their own randomness from
+                # (zipf_random_*, dropout): how often that happened (each epoch without workers,
+                # once with persistent ones, again after a resume) changed a run's results with
+                # trainer.num_workers. (The workers' own seeds drive nothing: the plan draws the
+                # augmentation.)
+                generator=torch.Generator().manual_seed(int(self.options.seed)),
             )
         return self._loader
 
@@ -401,7 +411,8 @@ class FileLoader:
         return self._batches_of_generation(self._generation, epoch)
 
     def _batches_of_generation(self, generation: int, epoch: int) -> Iterator[dict[str, Any]]:
-        iterator = iter(self._dataloader())
+        with stop_signals_ignored():  # (while the workers start: they ignore the signals from then on)
+            iterator = iter(self._dataloader())
         while True:
             if generation != self._generation:  # checked before taking a batch that is not ours
                 raise RuntimeError(

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
+from ..stop_signals import STOP_SIGNALS
 from .distributed import all_reduce_sum
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # A second signal within this many seconds of the first is the same request delivered twice.
 REPEAT_WINDOW_S = 1.0
 
@@ -49,7 +49,7 @@ class StopRequests:
 
     def __enter__(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():  # signal.signal works only there
-            for number in SIGNALS:
+            for number in STOP_SIGNALS:
                 self._previous[number] = signal.signal(number, self._request)
         return self
 

@@ -6,7 +6,6 @@ folder, so multirun and DDP never fight over output folders.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import multiprocessing.connection
@@ -14,7 +13,6 @@ import os
 import signal
 import socket
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.multiprocessing.spawn import ProcessException, ProcessExitedException
 
 from ..errors import user_errors
+from ..stop_signals import stop_signals_ignored
 from .config_checks import validate_config
 from .distributed import barrier, init_distributed, launched_by_torchrun, shutdown
 from .interrupt import StopRequests, TrainingInterrupted
@@ -90,18 +89,6 @@ def _spawned_worker(local_rank: int, container: dict[str, Any], run_dir: str, wo
         raise
     except KeyboardInterrupt:
         raise SystemExit(1) from None
-
-
-@contextlib.contextmanager
-def _signals_ignored() -> Iterator[None]:
-    """SIGINT and SIGTERM ignored in this process meanwhile, and so in the processes it starts (an
-    ignored signal stays ignored across exec, and Python's start-up keeps it so)."""
-    previous = {number: signal.signal(number, signal.SIG_IGN) for number in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
 
 
 def _join_ranks(ranks: Any, errors: Any) -> None:
@@ -178,7 +165,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     stops = StopRequests(announce=False, on_request=stopped.set)
     try:
         with stops:
-            with _signals_ignored():  # (for the moment the ranks are started: they inherit it)
+            with stop_signals_ignored():  # (for the moment the ranks are started: they inherit it)
                 ranks = mp.start_processes(_spawned_worker, args=(container, str(run_dir), devices, 0, errors, stopped),
                                            nprocs=devices, join=False, start_method="spawn")  # fmt: skip
             stops.forward_to += [process.pid for process in ranks.processes]
