@@ -27,7 +27,7 @@ from ..data.images import DatasetError
 from ..errors import original_message
 from ..losses import Method, build_method
 from ..losses.base import check_terms
-from ..models import build_model, check_trains_on, unwrap
+from ..models import build_model, check_trains_on
 from .checkpoint import (
     CheckpointError, capture_rng_state, load_checkpoint, rank_rng_state, remove_stale_temporaries, restore_rng_state,
     save_atomic, write_text_atomically,

@@ -37,7 +37,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.batch import Batch
@@ -45,18 +44,12 @@ from ..engine.checkpoint import load_checkpoint
 from ..models.outputs import ModelOutput
 from .base import Method, fraction, positive, switch
 from .ce import cross_entropy
+from .distill import tempered_kl
 
 
 class TeacherCheckpointError(FileNotFoundError):
     """BAN's teacher checkpoint is missing or does not fit the run's model (a user error: train.py
     prints its message alone; see zipfls_train.errors)."""
-
-
-def distillation_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
-    """Batch mean of KL(softmax(teacher / T) || softmax(student / T)) (no T^2), float32."""
-    log_p = F.log_softmax(student_logits.float() / temperature, dim=1)
-    log_q = F.log_softmax(teacher_logits.detach().float() / temperature, dim=1)
-    return (log_q.exp() * (log_q - log_p)).sum(dim=1).mean()
 
 
 def load_teacher(path: Path, model_factory) -> nn.Module:  # noqa: ANN001
@@ -181,6 +174,6 @@ class BornAgainNetwork(Method):
 
     def _distil_terms(self, logits: Tensor, teacher_logits: Tensor, targets: Tensor) -> dict[str, Tensor]:
         ce = cross_entropy(logits, targets)
-        kd = distillation_kl(logits, teacher_logits, self.temperature)
+        kd = tempered_kl(logits, teacher_logits, self.temperature, times_t_squared=False)
         loss = (1.0 - self.alpha) * ce + self.alpha * self.kd_scale * kd
         return {"loss": loss, "ce": ce, "ban_kl": kd}

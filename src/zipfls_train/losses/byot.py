@@ -33,7 +33,6 @@ gains ``aux_features``, the heads can move into the wrapper's forward (``aux=Tru
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.batch import Batch
@@ -41,15 +40,9 @@ from ..models.outputs import ModelOutput
 from ..models.wrapper import unwrap
 from .base import Method, Needs, fraction, non_negative, positive, with_train_top1
 from .ce import cross_entropy
+from .distill import tempered_kl
 
 AUX_STAGES = ("stage1", "stage2", "stage3")
-
-
-def tempered_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
-    """T^2 * batch mean of KL(softmax(teacher / T) || softmax(student / T)), teacher detached; float32."""
-    log_p = F.log_softmax(student_logits.float() / temperature, dim=1)
-    log_q = F.log_softmax(teacher_logits.detach().float() / temperature, dim=1)
-    return (log_q.exp() * (log_q - log_p)).sum(dim=1).mean() * temperature**2
 
 
 def feature_l2(features: Tensor, target: Tensor) -> Tensor:

@@ -21,22 +21,13 @@ Defaults: T = 4, lam = 1; lam = 3 for ResNet-50 on ImageNet-scale data (the pape
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.batch import Batch
 from ..models.outputs import ModelOutput
 from .base import Method, Needs, non_negative, positive, with_train_top1
 from .ce import cross_entropy
-
-
-def tempered_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
-    """T^2 * batch mean of KL(softmax(teacher / T) || softmax(student / T)), float32; the teacher is
-    treated as a constant."""
-    log_p = F.log_softmax(student_logits.float() / temperature, dim=1)
-    log_q = F.log_softmax(teacher_logits.detach().float() / temperature, dim=1)
-    kl = (log_q.exp() * (log_q - log_p)).sum(dim=1).mean()
-    return kl * temperature**2
+from .distill import tempered_kl
 
 
 class ClassWiseSelfKD(Method):

@@ -28,20 +28,13 @@ is a forward/backward of twice the batch ("twice the iterations" in the paper's 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.batch import Batch
 from ..models.outputs import ModelOutput
 from .base import Method, Needs, non_negative, positive, with_train_top1
 from .ce import cross_entropy
-
-
-def detached_target_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
-    """T^2 * batch mean of KL(softmax(teacher / T) || softmax(student / T)), teacher detached; float32."""
-    log_p = F.log_softmax(student_logits.float() / temperature, dim=1)
-    log_q = F.log_softmax(teacher_logits.detach().float() / temperature, dim=1)
-    return (log_q.exp() * (log_q - log_p)).sum(dim=1).mean() * temperature**2
+from .distill import tempered_kl
 
 
 def linear_mmd2(first: Tensor, second: Tensor) -> Tensor:
@@ -73,7 +66,7 @@ class DataDistortionGuidedSelfDistillation(Method):
         z1, z2 = outputs.logits[:n], outputs.logits[n:]
         f1, f2 = outputs.pooled[:n], outputs.pooled[n:]
         ce = cross_entropy(z1, batch.targets) + cross_entropy(z2, batch.targets)
-        kl = detached_target_kl(z1, z2, self.temperature) + detached_target_kl(z2, z1, self.temperature)
+        kl = tempered_kl(z1, z2, self.temperature) + tempered_kl(z2, z1, self.temperature)
         mmd = linear_mmd2(f1, f2)
         loss = ce + self.weight * kl + self.mmd_weight * mmd
         return {"loss": loss, "ce": ce, "ddgsd_kl": kl, "ddgsd_mmd": mmd}

@@ -1,0 +1,17 @@
+"""The distillation term the self-distillation baselines share (CS-KD, BYOT, DDGSD, BAN): the KL
+from a teacher's tempered softmax to a student's. A new distilling method uses it too."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def tempered_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float, times_t_squared: bool = True) -> Tensor:
+    """Batch mean of KL(softmax(teacher / T) || softmax(student / T)), in float32, the teacher a
+    constant (detached); times T^2 (Hinton et al.'s factor, which keeps the gradient's scale as T
+    changes) unless ``times_t_squared`` is False (BAN scales its term itself)."""
+    log_p = F.log_softmax(student_logits.float() / temperature, dim=1)
+    log_q = F.log_softmax(teacher_logits.detach().float() / temperature, dim=1)
+    kl = (log_q.exp() * (log_q - log_p)).sum(dim=1).mean()
+    return kl * temperature**2 if times_t_squared else kl
