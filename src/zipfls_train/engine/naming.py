@@ -1,4 +1,5 @@
-"""Run-folder names for sweeps: Hydra's override_dirname made safe for a file system."""
+"""Run-folder names for sweeps (Hydra's override_dirname made safe for a file system), and the path
+of a BAN generation's teacher in its sweep (the ``ban_teacher`` resolver), which is one of them."""
 
 from __future__ import annotations
 

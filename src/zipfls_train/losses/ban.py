@@ -23,9 +23,11 @@ out of the optimiser (the trainer optimises ``method.parameters()``), out of ``t
 of this method's ``state_dict`` (checkpoints stay small; the teacher is reloaded from its path on
 resume).
 
-Chaining generations: the basic launcher cannot pass one job's output folder to the next, so
-generations are chained by path, e.g. ``scripts/run_ban.sh`` (each generation in its own folder,
-generation k's teacher = generation k - 1's ``checkpoints/best.pt``)::
+Chaining generations: ``python train.py -m experiment=ban_generations ...`` trains generations 1-3
+in one sweep: the basic launcher runs its jobs in order, and each generation's
+``teacher_checkpoint`` is the previous one's ``checkpoints/best.pt`` in the sibling job (the
+``ban_teacher`` resolver, ``engine/naming.previous_generation_checkpoint``). Launchers that run jobs
+at once (SLURM) chain them by path instead, one generation at a time, e.g. ``scripts/run_ban.sh``::
 
     python train.py loss=ban loss.generation=1 hydra.run.dir=outputs/ban/gen1
     python train.py loss=ban loss.generation=2 loss.teacher_checkpoint=outputs/ban/gen1/checkpoints/best.pt \

@@ -9,8 +9,10 @@ then global average pooling and a linear classifier. The pooled bottleneck outpu
 an L2 term, so its width must equal the final stage's width.
 
 Heads are ordinary modules of the ``ClassifierWrapper`` (``aux_heads``), so they are in the model's
-parameters (optimiser, DDP) and its training checkpoints, and vanish from the evaluated model
-(``without_aux_heads()``; the eval forward never calls them).
+parameters (optimiser, DDP) and its checkpoints (``best.pt`` too); the eval forward never calls
+them, so they do not change what is evaluated. A model built without them loads such a checkpoint
+by leaving their entries out (BAN's teacher does); ``without_aux_heads()`` drops them from a model
+for export (the trainer does not call it).
 
 Factory (``byot_bottleneck_head(in_channels, num_classes, stage_index, final_channels)``,
 ``AUX_HEADS["byot_bottleneck"]``): the wrapper gives the final stage's width; the resolution ratio

@@ -15,7 +15,9 @@ class ModelOutput:
     features:   dense maps N x D x H x W by stage name, only those requested. ``"final"`` is exactly
                 the map that is pooled into ``logits`` (so ``classifier(mean_hw(final)) == logits``);
                 ``"penultimate"`` is the output of the stage before it; ``"stage<i>"`` (1-based) names
-                every stage of the backbone.
+                every stage of the backbone. A stage with a linear auxiliary head (Dense2's
+                penultimate) returns the map that head's classifier sees: with BN + ReLU applied
+                where the head has them (DenseNets, whose stage outputs are not normalised).
     pooled:     N x D, the globally pooled final map (the classifier's input).
     aux_logits: N x C by stage name, from auxiliary heads on those stages (training only).
     """

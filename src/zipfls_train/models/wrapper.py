@@ -137,7 +137,8 @@ class ClassifierWrapper(nn.Module):
         return ModelOutput(logits=logits, pooled=pooled, features=dense, aux_logits=aux_logits)
 
     def without_aux_heads(self) -> "ClassifierWrapper":
-        """The evaluated model: auxiliary heads are training-only and are dropped here."""
+        """This model without its training-only auxiliary heads (for export: the same logits, fewer
+        parameters). The trainer keeps them, also in best.pt; the eval forward never calls them."""
         self.aux_heads = nn.ModuleDict()
         return self
 
