@@ -15,6 +15,14 @@ import torch
 from .batch import Batch
 
 
+def configured_num_classes(dataset: Any) -> Any:
+    """The class count a run's dataset config asks for (``dataset.num_classes_subset`` where set,
+    else ``dataset.num_classes``; None where a config, an old checkpoint's say, has neither): what
+    a method is built for before the data is read. The data read must have as many
+    (``DataBundle.num_classes``, checked at set-up)."""
+    return dataset.get("num_classes_subset") or dataset.get("num_classes")
+
+
 @dataclass(frozen=True)
 class LoaderOptions:
     """How loaders are built for one process of a run."""

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .batch import Batch
-from .bundle import DataBundle, LoaderOptions
+from .bundle import DataBundle, LoaderOptions, configured_num_classes
 from .images import DatasetError
 
 
@@ -51,7 +51,7 @@ class SyntheticLoader:
 
 def build_synthetic(cfg: Mapping[str, Any], options: LoaderOptions) -> DataBundle:
     # num_classes_subset as the file datasets read it: the first K classes (the method is built for K).
-    size, classes = int(cfg["image_size"]), int(cfg.get("num_classes_subset") or cfg["num_classes"])
+    size, classes = int(cfg["image_size"]), int(configured_num_classes(cfg))
     steps = cfg["steps_per_epoch"]
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise DatasetError(f"dataset.steps_per_epoch must be an integer >= 1 (batches per synthetic epoch), got {steps!r}")

@@ -134,6 +134,7 @@ def validate_config(cfg: DictConfig) -> None:
             f"processes ({world}) x trainer.accumulate_steps ({cfg.trainer.accumulate_steps})"
         )
     # Constructing the method checks every loss option (unknown keys, bad values) before any work.
+    from ..data.bundle import configured_num_classes
     from ..losses import build_method
 
     try:
@@ -141,7 +142,7 @@ def validate_config(cfg: DictConfig) -> None:
     except InterpolationKeyError as error:
         raise ConfigError(_missing_interpolation(cfg, error)) from None
     try:
-        method = build_method(loss, int(cfg.dataset.get("num_classes_subset") or cfg.dataset.num_classes))
+        method = build_method(loss, int(configured_num_classes(cfg.dataset)))
         method.check_run(device)
     except (KeyError, TypeError, ValueError) as error:
         raise ConfigError(_message(error)) from error

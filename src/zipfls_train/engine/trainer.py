@@ -23,6 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..data import DataBundle, LoaderOptions, build_data
+from ..data.bundle import configured_num_classes
 from ..data.images import DatasetError
 from ..errors import original_message
 from ..losses import Method, build_method
@@ -106,7 +107,7 @@ class Trainer:
         torch.backends.cudnn.benchmark = not deterministic
         torch.manual_seed(int(cfg.seed) + ctx.rank)
 
-        num_classes = int(cfg.dataset.get("num_classes_subset") or cfg.dataset.num_classes)
+        num_classes = int(configured_num_classes(cfg.dataset))
         self.method: Method = build_method(OmegaConf.to_container(cfg.loss, resolve=True), num_classes)
         needs = self.method.needs
         micro_batch = per_process_batch(int(tcfg.batch_size), ctx.world_size, int(tcfg.accumulate_steps))

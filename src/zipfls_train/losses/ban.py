@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data.batch import Batch
+from ..data.bundle import configured_num_classes
 from ..engine.checkpoint import load_checkpoint
 from ..models.outputs import ModelOutput
 from .base import Method, fraction, positive, switch
@@ -98,7 +99,7 @@ def _teacher_model(checkpoint: dict) -> str:
     if not isinstance(model, dict):
         return ""
     dataset = config.get("dataset") if isinstance(config.get("dataset"), dict) else {}
-    classes = dataset.get("num_classes_subset") or dataset.get("num_classes")
+    classes = configured_num_classes(dataset)
     return f" (the checkpoint's run: model={model.get('name')}, model.options={model.get('options') or {}}, {classes} classes)"
 
 
