@@ -42,10 +42,15 @@ def _metrics(run_dir: Path) -> list[dict]:
 def test_two_process_ddp_matches_one_process_on_the_global_batch(tiny_pack_root, tmp_path):
     common = [*DDP_RUN, f"dataset.root={tiny_pack_root}", "trainer.max_steps_per_epoch=3"]
     run_training(compose([*common, "trainer.devices=1"]), tmp_path / "single")
-    run_training(compose([*common, "trainer.devices=2"]), tmp_path / "ddp")
+    summary = run_training(compose([*common, "trainer.devices=2"]), tmp_path / "ddp")
+    # The spawned run returns what one process returns: the summary rank 0 wrote.
+    assert summary == json.loads((tmp_path / "ddp" / "summary.json").read_text()) and summary["processes"] == 2
     single, ddp = _weights(tmp_path / "single"), _weights(tmp_path / "ddp")
+    # The tolerance: the same one-process run with 1 or 2 threads (another summation order) ends 2.8e-4
+    # apart (the stem's weights, after these 3 steps; the earlier 1e-5 held only for some
+    # OMP_NUM_THREADS), while ranks that skipped the gradient average (a half batch each) end 2.3e-2 apart.
     for name, tensor in single.items():
-        torch.testing.assert_close(ddp[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(ddp[name], tensor, rtol=1e-4, atol=2e-3, msg=name)
     # 35 val images over 2 ranks (18 + 17): each counted once, so accuracies agree exactly.
     a, b = _metrics(tmp_path / "single")[-1], _metrics(tmp_path / "ddp")[-1]
     assert a["val_images"] == b["val_images"] == 35  # (a rank scoring the whole set would count 70)
@@ -59,7 +64,9 @@ def test_two_process_ddp_trains_channels_last_models_as_one_process(tiny_pack_ro
     # one step agrees to float rounding (a wrong layout would scramble each 4-d weight's gradient).
     common = [*DDP_RUN, f"dataset.root={tiny_pack_root}", "trainer.max_steps_per_epoch=1", "trainer.channels_last=true"]
     run_training(compose([*common, "trainer.devices=1"]), tmp_path / "single")
-    run_training(compose([*common, "trainer.devices=2"]), tmp_path / "ddp")
+    summary = run_training(compose([*common, "trainer.devices=2"]), tmp_path / "ddp")
+    # The spawned run returns what one process returns: the summary rank 0 wrote.
+    assert summary == json.loads((tmp_path / "ddp" / "summary.json").read_text()) and summary["processes"] == 2
     single, ddp = _weights(tmp_path / "single"), _weights(tmp_path / "ddp")
     assert single["backbone.stem.0.weight"].is_contiguous(memory_format=torch.channels_last)  # the layout under test
     for name, tensor in single.items():

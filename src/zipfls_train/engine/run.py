@@ -7,6 +7,7 @@ folder, so multirun and DDP never fight over output folders.
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import multiprocessing.connection
 import os
@@ -181,7 +182,5 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
         raise error from failure  # the rank's traceback stays in __cause__ (train.py prints the message only)
     finally:
         spawn_log.setLevel(level)
-    from .metrics import read_metrics
-
-    metrics = read_metrics(run_dir)
-    return {"status": "finished", "best_val_top1": max((m["val_top1"] for m in metrics), default=None), "run_dir": str(run_dir)}
+    # What one process returns: the summary rank 0 wrote (a spawned rank's return value is lost).
+    return json.loads((run_dir / "summary.json").read_text())
