@@ -405,6 +405,29 @@ def test_ddgsd_matches_float64_reference():
     assert close(terms["loss"], ce64(z1, y) + ce64(z2, y) + lam * kl + mu * mmd)
 
 
+
+def test_ddgsd_tempered_kl_is_t_squared_times_the_kl_of_the_tempered_softmaxes():
+    """DDGSD at T = 3 (the other DDGSD tests run at the default T = 1, where the T^2 factor is 1):
+    the module's equation, T^2 [KL(sg(p2) || p1) + KL(sg(p1) || p2)] with p_v = softmax(z_v / T),
+    from the float64 reference; and its gradient T (p1 - p2) / N on z1 (the direction whose target
+    is sg(p1) gives z1 nothing), T (p2 - p1) / N on z2."""
+    torch.manual_seed(7)
+    n, c, d, lam, mu, t = 4, 5, 3, 1.5, 5e-4, 3.0
+    z, f, y = (torch.randn(2 * n, c) * 4).requires_grad_(), torch.rand(2 * n, d), torch.randint(0, c, (n,))
+    method = build_method({"name": "ddgsd", "weight": lam, "mmd_weight": mu, "temperature": t}, c)
+    terms = method.loss_terms(outputs_of(z, f), make_batch(y.tolist()), None)
+    z1, z2 = z.detach()[:n], z.detach()[n:]
+    kl = t**2 * (kl_rows64(z2, z1, t).mean() + kl_rows64(z1, z2, t).mean())
+    mmd = ((f[:n].double().mean(0) - f[n:].double().mean(0)) ** 2).sum()
+    assert kl > 0.05
+    assert close(terms["ddgsd_kl"], kl)
+    assert close(terms["loss"], ce64(z1, y) + ce64(z2, y) + lam * kl + mu * mmd)
+    terms["ddgsd_kl"].backward()
+    # d/dz1 of T^2 KL(sg(p2^T) || p1^T), batch mean: T (p1^T - p2^T) / N; and symmetrically for z2.
+    p1, p2 = softmax64(z1, t), softmax64(z2, t)
+    expected = torch.cat([p1 - p2, p2 - p1]) * t / n
+    torch.testing.assert_close(z.grad.double(), expected, rtol=1e-5, atol=1e-7)
+
 def test_ddgsd_kl_targets_are_stop_gradient():
     z = torch.randn(4, 3, requires_grad=True)
     method = build_method({"name": "ddgsd", "mmd_weight": 0.0}, 3)
