@@ -277,6 +277,34 @@ def test_train_crop_plans_follow_torchvisions_distribution() -> None:
     assert 1850 < flips < 2150  # 2000 +- 4.7 standard deviations
 
 
+
+class _LargestDraws(random.Random):
+    """Every uniform draw at its upper bound: the whole area at ratio 4/3, a box wider or taller than
+    the images below (36 x 27 for a 10 x 100 image), so all 10 tries fail. No offset may be drawn."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+    def randint(self, a: int, b: int) -> int:
+        raise AssertionError("a try fitted: the fallback was not reached")
+
+
+@pytest.mark.parametrize(("width", "height"), [(10, 100), (100, 10), (12, 100), (100, 12), (10, 11)], ids=["tall", "wide", "tall_even", "wide_even", "in_range"])
+def test_train_crop_fallback_is_torchvisions_central_crop(width, height) -> None:
+    """After 10 failed tries, the central crop with the aspect ratio clamped into 3/4..4/3, as
+    torchvision's RandomResizedCrop.get_params falls back (its own function, at a scale no try fits,
+    so it is deterministic): 10 wide x round(10 / (3/4)) = 13 high, centred, of a 10 x 100 image;
+    round(10 x 4/3) = 13 wide x 10 high of a 100 x 10 one; the whole image when its ratio is in range."""
+    from zipfls_train.data.transforms import random_resized_crop_box
+    from torchvision.transforms import RandomResizedCrop
+
+    i, j, h, w = RandomResizedCrop.get_params(torch.zeros(3, height, width), (1.5, 2.0), (3 / 4, 4 / 3))
+    expected = {(10, 100): (0, 43, 10, 13), (100, 10): (43, 0, 13, 10), (12, 100): (0, 42, 12, 16), (100, 12): (42, 0, 16, 12), (10, 11): (0, 0, 10, 11)}
+    assert (j, i, w, h) == expected[(width, height)]  # the fallback's rule, by hand
+    assert random_resized_crop_box(width, height, _LargestDraws()) == (j, i, w, h)
+    box, _ = TrainTransform(224, draft=False).plan(width, height, _LargestDraws())
+    assert box == (j, i, j + w, i + h)
+
 def test_train_transform_is_seeded_and_close_without_draft() -> None:
     path = str(samples()[17][1])  # n03759954 microphone, 702 x 1094: drafting applies at 64 px
     crop = TrainTransform(64)
