@@ -201,6 +201,43 @@ def test_random_resized_crop_boxes_stay_inside_and_follow_scale_and_ratio():
     torch.testing.assert_close(ratio.double().log().quantile(levels), reference_ratio.log().quantile(levels), atol=0.05, rtol=0)
 
 
+
+def test_random_resized_crop_box_offsets_reach_the_far_edges():
+    """A box of one size (scale and ratio pinned: 6 x 6 on a 10 wide, 8 high image) is placed as
+    torchvision places it, ``torch.randint(0, width - w + 1)`` and ``(0, height - h + 1)``: every
+    left offset 0..4 and top offset 0..2 is drawn, about equally often, so boxes touching the
+    right and bottom edges occur (an offset range one short never reaches them)."""
+    from torchvision.transforms import RandomResizedCrop
+
+    width, height, n = 10, 8, 3000
+    scale, ratio = (36 / 80, 36 / 80), (1.0, 1.0)
+    boxes = random_resized_crop_boxes(n, height, width, torch.Generator().manual_seed(0), torch.device("cpu"), scale=scale, ratio=ratio)
+    assert ((boxes[:, 2] - boxes[:, 0]) == 6).all() and ((boxes[:, 3] - boxes[:, 1]) == 6).all()
+    torch.manual_seed(0)
+    image = torch.zeros(3, height, width)
+    reference = [RandomResizedCrop.get_params(image, scale, ratio) for _ in range(n)]  # (i, j, h, w)
+    for column, name, offsets in ((0, "left", [j for _, j, _, _ in reference]), (1, "top", [i for i, _, _, _ in reference])):
+        ours = boxes[:, column].long()
+        assert set(ours.tolist()) == set(offsets) == set(range((width if column == 0 else height) - 6 + 1)), name
+        shares = torch.bincount(ours).double() / n
+        assert (shares - 1 / len(shares)).abs().max() < 0.03, (name, shares)
+
+
+@pytest.mark.parametrize(("height", "width"), [(100, 10), (10, 100), (10, 10)], ids=["tall", "wide", "square"])
+def test_random_resized_crop_boxes_fall_back_to_torchvisions_central_crop(height, width):
+    """With a scale no try can fit (a box larger than the image's short side), every box is
+    torchvision's fallback (get_params itself, deterministic here): the central crop with the
+    aspect ratio clamped into 3/4..4/3: 10 x 13 of a 10 x 100 image, 13 x 10 of a 100 x 10 one,
+    the whole image when its ratio is in range."""
+    from torchvision.transforms import RandomResizedCrop
+
+    scale = (1.5, 2.0) if height == width else (0.5, 1.0)
+    boxes = random_resized_crop_boxes(50, height, width, torch.Generator().manual_seed(0), torch.device("cpu"), scale=scale)
+    i, j, h, w = RandomResizedCrop.get_params(torch.zeros(3, height, width), scale, (3 / 4, 4 / 3))
+    expected = {(100, 10): (43, 0, 13, 10), (10, 100): (0, 43, 10, 13), (10, 10): (0, 0, 10, 10)}[(height, width)]
+    assert (i, j, h, w) == expected  # the hand values, from the fallback's rule
+    assert (boxes == torch.tensor([j, i, j + w, i + h], dtype=boxes.dtype)).all()
+
 def test_loader_crop_pads_4_pixels_as_cifars_random_crop():
     """crop_pad at 32 px (the CIFAR recipe, RandomCrop(32, padding=4)): on images of one flat level,
     a view's zero border is the padding its offset shows: 0 to 4 columns on the left or on the right

@@ -176,6 +176,14 @@ def test_sweep_point_composes_and_fits_its_table(name, overrides):
         assert (tuple(given) if isinstance(given, list) else given) == value, (option, given, value)
 
 
+
+def test_ban_runs_the_spec_three_generations():
+    """SPEC section 2: BAN trains 3 generations, in the sweep (experiment=ban_generations) as in
+    scripts/run_ban.sh, each from generation 1 (plain CE, no teacher) on."""
+    assert sweep_params("ban_generations")["loss.generation"] == ["1", "2", "3"]
+    assert "\ngenerations=3\n" in (REPO / "scripts" / "run_ban.sh").read_text()
+    assert compose(["loss=ban"]).loss.generation == 1
+
 def test_zipf_variants_keep_the_method_name():
     """loss=zipf_<variant> is still loss.name=zipf; only the options differ (the table builder relies on it)."""
     expected = {

@@ -51,6 +51,35 @@ def test_two_epochs_learn_and_fill_the_run_folder(run_tiny):
     assert summary["best_val_top1"] > 30.0
 
 
+
+def test_best_epoch_is_one_based_and_the_earliest_of_a_tie(run_tiny, monkeypatch):
+    """Val top-1 50, 50, 40 over three epochs (Trainer.evaluate replaced): the best epoch is epoch
+    1, counted from 1 as metrics.jsonl counts epochs, and the earlier of the two tied epochs, as
+    analysis/results.py picks it from metrics.jsonl; summary.json and best.pt say so, and best.pt
+    holds the weights epoch 1 ended with (those its evaluation saw), not epoch 2's."""
+    scores, seen = iter([50.0, 50.0, 40.0]), []
+
+    def evaluate(self, stoppable=False):  # noqa: ANN001, ANN202
+        seen.append({name: value.detach().clone() for name, value in self.model.state_dict().items()})
+        return next(scores), 90.0, 160
+
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    summary, run_dir = run_tiny("loss=ce", "trainer.epochs=3", "trainer.max_steps_per_epoch=2", "trainer.precision=fp32")
+    assert len(seen) == 3
+    assert [(m["epoch"], m["val_top1"], m["best_val_top1"]) for m in read_jsonl(run_dir / "metrics.jsonl")] == [(1, 50.0, 50.0), (2, 50.0, 50.0), (3, 40.0, 50.0)]
+    assert (summary["best_epoch"], summary["best_val_top1"]) == (1, 50.0)
+    assert json.loads((run_dir / "summary.json").read_text())["best_epoch"] == 1
+    from zipfls_train.analysis.results import read_run
+
+    assert (read_run(run_dir).best_epoch, read_run(run_dir).best_top1) == (1, 50.0)
+    best = torch.load(run_dir / "checkpoints/best.pt", map_location="cpu", weights_only=False)
+    assert (best["epoch"], best["val_top1"]) == (1, 50.0)
+    assert best["model"].keys() == seen[0].keys()
+    weights = [name for name, value in seen[0].items() if value.is_floating_point()]
+    assert any(not torch.equal(seen[0][name], seen[1][name]) for name in weights)  # epoch 2 did train
+    for name in best["model"]:
+        assert torch.equal(best["model"][name], seen[0][name]), name
+
 def test_zipf_run_logs_every_term(run_tiny):
     _, run_dir = run_tiny("loss=zipf", "trainer.max_steps_per_epoch=3")
     record = read_jsonl(run_dir / "metrics.jsonl")[0]

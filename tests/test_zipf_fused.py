@@ -296,6 +296,69 @@ def test_kernel_checked_itself_and_the_custom_op_passes_opcheck(interpreted: tup
 
 
 # --------------------------------------------------------------------------------------------------
+# The upstream gradient. Training never differentiates the loss alone: GradScaler multiplies it by
+# its scale (fp16), gradient accumulation divides it by the number of steps. The kernel's backward
+# must multiply its saved gradient by what arrives, on the eager path (the autograd.Function) and
+# on the compiled path (the custom op's registered autograd, which eager calls of the op use too).
+
+UPSTREAM_SCALE = 2.5
+
+UPSTREAM_CHILD = r"""
+import sys
+import torch
+from zipfls_train.losses import zipf_fused
+from zipfls_train.losses.zipf_fused import DenseMap, fused_ce_zipf, fused_zipf_kl
+
+cases = torch.load(sys.argv[1])
+zipf_fused._kernel_state["cpu"] = "checked"  # the kernel itself, not the first call's comparison
+scale, weight, out = float(sys.argv[3]), float(sys.argv[4]), {}
+for name, case in cases.items():
+    votes = case["votes"]
+    if "dense" in case:
+        d = case["dense"]
+        votes = DenseMap(d["feature_map"], d["weight"], d["bias"], d["upsample"])
+    args = (case["targets"], votes)
+    grads = {}
+    for path in ("eager_kl", "eager_combined", "custom_op"):
+        logits = case["logits"].clone().requires_grad_()
+        if path == "eager_kl":
+            loss = fused_zipf_kl(logits, *args, case["alpha"], case["distribution"])
+        elif path == "eager_combined":
+            loss, _, _ = fused_ce_zipf(logits, *args, weight, case["alpha"], case["distribution"])
+        else:  # the op torch.compile's graph calls; its autograd is _op_backward
+            source = zipf_fused._vote_source(votes)
+            totals, _ = torch.ops.zipfls_train.ce_zipf(logits, case["targets"], *source, case["alpha"], case["distribution"], weight, True, False)
+            loss = totals[0]
+        (scale * loss).backward()
+        grads[path] = logits.grad.clone()
+    out[name] = grads
+torch.save(out, sys.argv[2])
+"""
+
+
+def test_kernel_backward_multiplies_by_the_upstream_gradient(tmp_path: Path) -> None:
+    """``(2.5 * loss).backward()`` through the kernel (Triton's interpreter) gives 2.5 x the float64
+    gradient of paper eq. 6 (plus CE's ``(softmax - onehot) / N``): on the eager autograd.Function
+    (the KL alone and CE + 0.7 KL) and on the custom op torch.compile calls. A backward returning
+    the saved gradient unscaled gave exactly 1/2.5 of it and passed every unit-gradient test."""
+    triton_or_fail()
+    cases = {name: case for name, case in build_cases().items() if name in ("worked_example", "c100_v64_alpha_half", "dense_4x4_up_c10")}
+    torch.save(cases, tmp_path / "cases.pt")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-c", UPSTREAM_CHILD, str(tmp_path / "cases.pt"), str(tmp_path / "grads.pt"), str(UPSTREAM_SCALE), str(COMBINED_WEIGHT)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = torch.load(tmp_path / "grads.pt")
+    for name, case in cases.items():
+        expected = expected_for(case)
+        combined = expected["ce_grad"] + COMBINED_WEIGHT * expected["kl_grad"]
+        for path, reference in (("eager_kl", expected["kl_grad"]), ("eager_combined", combined), ("custom_op", combined)):
+            torch.testing.assert_close(results[name][path].double(), UPSTREAM_SCALE * reference, rtol=1e-5, atol=1e-7, msg=f"{name}, {path}")
+
+
+# --------------------------------------------------------------------------------------------------
 # The real compiler, without a GPU: Triton builds the kernel for a given GPU architecture on the CPU
 # (ptxas ships with it), which catches what the interpreter lets through (types, layouts) and
 # shows the register use.
