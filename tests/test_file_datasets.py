@@ -857,6 +857,39 @@ def test_imagefolder_errors_name_the_layout_and_the_count(tmp_path: Path) -> Non
         run_training(cfg, tmp_path / "run")
 
 
+def test_imagefolder_follows_symlinked_subfolders_as_imagefolder_does_and_refuses_a_loop(tmp_path: Path) -> None:
+    """Data trees on shared machines are often links: a class's symlinked subfolder was skipped
+    (os.walk does not follow links unless told), so its images silently went missing; torchvision's
+    ImageFolder counts them. A link back up the tree is a loop, refused by name."""
+    from torchvision.datasets import ImageFolder
+
+    from zipfls_train.data.image_folder import read_image_folder
+
+    root = write_image_folder(tmp_path / "images")
+    extra = tmp_path / "elsewhere"
+    extra.mkdir()
+    for k in range(3):
+        Image.fromarray(np.full((40, 48, 3), k * 60, dtype=np.uint8)).save(extra / f"linked{k}.png")
+    (root / "train" / "cat" / "more").symlink_to(extra, target_is_directory=True)
+    train, _ = read_image_folder(root)
+    reference = ImageFolder(str(root / "train"))
+    assert len(train) == len(reference) == 15  # 4 + 3 linked cat images, 4 dog, 4 fox
+    assert np.bincount(train.targets).tolist() == np.bincount(reference.targets).tolist() == [7, 4, 4]
+    (root / "train" / "dog" / "loop").symlink_to(root / "train" / "dog", target_is_directory=True)
+    with pytest.raises(DatasetError, match=r"train/dog/loop is a link to a folder already read under .*train/dog \(a loop\)"):
+        read_image_folder(root)
+
+
+def test_a_dataset_root_under_the_home_folder_may_be_written_with_a_tilde(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """dataset.root=~/data: bash expands ~ only at the start of a word, zsh (macOS's shell) not after
+    '=', and a YAML file never: the path is the home folder's, not a folder named ~ in the cwd."""
+    write_image_folder(tmp_path / "home" / "images")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    bundle = build_data(dataset_cfg("imagefolder", "~/images", num_classes=3), options(batch_size=2, eval_batch_size=2))
+    assert (bundle.num_classes, bundle.train_size) == (3, 12)
+
+
 def test_file_and_class_folder_names_that_are_not_utf8_are_read(tmp_path: Path) -> None:
     import hashlib
 

@@ -9,6 +9,7 @@ datasets (ImageNet, INAT21) register their own builder returning the same :class
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,8 @@ def build_in_memory(cfg: Mapping[str, Any], options: LoaderOptions) -> DataBundl
 
 def build_data(cfg: Mapping[str, Any], options: LoaderOptions) -> DataBundle:
     name = cfg.get("name")
+    if isinstance(cfg.get("root"), str):  # ~/data: zsh (macOS's shell) leaves ~ after '=' to us
+        cfg = {**cfg, "root": os.path.expanduser(cfg["root"])}
     if name in IN_MEMORY_READERS:
         return build_in_memory(cfg, options)
     if name in FILE_DATASETS:

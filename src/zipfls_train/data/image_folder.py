@@ -56,8 +56,15 @@ def images_under(folder: Path) -> list[str]:
     """Image files in ``folder`` and its subfolders (as ImageFolder finds them), as sorted paths
     relative to it."""
     found = []
-    # os.walk skips a folder it cannot read unless told otherwise: a class would lose its images.
-    for directory, subfolders, _ in os.walk(folder, onerror=_raise_unreadable):
+    visited: set[str] = set()
+    # os.walk skips a folder it cannot read unless told otherwise: a class would lose its images. It
+    # follows symlinked subfolders, as ImageFolder does (data trees on shared machines are often
+    # links), and a link back to a folder already walked is refused rather than walked forever.
+    for directory, subfolders, _ in os.walk(folder, onerror=_raise_unreadable, followlinks=True):
+        real = os.path.realpath(directory)
+        if real in visited:
+            raise DatasetError(f"{directory} is a link to a folder already read under {folder} (a loop): remove the link")
+        visited.add(real)
         subfolders.sort()
         prefix = os.path.relpath(directory, folder)
         found += [name if prefix == "." else f"{prefix}/{name}" for name in list_images(directory)]
