@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from zipfls_train.analysis.results import CellKey, RunFolderError, group_cells, load_runs, read_metrics, summarise
+from zipfls_train.analysis.results import CellKey, RunFolderError, group_cells, load_runs, read_epoch_records, summarise
 from zipfls_train.tables import build_report, load_paper, main, paper_cost_ratios
 
 REPO = Path(__file__).resolve().parents[1]
@@ -598,7 +598,7 @@ def test_metrics_file_quirks(tmp_path):
     with path.open("a") as stream:
         stream.write(json.dumps({"epoch": 2, "val_top1": 53.0}) + "\n" + '{"epoch": 3, "val_to')
     with pytest.warns(UserWarning, match=r"metrics.jsonl:4: ignoring a truncated last line"):
-        records = read_metrics(path)
+        records = read_epoch_records(path)
     assert [r["epoch"] for r in records] == [1, 2] and records[-1]["val_top1"] == 53.0
     with pytest.warns(UserWarning, match="truncated last line"):
         (run,) = load_runs([tmp_path])

@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from zipfls_train.analysis.results import CellKey, CellSummary, Run, RunFolderError, group_cells, load_runs, summarise
+from zipfls_train.analysis.results import CellKey, CellSummary, Run, RunFolderError, group_cells, load_runs, summarise_all
 
 TABLE_IDS = ("1", "2", "3", "4", "5", "6")
 AUTO_TABLE_IDS = ("2", "3", "4", "5", "6")  # Table 1's accuracies repeat Tables 2 and 3's
@@ -510,7 +510,7 @@ def render_cost(runs: Sequence[Run], paper: Paper) -> str:
 
 
 def build_report(runs: Sequence[Run], paper: Paper, table: str = "auto", cost: bool = False) -> str:
-    summaries = [summarise(found) for found in group_cells(runs).values()]
+    summaries = summarise_all(runs)
     table_ids = AUTO_TABLE_IDS if table == "auto" else (table,)
     sections: list[str] = []
     used: set[CellKey] = set()

@@ -185,7 +185,7 @@ def cell_key_from_config(config: Mapping[str, Any], source: Path) -> CellKey:
     )
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
+def read_epoch_records(path: Path) -> list[dict[str, Any]]:
     """Epoch records of metrics.jsonl, one per epoch (a re-logged epoch keeps its last record).
 
     A malformed last line is a write cut short by a kill and is dropped; a malformed line before
@@ -215,7 +215,7 @@ def read_run(run_dir: Path) -> Run:
     if not isinstance(config, Mapping):
         raise RunFolderError(f"{config_path}: expected a mapping (the resolved config)")
     key = cell_key_from_config(config, config_path)
-    records = read_metrics(run_dir / "metrics.jsonl")
+    records = read_epoch_records(run_dir / "metrics.jsonl")
     scored = [(int(r["epoch"]), top1) for r in records if (top1 := _finite(r.get("val_top1"))) is not None]
     best_epoch, best_top1 = max(scored, key=lambda pair: (pair[1], -pair[0])) if scored else (None, None)
     gpu = [m for r in records if (m := _finite(r.get("peak_gpu_mem_mb"))) is not None]
@@ -327,4 +327,5 @@ def summarise(runs: Sequence[Run]) -> CellSummary:
 
 
 def summarise_all(runs: Iterable[Run]) -> list[CellSummary]:
+    """One summary per table cell of ``runs``."""
     return [summarise(cell_runs) for cell_runs in group_cells(runs).values()]

@@ -335,7 +335,7 @@ class Trainer:
             self.progress.global_step += 1
             bar.update(1)
             if self.progress.global_step % log_every == 0 or step + 1 == self.steps_per_epoch:
-                means = self._check_finite(window, window_start)  # the step loop's only host sync in one process (DDP adds StopVotes' few-second votes)
+                means = self._finite_means(window, window_start)  # the step loop's only host sync in one process (DDP adds StopVotes' few-second votes)
                 records.scalars("train", {**means, "lr": step_lr}, self.progress.global_step)
                 bar.set_postfix(loss=f"{means['loss']:.4f}")
                 window_start, window = self.progress.global_step, self.running.mark()
@@ -435,9 +435,9 @@ class Trainer:
         step the scheduler is at now, e.g. mid-epoch after a resume)."""
         return self.scheduler.base_lrs[0] * self.scheduler.lr_lambdas[0](global_step)
 
-    def _check_finite(self, window: tuple, window_start: int, across_ranks: bool = True) -> dict[str, float]:
+    def _finite_means(self, window: tuple, window_start: int, across_ranks: bool = True) -> dict[str, float]:
         """Means of the terms since the last log (``window``, a mark of the running sums) over every
-        rank's steps (TensorBoard's train/* curve is the global batch's, as the epoch's record; and
+        rank's steps, or a NonFiniteLossError where one is NaN/inf (TensorBoard's train/* curve is the global batch's, as the epoch's record; and
         a NaN/inf on one rank stops all of them at the same step); a NaN/inf stays in the running
         sums once there, so the first log after it stops the run. ``across_ranks=False`` where the
         sums were just averaged over the ranks (a save): the same means, one collective fewer."""
@@ -514,7 +514,7 @@ class Trainer:
         anything is written, so a non-finite step never reaches ``last.pt``."""
         self.running.all_reduce_mean()
         if check_finite_since is not None:
-            self._check_finite((None, 0), check_finite_since, across_ranks=False)  # (averaged just above)
+            self._finite_means((None, 0), check_finite_since, across_ranks=False)  # (averaged just above)
         rng = gather_objects(capture_rng_state(self.device))
         if self.ctx.is_main:
             save_atomic({**self.state_dict(), "rng": rng}, self.checkpoint_dir / name)
