@@ -10,7 +10,6 @@ import json
 import math
 import os
 import socket
-from pathlib import Path
 
 import pytest
 import torch
