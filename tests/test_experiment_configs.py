@@ -221,6 +221,18 @@ def test_table6_tinyimagenet_distribution_rows_differ_from_the_zipf_row_in_the_d
     assert all(loss == losses["zipf"] for loss in losses.values()), losses
 
 
+def test_sweep_folder_names_leave_out_every_key_a_run_resumes_under():
+    """A key that changes how a run executes (RESUME_TOLERATED) lets a single run resume under
+    another value; in a sweep it also had to stay out of the job's folder name, or the sweep rerun
+    with it (trainer.compile=true added, say) started every run again in new folders. tag names
+    runs on purpose."""
+    from zipfls_train.engine.resume import RESUME_TOLERATED
+
+    hydra_config = yaml.safe_load((CONFIG_DIR / "hydra" / "default.yaml").read_text())
+    excluded = set(hydra_config["job"]["config"]["override_dirname"]["exclude_keys"])
+    assert RESUME_TOLERATED - {"tag"} <= excluded, sorted(RESUME_TOLERATED - {"tag"} - excluded)
+
+
 def test_long_sweep_folder_names_keep_the_swept_values_and_stay_unique():
     constant = "dataset.num_classes_subset=5,dataset.root=/data/x,dataset.train_per_class=20,dataset.val_per_class=8,experiment_name=sweep,model.options.width=16"
     names = {seed: safe_dirname(f"{constant},loss=ce,seed={seed}") for seed in (0, 1)}
