@@ -705,6 +705,27 @@ def test_a_stop_request_is_recorded_and_announced_only_where_asked(capfd, announ
                      if announce else [])  # fmt: skip
 
 
+def test_the_same_signal_again_within_a_second_is_one_request_and_later_stops_at_once(monkeypatch):
+    """A terminal or a cluster sends a signal to the whole process group, and a parent forwards it:
+    the copies arriving within REPEAT_WINDOW_S (1 s) are one request. A second Ctrl-C after that
+    acts as Ctrl-C does without the handler: KeyboardInterrupt, at once."""
+    import signal
+
+    from zipfls_train.engine import interrupt
+    from zipfls_train.engine.interrupt import StopRequests
+
+    now = [100.0]
+    monkeypatch.setattr(interrupt.time, "monotonic", lambda: now[0])
+    with StopRequests(announce=False) as requests:
+        os.kill(os.getpid(), signal.SIGINT)  # the handler runs as os.kill returns, in this thread
+        now[0] += 0.5
+        os.kill(os.getpid(), signal.SIGINT)  # the same request, delivered twice: nothing more
+        assert requests.signal_name == "SIGINT"
+        now[0] += 0.6  # 1.1 s after the first
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+
+
 def test_synthetic_ranks_share_one_set_and_each_scores_its_own_val_shard():
     """Under DDP each rank takes its part of one set drawn from the seed: the ranks' training batches
     together are what one process with the global batch gets, and the val shards together are the
