@@ -9,8 +9,9 @@ from .config_checks import PRECISION_NAMES, ConfigError
 
 def cpu_has_bf16_matrix_units() -> bool:
     """Intel AMX (Xeon from the 4th generation on): bf16 tiles for convolutions and matmuls, on which
-    bf16 autocast trains 2-3x faster than fp32 (experiments/cpu_speed.md). Elsewhere a CPU emulates
-    bf16 matrix products, or only converts faster, so fp32 stays the default there."""
+    bf16 autocast trains 1.9-2.9x faster than fp32 (experiments/cpu_speed.md; MobileNetV2 no
+    faster). Elsewhere a CPU emulates bf16 matrix products, or only converts faster, so fp32 stays
+    the default there."""
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # (private; absent from older torch)
     return bool(probe is not None and probe())
 
