@@ -317,6 +317,14 @@ def test_mean_and_sample_std_over_seeds(tmp_path):
     assert (run.best_top1, run.best_epoch, run.last_top1) == (59.0, 2, 58.0)
 
 
+def test_a_runs_best_epoch_is_the_earliest_of_a_tie(tmp_path):
+    # val_top1 52.0, 60.0, 55.0, 60.0: the best 60.0 is reached at epochs 2 and 4; the run's best epoch
+    # is the first (as the trainer's best.pt, which a later equal score does not replace), last 60.0.
+    write_run(tmp_path / "tie", top1=(52.0, 60.0, 55.0, 60.0))
+    (run,) = load_runs([tmp_path])
+    assert (run.best_top1, run.best_epoch, run.last_top1) == (60.0, 2, 60.0)
+
+
 def test_table2_cells_paper_values_and_differences(tmp_path):
     # CE on TinyImageNet ResNet18: best 56.0 and 57.0 -> 56.50 ± 0.71 (sqrt(0.5) = 0.7071); paper 56.41 ± 0.20 -> Δ +0.09.
     write_run(tmp_path / "ce0", method="ce", seed=0, top1=(40.0, 56.0))
