@@ -4,6 +4,9 @@ i.e. which tensor each shortcut, norm and classifier sees."""
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -124,3 +127,27 @@ def test_parameter_counts_are_the_released_architectures():
     for name, expected in (("cifar_resnet18", resnet), ("cifar_densenet121", densenet)):
         model = build_model(name, num_classes=classes)
         assert sum(p.numel() for p in model.parameters()) == expected, name
+
+
+@pytest.mark.parametrize("name", ["cifar_resnet18", "cifar_densenet121"])
+@torch.no_grad()
+def test_cifar_models_are_msra_initialised(name):
+    """SPEC 3: MSRA (Kaiming) init, He et al.'s fan_out form for ReLU: N(0, 2 / (out_channels k^2)).
+    Checked on every convolution large enough for its sample std to be within a few percent, among
+    them the ones whose fan_in differs from their fan_out (stage transitions, DenseNet's 1x1 convs),
+    so a fan_in init, or PyTorch's default (std 1 / sqrt(3 fan_in)), fails. Norm layers: gamma 1, beta 0."""
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=100)
+    checked = unequal_fans = 0
+    for module in model.backbone.modules():
+        if isinstance(module, nn.Conv2d) and module.weight.numel() >= 20000:
+            out_channels, in_channels, kh, kw = module.weight.shape
+            fan_out, fan_in = out_channels * kh * kw, in_channels * kh * kw
+            expected = math.sqrt(2.0 / fan_out)
+            assert abs(float(module.weight.std()) - expected) / expected < 0.05, (module, float(module.weight.std()), expected)
+            assert abs(float(module.weight.mean())) < 0.05 * expected
+            checked += 1
+            unequal_fans += abs(math.sqrt(2.0 / fan_in) - expected) / expected > 0.2
+        elif isinstance(module, nn.BatchNorm2d):
+            assert torch.all(module.weight == 1) and torch.all(module.bias == 0)
+    assert checked >= 10 and unequal_fans >= 3
