@@ -228,3 +228,38 @@ def test_an_unreadable_file_in_figure_2_s_pass_after_the_last_epoch_is_reported_
         run_tiny(*ARGS, "trainer.zipf_fit_at_end=true", run_dir=tmp_path / "run")
     assert str(error.value) == "cannot decode image /data/val/broken.JPEG: image file is truncated"
     assert load_checkpoint(tmp_path / "run/checkpoints/last.pt")["progress"]["epoch"] == 2
+
+
+def _draws() -> tuple:
+    import random
+
+    import numpy as np
+
+    return random.random(), float(np.random.rand()), torch.rand(3).tolist()
+
+
+def test_a_restored_rng_state_replays_python_numpy_and_torch_draws():
+    """Whatever draws from the global generators (a Zipf run's random_uniform / random_pareto weights,
+    dropout, user code) must continue after a resume as it would have: restoring the captured state
+    gives the very draws that followed the capture, for each of the three generators."""
+    state = checkpoint.capture_rng_state(torch.device("cpu"))
+    expected = _draws()
+    assert _draws() != expected  # the generators moved on
+    checkpoint.restore_rng_state(state, torch.device("cpu"))
+    assert _draws() == expected
+
+
+def test_each_rank_resumes_its_own_rng_state(monkeypatch):
+    """A checkpoint holds one state per rank (rank order); a rank beyond them takes rank 0's, a
+    single (older) state is every rank's. A checkpoint's list of CUDA states gives device k its k-th."""
+    per_rank = [{"name": "rank0"}, {"name": "rank1"}]
+    assert [checkpoint.rank_rng_state(per_rank, rank)["name"] for rank in (0, 1, 2)] == ["rank0", "rank1", "rank0"]
+    single = {"name": "single"}
+    assert checkpoint.rank_rng_state(single, 1) is single
+
+    applied = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: applied.append((state.tolist(), device)))
+    state = checkpoint.capture_rng_state(torch.device("cpu"))
+    state["cuda"] = [torch.tensor([10], dtype=torch.uint8), torch.tensor([11], dtype=torch.uint8)]
+    checkpoint.restore_rng_state(state, torch.device("cuda", 1))
+    assert applied == [([11], torch.device("cuda", 1))]
