@@ -151,3 +151,19 @@ def test_cifar_models_are_msra_initialised(name):
         elif isinstance(module, nn.BatchNorm2d):
             assert torch.all(module.weight == 1) and torch.all(module.bias == 0)
     assert checked >= 10 and unequal_fans >= 3
+
+
+@torch.no_grad()
+def test_byot_auxiliary_heads_are_msra_initialised():
+    """The heads are part of the trained network: their convolutions too are N(0, 2 / fan_out), fan_out =
+    out_channels k^2 (BYOT's bottleneck at width 64 on stage 1: 64 -> 128 (1x1) -> 128 (8x8, stride 8)
+    -> 512 (1x1)), not PyTorch's default (std 1 / sqrt(3 fan_in))."""
+    torch.manual_seed(0)
+    byot = build_method({"name": "byot"}, 100)
+    model = build_model("cifar_resnet18", 100, aux_stages=byot.needs.aux_stages, aux_head=byot.needs.aux_head)
+    convs = [m for head in model.aux_heads.values() for m in head.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 9
+    for conv in convs:
+        out_channels, _, kh, kw = conv.weight.shape
+        expected = math.sqrt(2.0 / (out_channels * kh * kw))
+        assert abs(float(conv.weight.std()) - expected) / expected < 0.05, (conv, float(conv.weight.std()), expected)
