@@ -167,6 +167,34 @@ def test_a_finished_run_asked_for_more_epochs_says_why_it_is_not_extended(run_ti
         run_tiny("loss=ce", "trainer.max_steps_per_epoch=1", "trainer.epochs=3", run_dir=tmp_path / "run")
 
 
+@pytest.mark.parametrize(("key", "before", "now"), [
+    # Where and how a run executes (the keys sweep folder names leave out, configs/hydra/default.yaml):
+    ("trainer.device", "cpu", "cuda"), ("trainer.devices", 1, 2), ("trainer.progress_bar", True, False),
+    ("trainer.log_every", 50, 10), ("trainer.num_workers", 4, 0), ("trainer.data_on", "cpu", "device"),
+    ("trainer.eval_batch_size", 256, 64), ("trainer.checkpoint_every_steps", 0, 500), ("trainer.stop_check_s", 5.0, 20.0),
+    ("trainer.resume", "auto", "always"), ("trainer.zipf_fit_at_end", True, False), ("trainer.compile", False, True),
+    ("dataset.root", "/a", "/b"), ("loss.kernel", "torch", "fused"), ("tag", "", "x"),
+])
+def test_a_checkpoint_resumes_under_another_value_of_a_key_that_only_says_how_it_runs(key, before, now):
+    from omegaconf import OmegaConf
+
+    from zipfls_train.engine.resume import check_same_config
+
+    def config(value):
+        cfg = {"tag": "", "seed": 0, "trainer": {"epochs": 200, "batch_size": 128}, "dataset": {"name": "cifar100"},
+               "loss": {"name": "zipf", "weight": 0.1}}  # fmt: skip
+        OmegaConf.update(node := OmegaConf.create(cfg), key, value, force_add=True)
+        return node
+
+    saved = OmegaConf.to_container(config(before))
+    check_same_config(config(now), saved, REPO / "last.pt")  # accepted
+    # What the run computes is not tolerated, alongside the same change:
+    changed = config(now)
+    changed.loss.weight = 1.0
+    with pytest.raises(ResumeError, match=r"\(loss.weight: 0.1 -> 1.0\)"):
+        check_same_config(changed, saved, REPO / "last.pt")
+
+
 def test_resume_refuses_a_checkpoint_of_another_configuration_and_changes_nothing(run_tiny, tmp_path):
     run_tiny("loss=ce", "trainer.max_steps_per_epoch=1", run_dir=tmp_path / "run")
     written = {path: path.read_bytes() for path in (tmp_path / "run").rglob("*") if path.is_file()}
