@@ -195,6 +195,35 @@ def test_a_checkpoint_resumes_under_another_value_of_a_key_that_only_says_how_it
         check_same_config(changed, saved, REPO / "last.pt")
 
 
+def test_a_recorded_dataset_format_must_match_unless_it_was_recorded_as_auto():
+    # Runs before 2026-11-27 recorded dataset.format=auto (what was asked): it matches whatever auto
+    # finds now. A recorded tree / pack is what the run trained on: the other copy is other data.
+    from omegaconf import OmegaConf
+
+    from zipfls_train.engine.resume import check_same_config
+
+    def config(fmt):
+        return {"seed": 0, "trainer": {"epochs": 200}, "dataset": {"name": "tinyimagenet", "format": fmt}, "loss": {"name": "ce"}}
+
+    check_same_config(OmegaConf.create(config("pack")), config("auto"), REPO / "last.pt")
+    check_same_config(OmegaConf.create(config("tree")), config("auto"), REPO / "last.pt")
+    with pytest.raises(ResumeError, match=r"dataset.format: 'tree' -> 'pack'"):
+        check_same_config(OmegaConf.create(config("pack")), config("tree"), REPO / "last.pt")
+
+
+def test_one_epoch_line_without_a_checkpoint_is_redone_and_two_are_kept(tmp_path):
+    # A kill between epoch 1's metrics line and its checkpoint leaves one line: the run starts over.
+    # Two or more lines without last.pt: a checkpoint was lost, and starting over would overwrite them.
+    from zipfls_train.engine.resume import refuse_to_overwrite_results
+
+    lines = [json.dumps({"epoch": epoch, "val_top1": 1.0}) + "\n" for epoch in (1, 2)]
+    (tmp_path / "metrics.jsonl").write_text(lines[0])
+    refuse_to_overwrite_results(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text("".join(lines))
+    with pytest.raises(ResumeError, match=r"holds the results of 2 epoch\(s\) but no checkpoints/last.pt"):
+        refuse_to_overwrite_results(tmp_path)
+
+
 def test_resume_refuses_a_checkpoint_of_another_configuration_and_changes_nothing(run_tiny, tmp_path):
     run_tiny("loss=ce", "trainer.max_steps_per_epoch=1", run_dir=tmp_path / "run")
     written = {path: path.read_bytes() for path in (tmp_path / "run").rglob("*") if path.is_file()}
