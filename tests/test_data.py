@@ -40,6 +40,17 @@ def test_tree_reader_sorts_wnids_and_reads_every_image(tmp_path):
     assert torch.equal(train.images[0], torch.from_numpy(first).permute(2, 0, 1))
 
 
+def test_tree_reader_orders_a_classs_images_by_their_number_not_as_strings(tmp_path):
+    # 12 images per class: as strings, n..._10 and n..._11 would come before n..._2. The official
+    # numbering (0..499) is the order the pack tiles them in and the one "first N per class" keeps.
+    root = write_tinyimagenet_tree(tmp_path, WNIDS[:2], train_per_class=12, val_per_class=1)
+    train = read_tree(root, "train")
+    wnid = sorted(WNIDS[:2])[0]
+    for k in range(12):
+        pixels = np.array(Image.open(root / f"tiny-imagenet-200/train/{wnid}/images/{wnid}_{k}.JPEG").convert("RGB"))
+        assert torch.equal(train.images[k], torch.from_numpy(pixels).permute(2, 0, 1)), k
+
+
 def test_official_subset_from_shared_data(official_subset_root):
     train = read_tree(official_subset_root, "train")
     val = read_tree(official_subset_root, "val")
