@@ -145,3 +145,23 @@ def test_term_accumulator_means_by_name_and_refuses_terms_that_change_between_st
     with pytest.raises(MethodContractError, match=r"the same terms, in the same order"):
         running.add({"ce": torch.tensor(5.0), "loss": torch.tensor(1.0)})
     assert running.means() == {"loss": 2.0, "ce": 15.0}  # the refused steps added nothing
+
+
+def test_tensorboard_drops_the_steps_a_killed_run_logged_after_its_checkpoint(tmp_path) -> None:
+    """A run killed after step 6 whose last checkpoint is at step 4 resumes from step 4: its TensorBoard
+    scalars of steps 5 and 6 are stale and the resumed run's replace them (events *at* step 4 stay)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from zipfls_train.engine.metrics import RunRecords
+
+    killed = RunRecords(tmp_path, resume_epoch=0, global_step=0, enabled=True)
+    for step in range(1, 7):
+        killed.scalars("train", {"loss": float(step)}, step)
+    killed.close()
+    resumed = RunRecords(tmp_path, resume_epoch=1, global_step=4, enabled=True)
+    for step in (5, 6):
+        resumed.scalars("train", {"loss": 10.0 * step}, step)
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 50.0), (6, 60.0)]
