@@ -501,3 +501,17 @@ def test_ddp_gradients_are_views_of_one_bucket_and_the_mean_over_ranks():
     for got0, got1, want in zip(grads0, grads1, expected):
         assert torch.equal(got0, got1)
         torch.testing.assert_close(got0.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_ddp_ranks_vote_at_every_log_step_whatever_the_interval():
+    """Log steps synchronise anyway, so the ranks vote there too: a stop requested before step 3
+    stops after step 3 when step 3 is a log step, though the next timed vote is at step 10
+    (FIRST_EVERY); a step that is not a log step waits for that vote. One process stands in for
+    the ranks (all_reduce_sum is the identity without a process group)."""
+    from zipfls_train.engine.interrupt import StopRequests, StopVotes
+
+    requests = StopRequests()
+    votes = StopVotes(requests, distributed=True, device=torch.device("cpu"), world_size=1, log_every=50, within_s=5.0, clock=lambda: 0.0)
+    requests.signal_name = "SIGTERM"
+    assert votes.at_step(2, logged=False) is False  # no vote before step 10
+    assert votes.at_step(3, logged=True) is True
