@@ -157,6 +157,9 @@ def test_cifar100_pickles_with_bytes_or_str_keys(tmp_path, bytes_keys):
         record = pickle.load(handle, encoding="bytes")
     data = record[b"data" if bytes_keys else "data"]
     assert torch.equal(train.images[7, 0].flatten(), torch.from_numpy(data[7, :1024]))
+    # Labels are the fine labels (100 classes), image by image: the writer put 3 images of class k at 3k..3k+2.
+    assert train.targets.tolist() == [k for k in range(100) for _ in range(3)]
+    assert test.targets.tolist() == [k for k in range(100) for _ in range(2)]
 
 
 def test_cifar100_missing_without_download_explains(tmp_path):
