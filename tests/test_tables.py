@@ -465,6 +465,22 @@ def test_run_without_a_finished_epoch(tmp_path):
     assert rows["Vanilla"]["TinyImageNet ResNet18"] == "no epoch finished yet; incomplete: 0/200 ep"
 
 
+def test_gains_and_differences_are_of_best_epochs_against_our_ce_of_the_same_recipe(tmp_path):
+    # SPEC 3: the reported metric is the best epoch's top-1; the last epoch's is logged beside it.
+    # Our CE (2 epochs): best 56.0, last 54.0. LR (2 epochs): best 57.0, last 55.0 -> gain 57 - 56 = +1.00
+    # (not over CE's last 54.0: +3.00), Δ 57.00 - 58.11 = -1.11 (the last epoch's would be -3.11).
+    # A CE run of another recipe (1 epoch, 30.0) is not the baseline (+27.00 if it were).
+    write_run(tmp_path / "ce", top1=(56.0, 54.0))
+    write_run(tmp_path / "ce_1_epoch", top1=(30.0,))
+    write_run(tmp_path / "lr", method="zipf", top1=(57.0, 55.0),
+              loss_options={"weight": 1.0, "distribution": "zipf", "rank_by": "logits", "stages": ["final"]})  # fmt: skip
+    report = build_report(load_runs([tmp_path]), load_paper(PAPER_TABLES), table="5")
+    row = table_rows(report, "Table 5")["Logits-based (LR)"]
+    col = "TinyImageNet ResNet18"
+    assert row[col].startswith("57.00 ± - (+1.00), n=1, last 55.00")
+    assert row[f"{col} Δ"] == "-1.11"
+
+
 def test_table5_ablation_rows_and_gains(tmp_path):
     # Our CE 56.0; LR 57.0 (+1.00), Dense1 58.0 (+2.00), Dense2 59.0 (+3.00).
     write_run(tmp_path / "ce", top1=(56.0,))
