@@ -347,6 +347,19 @@ def test_imagenet_kaggle_download_layout_is_found(tmp_path: Path) -> None:
     assert (len(train), len(val), len(train.classes)) == (24, 24, 24)
 
 
+def test_val_class_folders_are_labelled_by_the_train_classes_when_some_are_missing(tmp_path: Path) -> None:
+    # train/ has three classes, val/ only the first and the third: val's labels are the classes'
+    # positions among train's sorted folders (0 and 2), as ImageFolder on train gives them.
+    for split, wnids in (("train", ["n03", "n01", "n02"]), ("val", ["n03", "n01"])):
+        for wnid in wnids:
+            (tmp_path / split / wnid).mkdir(parents=True)
+            (tmp_path / split / wnid / f"{split}_{wnid}.JPEG").write_bytes(b"")
+    train, val = read_imagenet(tmp_path, "folders")
+    assert train.classes == val.classes == ["n01", "n02", "n03"]
+    assert train.targets.tolist() == [0, 1, 2]
+    assert val.targets.tolist() == [0, 2]
+
+
 def test_the_format_auto_finds_is_resolved(imagenet_root: Path, inat_root: Path, tmp_path: Path) -> None:
     assert build_data(dataset_cfg("imagenet", imagenet_root), options()).resolved == {"format": "folders"}
     flat = write_imagenet(tmp_path / "flat", val="flat", train_copies=1)
