@@ -527,6 +527,23 @@ def test_ban_distils_from_the_checkpointed_teacher(tmp_path):
     assert close(terms["loss"], (1 - a) * ce64(z, y) + a * t**2 * kl)
 
 
+@torch.no_grad()
+def test_ban_teacher_from_a_run_with_auxiliary_heads_loads_without_them(tmp_path):
+    # A teacher trained with heads (Zipf's Dense2, BYOT) has aux_heads.* weights; they never affect the
+    # logits, so the student's head-less model takes the rest and gives the trained model's logits.
+    from zipfls_train.engine.checkpoint import save_atomic
+    from zipfls_train.losses.ban import load_teacher
+    from zipfls_train.models import build_model
+
+    torch.manual_seed(3)
+    trained = build_model("cifar_resnet18", 5, aux_stages=("penultimate",), width=4).eval()
+    assert any(key.startswith("aux_heads.") for key in trained.state_dict())
+    save_atomic({"model": trained.state_dict()}, tmp_path / "best.pt")
+    teacher = load_teacher(tmp_path / "best.pt", lambda: build_model("cifar_resnet18", 5, width=4))
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(teacher(x).logits, trained(x).logits)
+
+
 def test_ban_trains_generation_2_from_a_real_best_checkpoint(run_tiny, tmp_path):
     _, teacher_dir = run_tiny("loss=ce", "trainer.max_steps_per_epoch=2", run_dir=tmp_path / "gen1")
     best = teacher_dir / "checkpoints" / "best.pt"
