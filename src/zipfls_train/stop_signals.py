@@ -12,6 +12,12 @@ from collections.abc import Iterator
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+def ignore_stop_signals() -> dict[int, object]:
+    """SIGINT and SIGTERM ignored from now on in this process (main thread only); the handlers they
+    had, by signal number."""
+    return {number: signal.signal(number, signal.SIG_IGN) for number in STOP_SIGNALS}
+
+
 @contextlib.contextmanager
 def stop_signals_ignored() -> Iterator[None]:
     """SIGINT and SIGTERM ignored in this process meanwhile, and so in the processes it starts: an
@@ -22,7 +28,7 @@ def stop_signals_ignored() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {number: signal.signal(number, signal.SIG_IGN) for number in STOP_SIGNALS}
+    previous = ignore_stop_signals()
     try:
         yield
     finally:

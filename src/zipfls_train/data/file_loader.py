@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -43,7 +42,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import original_message
-from ..stop_signals import STOP_SIGNALS, stop_signals_ignored
+from ..stop_signals import ignore_stop_signals, stop_signals_ignored
 from .augment import Normalizer
 from .batch import Batch
 from .bundle import LoaderOptions
@@ -124,8 +123,7 @@ def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
     by SIGTERM would instead make DataLoader fail the main process at once, before that save. (A
     worker is started with them ignored already, :func:`stop_signals_ignored`; this keeps them so
     in a forked worker, which inherits the training process's handlers.)"""
-    for number in STOP_SIGNALS:
-        signal.signal(number, signal.SIG_IGN)
+    ignore_stop_signals()
 
 
 def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationKeyError, MissingMandatoryValue
 
+from .naming import WINDOWS_REFUSED
+
 if TYPE_CHECKING:
     import torch
 
@@ -53,7 +55,7 @@ def _check_run_folder_name_parts(cfg: DictConfig) -> None:
         value = str(cfg.get(key) or "")
         if "/" in value or "\\" in value or value in (".", ".."):
             raise ConfigError(f"{key}={value!r} names a part of the run folder and must not contain a path separator or be . or ..")
-        refused = sorted(set(value) & set('<>:"|?*'))
+        refused = sorted(set(value) & set(WINDOWS_REFUSED))
         if refused:
             raise ConfigError(
                 f"{key}={value!r} names a part of the run folder and must not contain {' '.join(refused)}: "

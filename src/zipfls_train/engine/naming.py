@@ -46,7 +46,8 @@ def _initials_key(item: str) -> str:
 # A folder name holds none of these on Windows (NTFS, and SMB shares anywhere): the path separators,
 # which would also nest folders, become "_"; so do the rest, but the double quotes of a value quoted
 # for its spaces (tag="my run"), which are dropped.
-_NOT_IN_FOLDER_NAMES = str.maketrans({**{character: "_" for character in '/\\<>:|?*'}, '"': None})
+WINDOWS_REFUSED = '<>:"|?*'
+_NOT_IN_FOLDER_NAMES = str.maketrans({**{character: "_" for character in "/\\" + WINDOWS_REFUSED}, '"': None})
 
 
 def _path_safe(text: str) -> str:
