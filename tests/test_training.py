@@ -243,6 +243,42 @@ def test_rerunning_a_finished_run_trains_and_rewrites_nothing(run_tiny, tmp_path
     assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == written
 
 
+def test_a_finished_run_rerun_unchanged_is_told_from_its_folder_without_its_data(run_tiny, tiny_pack_root, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """A sweep rerun after a preemption skips its finished runs from their folders alone (summary.json
+    and config.yaml): no data read, no model built, no ranks spawned; it used to take seconds and GBs
+    per run. dataset.format=auto, which the run recorded as the pack it found, is the same command;
+    where the folder alone cannot tell (another dataset.root, a summary written before it named its
+    root), the data is read and compared as before."""
+    args = ("loss=zipf", "dataset.format=auto", "trainer.max_steps_per_epoch=1")
+    first, run_dir = run_tiny(*args, run_dir=tmp_path / "run")
+    assert (first["dataset_root"], first["dataset_requested"]) == (str(tiny_pack_root.resolve()), {"format": "auto"})
+    written = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+    import zipfls_train.engine.trainer as trainer_module
+
+    builds = []
+    real_build_data = trainer_module.build_data
+    monkeypatch.setattr(trainer_module, "build_data", lambda *a, **k: builds.append(1) or real_build_data(*a, **k))
+    monkeypatch.setattr("zipfls_train.engine.run.mp.start_processes", lambda *a, **k: pytest.fail("ranks spawned"))
+    capsys.readouterr()
+    again, _ = run_tiny(*args, "trainer.devices=2", "trainer.num_workers=1", run_dir=run_dir)  # where it runs may differ
+    assert "run already finished (1 epochs" in capsys.readouterr().out
+    assert (again, builds) == (first, [])
+    assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == written
+
+    # The same data under another root: read, compared with the run's, and then finished.
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_pack_root, copy)
+    again, _ = run_tiny(*args, f"dataset.root={copy}", run_dir=run_dir)
+    assert (again, builds) == (first, [1])
+    # A summary without the root (written before 2026-11-28): the same.
+    summary = json.loads((run_dir / "summary.json").read_text())
+    del summary["dataset_root"], summary["dataset_requested"]
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    again, _ = run_tiny(*args, run_dir=run_dir)
+    assert (again, builds) == (summary, [1, 1])
+
+
 def test_resume_accepts_a_different_implementation_of_the_same_loss(run_tiny, tmp_path, monkeypatch):
     """loss.kernel chooses how Zipf's loss is computed, not what: a run checkpointed with one
     (or before the key existed) resumes with another."""

@@ -26,6 +26,7 @@ from ..stop_signals import stop_signals_ignored
 from .config_checks import validate_config
 from .distributed import barrier, init_distributed, launched_by_torchrun, shutdown
 from .interrupt import StopRequests, TrainingInterrupted
+from .resume import finished_as_recorded, report_finished
 from .trainer import Trainer
 
 
@@ -142,6 +143,11 @@ def _record_torchrun_processes(container: dict[str, Any], rank: int) -> None:
 def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     """Train one run in ``run_dir``; returns the summary (rank 0 / single process)."""
     validate_config(cfg)
+    # A rerun finished run needs no data, model or ranks. (Under torchrun every rank checks the folder
+    # in the trainer, together: ranks that disagreed here would wait for each other forever.)
+    if not launched_by_torchrun() and (summary := finished_as_recorded(cfg, run_dir)) is not None:
+        report_finished(summary, run_dir)
+        return summary
     container = OmegaConf.to_container(cfg, resolve=True)
     if launched_by_torchrun():
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

@@ -42,7 +42,8 @@ from .metrics import RunRecords, TermAccumulator, read_metrics, topk_correct
 from .optim import build_optimizer, build_scheduler
 from .precision import precision_name, resolve_precision
 from .resume import (
-    RESUMABLE_KEYS, ResumeError, check_same_config, check_same_data, refuse_to_overwrite_results, warn_if_precision_changed,
+    RESUMABLE_KEYS, ResumeError, absolute_root, check_same_config, check_same_data, refuse_to_overwrite_results,
+    report_finished, warn_if_precision_changed,
 )
 from .run_folder import not_writable, set_aside_earlier_attempt
 
@@ -128,6 +129,8 @@ class Trainer:
                 accumulate_steps=int(tcfg.accumulate_steps),
             ),
         )
+        # What the command asked for, in the summary: a rerun of it is then told finished without the data.
+        self.dataset_requested = {key: cfg.dataset.get(key) for key in self.data.resolved}
         for key, value in self.data.resolved.items():  # e.g. dataset.format=auto -> tree | pack, as recorded
             cfg.dataset[key] = value
         if len(self.data.train) == 0:
@@ -620,6 +623,8 @@ class Trainer:
             "precision": self.precision,  # what trainer.precision=auto chose
             "processes": self.ctx.world_size,  # DDP ranks, all nodes together
             "data": self.data.identity(),
+            "dataset_root": absolute_root(self.cfg.dataset.get("root")),
+            "dataset_requested": self.dataset_requested,
             "run_dir": str(self.run_dir),
         }
 
@@ -650,11 +655,7 @@ class Trainer:
         if not self.ctx.is_main:
             return {}
         summary = self._read_summary()
-        print(
-            f"[zipfls-train] run already finished ({summary.get('epochs')} epochs, best val top-1 "
-            f"{summary.get('best_val_top1') or float('nan'):.2f}%): {self.run_dir}; trainer.resume=never trains it again",
-            flush=True,
-        )
+        report_finished(summary, self.run_dir)
         return summary
 
     def _saved_after_data_error(self, error: DatasetError) -> str:
