@@ -405,6 +405,21 @@ def test_ddgsd_matches_float64_reference():
 
 
 
+def test_a_teacher_class_at_minus_infinity_is_a_probability_of_zero():
+    """tempered_kl (CS-KD, BYOT, DDGSD, BAN) with a teacher logit of -inf (a masked class): that
+    class's term is 0 (it was 0 * -inf = NaN), the rest as the float64 KL without it."""
+    from zipfls_train.losses.distill import tempered_kl
+
+    torch.manual_seed(3)
+    student, teacher, t = torch.randn(2, 5), torch.randn(2, 5), 4.0
+    teacher[:, 1] = float("-inf")
+    kept = [0, 2, 3, 4]
+    q = torch.softmax(teacher[:, kept].double() / t, dim=1)
+    log_p = torch.log_softmax(student.double() / t, dim=1)[:, kept]
+    expected = t**2 * (q * (q.log() - log_p)).sum(1).mean()
+    assert close(tempered_kl(student, teacher, t), expected)
+
+
 def test_ddgsd_tempered_kl_is_t_squared_times_the_kl_of_the_tempered_softmaxes():
     """DDGSD at T = 3 (the other DDGSD tests run at the default T = 1, where the T^2 factor is 1):
     the module's equation, T^2 [KL(sg(p2) || p1) + KL(sg(p1) || p2)] with p_v = softmax(z_v / T),

@@ -322,6 +322,44 @@ def test_zero_soft_label_entries_contribute_nothing() -> None:
     assert torch.isfinite(logits.grad).all()
 
 
+def test_a_masked_class_with_zero_soft_label_contributes_nothing() -> None:
+    """A caller masking a class with a -inf logit, and giving it P = 0: its term is 0 (it was 0 * -inf = NaN)."""
+    logits = torch.tensor([[2.0, 0.5, -1.0, float("-inf")]], requires_grad=True)
+    loss = nontarget_kl(logits, torch.tensor([0]), torch.tensor([[0.0, 0.6, 0.4, 0.0]]))
+    # Q over the non-target classes 1, 2 (class 3's probability is 0): e^0.5 and e^-1 over their sum.
+    log_norm = math.log(math.exp(0.5) + math.exp(-1.0))
+    expected = 0.6 * (math.log(0.6) - (0.5 - log_norm)) + 0.4 * (math.log(0.4) - (-1.0 - log_norm))
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    q1 = math.exp(0.5 - log_norm)
+    assert logits.grad.tolist()[0] == pytest.approx([0.0, q1 - 0.6, (1 - q1) - 0.4, 0.0], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda z, y, p, counts: zipf_soft_labels(counts, y[:-1]),  # one label short: scatter took it
+        lambda z, y, p, counts: nontarget_kl(z, y[:-1], p),
+        lambda z, y, p, counts: zipf_soft_labels(counts, y.float() + 0.7),  # was truncated to the class below
+        lambda z, y, p, counts: nontarget_kl(z, y.to("meta"), p),  # gave uninitialised memory
+        lambda z, y, p, counts: nontarget_kl(z, y, p.t()),
+        lambda z, y, p, counts: nontarget_kl(z[:0], y[:0], p[:0]),  # the mean of no rows
+    ],
+    ids=["short-targets-labels", "short-targets-kl", "float-targets", "targets-elsewhere", "soft-labels-transposed", "empty"],
+)
+def test_inputs_that_do_not_fit_are_refused_by_name(call) -> None:  # noqa: ANN001
+    torch.manual_seed(0)
+    z, y, counts = torch.randn(6, 5), torch.randint(0, 5, (6,)), torch.randint(0, 5, (6, 5))
+    p = zipf_soft_labels(counts, y)
+    with pytest.raises(ValueError, match=r"targets|soft_labels|logits"):
+        call(z, y, p, counts)
+
+
+def test_dense_votes_of_an_empty_batch_are_empty() -> None:
+    votes = dense_votes(torch.zeros(0, 8, 4, 4), torch.randn(10, 8), torch.randn(10), upsample="bilinear")
+    assert votes.shape == (0, 64) and votes.dtype == torch.long
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_logits_are_accepted(dtype: torch.dtype) -> None:
     torch.manual_seed(1)

@@ -158,3 +158,17 @@ def one_of(name: str, value: str, choices) -> str:  # noqa: ANN001 - any contain
     if value not in choices:
         raise ValueError(f"loss.{name} must be one of {list(choices)}, got {value!r}")
     return value
+
+
+def check_targets(targets: Tensor, rows: Tensor, rows_name: str) -> None:
+    """``targets`` must be one integer class index per row of ``rows``, on its device. Shapes, dtypes
+    and devices only: nothing is read back from the device (scatter takes a shorter index, or one
+    on another device, without a word, and gives wrong numbers)."""
+    if targets.shape != rows.shape[:1]:
+        raise ValueError(
+            f"targets must hold one class index per row of {rows_name} ({rows.shape[0]}), got shape {tuple(targets.shape)}"
+        )
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"targets must be integer class indices (int64 or int32), got {targets.dtype}")
+    if targets.device != rows.device:
+        raise ValueError(f"targets are on {targets.device} but {rows_name} on {rows.device}: put both on one device")

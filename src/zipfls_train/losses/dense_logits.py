@@ -102,6 +102,8 @@ def dense_argmax(feature_map: Tensor, weight: Tensor, bias: Tensor | None, upsam
     upsampled D-channel copy of the features.
     """
     _, _, h, w = feature_map.shape
-    chunks = pixel_logit_chunks(feature_map, weight, bias, votes_per_sample(feature_map, upsample))
-    votes = [pixel_argmax(logits, h, w, upsample) for _, logits in chunks]
+    pixels = votes_per_sample(feature_map, upsample)
+    votes = [pixel_argmax(logits, h, w, upsample) for _, logits in pixel_logit_chunks(feature_map, weight, bias, pixels)]
+    if not votes:  # an empty batch: no chunk
+        return torch.empty(0, pixels, dtype=torch.long, device=feature_map.device)
     return votes[0] if len(votes) == 1 else torch.cat(votes)

@@ -3,6 +3,7 @@ from a teacher's tempered softmax to a student's. A new distilling method uses i
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -12,6 +13,7 @@ def tempered_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: flo
     constant (detached); times T^2 (Hinton et al.'s factor, which keeps the gradient's scale as T
     changes) unless ``times_t_squared`` is False (BAN scales its term itself)."""
     log_p = F.log_softmax(student_logits.float() / temperature, dim=1)
-    log_q = F.log_softmax(teacher_logits.detach().float() / temperature, dim=1)
+    # A teacher's -inf logit (a masked class) is a probability of 0: clamped, its term is 0, not 0 * -inf = NaN.
+    log_q = F.log_softmax(teacher_logits.detach().float() / temperature, dim=1).clamp_min(torch.finfo(torch.float32).min)
     kl = (log_q.exp() * (log_q - log_p)).sum(dim=1).mean()
     return kl * temperature**2 if times_t_squared else kl

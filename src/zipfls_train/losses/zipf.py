@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from ..data.batch import Batch
 from ..models.outputs import ModelOutput
 from ..models.wrapper import is_stage_name, unwrap
-from .base import Method, Needs, non_negative, one_of, positive
+from .base import Method, Needs, check_targets, non_negative, one_of, positive
 from .ce import cross_entropy
 from .dense_logits import dense_argmax, votes_per_sample
 from .zipf_fused import FUSED_DISTRIBUTIONS, DenseMap, fused_ce_zipf, unavailable_reason
@@ -157,9 +157,10 @@ def zipf_soft_labels(
         raise ValueError(f"distribution must be one of {list(DISTRIBUTIONS)}, got {distribution!r}")
     if not alpha > 0:
         raise ValueError(f"alpha must be > 0, got {alpha}")
+    check_targets(targets, scores, "scores")
     ranks = min_ranks(scores.detach())
     log_weights = _log_weights(ranks, float(alpha), distribution, generator)
-    log_weights.scatter_(1, targets.view(-1, 1).long(), float("-inf"))
+    log_weights.scatter_(1, targets.view(-1, 1), float("-inf"))
     return torch.softmax(log_weights, dim=1)
 
 
@@ -178,11 +179,18 @@ def nontarget_kl(logits: Tensor, targets: Tensor, soft_labels: Tensor) -> Tensor
     Written as ``(sum P log P - <P, log Q>) / N``: one log-softmax and one dot product on the graph,
     so few kernels (at small batches a GPU step is bound by kernel launches, not arithmetic).
     """
+    if logits.dim() != 2 or logits.shape[0] == 0:
+        raise ValueError(f"logits must be N x C with N >= 1 (the batch mean of no rows is undefined), got shape {tuple(logits.shape)}")
+    check_targets(targets, logits, "logits")
+    if soft_labels.shape != logits.shape:
+        raise ValueError(f"soft_labels must be N x C as the logits, {tuple(logits.shape)}, got {tuple(soft_labels.shape)}")
     n = logits.shape[0]
     # float32 for every lower precision; float64 stays float64 (its most negative value would
     # overflow to -inf in float32, and 0 * -inf is NaN).
     compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    masked = logits.scatter(1, targets.view(-1, 1), torch.finfo(logits.dtype).min)
+    # A -inf logit (a class masked out by the caller) is clamped to the same finite floor as the
+    # target: its log Q is then finite, so P_c = 0 there contributes 0, not 0 * -inf = NaN.
+    masked = logits.clamp_min(torch.finfo(logits.dtype).min).scatter_(1, targets.view(-1, 1), torch.finfo(logits.dtype).min)
     log_q = F.log_softmax(masked, dim=1, dtype=compute)
     p = soft_labels.detach().to(compute)
     with torch.no_grad():

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .base import check_targets
 from .dense_logits import dense_argmax, pixel_argmax, pixel_logit_chunks, samples_per_chunk, upsampled_maps, votes_per_sample
 
 try:  # Triton ships with CUDA builds of PyTorch on Linux; elsewhere only the reference path exists.
@@ -517,6 +518,7 @@ def _check_inputs(logits: Tensor, targets: Tensor, votes: Tensor | DenseMap, dis
             f"expected logits N x C, targets N and votes N x V (or an N x D x H x W map with a C x D "
             f"classifier); got logits {tuple(logits.shape)}, targets {tuple(targets.shape)}, {shapes}"
         )
+    check_targets(targets, logits, "logits")  # dtype and device too: the kernel reads them as they are
     if distribution not in FUSED_DISTRIBUTIONS:
         raise ValueError(f"the fused kernel computes distribution {list(FUSED_DISTRIBUTIONS)}, got {distribution!r}")
     reason = unavailable_reason(logits.device, _votes_per_sample(votes))
