@@ -123,8 +123,11 @@ class TrainTransform:
 class EvalTransform:
     """Resize the shorter side to ``resize_size`` + center crop ``size``; returns size x size x 3 uint8.
 
-    Computed as one antialiased resize of the source region that the center crop keeps (the same
-    pixels as resize-then-crop, without resizing what the crop throws away)."""
+    Without ``draft``, exactly torchvision's ``Resize`` + ``CenterCrop`` on the PIL image: the whole
+    image resized, then cropped (what evaluation uses). :meth:`plan` gives the source region the crop
+    keeps, for the paths that resize that region alone (reduced-size decoding, decoding on the
+    device): PIL's resize of a region differs from the crop of the whole resize by 1/255 on some
+    pixels."""
 
     size: int
     resize_size: int
@@ -133,22 +136,34 @@ class EvalTransform:
     # neighbours (PIL's resize with a box gives exactly that).
     crops_first: ClassVar[bool] = False
 
-    def plan(self, width: int, height: int, rng: random.Random | None = None) -> CropPlan:
-        # torchvision Resize(int): the shorter side becomes resize_size, the longer is truncated.
+    def resized(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """(resized width, height, crop left, crop top): torchvision's Resize(int), the shorter side
+        becoming resize_size and the longer truncated, and its CenterCrop offsets."""
         if width <= height:
             new_w, new_h = self.resize_size, int(self.resize_size * height / width)
         else:
             new_w, new_h = int(self.resize_size * width / height), self.resize_size
         if new_w < self.size or new_h < self.size:
             raise DatasetError(f"test resize {self.resize_size} is smaller than the crop {self.size}")
-        # torchvision CenterCrop offsets, in resized pixels, mapped back to source pixels.
-        crop_left = int(round((new_w - self.size) / 2.0))
-        crop_top = int(round((new_h - self.size) / 2.0))
+        return new_w, new_h, int(round((new_w - self.size) / 2.0)), int(round((new_h - self.size) / 2.0))
+
+    def plan(self, width: int, height: int, rng: random.Random | None = None) -> CropPlan:
+        new_w, new_h, crop_left, crop_top = self.resized(width, height)
+        # The crop, in resized pixels, mapped back to source pixels.
         sx, sy = width / new_w, height / new_h
         return (crop_left * sx, crop_top * sy, (crop_left + self.size) * sx, (crop_top + self.size) * sy), False
 
     def __call__(self, path: str, rng: random.Random | None = None) -> np.ndarray:
-        return apply_plan(path, self, rng)
+        if self.draft:
+            return apply_plan(path, self, rng)
+        with _open(path) as image:
+            new_w, new_h, left, top = self.resized(*image.size)
+            try:
+                rgb = image.convert("RGB")  # also decodes; grayscale, CMYK and palette images become RGB
+                resized = rgb.resize((new_w, new_h), Image.Resampling.BILINEAR)
+                return np.asarray(resized.crop((left, top, left + self.size, top + self.size)))
+            except DECODE_ERRORS as error:
+                raise unreadable_image(path, error) from error
 
 
 def apply_plan(path: str, transform: TrainTransform | EvalTransform, rng: random.Random | None) -> np.ndarray:
