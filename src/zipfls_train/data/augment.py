@@ -20,7 +20,8 @@ from torch import Tensor
 
 # dataset.train_augment of the in-memory datasets (data/builders.py checks it before any file is
 # read; the file datasets have their own: file_bundle.FILE_TRAIN_AUGMENTS).
-IN_MEMORY_TRAIN_AUGMENTS = ("crop_pad", "random_resized_crop", "none")
+# Each with a horizontal flip but none (no augmentation at all, as a file dataset's none); flip: only it.
+IN_MEMORY_TRAIN_AUGMENTS = ("crop_pad", "random_resized_crop", "flip", "none")
 
 
 def uniform(generator: torch.Generator, device: torch.device, *shape: int) -> Tensor:
@@ -207,17 +208,18 @@ class ViewParams:
 
 
 def draw_params(kind: str, n: int, height: int, width: int, size: int, generator: torch.Generator, device: torch.device) -> ViewParams:
-    """Parameters of ``kind`` (crop_pad | random_resized_crop | none, each + horizontal flip) for N
-    images of height x width, to be output at size x size."""
+    """Parameters of ``kind`` (crop_pad | random_resized_crop | flip, each + horizontal flip; none:
+    the image as stored, resized to size) for N images of height x width, to be output at size x size."""
     if kind == "crop_pad":
         crop = random_crop_offsets(n, width + 2 * CROP_PADDING, size, generator, device)
     elif kind == "random_resized_crop":
         crop = boxes_to_spans(random_resized_crop_boxes(n, height, width, generator, device))
-    elif kind == "none":
+    elif kind in ("flip", "none"):
         crop = None
     else:  # a direct caller's (TensorLoader(augment=...)); a run's config was checked in data/builders.py
         raise ValueError(f"augment must be one of {list(IN_MEMORY_TRAIN_AUGMENTS)} (dataset.train_augment of an in-memory dataset), got {kind!r}")
-    return ViewParams(kind, crop, random_flips(n, generator, device))
+    flip = torch.zeros(n, dtype=torch.bool, device=device) if kind == "none" else random_flips(n, generator, device)
+    return ViewParams(kind, crop, flip)
 
 
 def apply_params(images: Tensor, size: int, params: ViewParams) -> Tensor:
