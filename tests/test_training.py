@@ -279,6 +279,13 @@ def test_a_finished_run_rerun_unchanged_is_told_from_its_folder_without_its_data
     assert (again, builds) == (summary, [1, 1])
 
 
+def test_a_finished_run_with_a_best_top1_of_zero_says_zero(tmp_path, capsys):
+    from zipfls_train.engine.resume import report_finished
+
+    report_finished({"epochs": 2, "best_val_top1": 0.0}, tmp_path)
+    assert "(2 epochs, best val top-1 0.00%)" in capsys.readouterr().out  # not nan%
+
+
 def test_resume_accepts_a_different_implementation_of_the_same_loss(run_tiny, tmp_path, monkeypatch):
     """loss.kernel chooses how Zipf's loss is computed, not what: a run checkpointed with one
     (or before the key existed) resumes with another."""
@@ -326,7 +333,8 @@ def test_a_signal_saves_the_step_and_the_rerun_resumes_exactly(signal_number, at
     with pytest.raises(TrainingInterrupted, match=rf"interrupted \({name}\) in epoch 2/3, after step {at_step - 4}/4; saved .*last.pt"):
         run_tiny(*args, run_dir=tmp_path / "resumed")
     assert signal.getsignal(signal_number) == handler_before  # the run's handler is gone with it
-    assert load_checkpoint(tmp_path / "resumed/checkpoints/last.pt")["progress"]["global_step"] == at_step
+    stopped_state = load_checkpoint(tmp_path / "resumed/checkpoints/last.pt")
+    assert stopped_state["progress"]["global_step"] == at_step
     monkeypatch.setattr(Trainer, "train_step", original)
     run_tiny(*args, run_dir=tmp_path / "resumed")
     assert_same_weights(straight, tmp_path / "resumed")
@@ -335,15 +343,58 @@ def test_a_signal_saves_the_step_and_the_rerun_resumes_exactly(signal_number, at
     assert metrics[-1]["val_top1"] == read_jsonl(straight / "metrics.jsonl")[-1]["val_top1"]
     # The resumed epoch's throughput counts only the images it trained after the restart, less the
     # restarted run's first step, timed apart (none when it stopped after the epoch's last step:
-    # then nothing was timed, and the first step comes in epoch 3).
+    # then nothing was timed, and the first step comes in epoch 3). Its epoch_time_s is the whole
+    # epoch's: the steps before the stop (in last.pt) and after the restart.
     resumed = metrics[1]
     if at_step == 8:
         assert resumed["images_per_s"] is None and resumed["epoch_time_s"] is None
         assert "first_step_s" not in resumed and metrics[2]["first_step_s"] > 0
     else:
-        timed_s = resumed["epoch_time_s"] - resumed["first_step_s"]
+        before = stopped_state["progress"]["epoch_train_s"]
+        assert before > 0
+        timed_s = resumed["epoch_time_s"] - before - resumed["first_step_s"]
         assert resumed["images_per_s"] * timed_s == pytest.approx((8 - at_step - 1) * 16, rel=1e-6)
         assert "first_step_s" not in metrics[2]
+
+
+def test_train_curve_points_span_the_same_steps_however_the_run_was_saved_or_stopped(run_tiny, tmp_path, monkeypatch):
+    """TensorBoard's train/* point at a log step is the mean since the previous one, whether the run
+    saved mid-epoch checkpoints in between or was stopped and resumed there (the steps before such
+    a save used to be in no point)."""
+    args = ("loss=zipf", "trainer.epochs=2", "trainer.max_steps_per_epoch=6", "trainer.log_every=4")
+    _, straight = run_tiny(*args, run_dir=tmp_path / "straight")
+    _, saved = run_tiny(*args, "trainer.checkpoint_every_steps=3", run_dir=tmp_path / "saved")
+    original = signal_at_step(monkeypatch, signal.SIGTERM, 3)
+    with pytest.raises(TrainingInterrupted):
+        run_tiny(*args, run_dir=tmp_path / "resumed")
+    monkeypatch.setattr(Trainer, "train_step", original)
+    run_tiny(*args, run_dir=tmp_path / "resumed")
+
+    def curve(run_dir):
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(run_dir / "tb"))
+        events.Reload()
+        return [(event.step, event.value) for event in events.Scalars("train/loss")]
+
+    expected = curve(straight)
+    assert [step for step, _ in expected] == [4, 6, 8, 12]  # every 4 steps and at each epoch's end
+    for run_dir in (saved, tmp_path / "resumed"):
+        assert [step for step, _ in curve(run_dir)] == [4, 6, 8, 12]
+        assert [value for _, value in curve(run_dir)] == pytest.approx([value for _, value in expected], rel=1e-5)
+
+
+def test_a_log_file_gets_a_line_at_every_log_step_not_a_progress_bar(run_tiny, tmp_path, capsys):
+    """Where the output is no terminal (a cluster job's log), trainer.progress_bar=true prints a line
+    at every log step; tqdm's bar would write carriage-return updates, one line of megabytes per
+    epoch there. trainer.progress_bar=false: the epoch lines only."""
+    run_tiny("loss=ce", "trainer.max_steps_per_epoch=4", "trainer.log_every=2", "trainer.progress_bar=true", run_dir=tmp_path / "a")
+    captured = capsys.readouterr()
+    lines = [line for line in captured.out.splitlines() if line.startswith("epoch 1/1  step")]
+    assert [line.split("  loss")[0] for line in lines] == ["epoch 1/1  step 2/4", "epoch 1/1  step 4/4"]
+    assert "\r" not in captured.out + captured.err
+    run_tiny("loss=ce", "trainer.max_steps_per_epoch=4", "trainer.log_every=2", run_dir=tmp_path / "b")
+    assert "  step " not in capsys.readouterr().out
 
 
 def test_a_truncated_last_metrics_line_does_not_block_the_resume(run_tiny, tmp_path, monkeypatch):

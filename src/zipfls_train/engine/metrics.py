@@ -33,6 +33,10 @@ class TermAccumulator:
         self.names: list[str] = []
         self.total: Tensor | None = None
         self.count = 0
+        # The mark the next log measures from (TensorBoard's train/* point: the mean since the last
+        # one). Kept in checkpoints, so a point spans the same steps however often the run was saved,
+        # stopped and resumed.
+        self.window: tuple[Tensor | None, int] = (None, 0)
 
     def add(self, terms: Mapping[str, Tensor]) -> None:
         values = torch.stack([value.detach().float() for value in terms.values()])
@@ -51,6 +55,13 @@ class TermAccumulator:
         """A point to measure a window from (see ``means``)."""
         return self.total, self.count
 
+    def restart_window(self) -> None:
+        self.window = self.mark()
+
+    @property
+    def steps_in_window(self) -> int:
+        return self.count - self.window[1]
+
     def means(self, since: tuple[Tensor | None, int] = (None, 0), across_ranks: bool = False) -> dict[str, float]:
         """Per-term means over all steps, or over the steps after the mark ``since``; ``across_ranks``:
         of every DDP rank's steps (one collective, which every rank must make), not this rank's alone."""
@@ -64,19 +75,33 @@ class TermAccumulator:
         return dict(zip(self.names, values))
 
     def all_reduce_mean(self) -> None:
-        """Average the sums over DDP ranks (equal step counts per rank), so logged train losses
-        describe the whole global batch, not rank 0's share. One collective; no-op in one process."""
-        if self.total is not None:
+        """Average the sums, and the window's mark, over DDP ranks (equal step counts per rank), so that
+        every rank holds the same state, valid for all on resume; logged means are unchanged (they
+        are means over the ranks already). One collective; no-op in one process."""
+        if self.total is None:
+            return
+        window_total, window_count = self.window
+        if window_total is None:
             self.total = _mean_over_ranks(self.total)
+        else:
+            self.total, window_total = _mean_over_ranks(torch.stack([self.total, window_total])).unbind()
+            self.window = (window_total, window_count)
 
     def state_dict(self) -> dict[str, Any]:
-        sums = {} if self.total is None else {name: value.cpu() for name, value in zip(self.names, self.total)}
-        return {"sums": sums, "count": self.count}
+        return {**self._sums(self.total, self.count), "window": self._sums(*self.window)}
+
+    def _sums(self, total: Tensor | None, count: int) -> dict[str, Any]:
+        return {"sums": {} if total is None else {name: value.cpu() for name, value in zip(self.names, total)}, "count": count}
 
     def load_state_dict(self, state: Mapping[str, Any], device: torch.device) -> None:
         self.names = list(state["sums"])
-        self.total = torch.stack([state["sums"][name] for name in self.names]).to(device) if self.names else None
-        self.count = int(state["count"])
+
+        def stacked(sums: Mapping[str, Tensor]) -> Tensor | None:
+            return torch.stack([sums[name] for name in self.names]).to(device) if sums else None
+
+        self.total, self.count = stacked(state["sums"]), int(state["count"])
+        window = state.get("window")  # (absent before 2026-11-28: the window starts where the run resumes)
+        self.window = self.mark() if window is None else (stacked(window["sums"]), int(window["count"]))
 
 
 def _mean_over_ranks(tensor: Tensor) -> Tensor:

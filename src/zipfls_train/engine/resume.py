@@ -153,6 +153,10 @@ def finished_as_recorded(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | Non
 def report_finished(summary: dict[str, Any], run_dir: Path) -> None:
     print(
         f"[zipfls-train] run already finished ({summary.get('epochs')} epochs, best val top-1 "
-        f"{summary.get('best_val_top1') or float('nan'):.2f}%): {run_dir}; trainer.resume=never trains it again",
+        f"{_percent(summary.get('best_val_top1'))}): {run_dir}; trainer.resume=never trains it again",
         flush=True,
     )
+
+
+def _percent(value: object) -> str:
+    return f"{value:.2f}%" if isinstance(value, (int, float)) else "unknown"

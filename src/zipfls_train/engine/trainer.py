@@ -58,6 +58,9 @@ class Progress:
     global_step: int = 0
     best_top1: float = -1.0
     best_epoch: int = 0
+    # Seconds the current epoch's steps took before its last mid-epoch save: a resumed epoch's
+    # epoch_time_s adds them, so it is the whole epoch's, not the part after the restart.
+    epoch_train_s: float = 0.0
 
 
 def per_process_batch(global_batch: int, world_size: int, accumulate_steps: int) -> int:
@@ -311,14 +314,17 @@ class Trainer:
         epoch_lr = self._lr_at(epoch * self.steps_per_epoch)  # the epoch's first step's (recorded below)
         if start_step == 0:
             self.running = TermAccumulator()
-        started = time.perf_counter()
+        started = self._epoch_started = time.perf_counter()
         batches = self.data.train.epoch(epoch, start_step=start_step * self.accumulate)
+        # On a terminal a progress bar; in a log file (a cluster job's) a line at every log step instead
+        # of the bar's carriage-return updates, which make one line of megabytes per epoch there.
+        progress_shown = self.ctx.is_main and bool(self.cfg.trainer.progress_bar)
+        on_terminal = sys.stderr.isatty()
         bar = tqdm(
             total=self.steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}/{self.epochs}",
-            disable=not (self.ctx.is_main and self.cfg.trainer.progress_bar), leave=False, dynamic_ncols=True,
+            disable=not (progress_shown and on_terminal), leave=False, dynamic_ncols=True,
         )
         log_every = max(1, int(self.cfg.trainer.log_every))
-        window_start, window = self.progress.global_step, self.running.mark()
         self._stop_votes.restart_timing(self.progress.global_step)
         first_step_s, timed_from, timed_from_step = None, started, start_step  # images/s: from here
         for step in range(start_step, self.steps_per_epoch):
@@ -337,11 +343,16 @@ class Trainer:
             self.progress.step_in_epoch = step + 1
             self.progress.global_step += 1
             bar.update(1)
+            window_start = self.progress.global_step - self.running.steps_in_window  # the last log's step
             if self.progress.global_step % log_every == 0 or step + 1 == self.steps_per_epoch:
-                means = self._finite_means(window, window_start)  # the step loop's only host sync in one process (DDP adds StopVotes' few-second votes)
+                means = self._finite_means(self.running.window, window_start)  # the step loop's only host sync in one process (DDP adds StopVotes' few-second votes)
                 records.scalars("train", {**means, "lr": step_lr}, self.progress.global_step)
                 bar.set_postfix(loss=f"{means['loss']:.4f}")
-                window_start, window = self.progress.global_step, self.running.mark()
+                if progress_shown and not on_terminal:
+                    print(f"epoch {epoch + 1}/{self.epochs}  step {step + 1}/{self.steps_per_epoch}  loss {means['loss']:.4f}  "
+                          f"lr {step_lr:.4g}", flush=True)  # fmt: skip
+                self.running.restart_window()
+                window_start = self.progress.global_step
             # Single process: a stop request is a Python flag, checked every step. DDP: the ranks vote
             # at the log steps and every few seconds (StopVotes).
             logged = window_start == self.progress.global_step
@@ -354,8 +365,6 @@ class Trainer:
             every = int(self.cfg.trainer.checkpoint_every_steps)
             if every and self.progress.global_step % every == 0 and step + 1 < self.steps_per_epoch:
                 self.save(check_finite_since=window_start)
-                # save() averaged the sums over ranks and checked them: measure from here.
-                window_start, window = self.progress.global_step, self.running.mark()
         bar.close()
         train_means = self.running.means(across_ranks=True)  # the running sums stay rank-local until the next save
         timed = start_step < self.steps_per_epoch  # not an epoch resumed after its last step (a stop there)
@@ -364,11 +373,13 @@ class Trainer:
         timed_images = (self.steps_per_epoch - timed_from_step) * int(self.cfg.trainer.batch_size)
         scores = self.evaluate(stoppable=True)
         if scores is None:  # a stop request during the evaluation: keep the trained epoch, evaluate it on resume
-            self.save(check_finite_since=window_start)
+            self.save()  # (the epoch's last step was logged, and so checked)
             raise TrainingInterrupted(self._interrupted_message() + " (and evaluate this epoch, whose evaluation was cut short)")
         top1, top5, val_images = scores
+        epoch_train_s = self.progress.epoch_train_s
         self.progress.epoch += 1
         self.progress.step_in_epoch = 0
+        self.progress.epoch_train_s = 0.0
         improved = top1 > self.progress.best_top1
         if improved:
             self.progress.best_top1, self.progress.best_epoch = top1, self.progress.epoch
@@ -380,7 +391,8 @@ class Trainer:
             "val_images": val_images,  # scored over all ranks: the val set's size, each image once
             "best_val_top1": self.progress.best_top1,
             "lr": epoch_lr,
-            "epoch_time_s": ended - started if timed else None,
+            # the epoch's training time, its part before a restart included (evaluation left out)
+            "epoch_time_s": epoch_train_s + ended - self._epoch_started if timed else None,
             # training images/s of this process's steps, the run's first step left out (first_step_s)
             "images_per_s": timed_images / (ended - timed_from) if timed_images > 0 else None,
             **({} if first_step_s is None else {"first_step_s": first_step_s}),
@@ -516,6 +528,9 @@ class Trainer:
         checked for a NaN/inf loss; checked on the averaged sums (the same on every rank) before
         anything is written, so a non-finite step never reaches ``last.pt``."""
         self.running.all_reduce_mean()
+        if 0 < self.progress.step_in_epoch < self.steps_per_epoch:  # mid-epoch: the time its steps took so far
+            self.progress.epoch_train_s += time.perf_counter() - self._epoch_started
+            self._epoch_started = time.perf_counter()
         if check_finite_since is not None:
             self._finite_means((None, 0), check_finite_since, across_ranks=False)  # (averaged just above)
         rng = gather_objects(capture_rng_state(self.device))
