@@ -400,6 +400,82 @@ def test_a_sweeps_runs_that_fail_alike_say_it_once(tmp_path):
     assert at_end[-2:] == [f"{sweep}/dataset=tinyimagenet,seed={seed}: the same error as the previous failed run" for seed in (1, 2)]
 
 
+@pytest.mark.parametrize("sweep", ["trainer.compile=false,true", "trainer.eval_batch_size=range(64,129,64)"])
+def test_a_sweep_over_a_key_left_out_of_run_folder_names_is_refused_before_any_run(tmp_path, sweep):
+    """Keys that change how a run executes stay out of run-folder names (exclude_keys), so a sweep
+    over one gave all its jobs one folder: the first trained, the others found it finished and
+    trained nothing, exit status 0. Now refused before any run, its data not even looked for."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    key = sweep.split("=")[0]
+    folder = tmp_path / "sweep"
+    result = subprocess.run([sys.executable, "train.py", "-m", "seed=0", sweep, f"dataset.root={tmp_path / 'nothing'}",
+                             "trainer.device=cpu", f"hydra.sweep.dir={folder}"], cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: the sweep {sweep} would train only its first value: {key} is left out of run-folder names "
+        f"(hydra.job.config.override_dirname.exclude_keys), so its jobs would share one folder. Run one sweep per "
+        f"value, each with its own tag=... or experiment_name=..."
+    ], result.stderr[-3000:]
+    assert not folder.exists() and list(tmp_path.iterdir()) == []  # no sweep folder, no run folder
+
+
+def sweep_check(task: list[str], params: dict[str, str] | None = None, base: tuple[str, ...] = ()) -> None:
+    """check_sweep_keys on the config of ``base`` with a sweep's command line ``task`` and sweeper params."""
+    from omegaconf import OmegaConf, open_dict
+
+    from test_experiment_configs import compose as compose_with_hydra
+    from zipfls_train.engine.hydra_callbacks import check_sweep_keys
+
+    config = compose_with_hydra(list(base), hydra_config=True)
+    with open_dict(config):
+        OmegaConf.update(config, "hydra.overrides.task", [*base, *task])
+        if params is not None:
+            OmegaConf.update(config, "hydra.sweeper.params", params, merge=False)
+    check_sweep_keys(config)
+
+
+@pytest.mark.parametrize(
+    "task, params, refused",
+    [
+        (["seed=0,1"], {"dataset.root": "a,b"}, "dataset.root=a,b (hydra.sweeper.params)"),
+        (["trainer.devices=choice(1,2)", "loss=ce,ls"], None, "trainer.devices=choice(1,2)"),
+        (["++loss.kernel=torch,auto"], None, "++loss.kernel=torch,auto"),
+    ],
+)
+def test_the_sweep_check_refuses_unnamed_keys_from_the_command_line_and_the_sweeper_params(capsys, task, params, refused):
+    with pytest.raises(SystemExit) as exit_:
+        sweep_check(task, params)
+    assert exit_.value.code == 1
+    assert capsys.readouterr().err.startswith(f"error: the sweep {refused} would train only its first value")
+
+
+@pytest.mark.parametrize(
+    "task, params",
+    [
+        (["loss=ce,ls", "seed=0,1", "trainer.compile=true", "dataset.root=/data"], None),
+        (["tag=_a,_b", "optim.lr=range(0.1,0.3,0.1)"], None),
+        # Each experiment's runs go to their own outputs/multirun/<experiment_name>/.
+        (["experiment=demo,cpu_tinyimagenet"], None),
+        # A command-line value replaces the params' sweep of that key (as in Hydra's basic sweeper).
+        (["trainer.compile=true"], {"trainer.compile": "false,true", "seed": "0,1"}),
+    ],
+)
+def test_the_sweep_check_lets_named_keys_be_swept(capsys, task, params):
+    sweep_check(task, params)
+    assert capsys.readouterr().err == ""
+
+
+def test_every_experiments_sweep_passes_the_sweep_check():
+    from test_experiment_configs import EXPERIMENTS
+
+    for name in EXPERIMENTS:
+        sweep_check([], base=(f"experiment={name}",))
+
+
 def test_sigterm_stops_the_whole_sweep_not_only_its_current_run(tiny_pack_root, tmp_path):
     """Ctrl-C or a cluster's SIGTERM during a sweep saves the current run and ends the sweep; it
     used to stop that run only, and the sweep went on to the next. Runs that failed earlier in the

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationToMissingValueError
@@ -19,6 +21,8 @@ class CheckOutputFolder(Callback):
     reason instead of Hydra's mkdir traceback. Creating it first changes nothing: Hydra would create
     the same folder a moment later, and train.py removes a run folder a refused run left empty.
 
+    A sweep over a key that run-folder names leave out is refused first (check_sweep_keys).
+
     The error exits (SystemExit) rather than raising: Hydra turns a callback's exception into a
     warning and goes on to its own mkdir."""
 
@@ -26,7 +30,36 @@ class CheckOutputFolder(Callback):
         make_output_folder(config, "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        check_sweep_keys(config)
         make_output_folder(config, "hydra.sweep.dir")
+
+
+# Left out of run-folder names but sweepable all the same: each experiment's runs go to their own
+# outputs/multirun/<experiment_name>/ (not when hydra.sweep.dir is given without ${experiment_name}:
+# then experiments' runs with the same overrides share a folder). Hydra refuses hydra.sweep.dir=a,b.
+SWEEPABLE_UNNAMED_KEYS = ("experiment", "hydra.sweep.dir")
+
+
+def check_sweep_keys(config: DictConfig) -> None:
+    """Refuses (``error: ...``, exit 1) a sweep over a key in override_dirname's exclude_keys: its
+    jobs would get one run folder, and all but the first would find that run finished and train
+    nothing. Swept keys are those of the command line and of hydra.sweeper.params, merged as Hydra's
+    basic sweeper does (a command-line key replaces the same key of the params)."""
+    parse = OverridesParser.create().parse_overrides
+    params = config.hydra.sweeper.get("params") or {}
+    swept: dict[str, tuple[Override, str]] = {}  # key -> (override, where it was given)
+    for override in parse([f"{key}={value}" for key, value in params.items()]):
+        swept[override.get_key_element()] = (override, " (hydra.sweeper.params)")
+    for override in parse(list(config.hydra.overrides.task)):
+        swept[override.get_key_element()] = (override, "")
+    unnamed = set(config.hydra.job.config.override_dirname.exclude_keys) - set(SWEEPABLE_UNNAMED_KEYS)
+    for override, source in swept.values():
+        if override.is_sweep_override() and override.key_or_group in unnamed:
+            print(f"error: the sweep {override.input_line}{source} would train only its first value: "
+                  f"{override.key_or_group} is left out of run-folder names (hydra.job.config.override_dirname."
+                  f"exclude_keys), so its jobs would share one folder. Run one sweep per value, each with its "
+                  f"own tag=... or experiment_name=...", file=sys.stderr)  # fmt: skip
+            raise SystemExit(1)
 
 
 # Folders make_output_folder created in this process, deepest first: a run refused before it wrote
