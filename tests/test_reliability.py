@@ -159,6 +159,28 @@ def test_a_mid_epoch_checkpoint_never_holds_a_non_finite_step(run_tiny, tmp_path
     assert not (tmp_path / "run/checkpoints/last.pt").exists()
 
 
+def test_weights_gone_non_finite_after_a_finite_loss_are_never_scored_or_saved(run_tiny, tmp_path, monkeypatch):
+    """An update that overflows (an lr far too large) leaves inf weights after a step whose loss was
+    finite: the run stops before scoring them (NaN logits counted as class 0 once made a diverged
+    model best.pt at chance-level accuracy) or saving them as last.pt."""
+    from zipfls_train.engine.trainer import Trainer
+
+    original = Trainer.train_step
+
+    def overflowing_step(self, batches):
+        terms = original(self, batches)  # the loss of this step is finite
+        if self.progress.global_step + 1 == 6:  # epoch 2's last step (3 per epoch)
+            next(self.model.parameters()).data.fill_(float("inf"))
+        return terms
+
+    monkeypatch.setattr(Trainer, "train_step", overflowing_step)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite model weights after global step 6 \(epoch 2/3, after step 3/3\).*last good checkpoint is .*last.pt"):
+        run_tiny("loss=ls", "trainer.epochs=3", "trainer.max_steps_per_epoch=3", run_dir=tmp_path / "run")
+    assert load_checkpoint(tmp_path / "run/checkpoints/last.pt")["progress"]["epoch"] == 1
+    assert load_checkpoint(tmp_path / "run/checkpoints/best.pt")["epoch"] == 1
+    assert len((tmp_path / "run/metrics.jsonl").read_text().splitlines()) == 1
+
+
 def test_nan_loss_stops_naming_step_and_terms_and_keeps_last_good_checkpoint(run_tiny, tmp_path, monkeypatch):
     poison_label_smoothing_from_step(monkeypatch, 4)  # epoch 2 (3 steps per epoch)
     with pytest.raises(NonFiniteLossError) as error:

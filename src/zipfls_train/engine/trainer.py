@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import logging
 import math
@@ -48,7 +49,8 @@ from .resume import (
 from .run_folder import not_writable, set_aside_earlier_attempt
 
 class NonFiniteLossError(RuntimeError):
-    """Raised when a loss term becomes NaN/inf; the last good checkpoint is left in place."""
+    """Raised when a loss term, or the model's weights, become NaN/inf; the last good checkpoint is
+    left in place."""
 
 
 @dataclass
@@ -371,6 +373,7 @@ class Trainer:
         self._wait_for_device()
         ended = time.perf_counter()
         timed_images = (self.steps_per_epoch - timed_from_step) * int(self.cfg.trainer.batch_size)
+        self._check_finite_weights()  # before a non-finite model is scored (and maybe kept as best.pt)
         scores = self.evaluate(stoppable=True)
         if scores is None:  # a stop request during the evaluation: keep the trained epoch, evaluate it on resume
             self.save()  # (the epoch's last step was logged, and so checked)
@@ -470,6 +473,21 @@ class Trainer:
             )
         return means
 
+    def _check_finite_weights(self) -> None:
+        """The loss terms are checked at every log, but a step whose loss was finite can still leave
+        the weights NaN/inf (an update that overflowed: an lr far too large). Checked before each
+        evaluation and save (one host sync each; the ranks hold the same weights, so all stop
+        together): a non-finite model is never scored, kept as best.pt or saved as last.pt."""
+        tensors = [t for t in itertools.chain(self.model.parameters(), self.model.buffers()) if t.is_floating_point()]
+        if not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+            return
+        last = self.checkpoint_dir / "last.pt"
+        raise NonFiniteLossError(
+            f"non-finite model weights after global step {self.progress.global_step} ({self._position()}), though "
+            "the logged loss terms were finite: an update overflowed (an lr far too large, say). Stopped; the last "
+            f"good checkpoint is {last if last.exists() else '(none written yet)'}."
+        )
+
     @torch.no_grad()
     def evaluate(self, stoppable: bool = False) -> tuple[float, float, int] | None:
         """Top-1/top-5 (%) over the whole val set, and how many images were scored: each rank
@@ -533,6 +551,7 @@ class Trainer:
             self._epoch_started = time.perf_counter()
         if check_finite_since is not None:
             self._finite_means((None, 0), check_finite_since, across_ranks=False)  # (averaged just above)
+        self._check_finite_weights()  # (after the loss terms: a NaN loss is named as such)
         rng = gather_objects(capture_rng_state(self.device))
         if self.ctx.is_main:
             save_atomic({**self.state_dict(), "rng": rng}, self.checkpoint_dir / name)
