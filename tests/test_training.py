@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from conftest import REPO, TINY_RUN
 from zipfls_train.engine.checkpoint import CheckpointError, load_checkpoint
@@ -794,7 +795,47 @@ def test_a_run_resumed_where_auto_means_another_precision_says_so(run_tiny, tmp_
     with pytest.warns(UserWarning, match=r"last.pt trained in fp32 so far; trainer.precision=auto is bf16 on this machine, so the run "
                                          r"continues in bf16 \(trainer.precision=fp32 keeps it in fp32\)"):
         summary, _ = run_tiny(*args)
-    assert (summary["status"], summary["precision"]) == ("finished", "bf16")
+    # Both in the record: per epoch in metrics.jsonl, in turn in the summary (not the last one alone).
+    assert [m["precision"] for m in read_jsonl(tmp_path / "run/metrics.jsonl")] == ["fp32", "bf16"]
+    assert (summary["status"], summary["precision"]) == ("finished", "fp32 (epoch 1), bf16 (epoch 2)")
+
+
+def test_a_run_resumed_where_auto_means_another_precision_keeps_its_own_when_named(run_tiny, tmp_path, monkeypatch):
+    """What the warning advises works: trainer.precision=fp32 (the precision auto chose where the run
+    started) resumes it, and the original command (auto) resumes it after that."""
+    args = ("trainer.epochs=3", "trainer.max_steps_per_epoch=2")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    run_until_the_first_epoch_checkpoint(monkeypatch, run_tiny, *args, "trainer.precision=auto")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    original = Trainer.save
+
+    def stop_after_second_epoch(self, name="last.pt"):
+        original(self, name)
+        if self.progress.epoch == 2 and self.progress.step_in_epoch == 0:
+            raise Interrupted
+
+    monkeypatch.setattr(Trainer, "save", stop_after_second_epoch)
+    with pytest.raises(Interrupted):
+        run_tiny(*args, "trainer.precision=fp32")  # was refused: trainer.precision: 'auto' -> 'fp32'
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(Trainer, "save", original)
+    summary, run_dir = run_tiny(*args, "trainer.precision=auto")  # fp32 here again
+    assert [m["precision"] for m in read_jsonl(run_dir / "metrics.jsonl")] == ["fp32"] * 3
+    assert summary["precision"] == "fp32"
+
+
+def test_a_teacher_named_by_another_path_to_the_same_file_is_the_same_run(tmp_path, monkeypatch):
+    from zipfls_train.engine.resume import check_same_config
+
+    teacher = tmp_path / "teacher/best.pt"
+    teacher.parent.mkdir()
+    teacher.write_bytes(b"weights")
+    monkeypatch.chdir(tmp_path)
+    cfg = OmegaConf.create({"loss": {"name": "ban", "teacher_checkpoint": str(teacher)}})
+    check_same_config(cfg, {"loss": {"name": "ban", "teacher_checkpoint": "teacher/best.pt"}}, tmp_path / "last.pt")
+    (tmp_path / "other.pt").write_bytes(b"weights")  # the same bytes, but another file: another teacher
+    with pytest.raises(ResumeError, match=r"loss.teacher_checkpoint: 'other.pt' -> "):
+        check_same_config(cfg, {"loss": {"name": "ban", "teacher_checkpoint": "other.pt"}}, tmp_path / "last.pt")
 
 
 @pytest.mark.parametrize("channels_last", [True, False])

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from typing import Any
+
 import torch
 
 from .config_checks import PRECISION_NAMES, ConfigError
@@ -37,3 +40,19 @@ def resolve_precision(requested: str, device: torch.device) -> torch.dtype | Non
 def precision_name(autocast_dtype: torch.dtype | None) -> str:
     """The trainer.precision value of an autocast dtype (what ``auto`` resolved to)."""
     return next(name for name, dtype in PRECISIONS.items() if dtype is autocast_dtype)
+
+
+def precision_history(records: Iterable[Mapping[str, Any]], current: str) -> str:
+    """What a run trained in, from its metrics.jsonl records (``precision`` per epoch; ``current`` for
+    records written before 2026-11-28): one name, or each in turn with its epochs, 'bf16 (epochs 1-2),
+    fp32 (epochs 3-4)', for a run resumed where trainer.precision=auto means another precision."""
+    spans: list[list[Any]] = []  # [name, first epoch, last epoch]
+    for record in records:
+        name = record.get("precision", current)
+        if spans and spans[-1][0] == name:
+            spans[-1][2] = record["epoch"]
+        else:
+            spans.append([name, record["epoch"], record["epoch"]])
+    if len(spans) <= 1:
+        return spans[0][0] if spans else current
+    return ", ".join(f"{name} (epoch {first})" if first == last else f"{name} (epochs {first}-{last})" for name, first, last in spans)

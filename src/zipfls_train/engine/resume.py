@@ -28,6 +28,8 @@ RESUME_TOLERATED = {
     "trainer.stop_check_s", "trainer.eval_batch_size", "trainer.zipf_fit_at_end", "dataset.root", "tag",
     *(f"loss.{option}" for option in IMPLEMENTATION_OPTIONS),
 }
+# Config values naming a file the run reads: spelled another way, the same file is the same run.
+SAME_FILE_KEYS = ("loss.teacher_checkpoint",)
 # Config values a run records as the dataset resolved them, which older runs recorded as requested.
 RESOLVED_SINCE = ("dataset.format",)
 # What a checkpoint to resume from holds (best.pt holds only the model).
@@ -43,13 +45,22 @@ def differing_keys(now: dict[str, Any], before: dict[str, Any]) -> list[str]:
     return sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k) and k not in RESUME_TOLERATED)
 
 
-def check_same_config(cfg: DictConfig, saved: dict[str, Any], path: Path) -> None:
-    """``saved`` (the config in ``path``) must equal the command's, but for RESUME_TOLERATED keys."""
+def check_same_config(cfg: DictConfig, saved: dict[str, Any], path: Path, trained_in: str | None = None) -> None:
+    """``saved`` (the config in ``path``) must equal the command's, but for RESUME_TOLERATED keys.
+    ``trained_in``: the precision the checkpoint trained in (what trainer.precision=auto resolved to)."""
     now = flatten(OmegaConf.to_container(cfg, resolve=True))
     before = flatten(saved)
     # Recorded before the dataset resolved them (TinyImageNet before 2026-11-27, ImageNet and INAT21 until
     # then too): "auto" matches what it is now.
     before.update({key: now.get(key) for key in RESOLVED_SINCE if before.get(key) == "auto"})
+    # trainer.precision=auto or the precision it trained in, named: the same run (moved to a machine where
+    # auto means another precision, it keeps the one it started in by naming it; warn_if_precision_changed).
+    if trained_in is not None and {now.get("trainer.precision"), before.get("trainer.precision")} <= {"auto", trained_in}:
+        before["trainer.precision"] = now.get("trainer.precision")
+    # A file named by another path (relative or absolute, through a link): the same file, the same run.
+    for key in SAME_FILE_KEYS:
+        if now.get(key) != before.get(key) and _same_file(now.get(key), before.get(key)):
+            before[key] = now.get(key)
     differing = differing_keys(now, before)
     if not differing:
         return
@@ -160,3 +171,10 @@ def report_finished(summary: dict[str, Any], run_dir: Path) -> None:
 
 def _percent(value: object) -> str:
     return f"{value:.2f}%" if isinstance(value, (int, float)) else "unknown"
+
+
+def _same_file(a: object, b: object) -> bool:
+    try:
+        return isinstance(a, str) and isinstance(b, str) and os.path.samefile(os.path.expanduser(a), os.path.expanduser(b))
+    except OSError:  # (one of them is not there)
+        return False

@@ -41,7 +41,7 @@ from .interrupt import StopRequests, StopVotes, TrainingInterrupted
 from .memory import peak_cpu_memory_mb, peak_gpu_memory_mb, reset_peak_memory
 from .metrics import RunRecords, TermAccumulator, read_metrics, topk_correct
 from .optim import build_optimizer, build_scheduler
-from .precision import precision_name, resolve_precision
+from .precision import precision_history, precision_name, resolve_precision
 from .resume import (
     RESUMABLE_KEYS, ResumeError, absolute_root, check_same_config, check_same_data, refuse_to_overwrite_results,
     report_finished, warn_if_precision_changed,
@@ -394,6 +394,7 @@ class Trainer:
             "val_images": val_images,  # scored over all ranks: the val set's size, each image once
             "best_val_top1": self.progress.best_top1,
             "lr": epoch_lr,
+            "precision": self.precision,  # what trainer.precision=auto chose (per epoch: a resumed run may change)
             # the epoch's training time, its part before a restart included (evaluation left out)
             "epoch_time_s": epoch_train_s + ended - self._epoch_started if timed else None,
             # training images/s of this process's steps, the run's first step left out (first_step_s)
@@ -607,7 +608,7 @@ class Trainer:
                 f"{path} is not a checkpoint to resume from (it lacks {missing}; best.pt, for one, holds only "
                 "the model): put the run's own last.pt back, or start over with trainer.resume=never"
             )
-        check_same_config(self.cfg, state["config"], path)
+        check_same_config(self.cfg, state["config"], path, trained_in=state.get("precision"))
         check_same_data(state.get("data"), self.data.identity(), self.cfg.dataset.root, path)
         if self.ctx.is_main:
             warn_if_precision_changed(state.get("precision"), self.precision, self.cfg.trainer.precision, path)
@@ -654,7 +655,7 @@ class Trainer:
             "best_epoch": self.progress.best_epoch,
             "last_val_top1": metrics[-1]["val_top1"] if metrics else None,
             "epochs": self.progress.epoch,
-            "precision": self.precision,  # what trainer.precision=auto chose
+            "precision": precision_history(metrics, self.precision),  # what trainer.precision=auto chose
             "processes": self.ctx.world_size,  # DDP ranks, all nodes together
             "data": self.data.identity(),
             "dataset_root": absolute_root(self.cfg.dataset.get("root")),
