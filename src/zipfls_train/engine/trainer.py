@@ -477,10 +477,14 @@ class Trainer:
     def _check_finite_weights(self) -> None:
         """The loss terms are checked at every log, but a step whose loss was finite can still leave
         the weights NaN/inf (an update that overflowed: an lr far too large). Checked before each
-        evaluation and save (one host sync each; the ranks hold the same weights, so all stop
-        together): a non-finite model is never scored, kept as best.pt or saved as last.pt."""
+        evaluation and save (one host sync each): a non-finite model is never scored, kept as best.pt or
+        saved as last.pt. The ranks decide together (their BatchNorm statistics are their own until the
+        next forward), so that all stop, none waiting for the others in a collective."""
         tensors = [t for t in itertools.chain(self.model.parameters(), self.model.buffers()) if t.is_floating_point()]
-        if not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        if not tensors:
+            return
+        bad = all_reduce_sum(torch.stack([torch.isfinite(t).all() for t in tensors]).all().logical_not().float())
+        if not bool(bad):
             return
         last = self.checkpoint_dir / "last.pt"
         raise NonFiniteLossError(
