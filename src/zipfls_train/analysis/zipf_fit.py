@@ -146,7 +146,7 @@ def _load(path: Path, data_root: str | None, device: torch.device):  # noqa: ANN
     from ..data import DatasetError, LoaderOptions, build_data
     from ..engine.checkpoint import CheckpointError, load_checkpoint
     from ..engine.config_checks import loader_workers
-    from ..models import build_model
+    from ..trained import model_from_checkpoint
 
     if not path.exists():
         raise CheckpointError(f"{path} does not exist: expected a run folder (holding checkpoints/last.pt) or a checkpoint file")
@@ -173,11 +173,7 @@ def _load(path: Path, data_root: str | None, device: torch.device):  # noqa: ANN
             f"{error}\nThe dataset.root above is the one stored in {checkpoint_path} (a relative path is relative to the "
             "folder the run was started from): pass --data-root <dataset folder> to read the dataset from another place"
         ) from error
-    model_options = OmegaConf.to_container(cfg.model.get("options", {}), resolve=True) or {}
-    model = build_model(str(cfg.model.name), data.num_classes, **model_options)
-    # Auxiliary heads are training-only: load the weights the evaluated model has.
-    weights = {k: v for k, v in state["model"].items() if not k.startswith("aux_heads.")}
-    model.load_state_dict(weights)
+    model = model_from_checkpoint(state)  # auxiliary heads (training-only) left out
     return model.to(device), data.val, figure_title(cfg, checkpoint_path.name), checkpoint_path
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import re
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -114,16 +115,51 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
             "expected a checkpoint file such as <run>/checkpoints/last.pt or best.pt"
         )
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as error:
+        # weights_only: a checkpoint is data (tensors, numbers, strings, containers); unpickling any
+        # other object could run code from whatever file a user points at (a BAN teacher, zipf_fit's
+        # argument). The numpy classes are those of the numpy RNG state earlier versions stored.
+        with torch.serialization.safe_globals(_legacy_numpy_globals()):
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        if refused is None:
+            raise _corrupt(path, error) from error
         raise CheckpointError(
-            f"checkpoint {path} is corrupt or truncated ({type(error).__name__}: {error}); "
-            "restore a copy; a run whose last.pt this is starts over with trainer.resume=never (deleting the "
-            "file is not enough once it has recorded epochs: the run then refuses to overwrite them)"
+            f"{path} holds a Python object that zipfls-train checkpoints do not ({refused.group(1)}); "
+            "it is not loaded, since unpickling it could run arbitrary code. Only if you trust the file and know "
+            "where it comes from: torch.load(path, weights_only=False), then torch.save the plain tensors you need"
         ) from error
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
+        raise _corrupt(path, error) from error
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path} is a torch file but not a zipfls-train checkpoint (no 'model' entry)")
     return state
+
+
+def _corrupt(path: Path, error: BaseException) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint {path} is corrupt or truncated ({type(error).__name__}: {error}); "
+        "restore a copy; a run whose last.pt this is starts over with trainer.resume=never (deleting the "
+        "file is not enough once it has recorded epochs: the run then refuses to overwrite them)"
+    )
+
+
+def _legacy_numpy_globals() -> list[Any]:
+    """What ``weights_only`` loading must allow, and no more, for the checkpoints of earlier versions:
+    their ``rng`` entries held ``np.random.get_state()``, a uint32 numpy array (pickled as numpy's
+    ``_reconstruct`` of an ``ndarray`` with a ``dtype``; the path of ``_reconstruct`` is
+    ``numpy.core.multiarray`` in files written with numpy 1, ``numpy._core.multiarray`` with numpy 2)."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy 1
+        from numpy.core.multiarray import _reconstruct
+    return [
+        np.ndarray,
+        np.dtype,
+        type(np.dtype(np.uint32)),  # numpy >= 1.25: numpy.dtypes.UInt32DType (its state is set on load)
+        (_reconstruct, "numpy.core.multiarray._reconstruct"),
+        (_reconstruct, "numpy._core.multiarray._reconstruct"),
+    ]
 
 
 def _file_kind(path: Path) -> str:
@@ -139,15 +175,37 @@ def capture_rng_state(device: torch.device) -> dict[str, Any]:
     own CUDA device (not every device's: asking for those would open a context on each GPU)."""
     return {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": numpy_rng_state(),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
     }
 
 
+def numpy_rng_state() -> dict[str, Any]:
+    """``np.random.get_state()`` as ``torch.load(weights_only=True)`` reads it without numpy's
+    classes: the 624 uint32 words of the Mersenne Twister's key as an int64 tensor (exact), the
+    rest as a string, ints and a float."""
+    name, key, position, has_gauss, cached_gaussian = np.random.get_state()
+    return {
+        "bit_generator": str(name),
+        "key": torch.from_numpy(np.asarray(key, dtype=np.int64)),
+        "pos": int(position),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached_gaussian),
+    }
+
+
+def set_numpy_rng_state(state: dict[str, Any] | tuple) -> None:
+    """Restores a :func:`numpy_rng_state`, or the ``np.random.get_state()`` tuple earlier checkpoints stored."""
+    if isinstance(state, dict):
+        key = state["key"].cpu().numpy().astype(np.uint32)
+        state = (state["bit_generator"], key, int(state["pos"]), int(state["has_gauss"]), float(state["cached_gaussian"]))
+    np.random.set_state(state)
+
+
 def restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    set_numpy_rng_state(state["numpy"])
     # .cpu(): the checkpoint may have been loaded onto the training device, and torch takes RNG states
     # only as CPU ByteTensors (a CUDA generator's too).
     torch.set_rng_state(state["torch"].cpu())

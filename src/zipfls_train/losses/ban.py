@@ -45,6 +45,7 @@ from ..data.batch import Batch
 from ..data.bundle import configured_num_classes
 from ..engine.checkpoint import load_checkpoint
 from ..models.outputs import ModelOutput
+from ..trained import model_weights
 from .base import Method, fraction, positive, switch
 from .ce import cross_entropy
 from .distill import tempered_kl
@@ -60,7 +61,7 @@ def load_teacher(path: Path, model_factory) -> nn.Module:  # noqa: ANN001
     checkpoint = load_checkpoint(path)
     state = checkpoint["model"]
     teacher = model_factory()
-    weights = {k: v for k, v in state.items() if not k.startswith("aux_heads.")}
+    weights = model_weights(state)  # auxiliary heads, if the teacher run had any, left out
     problems = _state_mismatch(weights, teacher.state_dict())
     if problems:
         raise TeacherCheckpointError(
