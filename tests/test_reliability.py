@@ -480,8 +480,8 @@ def test_the_sweep_check_refuses_unnamed_keys_from_the_command_line_and_the_swee
     [
         (["loss=ce,ls", "seed=0,1", "trainer.compile=true", "dataset.root=/data"], None),
         (["tag=_a,_b", "optim.lr=range(0.1,0.3,0.1)"], None),
-        # Each experiment's runs go to their own outputs/multirun/<experiment_name>/.
-        (["experiment=demo,cpu_tinyimagenet"], None),
+        # Each experiment's runs go to their own outputs/multirun/<experiment_name>/ (neither is a sweep).
+        (["experiment=demo,recipe_imagenet"], None),
         # A command-line value replaces the params' sweep of that key (as in Hydra's basic sweeper).
         (["trainer.compile=true"], {"trainer.compile": "false,true", "seed": "0,1"}),
     ],
@@ -489,6 +489,22 @@ def test_the_sweep_check_refuses_unnamed_keys_from_the_command_line_and_the_swee
 def test_the_sweep_check_lets_named_keys_be_swept(capsys, task, params):
     sweep_check(task, params)
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    "task, named",
+    [
+        (["experiment=demo,cpu_tinyimagenet"], "(cpu_tinyimagenet)"),
+        (["experiment=glob(table2_cifar100*)"], "(table2_cifar100_densenet121, table2_cifar100_resnet18)"),
+    ],
+)
+def test_a_sweep_over_experiments_that_are_sweeps_is_refused(capsys, task, named):
+    """Hydra reads a sweep's params before it sweeps the experiment: experiment=demo,cpu_tinyimagenet
+    ran 2 jobs, cpu_tinyimagenet's 9 runs (its loss and seed sweep) being one default run."""
+    with pytest.raises(SystemExit) as exit_:
+        sweep_check(task)
+    assert exit_.value.code == 1
+    assert capsys.readouterr().err.startswith(f"error: the sweep {task[0]} includes experiments that are sweeps themselves {named}")
 
 
 def test_every_experiments_sweep_passes_the_sweep_check():

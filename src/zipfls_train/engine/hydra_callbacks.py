@@ -60,6 +60,26 @@ def check_sweep_keys(config: DictConfig) -> None:
                   f"exclude_keys), so its jobs would share one folder. Run one sweep per value, each with its "
                   f"own tag=... or experiment_name=...", file=sys.stderr)  # fmt: skip
             raise SystemExit(1)
+        if override.is_sweep_override() and override.key_or_group == "experiment":
+            refuse_swept_sweeps(override, config)
+
+
+def refuse_swept_sweeps(override: Override, config: DictConfig) -> None:
+    """``experiment=a,b`` where an experiment is itself a sweep (its hydra.sweeper.params: a paper
+    table's methods and seeds): Hydra reads a sweep's params before it sweeps the experiment, so each
+    such experiment would train one run with the defaults, without a word. Refused (exit 1)."""
+    folders = [Path(source.path) / "experiment" for source in config.hydra.runtime.config_sources if source.schema == "file"]
+    names = sorted({path.stem for folder in folders if folder.is_dir() for path in folder.glob("*.yaml")})
+    value = override.value()
+    chosen = value.filter(names) if hasattr(value, "filter") else list(override.sweep_string_iterator())  # glob(...) or a list
+    sweeps = [name for name in chosen for folder in folders
+              if (folder / f"{name}.yaml").is_file() and OmegaConf.select(OmegaConf.load(folder / f"{name}.yaml"), "hydra.sweeper.params")]  # fmt: skip
+    if sweeps:
+        print(f"error: the sweep {override.input_line} includes experiments that are sweeps themselves ({', '.join(sweeps)}): "
+              "Hydra does not sweep a swept experiment's own hydra.sweeper.params, so each would train a single run "
+              f"with the defaults. Run each as its own sweep: python train.py -m experiment={sweeps[0]} ...",
+              file=sys.stderr)  # fmt: skip
+        raise SystemExit(1)
 
 
 # Folders make_output_folder created in this process, deepest first: a run refused before it wrote
