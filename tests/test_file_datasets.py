@@ -382,8 +382,8 @@ def test_a_file_dataset_run_records_the_format_found_and_resumes_one_that_record
 
     save = Trainer.save
 
-    def stop_after_epoch_1(self, name="last.pt") -> None:  # noqa: ANN001
-        save(self, name)
+    def stop_after_epoch_1(self, name="last.pt", **options) -> None:  # noqa: ANN001
+        save(self, name, **options)
         if self.progress.epoch == 1 and self.progress.step_in_epoch == 0:
             raise Stop
 

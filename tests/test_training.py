@@ -99,8 +99,8 @@ def run_until_the_first_epoch_checkpoint(monkeypatch, run_tiny, *args, **kwargs)
     """``run_tiny(*args, **kwargs)``, killed right after its epoch-1 checkpoint (last.pt) is written."""
     original = Trainer.save
 
-    def stop_after_first_epoch(self, name="last.pt"):
-        original(self, name)
+    def stop_after_first_epoch(self, name="last.pt", **options):
+        original(self, name, **options)
         if self.progress.epoch == 1 and self.progress.step_in_epoch == 0:
             raise Interrupted
 
@@ -247,13 +247,18 @@ def test_rerunning_a_finished_run_trains_and_rewrites_nothing(run_tiny, tmp_path
 def test_a_finished_run_rerun_unchanged_is_told_from_its_folder_without_its_data(run_tiny, tiny_pack_root, tmp_path, monkeypatch,
                                                                                   capsys):
     """A sweep rerun after a preemption skips its finished runs from their folders alone (summary.json
-    and config.yaml): no data read, no model built, no ranks spawned; it used to take seconds and GBs
-    per run. dataset.format=auto, which the run recorded as the pack it found, is the same command;
-    where the folder alone cannot tell (another dataset.root, a summary written before it named its
-    root), the data is read and compared as before."""
-    args = ("loss=zipf", "dataset.format=auto", "trainer.max_steps_per_epoch=1")
+    and config.yaml): no images read, no model built, no ranks spawned; it used to take seconds and GBs
+    per run. dataset.format=auto, which the run recorded as the pack it found, is the same command
+    while the root holds only the pack; where the folder alone cannot tell (another dataset.root, a
+    summary written before it named its root, a root where auto now finds the tree), the data is read
+    and compared as before."""
+    from zipfls_train.data import DatasetError
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_pack_root, data)
+    args = ("loss=zipf", "dataset.format=auto", f"dataset.root={data}", "trainer.max_steps_per_epoch=1")
     first, run_dir = run_tiny(*args, run_dir=tmp_path / "run")
-    assert (first["dataset_root"], first["dataset_requested"]) == (str(tiny_pack_root.resolve()), {"format": "auto"})
+    assert first["dataset_root"] == str(data.resolve())
     written = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
     import zipfls_train.engine.trainer as trainer_module
 
@@ -272,12 +277,20 @@ def test_a_finished_run_rerun_unchanged_is_told_from_its_folder_without_its_data
     shutil.copytree(tiny_pack_root, copy)
     again, _ = run_tiny(*args, f"dataset.root={copy}", run_dir=run_dir)
     assert (again, builds) == (first, [1])
-    # A summary without the root (written before 2026-11-28): the same.
+    # The official tree added beside the pack: format=auto now means the tree, another run (this
+    # stand-in tree has no images: reading it fails, where the folder alone said "finished").
+    (data / "tiny-imagenet-200").mkdir()
+    (data / "tiny-imagenet-200/wnids.txt").write_text("n01443537\n")
+    with pytest.raises(DatasetError):
+        run_tiny(*args, run_dir=run_dir)
+    assert builds == [1, 1]
+    shutil.rmtree(data / "tiny-imagenet-200")
+    # A summary without the root (written before 2026-11-28): read and compared.
     summary = json.loads((run_dir / "summary.json").read_text())
-    del summary["dataset_root"], summary["dataset_requested"]
+    del summary["dataset_root"]
     (run_dir / "summary.json").write_text(json.dumps(summary))
     again, _ = run_tiny(*args, run_dir=run_dir)
-    assert (again, builds) == (summary, [1, 1])
+    assert (again, builds) == (summary, [1, 1, 1])
 
 
 def test_a_finished_run_with_a_best_top1_of_zero_says_zero(tmp_path, capsys):
@@ -809,8 +822,8 @@ def test_a_run_resumed_where_auto_means_another_precision_keeps_its_own_when_nam
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
     original = Trainer.save
 
-    def stop_after_second_epoch(self, name="last.pt"):
-        original(self, name)
+    def stop_after_second_epoch(self, name="last.pt", **options):
+        original(self, name, **options)
         if self.progress.epoch == 2 and self.progress.step_in_epoch == 0:
             raise Interrupted
 
@@ -822,6 +835,29 @@ def test_a_run_resumed_where_auto_means_another_precision_keeps_its_own_when_nam
     summary, run_dir = run_tiny(*args, "trainer.precision=auto")  # fp32 here again
     assert [m["precision"] for m in read_jsonl(run_dir / "metrics.jsonl")] == ["fp32"] * 3
     assert summary["precision"] == "fp32"
+
+
+@pytest.mark.parametrize(
+    ("before", "now", "trained_in", "training_in", "same"),
+    [
+        ("auto", "fp32", "fp32", "fp32", True),  # named as the warning advises
+        ("fp32", "auto", "fp32", "fp32", True),  # auto means fp32 here too
+        ("fp32", "auto", "fp32", "bf16", False),  # an explicit fp32 run is not auto where auto means bf16
+        ("fp16", "auto", "fp16", "bf16", False),  # nor an fp16 one (its GradScaler would be dropped)
+        ("auto", "bf16", "fp32", "bf16", False),  # auto trained in fp32: bf16 is another precision
+    ],
+)
+def test_auto_and_the_precision_a_run_trained_in_are_the_same_run_only_where_both_mean_it(before, now, trained_in, training_in, same, tmp_path):
+    from zipfls_train.engine.resume import check_same_config
+
+    cfg = OmegaConf.create({"trainer": {"precision": now}})
+    check = lambda: check_same_config(cfg, {"trainer": {"precision": before}}, tmp_path / "last.pt",  # noqa: E731
+                                      trained_in=trained_in, training_in=training_in)  # fmt: skip
+    if same:
+        check()
+    else:
+        with pytest.raises(ResumeError, match=rf"trainer.precision: '{before}' -> '{now}'"):
+            check()
 
 
 def test_a_teacher_named_by_another_path_to_the_same_file_is_the_same_run(tmp_path, monkeypatch):

@@ -45,6 +45,36 @@ FILE_DATASETS: dict[str, str] = {
 IN_MEMORY_RESOLVED: dict[str, Callable[[Mapping[str, Any]], dict[str, Any]]] = {
     "tinyimagenet": lambda cfg: {"format": find_format(Path(cfg["root"]), str(cfg.get("format", "auto")))},
 }
+# The same for file datasets ("module:function" taking the dataset config), which their builders use:
+# a rerun of a finished run is told from these without reading any image (engine/resume.py).
+FILE_RESOLVED: dict[str, str] = {
+    "imagenet": "zipfls_train.data.imagenet:resolved_options",
+    "inat21": "zipfls_train.data.inat21:resolved_options",
+}
+
+
+def resolved_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The values ``build_data`` would record in place of ``cfg``'s (dataset.format=auto: the format
+    found), from what the root holds, without reading images; {} for a dataset that resolves none.
+    Raises DatasetError where the data is missing."""
+    cfg = _with_home_expanded(cfg)
+    name = cfg.get("name")
+    if name in IN_MEMORY_RESOLVED:
+        return IN_MEMORY_RESOLVED[name](cfg)
+    if name in FILE_RESOLVED:
+        return _imported(FILE_RESOLVED[name])(cfg)
+    return {}
+
+
+def _with_home_expanded(cfg: Mapping[str, Any]) -> Mapping[str, Any]:
+    if isinstance(cfg.get("root"), str):  # ~/data: zsh (macOS's shell) leaves ~ after '=' to us
+        return {**cfg, "root": os.path.expanduser(cfg["root"])}
+    return cfg
+
+
+def _imported(target: str) -> Callable[..., Any]:
+    module_name, function_name = target.split(":")
+    return getattr(importlib.import_module(module_name), function_name)
 
 
 def read_in_memory(cfg: Mapping[str, Any], split: str) -> ImageTensors:
@@ -96,17 +126,15 @@ def build_in_memory(cfg: Mapping[str, Any], options: LoaderOptions) -> DataBundl
 
 def build_data(cfg: Mapping[str, Any], options: LoaderOptions) -> DataBundle:
     name = cfg.get("name")
-    if isinstance(cfg.get("root"), str):  # ~/data: zsh (macOS's shell) leaves ~ after '=' to us
-        cfg = {**cfg, "root": os.path.expanduser(cfg["root"])}
+    cfg = _with_home_expanded(cfg)
     if name in IN_MEMORY_READERS:
         return build_in_memory(cfg, options)
     if name in FILE_DATASETS:
-        module_name, function_name = FILE_DATASETS[name].split(":")
-        return getattr(importlib.import_module(module_name), function_name)(cfg, options)
+        return _imported(FILE_DATASETS[name])(cfg, options)
     raise DatasetError(
         f"unknown dataset.name {name!r}; expected one of {sorted([*IN_MEMORY_READERS, *FILE_DATASETS])} (a new "
         "dataset registers its reader in IN_MEMORY_READERS or its builder in FILE_DATASETS, data/builders.py)"
     )
 
 
-__all__ = ["Batch", "DataBundle", "DatasetError", "LoaderOptions", "build_data"]
+__all__ = ["Batch", "DataBundle", "DatasetError", "LoaderOptions", "build_data", "resolved_options"]

@@ -154,8 +154,12 @@ def read_imagenet(root: Path, requested_format: str = "auto", val_labels: str | 
     return train, val
 
 
+def resolved_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The config values this dataset resolves from what it finds (format=auto), without reading images."""
+    return {"format": find_format(find_base(Path(cfg["root"])), str(cfg.get("format", "auto")))}
+
+
 def build_imagenet(cfg: Mapping[str, Any], options: LoaderOptions) -> DataBundle:
-    root = Path(cfg["root"])
-    found = find_format(find_base(root), str(cfg.get("format", "auto")))
-    train, val = read_imagenet(root, found, cfg.get("val_labels"))
-    return build_file_bundle(cfg, options, train, val, resolved={"format": found})
+    resolved = resolved_options(cfg)
+    train, val = read_imagenet(Path(cfg["root"]), resolved["format"], cfg.get("val_labels"))
+    return build_file_bundle(cfg, options, train, val, resolved=resolved)

@@ -153,8 +153,12 @@ def read_inat21(root: Path, train_split: str = "train_mini", requested_format: s
     return train, val
 
 
+def resolved_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The config values this dataset resolves from what it finds (format=auto), without reading images."""
+    return {"format": find_format(Path(cfg["root"]), str(cfg.get("train_split", "train_mini")), str(cfg.get("format", "auto")))}
+
+
 def build_inat21(cfg: Mapping[str, Any], options: LoaderOptions) -> DataBundle:
-    root, train_split = Path(cfg["root"]), str(cfg.get("train_split", "train_mini"))
-    found = find_format(root, train_split, str(cfg.get("format", "auto")))
-    train, val = read_inat21(root, train_split, found)
-    return build_file_bundle(cfg, options, train, val, resolved={"format": found})
+    resolved = resolved_options(cfg)
+    train, val = read_inat21(Path(cfg["root"]), str(cfg.get("train_split", "train_mini")), resolved["format"])
+    return build_file_bundle(cfg, options, train, val, resolved=resolved)

@@ -15,6 +15,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ..data import DatasetError
+from ..data.builders import resolved_options
 from ..flat_config import flatten
 from ..loss_options import IMPLEMENTATION_OPTIONS
 from .metrics import read_metrics
@@ -45,17 +47,21 @@ def differing_keys(now: dict[str, Any], before: dict[str, Any]) -> list[str]:
     return sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k) and k not in RESUME_TOLERATED)
 
 
-def check_same_config(cfg: DictConfig, saved: dict[str, Any], path: Path, trained_in: str | None = None) -> None:
+def check_same_config(cfg: DictConfig, saved: dict[str, Any], path: Path, trained_in: str | None = None,
+                      training_in: str | None = None) -> None:  # fmt: skip
     """``saved`` (the config in ``path``) must equal the command's, but for RESUME_TOLERATED keys.
-    ``trained_in``: the precision the checkpoint trained in (what trainer.precision=auto resolved to)."""
+    ``trained_in``: the precision the checkpoint trained in; ``training_in``: the one the command's
+    trainer.precision means on this machine."""
     now = flatten(OmegaConf.to_container(cfg, resolve=True))
     before = flatten(saved)
     # Recorded before the dataset resolved them (TinyImageNet before 2026-11-27, ImageNet and INAT21 until
     # then too): "auto" matches what it is now.
     before.update({key: now.get(key) for key in RESOLVED_SINCE if before.get(key) == "auto"})
-    # trainer.precision=auto or the precision it trained in, named: the same run (moved to a machine where
-    # auto means another precision, it keeps the one it started in by naming it; warn_if_precision_changed).
-    if trained_in is not None and {now.get("trainer.precision"), before.get("trainer.precision")} <= {"auto", trained_in}:
+    # trainer.precision=auto and the precision the run trained in, named, where both mean that one: the
+    # same run (moved to a machine where auto means another precision, it keeps its own by naming it, as
+    # warn_if_precision_changed advises). An explicit precision is not auto where auto means another.
+    if (trained_in is not None and training_in == trained_in
+            and {now.get("trainer.precision"), before.get("trainer.precision")} <= {"auto", trained_in}):
         before["trainer.precision"] = now.get("trainer.precision")
     # A file named by another path (relative or absolute, through a link): the same file, the same run.
     for key in SAME_FILE_KEYS:
@@ -137,9 +143,11 @@ def finished_as_recorded(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | Non
     data and model first: ~12 s and 1.4 GB per TinyImageNet run on 2 CPU cores).
 
     Only with trainer.resume=auto and the dataset.root the run recorded (its summary names it since
-    2026-11-28): the data there is then taken to be the data it trained on. Anything else (another root,
-    another config, an unreadable or older summary) returns None, and the trainer decides as before,
-    reading the data to compare it."""
+    2026-11-28): the data there is then taken to be the data it trained on. The command's values that
+    the dataset resolves from what it finds (dataset.format=auto) are resolved as the run would, from
+    which files are there: TinyImageNet's tree added beside the pack a run trained on makes auto
+    another run. Anything else (another root, another config, an unreadable or older summary, data
+    gone) returns None, and the trainer decides as before, reading the data to compare it."""
     summary_path, config_path = run_dir / "summary.json", run_dir / "config.yaml"
     if str(cfg.trainer.resume) != "auto" or not (summary_path.is_file() and config_path.is_file()):
         return None
@@ -148,17 +156,17 @@ def finished_as_recorded(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | Non
         saved = OmegaConf.to_container(OmegaConf.load(config_path), resolve=False)
     except (OSError, ValueError, OmegaConfBaseException):
         return None
-    if not isinstance(summary, dict) or summary.get("status") != "finished" or "dataset_requested" not in summary:
+    if not isinstance(summary, dict) or summary.get("status") != "finished" or "dataset_root" not in summary:
         return None
-    if summary.get("dataset_root") != absolute_root(cfg.dataset.get("root")):
+    if summary["dataset_root"] != absolute_root(cfg.dataset.get("root")):
         return None
-    before = flatten(saved)
-    # config.yaml holds what the dataset resolved (dataset.format=auto -> pack); the command is compared
-    # with what the run was asked for.
-    before.update({f"dataset.{key}": value for key, value in summary["dataset_requested"].items()})
-    if differing_keys(flatten(OmegaConf.to_container(cfg, resolve=True)), before):
+    try:
+        resolved = resolved_options(OmegaConf.to_container(cfg.dataset, resolve=True))
+    except DatasetError:
         return None
-    return summary
+    now = flatten(OmegaConf.to_container(cfg, resolve=True))
+    now.update({f"dataset.{key}": value for key, value in resolved.items()})  # as config.yaml records them
+    return None if differing_keys(now, flatten(saved)) else summary
 
 
 def report_finished(summary: dict[str, Any], run_dir: Path) -> None:

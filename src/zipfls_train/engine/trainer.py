@@ -134,8 +134,6 @@ class Trainer:
                 accumulate_steps=int(tcfg.accumulate_steps),
             ),
         )
-        # What the command asked for, in the summary: a rerun of it is then told finished without the data.
-        self.dataset_requested = {key: cfg.dataset.get(key) for key in self.data.resolved}
         for key, value in self.data.resolved.items():  # e.g. dataset.format=auto -> tree | pack, as recorded
             cfg.dataset[key] = value
         if len(self.data.train) == 0:
@@ -376,7 +374,7 @@ class Trainer:
         self._check_finite_weights()  # before a non-finite model is scored (and maybe kept as best.pt)
         scores = self.evaluate(stoppable=True)
         if scores is None:  # a stop request during the evaluation: keep the trained epoch, evaluate it on resume
-            self.save()  # (the epoch's last step was logged, and so checked)
+            self.save(weights_checked=True)  # (the epoch's last step was logged, and so checked)
             raise TrainingInterrupted(self._interrupted_message() + " (and evaluate this epoch, whose evaluation was cut short)")
         top1, top5, val_images = scores
         epoch_train_s = self.progress.epoch_train_s
@@ -408,7 +406,7 @@ class Trainer:
         records.epoch(record, self.progress.global_step)
         if improved:
             self.save_best()
-        self.save()
+        self.save(weights_checked=True)
         if self.ctx.is_main:
             tqdm.write(
                 f"epoch {self.progress.epoch}/{self.epochs}  loss {train_means.get('loss', float('nan')):.4f}  "
@@ -543,20 +541,22 @@ class Trainer:
             "data": self.data.identity(),
         }
 
-    def save(self, name: str = "last.pt", check_finite_since: int | None = None) -> None:
+    def save(self, name: str = "last.pt", check_finite_since: int | None = None, weights_checked: bool = False) -> None:
         """Called by every rank; rank 0 writes. The epoch's running loss sums are first averaged over
         ranks (every rank then continues from that mean), so the one copy in the checkpoint is valid
         for all ranks on resume and the epoch's logged mean is unchanged. Every rank's random state
         is kept (a rank resumes with its own). ``check_finite_since``: the first global step not yet
         checked for a NaN/inf loss; checked on the averaged sums (the same on every rank) before
-        anything is written, so a non-finite step never reaches ``last.pt``."""
+        anything is written, so a non-finite step never reaches ``last.pt``; so are the weights, unless
+        ``weights_checked`` (since the last step: the epoch's evaluation checked them)."""
         self.running.all_reduce_mean()
         if 0 < self.progress.step_in_epoch < self.steps_per_epoch:  # mid-epoch: the time its steps took so far
             self.progress.epoch_train_s += time.perf_counter() - self._epoch_started
             self._epoch_started = time.perf_counter()
         if check_finite_since is not None:
             self._finite_means((None, 0), check_finite_since, across_ranks=False)  # (averaged just above)
-        self._check_finite_weights()  # (after the loss terms: a NaN loss is named as such)
+        if not weights_checked:
+            self._check_finite_weights()  # (after the loss terms: a NaN loss is named as such)
         rng = gather_objects(capture_rng_state(self.device))
         if self.ctx.is_main:
             save_atomic({**self.state_dict(), "rng": rng}, self.checkpoint_dir / name)
@@ -612,7 +612,7 @@ class Trainer:
                 f"{path} is not a checkpoint to resume from (it lacks {missing}; best.pt, for one, holds only "
                 "the model): put the run's own last.pt back, or start over with trainer.resume=never"
             )
-        check_same_config(self.cfg, state["config"], path, trained_in=state.get("precision"))
+        check_same_config(self.cfg, state["config"], path, trained_in=state.get("precision"), training_in=self.precision)
         check_same_data(state.get("data"), self.data.identity(), self.cfg.dataset.root, path)
         if self.ctx.is_main:
             warn_if_precision_changed(state.get("precision"), self.precision, self.cfg.trainer.precision, path)
@@ -662,8 +662,7 @@ class Trainer:
             "precision": precision_history(metrics, self.precision),  # what trainer.precision=auto chose
             "processes": self.ctx.world_size,  # DDP ranks, all nodes together
             "data": self.data.identity(),
-            "dataset_root": absolute_root(self.cfg.dataset.get("root")),
-            "dataset_requested": self.dataset_requested,
+            "dataset_root": absolute_root(self.cfg.dataset.get("root")),  # (a rerun is told finished from these)
             "run_dir": str(self.run_dir),
         }
 
