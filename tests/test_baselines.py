@@ -418,6 +418,10 @@ def test_a_teacher_class_at_minus_infinity_is_a_probability_of_zero():
     log_p = torch.log_softmax(student.double() / t, dim=1)[:, kept]
     expected = t**2 * (q * (q.log() - log_p)).sum(1).mean()
     assert close(tempered_kl(student, teacher, t), expected)
+    # The student masked alike (a model distilled into itself): the class drops out of both.
+    student[:, 1] = float("-inf")
+    log_p = torch.log_softmax(student[:, kept].double() / t, dim=1)
+    assert close(tempered_kl(student, teacher, t), t**2 * (q * (q.log() - log_p)).sum(1).mean())
 
 
 def test_ddgsd_tempered_kl_is_t_squared_times_the_kl_of_the_tempered_softmaxes():

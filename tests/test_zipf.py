@@ -341,11 +341,12 @@ def test_a_masked_class_with_zero_soft_label_contributes_nothing() -> None:
         lambda z, y, p, counts: zipf_soft_labels(counts, y[:-1]),  # one label short: scatter took it
         lambda z, y, p, counts: nontarget_kl(z, y[:-1], p),
         lambda z, y, p, counts: zipf_soft_labels(counts, y.float() + 0.7),  # was truncated to the class below
+        lambda z, y, p, counts: nontarget_kl(z, y.int(), p),  # cross_entropy (the fused kernel's check) takes no int32
         lambda z, y, p, counts: nontarget_kl(z, y.to("meta"), p),  # gave uninitialised memory
         lambda z, y, p, counts: nontarget_kl(z, y, p.t()),
         lambda z, y, p, counts: nontarget_kl(z[:0], y[:0], p[:0]),  # the mean of no rows
     ],
-    ids=["short-targets-labels", "short-targets-kl", "float-targets", "targets-elsewhere", "soft-labels-transposed", "empty"],
+    ids=["short-targets-labels", "short-targets-kl", "float-targets", "int32-targets", "targets-elsewhere", "soft-labels-transposed", "empty"],
 )
 def test_inputs_that_do_not_fit_are_refused_by_name(call) -> None:  # noqa: ANN001
     torch.manual_seed(0)

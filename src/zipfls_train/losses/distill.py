@@ -12,8 +12,10 @@ def tempered_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: flo
     """Batch mean of KL(softmax(teacher / T) || softmax(student / T)), in float32, the teacher a
     constant (detached); times T^2 (Hinton et al.'s factor, which keeps the gradient's scale as T
     changes) unless ``times_t_squared`` is False (BAN scales its term itself)."""
-    log_p = F.log_softmax(student_logits.float() / temperature, dim=1)
-    # A teacher's -inf logit (a masked class) is a probability of 0: clamped, its term is 0, not 0 * -inf = NaN.
-    log_q = F.log_softmax(teacher_logits.detach().float() / temperature, dim=1).clamp_min(torch.finfo(torch.float32).min)
+    # A -inf logit (a masked class) is a probability of 0: clamped to the most negative float, its term
+    # is 0 (not 0 * -inf = NaN), in the teacher and in a student masked alike (a model distilled into itself).
+    floor = torch.finfo(torch.float32).min
+    log_p = F.log_softmax(student_logits.float() / temperature, dim=1).clamp_min(floor)
+    log_q = F.log_softmax(teacher_logits.detach().float() / temperature, dim=1).clamp_min(floor)
     kl = (log_q.exp() * (log_q - log_p)).sum(dim=1).mean()
     return kl * temperature**2 if times_t_squared else kl
