@@ -197,14 +197,14 @@ def resize_uint8(images: Tensor, size: int) -> Tensor:
 class ViewParams:
     """The random parameters of one augmented view of N images: ``crop`` is N x 2 long offsets
     (crop_pad), N x 2 x 2 long spans (random_resized_crop: :func:`boxes_to_spans`) or None (none);
-    ``flip`` is N bool."""
+    ``flip`` is N bool (None: none, no image mirrored)."""
 
     kind: str
     crop: Tensor | None
-    flip: Tensor
+    flip: Tensor | None
 
     def rows(self, rows: slice) -> ViewParams:
-        return ViewParams(self.kind, None if self.crop is None else self.crop[rows], self.flip[rows])
+        return ViewParams(self.kind, *(None if part is None else part[rows] for part in (self.crop, self.flip)))
 
 
 def draw_params(kind: str, n: int, height: int, width: int, size: int, generator: torch.Generator, device: torch.device) -> ViewParams:
@@ -218,8 +218,7 @@ def draw_params(kind: str, n: int, height: int, width: int, size: int, generator
         crop = None
     else:  # a direct caller's (TensorLoader(augment=...)); a run's config was checked in data/builders.py
         raise ValueError(f"augment must be one of {list(IN_MEMORY_TRAIN_AUGMENTS)} (dataset.train_augment of an in-memory dataset), got {kind!r}")
-    flip = torch.zeros(n, dtype=torch.bool, device=device) if kind == "none" else random_flips(n, generator, device)
-    return ViewParams(kind, crop, flip)
+    return ViewParams(kind, crop, None if kind == "none" else random_flips(n, generator, device))
 
 
 def apply_params(images: Tensor, size: int, params: ViewParams) -> Tensor:
@@ -230,5 +229,5 @@ def apply_params(images: Tensor, size: int, params: ViewParams) -> Tensor:
         out = crop_and_resize(images.float(), params.crop, size)
     else:
         out = resize_uint8(images, size).float()
-    return flip_where(out, params.flip)
+    return out if params.flip is None else flip_where(out, params.flip)
 

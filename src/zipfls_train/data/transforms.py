@@ -133,7 +133,8 @@ class EvalTransform:
     resize_size: int
     draft: bool = True
     # Resize + CenterCrop resizes the whole image, then crops: the crop's border pixels see their
-    # neighbours (PIL's resize with a box gives exactly that).
+    # neighbours. The region paths (plan's callers) resize the region with a box, whose filter reads
+    # past it as the whole resize does, to 1/255 of its pixels.
     crops_first: ClassVar[bool] = False
 
     def resized(self, width: int, height: int) -> tuple[int, int, int, int]:
