@@ -95,16 +95,16 @@ class Interrupted(Exception):
     pass
 
 
-def run_until_the_first_epoch_checkpoint(monkeypatch, run_tiny, *args, **kwargs) -> None:
-    """``run_tiny(*args, **kwargs)``, killed right after its epoch-1 checkpoint (last.pt) is written."""
+def run_until_the_epoch_checkpoint(monkeypatch, run_tiny, *args, epoch: int = 1, **kwargs) -> None:
+    """``run_tiny(*args, **kwargs)``, killed right after its checkpoint (last.pt) of ``epoch`` is written."""
     original = Trainer.save
 
-    def stop_after_first_epoch(self, name="last.pt", **options):
+    def stop_after_the_epoch(self, name="last.pt", **options):
         original(self, name, **options)
-        if self.progress.epoch == 1 and self.progress.step_in_epoch == 0:
+        if self.progress.epoch == epoch and self.progress.step_in_epoch == 0:
             raise Interrupted
 
-    monkeypatch.setattr(Trainer, "save", stop_after_first_epoch)
+    monkeypatch.setattr(Trainer, "save", stop_after_the_epoch)
     with pytest.raises(Interrupted):
         run_tiny(*args, **kwargs)
     monkeypatch.setattr(Trainer, "save", original)
@@ -116,7 +116,7 @@ def test_auto_resume_continues_at_the_next_epoch_with_identical_state(device, ru
     args = ("loss=ce", "trainer.epochs=2", "trainer.max_steps_per_epoch=4", f"trainer.device={device}",
             f"trainer.deterministic={device == 'cuda'}")  # fmt: skip
     _, straight = run_tiny(*args, run_dir=tmp_path / "straight")
-    run_until_the_first_epoch_checkpoint(monkeypatch, run_tiny, *args, run_dir=tmp_path / "resumed")
+    run_until_the_epoch_checkpoint(monkeypatch, run_tiny, *args, run_dir=tmp_path / "resumed")
     assert load_checkpoint(tmp_path / "resumed/checkpoints/last.pt")["progress"]["epoch"] == 1
 
     run_tiny(*args, run_dir=tmp_path / "resumed")  # the same command again
@@ -304,7 +304,7 @@ def test_resume_accepts_a_different_implementation_of_the_same_loss(run_tiny, tm
     """loss.kernel chooses how Zipf's loss is computed, not what: a run checkpointed with one
     (or before the key existed) resumes with another."""
     args = ("loss=zipf", "trainer.epochs=2", "trainer.max_steps_per_epoch=1")
-    run_until_the_first_epoch_checkpoint(monkeypatch, run_tiny, *args, "loss.kernel=torch", run_dir=tmp_path / "run")
+    run_until_the_epoch_checkpoint(monkeypatch, run_tiny, *args, "loss.kernel=torch", run_dir=tmp_path / "run")
     checkpoint = tmp_path / "run/checkpoints/last.pt"
     state = load_checkpoint(checkpoint)
     del state["config"]["loss"]["kernel"]  # as written by a version without the key
@@ -435,7 +435,7 @@ def test_other_data_under_another_root_is_never_taken_for_the_run(run_tiny, tiny
     refused = (r"is a run on other data than dataset.root=.*other holds: it trained on 10 classes \(names sha1 \w+\), "
                r"400 train / 100 val images, this data has 10 classes \(names sha1 \w+\), 300 train / 100 val images")  # fmt: skip
     unfinished = tmp_path / "unfinished"
-    run_until_the_first_epoch_checkpoint(monkeypatch, run_tiny, *args, run_dir=unfinished)
+    run_until_the_epoch_checkpoint(monkeypatch, run_tiny, *args, run_dir=unfinished)
     with pytest.raises(ResumeError, match=refused):
         run_tiny(*args, f"dataset.root={other}", run_dir=unfinished)
     _, finished = run_tiny(*args, run_dir=tmp_path / "finished")
@@ -457,7 +457,7 @@ def test_the_run_records_the_format_auto_found_and_resumes_runs_that_recorded_au
     # TinyImageNet's tree (64 px originals) and pack (32 px JPEG tiles) are different inputs: the
     # config says which one a run read, so results and resumes never mix them.
     args = ("loss=ce", "trainer.epochs=2", "trainer.max_steps_per_epoch=1", "dataset.format=auto")
-    run_until_the_first_epoch_checkpoint(monkeypatch, run_tiny, *args, run_dir=tmp_path / "run")
+    run_until_the_epoch_checkpoint(monkeypatch, run_tiny, *args, run_dir=tmp_path / "run")
     assert "format: pack" in (tmp_path / "run/config.yaml").read_text()
     checkpoint = tmp_path / "run/checkpoints/last.pt"
     state = load_checkpoint(checkpoint)
@@ -802,7 +802,7 @@ def test_a_run_resumed_where_auto_means_another_precision_says_so(run_tiny, tmp_
     # Started on a CPU without AMX (auto = fp32), resumed on one with it (auto = bf16).
     args = ("trainer.precision=auto", "trainer.epochs=2", "trainer.max_steps_per_epoch=2")
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
-    run_until_the_first_epoch_checkpoint(monkeypatch, run_tiny, *args)
+    run_until_the_epoch_checkpoint(monkeypatch, run_tiny, *args)
     assert load_checkpoint(tmp_path / "run/checkpoints/last.pt")["precision"] == "fp32"
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
     with pytest.warns(UserWarning, match=r"last.pt trained in fp32 so far; trainer.precision=auto is bf16 on this machine, so the run "
@@ -818,20 +818,11 @@ def test_a_run_resumed_where_auto_means_another_precision_keeps_its_own_when_nam
     started) resumes it, and the original command (auto) resumes it after that."""
     args = ("trainer.epochs=3", "trainer.max_steps_per_epoch=2")
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
-    run_until_the_first_epoch_checkpoint(monkeypatch, run_tiny, *args, "trainer.precision=auto")
+    run_until_the_epoch_checkpoint(monkeypatch, run_tiny, *args, "trainer.precision=auto")
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
-    original = Trainer.save
-
-    def stop_after_second_epoch(self, name="last.pt", **options):
-        original(self, name, **options)
-        if self.progress.epoch == 2 and self.progress.step_in_epoch == 0:
-            raise Interrupted
-
-    monkeypatch.setattr(Trainer, "save", stop_after_second_epoch)
-    with pytest.raises(Interrupted):
-        run_tiny(*args, "trainer.precision=fp32")  # was refused: trainer.precision: 'auto' -> 'fp32'
+    # was refused: trainer.precision: 'auto' -> 'fp32'
+    run_until_the_epoch_checkpoint(monkeypatch, run_tiny, *args, "trainer.precision=fp32", epoch=2)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
-    monkeypatch.setattr(Trainer, "save", original)
     summary, run_dir = run_tiny(*args, "trainer.precision=auto")  # fp32 here again
     assert [m["precision"] for m in read_jsonl(run_dir / "metrics.jsonl")] == ["fp32"] * 3
     assert summary["precision"] == "fp32"
