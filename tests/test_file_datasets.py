@@ -360,14 +360,27 @@ def test_val_class_folders_are_labelled_by_the_train_classes_when_some_are_missi
 
 
 def test_the_format_auto_finds_is_resolved(imagenet_root: Path, inat_root: Path, tmp_path: Path) -> None:
-    assert build_data(dataset_cfg("imagenet", imagenet_root), options()).resolved == {"format": "folders"}
+    """What build_data records, and what resolved_options (a finished run's rerun check, which reads
+    no image) says it would record: the same."""
+    from zipfls_train.data import resolved_options
+
+    def resolved(cfg: dict) -> dict:
+        found = build_data(cfg, options()).resolved
+        assert resolved_options(cfg) == found
+        return found
+
+    assert resolved(dataset_cfg("imagenet", imagenet_root)) == {"format": "folders"}
     flat = write_imagenet(tmp_path / "flat", val="flat", train_copies=1)
     write_loc_solution(flat / "LOC_val_solution.csv", flat_val_truth(flat))
-    assert build_data(dataset_cfg("imagenet", flat), options()).resolved == {"format": "flat"}
-    assert build_data(dataset_cfg("inat21", inat_root), options()).resolved == {"format": "json"}
+    assert resolved(dataset_cfg("imagenet", flat)) == {"format": "flat"}
+    kaggle = tmp_path / "kaggle"  # the Kaggle download: the tree under ILSVRC/Data/CLS-LOC
+    write_imagenet(kaggle / "ILSVRC" / "Data" / "CLS-LOC", val="flat", train_copies=1)
+    write_loc_solution(kaggle / "LOC_val_solution.csv", flat_val_truth(kaggle / "ILSVRC" / "Data" / "CLS-LOC"))
+    assert resolved(dataset_cfg("imagenet", kaggle)) == {"format": "flat"}
+    assert resolved(dataset_cfg("inat21", inat_root)) == {"format": "json"}
     no_json = tmp_path / "inat_folders"
     shutil.copytree(inat_root, no_json, ignore=shutil.ignore_patterns("*.json"))
-    assert build_data(dataset_cfg("inat21", no_json), options()).resolved == {"format": "folders"}
+    assert resolved(dataset_cfg("inat21", no_json)) == {"format": "folders"}
 
 
 def test_a_file_dataset_run_records_the_format_found_and_resumes_one_that_recorded_auto(

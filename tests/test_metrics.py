@@ -165,3 +165,51 @@ def test_tensorboard_drops_the_steps_a_killed_run_logged_after_its_checkpoint(tm
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 50.0), (6, 60.0)]
+
+
+def test_the_window_of_the_train_curve_restarts_at_each_log_and_survives_a_save() -> None:
+    """TermAccumulator's window: the mean since the last restart_window(), by hand; kept through
+    state_dict/load_state_dict; a state written before the window existed measures from the resume."""
+    from zipfls_train.engine.metrics import TermAccumulator
+
+    running = TermAccumulator()
+    for value in (1.0, 2.0, 3.0, 4.0):
+        running.add({"loss": torch.tensor(value)})
+    assert running.means(since=running.window) == {"loss": 2.5} and running.steps_in_window == 4
+    running.restart_window()
+    running.add({"loss": torch.tensor(10.0)})
+    running.add({"loss": torch.tensor(20.0)})
+    assert running.means(since=running.window) == {"loss": 15.0} and running.steps_in_window == 2
+    restored = TermAccumulator()
+    restored.load_state_dict(running.state_dict(), torch.device("cpu"))
+    restored.add({"loss": torch.tensor(30.0)})
+    assert restored.means(since=restored.window) == {"loss": 20.0}  # (10 + 20 + 30) / 3
+    assert restored.means() == {"loss": 70.0 / 7}  # the epoch's mean is the epoch's
+    older = TermAccumulator()  # a checkpoint of the previous version: sums and count only
+    older.load_state_dict({"sums": {"loss": torch.tensor(10.0)}, "count": 5}, torch.device("cpu"))
+    older.add({"loss": torch.tensor(2.0)})
+    older.add({"loss": torch.tensor(4.0)})
+    assert older.means(since=older.window) == {"loss": 3.0}
+
+
+def test_the_train_curve_points_are_the_means_of_the_steps_since_the_last_log(run_tiny, monkeypatch) -> None:
+    """train/loss at each log step, against the losses the steps returned (recorded as they ran)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from zipfls_train.engine.trainer import Trainer
+
+    original, losses = Trainer.train_step, []
+
+    def recording_step(self, batches):
+        terms = original(self, batches)
+        losses.append(float(terms["loss"]))
+        return terms
+
+    monkeypatch.setattr(Trainer, "train_step", recording_step)
+    _, run_dir = run_tiny("loss=ls", "trainer.max_steps_per_epoch=7", "trainer.log_every=3")
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    logged = [(event.step, event.value) for event in events.Scalars("train/loss")]
+    expected = [(3, sum(losses[0:3]) / 3), (6, sum(losses[3:6]) / 3), (7, losses[6])]
+    assert [step for step, _ in logged] == [step for step, _ in expected]
+    assert [value for _, value in logged] == pytest.approx([value for _, value in expected], rel=1e-5)

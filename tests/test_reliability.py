@@ -181,6 +181,28 @@ def test_weights_gone_non_finite_after_a_finite_loss_are_never_scored_or_saved(r
     assert len((tmp_path / "run/metrics.jsonl").read_text().splitlines()) == 1
 
 
+@pytest.mark.parametrize("where", ["parameter", "buffer"])
+def test_weights_gone_non_finite_mid_epoch_are_not_saved_by_a_mid_epoch_checkpoint(run_tiny, tmp_path, monkeypatch, where):
+    """The mid-epoch checkpoint checks the weights too (and the BatchNorm statistics, buffers): no
+    last.pt with inf in it, though no log step checked the loss since."""
+    from zipfls_train.engine.trainer import Trainer
+
+    original = Trainer.train_step
+
+    def overflowing_step(self, batches):
+        terms = original(self, batches)
+        if self.progress.global_step + 1 == 3:
+            tensors = dict(self.model.named_buffers() if where == "buffer" else self.model.named_parameters())
+            tensors[next(name for name in tensors if name.endswith("running_var" if where == "buffer" else "weight"))].data.fill_(float("inf"))
+        return terms
+
+    monkeypatch.setattr(Trainer, "train_step", overflowing_step)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite model weights after global step 3 .*\(none written yet\)"):
+        run_tiny("loss=ls", "trainer.max_steps_per_epoch=6", "trainer.log_every=100", "trainer.checkpoint_every_steps=3",
+                 run_dir=tmp_path / "run")  # fmt: skip
+    assert not (tmp_path / "run/checkpoints/last.pt").exists()
+
+
 def test_nan_loss_stops_naming_step_and_terms_and_keeps_last_good_checkpoint(run_tiny, tmp_path, monkeypatch):
     poison_label_smoothing_from_step(monkeypatch, 4)  # epoch 2 (3 steps per epoch)
     with pytest.raises(NonFiniteLossError) as error:

@@ -64,3 +64,27 @@ def test_a_run_with_auxiliary_heads_loads_with_or_without_them(loss, run_tiny):
 def test_a_folder_without_best_pt_is_named(tmp_path):
     with pytest.raises(CheckpointError, match=r"without checkpoints/best\.pt"):
         load_trained_model(tmp_path)
+
+
+def test_a_run_folder_gives_the_best_epochs_model_not_the_last(run_tiny, monkeypatch):
+    """Val top-1 50 then 10 (Trainer.evaluate replaced): best.pt holds epoch 1, last.pt epoch 2;
+    the run folder's model is epoch 1's."""
+    from zipfls_train.engine.trainer import Trainer
+
+    scores = iter([(50.0, 90.0, 100), (10.0, 90.0, 100)])
+    monkeypatch.setattr(Trainer, "evaluate", lambda self, stoppable=False: next(scores))
+    _, run_dir = run_tiny("loss=ce", "trainer.epochs=2", "trainer.max_steps_per_epoch=2", "trainer.zipf_fit_at_end=false")
+    best, last = (load_checkpoint(run_dir / f"checkpoints/{name}.pt")["model"] for name in ("best", "last"))
+    assert not all(torch.equal(best[key], last[key]) for key in best)
+    loaded = load_trained_model(run_dir).state_dict()
+    assert all(torch.equal(loaded[key], best[key]) for key in loaded)
+
+
+def test_a_checkpoint_whose_config_lacks_the_class_count_takes_it_from_the_classifier(run_tiny, tmp_path):
+    from zipfls_train.trained import model_from_checkpoint
+
+    _, run_dir = run_tiny("loss=ce", "dataset.num_classes_subset=6", "trainer.max_steps_per_epoch=1")
+    state = load_checkpoint(run_dir / "checkpoints/best.pt")
+    del state["config"]["dataset"]["num_classes"], state["config"]["dataset"]["num_classes_subset"]
+    model = model_from_checkpoint(state)
+    assert model.num_classes == 6 and model(torch.zeros(2, 3, 32, 32)).logits.shape == (2, 6)

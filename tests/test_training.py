@@ -293,6 +293,28 @@ def test_a_finished_run_rerun_unchanged_is_told_from_its_folder_without_its_data
     assert (again, builds) == (summary, [1, 1, 1])
 
 
+def test_a_finished_run_records_the_root_it_read_as_the_folder_it_names(tmp_path, monkeypatch):
+    from zipfls_train.engine.resume import absolute_root
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    real = str((tmp_path / "data").resolve())
+    assert absolute_root("~/data") == absolute_root("data") == absolute_root("link/../data") == absolute_root(str(tmp_path / "link")) == real
+    assert absolute_root(None) is None
+
+
+def test_a_finished_run_without_last_pt_is_still_refused_by_resume_must(run_tiny, tmp_path):
+    """trainer.resume=must: fail if there is no checkpoint to resume from; the folder alone does not
+    answer for it (the fast path is trainer.resume=auto's)."""
+    args = ("loss=ce", "trainer.max_steps_per_epoch=1")
+    _, run_dir = run_tiny(*args, run_dir=tmp_path / "run")
+    (run_dir / "checkpoints/last.pt").unlink()
+    with pytest.raises(CheckpointError):
+        run_tiny(*args, "trainer.resume=must", run_dir=run_dir)
+
+
 def test_a_finished_run_with_a_best_top1_of_zero_says_zero(tmp_path, capsys):
     from zipfls_train.engine.resume import report_finished
 
@@ -396,6 +418,24 @@ def test_train_curve_points_span_the_same_steps_however_the_run_was_saved_or_sto
     for run_dir in (saved, tmp_path / "resumed"):
         assert [step for step, _ in curve(run_dir)] == [4, 6, 8, 12]
         assert [value for _, value in curve(run_dir)] == pytest.approx([value for _, value in expected], rel=1e-5)
+
+
+def test_epoch_time_counts_each_step_once_across_mid_epoch_checkpoints(run_tiny, tmp_path, monkeypatch):
+    """4 steps of 0.3 s each, a checkpoint after each of the first 3 (each adds the time so far to
+    last.pt's epoch_train_s): epoch_time_s is 1.2 s plus the steps' own work, not the time before a
+    save counted twice (2.1 s and more)."""
+    import time
+
+    original = Trainer.train_step
+
+    def slow_step(self, batches):
+        time.sleep(0.3)
+        return original(self, batches)
+
+    monkeypatch.setattr(Trainer, "train_step", slow_step)
+    run_tiny("loss=ce", "trainer.max_steps_per_epoch=4", "trainer.checkpoint_every_steps=1", run_dir=tmp_path / "run")
+    (record,) = read_jsonl(tmp_path / "run/metrics.jsonl")
+    assert 1.2 <= record["epoch_time_s"] < 1.9
 
 
 def test_a_log_file_gets_a_line_at_every_log_step_not_a_progress_bar(run_tiny, tmp_path, capsys):
@@ -851,6 +891,16 @@ def test_auto_and_the_precision_a_run_trained_in_are_the_same_run_only_where_bot
             check()
 
 
+def test_precision_history_names_each_precision_with_its_epochs():
+    from zipfls_train.engine.precision import precision_history
+
+    records = [{"epoch": 1, "precision": "bf16"}, {"epoch": 2, "precision": "bf16"}, {"epoch": 3, "precision": "fp32"}]
+    assert precision_history(records, "fp32") == "bf16 (epochs 1-2), fp32 (epoch 3)"
+    assert precision_history(records[:2], "fp32") == "bf16"
+    assert precision_history([{"epoch": 1}], "fp32") == "fp32"  # a record of the previous version
+    assert precision_history([], "bf16") == "bf16"
+
+
 def test_a_teacher_named_by_another_path_to_the_same_file_is_the_same_run(tmp_path, monkeypatch):
     from zipfls_train.engine.resume import check_same_config
 
@@ -860,6 +910,8 @@ def test_a_teacher_named_by_another_path_to_the_same_file_is_the_same_run(tmp_pa
     monkeypatch.chdir(tmp_path)
     cfg = OmegaConf.create({"loss": {"name": "ban", "teacher_checkpoint": str(teacher)}})
     check_same_config(cfg, {"loss": {"name": "ban", "teacher_checkpoint": "teacher/best.pt"}}, tmp_path / "last.pt")
+    monkeypatch.setenv("HOME", str(tmp_path))  # ~ as the shell would have expanded it
+    check_same_config(cfg, {"loss": {"name": "ban", "teacher_checkpoint": "~/teacher/best.pt"}}, tmp_path / "last.pt")
     (tmp_path / "other.pt").write_bytes(b"weights")  # the same bytes, but another file: another teacher
     with pytest.raises(ResumeError, match=r"loss.teacher_checkpoint: 'other.pt' -> "):
         check_same_config(cfg, {"loss": {"name": "ban", "teacher_checkpoint": "other.pt"}}, tmp_path / "last.pt")

@@ -344,9 +344,10 @@ def test_a_masked_class_with_zero_soft_label_contributes_nothing() -> None:
         lambda z, y, p, counts: nontarget_kl(z, y.int(), p),  # cross_entropy (the fused kernel's check) takes no int32
         lambda z, y, p, counts: nontarget_kl(z, y.to("meta"), p),  # gave uninitialised memory
         lambda z, y, p, counts: nontarget_kl(z, y, p.t()),
+        lambda z, y, p, counts: nontarget_kl(z, y, p[:, :1]),  # N x 1 would broadcast
         lambda z, y, p, counts: nontarget_kl(z[:0], y[:0], p[:0]),  # the mean of no rows
     ],
-    ids=["short-targets-labels", "short-targets-kl", "float-targets", "int32-targets", "targets-elsewhere", "soft-labels-transposed", "empty"],
+    ids=["short-targets-labels", "short-targets-kl", "float-targets", "int32-targets", "targets-elsewhere", "soft-labels-transposed", "soft-labels-one-column", "empty"],
 )
 def test_inputs_that_do_not_fit_are_refused_by_name(call) -> None:  # noqa: ANN001
     torch.manual_seed(0)

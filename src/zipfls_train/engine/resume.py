@@ -15,8 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ..data import DatasetError
-from ..data.builders import resolved_options
+from ..data import DatasetError, resolved_options
 from ..flat_config import flatten
 from ..loss_options import IMPLEMENTATION_OPTIONS
 from .metrics import read_metrics
