@@ -301,11 +301,8 @@ def _window_means(rank: int, port: int, results) -> None:  # noqa: ANN001
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("nan", [False, True])
-def test_logged_window_means_are_every_ranks_and_a_nan_reaches_all(nan):
-    """The log steps' means (TensorBoard's train/* and the NaN check) average every rank's steps:
-    (1 + 2 + 3 + 4) / 4 = 2.5 on both ranks, where rank 0 alone has 1.5; one rank's NaN is every rank's."""
-    import math
+def _on_two_gloo_ranks(target, results: dict):  # noqa: ANN001
+    """``target(rank, port, results)`` in 2 spawned gloo ranks; returns what they put in ``results``."""
     import socket
 
     import torch.multiprocessing as mp
@@ -313,12 +310,49 @@ def test_logged_window_means_are_every_ranks_and_a_nan_reaches_all(nan):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    results = mp.Manager().dict({"nan": nan})
-    mp.spawn(_window_means, args=(port, results), nprocs=2, join=True)
+    shared = mp.Manager().dict(results)
+    mp.spawn(target, args=(port, shared), nprocs=2, join=True)
+    return dict(shared)
+
+
+@pytest.mark.parametrize("nan", [False, True])
+def test_logged_window_means_are_every_ranks_and_a_nan_reaches_all(nan):
+    """The log steps' means (TensorBoard's train/* and the NaN check) average every rank's steps:
+    (1 + 2 + 3 + 4) / 4 = 2.5 on both ranks, where rank 0 alone has 1.5; one rank's NaN is every rank's."""
+    import math
+
+    results = _on_two_gloo_ranks(_window_means, {"nan": nan})
     if nan:
         assert all(math.isnan(results[rank][0]) for rank in (0, 1)) and results[0][1] == 1.5
     else:
         assert (results[0], results[1]) == ((2.5, 1.5), (2.5, 3.5))
+
+
+def _saved_window(rank: int, port: int, results) -> None:  # noqa: ANN001
+    import torch.distributed as dist
+
+    from zipfls_train.engine.metrics import TermAccumulator
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        running = TermAccumulator()
+        running.add({"loss": torch.tensor(100.0 + rank)})  # logged: the window restarts after it
+        running.restart_window()
+        running.add({"loss": torch.tensor(1.0 + rank)})
+        running.all_reduce_mean()  # what a save does first
+        state = running.state_dict()
+        results[rank] = (float(state["sums"]["loss"]), float(state["window"]["sums"]["loss"]),
+                         running.means(since=running.window, across_ranks=True)["loss"])  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_save_averages_the_window_over_the_ranks_with_the_sums():
+    """Rank r: 100 + r before the window, 1 + r after. A save's checkpoint holds rank 0's state for
+    every rank, so the window's mark is averaged with the sums: 100.5 (and the sums 102) on both
+    ranks; the next point is still the mean since the window, 1.5."""
+    results = _on_two_gloo_ranks(_saved_window, {})
+    assert results[0] == results[1] == (102.0, 100.5, 1.5)
 
 
 def _buffers_after_broadcast(rank: int, port: int, results) -> None:  # noqa: ANN001
