@@ -202,7 +202,7 @@ def test_the_train_curve_points_are_the_means_of_the_steps_since_the_last_log(ru
 
     def recording_step(self, batches):
         terms = original(self, batches)
-        losses.append(float(terms["loss"]))
+        losses.append(float(terms["loss"].detach()))
         return terms
 
     monkeypatch.setattr(Trainer, "train_step", recording_step)
