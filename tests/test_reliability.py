@@ -529,6 +529,22 @@ def test_a_sweep_over_experiments_that_are_sweeps_is_refused(capsys, task, named
     assert capsys.readouterr().err.startswith(f"error: the sweep {task[0]} includes experiments that are sweeps themselves {named}")
 
 
+@pytest.mark.parametrize(
+    "task, base, why",
+    [
+        (["experiment=demo,recipe_imagenet"], ("hydra.sweep.dir=/tmp/one_folder",), "hydra.sweep.dir=/tmp/one_folder does not contain"),
+        (["experiment=demo,recipe_imagenet", "experiment_name=mine"], (), "experiment_name is given once for all"),
+    ],
+)
+def test_a_sweep_over_experiments_into_one_sweep_folder_is_refused(capsys, task, base, why):
+    """Runs' subfolders are named without the experiment: only ${experiment_name} in the sweep dir
+    keeps two experiments' runs with the same other overrides apart."""
+    with pytest.raises(SystemExit) as exit_:
+        sweep_check(task, base=base)
+    assert exit_.value.code == 1
+    assert capsys.readouterr().err.startswith(f"error: the sweep {task[0]} would put every experiment's runs in one sweep folder ({why}")
+
+
 def test_every_experiments_sweep_passes_the_sweep_check():
     from test_experiment_configs import EXPERIMENTS
 

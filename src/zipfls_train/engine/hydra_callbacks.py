@@ -35,8 +35,8 @@ class CheckOutputFolder(Callback):
 
 
 # Left out of run-folder names but sweepable all the same: each experiment's runs go to their own
-# outputs/multirun/<experiment_name>/ (not when hydra.sweep.dir is given without ${experiment_name}:
-# then experiments' runs with the same overrides share a folder). Hydra refuses hydra.sweep.dir=a,b.
+# outputs/multirun/<experiment_name>/ (so a sweep dir not named by ${experiment_name}, or one
+# experiment_name for all, is refused: refuse_swept_sweeps). Hydra refuses hydra.sweep.dir=a,b.
 SWEEPABLE_UNNAMED_KEYS = ("experiment", "hydra.sweep.dir")
 
 
@@ -62,6 +62,23 @@ def check_sweep_keys(config: DictConfig) -> None:
             raise SystemExit(1)
         if override.is_sweep_override() and override.key_or_group == "experiment":
             refuse_swept_sweeps(override, config)
+            refuse_experiments_sharing_a_folder(override, config, set(swept))
+
+
+def refuse_experiments_sharing_a_folder(override: Override, config: DictConfig, given: set[str]) -> None:
+    """``experiment=a,b`` keeps each experiment's runs apart only by its sweep folder,
+    outputs/multirun/${experiment_name}: the runs' subfolders are named after the other overrides,
+    the same for every experiment. A sweep dir without ${experiment_name}, or one experiment_name
+    given for all, would put runs of different experiments in one folder (the first trains, the others
+    find it finished or another config). Refused (exit 1)."""
+    sweep_dir = str(OmegaConf.to_container(config.hydra.sweep, resolve=False).get("dir", ""))
+    if "${experiment_name}" in sweep_dir and "experiment_name" not in given:
+        return
+    why = "experiment_name is given once for all" if "experiment_name" in given else f"hydra.sweep.dir={sweep_dir} does not contain ${{experiment_name}}"
+    print(f"error: the sweep {override.input_line} would put every experiment's runs in one sweep folder ({why}), "
+          "where runs with the same other overrides share a run folder. Run one sweep per experiment, or keep "
+          "${experiment_name} in hydra.sweep.dir", file=sys.stderr)  # fmt: skip
+    raise SystemExit(1)
 
 
 def refuse_swept_sweeps(override: Override, config: DictConfig) -> None:
