@@ -21,7 +21,7 @@ class CheckOutputFolder(Callback):
     reason instead of Hydra's mkdir traceback. Creating it first changes nothing: Hydra would create
     the same folder a moment later, and train.py removes a run folder a refused run left empty.
 
-    A sweep over a key that run-folder names leave out is refused first (check_sweep_keys).
+    Sweeps that would quietly train fewer runs than they name are refused first (check_sweep_keys).
 
     The error exits (SystemExit) rather than raising: Hydra turns a callback's exception into a
     warning and goes on to its own mkdir."""
@@ -54,13 +54,15 @@ def check_sweep_keys(config: DictConfig) -> None:
         swept[override.get_key_element()] = (override, "")
     unnamed = set(config.hydra.job.config.override_dirname.exclude_keys) - set(SWEEPABLE_UNNAMED_KEYS)
     for override, source in swept.values():
-        if override.is_sweep_override() and override.key_or_group in unnamed:
+        if not override.is_sweep_override():
+            continue
+        if override.key_or_group in unnamed:
             print(f"error: the sweep {override.input_line}{source} would train only its first value: "
                   f"{override.key_or_group} is left out of run-folder names (hydra.job.config.override_dirname."
                   f"exclude_keys), so its jobs would share one folder. Run one sweep per value, each with its "
                   f"own tag=... or experiment_name=...", file=sys.stderr)  # fmt: skip
             raise SystemExit(1)
-        if override.is_sweep_override() and override.key_or_group == "experiment":
+        if override.key_or_group == "experiment":
             refuse_swept_sweeps(override, config)
             refuse_experiments_sharing_a_folder(override, config, set(swept))
 

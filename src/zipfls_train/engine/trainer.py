@@ -343,16 +343,15 @@ class Trainer:
             self.progress.step_in_epoch = step + 1
             self.progress.global_step += 1
             bar.update(1)
-            window_start = self.progress.global_step - self.running.steps_in_window  # the last log's step
             if self.progress.global_step % log_every == 0 or step + 1 == self.steps_per_epoch:
-                means = self._finite_means(self.running.window, window_start)  # the step loop's only host sync in one process (DDP adds StopVotes' few-second votes)
+                means = self._finite_means(self.running.window, self._window_start())  # the step loop's only host sync in one process (DDP adds StopVotes' few-second votes)
                 records.scalars("train", {**means, "lr": step_lr}, self.progress.global_step)
                 bar.set_postfix(loss=f"{means['loss']:.4f}")
                 if progress_shown and not on_terminal:
                     print(f"epoch {epoch + 1}/{self.epochs}  step {step + 1}/{self.steps_per_epoch}  loss {means['loss']:.4f}  "
                           f"lr {step_lr:.4g}", flush=True)  # fmt: skip
                 self.running.restart_window()
-                window_start = self.progress.global_step
+            window_start = self._window_start()
             # Single process: a stop request is a Python flag, checked every step. DDP: the ranks vote
             # at the log steps and every few seconds (StopVotes).
             logged = window_start == self.progress.global_step
@@ -451,6 +450,10 @@ class Trainer:
         """The first parameter group's lr at an optimiser step, from the schedule itself (whatever
         step the scheduler is at now, e.g. mid-epoch after a resume)."""
         return self.scheduler.base_lrs[0] * self.scheduler.lr_lambdas[0](global_step)
+
+    def _window_start(self) -> int:
+        """The global step of the last log (the window's mark): the steps after it are not yet checked."""
+        return self.progress.global_step - self.running.steps_in_window
 
     def _finite_means(self, window: tuple, window_start: int, across_ranks: bool = True) -> dict[str, float]:
         """Means of the terms since the last log (``window``, a mark of the running sums) over every

@@ -190,7 +190,8 @@ def nontarget_kl(logits: Tensor, targets: Tensor, soft_labels: Tensor) -> Tensor
     compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
     # A -inf logit (a class masked out by the caller) is clamped to the same finite floor as the
     # target: its log Q is then finite, so P_c = 0 there contributes 0, not 0 * -inf = NaN.
-    masked = logits.clamp_min(torch.finfo(logits.dtype).min).scatter_(1, targets.view(-1, 1), torch.finfo(logits.dtype).min)
+    floor = torch.finfo(logits.dtype).min
+    masked = logits.clamp_min(floor).scatter_(1, targets.view(-1, 1), floor)
     log_q = F.log_softmax(masked, dim=1, dtype=compute)
     p = soft_labels.detach().to(compute)
     with torch.no_grad():
