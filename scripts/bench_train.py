@@ -248,9 +248,9 @@ def main() -> None:
                 variants[f"compile={mode},loss={m}"] = [*small, *SYNTHETIC_32PX, f"loss={m}", f"trainer.compile={mode}"]
             if device.type == "cuda":
                 # Zipf's reference functions, which Inductor fuses itself, beside the fused kernel
-                # (a custom op, opaque to it): under CUDA graphs the fused kernel's step cost 1.22x
-                # CE's on an H100 (2026-11-27), +0.6 ms for a kernel whose instruction count
-                # suggests tens of microseconds (experiments/gpu_h100_2026-11-27.md).
+                # (a custom op, opaque to it): under CUDA graphs on an H100 (2026-11-28) the fused
+                # kernel's step cost 1.015-1.024x CE's, the reference's 1.026-1.032x
+                # (experiments/gpu_h100_2026-11-28.md).
                 variants[f"compile={mode},loss=zipf,kernel=torch"] = [
                     *small, *SYNTHETIC_32PX, "loss=zipf", "loss.kernel=torch", f"trainer.compile={mode}"]
         results["compile"] = r = run_case("cifar_resnet18 32px compiled", variants, args, device)
