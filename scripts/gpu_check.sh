@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Every GPU check, in parts (PARTS, default all of them; run in this order):
 #   tests    every test marked cuda, the Zipf kernel's files first (fused Zipf kernel vs reference,
-#            CPU/CUDA agreement, no host sync in any method's step, bf16 run, resume)  T_TESTS   100 s
+#            CPU/CUDA agreement, no host sync in any method's step, bf16 run, resume)  T_TESTS   160 s
 #   graphs   tests/test_cuda_graphs.py: every method trained compiled with CUDA graphs
 #            (trainer.compile=reduce-overhead) and eagerly, same losses               T_GRAPHS  180 s
+#   kernel   scripts/bench_zipf_kernel.py (the fused Zipf kernel's GPU time under each launch config,
+#            then the compiled 32 px step: CE, Zipf with the default launch and with the fastest)
+#                                                                                   T_KERNEL  150 s
 #   loss     scripts/bench_loss_overhead.py (Zipf/CE step time and memory; fused vs reference;
 #            each loss alone replayed from a CUDA graph: its GPU time)             T_LOSS     70 s
 #   profile  scripts/profile_step.py (per-kernel GPU time of ce and zipf steps, the fused kernel
 #            and the reference functions, eager and reduce-overhead: what Zipf adds,
-#            kernel by kernel)                                                      T_PROFILE 120 s
+#            kernel by kernel)                                                      T_PROFILE 180 s
 #   train    scripts/bench_train.py (images/s: eager, ResNet-50, real loader, then compiled
 #            cifar_resnet18, synthetic and real loader, and ResNet-50; TRAIN_ARGS replaces
 #            the case list)                                                         T_TRAIN   330 s
@@ -17,11 +20,12 @@
 #            the GPU) + its table; runs cut by T_QUICK still report their epochs      T_QUICK   190 s
 # A device call is limited to 600 s and a session's GPU time to ~15 minutes, the machine's start
 # (1-2 min) included: two calls, the second right after the first (a machine left idle for 30 s is
-# given back). The quick protocol and the eager train cases ran on 2026-11-27 (experiments/); next:
-#   PARTS="tests graphs profile" bash scripts/gpu_check.sh $OUT      (~6.5 min)
-#   PARTS="loss train" TRAIN_ARGS="--cases resnet50,compile,compile_real,resnet50_compile --compile-modes reduce-overhead" \
-#     bash scripts/gpu_check.sh $OUT                                  (~6.5 min; resnet50: ours vs plain torchvision)
-# Everything: PARTS="tests loss train" (~9 min), then PARTS="methods quick" T_QUICK=<what is left>.
+# given back). Measured so far (experiments/gpu_h100_2026-11-27.md, gpu_h100_2026-11-28.md): every part
+# but kernel; on 2026-11-28 tests (all 26 passed), profile (cut at its old 120 s limit) and train.
+# Next, most wanted first (what is left of issues #3 and #8):
+#   PARTS="kernel loss profile" bash scripts/gpu_check.sh $OUT       (~6.5 min)
+#   PARTS="graphs tests" bash scripts/gpu_check.sh $OUT              (~5.5 min)
+# All parts at their limits take ~21 min, more than one session's GPU time: choose.
 # Usage: [PARTS="..."] bash scripts/gpu_check.sh [OUT_DIR]
 # Data: $ZIPFLS_DATA (a folder holding tinyimagenet-32/), default .gpu_data, else ../shared/data.
 # Python packages the GPU image lacks (hydra-core, omegaconf, antlr4) may be carried in .gpu_site/.
@@ -48,13 +52,13 @@ log() { echo "[$(date +%T)] $*" | tee -a "$out/gpu_check.log"; }
 log "start; data=$data"
 { nvidia-smi; $PY -c "import torch, torchvision, timm; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__)"; } >> "$out/gpu_check.log" 2>&1
 
-parts=" ${PARTS:-tests graphs loss profile train methods quick} "
+parts=" ${PARTS:-tests graphs kernel loss profile train methods quick} "
 wants() { [[ "$parts" == *" $1 "* ]]; }
 
 if wants tests; then
   log "tests: every cuda-marked test"
   # The kernel's checks first, so that a timeout cuts the slower compiled-run tests instead.
-  timeout "${T_TESTS:-100}" $PY -m pytest -m cuda -q -p no:cacheprovider --ignore=tests/test_cuda_graphs.py \
+  timeout "${T_TESTS:-160}" $PY -m pytest -m cuda -q -p no:cacheprovider --ignore=tests/test_cuda_graphs.py \
     tests/test_zipf_fused.py tests/test_zipf.py tests/test_cuda.py tests/ > "$out/cuda_tests.txt" 2>&1
   log "    exit $? ($(tail -1 "$out/cuda_tests.txt"))"
 fi
@@ -65,6 +69,12 @@ if wants graphs; then
   log "    exit $? ($(tail -1 "$out/cuda_graphs_tests.txt"))"
 fi
 
+if wants kernel; then
+  log "kernel: the fused Zipf kernel's launch configs"
+  timeout "${T_KERNEL:-150}" $PY scripts/bench_zipf_kernel.py --device cuda > "$out/bench_zipf_kernel.txt" 2>&1
+  log "    exit $?"
+fi
+
 if wants loss; then
   log "loss: Zipf's overhead over CE and LS"
   timeout "${T_LOSS:-70}" $PY scripts/bench_loss_overhead.py --device cuda --precision bf16 --loss-repeats 10 > "$out/bench_loss_overhead.txt" 2>&1
@@ -73,7 +83,7 @@ fi
 
 if wants profile; then
   log "profile: where the step's GPU time goes"
-  timeout "${T_PROFILE:-120}" $PY scripts/profile_step.py --device cuda --losses ce,zipf,zipf+loss.kernel=torch > "$out/profile_step.txt" 2>&1
+  timeout "${T_PROFILE:-180}" $PY scripts/profile_step.py --device cuda --losses ce,zipf,zipf+loss.kernel=torch > "$out/profile_step.txt" 2>&1
   log "    exit $?"
 fi
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 import warnings
@@ -387,14 +388,82 @@ def test_kernel_compiles_for_gpus_without_spilling(capability: int, block_v: int
         variants = [(d, with_ce, 0) for d, with_ce in [(0, True), (1, True), (2, True), (0, False)]]
     for distribution, with_ce, votes_from in variants:
         constants = {"DISTRIBUTION": distribution, "WITH_CE": with_ce, "VOTES_FROM": votes_from,
-                     "BLOCK_V": block_v, "BLOCK_C": block_c, "BLOCK_CV": max(16, zipf_fused._VOTE_TILE // block_v),
+                     "BLOCK_V": block_v, "BLOCK_C": block_c, "BLOCK_CV": zipf_fused.LaunchConfig().vote_class_block(block_v),
                      "BLOCK_T": zipf_fused._RANK_CHUNK}
         source = ASTSource(fn=zipf_fused._zipf_kernel, signature=signature(votes_from), constexprs=constants)
         compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps})
         cubin = tmp_path / "kernel.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
         usage = subprocess.run([str(tool), "-res-usage", str(cubin)], capture_output=True, text=True, check=True).stdout
-        assert "LOCAL:0" in usage, (constants, usage)  # no register spills to local memory
+        assert "LOCAL:0" in usage and "STACK:0" in usage, (constants, usage)  # no register spills (to local memory or the stack)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launch configs: how the kernel is launched (warps, vote tile), for scripts/bench_zipf_kernel.py.
+
+
+class RecordedLaunch:
+    """Stands in for the Triton kernel: ``kernel[grid](...)`` records the launch's keyword arguments."""
+
+    def __init__(self) -> None:
+        self.launches: list[dict] = []
+
+    def __getitem__(self, grid: tuple):  # noqa: ANN204
+        return lambda *args, **kwargs: self.launches.append({"grid": grid, **kwargs})
+
+
+@pytest.mark.parametrize(
+    ("config", "num_votes", "warps", "vote_classes"),
+    [
+        (None, 64, 4, 16),  # the default: 1,024-element vote tile over 64 lanes, 4 warps up to 64 votes
+        (None, 128, 8, 16),  # 8 warps beyond 64 votes; the tile floor of 16 classes
+        (None, 16, 4, 64),
+        ((16, 4096), 64, 16, 64),
+        ((8, 2048), 64, 8, 32),
+        ((8, None), 49, 8, 16),  # given votes (BLOCK_V 64): only the warps change
+    ],
+)
+def test_a_launch_config_sets_the_kernels_warps_and_vote_tile(monkeypatch: pytest.MonkeyPatch, config: tuple | None, num_votes: int,
+                                                              warps: int, vote_classes: int) -> None:
+    triton_or_fail()
+    recorded = RecordedLaunch()
+    monkeypatch.setattr(zipf_fused, "_zipf_kernel", recorded)
+    logits, targets = torch.randn(3, 200), torch.tensor([0, 5, 7])
+    votes = torch.randint(200, (3, num_votes))
+    options = (votes, zipf_fused._GIVEN_VOTES, 1, 1, 1.0, "zipf", 1.0, True)
+    if config is None:
+        zipf_fused._run_kernel(logits, targets, *options)
+    else:
+        warps_set, tile = config
+        with zipf_fused.launched_with(zipf_fused.LaunchConfig(warps_set, *([tile] if tile else []))):
+            zipf_fused._run_kernel(logits, targets, *options)
+    (launch,) = recorded.launches
+    assert (launch["grid"], launch["num_warps"], launch["BLOCK_CV"]) == ((3,), warps, vote_classes)
+
+
+def test_launched_with_restores_the_default_after_its_block_even_on_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    triton_or_fail()
+    recorded = RecordedLaunch()
+    monkeypatch.setattr(zipf_fused, "_zipf_kernel", recorded)
+    options = (torch.zeros(2, 64, dtype=torch.long), zipf_fused._GIVEN_VOTES, 1, 1, 1.0, "zipf", 1.0, True)
+    with pytest.raises(KeyError), zipf_fused.launched_with(zipf_fused.LaunchConfig(16, 4096)):
+        raise KeyError("inside the block")
+    zipf_fused._run_kernel(torch.randn(2, 10), torch.tensor([1, 2]), *options)
+    assert (recorded.launches[0]["num_warps"], recorded.launches[0]["BLOCK_CV"]) == (4, 16)
+
+
+def test_every_benchmarked_launch_config_computes_what_the_default_does(tmp_path: Path) -> None:
+    """scripts/bench_zipf_kernel.py --quick in Triton's interpreter: it checks each candidate
+    config's loss and gradient against the default config's before timing it (32 px cases: the
+    vote tile changes the kernel's loop over the classes) and exits with the difference otherwise."""
+    triton_or_fail()
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_zipf_kernel.py"), "--device", "cpu", "--quick"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    timed = set(re.findall(r"^kernel (\S+) +(warps \d+, tile \d+) +[\d.]+ us", done.stdout, flags=re.M))
+    for case in ("32px_c100", "32px_c200"):
+        assert {(case, "warps 4, tile 1024"), (case, "warps 8, tile 2048"), (case, "warps 16, tile 4096")} <= timed, done.stdout
 
 
 # --------------------------------------------------------------------------------------------------

@@ -41,8 +41,10 @@ which is how the tests check it, eager and compiled, against float64 references 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -70,9 +72,43 @@ _MAX_CLASS_BLOCK = 1024  # classes per step of the row loops
 # Votes compared with all of a sample's votes per step of the chunked ranking (V x 16 comparisons:
 # on sm_90, 48 registers at 64 votes, 128 at 512; larger chunks only cost registers).
 _RANK_CHUNK = 16
-# Pixels x classes per step of the kernel's own arg-max over dense logits (its four bilinear taps
-# take 140 registers at 64 votes: no spills; see tests/test_zipf_fused.py).
-_VOTE_TILE = 1024
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """How the kernel is launched, not what it computes: warps per program (one program per sample)
+    and the pixels x classes tile of each step of its own vote casting (arg-max over dense logits).
+    Every config gives the same votes, and the same loss and gradient up to the order of float sums.
+    At the paper's batch a program runs alone on its SM, so its latency is the kernel's:
+    ``scripts/bench_zipf_kernel.py`` times the candidates on a GPU."""
+
+    # None: 4 up to 64 votes per sample, else 8.
+    num_warps: int | None = None
+    # The default's four bilinear taps take 140 registers at 64 votes and 4 warps, no spills
+    # (tests/test_zipf_fused.py); a tile n times larger over n times the warps takes the same.
+    vote_tile: int = 1024
+
+    def warps(self, block_v: int) -> int:
+        return self.num_warps or (4 if block_v <= 64 else 8)
+
+    def vote_class_block(self, block_v: int) -> int:
+        """Classes per step of the vote casting (BLOCK_CV)."""
+        return max(16, self.vote_tile // block_v)
+
+
+_launch_config = LaunchConfig()
+
+
+@contextlib.contextmanager
+def launched_with(config: LaunchConfig) -> Iterator[None]:
+    """Launch the kernel with ``config`` inside the block (benchmarks: a CUDA graph captured
+    inside keeps the launch it captured)."""
+    global _launch_config
+    previous, _launch_config = _launch_config, config
+    try:
+        yield
+    finally:
+        _launch_config = previous
 
 
 def interpreting() -> bool:
@@ -354,9 +390,9 @@ def _run_kernel(logits: Tensor, targets: Tensor, *options: object) -> tuple[Tens
         VOTES_FROM=votes_from,
         BLOCK_V=block_v,
         BLOCK_C=min(_MAX_CLASS_BLOCK, max(16, _next_power_of_two(num_classes))),
-        BLOCK_CV=max(16, _VOTE_TILE // block_v),
+        BLOCK_CV=_launch_config.vote_class_block(block_v),
         BLOCK_T=_RANK_CHUNK,
-        num_warps=4 if block_v <= 64 else 8,
+        num_warps=_launch_config.warps(block_v),
     )
     return rows.sum(dim=1), grad
 
