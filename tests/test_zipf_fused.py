@@ -452,6 +452,26 @@ def test_launched_with_restores_the_default_after_its_block_even_on_an_error(mon
     assert (recorded.launches[0]["num_warps"], recorded.launches[0]["BLOCK_CV"]) == (4, 16)
 
 
+@pytest.mark.parametrize(("scale", "names"), [(1.0, None), (1.001, "float32"), (1.05, "float32")])
+def test_the_benchmarks_check_names_a_launch_config_that_computes_otherwise(monkeypatch: pytest.MonkeyPatch, scale: float, names: str | None) -> None:
+    """bench_zipf_kernel.check_config against a stand-in kernel whose non-default launches scale the
+    gradient: equal passes; 1e-3 off (past float32's 1e-5, within bf16's 1e-2) is named for float32."""
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    import bench_zipf_kernel
+
+    def stand_in(logits, targets, *options):  # noqa: ANN001, ANN202
+        factor = 1.0 if zipf_fused._launch_config == zipf_fused.LaunchConfig() else scale
+        return torch.ones(3, device=logits.device), torch.ones_like(logits) * factor
+
+    monkeypatch.setattr(zipf_fused, "_run_kernel", stand_in)
+    case = bench_zipf_kernel.CASES[1]
+    problem = bench_zipf_kernel.check_config(case, zipf_fused.LaunchConfig(16, 4096), torch.device("cpu"), 2)
+    if names is None:
+        assert problem == ""
+    else:
+        assert problem.startswith(f"differs from the default in {names}: loss terms by 0.00e+00, gradient by"), problem
+
+
 def test_every_benchmarked_launch_config_computes_what_the_default_does(tmp_path: Path) -> None:
     """scripts/bench_zipf_kernel.py --quick in Triton's interpreter: it checks each candidate
     config's loss and gradient against the default config's before timing it (32 px cases: the

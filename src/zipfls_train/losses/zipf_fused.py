@@ -84,8 +84,9 @@ class LaunchConfig:
 
     # None: 4 up to 64 votes per sample, else 8.
     num_warps: int | None = None
-    # The default's four bilinear taps take 140 registers at 64 votes and 4 warps, no spills
-    # (tests/test_zipf_fused.py); a tile n times larger over n times the warps takes the same.
+    # Pixels x classes per step of the vote casting. The default takes 138 registers per thread at
+    # 64 votes and 4 warps on sm_90, no spills (tests/test_zipf_fused.py); other tiles and warps
+    # take other counts (scripts/bench_zipf_kernel.py lists its candidates').
     vote_tile: int = 1024
 
     def warps(self, block_v: int) -> int:
