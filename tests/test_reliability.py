@@ -22,6 +22,7 @@ from zipfls_train.losses.ls import LabelSmoothing
         ("trainer.epochs=-3", r"trainer.epochs must be an integer >= 1, got -3"),
         ("trainer.batch_size=0", r"trainer.batch_size must be an integer >= 1"),
         ("trainer.precision=fp8", r"trainer.precision must be one of \['auto', 'fp32', 'bf16', 'fp16'\], got 'fp8'"),
+        ("trainer.eval_precision=bf16", r"trainer.eval_precision must be one of \['fp32', 'train'\], got 'bf16'"),
         # (was found only inside the ranks, after they had loaded the data)
         ("trainer.compile=bogus", r"trainer.compile must be false, true or one of \['default', 'reduce-overhead', .*got 'bogus'"),
         ("trainer.device=tpu", r"trainer.device must be one of"),

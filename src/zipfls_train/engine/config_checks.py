@@ -101,6 +101,7 @@ def validate_config(cfg: DictConfig) -> None:
     choices = {
         "trainer.device": ("auto", "cpu", "cuda"),
         "trainer.precision": ("auto", *PRECISION_NAMES),
+        "trainer.eval_precision": ("fp32", "train"),
         "trainer.resume": ("auto", "never", "must"),
         "trainer.data_on": ("auto", "cpu"),
     }

@@ -16,10 +16,12 @@ from .run_folder import parse_metrics
 
 
 def topk_correct(logits: Tensor, targets: Tensor, ks: tuple[int, ...] = (1, 5)) -> Tensor:
-    """Number of samples whose target is among the top-k logits, for each k (a device tensor)."""
+    """Number of samples whose target is among the top-k logits, for each k (a device tensor). A
+    sample with a NaN or infinite logit is a miss: topk ranks NaN above every number and orders
+    tied infinities by index, so such a row would score by accident."""
     max_k = min(max(ks), logits.shape[1])
     top = logits.topk(max_k, dim=1).indices
-    hits = top == targets[:, None]
+    hits = (top == targets[:, None]) & torch.isfinite(logits).all(dim=1, keepdim=True)
     return torch.stack([hits[:, : min(k, max_k)].any(dim=1).sum() for k in ks])
 
 

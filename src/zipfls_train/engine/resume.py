@@ -27,6 +27,9 @@ RESUME_TOLERATED = {
     "trainer.device", "trainer.devices", "trainer.progress_bar", "trainer.log_every", "trainer.num_workers",
     "trainer.checkpoint_every_steps", "trainer.resume", "trainer.compile", "trainer.data_on",
     "trainer.stop_check_s", "trainer.eval_batch_size", "trainer.zipf_fit_at_end", "dataset.root", "tag",
+    # (what scores the trained weights, not what trains them; metrics.jsonl records it per epoch,
+    # and checkpoints written before it existed evaluated in the training precision)
+    "trainer.eval_precision",
     *(f"loss.{option}" for option in IMPLEMENTATION_OPTIONS),
 }
 # Config values naming a file the run reads: spelled another way, the same file is the same run.

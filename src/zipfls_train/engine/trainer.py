@@ -392,6 +392,7 @@ class Trainer:
             "best_val_top1": self.progress.best_top1,
             "lr": epoch_lr,
             "precision": self.precision,  # what trainer.precision=auto chose (per epoch: a resumed run may change)
+            "eval_precision": self.eval_precision,  # what val_top1/val_top5 were scored in
             # the epoch's training time, its part before a restart included (evaluation left out)
             "epoch_time_s": epoch_train_s + ended - self._epoch_started if timed else None,
             # training images/s of this process's steps, the run's first step left out (first_step_s)
@@ -506,19 +507,33 @@ class Trainer:
         model = self.model
         broadcast_buffers(model)
         model.eval()
-        counts = torch.zeros(3, dtype=torch.float64, device=self.device)
+        counts = torch.zeros(4, dtype=torch.float64, device=self.device)  # top-1, top-5, images, non-finite
         for batch in self.data.val.epoch(0):
             if stoppable and not self.ctx.enabled and self._stops.signal_name is not None:
                 model.train()
                 return None
-            with self._autocast():
-                logits = model(batch.inputs).logits
-            counts[:2] += topk_correct(logits.float(), batch.targets)
+            with self._eval_autocast():
+                logits = model(batch.inputs).logits.float()
+            counts[:2] += topk_correct(logits, batch.targets)  # (a sample with a non-finite logit is a miss)
             counts[2] += batch.size
+            counts[3] += (~torch.isfinite(logits).all(dim=1)).sum()
         all_reduce_sum(counts)
-        correct1, correct5, total = counts.tolist()
+        correct1, correct5, total, non_finite = counts.tolist()
         model.train()
+        if non_finite:
+            warnings.warn(f"{int(non_finite)} of {int(total)} val images got a NaN or infinite logit "
+                          f"({self._position()}, evaluated in {self.eval_precision}); each is scored a miss", RuntimeWarning, stacklevel=2)
         return 100.0 * correct1 / max(total, 1.0), 100.0 * correct5 / max(total, 1.0), int(total)
+
+    @property
+    def eval_precision(self) -> str:
+        """fp32 | bf16 | fp16: what evaluation scores the model in (trainer.eval_precision)."""
+        return "fp32" if str(self.cfg.trainer.eval_precision) == "fp32" else self.precision
+
+    def _eval_autocast(self) -> contextlib.AbstractContextManager:
+        if self.eval_precision == "fp32":
+            return torch.autocast(self.device.type, enabled=False)
+        return self._autocast()
 
     # --- checkpoints --------------------------------------------------------------------------
     @property
