@@ -55,8 +55,10 @@ def test_a_sample_with_a_nan_or_infinite_logit_is_a_miss() -> None:
     assert topk_correct(torch.tensor([[3e38, 0.0], [0.0, -3e38]]), torch.tensor([0, 0])).tolist() == [2, 2]
 
 
-@pytest.mark.parametrize(("eval_precision", "autocast_on", "recorded"), [("fp32", False, "fp32"), ("train", True, "bf16")])
-def test_evaluation_scores_in_fp32_unless_asked_for_the_training_precision(run_tiny, monkeypatch, eval_precision, autocast_on, recorded) -> None:
+@pytest.mark.parametrize(("precision", "eval_precision", "autocast_on", "recorded"),
+                         [("bf16", "fp32", False, "fp32"), ("bf16", "train", True, "bf16"), ("fp32", "train", False, "fp32")])
+def test_evaluation_scores_in_fp32_unless_asked_for_the_training_precision(run_tiny, monkeypatch, precision, eval_precision, autocast_on,
+                                                                            recorded) -> None:
     """A bf16 forward rounds close logits into ties and moves the val top-1 (in
     test_logged_val_accuracy_is_what_the_saved_model_scores_on_the_val_set's run: 16% logged in bf16
     vs 14% in fp32, one thread), and auto picks bf16 on some machines only: evaluation turns
@@ -74,7 +76,7 @@ def test_evaluation_scores_in_fp32_unless_asked_for_the_training_precision(run_t
             handle.remove()
 
     monkeypatch.setattr(Trainer, "evaluate", watched)
-    _, run_dir = run_tiny("loss=ce", "trainer.max_steps_per_epoch=2", "trainer.precision=bf16", f"trainer.eval_precision={eval_precision}")
+    _, run_dir = run_tiny("loss=ce", "trainer.max_steps_per_epoch=2", f"trainer.precision={precision}", f"trainer.eval_precision={eval_precision}")
     assert seen and set(seen) == {autocast_on}
     assert last_metrics(run_dir)["eval_precision"] == recorded
 
@@ -86,7 +88,8 @@ def test_val_images_with_non_finite_logits_are_misses_and_named(run_tiny, monkey
 
     def first_rows_nan(self, stoppable=False):  # noqa: ANN001, ANN202
         def hook(module, inputs, output):  # noqa: ANN001, ANN202
-            output.logits[:3] = float("nan")  # the first 3 images of every val batch
+            # One logit of each of the first 3 images of every val batch: NaN, +inf, -inf.
+            output.logits[0, 0], output.logits[1, 1], output.logits[2, 2] = float("nan"), float("inf"), float("-inf")
         handle = self.model.register_forward_hook(hook)
         try:
             return evaluate(self, stoppable)

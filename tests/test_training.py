@@ -175,6 +175,8 @@ def test_a_finished_run_asked_for_more_epochs_says_why_it_is_not_extended(run_ti
     ("trainer.eval_batch_size", 256, 64), ("trainer.checkpoint_every_steps", 0, 500), ("trainer.stop_check_s", 5.0, 20.0),
     ("trainer.resume", "auto", "always"), ("trainer.zipf_fit_at_end", True, False), ("trainer.compile", False, True),
     ("dataset.root", "/a", "/b"), ("loss.kernel", "torch", "fused"), ("tag", "", "x"),
+    # What scores the weights, not what trains them; None: a checkpoint written before the key existed.
+    ("trainer.eval_precision", "train", "fp32"), ("trainer.eval_precision", None, "fp32"),
 ])
 def test_a_checkpoint_resumes_under_another_value_of_a_key_that_only_says_how_it_runs(key, before, now):
     from omegaconf import OmegaConf

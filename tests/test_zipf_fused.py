@@ -452,24 +452,39 @@ def test_launched_with_restores_the_default_after_its_block_even_on_an_error(mon
     assert (recorded.launches[0]["num_warps"], recorded.launches[0]["BLOCK_CV"]) == (4, 16)
 
 
-@pytest.mark.parametrize(("scale", "names"), [(1.0, None), (1.001, "float32"), (1.05, "float32")])
-def test_the_benchmarks_check_names_a_launch_config_that_computes_otherwise(monkeypatch: pytest.MonkeyPatch, scale: float, names: str | None) -> None:
+@pytest.mark.parametrize(
+    ("grad_scale", "totals_scale", "grad_size", "only_bf16", "message"),
+    [
+        (1.0, 1.0, 1.0, False, ""),
+        (1 + 1e-6, 1.0, 100.0, False, ""),  # within float32's 1e-5 of the largest gradient, however large
+        (1 + 1e-3, 1.0, 100.0, False, "differs from the default in float32: loss terms by 0.00e+00, gradient by 1.00e-03 (relative)"),
+        (1.0, 1 + 1e-3, 1.0, False, "differs from the default in float32: loss terms by 1.00e-03, gradient by 0.00e+00 (relative)"),
+        (float("nan"), 1.0, 1.0, False, "differs from the default in float32: loss terms by 0.00e+00, gradient by nan (relative)"),
+        (1.05, 1.0, 1.0, True, "differs from the default in bfloat16: loss terms by 0.00e+00, gradient by 5.00e-02 (relative)"),
+    ],
+)
+def test_the_benchmarks_check_names_a_launch_config_that_computes_otherwise(
+    monkeypatch: pytest.MonkeyPatch, grad_scale: float, totals_scale: float, grad_size: float, only_bf16: bool, message: str
+) -> None:
     """bench_zipf_kernel.check_config against a stand-in kernel whose non-default launches scale the
-    gradient: equal passes; 1e-3 off (past float32's 1e-5, within bf16's 1e-2) is named for float32."""
+    gradient or the loss terms (in bf16 only, where ``only_bf16``)."""
     monkeypatch.syspath_prepend(str(REPO / "scripts"))
     import bench_zipf_kernel
 
     def stand_in(logits, targets, *options):  # noqa: ANN001, ANN202
-        factor = 1.0 if zipf_fused._launch_config == zipf_fused.LaunchConfig() else scale
-        return torch.ones(3, device=logits.device), torch.ones_like(logits) * factor
+        off = zipf_fused._launch_config != zipf_fused.LaunchConfig() and (logits.dtype == torch.bfloat16 or not only_bf16)
+        totals = torch.ones(3, device=logits.device) * (totals_scale if off else 1.0)
+        return totals, torch.full(logits.shape, grad_size * (grad_scale if off else 1.0), dtype=torch.float32)
 
     monkeypatch.setattr(zipf_fused, "_run_kernel", stand_in)
-    case = bench_zipf_kernel.CASES[1]
-    problem = bench_zipf_kernel.check_config(case, zipf_fused.LaunchConfig(16, 4096), torch.device("cpu"), 2)
-    if names is None:
-        assert problem == ""
-    else:
-        assert problem.startswith(f"differs from the default in {names}: loss terms by 0.00e+00, gradient by"), problem
+    problem = bench_zipf_kernel.check_config(bench_zipf_kernel.CASES[1], zipf_fused.LaunchConfig(16, 4096), torch.device("cpu"), 2)
+    assert problem == message
+
+
+def test_the_benchmark_refuses_a_batch_for_its_step_part() -> None:
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_zipf_kernel.py"), "--device", "cpu", "--batch", "4"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--batch needs --kernel-only" in done.stderr, done.stderr
 
 
 def test_every_benchmarked_launch_config_computes_what_the_default_does(tmp_path: Path) -> None:
