@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zipfls_train.engine.optim import build_optimizer, milestone_epochs
+from zipfls_train.engine.optim import build_optimizer, build_scheduler, milestone_epochs
 
 
 def test_milestone_fractions_round_half_up_and_never_to_epoch_zero():
@@ -17,6 +17,21 @@ def test_milestone_fractions_round_half_up_and_never_to_epoch_zero():
     assert milestone_epochs([100, 150], 200) == [100, 150]
     with pytest.raises(ValueError, match="sched.milestones"):
         milestone_epochs([0.5, 150], 200)
+
+
+@pytest.mark.parametrize(("warmup_epochs", "steps_per_epoch", "expected"), [
+    (0, 3, [1.0, 1.0, 1.0, 0.1, 0.1, 0.1]),  # no warm-up (the paper); x 0.1 from epoch 1 (step 3) on
+    (1, 3, [1 / 3, 2 / 3, 1.0, 0.1, 0.1, 0.1]),  # 3 steps: lr x (k + 1) / 3
+    (0.5, 3, [1 / 2, 1.0, 1.0, 0.1, 0.1, 0.1]),  # 1.5 steps round up to 2 (down to 1 was no warm-up)
+    (0.3, 10, [1 / 3, 2 / 3, 1.0, 1.0, 1.0, 1.0]),  # 0.3 x 10 is 3 steps, not 4 (3.0000000000000004 in floats)
+])
+def test_the_schedule_warms_up_linearly_over_whole_steps_then_decays_at_the_milestones(warmup_epochs, steps_per_epoch, expected):
+    weight = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    cfg = {"name": "multistep", "milestones": [0.25], "gamma": 0.1, "warmup_epochs": warmup_epochs}
+    scheduler = build_scheduler(cfg, optimizer, epochs=4, steps_per_epoch=steps_per_epoch)  # milestone: epoch 1
+    factors = [scheduler.lr_lambdas[0](step) for step in range(6)]
+    assert factors == pytest.approx(expected, rel=1e-12)
 
 
 @pytest.mark.parametrize("nesterov", [False, True])

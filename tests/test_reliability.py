@@ -58,6 +58,7 @@ from zipfls_train.losses.ls import LabelSmoothing
         ("trainer.progress_bar=off", r"trainer.progress_bar must be true or false, got 'off'"),
         ("trainer.channels_last=0", r"trainer.channels_last must be true or false, got 0"),
         ("optim.nesterov=no", r"optim.nesterov must be true or false, got 'no'"),
+        ("optim.nesterov=true optim.momentum=0", r"optim.nesterov=true needs optim.momentum > 0"),
         ("dataset=cifar100 dataset.download=no", r"dataset.download must be true or false, got 'no'"),
         ("dataset=imagenet dataset.decode_draft=off", r"dataset.decode_draft must be true or false, got 'off'"),
         ("loss=ban loss.temperature_squared=no", r"loss.temperature_squared must be true or false, got 'no'"),

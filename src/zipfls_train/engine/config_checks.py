@@ -231,6 +231,8 @@ def _check_optimiser(cfg: DictConfig) -> None:
         raise ConfigError(f"optim.lr must be > 0 and finite, got {cfg.optim.lr}")
     if not 0 <= _number(cfg, "optim.momentum") < 1:
         raise ConfigError(f"optim.momentum must be in [0, 1) (the paper: 0.9), got {cfg.optim.momentum}")
+    if cfg.optim.get("nesterov") is True and float(cfg.optim.momentum) == 0:
+        raise ConfigError("optim.nesterov=true needs optim.momentum > 0 (Nesterov's step is a momentum step)")
     if not _number(cfg, "optim.weight_decay") >= 0:
         raise ConfigError(f"optim.weight_decay must be >= 0 (the paper: 1e-4), got {cfg.optim.weight_decay}")
     base_batch = cfg.optim.get("base_batch_size")

@@ -71,8 +71,10 @@ def build_scheduler(cfg: Mapping[str, Any], optimizer: torch.optim.Optimizer, ep
     check_schedule_name(cfg["name"])
     milestones = milestone_epochs(cfg["milestones"], epochs)
     gamma = float(cfg["gamma"])
-    warmup_steps = int(float(cfg.get("warmup_epochs", 0)) * steps_per_epoch)
     steps_per_epoch = max(1, steps_per_epoch)
+    # Rounded up: a fraction of a step still warms up (0.5 epoch of 3 steps is 2 steps, not 1, which
+    # would be no warm-up at all); round() first so that 0.3 x 10 = 3.0000000000000004 is 3.
+    warmup_steps = math.ceil(round(float(cfg.get("warmup_epochs", 0)) * steps_per_epoch, 6))
 
     def factor(step: int) -> float:
         epoch = step // steps_per_epoch
