@@ -24,11 +24,12 @@ Run in that order: the eager cases take seconds, each compiled one a minute or m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -159,9 +160,14 @@ def same_model(like: Trainer) -> PlainStep:
 
 
 def run_case(name: str, variants: dict[str, list[str]], args: argparse.Namespace, device: torch.device,
-             plain: tuple[str, Callable[[Trainer], PlainStep]] | None = None) -> dict[str, float]:
+             plain: tuple[str, Callable[[Trainer], PlainStep]] | None = None,
+             contexts: Mapping[str, Callable[[], contextlib.AbstractContextManager]] | None = None) -> dict[str, float]:
     """Images/s of each variant's trainer step (medians of interleaved rounds); ``plain``: (label,
-    builder) of a :class:`PlainStep` timed beside them, built like the first variant's trainer."""
+    builder) of a :class:`PlainStep` timed beside them, built like the first variant's trainer;
+    ``contexts``: per label, a context its steps run in (warm-up and compilation included)."""
+    def context(label: str) -> contextlib.AbstractContextManager:
+        return (contexts or {}).get(label, contextlib.nullcontext)()
+
     trainers: dict[str, Trainer | PlainStep] = {label: make_trainer(overrides, device) for label, overrides in variants.items()}
     if plain is not None:
         label, build = plain
@@ -169,17 +175,19 @@ def run_case(name: str, variants: dict[str, list[str]], args: argparse.Namespace
     streams = {label: endless(t) for label, t in trainers.items()}
     for label, trainer in trainers.items():  # warm-up: kernels, allocator, autotuning, compilation
         start, counts = time.perf_counter(), cudagraph_counts()
-        time_steps(trainer, streams[label], args.warmup)
-        warmup_s = time.perf_counter() - start
-        # A first figure right away: a time limit that falls in a later variant's compilation (a
-        # minute or more for ResNet-50) must not take this one's with it. The medians below, over
-        # interleaved rounds, are the figures to compare.
-        first = int(trainer.cfg.trainer.batch_size) / time_steps(trainer, streams[label], args.steps)
+        with context(label):
+            time_steps(trainer, streams[label], args.warmup)
+            warmup_s = time.perf_counter() - start
+            # A first figure right away: a time limit that falls in a later variant's compilation (a
+            # minute or more for ResNet-50) must not take this one's with it. The medians below, over
+            # interleaved rounds, are the figures to compare.
+            first = int(trainer.cfg.trainer.batch_size) / time_steps(trainer, streams[label], args.steps)
         print(f"{name:<28} {label:<22} warm-up {warmup_s:6.1f} s, first look {first:10.0f} img/s{cudagraph_note(counts, device)}", flush=True)
     samples: dict[str, list[float]] = {label: [] for label in trainers}
     for _ in range(args.rounds):
         for label, trainer in trainers.items():
-            samples[label].append(time_steps(trainer, streams[label], args.steps))
+            with context(label):
+                samples[label].append(time_steps(trainer, streams[label], args.steps))
     result = {}
     for label, trainer in trainers.items():
         batch = int(trainer.cfg.trainer.batch_size)

@@ -146,31 +146,16 @@ def time_kernels(args: argparse.Namespace, device: torch.device) -> dict[str, La
 
 
 def time_steps(config: LaunchConfig, args: argparse.Namespace, device: torch.device) -> None:
-    """Part 2: the compiled 32 px training step, CE vs Zipf under the default and under ``config``."""
-    from bench_train import SYNTHETIC_32PX, cudagraph_counts, cudagraph_note, endless, make_trainer, small_model_overrides
-    from bench_train import time_steps as seconds_per_step
+    """Part 2: the compiled 32 px training step, CE vs Zipf under the default and under ``config``
+    (each variant compiled and captured, and timed, under its own launch config)."""
+    from bench_train import SYNTHETIC_32PX, print_ratios, run_case, small_model_overrides
 
     base = [*small_model_overrides(device, "bf16", 64, 128), *SYNTHETIC_32PX, "trainer.compile=reduce-overhead"]
-    variants = {"ce": ([*base, "loss=ce"], LaunchConfig()), "zipf, default launch": ([*base, "loss=zipf"], LaunchConfig()),
-                f"zipf, warps {config.num_warps}, tile {config.vote_tile}": ([*base, "loss=zipf"], config)}
-    trainers = {label: make_trainer(overrides, device) for label, (overrides, _) in variants.items()}
-    streams = {label: endless(trainer) for label, trainer in trainers.items()}
-    for label, (_, launch) in variants.items():  # compiled and captured under its own launch config
-        start, counts = time.perf_counter(), cudagraph_counts()
-        with launched_with(launch):
-            seconds_per_step(trainers[label], streams[label], args.step_warmup)
-            first = seconds_per_step(trainers[label], streams[label], 50)  # a figure a time limit cannot take
-        print(f"step {label:<28} warm-up {time.perf_counter() - start:6.1f} s, first look {1e3 * first:7.3f} ms/step"
-              f"{cudagraph_note(counts, device)}", flush=True)
-    samples: dict[str, list[float]] = {label: [] for label in trainers}
-    for _ in range(args.step_rounds):
-        for label, trainer in trainers.items():
-            with launched_with(variants[label][1]):  # (should a graph be recorded again)
-                samples[label].append(seconds_per_step(trainer, streams[label], 50))
-    ce = statistics.median(samples["ce"])
-    for label, values in samples.items():
-        seconds = statistics.median(values)
-        print(f"step cifar_resnet18 32px reduce-overhead {label:<28} {1e3 * seconds:7.3f} ms/step  {128 / seconds:8.0f} img/s  x{seconds / ce:6.3f} of CE", flush=True)
+    fastest = f"zipf, warps {config.num_warps}, tile {config.vote_tile}"
+    variants = {"ce": [*base, "loss=ce"], "zipf, default launch": [*base, "loss=zipf"], fastest: [*base, "loss=zipf"]}
+    timing = argparse.Namespace(warmup=args.step_warmup, steps=50, rounds=args.step_rounds)
+    result = run_case("cifar_resnet18 32px reduce-overhead", variants, timing, device, contexts={fastest: lambda: launched_with(config)})
+    print_ratios(result, "ce", ["zipf, default launch", fastest])
 
 
 def main(argv: list[str] | None = None) -> int:
