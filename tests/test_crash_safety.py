@@ -249,6 +249,28 @@ def test_a_restored_rng_state_replays_python_numpy_and_torch_draws():
     assert _draws() == expected
 
 
+@pytest.mark.parametrize("seed", [3, 2**32 + 3])
+def test_a_run_seeds_python_and_numpy_too(tmp_path, seed):
+    """A method a user adds may draw from ``random`` or ``np.random``: the run's seed must fix those
+    draws as it fixes torch's (numpy takes the seed modulo 2**32)."""
+    import random
+
+    import numpy as np
+
+    from conftest import compose
+    from zipfls_train.engine.distributed import DistContext
+    from zipfls_train.engine.trainer import Trainer
+
+    random.seed(99)
+    np.random.seed(99)
+    Trainer(compose(["dataset=synthetic", "dataset.num_classes=10", "model.options.width=8", "trainer.device=cpu",
+                     f"seed={seed}"]), DistContext(), tmp_path)  # fmt: skip
+    drawn = random.random(), float(np.random.rand())
+    random.seed(seed)
+    np.random.seed(3)
+    assert drawn == (random.random(), float(np.random.rand()))
+
+
 def test_each_rank_resumes_its_own_rng_state(monkeypatch):
     """A checkpoint holds one state per rank (rank order); a rank beyond them takes rank 0's, a
     single (older) state is every rank's. A checkpoint's list of CUDA states gives device k its k-th."""

@@ -170,6 +170,16 @@ def _file_kind(path: Path) -> str:
     return "torch" if not head or head.startswith((b"PK\x03\x04", b"\x80")) else "other"
 
 
+def seed_rngs(seed: int) -> None:
+    """Seeds every generator :func:`capture_rng_state` saves: torch's (CPU and every CUDA device),
+    Python's ``random`` and numpy's global one. The shipped methods and loaders draw only from their
+    own seeded generators, but a method a user adds may call ``random`` or ``np.random``; unseeded,
+    its runs would differ for the same ``seed``."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # numpy takes 32-bit seeds; config seeds are unbounded
+
+
 def capture_rng_state(device: torch.device) -> dict[str, Any]:
     """This process's random state: Python, numpy, torch's CPU generator and the generator of its
     own CUDA device (not every device's: asking for those would open a context on each GPU)."""

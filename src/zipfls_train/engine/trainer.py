@@ -32,7 +32,7 @@ from ..losses.base import check_terms
 from ..models import build_model, check_trains_on
 from .checkpoint import (
     CheckpointError, capture_rng_state, load_checkpoint, rank_rng_state, remove_stale_temporaries, restore_rng_state,
-    save_atomic, write_text_atomically,
+    save_atomic, seed_rngs, write_text_atomically,
 )
 from .config_checks import ConfigError, compile_mode, loader_workers
 from .distributed import DistContext, all_reduce_sum, barrier, broadcast_buffers, gather_objects, wrap_ddp
@@ -111,7 +111,7 @@ class Trainer:
         # cuDNN times its convolution algorithms once per shape and keeps the fastest (a run's shapes
         # are fixed: the recipe's batch and image size); a deterministic run must not pick by timing.
         torch.backends.cudnn.benchmark = not deterministic
-        torch.manual_seed(int(cfg.seed) + ctx.rank)
+        seed_rngs(int(cfg.seed) + ctx.rank)
 
         num_classes = int(configured_num_classes(cfg.dataset))
         self.method: Method = build_method(OmegaConf.to_container(cfg.loss, resolve=True), num_classes)
