@@ -177,7 +177,11 @@ def test_the_class_count_goes_to_the_methods_that_name_it(monkeypatch):
     assert build_method({"name": "gamma_only", "gamma": 1.0}, 10).gamma == 1.0
     with pytest.raises(ValueError, match=r"loss=gamma_only has no option\(s\) \['alpha'\]; its options are \['gamma'\]"):
         build_method({"name": "gamma_only", "alpha": 1.0}, 10)
-    assert build_method({"name": "any_keywords"}, 7).options == {"num_classes": 7}
+    assert build_method({"name": "any_keywords"}, 7, 64).options == {"num_classes": 7}
+    # The global batch goes only to a constructor that names it, and is not a loss option.
+    assert build_method({"name": "byot"}, 10, 256).global_batch_size == 256
+    with pytest.raises(ValueError, match=r"loss=byot has no option\(s\) \['global_batch_size'\]"):
+        build_method({"name": "byot", "global_batch_size": 8}, 10)
     assert build_method({"name": "ce"}, 5).num_classes == 5
 
 
@@ -364,6 +368,34 @@ def test_byot_loss_matches_float64_reference():
     assert close(terms["loss"], expected, 1e-4)
     assert close(terms["byot_feature_l2"], l2_sum, 1e-4)
     assert close(terms["byot_kl"], kd_sum, 1e-4)
+
+
+@pytest.mark.parametrize("loss", ["ce", "byot"])
+def test_an_accumulated_step_has_the_whole_batch_gradient(tiny_pack_root, tmp_path, loss):
+    """trainer.accumulate_steps=4 must give one optimiser step the gradient of the global batch taken
+    at once (BatchNorm frozen: its batch statistics are the one thing a split changes). BYOT's feature
+    term is a sum over the batch: averaged over micro-batches as batch means are, it was a quarter
+    of the global batch's sum (its weight, and its logged value, divided by the micro-batches)."""
+    from zipfls_train.engine.distributed import DistContext
+    from zipfls_train.engine.trainer import Trainer
+
+    options = {"ce": ["loss=ce"], "byot": ["loss=byot", "loss.feature_weight=1.0"]}[loss]
+    gradients, terms, weights = [], [], None
+    for steps in (1, 4):
+        cfg = compose(["dataset=tinyimagenet", "dataset.format=pack", "dataset.num_classes=10", f"dataset.root={tiny_pack_root}",
+                       "model.options.width=8", "trainer.device=cpu", "trainer.batch_size=16", "trainer.precision=fp32",
+                       f"trainer.accumulate_steps={steps}", *options])  # fmt: skip
+        torch.manual_seed(0)
+        trainer = Trainer(cfg, DistContext(), tmp_path / str(steps))
+        weights = weights or copy.deepcopy(trainer.model.state_dict())
+        trainer.model.load_state_dict(weights)
+        trainer.model.eval()
+        terms.append(trainer.train_step(trainer.data.train.epoch(0)))
+        gradients.append(torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None]))
+    whole, accumulated = gradients
+    assert (accumulated - whole).norm() <= 1e-4 * whole.norm()
+    if loss != "ce":  # the logged term: the global batch's sum, however the batch was split
+        assert close(terms[1]["byot_feature_l2"], terms[0]["byot_feature_l2"], 1e-4)
 
 
 def test_byot_heads_follow_the_stage_layout_and_vanish_from_the_evaluated_model():

@@ -145,7 +145,7 @@ def validate_config(cfg: DictConfig) -> None:
     except InterpolationKeyError as error:
         raise ConfigError(_missing_interpolation(cfg, error)) from None
     try:
-        method = build_method(loss, int(configured_num_classes(cfg.dataset)))
+        method = build_method(loss, int(configured_num_classes(cfg.dataset)), int(cfg.trainer.batch_size))
         method.check_run(device)
     except (KeyError, TypeError, ValueError) as error:
         raise ConfigError(_message(error)) from error

@@ -114,7 +114,7 @@ class Trainer:
         seed_rngs(int(cfg.seed) + ctx.rank)
 
         num_classes = int(configured_num_classes(cfg.dataset))
-        self.method: Method = build_method(OmegaConf.to_container(cfg.loss, resolve=True), num_classes)
+        self.method: Method = build_method(OmegaConf.to_container(cfg.loss, resolve=True), num_classes, int(tcfg.batch_size))
         needs = self.method.needs
         micro_batch = per_process_batch(int(tcfg.batch_size), ctx.world_size, int(tcfg.accumulate_steps))
         self.data: DataBundle = build_data(

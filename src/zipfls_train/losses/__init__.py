@@ -38,10 +38,17 @@ def method_class(name: str) -> type[Method]:
     return getattr(importlib.import_module(module_name), class_name)
 
 
-def build_method(config: Mapping[str, Any], num_classes: int) -> Method:
+# What the run gives a method's constructor when it names the argument, rather than a loss option.
+RUN_ARGUMENTS = ("num_classes", "global_batch_size")
+
+
+def build_method(config: Mapping[str, Any], num_classes: int, global_batch_size: int | None = None) -> Method:
     """Instantiate the method named by ``config["name"]`` with the other keys as keyword arguments.
 
     An option the method does not take is an error that names it and lists the ones it does take.
+    ``global_batch_size`` (trainer.batch_size: the samples of one optimiser step over every process
+    and micro-batch) goes to a constructor that names it: a term *summed* over the batch needs it
+    (see :class:`~zipfls_train.losses.byot.BeYourOwnTeacher`).
     """
     options = dict(config)
     name = options.pop("name", None)
@@ -49,7 +56,7 @@ def build_method(config: Mapping[str, Any], num_classes: int) -> Method:
         raise KeyError("loss config has no 'name' key")
     cls = method_class(str(name))
     parameters = inspect.signature(cls.__init__).parameters
-    accepted = [p for p in parameters if p not in ("self", "num_classes")]
+    accepted = [p for p in parameters if p != "self" and p not in RUN_ARGUMENTS]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ValueError(
@@ -58,7 +65,10 @@ def build_method(config: Mapping[str, Any], num_classes: int) -> Method:
         )
     # The run's class count, for the methods that ask for it by name.
     wants_classes = "num_classes" in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    return cls(**options, **({"num_classes": num_classes} if wants_classes else {}))
+    run_arguments: dict[str, Any] = {"num_classes": num_classes} if wants_classes else {}
+    if "global_batch_size" in parameters:
+        run_arguments["global_batch_size"] = global_batch_size
+    return cls(**options, **run_arguments)
 
 
 __all__ = ["METHODS", "Method", "Needs", "build_method", "method_class"]

@@ -18,7 +18,11 @@ authors' ``train.py``:
   cross-entropy -mean_n sum_c softmax(q_4/T) log softmax(q_i/T); it differs from the KL by the
   teacher's entropy, a constant, so the gradients are identical; we report the KL, which is 0 when
   the two agree). The L2 term is *summed* over the batch and the feature dimension, as the authors'
-  ``feature_loss_function`` does: b = 1e-6 is tuned for that sum.
+  ``feature_loss_function`` does: b = 1e-6 is tuned for that sum. The batch is the global one
+  (``global_batch_size``, trainer.batch_size; the authors' DataParallel step sees it whole): the
+  trainer averages the loss over micro-batches (``trainer.accumulate_steps``) and DDP over ranks,
+  which suits batch means, so a micro-batch's sum is scaled by global batch / its rows, and the
+  step's gradient is that of the sum over the global batch however it is split.
 
 Defaults a = 0.1, T = 3, b = 1e-6 (the authors' ``--alpha``, ``--temperature``, ``--beta``).
 
@@ -53,9 +57,12 @@ def feature_l2(features: Tensor, target: Tensor) -> Tensor:
 class BeYourOwnTeacher(Method):
     needs = Needs(feature_stages=AUX_STAGES, aux_stages=AUX_STAGES, aux_head="byot_bottleneck")
 
-    def __init__(self, num_classes: int, alpha: float = 0.1, temperature: float = 3.0, feature_weight: float = 1e-6) -> None:
+    def __init__(self, num_classes: int, alpha: float = 0.1, temperature: float = 3.0, feature_weight: float = 1e-6,
+                 global_batch_size: int | None = None) -> None:
         super().__init__()
         self.num_classes = num_classes
+        # None (the method used on its own): each call's batch is the whole batch.
+        self.global_batch_size = global_batch_size
         self.alpha = fraction("alpha", alpha)
         self.temperature = positive("temperature", temperature)
         self.feature_weight = non_negative("feature_weight", feature_weight)
@@ -86,5 +93,7 @@ class BeYourOwnTeacher(Method):
             ce_total = ce_total + ce_i
             kd_total = kd_total + kd_i
             l2_total = l2_total + l2_i
+        if self.global_batch_size is not None:  # this micro-batch's share of the global batch's sum
+            l2_total = l2_total * (self.global_batch_size / outputs.logits.shape[0])
         loss = (1.0 - self.alpha) * ce_total + self.alpha * kd_total + self.feature_weight * l2_total
         return {"loss": loss, **terms, "byot_kl": kd_total, "byot_feature_l2": l2_total}
