@@ -272,12 +272,13 @@ def test_a_run_seeds_python_and_numpy_too(tmp_path, seed):
 
 
 def test_each_rank_resumes_its_own_rng_state(monkeypatch):
-    """A checkpoint holds one state per rank (rank order); a rank beyond them takes rank 0's, a
-    single (older) state is every rank's. A checkpoint's list of CUDA states gives device k its k-th."""
+    """A checkpoint holds one state per rank (rank order); a rank beyond them has none (it keeps its
+    own seed's stream rather than repeat another rank's draws), and a single (older) state is rank
+    0's. A checkpoint's list of CUDA states gives device k its k-th."""
     per_rank = [{"name": "rank0"}, {"name": "rank1"}]
-    assert [checkpoint.rank_rng_state(per_rank, rank)["name"] for rank in (0, 1, 2)] == ["rank0", "rank1", "rank0"]
+    assert [checkpoint.rank_rng_state(per_rank, rank) for rank in (0, 1, 2)] == [{"name": "rank0"}, {"name": "rank1"}, None]
     single = {"name": "single"}
-    assert checkpoint.rank_rng_state(single, 1) is single
+    assert [checkpoint.rank_rng_state(single, rank) for rank in (0, 1)] == [single, None]
 
     applied = []
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: applied.append((state.tolist(), device)))

@@ -226,10 +226,12 @@ def restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(cuda.cpu(), device)
 
 
-def rank_rng_state(saved: dict[str, Any] | list[dict[str, Any]], rank: int) -> dict[str, Any]:
+def rank_rng_state(saved: dict[str, Any] | list[dict[str, Any]], rank: int) -> dict[str, Any] | None:
     """A rank's state from a checkpoint's ``rng``: one per rank (in rank order), or a single state
-    (checkpoints of one process, or written before states were kept per rank). A run resumed on more
-    processes than it was saved from gives the extra ranks rank 0's state."""
+    (written before states were kept per rank: rank 0's). None for a rank the checkpoint has no
+    state of (a run resumed on more processes than it was saved from): it keeps the stream its own
+    seed (seed + rank) started, since a copy of another rank's state would repeat that rank's draws
+    (random soft labels, dropout masks) on different samples."""
     if isinstance(saved, dict):
-        return saved
-    return saved[rank] if rank < len(saved) else saved[0]
+        return saved if rank == 0 else None
+    return saved[rank] if rank < len(saved) else None

@@ -641,7 +641,9 @@ class Trainer:
         self.method.load_state_dict(state["method"])
         self.progress = Progress(**state["progress"])
         self.running.load_state_dict(state["running"], self.device)
-        restore_rng_state(rank_rng_state(state["rng"], self.ctx.rank), self.device)
+        rng = rank_rng_state(state["rng"], self.ctx.rank)
+        if rng is not None:
+            restore_rng_state(rng, self.device)
         return "finished" if self.progress.epoch >= self.epochs and (self.run_dir / "summary.json").is_file() else "resumed"
 
     # --- run folder, messages and the summary -------------------------------------------------
