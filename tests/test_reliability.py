@@ -880,6 +880,29 @@ def test_the_same_signal_again_within_a_second_is_one_request_and_later_stops_at
             os.kill(os.getpid(), signal.SIGINT)
 
 
+def test_synthetic_batches_index_each_sample_of_an_epoch_once_and_pair_within_a_class():
+    """What PS-KD and CS-KD read from a batch: an epoch's steps index distinct memory rows (the same
+    indices every step made PS-KD read that epoch's own predictions from its second step on), and
+    a CS-KD partner is an image of the sample's class (another one where the class has one)."""
+    from zipfls_train.data import LoaderOptions
+    from zipfls_train.data.synthetic import SyntheticLoader
+
+    parts = [SyntheticLoader(LoaderOptions(batch_size=8, eval_batch_size=8, device=torch.device("cpu"), seed=5, rank=rank,
+                                           world_size=2, pairs=True), image_size=8, num_classes=3, steps=3, train=True)
+             for rank in range(2)]  # fmt: skip
+    indices = [b.indices for part in parts for b in part.epoch(0)]
+    assert sorted(torch.cat(indices).tolist()) == list(range(parts[0].num_samples)) == list(range(48))
+    assert [b.indices.tolist() for b in parts[1].epoch(0, start_step=2)] == [list(range(40, 48))]
+    # Each partner is an image of the set (both ranks' images, as a real loader pairs over the dataset).
+    images, targets = (torch.cat([getattr(part.batch, name) for part in parts]) for name in ("inputs", "targets"))
+    pairs = torch.cat([part.batch.pair_inputs for part in parts])
+    partner = (pairs.flatten(1)[:, None] == images.flatten(1)[None]).all(dim=2).float().argmax(dim=1)
+    assert torch.equal(pairs, images[partner])
+    assert torch.equal(targets[partner], targets)
+    class_size = (targets[:, None] == targets[None]).sum(dim=1)
+    assert ((partner != torch.arange(16)) | (class_size == 1)).all()
+
+
 def test_synthetic_ranks_share_one_set_and_each_scores_its_own_val_shard():
     """Under DDP each rank takes its part of one set drawn from the seed: the ranks' training batches
     together are what one process with the global batch gets, and the val shards together are the

@@ -4,17 +4,20 @@ must measure the training step without any data cost (the upper bound a real loa
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from .batch import Batch
 from .bundle import DataBundle, LoaderOptions, configured_num_classes
+from .class_pairs import SameClassPartners
 from .images import DatasetError
 
 
 class SyntheticLoader:
-    """``steps`` batches per epoch, all the same pre-made batch (no per-step data work at all).
+    """``steps`` batches per epoch, all the same pre-made images (no per-step data work at all), each
+    step with its own sample indices (a PS-KD memory row per sample of the epoch, as a real epoch).
 
     One set of images for the whole run, drawn from the seed alike on every rank, each rank taking
     its own part, as a real loader shards its data: in training a batch of ``batch_size`` per
@@ -35,8 +38,10 @@ class SyntheticLoader:
             targets=targets[start:stop].to(options.device),
             indices=torch.arange(start, stop, device=options.device),
         )
-        if options.pairs:
-            self.batch.pair_inputs = self.batch.inputs.flip(0)
+        self.step_indices = torch.arange(total * max(steps, 1), device=options.device).view(-1, total)[:, start:stop]
+        if options.pairs:  # another image of the same class (itself where its class has no other), as CS-KD's loaders give
+            partners = SameClassPartners(targets, num_classes).draw(torch.arange(total), targets, torch.rand(total, generator=generator))
+            self.batch.pair_inputs = inputs[partners][start:stop].to(options.device).contiguous(memory_format=layout)
         if options.two_views:
             self.batch.second_view = self.batch.inputs.flip(-1)
         self.num_samples = total * steps if train else total  # over all ranks
@@ -45,8 +50,8 @@ class SyntheticLoader:
         return self.steps
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
-        for _ in range(start_step, self.steps):
-            yield self.batch
+        for step in range(start_step, self.steps):
+            yield replace(self.batch, indices=self.step_indices[step])
 
 
 def build_synthetic(cfg: Mapping[str, Any], options: LoaderOptions) -> DataBundle:
