@@ -49,6 +49,27 @@ def test_the_exponent_is_fitted_on_the_all_class_curve_the_paper_plots(tmp_path)
     assert report_fit(curves, "t", tmp_path / "f.png").alpha == pytest.approx(1.3, abs=1e-9)
 
 
+def test_the_figure_leaves_the_callers_matplotlib_as_it_was(tmp_path):
+    """A run's figure (PNG and TensorBoard) in a notebook: its matplotlib backend and open pyplot
+    figures are the notebook's afterwards (the figure switched the process to Agg)."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+    from torch.utils.tensorboard import SummaryWriter
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        mine = plt.figure()
+        ranks = torch.arange(1, 11, dtype=torch.float64)
+        with SummaryWriter(str(tmp_path / "tb")) as writer:
+            report_fit({"all": ranks**-1.0, "non_target": ranks[:-1] ** -1.0}, "t", tmp_path / "f.png", writer)
+        assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert matplotlib.get_backend() == "svg" and plt.get_fignums() == [mine.number]
+        plt.close(mine)
+    finally:
+        matplotlib.use(before)
+
+
 def test_default_figure_paths():
     run = Path("/runs/r")
     assert default_png(run / "checkpoints" / "last.pt") == run / "zipf_fit.png"  # the end-of-training figure

@@ -86,12 +86,12 @@ def mean_sorted_softmax(model: nn.Module, loader, device: torch.device) -> dict[
 
 
 def plot(curves: dict[str, Tensor], fit: ZipfFit, title: str, path: Path):  # noqa: ANN201 - a Figure
-    import matplotlib
+    # A Figure of its own, not pyplot's: pyplot would need a backend, and switching this process's
+    # (a notebook's) to Agg sent its later plt.show() nowhere. savefig renders PNG with Agg anyway.
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(5.5, 4.2))
+    figure = Figure(figsize=(5.5, 4.2))
+    axis = figure.subplots()
     for name, style in (("non_target", "o"), ("all", ".")):
         values = curves[name]
         ranks = torch.arange(1, values.numel() + 1)
@@ -127,8 +127,6 @@ def figure_title(cfg, where: str) -> str:  # noqa: ANN001 - a run's DictConfig
 
 def report_fit(curves: dict[str, Tensor], title: str, png: Path, writer=None, step: int = 0) -> ZipfFit:  # noqa: ANN001
     """Fit of the all-class curve + PNG (+ TensorBoard figure and scalars when ``writer`` is given)."""
-    import matplotlib.pyplot as plt
-
     fit = fit_zipf(curves["all"])
     figure = plot(curves, fit, title, png)
     if writer is not None:
@@ -136,7 +134,6 @@ def report_fit(curves: dict[str, Tensor], title: str, png: Path, writer=None, st
         writer.add_scalar("zipf_fit/alpha", fit.alpha, step)
         writer.add_scalar("zipf_fit/r_squared", fit.r_squared, step)
         writer.add_scalar("zipf_fit/alpha_non_target", fit_zipf(curves["non_target"]).alpha, step)
-    plt.close(figure)
     return fit
 
 
