@@ -59,12 +59,15 @@ def test_two_process_ddp_matches_one_process_on_the_global_batch(tiny_pack_root,
     assert abs(correct - round(correct)) < 1e-9  # a whole number of images out of 35
 
 
-def test_two_process_ddp_trains_channels_last_models_as_one_process(tiny_pack_root, tmp_path):
+def test_two_process_ddp_trains_channels_last_models_as_one_process(tiny_pack_root, tmp_path, monkeypatch):
     # DDP's gradient buckets hold channels_last gradients as views in the parameters' own strides:
     # one step agrees to float rounding (a wrong layout would scramble each 4-d weight's gradient).
     common = [*DDP_RUN, f"dataset.root={tiny_pack_root}", "trainer.max_steps_per_epoch=1", "trainer.channels_last=true"]
     run_training(compose([*common, "trainer.devices=1"]), tmp_path / "single")
+    monkeypatch.setenv("MASTER_ADDR", "head.cluster.example")  # the caller's own (the ranks use loopback)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
     summary = run_training(compose([*common, "trainer.devices=2"]), tmp_path / "ddp")
+    assert os.environ["MASTER_ADDR"] == "head.cluster.example" and "MASTER_PORT" not in os.environ  # as the caller had them
     # The spawned run returns what one process returns: the summary rank 0 wrote.
     assert summary == json.loads((tmp_path / "ddp" / "summary.json").read_text()) and summary["processes"] == 2
     single, ddp = _weights(tmp_path / "single"), _weights(tmp_path / "ddp")

@@ -53,6 +53,43 @@ def test_two_epochs_learn_and_fill_the_run_folder(run_tiny):
 
 
 
+def test_a_run_from_a_notebook_trains_as_usual_and_leaves_its_torch_state_alone(run_tiny):
+    """run_training inside a session that made float64 the default, switched gradients off, set its
+    own deterministic flags and joined its own process group: the run trains in float32 with
+    gradients (it trained in float64, recorded as fp32, or failed blaming the loss), and returns
+    the session's dtype, grad mode, flags and process group as they were (the group was destroyed)."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    flags = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    benchmark = torch.backends.cudnn.benchmark
+    torch.set_default_dtype(torch.float64)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        with torch.no_grad():
+            summary, run_dir = run_tiny("loss=zipf", "trainer.max_steps_per_epoch=2", "trainer.zipf_fit_at_end=false")
+            assert not torch.is_grad_enabled()
+        assert torch.get_default_dtype() == torch.float64
+        assert (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()) == (True, False)
+        assert torch.backends.cudnn.benchmark is False
+        assert dist.is_initialized()
+    finally:
+        torch.set_default_dtype(torch.float32)
+        torch.use_deterministic_algorithms(flags[0], warn_only=flags[1])
+        torch.backends.cudnn.benchmark = benchmark
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    weights = load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
+    assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float32}
+    assert summary["status"] == "finished"
+
+
 def test_best_epoch_is_one_based_and_the_earliest_of_a_tie(run_tiny, monkeypatch):
     """Val top-1 50, 50, 40 over three epochs (Trainer.evaluate replaced): the best epoch is epoch
     1, counted from 1 as metrics.jsonl counts epochs, and the earlier of the two tied epochs, as

@@ -6,6 +6,7 @@ folder, so multirun and DDP never fight over output folders.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -14,9 +15,12 @@ import os
 import signal
 import socket
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 from omegaconf import DictConfig, OmegaConf
 from torch.multiprocessing.spawn import ProcessException, ProcessExitedException
@@ -53,13 +57,48 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@contextlib.contextmanager
+def _torch_state_of_a_run() -> Iterator[None]:
+    """What a run needs of this process's torch state, and the caller's state back when it returns.
+    A notebook may have switched gradients off (the run failed as if its loss had no gradient) or
+    made float64 the default dtype (the run trained in float64, recorded as fp32); and the flags a
+    run sets for the whole process (deterministic algorithms, cuDNN autotuning) were left set."""
+    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    benchmark, dtype = torch.backends.cudnn.benchmark, torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            yield
+    finally:
+        torch.set_default_dtype(dtype)
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+        torch.backends.cudnn.benchmark = benchmark
+
+
+@contextlib.contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    """``os.environ`` with ``values`` set, as it was afterwards."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def _worker(local_rank: int, container: dict[str, Any], run_dir: str, world_size: int, base_rank: int) -> dict[str, Any]:
     cfg = OmegaConf.create(container)
     rank = base_rank + local_rank
+    callers_group = dist.is_available() and dist.is_initialized()  # a process group the caller made stays theirs
     ctx = init_distributed(str(cfg.trainer.device), rank, world_size, local_rank)
     try:
-        trainer = Trainer(cfg, ctx, Path(run_dir))
-        summary = trainer.fit()
+        with _torch_state_of_a_run():
+            trainer = Trainer(cfg, ctx, Path(run_dir))
+            summary = trainer.fit()
         # Release the DDP model (its reducer holds the process group) and let every rank finish
         # before any tears the group down: otherwise gloo can abort at exit ("terminate called
         # without an active exception"). Not on errors, where the other ranks may never arrive.
@@ -68,7 +107,8 @@ def _worker(local_rank: int, container: dict[str, Any], run_dir: str, world_size
         barrier()
         return summary
     finally:
-        shutdown()
+        if not callers_group:
+            shutdown()
 
 
 def _spawned_worker(local_rank: int, container: dict[str, Any], run_dir: str, world_size: int, base_rank: int, errors: Any,
@@ -158,8 +198,13 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
         return _worker(0, container, str(run_dir), 1, 0)
     # The ranks are this machine's own processes: loopback, whatever MASTER_ADDR the shell carries
     # (a cluster's address there would make them wait for a peer that never comes).
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(_free_port())
+    with _environment(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())):
+        _spawn_ranks(container, run_dir, devices)
+    # What one process returns: the summary rank 0 wrote (a spawned rank's return value is lost).
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def _spawn_ranks(container: dict[str, Any], run_dir: Path, devices: int) -> None:
     # After one rank fails, torch logs a warning for each sibling it stops: noise beside the error.
     spawn_log = logging.getLogger("torch.multiprocessing.spawn")
     level = spawn_log.level
@@ -188,5 +233,3 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
         raise error from failure  # the rank's traceback stays in __cause__ (train.py prints the message only)
     finally:
         spawn_log.setLevel(level)
-    # What one process returns: the summary rank 0 wrote (a spawned rank's return value is lost).
-    return json.loads((run_dir / "summary.json").read_text())
