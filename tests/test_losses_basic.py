@@ -75,3 +75,39 @@ def test_unknown_loss_name_lists_the_choices():
     with pytest.raises(KeyError, match="unknown loss 'nope'.*zipf"):
         build_method({"name": "nope"}, num_classes=10)
 
+
+
+# --- the public functions, called from user code -------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["cross_entropy", "label_smoothing_loss", "tfkd_regularizer"])
+@pytest.mark.parametrize(("targets", "message"), [
+    (torch.tensor([1, 0, 2], dtype=torch.int32), r"targets must be int64 class indices \(torch.long\), got torch.int32"),
+    (torch.tensor([1, 0, 2], dtype=torch.uint8), r"targets must be int64 class indices \(torch.long\), got torch.uint8"),
+    (torch.tensor([1, 0]), r"targets must hold one class index per row of logits \(3\), got shape \(2,\)"),
+])  # fmt: skip
+def test_the_label_losses_name_a_wrong_target_tensor(name, targets, message):
+    """Every public loss that takes class indices says what it expects (torch's own errors, or none:
+    cross_entropy refused int32 with a kernel message, label smoothing took int32)."""
+    from zipfls_train.losses.tfkd import tfkd_regularizer
+
+    call = {"cross_entropy": lambda z, y: cross_entropy(z, y), "label_smoothing_loss": lambda z, y: label_smoothing_loss(z, y, 0.1),
+            "tfkd_regularizer": lambda z, y: tfkd_regularizer(z, y, 0.99, 20.0, "mean")}[name]  # fmt: skip
+    with pytest.raises(ValueError, match=message):
+        call(torch.randn(3, 4), targets)
+
+
+def test_tfkd_regularizer_refuses_a_reduction_it_does_not_know():
+    from zipfls_train.losses.tfkd import tfkd_regularizer
+
+    logits, targets = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match=r"reduction must be one of \['mean', 'batchmean'\], got 'sum'"):
+        tfkd_regularizer(logits, targets, 0.99, 20.0, "sum")  # was taken for 'batchmean'
+
+
+def test_tempered_kl_refuses_a_teacher_of_another_shape():
+    """A 1 x C teacher broadcast over the batch gave a number, not an error."""
+    from zipfls_train.losses.distill import tempered_kl
+
+    with pytest.raises(ValueError, match=r"one shape \(N x C\), got \(4, 5\) and \(1, 5\)"):
+        tempered_kl(torch.randn(4, 5), torch.randn(1, 5), 4.0)

@@ -66,6 +66,14 @@ def test_a_folder_without_best_pt_is_named(tmp_path):
         load_trained_model(tmp_path)
 
 
+def test_a_path_under_home_is_read_as_the_shell_reads_it(tmp_path, monkeypatch):
+    """'~/runs/x' from Python: the run folder under $HOME (it was 'checkpoint ~/runs/x does not exist')."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "runs" / "x").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path}/runs/x is a folder without checkpoints/best\.pt"):
+        load_trained_model("~/runs/x")
+
+
 def test_a_run_folder_gives_the_best_epochs_model_not_the_last(run_tiny, monkeypatch):
     """Val top-1 50 then 10 (Trainer.evaluate replaced): best.pt holds epoch 1, last.pt epoch 2;
     the run folder's model is epoch 1's."""

@@ -35,8 +35,8 @@ def model_weights(state: Mapping[str, Tensor], aux_heads: bool = False) -> dict[
 
 
 def checkpoint_path(path: str | Path) -> Path:
-    """``path`` itself for a file, ``<run>/checkpoints/best.pt`` for a run folder."""
-    path = Path(path)
+    """``path`` itself for a file, ``<run>/checkpoints/best.pt`` for a run folder (``~`` expanded)."""
+    path = Path(path).expanduser()
     if not path.is_dir():
         return path
     best = path / "checkpoints" / "best.pt"

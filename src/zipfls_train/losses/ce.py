@@ -7,11 +7,12 @@ from torch import Tensor, nn
 
 from ..data.batch import Batch
 from ..models.outputs import ModelOutput
-from .base import Method
+from .base import Method, check_targets
 
 
 def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     """Batch-mean cross-entropy, computed in float32 whatever the logits' precision."""
+    check_targets(targets, logits, "logits")
     return F.cross_entropy(logits.float(), targets)
 
 

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..data.batch import Batch
 from ..models.outputs import ModelOutput
-from .base import Method, as_number
+from .base import Method, as_number, check_targets
 
 
 def smoothed_targets(targets: Tensor, num_classes: int, epsilon: float) -> Tensor:
@@ -21,6 +21,7 @@ def smoothed_targets(targets: Tensor, num_classes: int, epsilon: float) -> Tenso
 
 def label_smoothing_loss(logits: Tensor, targets: Tensor, epsilon: float) -> Tensor:
     """Batch mean of -sum_c q_c log p_c with q = smoothed_targets (float32)."""
+    check_targets(targets, logits, "logits")
     log_probs = F.log_softmax(logits.float(), dim=1)
     soft = smoothed_targets(targets, logits.shape[1], epsilon)
     return -(soft * log_probs).sum(dim=1).mean()

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..data.batch import Batch
 from ..models.outputs import ModelOutput
-from .base import Method, as_number, fraction, one_of, positive
+from .base import Method, as_number, check_targets, fraction, one_of, positive
 from .ce import cross_entropy
 
 REDUCTIONS = ("mean", "batchmean")
@@ -41,6 +41,8 @@ def virtual_teacher(targets: Tensor, num_classes: int, correct_prob: float, temp
 
 def tfkd_regularizer(logits: Tensor, targets: Tensor, correct_prob: float, temperature: float, reduction: str) -> Tensor:
     """KL(softmax(q / T) || softmax(z)), reduced over N * C ('mean') or N ('batchmean'); float32."""
+    check_targets(targets, logits, "logits")
+    one_of("reduction", reduction, REDUCTIONS)  # (any other word was taken for 'batchmean')
     log_p = F.log_softmax(logits.float(), dim=1)
     teacher = virtual_teacher(targets, logits.shape[1], correct_prob, temperature)
     kl = (teacher * (teacher.log() - log_p)).sum()
