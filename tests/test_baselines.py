@@ -639,6 +639,23 @@ def _ddp_worker(rank: int, world: int, port: int) -> None:
             mean_local = local.aux_heads[name].fc.weight.grad.clone()
             dist.all_reduce(mean_local)
             torch.testing.assert_close(grad, mean_local / world, rtol=1e-4, atol=1e-6, msg=f"{name} head not all-reduced")
+        # BYOT's summed feature term over the global batch (2 ranks x 4): DDP's mean of the ranks'
+        # gradients is one process's gradient of the whole batch (BatchNorm frozen), feature term too.
+        torch.manual_seed(0)
+        model = build_model("cifar_resnet18", 10, aux_stages=byot.needs.aux_stages, aux_head=byot.needs.aux_head, width=4).eval()
+        whole_model = copy.deepcopy(model)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        options = {"name": "byot", "feature_weight": 1.0}
+        build_method(options, 10, 4 * world).training_step(ddp, batch)["loss"].backward()
+        batches = []
+        for other in range(world):
+            torch.manual_seed(100 + other)
+            batches.append((torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))))
+        whole = Batch(inputs=torch.cat([b[0] for b in batches]), targets=torch.cat([b[1] for b in batches]), indices=torch.arange(8))
+        build_method(options, 10, 4 * world).training_step(whole_model, whole)["loss"].backward()
+        for (name, parameter), expected in zip(unwrap(ddp).named_parameters(), whole_model.parameters()):
+            if expected.grad is not None:
+                torch.testing.assert_close(parameter.grad, expected.grad, rtol=1e-4, atol=1e-5, msg=name)
         pskd = build_method({"name": "pskd", "memory_dtype": "float32"}, 10)
         pskd.setup(num_classes=10, dataset_size=8, model_factory=None)
         logits = torch.randn(4, 10)
