@@ -30,6 +30,7 @@ from ..errors import original_message
 from ..losses import Method, build_method
 from ..losses.base import check_terms
 from ..models import build_model, check_trains_on
+from ..models.cpu_layout import avoid_the_strided_1x1_bug
 from .checkpoint import (
     CheckpointError, capture_rng_state, load_checkpoint, rank_rng_state, remove_stale_temporaries, restore_rng_state,
     save_atomic, seed_rngs, write_text_atomically,
@@ -80,7 +81,12 @@ def per_process_batch(global_batch: int, world_size: int, accumulate_steps: int)
 def placed_model(name: str, num_classes: int, device: torch.device, channels_last: bool, **options: Any) -> nn.Module:
     """``build_model(name, num_classes, **options)`` on ``device``, in the channels_last layout if asked."""
     model = build_model(name, num_classes, **options).to(device)
-    return model.to(memory_format=torch.channels_last) if channels_last else model
+    if not channels_last:
+        return model
+    model = model.to(memory_format=torch.channels_last)
+    if device.type == "cpu":
+        avoid_the_strided_1x1_bug(model)  # (a oneDNN crash; see models/cpu_layout.py)
+    return model
 
 
 class Trainer:
