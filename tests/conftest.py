@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import pickle
+import signal
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -14,6 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+# The Ctrl-C tests act as a terminal's user: they need SIGINT to interrupt, as it does in a shell's
+# foreground. A suite started in the background (`pytest &` in a script, nohup) inherits SIGINT
+# ignored; Python then installs no KeyboardInterrupt handler, nor do the runs it starts, and a run
+# rightly keeps ignoring it. Take the foreground's handler back (children get the default again).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"
