@@ -262,9 +262,11 @@ def test_soft_labels_and_kl_at_inat_scale_match_the_loop_reference() -> None:
         ranks = [1 + greater[count] for count in histogram]
         normaliser = sum(1.0 / ranks[k] for k in range(c) if k != targets[i])
         expected = [0.0 if k == targets[i] else 1.0 / ranks[k] / normaliser for k in range(c)]
-        torch.testing.assert_close(soft[i].double(), torch.tensor(expected, dtype=torch.float64), atol=1e-9, rtol=1e-5)
+        # rtol: float32 sums of 10,000 terms in the CPU's order (AVX2's is 1.8e-5 off; a rank off by
+        # one moves a value by >= 2%, the ranks here being below 50).
+        torch.testing.assert_close(soft[i].double(), torch.tensor(expected, dtype=torch.float64), atol=1e-9, rtol=1e-4)
         loss = nontarget_kl(torch.tensor([logits[i]]), torch.tensor([targets[i]]), soft[i : i + 1])
-        assert loss.item() == pytest.approx(reference_kl(logits[i], targets[i], expected), rel=1e-5)
+        assert loss.item() == pytest.approx(reference_kl(logits[i], targets[i], expected), rel=1e-4)  # (float32, as above)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -604,10 +606,15 @@ def test_method_under_bf16_autocast() -> None:
     method = ZipfLabelSmoothing(10, weight=0.5, stages=("final", "penultimate"), aux_weight=0.1)
     model = build_model("cifar_resnet18", num_classes=10, width=8, aux_stages=method.needs.aux_stages)
     batch = tiny_batch()
+    # The reference reads the step's own forward: a second forward may take other bf16 kernels (on
+    # CPUs without native bf16, oneDNN's differ with and without gradients) and cast other votes.
+    forwards = []
+    hook = model.register_forward_hook(lambda module, args, output: forwards.append(output))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         terms = method.training_step(model, batch)
-        with torch.no_grad():
-            out = model(batch.inputs, features=("final", "penultimate"), aux=True)
+    hook.remove()
+    (out,) = forwards
+    assert set(out.features) == {"final", "penultimate"} and "penultimate" in out.aux_logits
     assert out.features["final"].dtype == torch.bfloat16
     assert all(t.dtype == torch.float32 and torch.isfinite(t) for t in terms.values())
     torch.testing.assert_close(terms["loss"], terms["ce"] + 0.5 * terms["zipf"] + 0.1 * terms["aux_ce"])
