@@ -474,7 +474,7 @@ def test_epoch_time_counts_each_step_once_across_mid_epoch_checkpoints(run_tiny,
     monkeypatch.setattr(Trainer, "train_step", slow_step)
     run_tiny("loss=ce", "trainer.max_steps_per_epoch=4", "trainer.checkpoint_every_steps=1", run_dir=tmp_path / "run")
     (record,) = read_jsonl(tmp_path / "run/metrics.jsonl")
-    assert 2.0 <= record["epoch_time_s"] < 3.0
+    assert 2.0 <= record["epoch_time_s"] < 3.4  # (the smallest double count is 3.5)
 
 
 def test_a_log_file_gets_a_line_at_every_log_step_not_a_progress_bar(run_tiny, tmp_path, capsys):
