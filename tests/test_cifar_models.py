@@ -204,6 +204,14 @@ def test_only_strided_1x1_convolutions_from_few_channels_take_nchw_and_compute_t
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_the_workaround_takes_only_strided_1x1_convolutions_from_fewer_than_16_channels():
+    from zipfls_train.models.cpu_layout import hits_the_strided_1x1_bug
+
+    assert hits_the_strided_1x1_bug(nn.Conv2d(8, 16, 1, stride=2)) and hits_the_strided_1x1_bug(nn.Conv2d(15, 8, 1, stride=(1, 2)))
+    assert not any(hits_the_strided_1x1_bug(conv) for conv in (nn.Conv2d(8, 16, 1), nn.Conv2d(16, 32, 1, stride=2),
+                                                                nn.Conv2d(8, 16, 3, stride=2)))  # fmt: skip
+
+
 def test_a_narrow_channels_last_resnet_trains_at_64_px_on_the_cpu():
     """The step that crashed (heap corruption in oneDNN's AVX-512 1x1 backward-weights kernel: a
     segfault or "double free or corruption", on an AMD EPYC with torch 2.14.1), in its own process

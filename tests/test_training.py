@@ -72,9 +72,9 @@ def test_a_run_from_a_notebook_trains_as_usual_and_leaves_its_torch_state_alone(
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
     try:
-        with torch.no_grad():
+        with torch.inference_mode():  # (no_grad's stronger form, which enable_grad alone does not undo)
             summary, run_dir = run_tiny("loss=zipf", "trainer.max_steps_per_epoch=2", "trainer.zipf_fit_at_end=false")
-            assert not torch.is_grad_enabled()
+            assert not torch.is_grad_enabled() and torch.is_inference_mode_enabled()
         assert torch.get_default_dtype() == torch.float64
         assert (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()) == (True, False)
         assert torch.backends.cudnn.benchmark is False
