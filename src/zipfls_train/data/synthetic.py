@@ -33,12 +33,12 @@ class SyntheticLoader:
         start, stop = rank * total // world, (rank + 1) * total // world
         self.steps = steps if stop > start else 0  # a val shard can be empty with more ranks than images
         layout = torch.channels_last if options.channels_last else torch.contiguous_format
+        self.step_indices = torch.arange(total * max(steps, 1), device=options.device).view(-1, total)[:, start:stop]
         self.batch = Batch(
             inputs=inputs[start:stop].to(options.device).contiguous(memory_format=layout),
             targets=targets[start:stop].to(options.device),
-            indices=torch.arange(start, stop, device=options.device),
+            indices=self.step_indices[0],
         )
-        self.step_indices = torch.arange(total * max(steps, 1), device=options.device).view(-1, total)[:, start:stop]
         if options.pairs:  # another image of the same class (itself where its class has no other), as CS-KD's loaders give
             partners = SameClassPartners(targets, num_classes).draw(torch.arange(total), targets, torch.rand(total, generator=generator))
             self.batch.pair_inputs = inputs[partners][start:stop].to(options.device).contiguous(memory_format=layout)

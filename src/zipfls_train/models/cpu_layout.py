@@ -32,13 +32,10 @@ def _nchw_input(module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ..
     return (args[0].contiguous(), *args[1:])
 
 
-def avoid_the_strided_1x1_bug(model: nn.Module) -> list[str]:
+def avoid_the_strided_1x1_bug(model: nn.Module) -> None:
     """Every convolution :func:`hits_the_strided_1x1_bug` names of a model already in channels_last
-    gets an NCHW weight and NCHW input; returns their names."""
-    names = []
-    for name, module in model.named_modules():
+    gets an NCHW weight and NCHW input."""
+    for module in model.modules():
         if hits_the_strided_1x1_bug(module):
             module.weight.data = module.weight.data.clone(memory_format=torch.contiguous_format)
             module.register_forward_pre_hook(_nchw_input)
-            names.append(name)
-    return names
