@@ -10,6 +10,7 @@ import json
 import math
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -620,11 +621,20 @@ def test_ban_trains_generation_2_from_a_real_best_checkpoint(run_tiny, tmp_path)
 # --- DDP (gloo, 2 processes): BYOT's heads are all-reduced, PS-KD's memory is all-gathered -------
 
 
-def _ddp_worker(rank: int, world: int, port: int) -> None:
+def _ddp_worker(rank: int, world: int, port: int, run_dir: str) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
+        # The Trainer hands BYOT the global batch (both ranks' 8 samples together), not a rank's 8.
+        from zipfls_train.engine.distributed import DistContext
+        from zipfls_train.engine.trainer import Trainer
+
+        cfg = compose(["dataset=synthetic", "dataset.num_classes=10", "dataset.image_size=32", "model=cifar_resnet18",
+                       "model.options.width=4", "trainer.device=cpu", "trainer.batch_size=16", "loss=byot"])  # fmt: skip
+        trainer = Trainer(cfg, DistContext(rank=rank, world_size=world), Path(run_dir))
+        assert len(trainer.data.train.batch.targets) == 8 and trainer.method.global_batch_size == 16
+        del trainer
         byot = build_method({"name": "byot"}, 10)
         torch.manual_seed(0)  # identical initial weights on both ranks, as DDP requires
         model = build_model("cifar_resnet18", 10, aux_stages=byot.needs.aux_stages, aux_head=byot.needs.aux_head, width=4)
@@ -674,11 +684,11 @@ def _ddp_worker(rank: int, world: int, port: int) -> None:
         dist.destroy_process_group()
 
 
-def test_ddp_all_reduces_byot_heads_and_all_gathers_pskd_memory():
+def test_ddp_all_reduces_byot_heads_and_all_gathers_pskd_memory(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
 
 
 # --- the shipped defaults are SPEC.md section 2's ------------------------------------------------

@@ -252,7 +252,7 @@ def test_a_restored_rng_state_replays_python_numpy_and_torch_draws():
 @pytest.mark.parametrize("seed", [3, 2**32 + 3])
 def test_a_run_seeds_python_and_numpy_too(tmp_path, seed):
     """A method a user adds may draw from ``random`` or ``np.random``: the run's seed must fix those
-    draws as it fixes torch's (numpy takes the seed modulo 2**32)."""
+    draws as it fixes torch's, and so the initial weights (numpy takes the seed modulo 2**32)."""
     import random
 
     import numpy as np
@@ -261,14 +261,23 @@ def test_a_run_seeds_python_and_numpy_too(tmp_path, seed):
     from zipfls_train.engine.distributed import DistContext
     from zipfls_train.engine.trainer import Trainer
 
-    random.seed(99)
-    np.random.seed(99)
-    Trainer(compose(["dataset=synthetic", "dataset.num_classes=10", "model.options.width=8", "trainer.device=cpu",
-                     f"seed={seed}"]), DistContext(), tmp_path)  # fmt: skip
+    def build(caller_seed: int) -> dict[str, torch.Tensor]:
+        # The caller's generators in another state each time: the run's seed alone decides.
+        random.seed(caller_seed)
+        np.random.seed(caller_seed)
+        torch.manual_seed(caller_seed)
+        trainer = Trainer(compose(["dataset=synthetic", "dataset.num_classes=10", "dataset.image_size=32", "model.options.width=8",
+                                   "trainer.device=cpu", "trainer.batch_size=16", f"seed={seed}"]), DistContext(), tmp_path)  # fmt: skip
+        return trainer.model.state_dict()
+
+    weights = build(99)
     drawn = random.random(), float(np.random.rand())
     random.seed(seed)
     np.random.seed(3)
     assert drawn == (random.random(), float(np.random.rand()))
+    # torch's generator too: the same initial weights whatever state the caller left it in.
+    again = build(7)
+    assert all(torch.equal(tensor, again[name]) for name, tensor in weights.items())
 
 
 def test_each_rank_resumes_its_own_rng_state(monkeypatch):

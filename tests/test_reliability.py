@@ -888,8 +888,12 @@ def test_synthetic_batches_index_each_sample_of_an_epoch_once_and_pair_within_a_
     from zipfls_train.data.synthetic import SyntheticLoader
 
     parts = [SyntheticLoader(LoaderOptions(batch_size=8, eval_batch_size=8, device=torch.device("cpu"), seed=5, rank=rank,
-                                           world_size=2, pairs=True), image_size=8, num_classes=3, steps=3, train=True)
+                                           world_size=2, pairs=True, two_views=True, channels_last=True),
+                             image_size=8, num_classes=3, steps=3, train=True)
              for rank in range(2)]  # fmt: skip
+    # Every image the step reads in the layout the model takes (another layout costs a copy per step).
+    views = [getattr(part.batch, name) for part in parts for name in ("inputs", "pair_inputs", "second_view")]
+    assert all(view.is_contiguous(memory_format=torch.channels_last) for view in views)
     indices = [b.indices for part in parts for b in part.epoch(0)]
     assert sorted(torch.cat(indices).tolist()) == list(range(parts[0].num_samples)) == list(range(48))
     assert [b.indices.tolist() for b in parts[1].epoch(0, start_step=2)] == [list(range(40, 48))]
