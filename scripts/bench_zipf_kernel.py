@@ -44,7 +44,7 @@ from zipfls_train.losses.zipf_fused import LaunchConfig, launched_with  # noqa: 
 
 # Candidates: the default (4 warps up to 64 votes, a 1,024-element vote tile) and more warps per
 # program, with the same or a larger tile (registers per thread on sm_90, from Triton's own build:
-# 4/1024 138, 8/1024 80, 8/2048 153, 16/2048 97, 16/4096 128 plus a 128-byte stack).
+# 4/1024 128, 8/1024 80, 8/2048 153, 16/1024 61, 16/2048 97, 16/4096 128 plus a 128-byte stack).
 CAST_CONFIGS = [LaunchConfig(w, t) for w, t in [(4, 1024), (8, 1024), (8, 2048), (16, 1024), (16, 2048), (16, 4096)]]
 GIVEN_CONFIGS = [LaunchConfig(w) for w in (4, 8, 16)]  # no vote casting: the tile does not matter
 

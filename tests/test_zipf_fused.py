@@ -141,6 +141,17 @@ RANDOM_CASES = {
 }
 
 
+# name -> (batch, num_classes, votes per sample, shift): float32 logits 3 * randn + shift. The loss
+# and its gradient do not change with a shift of every logit; the references take the logits less
+# the shift (exact in float64), so a kernel that sums or exponentiates the logits as they are, not
+# relative to their maximum, loses the digits the shift takes (a float32 ulp is 6e-5 at 1e3, 1e-3 at
+# 1e4), where the reference functions (log_softmax) keep them.
+SHIFTED_CASES = {
+    "c200_v64_shift_1e3": (3, 200, 64, 1e3),
+    "c100_v64_shift_minus_1e4": (3, 100, 64, -1e4),
+}
+
+
 # name -> (batch, channels, map height, map width, num_classes, upsample, max dense logits or None):
 # the kernel casts the votes from the map (classifier over every pixel, bilinear x2 when upsample).
 DENSE_CASES = {
@@ -185,6 +196,14 @@ def build_cases() -> dict[str, dict]:
             "targets": torch.tensor([rng.randrange(num_classes) for _ in range(batch)]),
             "votes": None, "dense": dense, "distribution": "zipf", "alpha": 1.0,
         }
+    for name, (batch, num_classes, num_votes, shift) in SHIFTED_CASES.items():
+        cases[name] = {
+            "logits": 3 * torch.randn(batch, num_classes, generator=generator) + shift, "shift": shift,
+            "num_classes": num_classes,
+            "targets": torch.tensor([rng.randrange(num_classes) for _ in range(batch)]),
+            "votes": torch.tensor([random_votes(rng, num_classes, num_votes) for _ in range(batch)]),
+            "distribution": "zipf", "alpha": 1.0,
+        }
     return cases
 
 
@@ -221,7 +240,8 @@ COMBINED_WEIGHT = 0.7  # as tests/run_fused_kernel.py
 def expected_for(case: dict) -> dict:
     """Batch-mean KL and CE and their logits gradients (rows), from the references, in float64."""
     num_classes = case["num_classes"]
-    logits = case["logits"][:, :num_classes].double().tolist()  # the values the kernel saw (bf16 already rounded)
+    # The values the kernel saw (bf16 already rounded), less the case's shift (which changes nothing).
+    logits = (case["logits"][:, :num_classes].double() - case.get("shift", 0.0)).tolist()
     batch = len(logits)
     expected = {"kl": 0.0, "ce": 0.0, "kl_grad": [], "ce_grad": []}
     for row, target, votes in zip(logits, case["targets"].tolist(), reference_votes(case)):
@@ -249,7 +269,7 @@ def assert_gradient(result: dict, expected: torch.Tensor, case: dict) -> None:
     torch.testing.assert_close(result["grad"].double(), expected, rtol=rtol, atol=1e-7)
 
 
-@pytest.mark.parametrize("name", [*HAND_CASES, *RANDOM_CASES, *DENSE_CASES])
+@pytest.mark.parametrize("name", [*HAND_CASES, *RANDOM_CASES, *SHIFTED_CASES, *DENSE_CASES])
 def test_kl_kernel_matches_the_references(interpreted: tuple[dict, dict], name: str) -> None:
     cases, results = interpreted
     case, result, expected = cases[name], results[name]["kl"], expected_for(cases[name])
@@ -261,7 +281,7 @@ def test_kl_kernel_matches_the_references(interpreted: tuple[dict, dict], name: 
         assert result["loss"] == 0.0 and result["grad"].abs().max().item() == pytest.approx(0.0, abs=1e-9)
 
 
-@pytest.mark.parametrize("name", [*HAND_CASES, *RANDOM_CASES, *DENSE_CASES])
+@pytest.mark.parametrize("name", [*HAND_CASES, *RANDOM_CASES, *SHIFTED_CASES, *DENSE_CASES])
 def test_ce_plus_zipf_kernel_matches_the_references(interpreted: tuple[dict, dict], name: str) -> None:
     cases, results = interpreted
     case, result, expected = cases[name], results[name]["combined"], expected_for(cases[name])
@@ -555,7 +575,7 @@ def test_bad_kernel_choices_name_the_key(options: dict, message: str) -> None:
         ZipfLabelSmoothing(10, **options)
 
 
-@pytest.mark.parametrize("name", [*HAND_CASES, *RANDOM_CASES, *DENSE_CASES])
+@pytest.mark.parametrize("name", [*HAND_CASES, *RANDOM_CASES, *SHIFTED_CASES, *DENSE_CASES])
 def test_kernel_stand_in_matches_the_references(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """``zipf_fused._reference``, what the first call compares the kernel with and what replaces a
     kernel that failed, computes the kernel's outputs: [loss, ce, kl] and the gradient (written out

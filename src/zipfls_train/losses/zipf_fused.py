@@ -18,7 +18,9 @@ votes are compared 16 at a time, so V can reach 512), never an N x C histogram o
     sum_{c != y} P_c z_c = p_unvoted * (sum_{c != y} z_c - sum_{voted c != y} z_c) + sum_{voted c != y} P_c z_c
 
 so the row needs its non-target logsumexp and sum (one pass) and the logits of the voted classes
-(V gathers); the cross-entropy adds the target logit. The gradient of the batch mean,
+(V gathers); the cross-entropy adds the target logit. Every ``z`` here is taken less the row's
+non-target maximum (the KL does not change with a shift of every logit): sums of the logits as they
+are would lose the digits that logits of 1e3 and beyond take. The gradient of the batch mean,
 ``weight * (Q_c - P_c) / N`` for ``c != y`` and 0 at the target (paper eq. 6) plus the
 cross-entropy's ``(softmax_c - [c = y]) / N``, is written in a second pass over the row and kept for
 the backward pass.
@@ -84,7 +86,7 @@ class LaunchConfig:
 
     # None: 4 up to 64 votes per sample, else 8.
     num_warps: int | None = None
-    # Pixels x classes per step of the vote casting. The default takes 138 registers per thread at
+    # Pixels x classes per step of the vote casting. The default takes 128 registers per thread at
     # 64 votes and 4 warps on sm_90, no spills (tests/test_zipf_fused.py); other tiles and warps
     # take other counts (scripts/bench_zipf_kernel.py lists its candidates').
     vote_tile: int = 1024
@@ -274,33 +276,41 @@ if triton is not None:
         p_log_p = tl.sum(p_voted * tl.log(tl.where(own, p_voted, 1.0)), axis=0)
         p_log_p += unvoted * p_unvoted * tl.log(tl.where(unvoted > 0, p_unvoted, 1.0))
 
-        # Pass 1 over the logits: non-target logsumexp (per-lane online max/sum) and sum.
+        # Pass 1 over the logits: the non-target logsumexp and sum, each lane's relative to its own
+        # running maximum (online), the row's then relative to the row's maximum m. The KL does not
+        # change with a shift of every logit, and computed on z - m it keeps every digit that large
+        # logits (1e3 and beyond) would take from sums of z itself.
         columns = tl.arange(0, BLOCK_C)
         lane_max = tl.full([BLOCK_C], float("-inf"), tl.float32)
-        lane_sum = tl.zeros([BLOCK_C], tl.float32)
-        lane_total = tl.zeros([BLOCK_C], tl.float32)
+        lane_sum = tl.zeros([BLOCK_C], tl.float32)  # sum of exp(z - lane_max)
+        lane_total = tl.zeros([BLOCK_C], tl.float32)  # sum of z - lane_max
+        lane_count = tl.zeros([BLOCK_C], tl.float32)
         for start in range(0, num_classes, BLOCK_C):
             cols = start + columns
             keep = (cols < num_classes) & (cols != target)
             z = tl.load(logits_row + cols, mask=keep, other=float("-inf")).to(tl.float32)
             new_max = tl.maximum(lane_max, z)
             shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # lanes with nothing kept yet
-            lane_sum = lane_sum * tl.exp(lane_max - shift) + tl.where(keep, tl.exp(z - shift), 0.0)
+            rebase = tl.where(lane_count > 0, lane_max - shift, 0.0)  # (-inf - -inf is NaN)
+            lane_sum = lane_sum * tl.exp(rebase) + tl.where(keep, tl.exp(z - shift), 0.0)
+            lane_total += lane_count * rebase + tl.where(keep, z - shift, 0.0)
+            lane_count += keep.to(tl.float32)
             lane_max = new_max
-            lane_total += tl.where(keep, z, 0.0)
         row_max = tl.max(lane_max, axis=0)
-        logsumexp = row_max + tl.log(tl.sum(lane_sum * tl.exp(lane_max - row_max), axis=0))  # non-target
+        lane_to_row = tl.where(lane_count > 0, lane_max - row_max, 0.0)
+        logsumexp_shifted = tl.log(tl.sum(lane_sum * tl.exp(lane_to_row), axis=0))  # of z - m, non-target
+        total_shifted = tl.sum(lane_total + lane_count * lane_to_row, axis=0)  # sum of z - m, non-target
 
-        z_voted = tl.load(logits_row + votes, mask=own, other=0.0).to(tl.float32)
-        p_dot_z = p_unvoted * (tl.sum(lane_total, axis=0) - tl.sum(z_voted, axis=0)) + tl.sum(p_voted * z_voted, axis=0)
-        kl = p_log_p - p_dot_z + logsumexp
+        z_voted_shifted = tl.where(own, tl.load(logits_row + votes, mask=own, other=0.0).to(tl.float32) - row_max, 0.0)
+        p_dot_z_shifted = p_unvoted * (total_shifted - tl.sum(z_voted_shifted, axis=0)) + tl.sum(p_voted * z_voted_shifted, axis=0)
+        kl = p_log_p - p_dot_z_shifted + logsumexp_shifted
         ce = kl * 0.0
-        logsumexp_all = logsumexp
+        logsumexp_all_shifted = logsumexp_shifted
         if WITH_CE:  # cross-entropy over all classes: logsumexp of the non-target one and the target logit
-            z_target = tl.load(logits_row + target).to(tl.float32)
-            top = tl.maximum(logsumexp, z_target)
-            logsumexp_all = top + tl.log(tl.exp(logsumexp - top) + tl.exp(z_target - top))
-            ce = logsumexp_all - z_target
+            target_shifted = tl.load(logits_row + target).to(tl.float32) - row_max
+            top = tl.maximum(logsumexp_shifted, target_shifted)
+            logsumexp_all_shifted = top + tl.log(tl.exp(logsumexp_shifted - top) + tl.exp(target_shifted - top))
+            ce = logsumexp_all_shifted - target_shifted
         tl.store(rows_ptr + row, (ce + weight * kl) * inv_batch)
         tl.store(rows_ptr + batch + row, ce * inv_batch)
         tl.store(rows_ptr + 2 * batch + row, kl * inv_batch)
@@ -311,15 +321,15 @@ if triton is not None:
         for start in range(0, num_classes, BLOCK_C):
             cols = start + columns
             inside = cols < num_classes
-            z = tl.load(logits_row + cols, mask=inside, other=0.0).to(tl.float32)
-            grad = tl.where(cols == target, 0.0, weight * (tl.exp(z - logsumexp) - p_unvoted))
+            z_shifted = tl.load(logits_row + cols, mask=inside, other=0.0).to(tl.float32) - row_max
+            grad = tl.where(cols == target, 0.0, weight * (tl.exp(z_shifted - logsumexp_shifted) - p_unvoted))
             if WITH_CE:
-                grad += tl.exp(z - logsumexp_all) - tl.where(cols == target, 1.0, 0.0)
+                grad += tl.exp(z_shifted - logsumexp_all_shifted) - tl.where(cols == target, 1.0, 0.0)
             tl.store(grad_row + cols, (grad * inv_batch).to(grad_ptr.dtype.element_ty), mask=inside)
         tl.debug_barrier()
-        grad_voted = weight * (tl.exp(z_voted - logsumexp) - p_voted)
+        grad_voted = weight * (tl.exp(z_voted_shifted - logsumexp_shifted) - p_voted)
         if WITH_CE:
-            grad_voted += tl.exp(z_voted - logsumexp_all)  # never the target (own excludes it)
+            grad_voted += tl.exp(z_voted_shifted - logsumexp_all_shifted)  # never the target (own excludes it)
         tl.store(grad_row + votes, (grad_voted * inv_batch).to(grad_ptr.dtype.element_ty), mask=own)
 
 
