@@ -23,7 +23,8 @@
 # given back). Measured so far (experiments/gpu_h100_2026-11-27.md, gpu_h100_2026-11-28.md): tests,
 # loss, train, methods and quick; profile in part (cut at its old 120 s limit); never graphs or kernel.
 # On 2026-11-28 the tests part ran 17 of the 26 tests (a folder argument had put the kernel's files
-# last): the fused kernel's 8 CUDA tests last passed on 2026-11-27.
+# last): the fused kernel's 8 CUDA tests last passed on 2026-11-27, and its pass over the logits
+# has changed since (sums relative to the row's maximum, 2026-11-28): not yet run on a GPU.
 # Next, most wanted first (what is left of issues #3 and #8), as two calls, the second at once:
 #   PARTS="tests kernel" bash scripts/gpu_check.sh $OUT               (~6 min)
 #   PARTS="graphs loss profile" bash scripts/gpu_check.sh $OUT        (~7 min)
