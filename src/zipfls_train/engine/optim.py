@@ -66,7 +66,8 @@ def milestone_epochs(milestones: Sequence[float], epochs: int) -> list[int]:
 
 
 def build_scheduler(cfg: Mapping[str, Any], optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Stepped once per optimiser step; the factor depends on the epoch, so it equals the recipe's
+    """Stepped once per training step (also one whose update fp16's GradScaler skipped); the factor
+    depends on the epoch, so it equals the recipe's
     per-epoch MultiStepLR, plus an optional linear warm-up over the first ``warmup_epochs``."""
     check_schedule_name(cfg["name"])
     milestones = milestone_epochs(cfg["milestones"], epochs)

@@ -64,6 +64,9 @@ class Progress:
     # Seconds the current epoch's steps took before its last mid-epoch save: a resumed epoch's
     # epoch_time_s adds them, so it is the whole epoch's, not the part after the restart.
     epoch_train_s: float = 0.0
+    # Steps of the current epoch whose update GradScaler skipped (fp16: inf/NaN gradients), as of the
+    # last save; the epoch's record says how many (``amp_skipped_steps``).
+    epoch_skipped_steps: int = 0
 
 
 def per_process_batch(global_batch: int, world_size: int, accumulate_steps: int) -> int:
@@ -168,6 +171,9 @@ class Trainer:
         self.optimizer = build_optimizer(cfg.optim, parameters, int(tcfg.batch_size), self.device)
         self.scheduler = build_scheduler(cfg.sched, self.optimizer, self.epochs, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
+        # The current epoch's skipped updates, counted on the device (no host sync per step: on CUDA the
+        # fused SGD skips inside its kernel, GradScaler never learning it on the host).
+        self._skipped_steps = torch.zeros((), dtype=torch.int64, device=self.device)
         self.progress = Progress()
         self.running = TermAccumulator()
         # The run's first step checks what the method returns and is timed apart (see _train_epoch).
@@ -320,6 +326,8 @@ class Trainer:
         epoch_lr = self._lr_at(epoch * self.steps_per_epoch)  # the epoch's first step's (recorded below)
         if start_step == 0:
             self.running = TermAccumulator()
+            self.progress.epoch_skipped_steps = 0
+        self._skipped_steps.fill_(self.progress.epoch_skipped_steps)  # (a resumed epoch's count so far)
         started = self._epoch_started = time.perf_counter()
         batches = self.data.train.epoch(epoch, start_step=start_step * self.accumulate)
         # On a terminal a progress bar; in a log file (a cluster job's) a line at every log step instead
@@ -383,6 +391,7 @@ class Trainer:
             raise TrainingInterrupted(self._interrupted_message() + " (and evaluate this epoch, whose evaluation was cut short)")
         top1, top5, val_images = scores
         epoch_train_s = self.progress.epoch_train_s
+        skipped = int(self._skipped_steps) if self.scaler.is_enabled() else 0  # (one sync per epoch)
         self.progress.epoch += 1
         self.progress.step_in_epoch = 0
         self.progress.epoch_train_s = 0.0
@@ -399,6 +408,8 @@ class Trainer:
             "lr": epoch_lr,
             "precision": self.precision,  # what trainer.precision=auto chose (per epoch: a resumed run may change)
             "eval_precision": self.eval_precision,  # what val_top1/val_top5 were scored in
+            # fp16: the epoch's steps whose update GradScaler skipped (inf/NaN gradients; the lr schedule moved on)
+            **({"amp_skipped_steps": skipped} if self.scaler.is_enabled() else {}),
             # the epoch's training time, its part before a restart included (evaluation left out)
             "epoch_time_s": epoch_train_s + ended - self._epoch_started if timed else None,
             # training images/s of this process's steps, the run's first step left out (first_step_s)
@@ -410,6 +421,14 @@ class Trainer:
         # The metrics line first, then the checkpoint: a kill in between leaves a line for an epoch the
         # checkpoint does not hold, which the resumed run drops and writes again (RunRecords).
         records.epoch(record, self.progress.global_step)
+        self._skipped_steps.zero_()
+        if skipped and self.ctx.is_main:
+            warnings.warn(
+                f"epoch {self.progress.epoch}/{self.epochs}: GradScaler skipped the update of {skipped} of its "
+                f"{self.steps_per_epoch} steps (inf/NaN gradients in fp16; loss scale now {self.scaler.get_scale():g})"
+                + (": the weights did not change this epoch" if skipped >= self.steps_per_epoch else ""),
+                RuntimeWarning, stacklevel=2,
+            )
         if improved:
             self.save_best()
         self.save(weights_checked=True)
@@ -449,8 +468,14 @@ class Trainer:
         return totals
 
     def _optimizer_update(self) -> None:
+        enabled = self.scaler.is_enabled()
+        scale = self.scaler._scale.clone() if enabled else None  # (GradScaler's device tensor; get_scale() would sync)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if enabled:  # the scale backs off exactly when the step's update was skipped
+            self._skipped_steps += self.scaler._scale < scale
+        # Every step, its update skipped by GradScaler or not: the schedule is indexed by the epoch (the
+        # recipe's per-epoch MultiStepLR), so milestones stay at their epochs however many steps fp16 skips.
         self.scheduler.step()
 
     def _lr_at(self, global_step: int) -> float:
@@ -574,6 +599,7 @@ class Trainer:
         anything is written, so a non-finite step never reaches ``last.pt``; so are the weights, unless
         ``weights_checked`` (since the last step: the epoch's evaluation checked them)."""
         self.running.all_reduce_mean()
+        self.progress.epoch_skipped_steps = int(self._skipped_steps)
         if 0 < self.progress.step_in_epoch < self.steps_per_epoch:  # mid-epoch: the time its steps took so far
             self.progress.epoch_train_s += time.perf_counter() - self._epoch_started
             self._epoch_started = time.perf_counter()

@@ -62,8 +62,11 @@ def one_hot(targets: Tensor, num_classes: int) -> Tensor:
 
 
 def soft_cross_entropy(logits: Tensor, soft_targets: Tensor) -> Tensor:
-    """Batch mean of -sum_c t_c log softmax(z)_c, in float32."""
-    return -(soft_targets * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
+    """Batch mean of -sum_c t_c log softmax(z)_c, in float32. A -inf logit (an fp16 logit below -65504
+    overflows to it under autocast) is a probability of 0: its log is clamped to the most negative
+    float, so a class the target gives 0 adds 0 (not 0 * -inf = NaN), as in ``distill.tempered_kl``."""
+    log_p = F.log_softmax(logits.float(), dim=1).clamp_min(torch.finfo(torch.float32).min)
+    return -(soft_targets * log_p).sum(dim=1).mean()
 
 
 def all_gather_rows(*tensors: Tensor) -> tuple[Tensor, ...]:
