@@ -6,8 +6,10 @@ torchvision's (same layers, same parameter counts), and they share one API,
 config file, not a code path.
 
 Stages (the wrapper's contract, see wrapper.py): the outputs timm reports in ``feature_info`` at
-stride >= 4 (the stem at stride 2 is not a stage), followed by the final map when it is a different
-tensor (MobileNetV2's ``conv_head`` + BN + ReLU6, 1280 channels). The last stage is always exactly
+stride >= 4 (the stem at stride 2 is not a stage), the last tap replaced by the final map where
+they have one shape (ResNetV2's final BN + ReLU) and followed by it otherwise (MobileNetV2's
+``conv_head`` + BN + ReLU6, 1280 channels). Token models and models whose head has layers after
+global pooling are refused (:func:`_check_head_and_final`). The last stage is always exactly
 what timm's ``forward_features`` returns, i.e. the map the classifier is applied to after pooling:
 
 * ResNet / ResNeXt: layer1 .. layer4 (post-ReLU block outputs; 7 x 7 at 224 px);
@@ -104,9 +106,13 @@ class TimmBackbone(nn.Module):
         info = self.model.feature_info
         self.feature_indices = [i for i, f in enumerate(info) if int(f["reduction"]) >= MIN_STAGE_REDUCTION]
         channels = [int(info[i]["num_chs"]) for i in self.feature_indices]
-        # The final map is a separate stage when forward_features goes beyond the last feature tap
-        # (MobileNetV2's conv_head); otherwise it is the last tap itself (ResNets, DenseNet).
-        self.final_is_extra = int(info[-1]["num_chs"]) != int(self.model.num_features)
+        # The final stage is always forward_intermediates' final output, i.e. what forward_features
+        # returns (the map timm pools). It replaces the last tap when it has that tap's shape (ResNets,
+        # DenseNet; ResNetV2's and NF-ResNet's final norm / activation come after that tap), and is an
+        # extra stage otherwise (MobileNetV2's conv_head).
+        self.final_is_extra = _check_head_and_final(timm_name, timm_kwargs, self.feature_indices)
+        if self.final_is_extra is None:  # the probe could not run (an op without a meta kernel): by width
+            self.final_is_extra = int(info[-1]["num_chs"]) != int(self.model.num_features)
         if self.final_is_extra:
             channels.append(int(self.model.num_features))
         self.stage_channels: list[int] = channels
@@ -117,7 +123,48 @@ class TimmBackbone(nn.Module):
         maps = list(maps)
         if self.final_is_extra:
             maps.append(final)
+        else:
+            maps[-1] = final
         return maps
+
+
+class NotWrappableError(ValueError):
+    """A timm model the wrapper cannot take as it is (its message says why)."""
+
+
+def _check_head_and_final(timm_name: str, timm_kwargs: Mapping[str, Any], indices: list[int]) -> bool | None:
+    """Whether the final map is a stage beyond the last feature tap (a different shape), from one
+    forward + backward of the architecture on the meta device (no memory, no arithmetic). Raises
+    NotWrappableError for a model whose forward_features returns tokens, and for one whose head has
+    layers after global pooling (GAP + the wrapper's linear classifier would drop them: another network, and
+    parameters no gradient reaches, which DDP refuses). None where the probe cannot run."""
+    # Models are also built under no_grad / inference_mode (notebooks, evaluation): the probe's
+    # backward needs autograd, on meta tensors only.
+    with torch.random.fork_rng(devices=[]), torch.device("meta"), torch.inference_mode(False), torch.enable_grad():
+        twin = timm.create_model(timm_name, pretrained=False, num_classes=0, global_pool="", **timm_kwargs)
+        patch_embed = getattr(twin, "patch_embed", None)
+        size = getattr(patch_embed, "img_size", None) or twin.pretrained_cfg.get("input_size", (3, 224, 224))[-2:]
+        size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        try:
+            final, taps = twin.eval().forward_intermediates(torch.empty(2, 3, *size), indices=indices)
+        except NotImplementedError:
+            return None
+        if final.ndim != 4:
+            raise NotWrappableError(
+                f"forward_features returns {final.ndim}-d tokens {tuple(final.shape)}, not an N x C x H x W map "
+                "(a token model: its head pools or picks tokens after a final norm, not the global average of a map)"
+            )
+        final.float().sum().backward()
+    dead = sorted({name.rsplit(".", 1)[0] for name, p in twin.named_parameters() if p.grad is None})
+    if dead:
+        raise NotWrappableError(
+            f"its head applies {dead} after global pooling; the wrapper classifies the "
+            "pooled map linearly, so it would train another network (and leave those parameters without "
+            "gradients, which DDP refuses). Take a model whose classifier is linear on the pooled map"
+            + (" (ConvNeXt-style heads: model.options.head_norm_first=true puts the norm before pooling)"
+               if any(name.endswith("norm") for name in dead) else "")
+        )
+    return tuple(final.shape[1:]) != tuple(taps[-1].shape[1:])
 
 
 def _builder(name: str, timm_name: str, defaults: Mapping[str, Any]):  # noqa: ANN202
@@ -147,6 +194,8 @@ def _builder(name: str, timm_name: str, defaults: Mapping[str, Any]):  # noqa: A
                     "model.options are keyword arguments of timm.create_model, e.g. drop_path_rate: 0.05"
                 ) from error
             raise ValueError(f"model.options {options} do not fit model={name} (timm's {timm_name}): {error}") from error
+        except NotWrappableError as error:
+            raise ValueError(f"model.name={name}: timm's {timm_name} cannot be wrapped: {error}") from error
         except (ValueError, AssertionError, RuntimeError) as error:
             raise ValueError(f"model.options {options} do not fit model={name} (timm's {timm_name}): {error}") from error
         except (AttributeError, NotImplementedError) as error:  # no feature_info / forward_intermediates

@@ -1,0 +1,70 @@
+"""model=timm model.name=timm.<architecture>: the wrapped network is timm's own classification network
+(GAP + linear on what forward_features returns), or the architecture is refused by name."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+from zipfls_train.models import build_model, check_model_options
+
+
+@pytest.mark.parametrize("architecture", ["resnetv2_18", "nf_resnet26", "efficientnet_b0"])
+def test_the_wrapped_timm_model_computes_timms_own_logits(architecture):
+    # resnetv2 closes its last stage with a BN + ReLU (`norm`), nf_resnet with an activation
+    # (`final_act`), both after the last feature tap and of its width; efficientnet_b0's conv_head
+    # widens it. The reference is timm's own 10-class network with the wrapper's weights.
+    torch.manual_seed(0)
+    model = build_model(f"timm.{architecture}", num_classes=10).double().eval()
+    reference = timm.create_model(architecture, pretrained=False, num_classes=10).double().eval()
+    missing, unexpected = reference.load_state_dict(model.backbone.model.state_dict(), strict=False)
+    assert not unexpected
+    head = reference.get_classifier()
+    head.weight.data.copy_(model.classifier.weight.reshape(head.weight.shape))  # resnetv2's fc is a 1x1 conv
+    head.bias.data.copy_(model.classifier.bias)
+    head_name = next(name for name, m in reference.named_modules() if m is head)
+    assert set(missing) == {f"{head_name}.weight", f"{head_name}.bias"}  # every other weight is the wrapper's
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        out = model(x, features=["final"])
+        expected = reference(x)
+    torch.testing.assert_close(out.logits, expected, rtol=1e-10, atol=1e-10)
+    # Zipf's dense logits (the classifier on every pixel of the final map) average to the logits.
+    weight = head.weight.reshape(10, -1)
+    dense = torch.einsum("ndhw,cd->nchw", out.features["final"], weight) + head.bias[:, None, None]
+    torch.testing.assert_close(dense.mean(dim=(2, 3)), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_every_parameter_of_a_wrapped_timm_model_gets_a_gradient():
+    # DDP (find_unused_parameters=False, as the trainer wraps) stops at the second step otherwise.
+    model = build_model("timm.resnetv2_18", num_classes=10)
+    model(torch.randn(2, 3, 32, 32)).logits.sum().backward()
+    assert [name for name, p in model.named_parameters() if p.grad is None] == []
+
+
+@pytest.mark.parametrize(("architecture", "message"), [
+    # conv_head (1x1 conv 576 -> 1024) + hardswish act on the pooled features, before the classifier.
+    ("mobilenetv3_small_100", r"model.name=timm.mobilenetv3_small_100: .*\['conv_head'\] after global pooling"),
+    # a LayerNorm on the pooled features (NormMlpClassifierHead).
+    ("convnext_atto", r"model.name=timm.convnext_atto: .*\['head.norm'\] after global pooling.*head_norm_first=true"),
+    # a token model: forward_features returns N x 197 x 192 (class token + 14 x 14 patches).
+    ("vit_tiny_patch16_224", r"model.name=timm.vit_tiny_patch16_224: .*tokens \(2, 197, 192\), not an N x C x H x W map"),
+])  # fmt: skip
+def test_a_timm_model_the_wrapper_would_change_is_refused_by_name(architecture, message):
+    with pytest.raises(ValueError, match=message):
+        check_model_options(f"timm.{architecture}", {})
+    with pytest.raises(ValueError):
+        build_model(f"timm.{architecture}", num_classes=10)
+
+
+def test_convnext_with_its_norm_before_pooling_is_taken():
+    model = build_model("timm.convnext_atto", num_classes=10, head_norm_first=True)
+    model(torch.randn(2, 3, 64, 64)).logits.sum().backward()
+    assert [name for name, p in model.named_parameters() if p.grad is None] == []
+
+
+def test_a_timm_model_is_built_under_inference_mode():
+    with torch.inference_mode():
+        model = build_model("timm.resnetv2_18", num_classes=10)
+    assert model.backbone.stage_channels == [64, 128, 256, 512]  # resnetv2_18's widths (timm's model card)
