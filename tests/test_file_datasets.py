@@ -905,6 +905,59 @@ def test_imagefolder_follows_symlinked_subfolders_as_imagefolder_does_and_refuse
         read_image_folder(root)
 
 
+def test_a_link_whose_target_is_gone_is_named_not_silently_dropped(tmp_path: Path) -> None:
+    """Data trees linked file by file or class by class into a store: a link whose target is gone (a
+    store not mounted, a file moved) was skipped without a word (an image, or a whole val class, fewer;
+    a resume then refused as 'other data' without naming it). torchvision's ImageFolder lists such a
+    file and fails on it later; here it is refused by name when the files are listed. A dangling link
+    that is not an image (an editor's lock file) is ignored like any other non-image file."""
+    from torchvision.datasets import ImageFolder
+
+    from zipfls_train.data.image_folder import read_image_folder
+
+    root = write_image_folder(tmp_path / "images")
+    store = tmp_path / "store"
+    store.mkdir()
+    Image.new("RGB", (40, 48), (1, 2, 3)).save(store / "here.jpg")
+    (root / "train" / "cat" / "linked.jpg").symlink_to(store / "here.jpg")
+    (root / "train" / "cat" / ".#notes.txt").symlink_to(store / "user@host.123")  # emacs lock file
+    train, _ = read_image_folder(root)
+    assert len(train) == len(ImageFolder(str(root / "train"))) == 13  # a live link is an image as any other
+    gone = root / "train" / "cat" / "gone.JPEG"
+    gone.symlink_to(store / "moved.JPEG")
+    assert len(ImageFolder(str(root / "train"))) == 14  # torchvision lists it (and fails on it at load)
+    with pytest.raises(DatasetError, match=rf"^{re.escape(str(gone))} is a link to {re.escape(str(store / 'moved.JPEG'))}, which does not exist"):
+        read_image_folder(root)
+    gone.unlink()
+    (store / "fox_val").mkdir()
+    Image.new("RGB", (40, 48)).save(store / "fox_val" / "0.png")
+    shutil.rmtree(root / "val" / "fox")
+    (root / "val" / "fox").symlink_to(store / "fox_val", target_is_directory=True)
+    assert len(read_image_folder(root)[1]) == 6  # cat 2, dog 3, the linked fox folder 1
+    shutil.rmtree(store / "fox_val")  # the val class folder's target is gone: the class is not silently left out
+    with pytest.raises(DatasetError, match=rf"^{re.escape(str(root / 'val' / 'fox'))} is a link to .*fox_val, which does not exist"):
+        read_image_folder(root)
+
+
+def test_inat21_and_flat_imagenet_val_name_a_link_whose_target_is_gone(inat_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "inat"
+    shutil.copytree(inat_root, root)
+    for name in ("train_mini.json", "val.json"):
+        (root / name).unlink()
+    folder = root / "val" / INAT_CLASSES[1][2]
+    (folder / "0123abcd.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    with pytest.raises(DatasetError, match=rf"^{re.escape(str(folder / '0123abcd.jpg'))} is a link to .*nowhere.jpg, which does not exist"):
+        read_inat21(root)
+    flat = write_imagenet(tmp_path / "imagenet", val="flat", train_copies=1)
+    truth = flat_val_truth(flat)
+    first = sorted(truth)[0]
+    (flat / "val" / first).unlink()
+    (flat / "val" / first).symlink_to(tmp_path / "nowhere.JPEG")
+    write_loc_solution(flat / "LOC_val_solution.csv", truth)
+    with pytest.raises(DatasetError, match=rf"{re.escape(str(flat / 'val' / first))} is a link to .*nowhere.JPEG, which does not exist"):
+        read_imagenet(flat)
+
+
 def test_a_dataset_root_under_the_home_folder_may_be_written_with_a_tilde(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """dataset.root=~/data: bash expands ~ only at the start of a word, zsh (macOS's shell) not after
     '=', and a YAML file never: the path is the home folder's, not a folder named ~ in the cwd."""

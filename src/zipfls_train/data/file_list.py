@@ -22,8 +22,40 @@ def is_image_file(name: str) -> bool:
 
 
 def list_images(folder: str | os.PathLike) -> list[str]:
-    """Sorted names of the image files directly in ``folder``."""
-    return sorted(entry.name for entry in folder_entries(folder) if entry.is_file() and is_image_file(entry.name))
+    """Sorted names of the image files directly in ``folder``. A link among them whose target is gone
+    raises DatasetError naming it (torchvision's ImageFolder lists it and fails on it later; skipping
+    it would drop the image without a word, and a run started without it would refuse to resume once
+    the link resolves again, or the reverse, without naming it)."""
+    names = []
+    for entry in folder_entries(folder):
+        if not is_image_file(entry.name):
+            continue
+        if entry.is_file():
+            names.append(entry.name)
+        else:
+            refuse_dangling_link(entry)
+    return sorted(names)
+
+
+def class_folder_names(folder: str | os.PathLike) -> list[str]:
+    """Sorted names of the folders (or links to folders) in ``folder``, as ImageFolder's classes. A
+    link whose target is gone raises DatasetError naming it rather than a class disappearing."""
+    names = []
+    for entry in folder_entries(folder):
+        if entry.is_dir():
+            names.append(entry.name)
+        else:
+            refuse_dangling_link(entry)
+    return sorted(names)
+
+
+def refuse_dangling_link(entry: os.DirEntry) -> None:
+    """DatasetError for a symbolic link whose target does not exist (an unmounted or moved store)."""
+    if entry.is_symlink() and not os.path.exists(entry.path):
+        raise DatasetError(
+            f"{entry.path} is a link to {os.readlink(entry.path)}, which does not exist (a data store not "
+            "mounted, or moved?): make the link resolve again (a new run may instead go without it: remove the link)"
+        )
 
 
 def folder_entries(folder: str | os.PathLike) -> list[os.DirEntry]:

@@ -18,7 +18,7 @@ from typing import Any
 
 from .bundle import DataBundle, LoaderOptions
 from .file_bundle import build_file_bundle
-from .file_list import IMAGE_EXTENSIONS, FileList, folder_entries, list_images, unreadable_folder
+from .file_list import IMAGE_EXTENSIONS, FileList, class_folder_names, list_images, unreadable_folder
 from .images import DatasetError, missing_dataset_error
 
 LAYOUT = """  <root>/train/<class>/<image>   (one folder per class, e.g. train/cat/0001.jpg)
@@ -28,7 +28,7 @@ HOW_TO_GET = "sort your images into that layout; any of " + ", ".join(IMAGE_EXTE
 
 def read_classes(base: Path) -> list[str]:
     """The class folders of ``base/train``, sorted (ImageFolder's order)."""
-    classes = sorted(entry.name for entry in folder_entries(base / "train") if entry.is_dir())
+    classes = class_folder_names(base / "train")
     if not classes:
         raise DatasetError(f"no class folders in {base / 'train'}; expected train/<class>/<image files>")
     return classes
@@ -38,7 +38,7 @@ def read_class_folders(base: Path, split: str, classes: list[str]) -> FileList:
     """``<split>/<class>/*`` for every class that has a folder there (train: every class)."""
     index_of = {name: i for i, name in enumerate(classes)}
     folder = base / split
-    present = sorted(entry.name for entry in folder_entries(folder) if entry.is_dir())
+    present = class_folder_names(folder)
     unknown = [name for name in present if name not in index_of]
     if unknown:
         raise DatasetError(f"{folder} has class folders not in train/: {unknown[:5]} ({len(unknown)} in all)")

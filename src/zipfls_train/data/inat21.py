@@ -31,7 +31,7 @@ from typing import Any
 
 from .bundle import DataBundle, LoaderOptions
 from .file_bundle import build_file_bundle
-from .file_list import IMAGE_EXTENSIONS, FileList, folder_entries, list_images
+from .file_list import IMAGE_EXTENSIONS, FileList, folder_entries, list_images, refuse_dangling_link
 from .images import DatasetError, missing_dataset_error
 
 TRAIN_SPLITS = ("train_mini", "train")
@@ -88,6 +88,8 @@ def _class_folders(folder: Path) -> dict[int, str]:
     found: dict[int, str] = {}
     for entry in folder_entries(folder):
         match = FOLDER_PATTERN.match(entry.name)
+        if match and not entry.is_dir():
+            refuse_dangling_link(entry)
         if entry.is_dir() and match:
             number = int(match.group(1))
             if number in found:
