@@ -68,3 +68,39 @@ def test_a_timm_model_is_built_under_inference_mode():
     with torch.inference_mode():
         model = build_model("timm.resnetv2_18", num_classes=10)
     assert model.backbone.stage_channels == [64, 128, 256, 512]  # resnetv2_18's widths (timm's model card)
+
+
+@pytest.mark.parametrize(("architecture", "module", "channels"), [
+    # efficientnet_b0's conv_head widens the last tap (320) to 1280: an extra stage. resnetv2_18's
+    # final norm keeps the last tap's 512: the last stage itself. (timm's model cards.)
+    ("efficientnet_b0", timm.models.efficientnet.EfficientNet, [24, 40, 112, 320, 1280]),
+    ("resnetv2_18", timm.models.resnetv2.ResNetV2, [64, 128, 256, 512]),
+])  # fmt: skip
+def test_a_model_the_meta_probe_cannot_run_gets_its_stages_by_width(architecture, module, channels, monkeypatch):
+    """An op without a meta kernel stops the probe (NotImplementedError): the final map is then an
+    extra stage where its width differs from the last tap's, and the model still builds and runs."""
+    original = module.forward_intermediates
+
+    def without_meta_kernel(self, x, *args, **kwargs):
+        if x.is_meta:
+            raise NotImplementedError("an op without a meta kernel")
+        return original(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(module, "forward_intermediates", without_meta_kernel)
+    model = build_model(f"timm.{architecture}", num_classes=10)
+    assert model.backbone.stage_channels == channels
+    out = model(torch.randn(2, 3, 64, 64), features=["final"])
+    assert out.features["final"].shape[1] == channels[-1] and out.logits.shape == (2, 10)
+
+
+def test_a_timm_model_is_built_under_no_grad():
+    with torch.no_grad():
+        model = build_model("timm.efficientnet_b0", num_classes=10)
+    assert model.backbone.stage_channels == [24, 40, 112, 320, 1280]  # efficientnet_b0's widths (timm's model card)
+
+
+def test_the_head_norm_first_hint_is_given_only_for_a_norm_after_pooling():
+    # mobilenetv3's layers after pooling are conv_head + its activation: no norm to move before pooling.
+    with pytest.raises(ValueError, match=r"\['conv_head'\] after global pooling") as refused:
+        check_model_options("timm.mobilenetv3_small_100", {})
+    assert "head_norm_first" not in str(refused.value)

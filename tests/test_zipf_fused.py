@@ -152,6 +152,16 @@ SHIFTED_CASES = {
 }
 
 
+# name -> (num_classes, votes per sample, per row: the target logit less the row's largest other
+# logit). float32 logits 3 * randn, each row's target logit then set so. The cross-entropy's
+# logsumexp over all classes joins the target logit and the non-target logsumexp: each must be taken
+# relative to the larger of the two, else exp(200) overflows float32, whichever is the larger (target
+# far above the rest: a confident network; far below: a confidently wrong one).
+TARGET_OUTLIER_CASES = {
+    "c50_v64_target_far_above_and_below": (50, 64, (200.0, -200.0, 0.0)),
+}
+
+
 # name -> (batch, channels, map height, map width, num_classes, upsample, max dense logits or None):
 # the kernel casts the votes from the map (classifier over every pixel, bilinear x2 when upsample).
 DENSE_CASES = {
@@ -202,6 +212,17 @@ def build_cases() -> dict[str, dict]:
             "num_classes": num_classes,
             "targets": torch.tensor([rng.randrange(num_classes) for _ in range(batch)]),
             "votes": torch.tensor([random_votes(rng, num_classes, num_votes) for _ in range(batch)]),
+            "distribution": "zipf", "alpha": 1.0,
+        }
+    for name, (num_classes, num_votes, offsets) in TARGET_OUTLIER_CASES.items():
+        logits = 3 * torch.randn(len(offsets), num_classes, generator=generator)
+        targets = torch.tensor([rng.randrange(num_classes) for _ in offsets])
+        for row, (target, offset) in enumerate(zip(targets.tolist(), offsets)):
+            others = torch.cat([logits[row, :target], logits[row, target + 1 :]])
+            logits[row, target] = others.max() + offset
+        cases[name] = {
+            "logits": logits, "num_classes": num_classes, "targets": targets,
+            "votes": torch.tensor([random_votes(rng, num_classes, num_votes) for _ in offsets]),
             "distribution": "zipf", "alpha": 1.0,
         }
     return cases
@@ -269,7 +290,7 @@ def assert_gradient(result: dict, expected: torch.Tensor, case: dict) -> None:
     torch.testing.assert_close(result["grad"].double(), expected, rtol=rtol, atol=1e-7)
 
 
-@pytest.mark.parametrize("name", [*HAND_CASES, *RANDOM_CASES, *SHIFTED_CASES, *DENSE_CASES])
+@pytest.mark.parametrize("name", [*HAND_CASES, *RANDOM_CASES, *SHIFTED_CASES, *TARGET_OUTLIER_CASES, *DENSE_CASES])
 def test_kl_kernel_matches_the_references(interpreted: tuple[dict, dict], name: str) -> None:
     cases, results = interpreted
     case, result, expected = cases[name], results[name]["kl"], expected_for(cases[name])
@@ -281,7 +302,7 @@ def test_kl_kernel_matches_the_references(interpreted: tuple[dict, dict], name: 
         assert result["loss"] == 0.0 and result["grad"].abs().max().item() == pytest.approx(0.0, abs=1e-9)
 
 
-@pytest.mark.parametrize("name", [*HAND_CASES, *RANDOM_CASES, *SHIFTED_CASES, *DENSE_CASES])
+@pytest.mark.parametrize("name", [*HAND_CASES, *RANDOM_CASES, *SHIFTED_CASES, *TARGET_OUTLIER_CASES, *DENSE_CASES])
 def test_ce_plus_zipf_kernel_matches_the_references(interpreted: tuple[dict, dict], name: str) -> None:
     cases, results = interpreted
     case, result, expected = cases[name], results[name]["combined"], expected_for(cases[name])
@@ -575,7 +596,7 @@ def test_bad_kernel_choices_name_the_key(options: dict, message: str) -> None:
         ZipfLabelSmoothing(10, **options)
 
 
-@pytest.mark.parametrize("name", [*HAND_CASES, *RANDOM_CASES, *SHIFTED_CASES, *DENSE_CASES])
+@pytest.mark.parametrize("name", [*HAND_CASES, *RANDOM_CASES, *SHIFTED_CASES, *TARGET_OUTLIER_CASES, *DENSE_CASES])
 def test_kernel_stand_in_matches_the_references(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """``zipf_fused._reference``, what the first call compares the kernel with and what replaces a
     kernel that failed, computes the kernel's outputs: [loss, ce, kl] and the gradient (written out

@@ -476,7 +476,14 @@ class Trainer:
             self._skipped_steps += self.scaler._scale < scale
         # Every step, its update skipped by GradScaler or not: the schedule is indexed by the epoch (the
         # recipe's per-epoch MultiStepLR), so milestones stay at their epochs however many steps fp16 skips.
-        self.scheduler.step()
+        if not enabled:
+            self.scheduler.step()
+            return
+        # (After a skipped first update torch warns that the schedule skips its first value: not this
+        # one, whose lr is a function of the step count; the epoch's record names the skipped steps.)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
+            self.scheduler.step()
 
     def _lr_at(self, global_step: int) -> float:
         """The first parameter group's lr at an optimiser step, from the schedule itself (whatever
