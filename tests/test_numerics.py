@@ -29,24 +29,35 @@ def test_pskd_soft_cross_entropy_is_finite_at_a_minus_inf_logit_the_target_gives
     assert torch.allclose(logits.grad.double(), want_grad, atol=1e-3)  # (fp16 gradient)
 
 
-def test_fp16_steps_whose_update_gradscaler_skips_are_counted_and_named(run_tiny, tmp_path, monkeypatch):
-    """Steps 2 (epoch 1) and 4-6 (all of epoch 2) get an inf gradient: GradScaler skips their updates.
-    metrics.jsonl counts them per epoch and the run warns, saying when a whole epoch changed nothing."""
+def poison_steps(monkeypatch, steps, lrs=None):
+    """An inf gradient at the given global steps (1-based): GradScaler skips their updates. ``lrs``
+    collects the lr each optimiser update applies."""
     from zipfls_train.engine.trainer import Trainer
 
-    poisoned_steps = {2, 4, 5, 6}
     original = Trainer._optimizer_update
 
     def update(self):
-        if self.progress.global_step + 1 in poisoned_steps:
+        if self.progress.global_step + 1 in steps:
             next(p for p in self.model.parameters() if p.grad is not None).grad.fill_(float("inf"))
+        if lrs is not None:
+            lrs.append(self.optimizer.param_groups[0]["lr"])
         original(self)
 
     monkeypatch.setattr(Trainer, "_optimizer_update", update)
+
+
+
+def skipped_counts(run_dir) -> list[int]:
+    return [json.loads(line)["amp_skipped_steps"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_fp16_steps_whose_update_gradscaler_skips_are_counted_and_named(run_tiny, tmp_path, monkeypatch):
+    """Steps 2 (epoch 1) and 4-6 (all of epoch 2) get an inf gradient: GradScaler skips their updates.
+    metrics.jsonl counts them per epoch and the run warns, saying when a whole epoch changed nothing."""
+    poison_steps(monkeypatch, {2, 4, 5, 6})
     with pytest.warns(RuntimeWarning) as caught:
         run_tiny("loss=ce", "trainer.precision=fp16", "trainer.epochs=2", "trainer.max_steps_per_epoch=3", run_dir=tmp_path / "run")
-    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
-    assert [r["amp_skipped_steps"] for r in records] == [1, 3]
+    assert skipped_counts(tmp_path / "run") == [1, 3]
     messages = [str(w.message) for w in caught if "GradScaler skipped" in str(w.message)]
     assert len(messages) == 2
     assert "epoch 1/2" in messages[0] and "1 of its 3 steps" in messages[0] and "did not change" not in messages[0]
@@ -83,23 +94,6 @@ def test_pskd_soft_cross_entropy_does_not_drop_a_minus_inf_logit_the_target_weig
     assert loss >= 0.5 * 3.4e38 / 2
 
 
-def poison_steps(monkeypatch, steps, lrs=None):
-    """An inf gradient at the given global steps (1-based): GradScaler skips their updates. ``lrs``
-    collects the lr each optimiser update applies."""
-    from zipfls_train.engine.trainer import Trainer
-
-    original = Trainer._optimizer_update
-
-    def update(self):
-        if self.progress.global_step + 1 in steps:
-            next(p for p in self.model.parameters() if p.grad is not None).grad.fill_(float("inf"))
-        if lrs is not None:
-            lrs.append(self.optimizer.param_groups[0]["lr"])
-        original(self)
-
-    monkeypatch.setattr(Trainer, "_optimizer_update", update)
-
-
 def test_an_fp16_epoch_without_skipped_steps_records_0_and_warns_nothing(run_tiny, tmp_path, monkeypatch):
     """Epoch 1 skips 2 of its 3 updates (some weights changed: no 'did not change'), epoch 2 none: 0
     in its record and no warning for it."""
@@ -109,8 +103,7 @@ def test_an_fp16_epoch_without_skipped_steps_records_0_and_warns_nothing(run_tin
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         run_tiny("loss=ce", "trainer.precision=fp16", "trainer.epochs=2", "trainer.max_steps_per_epoch=3", run_dir=tmp_path / "run")
-    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
-    assert [r["amp_skipped_steps"] for r in records] == [2, 0]
+    assert skipped_counts(tmp_path / "run") == [2, 0]
     messages = [str(w.message) for w in caught if "GradScaler skipped" in str(w.message)]
     assert len(messages) == 1
     assert "epoch 1/2" in messages[0] and "2 of its 3 steps" in messages[0] and "did not change" not in messages[0]
@@ -144,8 +137,7 @@ def test_a_resumed_epoch_counts_the_skipped_steps_before_the_stop(run_tiny, tmp_
     monkeypatch.setattr(Trainer, "train_step", train_step)
     with pytest.warns(RuntimeWarning, match="skipped the update of 2 of its 4 steps"):
         run_tiny(*args, run_dir=tmp_path / "run")
-    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
-    assert [r["amp_skipped_steps"] for r in records] == [2]
+    assert skipped_counts(tmp_path / "run") == [2]
 
 
 def test_the_lr_schedule_moves_on_at_steps_whose_update_was_skipped(run_tiny, tmp_path, monkeypatch):

@@ -468,19 +468,18 @@ class Trainer:
         return totals
 
     def _optimizer_update(self) -> None:
-        enabled = self.scaler.is_enabled()
-        scale = self.scaler._scale.clone() if enabled else None  # (GradScaler's device tensor; get_scale() would sync)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        if enabled:  # the scale backs off exactly when the step's update was skipped
-            self._skipped_steps += self.scaler._scale < scale
-        # Every step, its update skipped by GradScaler or not: the schedule is indexed by the epoch (the
-        # recipe's per-epoch MultiStepLR), so milestones stay at their epochs however many steps fp16 skips.
-        if not enabled:
+        # The schedule steps at every step, its update skipped by fp16's GradScaler or not: it is
+        # indexed by the epoch (the recipe's per-epoch MultiStepLR), so milestones stay at their epochs.
+        if not self.scaler.is_enabled():
+            self.optimizer.step()
             self.scheduler.step()
             return
-        # (After a skipped first update torch warns that the schedule skips its first value: not this
-        # one, whose lr is a function of the step count; the epoch's record names the skipped steps.)
+        scale = self.scaler._scale.clone()  # (GradScaler's device tensor: get_scale() would sync)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self._skipped_steps += self.scaler._scale < scale  # it backs off exactly when it skipped the update
+        # After a skipped first update torch warns that the schedule skips its first value: not this
+        # one, whose lr is a function of the step count (the epoch's record names the skipped steps).
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
             self.scheduler.step()
