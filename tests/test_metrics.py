@@ -175,11 +175,15 @@ def test_a_run_reports_its_own_peak_memory_not_an_earlier_run_of_the_same_proces
     spike = torch.ones(1024 * 2**20 // 4)
     process_peak = proc_status_mb("VmHWM")
     del spike
+    resident_before_run = proc_status_mb("VmRSS")
     _, run_dir = run_tiny("loss=ce", "trainer.max_steps_per_epoch=2")
     logged = last_metrics(run_dir)["peak_cpu_mem_mb"]
     assert logged < process_peak - 400, (logged, process_peak)
-    # And it is a peak: at least what is resident now.
-    assert logged >= proc_status_mb("VmRSS") - 1
+    # And it is a peak over the run: at least what was resident when the run started (the reset
+    # sets the mark to the size then). Not compared with the size after the run: the run goes on
+    # allocating (Figure 2, TensorBoard's last flush) after its last metrics line is written.
+    # 8 MiB for pages the allocator may hand back between this read and the reset.
+    assert logged >= resident_before_run - 8, (logged, resident_before_run)
 
 
 @pytest.mark.cuda
