@@ -9,14 +9,13 @@ import gc
 import json
 import math
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import compose
+from conftest import compose, free_loopback_port
 from omegaconf import OmegaConf
 
 from zipfls_train.data.batch import Batch
@@ -685,10 +684,7 @@ def _ddp_worker(rank: int, world: int, port: int, run_dir: str) -> None:
 
 
 def test_ddp_all_reduces_byot_heads_and_all_gathers_pskd_memory(tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_loopback_port(), str(tmp_path)), nprocs=2, join=True)
 
 
 # --- the shipped defaults are SPEC.md section 2's ------------------------------------------------

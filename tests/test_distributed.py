@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TINY_RUN, compose
+from conftest import REPO, TINY_RUN, compose, free_loopback_port
 from zipfls_train.engine.checkpoint import load_checkpoint
 from zipfls_train.engine.run import run_training
 
@@ -333,17 +333,13 @@ def _window_means(rank: int, port: int, results) -> None:  # noqa: ANN001
         dist.destroy_process_group()
 
 
-def _on_two_gloo_ranks(target, results: dict):  # noqa: ANN001
-    """``target(rank, port, results)`` in 2 spawned gloo ranks; returns what they put in ``results``."""
-    import socket
-
+def _on_two_gloo_ranks(target, *args, results: dict | None = None) -> dict:  # noqa: ANN001
+    """``target(rank, port, *args, results)`` in 2 spawned gloo ranks; returns what they put in
+    ``results`` (a shared dict starting as the one given)."""
     import torch.multiprocessing as mp
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    shared = mp.Manager().dict(results)
-    mp.spawn(target, args=(port, shared), nprocs=2, join=True)
+    shared = mp.Manager().dict(results or {})
+    mp.spawn(target, args=(free_loopback_port(), *args, shared), nprocs=2, join=True)
     return dict(shared)
 
 
@@ -353,7 +349,7 @@ def test_logged_window_means_are_every_ranks_and_a_nan_reaches_all(nan):
     (1 + 2 + 3 + 4) / 4 = 2.5 on both ranks, where rank 0 alone has 1.5; one rank's NaN is every rank's."""
     import math
 
-    results = _on_two_gloo_ranks(_window_means, {"nan": nan})
+    results = _on_two_gloo_ranks(_window_means, results={"nan": nan})
     if nan:
         assert all(math.isnan(results[rank][0]) for rank in (0, 1)) and results[0][1] == 1.5
     else:
@@ -383,7 +379,7 @@ def test_a_save_averages_the_window_over_the_ranks_with_the_sums():
     """Rank r: 100 + r before the window, 1 + r after. A save's checkpoint holds rank 0's state for
     every rank, so the window's mark is averaged with the sums: 100.5 (and the sums 102) on both
     ranks; the next point is still the mean since the window, 1.5."""
-    results = _on_two_gloo_ranks(_saved_window, {})
+    results = _on_two_gloo_ranks(_saved_window)
     assert results[0] == results[1] == (102.0, 100.5, 1.5)
 
 
@@ -406,16 +402,8 @@ def _buffers_after_broadcast(rank: int, port: int, results) -> None:  # noqa: AN
 def test_evaluation_takes_rank_0s_batchnorm_statistics_on_every_rank():
     """Trainer.evaluate starts with broadcast_buffers: every rank then scores rank 0's model, the one
     it saves (each rank's last training forward moved its BatchNorm statistics its own way)."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    results = mp.Manager().dict()
-    mp.spawn(_buffers_after_broadcast, args=(port, results), nprocs=2, join=True)
-    assert dict(results) == {0: ([1.0, 1.0, 1.0], 10), 1: ([1.0, 1.0, 1.0], 10)}
+    results = _on_two_gloo_ranks(_buffers_after_broadcast)
+    assert results == {0: ([1.0, 1.0, 1.0], 10), 1: ([1.0, 1.0, 1.0], 10)}
 
 
 def _folder_views(rank: int, port: int, folders, results) -> None:  # noqa: ANN001
@@ -443,19 +431,11 @@ def _folder_views(rank: int, port: int, folders, results) -> None:  # noqa: ANN0
 def test_ranks_that_see_different_run_folders_stop_instead_of_hanging(tmp_path):
     """Nodes without a shared filesystem: rank 0 finds a checkpoint, rank 1 does not. Both stop with
     the reason (they would otherwise resume and start fresh, and hang in their first collective)."""
-    import socket
-
-    import torch.multiprocessing as mp
-
     (tmp_path / "node0" / "checkpoints").mkdir(parents=True)
     (tmp_path / "node0" / "checkpoints" / "last.pt").write_bytes(b"x")
     (tmp_path / "node1").mkdir()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    results = mp.Manager().dict()
-    mp.spawn(_folder_views, args=(port, [str(tmp_path / "node0"), str(tmp_path / "node1")], results), nprocs=2, join=True)
-    assert all("filesystem every node shares" in results[rank] for rank in (0, 1)), dict(results)
+    results = _on_two_gloo_ranks(_folder_views, [str(tmp_path / "node0"), str(tmp_path / "node1")])
+    assert all("filesystem every node shares" in results[rank] for rank in (0, 1)), results
 
 
 def test_spawned_ranks_meet_on_loopback_whatever_master_addr_says(tmp_path, monkeypatch):
@@ -512,16 +492,8 @@ def test_ddp_ranks_vote_on_a_stop_every_few_seconds_not_only_at_log_steps():
     """With log steps every 50 steps, a stop requested at step 12 on one rank must not wait for step
     50: the ranks vote first at step 10 (measuring 1 s and 2 s per step: a mean of 1.5 s), then every
     int(4.5 / 1.5) = 3 steps, so both stop after step 13, the first vote after the request."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    results = mp.Manager().dict()
-    mp.spawn(_vote_steps, args=(port, [1.0, 2.0], results), nprocs=2, join=True)
-    assert dict(results) == {0: (13, 3), 1: (13, 3)}
+    results = _on_two_gloo_ranks(_vote_steps, [1.0, 2.0])
+    assert results == {0: (13, 3), 1: (13, 3)}
 
 
 def test_steps_between_votes_cover_the_time_asked_within_the_log_interval():
@@ -560,15 +532,7 @@ def test_ddp_gradients_are_views_of_one_bucket_and_the_mean_over_ranks():
     """wrap_ddp: after a backward every gradient of a small model lives in one all-reduce bucket (one
     storage: DDP keeps no second copy), and is the mean of the two ranks' gradients, recomputed here
     in one process in float64 from the same weights and inputs."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    results = mp.Manager().dict()
-    mp.spawn(_bucket_view_step, args=(port, results), nprocs=2, join=True)
+    results = _on_two_gloo_ranks(_bucket_view_step)
     (storages0, grads0, weights0), (storages1, grads1, _) = results[0], results[1]
     assert storages0 == storages1 == 1
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3)).double()

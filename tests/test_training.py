@@ -58,14 +58,11 @@ def test_a_run_from_a_notebook_trains_as_usual_and_leaves_its_torch_state_alone(
     own deterministic flags and joined its own process group: the run trains in float32 with
     gradients (it trained in float64, recorded as fp32, or failed blaming the loss), and returns
     the session's dtype, grad mode, flags and process group as they were (the group was destroyed)."""
-    import socket
-
     import torch.distributed as dist
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    from conftest import free_loopback_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_loopback_port()}", rank=0, world_size=1)
     flags = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     benchmark = torch.backends.cudnn.benchmark
     torch.set_default_dtype(torch.float64)
