@@ -939,6 +939,60 @@ def test_a_link_whose_target_is_gone_is_named_not_silently_dropped(tmp_path: Pat
         read_image_folder(root)
 
 
+# The first bytes of an AppleDouble file (the '._' file macOS writes beside each file it copies to
+# a disk or share that has no place for its metadata): a magic number, no image.
+APPLEDOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(60)
+
+
+def test_hidden_files_and_folders_are_neither_images_nor_classes(tmp_path: Path) -> None:
+    """A tree copied from a Mac holds '._<name>' beside every image; Jupyter leaves
+    .ipynb_checkpoints, a filer shows .snapshot. torchvision's ImageFolder takes them for classes and
+    images (and fails when it decodes one); here they are left out, as ls leaves them out."""
+    from torchvision.datasets import ImageFolder
+
+    from zipfls_train.data.image_folder import read_image_folder
+
+    root = write_image_folder(tmp_path / "images")
+    expected_train = [read_image_folder(root)[0].path(i) for i in range(12)]
+    for image in list((root / "train").rglob("*.*g")):
+        (image.parent / f"._{image.name}").write_bytes(APPLEDOUBLE)
+    (root / "train" / ".ipynb_checkpoints").mkdir()
+    Image.new("RGB", (40, 48)).save(root / "train" / ".ipynb_checkpoints" / "0.png")
+    (root / "train" / "dog" / ".thumbnails").mkdir()  # a hidden subfolder of a class folder
+    Image.new("RGB", (8, 8)).save(root / "train" / "dog" / ".thumbnails" / "0.png")
+    (root / "val" / ".snapshot" / "cat").mkdir(parents=True)
+    Image.new("RGB", (40, 48)).save(root / "val" / ".snapshot" / "cat" / "0.png")
+    reference = ImageFolder(str(root / "train"))
+    assert reference.classes == [".ipynb_checkpoints", "cat", "dog", "fox"] and len(reference) == 26
+    train, val = read_image_folder(root)
+    assert train.classes == ["cat", "dog", "fox"]
+    assert [train.path(i) for i in range(len(train))] == expected_train
+    assert len(val) == 7  # 2 per class and dog's more/9.png; nothing from .snapshot
+    for files in (train, val):
+        for i in range(len(files)):
+            with Image.open(files.path(i)) as image:
+                image.load()
+
+
+def test_imagenet_flat_val_ignores_hidden_entries(tmp_path: Path) -> None:
+    """A flat val/ with AppleDouble files and a hidden folder is still flat (format=auto decided
+    'folders' when scandir met the folder first) and every labelled image is read, with no
+    'no label for ._ILSVRC2012_val_...' error."""
+    from zipfls_train.data.imagenet import find_format
+
+    root = write_imagenet(tmp_path / "imagenet", val="flat", train_copies=1)
+    truth = flat_val_truth(root)
+    write_loc_solution(root / "LOC_val_solution.csv", truth)
+    (root / "val" / ".ipynb_checkpoints").mkdir()
+    for name in truth:
+        (root / "val" / f"._{name}").write_bytes(APPLEDOUBLE)
+    (root / "train" / ".snapshot").mkdir()
+    assert find_format(root, "auto") == "flat"
+    train, val = read_imagenet(root)
+    assert len(train.classes) == 24 and ".snapshot" not in train.classes
+    assert sorted(Path(val.path(i)).name for i in range(len(val))) == sorted(truth)
+
+
 def test_inat21_and_flat_imagenet_val_name_a_link_whose_target_is_gone(inat_root: Path, tmp_path: Path) -> None:
     root = tmp_path / "inat"
     shutil.copytree(inat_root, root)

@@ -58,11 +58,20 @@ def refuse_dangling_link(entry: os.DirEntry) -> None:
         )
 
 
+def is_hidden(name: str) -> bool:
+    """Names starting with '.' are never images or classes, and are left out as ``ls`` leaves them
+    out: macOS's AppleDouble files (``._n01440764_10026.JPEG``, metadata that a copy from a Mac
+    leaves beside every image, which no decoder reads), ``.ipynb_checkpoints``, a filer's
+    ``.snapshot`` folder. torchvision's ImageFolder takes them for images and classes."""
+    return name.startswith(".")
+
+
 def folder_entries(folder: str | os.PathLike) -> list[os.DirEntry]:
-    """The entries of ``folder``; a folder that cannot be read raises DatasetError naming it."""
+    """The entries of ``folder`` that are not hidden; a folder that cannot be read raises
+    DatasetError naming it."""
     try:
         with os.scandir(folder) as entries:
-            return list(entries)
+            return [entry for entry in entries if not is_hidden(entry.name)]
     except OSError as error:
         raise unreadable_folder(error) from error
 

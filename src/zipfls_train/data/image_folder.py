@@ -3,7 +3,7 @@
     <root>/train/<class>/<image>    <root>/val/<class>/<image>
 
 Images are any of ``file_list.IMAGE_EXTENSIONS`` (jpg, png, webp, ...), in the class folder or
-its subfolders. Class index = position of
+its subfolders; names starting with '.' are left out (``file_list.is_hidden``). Class index = position of
 the class folder's name in sorted order, as ImageFolder's. Decoded, augmented and loaded by
 :class:`FileLoader` exactly as ImageNet is (ImageNet's prepared layout is this one); the class-folder
 readers here serve both.
@@ -18,7 +18,7 @@ from typing import Any
 
 from .bundle import DataBundle, LoaderOptions
 from .file_bundle import build_file_bundle
-from .file_list import IMAGE_EXTENSIONS, FileList, class_folder_names, list_images, unreadable_folder
+from .file_list import IMAGE_EXTENSIONS, FileList, class_folder_names, is_hidden, list_images, unreadable_folder
 from .images import DatasetError, missing_dataset_error
 
 LAYOUT = """  <root>/train/<class>/<image>   (one folder per class, e.g. train/cat/0001.jpg)
@@ -65,7 +65,7 @@ def images_under(folder: Path) -> list[str]:
         if real in visited:
             raise DatasetError(f"{directory} is a link to a folder already read under {folder} (a loop): remove the link")
         visited.add(real)
-        subfolders.sort()
+        subfolders[:] = sorted(name for name in subfolders if not is_hidden(name))
         prefix = os.path.relpath(directory, folder)
         found += [name if prefix == "." else f"{prefix}/{name}" for name in list_images(directory)]
     return sorted(found)
