@@ -51,6 +51,16 @@ def test_tree_reader_orders_a_classs_images_by_their_number_not_as_strings(tmp_p
         assert torch.equal(train.images[k], torch.from_numpy(pixels).permute(2, 0, 1)), k
 
 
+def test_tree_reader_skips_macos_appledouble_files(tmp_path):
+    """pathlib's glob('*.JPEG') matches '._n..._0.JPEG', the metadata file a copy from a Mac leaves
+    beside each image: the reader failed decoding it. Hidden files are not images."""
+    root = write_tinyimagenet_tree(tmp_path, WNIDS[:2], train_per_class=3, val_per_class=1)
+    for image in list((root / "tiny-imagenet-200/train").rglob("*.JPEG")):
+        (image.parent / f"._{image.name}").write_bytes(b"\x00\x05\x16\x07" + bytes(80))
+    train = read_tree(root, "train")
+    assert len(train) == 6 and train.targets.tolist() == [0, 0, 0, 1, 1, 1]
+
+
 def test_official_subset_from_shared_data(official_subset_root):
     train = read_tree(official_subset_root, "train")
     val = read_tree(official_subset_root, "val")

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .file_list import is_hidden
 from .images import DatasetError, ImageTensors, missing_dataset_error, unreadable_image
 
 TREE_DIR = "tiny-imagenet-200"
@@ -86,7 +87,7 @@ def read_tree(root: Path, split: str) -> ImageTensors:
     if split == "train":
         for wnid in wnids:
             folder = base / "train" / wnid / "images"
-            found = sorted(folder.glob("*.JPEG"), key=lambda p: _trailing_number(p.stem))
+            found = sorted((p for p in folder.glob("*.JPEG") if not is_hidden(p.name)), key=lambda p: _trailing_number(p.stem))
             if not found:
                 raise DatasetError(f"empty or missing class folder {folder} (class {wnid} from wnids.txt)")
             files += found
