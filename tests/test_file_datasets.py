@@ -505,6 +505,28 @@ def test_device_decode_gives_the_cpu_decode_pixels(imagenet_root: Path) -> None:
 
 # --- INAT21 ----------------------------------------------------------------------------------------
 
+def test_jpegs_that_nvjpeg_may_not_take_are_decoded_on_the_cpu(tmp_path: Path) -> None:
+    """decode=device hands nvjpeg the bytes of baseline YCbCr or grayscale JPEGs only. A JPEG of RGB
+    samples stored as they are (Adobe marker, transform 0: Pillow's keep_rgb=True), a progressive
+    one and a PNG are cropped and resized on the CPU: their pixels come back, not their bytes, and
+    are the colour written (read as YCbCr, (200, 30, 40) would turn into something else)."""
+    from zipfls_train.data.transforms import read_for_device_decode
+
+    colour = (200, 30, 40)
+    image = Image.new("RGB", (48, 40), colour)
+    files = {"plain.jpg": {}, "rgb_stored.jpg": {"keep_rgb": True}, "progressive.jpg": {"progressive": True}, "image.png": {}}
+    for name, options in files.items():
+        image.save(tmp_path / name, quality=95, **options)
+    transform = EvalTransform(32, eval_resize_size(32), draft=False)
+    for name in files:
+        data, _, pixels = read_for_device_decode(str(tmp_path / name), transform, None)
+        if name == "plain.jpg":
+            assert data is not None and pixels is None
+            continue
+        assert data is None and pixels is not None, name
+        assert pixels.shape == (32, 32, 3) and np.abs(pixels.astype(int) - colour).max() <= 3, name
+
+
 def test_inat21_labels_come_from_the_json(inat_root: Path) -> None:
     train, val = read_inat21(inat_root)
     assert train.classes == [folder for _, _, folder in INAT_CLASSES]

@@ -202,11 +202,12 @@ def transform_region(path: str, transform: TrainTransform | EvalTransform, box: 
 
 def read_for_device_decode(path: str, transform: TrainTransform | EvalTransform, rng: random.Random | None) -> tuple[np.ndarray | None, CropPlan, np.ndarray | None]:
     """For decoding on the training device (nvjpeg): the file's bytes and its crop plan. Files that
-    nvjpeg may not take (not a baseline RGB/grayscale JPEG: PNG, CMYK, progressive) are transformed
-    here on the CPU instead: returns (bytes or None, plan, pixels or None)."""
+    nvjpeg may not take (not a baseline RGB/grayscale JPEG: PNG, CMYK, progressive, or RGB stored
+    without YCbCr conversion, which only an Adobe marker says) are transformed here on the CPU
+    instead: returns (bytes or None, plan, pixels or None)."""
     with _open(path) as image:
         plan = transform.plan(*image.size, rng)
-        if image.format != "JPEG" or image.mode not in ("RGB", "L") or image.info.get("progressive"):
+        if not _plain_jpeg(image):
             return None, plan, _resize_region(image, path, transform.size, *plan, crop_first=transform.crops_first)
     try:
         data = np.fromfile(path, dtype=np.uint8)
@@ -216,6 +217,14 @@ def read_for_device_decode(path: str, transform: TrainTransform | EvalTransform,
         # nvjpeg decodes a truncated file without an error (grey where data is missing); PIL raises.
         return None, plan, transform_region(path, transform, *plan)
     return data, plan, None
+
+
+def _plain_jpeg(image: Image.Image) -> bool:
+    """A baseline JPEG in YCbCr or grayscale. Adobe's APP14 transform 0 on 3 channels means the
+    samples are RGB as stored (Pillow's keep_rgb=True writes such files): libjpeg and PIL honour
+    the marker; whether nvjpeg does is not verified, so those take the CPU path."""
+    rgb_stored = image.info.get("adobe_transform") == 0 and image.mode == "RGB"
+    return image.format == "JPEG" and image.mode in ("RGB", "L") and not image.info.get("progressive") and not rgb_stored
 
 
 def _has_end_marker(data: np.ndarray, tail: int = 1024) -> bool:
