@@ -10,6 +10,8 @@ import threading
 from collections.abc import Iterator
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# POSIX signal masks; Windows has none (there, ignoring the signals meanwhile stands in).
+_CAN_BLOCK = hasattr(signal, "pthread_sigmask")
 
 
 def ignore_stop_signals() -> dict[int, object]:
@@ -19,18 +21,38 @@ def ignore_stop_signals() -> dict[int, object]:
 
 
 @contextlib.contextmanager
-def stop_signals_ignored() -> Iterator[None]:
-    """SIGINT and SIGTERM ignored in this process meanwhile, and so in the processes it starts: an
-    ignored signal stays ignored across exec, and Python's start-up keeps it so. A child started by
-    spawn or forkserver (macOS's default, and Python 3.14's on Linux) spends seconds importing torch
-    before its own code can ignore them; a signal then would kill it. (Only the main thread can set
-    handlers: elsewhere this changes nothing.)"""
+def stop_signals_held() -> Iterator[None]:
+    """While child processes start: SIGINT and SIGTERM held back (blocked) in this thread meanwhile,
+    and so in the processes it starts, which inherit the mask across fork and exec. A child started
+    by spawn or forkserver (macOS's default, and Python 3.14's on Linux) spends seconds importing
+    torch before its own code can set handlers; a signal then would kill it (or print a
+    KeyboardInterrupt traceback). Held back, it waits until the child calls
+    :func:`release_stop_signals` after setting its handlers (an ignored one is then dropped).
+
+    Blocked, not ignored: an ignored signal is discarded, so one arriving while the children start
+    was lost to this process too (a Ctrl-C then did nothing, and the run trained to its end). Held
+    back, it reaches this process's handler when the block ends (or at once, through another of its
+    threads). Only the main thread starts the children that matter; elsewhere this does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = ignore_stop_signals()
+    if not _CAN_BLOCK:
+        previous = ignore_stop_signals()
+        try:
+            yield
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+        return
+    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield
     finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+
+
+def release_stop_signals() -> None:
+    """In a child started under :func:`stop_signals_held`, once its handlers are set: the signals
+    held back since it started are delivered now (to those handlers)."""
+    if _CAN_BLOCK:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)

@@ -42,7 +42,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import original_message
-from ..stop_signals import ignore_stop_signals, stop_signals_ignored
+from ..stop_signals import ignore_stop_signals, release_stop_signals, stop_signals_held
 from .augment import Normalizer
 from .batch import Batch
 from .bundle import LoaderOptions
@@ -121,9 +121,10 @@ def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
     """Workers ignore Ctrl-C and SIGTERM, which reach the whole process group: the training process
     then saves at the next step (engine/interrupt.py) and stops its workers itself. A worker killed
     by SIGTERM would instead make DataLoader fail the main process at once, before that save. (A
-    worker is started with them ignored already, :func:`stop_signals_ignored`; this keeps them so
-    in a forked worker, which inherits the training process's handlers.)"""
+    worker is started with them held back, :func:`stop_signals_held`: one sent while it started is
+    dropped here.)"""
     ignore_stop_signals()
+    release_stop_signals()
 
 
 def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -409,7 +410,7 @@ class FileLoader:
         return self._batches_of_generation(self._generation, epoch)
 
     def _batches_of_generation(self, generation: int, epoch: int) -> Iterator[dict[str, Any]]:
-        with stop_signals_ignored():  # (while the workers start: they ignore the signals from then on)
+        with stop_signals_held():  # (while the workers start: they ignore the signals from then on)
             iterator = iter(self._dataloader())
         while True:
             if generation != self._generation:  # checked before taking a batch that is not ours

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.multiprocessing.spawn import ProcessException, ProcessExitedException
 
 from ..errors import user_errors
-from ..stop_signals import stop_signals_ignored
+from ..stop_signals import release_stop_signals, stop_signals_held
 from .config_checks import validate_config
 from .distributed import barrier, init_distributed, launched_by_torchrun, shutdown
 from .interrupt import StopRequests, TrainingInterrupted
@@ -117,12 +117,14 @@ def _spawned_worker(local_rank: int, container: dict[str, Any], run_dir: str, wo
     it as such instead of torch's ProcessRaisedException with the rank's whole traceback.
 
     Ctrl-C or SIGTERM while the rank starts ends it quietly; the parent, which gets every signal,
-    says so. The rank was started ignoring both (Python's start-up, imports included, would print a
-    KeyboardInterrupt traceback), takes them back here, and ends at once if the parent was asked to
-    stop meanwhile (``stopped``); from its training loop on, they ask it to save and stop."""
+    says so. The rank was started with both held back (Python's start-up, imports included, would
+    print a KeyboardInterrupt traceback), takes them here (one held back since then arrives now),
+    and ends at once if the parent was asked to stop meanwhile (``stopped``); from its training
+    loop on, they ask it to save and stop."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
+        release_stop_signals()
         if stopped.is_set():
             raise KeyboardInterrupt
         _worker(local_rank, container, run_dir, world_size, base_rank)
@@ -217,10 +219,17 @@ def _spawn_ranks(container: dict[str, Any], run_dir: Path, devices: int) -> None
     stops = StopRequests(announce=False, on_request=stopped.set)
     try:
         with stops:
-            with stop_signals_ignored():  # (for the moment the ranks are started: they inherit it)
+            with stop_signals_held():  # (while the ranks start; a signal meanwhile reaches `stops` after)
                 ranks = mp.start_processes(_spawned_worker, args=(container, str(run_dir), devices, 0, errors, stopped),
                                            nprocs=devices, join=False, start_method="spawn")  # fmt: skip
-            stops.forward_to += [process.pid for process in ranks.processes]
+                stops.forward_to += [process.pid for process in ranks.processes]
+                # Held back in this thread, a signal can still reach `stops` through another one,
+                # before forward_to named the ranks: they are told now.
+                requested_while_starting = stops.signal_name
+            if requested_while_starting is not None:
+                for process in ranks.processes:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(process.pid, signal.Signals[requested_while_starting])
             _join_ranks(ranks, errors)
     except ProcessException as failure:
         error = _rank_user_error(errors)
