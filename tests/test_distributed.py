@@ -150,7 +150,7 @@ def _kill_mid_epoch(args: list[str], checkpoint: Path, timeout: float = 300) -> 
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
                 return
-        time.sleep(0.01)  # (a fast machine trains the 3 mid-epoch steps of the window in ~0.1 s)
+        time.sleep(0.01)  # (the window: epoch 2's 9 mid-epoch checkpoints; with 3, a fast machine passed it in ~0.1 s)
     process.kill()
     pytest.fail(f"run ended or timed out before a mid-epoch checkpoint: {process.stderr.read()[-2000:]}")
 
@@ -161,7 +161,7 @@ def test_sigkill_mid_epoch_then_same_command_ends_identically(tiny_pack_root, tm
     state and metrics: with a stateful method (PS-KD's per-sample memory, all-gathered across ranks)
     and with one that draws from torch's global generator on every rank (random soft labels), which
     needs each rank's own random state back."""
-    base = [*TINY_RUN, f"dataset.root={tiny_pack_root}", "trainer.epochs=2", "trainer.max_steps_per_epoch=4",
+    base = [*TINY_RUN, f"dataset.root={tiny_pack_root}", "trainer.epochs=2", "trainer.max_steps_per_epoch=10",
             "trainer.checkpoint_every_steps=1", f"loss={loss}", "trainer.devices=2", "model.options.norm=group"]
     straight = tmp_path / "straight"
     killed = tmp_path / "killed"
