@@ -8,7 +8,6 @@ import json
 import os
 import pickle
 import signal
-import socket
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -37,13 +36,6 @@ def shared_data() -> Path:
     if os.environ.get("CI") == "true":
         raise FileNotFoundError(f"CI=true but the shared data folder {SHARED_DATA} is missing")
     pytest.skip(f"{SHARED_DATA} not present (outside CI)")
-
-
-def free_loopback_port() -> int:
-    """A TCP port free on 127.0.0.1 now, for test process groups (the OS picks it)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager

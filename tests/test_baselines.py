@@ -8,14 +8,13 @@ import copy
 import gc
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import compose, free_loopback_port
+from conftest import compose
 from omegaconf import OmegaConf
 
 from zipfls_train.data.batch import Batch
@@ -620,9 +619,8 @@ def test_ban_trains_generation_2_from_a_real_best_checkpoint(run_tiny, tmp_path)
 # --- DDP (gloo, 2 processes): BYOT's heads are all-reduced, PS-KD's memory is all-gathered -------
 
 
-def _ddp_worker(rank: int, world: int, port: int, run_dir: str) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _ddp_worker(rank: int, world: int, store: str, run_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
         # The Trainer hands BYOT the global batch (both ranks' 8 samples together), not a rank's 8.
@@ -684,7 +682,7 @@ def _ddp_worker(rank: int, world: int, port: int, run_dir: str) -> None:
 
 
 def test_ddp_all_reduces_byot_heads_and_all_gathers_pskd_memory(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, free_loopback_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, f"file://{tmp_path}/store", str(tmp_path)), nprocs=2, join=True)
 
 
 # --- the shipped defaults are SPEC.md section 2's ------------------------------------------------

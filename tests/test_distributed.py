@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TINY_RUN, compose, free_loopback_port
+from conftest import REPO, TINY_RUN, compose
 from zipfls_train.engine.checkpoint import load_checkpoint
 from zipfls_train.engine.run import run_training
 
@@ -315,12 +315,12 @@ def test_ddp_train_loss_is_the_global_batch_mean(tiny_pack_root, tmp_path):
 
 
 
-def _window_means(rank: int, port: int, results) -> None:  # noqa: ANN001
+def _window_means(rank: int, store: str, results) -> None:  # noqa: ANN001
     import torch.distributed as dist
 
     from zipfls_train.engine.metrics import TermAccumulator
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=2)
     try:
         running = TermAccumulator()
         running.add({"loss": torch.tensor(100.0)})  # before the window
@@ -334,12 +334,17 @@ def _window_means(rank: int, port: int, results) -> None:  # noqa: ANN001
 
 
 def _on_two_gloo_ranks(target, *args, results: dict | None = None) -> dict:  # noqa: ANN001
-    """``target(rank, port, *args, results)`` in 2 spawned gloo ranks; returns what they put in
-    ``results`` (a shared dict starting as the one given)."""
+    """``target(rank, store, *args, results)`` in 2 spawned gloo ranks, ``store`` being the
+    init_method to meet at: a file:// store in a new folder (no port that another process could take
+    between choosing it and rank 0 listening on it). Returns what the ranks put in ``results`` (a
+    shared dict starting as the one given)."""
+    import tempfile
+
     import torch.multiprocessing as mp
 
     shared = mp.Manager().dict(results or {})
-    mp.spawn(target, args=(free_loopback_port(), *args, shared), nprocs=2, join=True)
+    with tempfile.TemporaryDirectory() as folder:
+        mp.spawn(target, args=(f"file://{folder}/store", *args, shared), nprocs=2, join=True)
     return dict(shared)
 
 
@@ -356,12 +361,12 @@ def test_logged_window_means_are_every_ranks_and_a_nan_reaches_all(nan):
         assert (results[0], results[1]) == ((2.5, 1.5), (2.5, 3.5))
 
 
-def _saved_window(rank: int, port: int, results) -> None:  # noqa: ANN001
+def _saved_window(rank: int, store: str, results) -> None:  # noqa: ANN001
     import torch.distributed as dist
 
     from zipfls_train.engine.metrics import TermAccumulator
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=2)
     try:
         running = TermAccumulator()
         running.add({"loss": torch.tensor(100.0 + rank)})  # logged: the window restarts after it
@@ -383,12 +388,12 @@ def test_a_save_averages_the_window_over_the_ranks_with_the_sums():
     assert results[0] == results[1] == (102.0, 100.5, 1.5)
 
 
-def _buffers_after_broadcast(rank: int, port: int, results) -> None:  # noqa: ANN001
+def _buffers_after_broadcast(rank: int, store: str, results) -> None:  # noqa: ANN001
     import torch.distributed as dist
 
     from zipfls_train.engine.distributed import broadcast_buffers
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=2)
     try:
         norm = torch.nn.BatchNorm2d(3)
         norm.running_mean.fill_(float(rank + 1))  # each rank's own statistics, as after a DDP step
@@ -406,7 +411,7 @@ def test_evaluation_takes_rank_0s_batchnorm_statistics_on_every_rank():
     assert results == {0: ([1.0, 1.0, 1.0], 10), 1: ([1.0, 1.0, 1.0], 10)}
 
 
-def _folder_views(rank: int, port: int, folders, results) -> None:  # noqa: ANN001
+def _folder_views(rank: int, store: str, folders, results) -> None:  # noqa: ANN001
     import types
 
     import torch.distributed as dist
@@ -415,7 +420,7 @@ def _folder_views(rank: int, port: int, folders, results) -> None:  # noqa: ANN0
     from zipfls_train.engine.resume import ResumeError
     from zipfls_train.engine.trainer import Trainer
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=2)
     try:
         run_dir = Path(folders[rank])
         trainer = types.SimpleNamespace(ctx=DistContext(rank=rank, world_size=2), run_dir=run_dir, checkpoint_dir=run_dir / "checkpoints")
@@ -461,14 +466,14 @@ def test_spawned_ranks_meet_on_loopback_whatever_master_addr_says(tmp_path, monk
     assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("10.255.255.1", "29500")
 
 
-def _vote_steps(rank: int, port: int, seconds_per_step: list[float], results) -> None:  # noqa: ANN001
+def _vote_steps(rank: int, store: str, seconds_per_step: list[float], results) -> None:  # noqa: ANN001
     """Two ranks step through 100 steps (log steps every 50) on their own fake clocks; rank 1
     receives SIGTERM during step 12. Records at which step each rank decides to stop."""
     import torch.distributed as dist
 
     from zipfls_train.engine.interrupt import StopRequests, StopVotes
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=2)
     try:
         now = [0.0]
         requests = StopRequests()
@@ -505,12 +510,12 @@ def test_steps_between_votes_cover_the_time_asked_within_the_log_interval():
     assert steps_between_votes(30.0, 5.0, 50) == 1  # slower than the bound: vote at every step
 
 
-def _bucket_view_step(rank: int, port: int, results) -> None:  # noqa: ANN001
+def _bucket_view_step(rank: int, store: str, results) -> None:  # noqa: ANN001
     import torch.distributed as dist
 
     from zipfls_train.engine.distributed import wrap_ddp
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=2)
     try:
         torch.manual_seed(0)  # the same initial weights on both ranks
         model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))

@@ -53,16 +53,14 @@ def test_two_epochs_learn_and_fill_the_run_folder(run_tiny):
 
 
 
-def test_a_run_from_a_notebook_trains_as_usual_and_leaves_its_torch_state_alone(run_tiny):
+def test_a_run_from_a_notebook_trains_as_usual_and_leaves_its_torch_state_alone(run_tiny, tmp_path):
     """run_training inside a session that made float64 the default, switched gradients off, set its
     own deterministic flags and joined its own process group: the run trains in float32 with
     gradients (it trained in float64, recorded as fp32, or failed blaming the loss), and returns
     the session's dtype, grad mode, flags and process group as they were (the group was destroyed)."""
     import torch.distributed as dist
 
-    from conftest import free_loopback_port
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_loopback_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     flags = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     benchmark = torch.backends.cudnn.benchmark
     torch.set_default_dtype(torch.float64)
