@@ -29,6 +29,11 @@ CONFIG_DIR = REPO / "configs"
 SHARED_DATA = Path(os.environ.get("ZIPFLS_SHARED_DATA", REPO / ".." / "shared" / "data")).resolve()
 
 
+# The first bytes of an AppleDouble file (the '._' file macOS writes beside each file it copies to
+# a disk or share that has no place for its metadata): a magic number, no image.
+APPLEDOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(60)
+
+
 def shared_data() -> Path:
     """../shared/data; under CI it must exist (a test needing it fails rather than skips)."""
     if SHARED_DATA.is_dir():

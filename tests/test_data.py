@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import shared_data, write_cifar100, write_tinyimagenet_pack, write_tinyimagenet_tree
+from conftest import APPLEDOUBLE, shared_data, write_cifar100, write_tinyimagenet_pack, write_tinyimagenet_tree
 from zipfls_train.data import DatasetError, ImageTensors, LoaderOptions, TensorLoader
 from zipfls_train.data.augment import boxes_to_spans, crop_and_resize, normalize, random_crop_with_padding, random_resized_crop_boxes
 from zipfls_train.data.cifar100 import read_cifar100
@@ -56,7 +56,7 @@ def test_tree_reader_skips_macos_appledouble_files(tmp_path):
     beside each image: the reader failed decoding it. Hidden files are not images."""
     root = write_tinyimagenet_tree(tmp_path, WNIDS[:2], train_per_class=3, val_per_class=1)
     for image in list((root / "tiny-imagenet-200/train").rglob("*.JPEG")):
-        (image.parent / f"._{image.name}").write_bytes(b"\x00\x05\x16\x07" + bytes(80))
+        (image.parent / f"._{image.name}").write_bytes(APPLEDOUBLE)
     train = read_tree(root, "train")
     assert len(train) == 6 and train.targets.tolist() == [0, 0, 0, 1, 1, 1]
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import compose, shared_data
+from conftest import APPLEDOUBLE, compose, shared_data
 from zipfls_train.data import DatasetError, LoaderOptions, build_data
 from zipfls_train.data.file_list import FileList
 from zipfls_train.data.file_bundle import build_transforms
@@ -503,8 +503,6 @@ def test_device_decode_gives_the_cpu_decode_pixels(imagenet_root: Path) -> None:
         assert float(per_image.max()) < 2.0, (split, per_image)
 
 
-# --- INAT21 ----------------------------------------------------------------------------------------
-
 def test_jpegs_that_nvjpeg_may_not_take_are_decoded_on_the_cpu(tmp_path: Path) -> None:
     """decode=device hands nvjpeg the bytes of baseline YCbCr or grayscale JPEGs only. A JPEG of RGB
     samples stored as they are (Adobe marker, transform 0: Pillow's keep_rgb=True), a progressive
@@ -526,6 +524,8 @@ def test_jpegs_that_nvjpeg_may_not_take_are_decoded_on_the_cpu(tmp_path: Path) -
         assert data is None and pixels is not None, name
         assert pixels.shape == (32, 32, 3) and np.abs(pixels.astype(int) - colour).max() <= 3, name
 
+
+# --- INAT21 ----------------------------------------------------------------------------------------
 
 def test_inat21_labels_come_from_the_json(inat_root: Path) -> None:
     train, val = read_inat21(inat_root)
@@ -959,11 +959,6 @@ def test_a_link_whose_target_is_gone_is_named_not_silently_dropped(tmp_path: Pat
     shutil.rmtree(store / "fox_val")  # the val class folder's target is gone: the class is not silently left out
     with pytest.raises(DatasetError, match=rf"^{re.escape(str(root / 'val' / 'fox'))} is a link to .*fox_val, which does not exist"):
         read_image_folder(root)
-
-
-# The first bytes of an AppleDouble file (the '._' file macOS writes beside each file it copies to
-# a disk or share that has no place for its metadata): a magic number, no image.
-APPLEDOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(60)
 
 
 def test_hidden_files_and_folders_are_neither_images_nor_classes(tmp_path: Path) -> None:

@@ -58,10 +58,14 @@ class StopRequests:
             signal.signal(number, handler)
         self._previous.clear()
 
-    def _request(self, number: int, frame: FrameType | None) -> None:
+    def forward(self, number: int) -> None:
+        """Send signal ``number`` on to the processes of :attr:`forward_to` (those already gone excepted)."""
         for pid in self.forward_to:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, number)
+
+    def _request(self, number: int, frame: FrameType | None) -> None:
+        self.forward(number)
         if self.signal_name is not None:
             if time.monotonic() - self._first_at >= REPEAT_WINDOW_S:
                 self._act_as_before(number, frame)

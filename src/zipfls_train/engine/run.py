@@ -227,9 +227,7 @@ def _spawn_ranks(container: dict[str, Any], run_dir: Path, devices: int) -> None
                 # before forward_to named the ranks: they are told now.
                 requested_while_starting = stops.signal_name
             if requested_while_starting is not None:
-                for process in ranks.processes:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(process.pid, signal.Signals[requested_while_starting])
+                stops.forward(signal.Signals[requested_while_starting])
             _join_ranks(ranks, errors)
     except ProcessException as failure:
         error = _rank_user_error(errors)
