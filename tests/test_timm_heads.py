@@ -104,3 +104,24 @@ def test_the_head_norm_first_hint_is_given_only_for_a_norm_after_pooling():
     with pytest.raises(ValueError, match=r"\['conv_head'\] after global pooling") as refused:
         check_model_options("timm.mobilenetv3_small_100", {})
     assert "head_norm_first" not in str(refused.value)
+
+
+def test_a_timm_older_than_pyproject_asks_for_is_named_with_the_fix(monkeypatch):
+    # timm < 1.0.31's DenseNet (and < 1.0.3's ResNet) has no forward_intermediates: the build would
+    # otherwise stop with an AttributeError inside the first forward pass.
+    from zipfls_train.models import imagenet
+
+    monkeypatch.setattr(imagenet.timm, "create_model", lambda *args, **kwargs: torch.nn.Conv2d(3, 8, 1))
+    monkeypatch.setattr(imagenet.timm, "__version__", "1.0.29")
+    with pytest.raises(ValueError, match=r"timm 1\.0\.29's densenet121 has no forward_intermediates.*pip install 'timm>=1\.0\.31'"):
+        build_model("densenet121", num_classes=10)
+
+
+def test_pyproject_asks_for_the_timm_the_wrapper_needs():
+    import pathlib
+    import re
+
+    from zipfls_train.models.imagenet import MIN_TIMM_VERSION
+
+    pyproject = (pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert re.search(r'"timm>=([\d.]+)"', pyproject).group(1) == MIN_TIMM_VERSION == "1.0.31"

@@ -81,8 +81,16 @@ CLASSIFIER_INITS: Mapping[str, Callable[[nn.Linear], None]] = {
 # Models whose intermediate stage outputs are not normalised: their auxiliary heads apply BN + ReLU first.
 NORMALISED_AUX_HEADS = frozenset({"densenet121"})
 
+# The first timm whose every built-in architecture has forward_intermediates (DenseNet's came last);
+# pyproject.toml asks for it.
+MIN_TIMM_VERSION = "1.0.31"
+
 # feature_info entries below this stride belong to the stem, not to a stage.
 MIN_STAGE_REDUCTION = 4
+
+
+class NotWrappableError(ValueError):
+    """A timm model the wrapper cannot take as it is (its message says why)."""
 
 
 class TimmBackbone(nn.Module):
@@ -103,6 +111,11 @@ class TimmBackbone(nn.Module):
         self.classifier_dropout = float(timm_kwargs.pop("drop_rate", 0.0))
         # num_classes=0 and global_pool="": no pooling, no classifier (the wrapper owns both).
         self.model = timm.create_model(timm_name, pretrained=False, num_classes=0, global_pool="", **timm_kwargs)
+        if not hasattr(self.model, "forward_intermediates"):  # an older timm than pyproject.toml asks for
+            raise NotWrappableError(
+                f"timm {timm.__version__}'s {timm_name} has no forward_intermediates, which the wrapper reads its stages "
+                f"from; timm >= {MIN_TIMM_VERSION} has it for every built-in model: pip install 'timm>={MIN_TIMM_VERSION}'"
+            )
         info = self.model.feature_info
         self.feature_indices = [i for i, f in enumerate(info) if int(f["reduction"]) >= MIN_STAGE_REDUCTION]
         channels = [int(info[i]["num_chs"]) for i in self.feature_indices]
@@ -126,10 +139,6 @@ class TimmBackbone(nn.Module):
         else:
             maps[-1] = final
         return maps
-
-
-class NotWrappableError(ValueError):
-    """A timm model the wrapper cannot take as it is (its message says why)."""
 
 
 def _check_head_and_final(timm_name: str, timm_kwargs: Mapping[str, Any], indices: list[int]) -> bool | None:
