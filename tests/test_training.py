@@ -673,6 +673,18 @@ def test_multirun_sweeps_losses_and_seeds(tiny_pack_root, tmp_path):
     assert f"{sum(best['ls']) / 2:.2f}" in ls_row and "56.89" in ls_row
 
 
+def test_help_starts_with_how_to_call_it_then_lists_the_groups():
+    result = _train_py("--help")
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert lines[0] == "zipfls-train: Zipf's label smoothing (ECCV 2022) and its baselines."
+    assert "  python train.py -m loss=ce,ls,zipf seed=0,1,2,3,4 dataset.root=../shared/data" in lines
+    groups = lines.index("== Configuration groups ==")
+    assert lines[groups - 1] == ""
+    assert any(line.startswith("loss: ban, byot, ce, cskd, ddgsd, ls, pskd, tfkd, zipf,") for line in lines[groups:])
+    assert [line for line in lines if line][-1].startswith("python train.py ... --cfg job prints the composed config")
+
+
 def test_unknown_config_choice_names_the_group_and_options():
     result = _train_py("loss=nope", "--cfg", "job")
     assert result.returncode != 0
