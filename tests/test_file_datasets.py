@@ -515,6 +515,11 @@ def test_jpegs_that_nvjpeg_may_not_take_are_decoded_on_the_cpu(tmp_path: Path) -
     files = {"plain.jpg": {}, "rgb_stored.jpg": {"keep_rgb": True}, "progressive.jpg": {"progressive": True}, "image.png": {}}
     for name, options in files.items():
         image.save(tmp_path / name, quality=95, **options)
+    # The premise: an APP14 "Adobe" segment whose last byte, the transform, is 0 (Pillow < 10.2 drops
+    # keep_rgb without a word and writes a plain YCbCr JPEG).
+    rgb_stored = (tmp_path / "rgb_stored.jpg").read_bytes()
+    adobe = rgb_stored.find(b"Adobe")  # after the marker FF EE and the segment length
+    assert adobe > 0 and rgb_stored[adobe - 4:adobe - 2] == b"\xff\xee" and rgb_stored[adobe + 11] == 0, "this Pillow did not write an RGB-stored JPEG (keep_rgb needs Pillow >= 10.2)"
     transform = EvalTransform(32, eval_resize_size(32), draft=False)
     for name in files:
         data, _, pixels = read_for_device_decode(str(tmp_path / name), transform, None)
