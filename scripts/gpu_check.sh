@@ -35,6 +35,8 @@
 # Both are git-ignored; make them once, then name them in the device call's carry:
 #   mkdir -p .gpu_data .gpu_site && cp -r ../shared/data/tinyimagenet-32 .gpu_data/
 #   cp -r .venv/lib/python3.*/site-packages/{hydra,omegaconf,antlr4} .gpu_site/
+# The image's timm (1.0.29 so far) builds every model the checks use; not DenseNet-121 at 224 px,
+# whose forward_intermediates came in timm 1.0.31 (11 MB more to carry, beside 49 MB of data).
 # Budgets (seconds) can be shrunk for a dry run; TRAIN_ARGS replaces bench_train.py's case list,
 # QUICK_EXTRA adds overrides to the quick runs.
 set -u

@@ -139,3 +139,19 @@ def test_the_demo_reports_the_run_it_trained_not_the_newest_one(tiny_pack_root, 
     assert "run already finished" in again and f"Run folder:       {tmp_path}/seed0" in again
     best = re.search(r"Demo finished: best val top-1 ([0-9.]+)%", again).group(1)
     assert best == re.search(r"Demo finished: best val top-1 ([0-9.]+)%", first).group(1)
+
+
+def test_dependency_floors_are_read_from_the_project_and_the_test_extra(tmp_path):
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from check_dependency_floors import declared_floors
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    (tmp_path / "pyproject.toml").write_text(
+        '[project]\ndependencies = ["torch>=2.8,<=2.14.1", "timm>=1.0.31", "Pillow >= 9.0", "hydra-core>=1.3,<1.4", "tqdm"]\n'
+        '[project.optional-dependencies]\ntest = ["pytest>=7.4", "pillow>=10.2", "hydra-core[extra]>=1.2", "triton; sys_platform == \'linux\'"]\n'
+    )
+    # torch keeps the installed build; the test extra's higher Pillow floor wins, its lower Hydra one does not.
+    assert declared_floors(tmp_path / "pyproject.toml") == {
+        "timm": "1.0.31", "pillow": "10.2", "hydra-core": "1.3", "pytest": "7.4",
+    }
