@@ -10,6 +10,8 @@ import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -1137,40 +1139,79 @@ def test_close_ends_a_worker_stuck_in_a_read_although_workers_ignore_sigterm(ima
     assert not any(worker.is_alive() for worker in workers)
 
 
-def test_a_signal_while_spawned_workers_start_does_not_kill_them(imagenet_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_shared_memory_too_small_for_the_batch_buffers_is_said_before_training(imagenet_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A container's /dev/shm (64 MB by default under Docker) cannot hold the workers' batch buffers:
+    torch's "unable to allocate shared memory" came as a traceback, and for the val loader only at
+    the first evaluation, an epoch into training. The buffers are now made with the loader, and the
+    error names what they need and the keys that size them. (By hand, under a 16 MB tmpfs on
+    /dev/shm: the same message, before the first step.)"""
+    def no_room(self):  # noqa: ANN001, ANN202
+        raise RuntimeError("unable to allocate shared memory(shm) for file </torch_1_2_3>: No space left on device (28)")
+
+    files = imagenet_files(imagenet_root, "val")
+    monkeypatch.setattr(torch.Tensor, "share_memory_", no_room)
+    FileLoader(files, options(num_workers=0), train=False, transform=EvalTransform(224, 256), mean=MEAN, std=STD)  # no buffers
+    with pytest.raises(DatasetError) as refused:
+        FileLoader(files, options(num_workers=2, eval_batch_size=512), train=False, transform=EvalTransform(224, 256), mean=MEAN, std=STD)
+    # 2 workers x 2 + 2 = 6 batches, each no larger than the val set's own images.
+    images = len(files)
+    assert images < 512
+    message = str(refused.value)
+    assert message.startswith(f"the val loader's batch buffers need {6 * images * 224 * 224 * 3 / 2**20:.0f} MiB of shared memory "
+                              f"(6 batches in flight, trainer.num_workers=2 x 2 + 2, of {images} x 224 x 224 x 3 bytes) and /dev/shm has ")
+    assert message.endswith("or lower trainer.num_workers or trainer.eval_batch_size")
+
+
+# The first batch of a loader whose workers each get SIGINT the moment they are started, in a fresh
+# process (argv: ImageNet root, start method): it prints the batch's shape.
+SIGNAL_AT_WORKER_START = """
+import multiprocessing, os, signal, sys
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from zipfls_train.data import LoaderOptions
+from zipfls_train.data.file_loader import FileLoader
+from zipfls_train.data.imagenet import read_imagenet
+from zipfls_train.data.transforms import TrainTransform
+
+original_iter = DataLoader.__iter__
+
+
+def iter_then_signal_the_workers(self):
+    iterator = original_iter(self)
+    for worker in iterator._workers:
+        os.kill(worker.pid, signal.SIGINT)
+    return iterator
+
+
+if __name__ == "__main__":
+    multiprocessing.set_start_method(sys.argv[2])
+    DataLoader.__iter__ = iter_then_signal_the_workers
+    files = read_imagenet(Path(sys.argv[1]))[0].subset(8, None)
+    options = LoaderOptions(batch_size=4, eval_batch_size=5, device=torch.device("cpu"), seed=0, num_workers=1)
+    loader = FileLoader(files, options, train=True, transform=TrainTransform(24), mean=[0.5] * 3, std=[0.25] * 3)
+    try:
+        print(tuple(next(loader.epoch(0)).inputs.shape))
+    finally:
+        loader.close()
+"""
+
+
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+def test_a_signal_while_spawned_workers_start_does_not_kill_them(imagenet_root: Path, start_method: str) -> None:
     """macOS starts DataLoader workers by spawn (and Python 3.14's Linux by forkserver): a worker
     spends seconds starting Python and importing torch before its own code ignores Ctrl-C and
     SIGTERM. A signal to the process group then (Ctrl-C at the start of an epoch or evaluation)
     killed it, and the run with it ("DataLoader worker exited unexpectedly"), instead of letting
-    the training process save and stop. Here each worker gets SIGINT the moment it is started."""
-    import multiprocessing
-    import signal
-
-    from torch.utils.data import DataLoader
-
-    started_iterators = []
-    original_iter = DataLoader.__iter__
-
-    def iter_then_signal_the_workers(self):  # noqa: ANN001, ANN202
-        iterator = original_iter(self)
-        for worker in iterator._workers:
-            os.kill(worker.pid, signal.SIGINT)
-        started_iterators.append(iterator)
-        return iterator
-
-    monkeypatch.setattr(DataLoader, "__iter__", iter_then_signal_the_workers)
-    previous = multiprocessing.get_start_method()
-    multiprocessing.set_start_method("spawn", force=True)
-    try:
-        files = imagenet_files(imagenet_root, subset=8)
-        loader = FileLoader(files, options(num_workers=1), train=True, transform=TrainTransform(24), mean=MEAN, std=STD)
-        try:
-            batch = next(loader.epoch(0))
-        finally:
-            loader.close()
-    finally:
-        multiprocessing.set_start_method(previous, force=True)
-    assert len(started_iterators) == 1 and batch.inputs.shape == (loader.batch_size, 3, 24, 24)
+    the training process save and stop. In a fresh process: the first such start also starts
+    Python's resource tracker, which unblocked the signals the workers were to inherit held back
+    (this test passed only after another test had started the tracker)."""
+    result = subprocess.run([sys.executable, "-c", SIGNAL_AT_WORKER_START, str(imagenet_root), start_method],
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines() == ["(4, 3, 24, 24)"]
 
 
 @pytest.mark.parametrize("workers", [0, 1])

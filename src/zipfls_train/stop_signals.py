@@ -5,6 +5,7 @@ process group, and the training process alone decides what to do (save, then sto
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import signal
 import threading
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ def ignore_stop_signals() -> dict[int, object]:
 
 
 @contextlib.contextmanager
-def stop_signals_held() -> Iterator[None]:
+def stop_signals_held(start_method: str | None = None) -> Iterator[None]:
     """While child processes start: SIGINT and SIGTERM held back (blocked) in this thread meanwhile,
     and so in the processes it starts, which inherit the mask across fork and exec. A child started
     by spawn or forkserver (macOS's default, and Python 3.14's on Linux) spends seconds importing
@@ -32,7 +33,9 @@ def stop_signals_held() -> Iterator[None]:
     Blocked, not ignored: an ignored signal is discarded, so one arriving while the children start
     was lost to this process too (a Ctrl-C then did nothing, and the run trained to its end). Held
     back, it reaches this process's handler when the block ends (or at once, through another of its
-    threads). Only the main thread starts the children that matter; elsewhere this does nothing."""
+    threads). Only the main thread starts the children that matter; elsewhere this does nothing.
+
+    ``start_method``: how the children are started (None: multiprocessing's default)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -44,11 +47,26 @@ def stop_signals_held() -> Iterator[None]:
             for number, handler in previous.items():
                 signal.signal(number, handler)
         return
+    _start_resource_tracker_for(start_method)
     previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+
+
+def _start_resource_tracker_for(start_method: str | None) -> None:
+    """Python starts its multiprocessing resource tracker with the first child a process starts by
+    spawn or forkserver, and starting it unblocks SIGINT and SIGTERM in the calling thread
+    (resource_tracker.ensure_running blocks them, starts the tracker, then unblocks them instead of
+    restoring the mask as it was). A hold taken before then ended with it, and the children started
+    after died of a signal sent while they started (macOS's first DataLoader workers of a run).
+    Started before the hold, the tracker leaves it alone. Children started by fork need none."""
+    method = start_method or multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
+    if method != "fork":
+        from multiprocessing import resource_tracker
+
+        resource_tracker.ensure_running()
 
 
 def release_stop_signals() -> None:

@@ -29,8 +29,10 @@ Same protocol as :class:`TensorLoader`: ``len(loader)`` batches per epoch for th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import shutil
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -52,6 +54,9 @@ from .file_list import FileList
 from .images import DatasetError
 from .page_lock import CUDA_SUCCESS, cuda_error_text, page_lock, page_unlock
 from .seeds import mix_seed
+
+# Where Linux keeps POSIX shared memory (the ring's buffers): its free space is named when they do not fit.
+SHARED_MEMORY_FOLDER = "/dev/shm"
 
 # cpu: workers decode with PIL | device: workers only read bytes and draw crops, the training device
 # decodes (nvjpeg through torchvision.io.decode_jpeg on CUDA) and crops/resizes there.
@@ -227,6 +232,13 @@ class FileLoader:
         self._slot_events: dict[int, Any] = {}
         if self.pairs:
             self._partners = SameClassPartners(torch.from_numpy(files.targets), len(files.classes))
+        # The ring is allocated now, not with the first batch: shared memory too small for it (a
+        # container's 64 MB /dev/shm) is said before training, not at the first evaluation, an epoch in.
+        if self._workers() > 0 and self.decode == "cpu" and hasattr(self.transform, "size"):
+            self._make_ring(self._workers())
+
+    def _workers(self) -> int:
+        return max(0, int(self.options.num_workers))
 
     # --- sharding (as TensorLoader) ---------------------------------------------------------
     def _shard_size(self) -> int:
@@ -274,15 +286,39 @@ class FileLoader:
         page-locked for the GPU when possible) once: only labels travel back."""
         slots = self.prefetch_factor * workers + 2  # batches in flight + the one being converted + 1
         size = int(self.transform.size)
-        self._ring = [
-            {name: torch.empty((self.batch_size, size, size, 3), dtype=torch.uint8).share_memory_() for name in self._views()}
-            for _ in range(slots)
-        ]
+        rows = min(self.batch_size, max(1, self._shard_size()))  # an eval batch is no larger than the shard
+        try:
+            self._ring = [
+                {name: torch.empty((rows, size, size, 3), dtype=torch.uint8).share_memory_() for name in self._views()}
+                for _ in range(slots)
+            ]
+        except RuntimeError as error:
+            if "shared memory" not in str(error):
+                raise
+            raise DatasetError(self._ring_does_not_fit(slots, rows, size, workers)) from error
         if self.options.device.type == "cuda":
             self._page_lock_ring()
         self.dataset.ring = self._ring
         self._plan.slots = slots
         self._plan.before_reuse = weakref.WeakMethod(self._wait_slot)
+
+    def _ring_does_not_fit(self, slots: int, rows: int, size: int, workers: int) -> str:
+        views = len(self._views())
+        need = slots * views * rows * size * size * 3
+        batch_key = "trainer.batch_size" if self.train else "trainer.eval_batch_size"
+        try:
+            usage = shutil.disk_usage(SHARED_MEMORY_FOLDER)
+            room = f"{SHARED_MEMORY_FOLDER} has {usage.free / 2**20:.0f} MiB free of {usage.total / 2**20:.0f} MiB"
+        except OSError:
+            room = "the system has less"
+        return (
+            f"the {'train' if self.train else 'val'} loader's batch buffers need {need / 2**20:.0f} MiB of shared memory "
+            f"({slots} batches in flight, trainer.num_workers={workers} x {self.prefetch_factor} + 2, of "
+            f"{f'{views} views x ' if views > 1 else ''}{rows} x {size} x {size} x 3 bytes) and {room}: give it more, enough for the "
+            "train and val loaders of every training process on the machine (docker run --shm-size=<size> or "
+            "--ipc=host; on Kubernetes an emptyDir of medium Memory mounted at /dev/shm), "
+            f"or lower trainer.num_workers or {batch_key}"
+        )
 
     def _page_lock_ring(self) -> None:
         """Page-lock the ring in place so each copy to the GPU is an asynchronous DMA (no pinned copy).
@@ -335,9 +371,7 @@ class FileLoader:
 
     def _dataloader(self) -> DataLoader:
         if self._loader is None:
-            workers = max(0, int(self.options.num_workers))
-            if workers > 0 and self.decode == "cpu" and hasattr(self.transform, "size"):
-                self._make_ring(workers)
+            workers = self._workers()
             self._loader = DataLoader(
                 self.dataset,
                 batch_sampler=self._plan,
@@ -410,7 +444,8 @@ class FileLoader:
         return self._batches_of_generation(self._generation, epoch)
 
     def _batches_of_generation(self, generation: int, epoch: int) -> Iterator[dict[str, Any]]:
-        with stop_signals_held():  # (while the workers start: they ignore the signals from then on)
+        starting_workers = stop_signals_held() if self._workers() > 0 else contextlib.nullcontext()
+        with starting_workers:  # (held while the workers start: they ignore the signals from then on)
             iterator = iter(self._dataloader())
         while True:
             if generation != self._generation:  # checked before taking a batch that is not ours

@@ -219,7 +219,7 @@ def _spawn_ranks(container: dict[str, Any], run_dir: Path, devices: int) -> None
     stops = StopRequests(announce=False, on_request=stopped.set)
     try:
         with stops:
-            with stop_signals_held():  # (while the ranks start; a signal meanwhile reaches `stops` after)
+            with stop_signals_held("spawn"):  # (while the ranks start; a signal meanwhile reaches `stops` after)
                 ranks = mp.start_processes(_spawned_worker, args=(container, str(run_dir), devices, 0, errors, stopped),
                                            nprocs=devices, join=False, start_method="spawn")  # fmt: skip
                 stops.forward_to += [process.pid for process in ranks.processes]
