@@ -1187,7 +1187,7 @@ def iter_then_signal_the_workers(self):
 
 
 if __name__ == "__main__":
-    multiprocessing.set_start_method(sys.argv[2])
+    multiprocessing.set_start_method(sys.argv[2], force=True)
     DataLoader.__iter__ = iter_then_signal_the_workers
     files = read_imagenet(Path(sys.argv[1]))[0].subset(8, None)
     options = LoaderOptions(batch_size=4, eval_batch_size=5, device=torch.device("cpu"), seed=0, num_workers=1)
