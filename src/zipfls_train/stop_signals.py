@@ -60,7 +60,8 @@ def _start_resource_tracker_for(start_method: str | None) -> None:
     spawn or forkserver, and starting it unblocks SIGINT and SIGTERM in the calling thread
     (resource_tracker.ensure_running blocks them, starts the tracker, then unblocks them instead of
     restoring the mask as it was). A hold taken before then ended with it, and the children started
-    after died of a signal sent while they started (macOS's first DataLoader workers of a run).
+    after died of a signal sent while they started (a process's first DataLoader workers, where nothing
+    had started the tracker yet: a loader used from Python).
     Started before the hold, the tracker leaves it alone. Children started by fork need none."""
     method = start_method or multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
     if method != "fork":
