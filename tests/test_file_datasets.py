@@ -505,6 +505,40 @@ def test_device_decode_gives_the_cpu_decode_pixels(imagenet_root: Path) -> None:
         assert float(per_image.max()) < 2.0, (split, per_image)
 
 
+def test_device_decode_keeps_each_cpu_decoded_image_in_its_place_and_shares_one_segment_per_batch(tmp_path: Path) -> None:
+    """Progressive JPEGs and PNGs are decoded by the workers under decode=device. Their pixels now
+    travel as one stacked tensor per batch: a tensor per image held a file descriptor each in the
+    worker until the main process took it, and a DataLoader whose workers reach the open-file limit
+    hangs (seen: two workers at ulimit -n 256 with 256 tensors a batch, stopped at 255 open files)."""
+    from zipfls_train.data.device_decode import read_device_job, stack_device_jobs
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for name in ("a", "b"):
+            folder = tmp_path / split / name
+            folder.mkdir(parents=True)
+            for kind, save_options in (("plain.jpg", {}), ("progressive.jpg", {"progressive": True}), ("image.png", {})):
+                Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / kind, quality=95, **save_options)
+    scale = torch.tensor(STD).view(1, 3, 1, 1) * 255
+    batches = {}
+    for decode in ("cpu", "device"):
+        cfg = dataset_cfg("imagefolder", tmp_path, num_classes=2, image_size=32, decode=decode, decode_draft=False)
+        bundle = build_data(cfg, options(eval_batch_size=6, num_workers=1))
+        batches[decode] = next(bundle.val.epoch(0))
+        bundle.val.close()
+        bundle.train.close()
+    cpu, device = batches["cpu"], batches["device"]
+    assert torch.equal(cpu.targets, device.targets)
+    per_image = ((cpu.inputs - device.inputs) * scale).abs().mean(dim=(1, 2, 3))
+    assert float(per_image.max()) < 2.0, per_image
+    transform = EvalTransform(32, eval_resize_size(32), draft=False)
+    jobs = [read_device_job(str(path), transform, None) for path in sorted((tmp_path / "val").rglob("*.*"))]
+    assert sum(job.pixels is not None for job in jobs) == 4  # the progressive JPEGs and the PNGs
+    item = stack_device_jobs(jobs)
+    assert [type(value).__name__ for value in item.values()].count("Tensor") == 2  # the bytes and the CPU pixels
+    assert tuple(item["cpu_pixels"].shape) == (4, 32, 32, 3)
+
+
 def test_jpegs_that_nvjpeg_may_not_take_are_decoded_on_the_cpu(tmp_path: Path) -> None:
     """decode=device hands nvjpeg the bytes of baseline YCbCr or grayscale JPEGs only. A JPEG of RGB
     samples stored as they are (Adobe marker, transform 0: Pillow's keep_rgb=True), a progressive

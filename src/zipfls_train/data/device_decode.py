@@ -43,18 +43,29 @@ def read_device_job(path: str, transform: TrainTransform | EvalTransform, rng: r
 
 
 def stack_device_jobs(jobs: Sequence[DeviceJob]) -> dict[str, Any]:
-    """A batch's jobs as one collated item: all the JPEG bytes in one buffer (one shared-memory
-    segment per batch, not one per image), with the offsets, paths, crop plans and CPU pixels."""
+    """A batch's jobs as one collated item: all the JPEG bytes in one buffer and the pixels of the
+    images decoded on the CPU in another, with the offsets, paths and crop plans. One shared-memory
+    segment per buffer and batch, not one per image: each segment holds a file descriptor in the
+    worker until the main process has taken it, and with a tensor per image a batch of 256 such
+    files nears a common limit of 1,024 open files, where DataLoader hangs rather than fails."""
     sizes = [0 if job.data is None else len(job.data) for job in jobs]
     data = np.concatenate([job.data for job in jobs if job.data is not None] or [np.empty(0, np.uint8)])
+    on_cpu = [job.pixels for job in jobs if job.pixels is not None]
     return {
         "paths": [job.path for job in jobs],
         "bytes": torch.from_numpy(data),
         "offsets": np.cumsum([0, *sizes]).tolist(),
         "boxes": [job.box for job in jobs],
         "flips": [job.flip for job in jobs],
-        "pixels": [torch.from_numpy(job.pixels.copy()) if job.pixels is not None else None for job in jobs],
+        "cpu_decoded": [job.pixels is not None for job in jobs],
+        "cpu_pixels": torch.from_numpy(np.stack(on_cpu)) if on_cpu else None,
     }
+
+
+def _pixels_per_image(job: dict[str, Any]) -> list[Tensor | None]:
+    """The CPU-decoded images of a batch (uint8 size x size x 3), by position; None for JPEG bytes."""
+    stacked = iter(job["cpu_pixels"] if job["cpu_pixels"] is not None else ())
+    return [next(stacked) if on_cpu else None for on_cpu in job["cpu_decoded"]]
 
 
 def decode_on_device(job: dict[str, Any], device: torch.device, transform: TrainTransform | EvalTransform) -> Tensor:
@@ -64,6 +75,7 @@ def decode_on_device(job: dict[str, Any], device: torch.device, transform: Train
     size = int(transform.size)
     count = len(job["paths"])
     offsets = job["offsets"]
+    job["pixels"] = _pixels_per_image(job)
     job["data"] = [job["bytes"][offsets[i] : offsets[i + 1]] if job["pixels"][i] is None else None for i in range(count)]
     out = torch.empty((count, 3, size, size), dtype=torch.float32, device=device)
     jpegs = [i for i in range(count) if job["data"][i] is not None]
