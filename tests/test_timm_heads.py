@@ -115,6 +115,10 @@ def test_a_timm_older_than_pyproject_asks_for_is_named_with_the_fix(monkeypatch)
     monkeypatch.setattr(imagenet.timm, "__version__", "1.0.29")
     with pytest.raises(ValueError, match=r"timm 1\.0\.29's densenet121 has no forward_intermediates.*pip install 'timm>=1\.0\.31'"):
         build_model("densenet121", num_classes=10)
+    # Another timm architecture without it: no upgrade would help.
+    with pytest.raises(ValueError, match=r"timm 1\.0\.29's vgg11 has no forward_intermediates.*take a CNN that has it") as refused:
+        build_model("timm.vgg11", num_classes=10)
+    assert "pip install" not in str(refused.value)
 
 
 def test_pyproject_asks_for_the_timm_the_wrapper_needs():

@@ -84,6 +84,7 @@ NORMALISED_AUX_HEADS = frozenset({"densenet121"})
 # The first timm whose every built-in architecture has forward_intermediates (DenseNet's came last);
 # pyproject.toml asks for it.
 MIN_TIMM_VERSION = "1.0.31"
+BUILT_IN_TIMM_NAMES = frozenset(timm_name for timm_name, _ in ARCHITECTURES.values())
 
 # feature_info entries below this stride belong to the stem, not to a stage.
 MIN_STAGE_REDUCTION = 4
@@ -111,11 +112,11 @@ class TimmBackbone(nn.Module):
         self.classifier_dropout = float(timm_kwargs.pop("drop_rate", 0.0))
         # num_classes=0 and global_pool="": no pooling, no classifier (the wrapper owns both).
         self.model = timm.create_model(timm_name, pretrained=False, num_classes=0, global_pool="", **timm_kwargs)
-        if not hasattr(self.model, "forward_intermediates"):  # an older timm than pyproject.toml asks for
-            raise NotWrappableError(
-                f"timm {timm.__version__}'s {timm_name} has no forward_intermediates, which the wrapper reads its stages "
-                f"from; timm >= {MIN_TIMM_VERSION} has it for every built-in model: pip install 'timm>={MIN_TIMM_VERSION}'"
-            )
+        if not hasattr(self.model, "forward_intermediates"):
+            missing = f"timm {timm.__version__}'s {timm_name} has no forward_intermediates, which the wrapper reads its stages from"
+            if timm_name in BUILT_IN_TIMM_NAMES:  # an older timm than pyproject.toml asks for
+                raise NotWrappableError(f"{missing}; timm >= {MIN_TIMM_VERSION} has it: pip install 'timm>={MIN_TIMM_VERSION}'")
+            raise NotWrappableError(f"{missing}; take a CNN that has it, or wrap it as README's 'Adding a model' says")
         info = self.model.feature_info
         self.feature_indices = [i for i, f in enumerate(info) if int(f["reduction"]) >= MIN_STAGE_REDUCTION]
         channels = [int(info[i]["num_chs"]) for i in self.feature_indices]
