@@ -234,8 +234,9 @@ class FileLoader:
             self._partners = SameClassPartners(torch.from_numpy(files.targets), len(files.classes))
         # The ring is allocated now, not with the first batch: shared memory too small for it (a
         # container's 64 MB /dev/shm) is said before training, not at the first evaluation, an epoch in.
-        if self._workers() > 0 and self.decode == "cpu" and hasattr(self.transform, "size"):
-            self._make_ring(self._workers())
+        workers = self._workers()
+        if workers > 0 and self.decode == "cpu" and hasattr(self.transform, "size"):
+            self._make_ring(workers)
 
     def _workers(self) -> int:
         return max(0, int(self.options.num_workers))
