@@ -445,15 +445,20 @@ def test_ranks_that_see_different_run_folders_stop_instead_of_hanging(tmp_path):
 
 def test_spawned_ranks_meet_on_loopback_whatever_master_addr_says(tmp_path, monkeypatch):
     """A cluster shell's MASTER_ADDR must not send this machine's own ranks looking for another host
-    (they would wait for it until gloo's timeout). The ranks start with loopback and a free port, and
-    the caller's variables are as they were afterwards. (The channels_last DDP test above trains with
-    such an address set.)"""
+    (they would wait for it until gloo's timeout). The ranks start with loopback and the port of a
+    store this process hosts, held while they start (a port looked up and released could be taken
+    before rank 0 bound it), and the caller's variables are as they were afterwards. (The
+    channels_last DDP test above trains with such an address set.)"""
+    import socket
+
     from zipfls_train.engine import run as run_module
 
     seen = {}
 
-    def record_environment(container, run_dir, devices):  # noqa: ANN001, ANN202
-        seen.update(addr=os.environ["MASTER_ADDR"], port=os.environ["MASTER_PORT"], devices=devices)
+    def record_environment(container, run_dir, devices, store_port):  # noqa: ANN001, ANN202
+        seen.update(addr=os.environ["MASTER_ADDR"], port=os.environ["MASTER_PORT"], devices=devices, store_port=store_port)
+        with socket.socket() as other_program, pytest.raises(OSError, match="in use"):
+            other_program.bind(("127.0.0.1", store_port))
         (run_dir / "summary.json").write_text(json.dumps({"processes": devices}))
 
     monkeypatch.setattr(run_module, "_spawn_ranks", record_environment)
@@ -462,7 +467,7 @@ def test_spawned_ranks_meet_on_loopback_whatever_master_addr_says(tmp_path, monk
     (tmp_path / "run").mkdir()
     assert run_training(compose([*DDP_RUN, "trainer.devices=2"]), tmp_path / "run") == {"processes": 2}
     assert seen["addr"] == "127.0.0.1" and seen["devices"] == 2
-    assert seen["port"].isdigit() and seen["port"] != "29500"
+    assert seen["port"] == str(seen["store_port"]) != "29500"
     assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("10.255.255.1", "29500")
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,11 @@ def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
     raise ConfigError(f"the device (trainer.device or --device) must be auto, cpu or cuda, got {requested!r}")
 
 
-def init_distributed(requested_device: str, rank: int, world_size: int, local_rank: int) -> DistContext:
-    """Join the process group (nccl on GPUs, gloo on CPU) when world_size > 1."""
+def init_distributed(requested_device: str, rank: int, world_size: int, local_rank: int,
+                     store_port: int | None = None) -> DistContext:  # fmt: skip
+    """Join the process group (nccl on GPUs, gloo on CPU) when world_size > 1: through the TCP store
+    on this machine's ``store_port`` (ranks spawned by a process that hosts it), else as the
+    environment says (MASTER_ADDR and MASTER_PORT: torchrun's ranks, rank 0 hosting the store)."""
     device = resolve_device(requested_device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -77,7 +81,10 @@ def init_distributed(requested_device: str, rank: int, world_size: int, local_ra
         torch.set_num_threads(max(1, usable_cpu_cores() // local_ranks))
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        store = None
+        if store_port is not None:  # (the process group's own default timeout, not the store's 5 min)
+            store = dist.TCPStore("127.0.0.1", store_port, world_size, is_master=False, timeout=default_pg_timeout)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, store=store)
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 

@@ -13,7 +13,6 @@ import logging
 import multiprocessing.connection
 import os
 import signal
-import socket
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,10 +50,19 @@ def _rank_killed(failure: ProcessExitedException, run_dir: Path) -> RankKilled:
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+@contextlib.contextmanager
+def _rendezvous_store(world_size: int) -> Iterator[int]:
+    """The port of a TCP store on loopback that this process hosts for the ranks it spawns, which
+    join the process group through it (each a client, rank 0 included). The port is held from the
+    moment the kernel picks it until the ranks are done: a free port looked up, released and bound
+    again by rank 0 seconds later, once it had started, could be taken in between by another program
+    (another run of a sweep starting on the same node), and rank 0 then failed with "address
+    already in use"."""
+    store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False)
+    try:
+        yield store.port
+    finally:
+        del store
 
 
 @contextlib.contextmanager
@@ -90,11 +98,12 @@ def _environment(**values: str) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def _worker(local_rank: int, container: dict[str, Any], run_dir: str, world_size: int, base_rank: int) -> dict[str, Any]:
+def _worker(local_rank: int, container: dict[str, Any], run_dir: str, world_size: int, base_rank: int,
+            store_port: int | None = None) -> dict[str, Any]:  # fmt: skip
     cfg = OmegaConf.create(container)
     rank = base_rank + local_rank
     callers_group = dist.is_available() and dist.is_initialized()  # a process group the caller made stays theirs
-    ctx = init_distributed(str(cfg.trainer.device), rank, world_size, local_rank)
+    ctx = init_distributed(str(cfg.trainer.device), rank, world_size, local_rank, store_port)
     try:
         with _torch_state_of_a_run():
             trainer = Trainer(cfg, ctx, Path(run_dir))
@@ -111,7 +120,7 @@ def _worker(local_rank: int, container: dict[str, Any], run_dir: str, world_size
             shutdown()
 
 
-def _spawned_worker(local_rank: int, container: dict[str, Any], run_dir: str, world_size: int, base_rank: int, errors: Any,
+def _spawned_worker(local_rank: int, container: dict[str, Any], run_dir: str, world_size: int, store_port: int, errors: Any,
                     stopped: Any) -> None:  # fmt: skip
     """A spawned rank: a user error is also sent to the parent as (rank, type, message), which raises
     it as such instead of torch's ProcessRaisedException with the rank's whole traceback.
@@ -127,9 +136,9 @@ def _spawned_worker(local_rank: int, container: dict[str, Any], run_dir: str, wo
         release_stop_signals()
         if stopped.is_set():
             raise KeyboardInterrupt
-        _worker(local_rank, container, run_dir, world_size, base_rank)
+        _worker(local_rank, container, run_dir, world_size, 0, store_port)
     except user_errors() as error:
-        errors.put((base_rank + local_rank, type(error), str(error)))
+        errors.put((local_rank, type(error), str(error)))
         raise
     except KeyboardInterrupt:
         raise SystemExit(1) from None
@@ -199,14 +208,15 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     if devices == 1:
         return _worker(0, container, str(run_dir), 1, 0)
     # The ranks are this machine's own processes: loopback, whatever MASTER_ADDR the shell carries
-    # (a cluster's address there would make them wait for a peer that never comes).
-    with _environment(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())):
-        _spawn_ranks(container, run_dir, devices)
+    # (a cluster's address there would make them wait for a peer that never comes). (The variables
+    # name the store for whatever else in the ranks reads them.)
+    with _rendezvous_store(devices) as port, _environment(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)):
+        _spawn_ranks(container, run_dir, devices, port)
     # What one process returns: the summary rank 0 wrote (a spawned rank's return value is lost).
     return json.loads((run_dir / "summary.json").read_text())
 
 
-def _spawn_ranks(container: dict[str, Any], run_dir: Path, devices: int) -> None:
+def _spawn_ranks(container: dict[str, Any], run_dir: Path, devices: int, store_port: int) -> None:
     # After one rank fails, torch logs a warning for each sibling it stops: noise beside the error.
     spawn_log = logging.getLogger("torch.multiprocessing.spawn")
     level = spawn_log.level
@@ -220,7 +230,7 @@ def _spawn_ranks(container: dict[str, Any], run_dir: Path, devices: int) -> None
     try:
         with stops:
             with stop_signals_held("spawn"):  # (while the ranks start; a signal meanwhile reaches `stops` after)
-                ranks = mp.start_processes(_spawned_worker, args=(container, str(run_dir), devices, 0, errors, stopped),
+                ranks = mp.start_processes(_spawned_worker, args=(container, str(run_dir), devices, store_port, errors, stopped),
                                            nprocs=devices, join=False, start_method="spawn")  # fmt: skip
                 stops.forward_to += [process.pid for process in ranks.processes]
                 # Held back in this thread, a signal can still reach `stops` through another one,
