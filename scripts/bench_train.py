@@ -14,7 +14,9 @@ loader), compile (ce and zipf with trainer.compile=default and reduce-overhead, 
 (reduce-overhead with the real loader: what a long 32 px run trains at), resnet50_compile (the
 same for ResNet-50), layout and precision (eager CE with trainer.channels_last false and true, with
 trainer.precision fp32 and bf16, for each of --models: the 32 px ones at --batch-size, the others at
-224 px and --r50-batch-size; --precision sets the layout case's, the precision case sets its own).
+224 px and --r50-batch-size; --precision sets the layout case's, the precision case sets its own),
+threads (CPU: eager CE at each of --thread-counts torch threads, by default torch's own count and
+the cores the process may use, which a cgroup's CPU limit lowers: experiments/cpu_threads.md).
 Run in that order: the eager cases take seconds, each compiled one a minute or more.
 
     python scripts/bench_train.py --device cuda --data ../shared/data
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import statistics
 import sys
 import tempfile
@@ -39,13 +42,14 @@ sys.path.insert(0, str(REPO / "src"))
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
+from zipfls_train.engine.cpu_cores import cgroup_cpu_limit, usable_cpu_cores  # noqa: E402
 from zipfls_train.engine.distributed import DistContext, resolve_device  # noqa: E402
 from zipfls_train.engine.trainer import Trainer  # noqa: E402
 
 
 # Cases that time one setting's two values (eager CE) for each of --models: (config key, values).
 SETTING_CASES = {"layout": ("trainer.channels_last", ("false", "true")), "precision": ("trainer.precision", ("fp32", "bf16"))}
-CASES = ("small", "compile", "resnet50", "small_real", "compile_real", "resnet50_compile", *SETTING_CASES)
+CASES = ("small", "compile", "resnet50", "small_real", "compile_real", "resnet50_compile", *SETTING_CASES, "threads")
 
 
 # The trainers' run folders (nothing is trained into them): one temporary folder, removed at exit.
@@ -159,6 +163,16 @@ def same_model(like: Trainer) -> PlainStep:
     return PlainStep(build_model(str(like.cfg.model.name), like.data.num_classes, **options), like)
 
 
+@contextlib.contextmanager
+def torch_threads(count: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_case(name: str, variants: dict[str, list[str]], args: argparse.Namespace, device: torch.device,
              plain: tuple[str, Callable[[Trainer], PlainStep]] | None = None,
              contexts: Mapping[str, Callable[[], contextlib.AbstractContextManager]] | None = None) -> dict[str, float]:
@@ -212,6 +226,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--r50-batch-size", type=int, default=256)
     parser.add_argument("--models", default="cifar_resnet18", help="comma list of model configs for the layout and precision cases")
+    parser.add_argument("--thread-counts", default="",
+                        help="comma list of torch thread counts for the threads case (default: torch's own, the usable cores)")
     parser.add_argument("--compile-modes", default="default,reduce-overhead",
                         help="trainer.compile values of the compile and resnet50_compile cases (each costs a compilation per loss)")
     args = parser.parse_args()
@@ -291,6 +307,16 @@ def main() -> None:
             variants = {f"{model},{name}={value}": [*shape, "loss=ce", f"{key}={value}"] for value in values}
             results[f"{case}_{model}"] = r = run_case(f"{model} {case}, loss=ce", variants, args, device)
             print_ratios(r, f"{model},{name}={values[0]}", [f"{model},{name}={values[1]}"])
+    if "threads" in cases and device.type == "cpu":
+        limit = cgroup_cpu_limit()
+        print(f"CPU: {torch.get_num_threads()} torch threads by default, {usable_cpu_cores()} usable cores "
+              f"(cgroup CPU limit: {'none' if limit is None else f'{limit:g} CPUs'})", flush=True)
+        counts = [int(n) for n in args.thread_counts.split(",")] if args.thread_counts else [torch.get_num_threads(), usable_cpu_cores()]
+        labels = {f"threads={n}": n for n in dict.fromkeys(counts)}
+        variants = {label: [*small, *SYNTHETIC_32PX, "loss=ce"] for label in labels}
+        contexts = {label: functools.partial(torch_threads, n) for label, n in labels.items()}
+        results["threads"] = r = run_case("cifar_resnet18 threads, loss=ce", variants, args, device, contexts=contexts)
+        print_ratios(r, next(iter(labels)), list(labels)[1:])
 
 
 def print_stalls(results: dict[str, dict[str, float]], real: str, synthetic: str, labels: dict[str, str]) -> None:

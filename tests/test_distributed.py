@@ -471,31 +471,6 @@ def test_spawned_ranks_meet_on_loopback_whatever_master_addr_says(tmp_path, monk
     assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("10.255.255.1", "29500")
 
 
-@pytest.mark.parametrize(("local_world_size", "threads"), [(None, 4), ("4", 2), ("16", 1)])
-def test_cpu_ranks_split_the_cores_the_job_may_use_not_the_machine_s(local_world_size, threads, monkeypatch):
-    """A SLURM job given 8 cores of a 128-core node: 2 CPU ranks (or torchrun's LOCAL_WORLD_SIZE of
-    them) share those 8, at least 1 thread each. (With the node's count, each rank of 2 ran 64
-    threads on 8 cores.)"""
-    import torch.distributed as dist
-
-    from zipfls_train.engine.distributed import init_distributed
-
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
-    monkeypatch.setattr(os, "cpu_count", lambda: 128)
-    monkeypatch.setattr(dist, "is_initialized", lambda: True)  # (joining a group is not what this tests)
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    if local_world_size is None:
-        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    else:
-        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world_size)
-    before = torch.get_num_threads()
-    try:
-        ctx = init_distributed("cpu", rank=0, world_size=2, local_rank=0)
-        assert (ctx.world_size, ctx.device.type, torch.get_num_threads()) == (2, "cpu", threads)
-    finally:
-        torch.set_num_threads(before)
-
-
 def _vote_steps(rank: int, store: str, seconds_per_step: list[float], results) -> None:  # noqa: ANN001
     """Two ranks step through 100 steps (log steps every 50) on their own fake clocks; rank 1
     receives SIGTERM during step 12. Records at which step each rank decides to stop."""

@@ -776,8 +776,13 @@ def test_a_dataset_config_without_the_zipf_block_is_named_for_loss_zipf():
 def test_auto_loader_workers_share_the_cores_among_the_node_s_processes(cores, processes, workers, monkeypatch):
     from zipfls_train.engine.config_checks import loader_workers
 
+    from zipfls_train.engine import cpu_cores
+
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(cpu_cores, "cgroup_cpu_limit", lambda proc: None)  # (whatever limit the machine running this has)
     assert loader_workers("auto", processes) == workers
+    monkeypatch.setattr(cpu_cores, "cgroup_cpu_limit", lambda proc: 2.5)  # a container's --cpus=2.5
+    assert loader_workers("auto", processes) == max(1, min(3, cores) // processes)
     assert loader_workers(3, processes) == 3  # as given
     for bad in (-1, "many", True):
         with pytest.raises(ConfigError, match=r"trainer.num_workers must be auto or an integer >= 0"):

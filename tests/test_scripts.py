@@ -75,6 +75,14 @@ def test_bench_train_setting_cases_time_both_values_per_model(case, setting):
         assert_ratio_of_printed_times(printed, ms[after], ms[before])
 
 
+def test_bench_train_threads_case_times_each_thread_count_side_by_side():
+    output = run_script("scripts/bench_train.py", "--device", "cpu", "--cases", "threads", "--thread-counts", "2,1",
+                        "--batch-size", "4", "--width", "4", "--steps", "1", "--warmup", "1", "--rounds", "1")  # fmt: skip
+    assert re.search(r"CPU: \d+ torch threads by default, \d+ usable cores \(cgroup CPU limit: (none|[0-9.]+ CPUs)\)", output), output
+    ms = {n: float(re.search(rf"threads={n}\s+([0-9.]+) ms/step", output).group(1)) for n in (1, 2)}
+    assert_ratio_of_printed_times(ratio(output, "step-time ratio threads=1 / threads=2"), ms[1], ms[2])
+
+
 def test_bench_loader_reports_the_data_stall_of_its_own_figures():
     output = run_script("scripts/bench_loader.py", "--device", "cpu", "--model", "resnet18", "--batch-size", "4", "--workers", "1",
                         "--steps", "2", "--warmup", "1", "--samples", "16", "--image-size", "32")  # fmt: skip

@@ -200,16 +200,12 @@ def _chosen(group: str, fallback: str) -> str:
     return str(HydraConfig.get().runtime.choices.get(group, fallback)) if HydraConfig.initialized() else fallback
 
 
-def usable_cpu_cores() -> int:
-    """The cores this process may run on: its CPU affinity where the OS has one (a SLURM job's
-    --cpus-per-task, taskset, a container's --cpuset-cpus), not the machine's count."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def loader_workers(value: Any, processes_per_node: int = 1) -> int:
     """trainer.num_workers: an integer >= 0, or auto = this process's share of the CPU cores it may
     use (cores / training processes on the node), at least 1 and at most 8."""
     if value == "auto":
+        from .cpu_cores import usable_cpu_cores
+
         return max(1, min(8, usable_cpu_cores() // max(1, processes_per_node)))
     if not _is_int_at_least(value, 0):
         raise ConfigError(f"trainer.num_workers must be auto or an integer >= 0, got {value!r}")

@@ -70,15 +70,6 @@ def init_distributed(requested_device: str, rank: int, world_size: int, local_ra
     device = resolve_device(requested_device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    elif world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
-        # CPU ranks on one machine share its cores: each rank's default of one thread per core
-        # oversubscribes them, and OpenMP's spinning threads then slow every op many times over.
-        # The cores are those the job may use (a SLURM job's 8 of a 128-core node: 4 threads per
-        # rank of 2, not 64).
-        from .config_checks import usable_cpu_cores
-
-        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-        torch.set_num_threads(max(1, usable_cpu_cores() // local_ranks))
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         store = None

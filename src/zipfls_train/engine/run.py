@@ -27,6 +27,7 @@ from torch.multiprocessing.spawn import ProcessException, ProcessExitedException
 from ..errors import user_errors
 from ..stop_signals import release_stop_signals, stop_signals_held
 from .config_checks import validate_config
+from .cpu_cores import cpu_threads_for_a_run
 from .distributed import barrier, init_distributed, launched_by_torchrun, shutdown
 from .interrupt import StopRequests, TrainingInterrupted
 from .resume import finished_as_recorded, report_finished
@@ -105,7 +106,7 @@ def _worker(local_rank: int, container: dict[str, Any], run_dir: str, world_size
     callers_group = dist.is_available() and dist.is_initialized()  # a process group the caller made stays theirs
     ctx = init_distributed(str(cfg.trainer.device), rank, world_size, local_rank, store_port)
     try:
-        with _torch_state_of_a_run():
+        with _torch_state_of_a_run(), cpu_threads_for_a_run(ctx.device, int(os.environ.get("LOCAL_WORLD_SIZE", world_size))):
             trainer = Trainer(cfg, ctx, Path(run_dir))
             summary = trainer.fit()
         # Release the DDP model (its reducer holds the process group) and let every rank finish
