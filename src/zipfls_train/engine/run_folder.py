@@ -45,9 +45,10 @@ def parse_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-# What a run writes into its folder. config.yaml alone (an attempt that stopped before training)
-# is simply rewritten; anything else is an earlier attempt's results.
-RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "summary.json", "zipf_fit.png", "checkpoints", "tb")
+# What a run writes into its folder. config.yaml and environment.jsonl alone (an attempt that
+# stopped before training) are simply rewritten; anything else is an earlier attempt's results.
+RUN_SETUP = ("config.yaml", "environment.jsonl")
+RUN_OUTPUTS = (*RUN_SETUP, "metrics.jsonl", "summary.json", "zipf_fit.png", "checkpoints", "tb")
 EARLIER_ATTEMPT_PREFIX = "earlier_attempt_"
 
 
@@ -59,7 +60,7 @@ def set_aside_earlier_attempt(run_dir: Path) -> Path | None:
     summary.json looking like its own. TensorBoard shows the old events as a run of their own; the
     table builder skips these folders."""
     present = [run_dir / name for name in RUN_OUTPUTS if (run_dir / name).exists()]
-    if all(path.name == "config.yaml" for path in present):
+    if all(path.name in RUN_SETUP for path in present):
         return None
     suffixes = [path.name.removeprefix(EARLIER_ATTEMPT_PREFIX) for path in run_dir.glob(f"{EARLIER_ATTEMPT_PREFIX}*")]
     target = run_dir / f"{EARLIER_ATTEMPT_PREFIX}{max((int(n) for n in suffixes if n.isdigit()), default=0) + 1}"

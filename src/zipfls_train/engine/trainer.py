@@ -43,6 +43,7 @@ from .memory import peak_cpu_memory_mb, peak_gpu_memory_mb, reset_peak_memory
 from .metrics import RunRecords, TermAccumulator, read_metrics, topk_correct
 from .optim import build_optimizer, build_scheduler
 from .precision import precision_history, precision_name, resolve_precision
+from .provenance import record_attempt
 from .resume import (
     RESUMABLE_KEYS, ResumeError, absolute_root, check_same_config, check_same_data, refuse_to_overwrite_results,
     report_finished, warn_if_precision_changed,
@@ -686,11 +687,13 @@ class Trainer:
 
     # --- run folder, messages and the summary -------------------------------------------------
     def _prepare_run_folder(self, resumed: bool) -> None:
-        """Create the folder, set an earlier attempt's results aside on a fresh start, write config.yaml."""
+        """Create the folder, set an earlier attempt's results aside on a fresh start, write config.yaml
+        and this attempt's line of environment.jsonl."""
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             earlier = None if resumed else set_aside_earlier_attempt(self.run_dir)
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+            record_attempt(self.run_dir, self.device, self.ctx.world_size, self.progress.global_step, resumed)
         except OSError as error:
             raise not_writable(self.run_dir, error) from error
         if earlier is not None:

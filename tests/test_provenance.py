@@ -1,0 +1,88 @@
+"""environment.jsonl: what produced each attempt of a run (code, packages, machine, command)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from conftest import REPO
+from test_training import read_jsonl, run_until_the_epoch_checkpoint
+from zipfls_train.engine.provenance import code_version
+
+ARGS = ("loss=ce", "trainer.epochs=2", "trainer.max_steps_per_epoch=2", "trainer.zipf_fit_at_end=false")
+
+
+def _git(root: Path, *arguments: str) -> str:
+    return subprocess.run(["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@example.org", *arguments],
+                          capture_output=True, text=True, check=True).stdout  # fmt: skip
+
+
+def test_each_attempt_of_a_run_records_its_code_packages_machine_and_first_step(run_tiny, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    run_until_the_epoch_checkpoint(monkeypatch, run_tiny, *ARGS, run_dir=run_dir)
+    (first,) = read_jsonl(run_dir / "environment.jsonl")
+    assert first["from_step"] == 0
+    run_tiny(*ARGS, run_dir=run_dir)  # resumed after epoch 1: 2 steps
+    records = read_jsonl(run_dir / "environment.jsonl")
+    assert [record["from_step"] for record in records] == [0, 2]
+    assert records[0] == first  # (the first attempt's line is kept as it was)
+
+    record = records[1]
+    assert record["packages"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
+    assert record["python"] == platform.python_version()
+    assert (record["processes"], record["device"].split(":")[0], record["cuda"]) == (1, "cpu", torch.version.cuda)
+    assert record["command"][0] == sys.executable and record["cwd"] == os.getcwd()
+    # The checkout these tests run from, as git itself says it is.
+    status = _git(REPO, "status", "--porcelain", "--untracked-files=normal").splitlines()
+    assert record["code"]["git_commit"] == _git(REPO, "rev-parse", "HEAD").strip()
+    assert record["code"]["dirty"] == bool(status)
+
+
+def test_a_fresh_start_sets_the_earlier_attempts_records_aside_with_their_results(run_tiny, tmp_path):
+    run_dir = tmp_path / "run"
+    run_tiny(*ARGS, run_dir=run_dir)
+    run_tiny(*ARGS, "trainer.resume=never", run_dir=run_dir)
+    assert len(read_jsonl(run_dir / "earlier_attempt_1" / "environment.jsonl")) == 1
+    assert [record["from_step"] for record in read_jsonl(run_dir / "environment.jsonl")] == [0]
+
+
+def test_uncommitted_changes_are_named_and_digested(tmp_path):
+    """A checkout of the project (pyproject.toml beside src/zipfls_train, here a link to the package
+    these tests import) with a changed tracked file and a new one (a user's own method module)."""
+    root = tmp_path / "checkout"
+    (root / "src").mkdir(parents=True)
+    (root / "src" / "zipfls_train").symlink_to(Path(code_version.__code__.co_filename).resolve().parents[1])
+    (root / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    (root / ".gitignore").write_text("src/zipfls_train\n")
+    _git(root, "init", "-q")
+    _git(root, "add", "pyproject.toml", ".gitignore")
+    _git(root, "commit", "-q", "-m", "start")
+    clean = code_version(root)
+    assert (clean["git_commit"], clean["dirty"], clean["changed"], clean["diff_sha256"]) == (
+        _git(root, "rev-parse", "HEAD").strip(), False, [], None)
+
+    (root / "my_method.py").write_text("pass\n")
+    untracked = code_version(root)
+    assert (untracked["dirty"], untracked["changed"], untracked["diff_sha256"]) == (True, ["my_method.py"], None)
+
+    (root / "pyproject.toml").write_text("[project]\nname = 'y'\n")
+    changed = code_version(root)
+    assert changed["dirty"] and sorted(changed["changed"]) == ["my_method.py", "pyproject.toml"]
+    (root / "pyproject.toml").write_text("[project]\nname = 'z'\n")
+    other_change = code_version(root)
+    assert len(changed["diff_sha256"]) == 64 and other_change["diff_sha256"] != changed["diff_sha256"]
+
+
+def test_outside_a_checkout_of_the_project_or_without_git_the_commit_is_unknown(tmp_path, monkeypatch):
+    _git(tmp_path, "init", "-q")  # some other project's checkout around the environment
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'other'\n")
+    assert code_version(tmp_path)["git_commit"] is None
+    monkeypatch.setenv("PATH", str(tmp_path / "no_git_here"))
+    assert code_version(REPO)["git_commit"] is None
+    assert json.dumps(code_version(REPO))  # (still a record)
