@@ -663,6 +663,41 @@ def test_cost_ratios(tmp_path):
     assert ls.epoch_times_s == (30.0,)
 
 
+def _environment(folder: Path, *records: dict[str, Any], garbage: bool = False) -> None:
+    lines = [json.dumps(record) for record in records] + (['{"code": {"git_comm'] if garbage else [])
+    (folder / "environment.jsonl").write_text("".join(line + "\n" for line in lines))
+
+
+def _setup(commit: str | None, device: str, processes: int = 1, dirty: bool = False, digest: str | None = None) -> dict[str, Any]:
+    return {"code": {"version": "0.1.0", "git_commit": commit, "dirty": dirty, "diff_sha256": digest},
+            "packages": {"torch": "2.14.1+cu130"}, "device": device, "processes": processes}  # fmt: skip
+
+
+def test_the_report_says_what_trained_its_runs_and_which_cells_mix_setups(tmp_path):
+    h200 = _setup("1a2b3c4d5e6f7a8b", "cuda: NVIDIA H200", processes=4)
+    edited = _setup("1a2b3c4d5e6f7a8b", "cuda: NVIDIA H200", processes=4, dirty=True, digest="9f8e7d6c" + "0" * 56)
+    for seed in (0, 1):
+        _environment(write_run(tmp_path / f"ce{seed}", method="ce", seed=seed, top1=(50.0, 56.0)), h200)
+    _environment(write_run(tmp_path / "zipf0", method="zipf", seed=0, top1=(50.0, 58.0), loss_options=ZIPF_DENSE2), h200)
+    # resumed after an edit of the code; its file ends in a line cut short by a kill
+    _environment(write_run(tmp_path / "zipf1", method="zipf", seed=1, top1=(50.0, 58.5), loss_options=ZIPF_DENSE2), h200, edited,
+                 garbage=True)
+    write_run(tmp_path / "ls0", method="ls", seed=0, top1=(50.0, 57.0))  # from before environment.jsonl
+    _environment(write_run(tmp_path / "other", dataset="cifar100", seed=0), _setup(None, "cpu: AMD EPYC"))
+    report = build_report(load_runs([tmp_path]), load_paper())
+    setups = report.split("### What trained these runs", 1)[1].strip().splitlines()[2:]
+    assert setups == [
+        "- code 1a2b3c4d5e · torch 2.14.1+cu130 · cuda: NVIDIA H200 x4: 4 runs",
+        "- code 1a2b3c4d5e (+ uncommitted changes 9f8e7d6c) · torch 2.14.1+cu130 · cuda: NVIDIA H200 x4: 1 run",
+        "- not recorded: 1 run",
+        "- zipfls-train 0.1.0 (no git commit) · torch 2.14.1+cu130 · cpu: AMD EPYC: 1 run",
+    ]
+    rows = table_rows(report, "Table 2")
+    dense2 = rows["Zipf's LS (paper: stages=final+penultimate)"]["TinyImageNet ResNet18"]
+    assert dense2.startswith("58.25 ± 0.35, n=2") and "trained in 2 setups (see 'What trained these runs')" in dense2
+    assert "setups" not in rows["Vanilla"]["TinyImageNet ResNet18"]
+
+
 def test_cli_writes_the_table(tmp_path, capsys):
     write_run(tmp_path / "runs" / "ce0", top1=(56.0,))
     assert main([str(tmp_path / "runs"), "--table", "2"]) == 0

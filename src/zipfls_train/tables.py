@@ -240,6 +240,9 @@ def ours_text(summary: CellSummary | None, paper: Paper, gain: float | None = No
     notes = [note for note in [progress_note(summary), *recipe_notes(summary.key, paper)] if note]
     if summary.duplicates:
         notes.append(f"{len(summary.duplicates)} duplicate seed run(s) ignored")
+    setups = {setup for run in summary.counted for setup in run.setups}
+    if len(setups) > 1:
+        notes.append(f"trained in {len(setups)} setups (see {SETUPS_TITLE!r})")
     if summary.best_mean is None:
         return "; ".join(["no epoch finished yet", *notes])
     text = f"{_num(summary.best_mean)} ± {_num(summary.best_std)}"
@@ -506,6 +509,24 @@ def render_cost(runs: Sequence[Run], paper: Paper) -> str:
     return "\n".join([*legend, "", _markdown(header, body)])
 
 
+# ---------------------------------------------------------------- what trained the runs
+
+SETUPS_TITLE = "What trained these runs"
+
+
+def render_setups(runs: Sequence[Run]) -> str:
+    """Each code, torch and device setup the runs trained in (environment.jsonl), with its run count:
+    one line when the whole report comes from one setup; a cell mixing several says so."""
+    counts: dict[str, int] = {}
+    for run in runs:
+        for setup in run.setups:
+            counts[setup] = counts.get(setup, 0) + 1
+    by_count = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    lines = [f"- {setup}: {count} run{'s' if count > 1 else ''}" for setup, count in by_count]
+    legend = "From each run's environment.jsonl; a run resumed in another setup counts in each."
+    return "\n".join([f"### {SETUPS_TITLE}", "", legend, "", *lines])
+
+
 # ---------------------------------------------------------------- the command
 
 
@@ -527,6 +548,7 @@ def build_report(runs: Sequence[Run], paper: Paper, table: str = "auto", cost: b
         sections.append(render_other(others, paper))
     if cost:
         sections.append(render_cost(runs, paper))
+    sections.append(render_setups(runs))
     return "\n\n".join(sections) + "\n"
 
 

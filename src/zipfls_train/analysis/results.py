@@ -13,6 +13,7 @@ No torch import here: the table CLI must start fast and run anywhere the files a
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
@@ -86,6 +87,7 @@ class Run:
     epoch_times_s: tuple[float, ...] = ()  # steady ones: see _steady_epoch_times
     peak_gpu_mem_mb: float | None = None  # max over epochs; None on CPU
     peak_cpu_mem_mb: float | None = None
+    setups: tuple[str, ...] = ()  # what trained it, one label per distinct attempt setup (environment.jsonl)
 
     @property
     def planned_epochs(self) -> int:
@@ -232,7 +234,48 @@ def read_run(run_dir: Path) -> Run:
         epoch_times_s=_steady_epoch_times(records),
         peak_gpu_mem_mb=max(gpu) if gpu else None,
         peak_cpu_mem_mb=max(cpu) if cpu else None,
+        setups=read_setups(run_dir),
     )
+
+
+NOT_RECORDED = "not recorded"  # a run from before environment.jsonl, or one whose file is gone
+
+
+def read_setups(run_dir: Path) -> tuple[str, ...]:
+    """The distinct setups of a run's attempts (:func:`setup_label`), in the order they first
+    trained; (NOT_RECORDED,) without a readable environment.jsonl. A line that is not a JSON object
+    (a write cut short by a kill) is passed over."""
+    try:
+        lines = (run_dir / "environment.jsonl").read_text().splitlines()
+    except OSError:
+        return (NOT_RECORDED,)
+    labels = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            labels.append(setup_label(record))
+    return tuple(dict.fromkeys(labels)) or (NOT_RECORDED,)
+
+
+def setup_label(record: Mapping[str, Any]) -> str:
+    """'code 1a2b3c4d5e (+ uncommitted changes 9f8e7d6c) · torch 2.14.1 · cuda: NVIDIA H200 x4': the
+    code (its git commit, else zipfls-train's version), torch and the device (x processes)."""
+    code = record.get("code") or {}
+    commit = code.get("git_commit")
+    if commit:
+        text = f"code {commit[:10]}"
+        if code.get("dirty"):
+            digest = code.get("diff_sha256")
+            text += f" (+ uncommitted changes {digest[:8]})" if digest else " (+ files git does not track)"
+    else:
+        text = f"zipfls-train {code.get('version') or '?'} (no git commit)"
+    torch_version = (record.get("packages") or {}).get("torch") or "?"
+    processes = record.get("processes") or 1
+    device = str(record.get("device") or "?") + (f" x{processes}" if processes > 1 else "")
+    return f"{text} · torch {torch_version} · {device}"
 
 
 def _steady_epoch_times(records: Sequence[Mapping[str, Any]]) -> tuple[float, ...]:
