@@ -410,6 +410,30 @@ def test_runs_with_another_augmentation_or_batch_never_mix_with_the_recipe_and_s
     assert "trainer.batch_size=64 (paper: 128)" in by_value["52.00"]
 
 
+def _set_trainer(run_dir: Path, **values: Any) -> None:
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config["trainer"].update(values)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+def test_runs_scored_in_a_training_precision_other_than_fp32_are_kept_apart_and_say_so(tmp_path):
+    recipe = {"format": "tree", "train_augment": "random_resized_crop"}
+    write_run(tmp_path / "fp32_default", seed=0, top1=(56.0,), epochs=200, dataset_options=recipe)  # (a config from before the key)
+    _set_trainer(write_run(tmp_path / "scored_fp32", seed=1, top1=(57.0,), epochs=200, dataset_options=recipe),
+                 precision="bf16", eval_precision="fp32")
+    # trained in fp32, scored "as trained": fp32 too, the same cell
+    _set_trainer(write_run(tmp_path / "fp32_as_trained", seed=2, top1=(58.0,), epochs=200, dataset_options=recipe),
+                 precision="fp32", eval_precision="train")
+    _set_trainer(write_run(tmp_path / "scored_bf16", seed=0, top1=(50.0,), epochs=200, dataset_options=recipe),
+                 precision="auto", eval_precision="train")
+    report = build_report(load_runs([tmp_path]), load_paper(PAPER_TABLES), table="2")
+    cells = [row["TinyImageNet ResNet18"] for label, row in table_rows(report, "Table 2").items() if label.startswith("Vanilla")]
+    by_value = {cell[:5]: cell for cell in cells}
+    assert sorted(by_value) == ["50.00", "57.00"], cells  # 57.00 = mean of 56, 57, 58
+    assert "n=3" in by_value["57.00"] and "training precision" not in by_value["57.00"]
+    assert "n=1" in by_value["50.00"] and "val scored in the training precision (trainer.eval_precision=train)" in by_value["50.00"]
+
+
 def test_runs_with_other_optimiser_or_schedule_settings_are_separate_rows_named_by_the_setting(tmp_path):
     for name, weight_decay, top1 in (("wd1e-4_s0", 1e-4, 56.0), ("wd1e-4_s1", 1e-4, 58.0), ("wd5e-4", 5e-4, 50.0)):
         folder = write_run(tmp_path / name, top1=(top1,), seed=int(name[-1]) if "_s" in name else 0, epochs=200)

@@ -206,6 +206,8 @@ def recipe_notes(key: CellKey, paper: Paper) -> list[str]:
     size = recipe.get("image_size")
     if size is not None and paper.image_size.get(key.dataset) not in (None, size):
         notes.append(f"{size} px")
+    if recipe.get("eval_precision") == "train":
+        notes.append("val scored in the training precision (trainer.eval_precision=train)")
     if recipe.get("max_steps_per_epoch") is not None:
         notes.append(f"trainer.max_steps_per_epoch={recipe['max_steps_per_epoch']}")
     for name, config_key in (("format", "dataset.format"), ("train_augment", "dataset.train_augment"),

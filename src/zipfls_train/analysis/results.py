@@ -169,6 +169,7 @@ def cell_key_from_config(config: Mapping[str, Any], source: Path) -> CellKey:
     recipe: dict[str, Any] = {"epochs": int(_require(config, "trainer.epochs", source))}
     for name in _RECIPE_TRAINER_KEYS:
         recipe[name] = config["trainer"].get(name)
+    recipe["eval_precision"] = _eval_precision(config["trainer"])
     for name in _RECIPE_DATASET_KEYS:
         recipe[name] = config["dataset"].get(name)
     # Model options (e.g. a narrower CIFAR ResNet) change the model, and the optimiser and schedule
@@ -185,6 +186,15 @@ def cell_key_from_config(config: Mapping[str, Any], source: Path) -> CellKey:
         options=tuple(sorted((k, _freeze(v)) for k, v in options.items())),
         recipe=tuple(sorted((k, _freeze(v)) for k, v in recipe.items())),
     )
+
+
+def _eval_precision(trainer: Mapping[str, Any]) -> str:
+    """What val was scored in: "train" (trainer.eval_precision=train, the training precision's
+    autocast: a bf16 forward moves top-1 by 0.1-2 points from the fp32 score, so such runs never
+    average with fp32-scored ones) or "fp32" (the default, which configs from before the key had,
+    and "train" with fp32 training)."""
+    scored_as_trained = trainer.get("eval_precision", "fp32") == "train" and trainer.get("precision") != "fp32"
+    return "train" if scored_as_trained else "fp32"
 
 
 def read_epoch_records(path: Path) -> list[dict[str, Any]]:
