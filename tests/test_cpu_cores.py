@@ -60,6 +60,27 @@ def test_cgroup_v1_in_a_container_whose_mount_starts_at_its_own_cgroup(tmp_path)
     assert cgroup_cpu_limit(proc) == pytest.approx(1.5)
 
 
+def test_mountinfo_s_escapes_other_mounts_and_bind_mounts_of_a_subtree(tmp_path):
+    """The kernel writes a space in a mount point as \\040 and leaves other bytes raw (a USB stick's
+    Latin-1 name is no UTF-8); a bind mount of another subtree of the hierarchy, listed first, is
+    not where this process's cgroup is."""
+    root = tmp_path / "cgroup two"
+    _write(root / "job", cpu__max="150000 100000")
+    _write(tmp_path / "other", cpu__max="max 100000")
+    escaped = str(root).replace(" ", "\\040")
+    proc = tmp_path / "proc_self"
+    proc.mkdir()
+    (proc / "cgroup").write_text("0::/job\n")
+    (proc / "mountinfo").write_bytes(b"".join([
+        b"20 1 8:1 / /media/caf\xe9 rw - vfat /dev/sdb1 rw\n",
+        f"30 1 0:30 /elsewhere {tmp_path / 'other'} rw - cgroup2 cgroup2 rw\n".encode(),
+        f"31 1 0:30 / {escaped} rw - cgroup2 cgroup2 rw\n".encode(),
+    ]))  # fmt: skip
+    assert cgroup_cpu_limit(proc) == pytest.approx(1.5)
+    _write(root / "job", cpu__max="150000 0")  # (no kernel writes a period of 0)
+    assert cgroup_cpu_limit(proc) is None
+
+
 def test_no_limit_anywhere_is_none(tmp_path):
     """This development container's layout: cgroup v1 controllers (quota -1) beside a v2 mount
     without cpu.max (no controllers enabled there)."""

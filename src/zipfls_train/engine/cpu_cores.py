@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,9 +49,9 @@ def cgroup_cpu_limit(proc: Path = PROC_SELF) -> float | None:
     v2, ``cpu.cfs_quota_us``/``cpu.cfs_period_us`` of v1), the smallest of them; None without a
     limit or where there are no cgroups (not Linux). ``proc``: /proc/self (a folder of the same
     layout in tests)."""
-    try:
-        memberships = (proc / "cgroup").read_text().splitlines()
-        mounts = (proc / "mountinfo").read_text().splitlines()
+    try:  # (bytes as the file system names them: a mount point need not be UTF-8)
+        memberships = os.fsdecode((proc / "cgroup").read_bytes()).splitlines()
+        mounts = os.fsdecode((proc / "mountinfo").read_bytes()).splitlines()
     except OSError:
         return None
     limits = []
@@ -72,7 +73,10 @@ def _mounted_folder(mounts: list[str], version: int, cgroup_path: str) -> tuple[
     """(the cgroup's folder, its hierarchy's mount point) where this process sees the hierarchy
     mounted. A mount's root is where in the hierarchy it starts: "/" on the host, the container's
     own cgroup in a container that sees only that (its path then starts with the root, or is "/"
-    under a cgroup namespace)."""
+    under a cgroup namespace, where no mount's root holds it: the mount itself is the cgroup). Of
+    several mounts of the hierarchy (a bind mount of a subtree beside the whole), the one whose root
+    holds the path most closely."""
+    candidates = []
     for line in mounts:
         # "<id> <parent> <dev> <root> <mount point> <options> [optional fields] - <type> <source> <super options>"
         fields, _, filesystem = line.partition(" - ")
@@ -82,11 +86,19 @@ def _mounted_folder(mounts: list[str], version: int, cgroup_path: str) -> tuple[
         if (version == 2 and filesystem[0] == "cgroup2") or (
             version == 1 and filesystem[0] == "cgroup" and "cpu" in filesystem[-1].split(",")
         ):
-            root, mount_point = fields[3], fields[4]
+            root, mount_point = _unescaped(fields[3]), _unescaped(fields[4])
             inside = cgroup_path == root or cgroup_path.startswith(root.rstrip("/") + "/")
-            relative = os.path.relpath(cgroup_path, root) if inside else "."
-            return Path(os.path.normpath(os.path.join(mount_point, relative))), Path(os.path.normpath(mount_point))
-    return None
+            candidates.append((len(root) if inside else -1, root, mount_point, inside))
+    if not candidates:
+        return None
+    _, root, mount_point, inside = max(candidates, key=lambda candidate: candidate[0])
+    relative = os.path.relpath(cgroup_path, root) if inside else "."
+    return Path(os.path.normpath(os.path.join(mount_point, relative))), Path(os.path.normpath(mount_point))
+
+
+def _unescaped(field: str) -> str:
+    """A mountinfo path: the kernel writes space, tab, newline and backslash as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), field)
 
 
 def _up_to_mount(folder: Path, mount_point: Path) -> list[Path]:
@@ -105,5 +117,5 @@ def _limit_in(folder: Path, version: int) -> float | None:
             return None if quota == "max" else int(quota) / int(period)
         quota = int((folder / "cpu.cfs_quota_us").read_text())  # -1: none
         return None if quota < 0 else quota / int((folder / "cpu.cfs_period_us").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, ZeroDivisionError):
         return None
