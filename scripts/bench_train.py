@@ -307,6 +307,8 @@ def main() -> None:
             variants = {f"{model},{name}={value}": [*shape, "loss=ce", f"{key}={value}"] for value in values}
             results[f"{case}_{model}"] = r = run_case(f"{model} {case}, loss=ce", variants, args, device)
             print_ratios(r, f"{model},{name}={values[0]}", [f"{model},{name}={values[1]}"])
+    if "threads" in cases and device.type != "cpu":
+        print("threads: a CPU case (torch's CPU threads); --device cpu runs it", flush=True)
     if "threads" in cases and device.type == "cpu":
         limit = cgroup_cpu_limit()
         print(f"CPU: {torch.get_num_threads()} torch threads by default, {usable_cpu_cores()} usable cores "

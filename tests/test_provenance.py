@@ -71,16 +71,56 @@ def test_uncommitted_changes_are_named_and_digested(tmp_path):
     assert (clean["git_commit"], clean["dirty"], clean["changed"], clean["diff_sha256"]) == (
         _git(root, "rev-parse", "HEAD").strip(), False, [], None)
 
-    (root / "my_method.py").write_text("pass\n")
+    (root / "my_method.py").write_text("pass\n")  # a new file: its name and contents count
     untracked = code_version(root)
-    assert (untracked["dirty"], untracked["changed"], untracked["diff_sha256"]) == (True, ["my_method.py"], None)
+    assert (untracked["dirty"], untracked["changed"], len(untracked["diff_sha256"])) == (True, ["my_method.py"], 64)
+    (root / "my_method.py").write_text("x = 1\n")
+    digests = [untracked["diff_sha256"], code_version(root)["diff_sha256"]]
 
     (root / "pyproject.toml").write_text("[project]\nname = 'y'\n")
     changed = code_version(root)
     assert changed["dirty"] and sorted(changed["changed"]) == ["my_method.py", "pyproject.toml"]
     (root / "pyproject.toml").write_text("[project]\nname = 'z'\n")
-    other_change = code_version(root)
-    assert len(changed["diff_sha256"]) == 64 and other_change["diff_sha256"] != changed["diff_sha256"]
+    digests += [changed["diff_sha256"], code_version(root)["diff_sha256"]]
+    assert len(set(digests)) == 4  # every change a digest of its own
+    (root / "pyproject.toml").write_text("[project]\nname = 'y'\n")
+    assert code_version(root)["diff_sha256"] == digests[2]  # the same changes, the same digest
+
+
+def test_a_copy_of_the_project_inside_another_repository_has_no_commit_of_its_own(tmp_path):
+    outer = tmp_path / "experiments"
+    (outer / "vendored" / "src").mkdir(parents=True)
+    (outer / "vendored" / "src" / "zipfls_train").symlink_to(Path(code_version.__code__.co_filename).resolve().parents[1])
+    (outer / "vendored" / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    (outer / "notes.txt").write_text("mine\n")
+    _git(outer, "init", "-q")
+    _git(outer, "add", "notes.txt")
+    _git(outer, "commit", "-q", "-m", "the user's own repository")
+    assert code_version(outer / "vendored")["git_commit"] is None
+
+
+def test_file_names_that_are_not_utf8_and_a_git_that_hangs(tmp_path, monkeypatch):
+    root = tmp_path / "checkout"
+    (root / "src").mkdir(parents=True)
+    (root / "src" / "zipfls_train").symlink_to(Path(code_version.__code__.co_filename).resolve().parents[1])
+    (root / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    (root / ".gitignore").write_text("src/zipfls_train\n")
+    _git(root, "init", "-q")
+    _git(root, "add", "pyproject.toml", ".gitignore")
+    _git(root, "commit", "-q", "-m", "start")
+    _git(root, "config", "core.quotePath", "false")
+    (root / os.fsdecode(b"caf\xe9.txt")).write_text("Latin-1 name\n")
+    record = code_version(root)
+    assert record["dirty"] and record["changed"] == [os.fsdecode(b"caf\xe9.txt")] and json.dumps(record)
+    # A git whose status does not answer: the commit is known, the changes unknown (not "clean").
+    real_git = subprocess.run(["which", "git"], capture_output=True, text=True, check=True).stdout.strip()
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "git").write_text(f'#!/bin/sh\ncase " $* " in *" status "*) exit 124;; esac\nexec {real_git} "$@"\n')
+    (fake / "git").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    stuck = code_version(root)
+    assert stuck["git_commit"] == record["git_commit"] and (stuck["dirty"], stuck["changed"], stuck["diff_sha256"]) == (None, None, None)
 
 
 def test_outside_a_checkout_of_the_project_or_without_git_the_commit_is_unknown(tmp_path, monkeypatch):

@@ -722,6 +722,27 @@ def test_the_report_says_what_trained_its_runs_and_which_cells_mix_setups(tmp_pa
     assert "setups" not in rows["Vanilla"]["TinyImageNet ResNet18"]
 
 
+def test_setups_of_runs_older_than_the_file_or_with_fields_of_other_types(tmp_path):
+    from zipfls_train.analysis.results import read_setups
+
+    resumed = write_run(tmp_path / "resumed")  # begun before environment.jsonl, resumed after
+    _environment(resumed, {**_setup("1a2b3c4d5e6f", "cpu: x"), "from_step": 40})
+    assert read_setups(resumed) == ("not recorded", "code 1a2b3c4d5e · torch 2.14.1+cu130 · cpu: x")
+    odd = write_run(tmp_path / "odd", seed=1)
+    (odd / "environment.jsonl").write_bytes(b"".join([
+        json.dumps({"code": "abc", "packages": ["torch"], "processes": "2", "device": 7, "from_step": "0"}).encode() + b"\n",
+        json.dumps({"code": {"git_commit": 5, "version": 1}}).encode() + b"\n",
+        json.dumps({"code": {"git_commit": "ffff0000aaaa", "dirty": True, "diff_sha256": 9}}).encode() + b"\n",
+        b'{"device": "cuda: caf\xe9"}\n',
+    ]))  # fmt: skip
+    assert read_setups(odd) == (
+        "zipfls-train ? (no git commit) · torch ? · ?",
+        "code ffff0000aa (+ uncommitted changes) · torch ? · ?",
+        "zipfls-train ? (no git commit) · torch ? · cuda: caf\ufffd",
+    )
+    assert main([str(tmp_path), "--out", str(tmp_path / "table.md")]) == 0
+
+
 def test_cli_writes_the_table(tmp_path, capsys):
     write_run(tmp_path / "runs" / "ce0", top1=(56.0,))
     assert main([str(tmp_path / "runs"), "--table", "2"]) == 0

@@ -253,39 +253,51 @@ NOT_RECORDED = "not recorded"  # a run from before environment.jsonl, or one who
 
 def read_setups(run_dir: Path) -> tuple[str, ...]:
     """The distinct setups of a run's attempts (:func:`setup_label`), in the order they first
-    trained; (NOT_RECORDED,) without a readable environment.jsonl. A line that is not a JSON object
-    (a write cut short by a kill) is passed over."""
+    trained; NOT_RECORDED for attempts before the first recorded one (a run begun before
+    environment.jsonl existed: its first line starts past step 0) and for a run without the file.
+    A line that is not a JSON object (a write cut short by a kill) is passed over."""
     try:
-        lines = (run_dir / "environment.jsonl").read_text().splitlines()
+        lines = (run_dir / "environment.jsonl").read_bytes().decode(errors="replace").splitlines()
     except OSError:
         return (NOT_RECORDED,)
-    labels = []
+    records = []
     for line in lines:
         try:
             record = json.loads(line)
         except ValueError:
             continue
         if isinstance(record, dict):
-            labels.append(setup_label(record))
-    return tuple(dict.fromkeys(labels)) or (NOT_RECORDED,)
+            records.append(record)
+    if not records:
+        return (NOT_RECORDED,)
+    earlier = [NOT_RECORDED] if _field(records[0], "from_step", int, 0) > 0 else []
+    return tuple(dict.fromkeys([*earlier, *map(setup_label, records)]))
 
 
 def setup_label(record: Mapping[str, Any]) -> str:
     """'code 1a2b3c4d5e (+ uncommitted changes 9f8e7d6c) · torch 2.14.1 · cuda: NVIDIA H200 x4': the
-    code (its git commit, else zipfls-train's version), torch and the device (x processes)."""
-    code = record.get("code") or {}
-    commit = code.get("git_commit")
+    code (its git commit, else zipfls-train's version), torch and the device (x processes). A field
+    of another type than the trainer writes reads as unknown ('?')."""
+    code = _field(record, "code", dict, {})
+    commit = _field(code, "git_commit", str, None)
     if commit:
         text = f"code {commit[:10]}"
-        if code.get("dirty"):
-            digest = code.get("diff_sha256")
-            text += f" (+ uncommitted changes {digest[:8]})" if digest else " (+ files git does not track)"
+        if code.get("dirty") is True:
+            digest = _field(code, "diff_sha256", str, None)
+            text += f" (+ uncommitted changes {digest[:8]})" if digest else " (+ uncommitted changes)"
+        elif code.get("dirty") is None:
+            text += " (uncommitted changes unknown)"
     else:
-        text = f"zipfls-train {code.get('version') or '?'} (no git commit)"
-    torch_version = (record.get("packages") or {}).get("torch") or "?"
-    processes = record.get("processes") or 1
-    device = str(record.get("device") or "?") + (f" x{processes}" if processes > 1 else "")
+        text = f"zipfls-train {_field(code, 'version', str, '?')} (no git commit)"
+    torch_version = _field(_field(record, "packages", dict, {}), "torch", str, "?")
+    processes = _field(record, "processes", int, 1)
+    device = _field(record, "device", str, "?") + (f" x{processes}" if processes > 1 else "")
     return f"{text} · torch {torch_version} · {device}"
+
+
+def _field(record: Mapping[str, Any], name: str, kind: type, default: Any) -> Any:
+    value = record.get(name)
+    return value if isinstance(value, kind) and not isinstance(value, bool) else default
 
 
 def _steady_epoch_times(records: Sequence[Mapping[str, Any]]) -> tuple[float, ...]:

@@ -73,7 +73,7 @@ def init_distributed(requested_device: str, rank: int, world_size: int, local_ra
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         store = None
-        if store_port is not None:  # (the process group's own default timeout, not the store's 5 min)
+        if store_port is not None:  # (30 min, gloo's default for the group, not the store's 5 min)
             store = dist.TCPStore("127.0.0.1", store_port, world_size, is_master=False, timeout=default_pg_timeout)
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size, store=store)
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)

@@ -43,7 +43,7 @@ def attempt_record(device: torch.device, processes: int, from_step: int) -> dict
         "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "from_step": from_step,
         "command": [sys.executable, *sys.argv],
-        "cwd": os.getcwd(),
+        "cwd": _cwd(),
         "code": code_version(),
         "python": platform.python_version(),
         "packages": {name: _installed_version(name) for name in PACKAGES},
@@ -59,25 +59,56 @@ def attempt_record(device: torch.device, processes: int, from_step: int) -> dict
 
 def code_version(root: Path = PROJECT_ROOT) -> dict[str, Any]:
     """zipfls-train's installed version, and where the package runs from a git checkout of the
-    project (``root``: pyproject.toml beside src/zipfls_train), its commit, whether anything there
-    differs from it (``dirty``: modified, staged or new files that git does not ignore; a user's new
-    method module is one), the first paths that do, and a SHA-256 of ``git diff HEAD`` (equal
-    digests: the same changes to tracked files). The git fields are None elsewhere (an installed
-    wheel, a checkout of some other project around the environment) or without git."""
-    version = _installed_version("zipfls-train")
+    project (``root``: pyproject.toml beside src/zipfls_train, the top of its own repository), its
+    commit, whether anything there differs from it (``dirty``: modified, staged or new files that
+    git does not ignore; a user's new method module is one), the first paths that do, and a SHA-256
+    of the changes (``git diff HEAD`` and the new files' names and contents: equal digests, the same
+    changes). The git fields are None elsewhere (an installed wheel; a copy of the project inside
+    some other repository) or without git; ``dirty`` and what follows it are None when git could not
+    say (it took over 10 s)."""
+    unknown = {"version": _installed_version("zipfls-train"), "git_commit": None, "dirty": None, "changed": None, "diff_sha256": None}
     is_checkout = (root / "pyproject.toml").is_file() and (root / "src" / "zipfls_train").resolve() == Path(__file__).resolve().parents[1]
-    commit = _git(root, "rev-parse", "HEAD") if is_checkout else None
+    top = _git(root, "rev-parse", "--show-toplevel") if is_checkout else None
+    commit = _git(root, "rev-parse", "HEAD") if top is not None and Path(top.strip()).resolve() == root.resolve() else None
     if commit is None:
-        return {"version": version, "git_commit": None, "dirty": None, "changed": None, "diff_sha256": None}
-    status = (_git(root, "status", "--porcelain", "--untracked-files=normal") or "").splitlines()
+        return unknown
+    status = _git(root, "status", "--porcelain", "-z", "--untracked-files=all")
     diff = _git(root, "diff", "HEAD", "--binary", text=False)
-    return {
-        "version": version,
-        "git_commit": commit.strip(),
-        "dirty": bool(status),
-        "changed": [entry[3:] for entry in status[:LISTED_CHANGES]] + ([f"... {len(status)} in all"] if len(status) > LISTED_CHANGES else []),
-        "diff_sha256": hashlib.sha256(diff).hexdigest() if diff else None,
-    }
+    if status is None or diff is None:
+        return {**unknown, "git_commit": commit.strip()}
+    entries = _status_entries(status)
+    changed = [path for _, path in entries]
+    new_files = sorted(path for code, path in entries if code == "??")
+    digest = _changes_digest(root, diff, new_files) if diff or new_files else None
+    listed = changed[:LISTED_CHANGES] + ([f"... {len(changed)} in all"] if len(changed) > LISTED_CHANGES else [])
+    return {**unknown, "git_commit": commit.strip(), "dirty": bool(changed), "changed": listed, "diff_sha256": digest}
+
+
+def _status_entries(status: str) -> list[tuple[str, str]]:
+    """(XY code, path) of ``git status --porcelain -z``: "XY path\\0" each, a rename's or copy's
+    source path following as a field of its own."""
+    fields, entries = iter(status.split("\0")), []
+    for field in fields:
+        if len(field) > 3:
+            entries.append((field[:2], field[3:]))
+            if field[0] in "RC":
+                next(fields, None)
+    return entries
+
+
+NEW_FILE_BYTES = 1 << 20  # new files' contents enter the digest up to this size each (a stray dataset is named, not read)
+
+
+def _changes_digest(root: Path, diff: bytes, new_files: list[str]) -> str:
+    digest = hashlib.sha256(diff)
+    for name in new_files:
+        digest.update(b"\0new file\0" + os.fsencode(name) + b"\0")
+        try:
+            with open(root / name, "rb") as stream:
+                digest.update(stream.read(NEW_FILE_BYTES + 1))
+        except OSError:
+            digest.update(b"(unreadable)")
+    return digest.hexdigest()
 
 
 def describe_device(device: torch.device) -> str:
@@ -103,12 +134,22 @@ def _installed_version(name: str) -> str | None:
         return None
 
 
-def _git(root: Path, *arguments: str, text: bool = True) -> Any:
-    """git's output in ``root``, or None when git is missing, refuses (not a checkout, a checkout
-    owned by another user) or hangs."""
+def _cwd() -> str | None:
     try:
-        result = subprocess.run(["git", "-C", str(root), *arguments], capture_output=True, text=text, timeout=10,
-                                env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"})  # fmt: skip
+        return os.getcwd()
+    except OSError:  # (the folder was deleted under the process)
+        return None
+
+
+def _git(root: Path, *arguments: str, text: bool = True) -> Any:
+    """git's output in ``root`` (text: as the file system names files, undecodable bytes kept as
+    surrogates), or None when git is missing, refuses (not a checkout, a checkout owned by another
+    user) or hangs."""
+    try:
+        result = subprocess.run(["git", "-C", str(root), "-c", "core.quotePath=true", *arguments], capture_output=True,
+                                timeout=10, env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"})  # fmt: skip
     except (OSError, subprocess.SubprocessError):
         return None
-    return result.stdout if result.returncode == 0 else None
+    if result.returncode != 0:
+        return None
+    return os.fsdecode(result.stdout) if text else result.stdout

@@ -53,8 +53,9 @@ def _rank_killed(failure: ProcessExitedException, run_dir: Path) -> RankKilled:
 
 @contextlib.contextmanager
 def _rendezvous_store(world_size: int) -> Iterator[int]:
-    """The port of a TCP store on loopback that this process hosts for the ranks it spawns, which
-    join the process group through it (each a client, rank 0 included). The port is held from the
+    """The port of a TCP store this process hosts for the ranks it spawns, which reach it over
+    loopback and join the process group through it (each a client, rank 0 included; the store
+    listens on every interface, as rank 0's own store did before). The port is held from the
     moment the kernel picks it until the ranks are done: a free port looked up, released and bound
     again by rank 0 seconds later, once it had started, could be taken in between by another program
     (another run of a sweep starting on the same node), and rank 0 then failed with "address
