@@ -73,7 +73,7 @@ def code_version(root: Path = PROJECT_ROOT) -> dict[str, Any]:
     if commit is None:
         return unknown
     status = _git(root, "status", "--porcelain", "-z", "--untracked-files=all")
-    diff = _git(root, "diff", "HEAD", "--binary", text=False)
+    diff = None if status is None else _git(root, "diff", "HEAD", "--binary", text=False)
     if status is None or diff is None:
         return {**unknown, "git_commit": commit.strip()}
     entries = _status_entries(status)
