@@ -62,7 +62,7 @@ def code_version(root: Path = PROJECT_ROOT) -> dict[str, Any]:
     project (``root``: pyproject.toml beside src/zipfls_train, the top of its own repository), its
     commit, whether anything there differs from it (``dirty``: modified, staged or new files that
     git does not ignore; a user's new method module is one), the first paths that do, and a SHA-256
-    of the changes (``git diff HEAD`` and the new files' names and contents: equal digests, the same
+    of the changes (``git diff HEAD`` and the new files' names and, up to a size, contents: equal digests, the same
     changes). The git fields are None elsewhere (an installed wheel; a copy of the project inside
     some other repository) or without git; ``dirty`` and what follows it are None when git could not
     say (it took over 10 s)."""
@@ -72,7 +72,7 @@ def code_version(root: Path = PROJECT_ROOT) -> dict[str, Any]:
     commit = _git(root, "rev-parse", "HEAD") if top is not None and Path(top.strip()).resolve() == root.resolve() else None
     if commit is None:
         return unknown
-    status = _git(root, "status", "--porcelain", "-z", "--untracked-files=all")
+    status = _git(root, "status", "--porcelain", "-z", "--untracked-files=normal")  # (a new folder: one entry)
     diff = None if status is None else _git(root, "diff", "HEAD", "--binary", text=False)
     if status is None or diff is None:
         return {**unknown, "git_commit": commit.strip()}
@@ -96,18 +96,23 @@ def _status_entries(status: str) -> list[tuple[str, str]]:
     return entries
 
 
-NEW_FILE_BYTES = 1 << 20  # new files' contents enter the digest up to this size each (a stray dataset is named, not read)
+# New files' contents enter the digest up to this size each, for this many of them; the rest, and
+# new folders (git lists a folder it tracks nothing in as one entry), by name only.
+NEW_FILE_BYTES = 1 << 20
+NEW_FILES_READ = 100
 
 
 def _changes_digest(root: Path, diff: bytes, new_files: list[str]) -> str:
     digest = hashlib.sha256(diff)
-    for name in new_files:
+    for index, name in enumerate(new_files):
         digest.update(b"\0new file\0" + os.fsencode(name) + b"\0")
-        try:
-            with open(root / name, "rb") as stream:
-                digest.update(stream.read(NEW_FILE_BYTES + 1))
-        except OSError:
-            digest.update(b"(unreadable)")
+        path = root / name
+        if index < NEW_FILES_READ and path.is_file() and not path.is_symlink():
+            try:
+                with open(path, "rb") as stream:
+                    digest.update(stream.read(NEW_FILE_BYTES))
+            except OSError:
+                digest.update(b"(unreadable)")
     return digest.hexdigest()
 
 
