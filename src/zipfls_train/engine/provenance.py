@@ -62,10 +62,10 @@ def code_version(root: Path = PROJECT_ROOT) -> dict[str, Any]:
     project (``root``: pyproject.toml beside src/zipfls_train, the top of its own repository), its
     commit, whether anything there differs from it (``dirty``: modified, staged or new files that
     git does not ignore; a user's new method module is one), the first paths that do, and a SHA-256
-    of the changes (``git diff HEAD`` and the new files' names and, up to a size, contents: equal digests, the same
-    changes). The git fields are None elsewhere (an installed wheel; a copy of the project inside
-    some other repository) or without git; ``dirty`` and what follows it are None when git could not
-    say (it took over 10 s)."""
+    of the changes (``git diff HEAD`` and the new files' names and, up to a size, contents: equal
+    digests, the same changes). The git fields are None elsewhere (an installed wheel; a copy of the
+    project inside some other repository) or without git; ``dirty`` and what follows it are None
+    when git could not say (it failed, or took over 10 s)."""
     unknown = {"version": _installed_version("zipfls-train"), "git_commit": None, "dirty": None, "changed": None, "diff_sha256": None}
     is_checkout = (root / "pyproject.toml").is_file() and (root / "src" / "zipfls_train").resolve() == Path(__file__).resolve().parents[1]
     top = _git(root, "rev-parse", "--show-toplevel") if is_checkout else None
