@@ -31,8 +31,9 @@ PROJECT_ROOT = Path(__file__).resolve().parents[3]
 def record_attempt(run_dir: Path, device: torch.device, processes: int, from_step: int, resumed: bool) -> None:
     """Write this attempt's line: the file's only line on a fresh start, one more on a resume."""
     path = run_dir / ENVIRONMENT_FILE
-    earlier = path.read_text() if resumed and path.is_file() else ""
-    if earlier and not earlier.endswith("\n"):  # (a line cut short by a kill stays, on a line of its own)
+    # (The file is replaced whole, never cut short; one edited by hand keeps its lines, on their own.)
+    earlier = path.read_bytes().decode(errors="replace") if resumed and path.is_file() else ""
+    if earlier and not earlier.endswith("\n"):
         earlier += "\n"
     line = json.dumps(attempt_record(device, processes, from_step), sort_keys=True)
     write_text_atomically(path, earlier + line + "\n")
