@@ -47,7 +47,8 @@ def attempt_record(device: torch.device, processes: int, from_step: int) -> dict
         "cwd": _cwd(),
         "code": code_version(),
         "python": platform.python_version(),
-        "packages": {name: _installed_version(name) for name in PACKAGES},
+        # (torch as it names itself: its build's tag, e.g. +cu130, is not in the package metadata)
+        "packages": {name: _installed_version(name) for name in PACKAGES} | {"torch": torch.__version__},
         "device": describe_device(device),
         "processes": processes,
         "cuda": torch.version.cuda,
