@@ -860,6 +860,42 @@ def test_loader_warns_once_and_copies_synchronously_when_page_locking_is_refused
     assert loader._registered == [buffer.data_ptr() for buffers in loader._ring for buffer in buffers.values()]
 
 
+def test_a_loader_worker_killed_from_outside_is_one_line_naming_memory_and_the_checkpoint(imagenet_root: Path, tmp_path: Path,
+                                                                                          monkeypatch) -> None:  # fmt: skip
+    """The kernel's out-of-memory killer takes a DataLoader worker (SIGKILL) in epoch 2: torch's
+    RuntimeError, raised wherever the main process is (a backward pass included), becomes a user
+    error that names the likely cause and the checkpoint of epoch 1, which is left as it was."""
+    import multiprocessing
+    import os
+    import signal
+    import time
+
+    from zipfls_train.data.file_loader import LoaderWorkerKilled
+    from zipfls_train.engine.checkpoint import load_checkpoint
+    from zipfls_train.engine.run import run_training
+    from zipfls_train.engine.trainer import Trainer
+
+    original = Trainer.train_step
+
+    def train_step(self, batches):  # noqa: ANN001, ANN202
+        if self.progress.global_step == 4:  # the second step of epoch 2
+            for worker in multiprocessing.active_children():
+                os.kill(worker.pid, signal.SIGKILL)
+            time.sleep(1)  # (torch's SIGCHLD handler raises here, or the next fetch does)
+        return original(self, batches)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    cfg = compose(["dataset=imagenet", "model=resnet18", "loss=ce", *TWO_STEPS, "trainer.epochs=2", "trainer.max_steps_per_epoch=3",
+                   "trainer.num_workers=1", f"dataset.root={imagenet_root}", "dataset.num_classes=24", "dataset.num_classes_subset=12"])
+    with pytest.raises(LoaderWorkerKilled) as error:
+        run_training(cfg, tmp_path / "run")
+    message = str(error.value)
+    assert re.match(r"a data-loading worker \(pid \d+\) (was killed by SIGKILL from outside the run|ended unexpectedly): out of memory", message)
+    assert "trainer.num_workers=N" in message and message.endswith(f"its last checkpoint, {tmp_path / 'run/checkpoints/last.pt'}, is where the same command resumes")
+    assert "\n" not in message
+    assert load_checkpoint(tmp_path / "run/checkpoints/last.pt")["progress"]["epoch"] == 1
+
+
 def test_sigterm_to_the_process_group_stops_a_run_with_loader_workers_at_a_saved_step(imagenet_root: Path, tmp_path: Path, monkeypatch) -> None:
     """A cluster's SIGTERM reaches the DataLoader workers too. They leave it to the training process,
     which saves at the next step and stops them (a worker killed by it would fail the run with
@@ -882,7 +918,7 @@ def test_sigterm_to_the_process_group_stops_a_run_with_loader_workers_at_a_saved
             for worker in multiprocessing.active_children():
                 os.kill(worker.pid, signal.SIGTERM)
         if self.progress.global_step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)  # (this thread: handled before the step ends)
         return terms
 
     monkeypatch.setattr(Trainer, "train_step", train_step)

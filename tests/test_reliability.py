@@ -857,7 +857,7 @@ def test_a_stop_request_is_recorded_and_announced_only_where_asked(capfd, announ
     from zipfls_train.engine.interrupt import StopRequests
 
     with StopRequests(announce=announce) as requests:
-        os.kill(os.getpid(), signal.SIGTERM)  # the handler runs as os.kill returns, in this thread
+        signal.raise_signal(signal.SIGTERM)  # (this thread: the handler runs as it returns)
         assert requests.signal_name == "SIGTERM"
     lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("[zipfls-train] SIGTERM")]
     assert lines == (["[zipfls-train] SIGTERM: stopping after this step and saving a checkpoint (send it again to stop at once)"]
@@ -876,13 +876,13 @@ def test_the_same_signal_again_within_a_second_is_one_request_and_later_stops_at
     now = [100.0]
     monkeypatch.setattr(interrupt.time, "monotonic", lambda: now[0])
     with StopRequests(announce=False) as requests:
-        os.kill(os.getpid(), signal.SIGINT)  # the handler runs as os.kill returns, in this thread
+        signal.raise_signal(signal.SIGINT)  # (this thread: the handler runs as it returns)
         now[0] += 0.5
-        os.kill(os.getpid(), signal.SIGINT)  # the same request, delivered twice: nothing more
+        signal.raise_signal(signal.SIGINT)  # the same request, delivered twice: nothing more
         assert requests.signal_name == "SIGINT"
         now[0] += 0.6  # 1.1 s after the first
         with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
 
 
 def test_a_signal_while_children_start_is_held_back_not_lost():

@@ -8,6 +8,7 @@ from pathlib import Path
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
+    from .data.file_loader import LoaderWorkerKilled
     from .data.images import DatasetError
     from .engine.checkpoint import CheckpointError, FileWriteError
     from .engine.folder_lock import RunFolderBusy
@@ -22,7 +23,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
     return (ConfigError, DatasetError, CheckpointError, ResumeError, NonFiniteLossError, TeacherCheckpointError,
             TrainingInterrupted, MetricsFileError, RunFolderNotWritable, MethodContractError, RankKilled, FileWriteError,
-            RunFolderBusy)  # fmt: skip
+            RunFolderBusy, LoaderWorkerKilled)  # fmt: skip
 
 
 def format_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001 - warnings.formatwarning's signature

@@ -32,7 +32,9 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import shutil
+import signal
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -120,6 +122,42 @@ def _stack_views(views: Sequence[Any]) -> Any:
     if isinstance(views[0], DeviceJob):
         return stack_device_jobs(views)
     return torch.from_numpy(np.stack(views))
+
+
+class LoaderWorkerKilled(RuntimeError):
+    """A DataLoader worker was killed from outside the run (the kernel's out-of-memory killer, most
+    often); the message names it, what uses less memory, and the checkpoint to resume from."""
+
+
+# torch's words when a worker dies: its SIGCHLD handler ("... is killed by signal: Killed.", raised
+# wherever the main process is then, a backward pass included) or the next fetch ("... exited
+# unexpectedly").
+_WORKER_DIED = re.compile(r"DataLoader worker \(pids?\(?s?\)? ?([\d, ]+)\) (?:is killed by signal: ([^.\n]+)|exited unexpectedly)")
+
+
+def loader_worker_killed(error: BaseException, workers: int, resume_note: str) -> LoaderWorkerKilled | None:
+    """``error`` as a :class:`LoaderWorkerKilled` when it is torch's report of a worker that died
+    (None otherwise); ``workers``: trainer.num_workers as resolved, ``resume_note``: what is saved."""
+    match = _WORKER_DIED.search(str(error)) if isinstance(error, RuntimeError) else None
+    if match is None:
+        return None
+    pids = match.group(1).strip()
+    worker = f"a data-loading worker (pid{'s' if ',' in pids else ''} {pids})"
+    signal_name = _SIGNAL_NAMES.get((match.group(2) or "").strip(), (match.group(2) or "").strip())
+    if signal_name == "SIGBUS":
+        cause = ("died of SIGBUS: shared memory (/dev/shm) ran out, most often (a container's default 64 MB: "
+                 "docker run --shm-size=... or --ipc=host)")  # fmt: skip
+    elif signal_name in ("", "SIGKILL"):
+        cause = (f"{'was killed by SIGKILL from outside the run' if signal_name else 'ended unexpectedly'}: out of "
+                 f"memory, most often (the kernel log, dmesg, says so); each of the {workers} workers holds its own "
+                 "decoded images, so fewer (trainer.num_workers=N) or a smaller trainer.eval_batch_size need less")  # fmt: skip
+    else:
+        cause = f"died of {signal_name}"
+    return LoaderWorkerKilled(f"{worker} {cause}; {resume_note}")
+
+
+# strsignal's words (torch's report uses them) -> the signal's name.
+_SIGNAL_NAMES = {text: sig.name for sig in signal.Signals if (text := signal.strsignal(sig))}
 
 
 def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
@@ -345,7 +383,13 @@ class FileLoader:
         iterator = getattr(loader, "_iterator", None)
         if iterator is not None and hasattr(iterator, "_shutdown_workers"):
             workers = list(getattr(iterator, "_workers", []))
-            iterator._shutdown_workers()
+            try:
+                iterator._shutdown_workers()
+            except RuntimeError as error:
+                # A worker that died (killed from outside) is reported by torch's SIGCHLD handler
+                # again while the others stop: the run already stops on the first report.
+                if _WORKER_DIED.search(str(error)) is None:
+                    raise
             loader._iterator = None
             # torch ends a worker that does not stop in time with SIGTERM, which ours ignore (see
             # _leave_stop_signals_to_the_trainer): one stuck on a hung read would keep the process alive.

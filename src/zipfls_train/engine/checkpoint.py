@@ -96,6 +96,12 @@ def write_error(path: Path, cause: OSError, kept: str | None = None) -> FileWrit
     )
 
 
+def resume_note(run_dir: Path) -> str:
+    """What a run stopped from outside has saved, for its message."""
+    last = run_dir / "checkpoints" / "last.pt"
+    return f"its last checkpoint, {last}, is where the same command resumes" if last.is_file() else "no checkpoint was written yet"
+
+
 def remove_stale_temporaries(folder: Path) -> None:
     """Delete the temporary files of writes that a kill interrupted (each as large as its checkpoint).
     Only while no other process writes into ``folder`` (the caller holds the run folder's lock)."""

@@ -26,6 +26,7 @@ from torch.multiprocessing.spawn import ProcessException, ProcessExitedException
 
 from ..errors import user_errors
 from ..stop_signals import release_stop_signals, stop_signals_held
+from .checkpoint import resume_note
 from .config_checks import validate_config
 from .cpu_cores import cpu_threads_for_a_run
 from .distributed import barrier, init_distributed, launched_by_torchrun, shutdown
@@ -39,15 +40,10 @@ class RankKilled(RuntimeError):
     killer, a job scheduler, ``kill``); the message names the rank, the signal and what is saved."""
 
 
-def _saved(run_dir: Path) -> str:
-    last = run_dir / "checkpoints" / "last.pt"
-    return f"its last checkpoint, {last}, is where the same command resumes" if last.is_file() else "no checkpoint was written yet"
-
-
 def _rank_killed(failure: ProcessExitedException, run_dir: Path) -> RankKilled:
     return RankKilled(
         f"rank {failure.error_index} (pid {failure.error_pid}) was killed by {failure.signal_name} from outside the run "
-        f"(out of memory, say: check the kernel log); the other ranks were stopped; {_saved(run_dir)}"
+        f"(out of memory, say: check the kernel log); the other ranks were stopped; {resume_note(run_dir)}"
     )
 
 
@@ -244,7 +240,7 @@ def _spawn_ranks(container: dict[str, Any], run_dir: Path, devices: int, store_p
     except ProcessException as failure:
         error = _rank_user_error(errors)
         if error is None and stops.signal_name is not None:  # stopped while setting up, or at once on a second signal
-            error = TrainingInterrupted(f"interrupted ({stops.signal_name}) before the ranks saved a checkpoint; {_saved(run_dir)}")
+            error = TrainingInterrupted(f"interrupted ({stops.signal_name}) before the ranks saved a checkpoint; {resume_note(run_dir)}")
         if error is None and isinstance(failure, ProcessExitedException) and failure.signal_name:
             error = _rank_killed(failure, run_dir)
         if error is None:

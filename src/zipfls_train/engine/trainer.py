@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from ..data import DataBundle, LoaderOptions, build_data
 from ..data.bundle import configured_num_classes
+from ..data.file_loader import loader_worker_killed
 from ..data.images import DatasetError
 from ..errors import original_message
 from ..losses import Method, build_method
@@ -33,7 +34,7 @@ from ..models import build_model, check_trains_on
 from ..models.cpu_layout import avoid_the_strided_1x1_bug
 from .checkpoint import (
     CheckpointError, capture_rng_state, load_checkpoint, rank_rng_state, remove_stale_temporaries, restore_rng_state,
-    save_atomic, seed_rngs, write_text_atomically,
+    resume_note, save_atomic, seed_rngs, write_text_atomically,
 )
 from .config_checks import ConfigError, compile_mode, loader_workers
 from .distributed import DistContext, all_reduce_sum, barrier, broadcast_buffers, gather_objects, wrap_ddp
@@ -127,6 +128,7 @@ class Trainer:
         self.method: Method = build_method(OmegaConf.to_container(cfg.loss, resolve=True), num_classes, int(tcfg.batch_size))
         needs = self.method.needs
         micro_batch = per_process_batch(int(tcfg.batch_size), ctx.world_size, int(tcfg.accumulate_steps))
+        self.num_workers = loader_workers(tcfg.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size)))
         self.data: DataBundle = build_data(
             OmegaConf.to_container(cfg.dataset, resolve=True),
             LoaderOptions(
@@ -140,7 +142,7 @@ class Trainer:
                 two_views=needs.two_views,
                 channels_last=self.channels_last,
                 data_device=torch.device("cpu") if tcfg.data_on == "cpu" else None,
-                num_workers=loader_workers(tcfg.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))),
+                num_workers=self.num_workers,
                 accumulate_steps=int(tcfg.accumulate_steps),
             ),
         )
@@ -309,6 +311,14 @@ class Trainer:
             if self.ctx.enabled:  # (the other ranks wait in a collective: no save together)
                 raise
             raise DatasetError(self._saved_after_data_error(error)) from error
+        except RuntimeError as error:
+            # No save here: torch reports a dead worker wherever the main process is, mid-step too,
+            # where a checkpoint would not be the state of a whole step.
+            killed = loader_worker_killed(error, self.num_workers, resume_note(self.run_dir))
+            if killed is None:
+                raise
+            self._close_loaders()  # now: another dead worker's report could otherwise come in its place
+            raise killed from error
         finally:
             # Closing TensorBoard's writer fails too when the disk is full or the folder went read-only:
             # then the error that stopped the run is the one to report, not the writer's.
