@@ -14,6 +14,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .engine.folder_lock import RunFolderBusy
     from .engine.config_checks import ConfigError
     from .engine.interrupt import TrainingInterrupted
+    from .engine.out_of_memory import OutOfMemory
     from .engine.run import RankKilled
     from .engine.run_folder import MetricsFileError, RunFolderNotWritable
     from .engine.resume import ResumeError
@@ -23,7 +24,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
     return (ConfigError, DatasetError, CheckpointError, ResumeError, NonFiniteLossError, TeacherCheckpointError,
             TrainingInterrupted, MetricsFileError, RunFolderNotWritable, MethodContractError, RankKilled, FileWriteError,
-            RunFolderBusy, LoaderWorkerKilled)  # fmt: skip
+            RunFolderBusy, LoaderWorkerKilled, OutOfMemory)  # fmt: skip
 
 
 def format_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001 - warnings.formatwarning's signature

@@ -1,0 +1,83 @@
+"""Out of GPU memory or RAM: one line saying where, the figures, the setting that needs less and the
+checkpoint to resume from."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zipfls_train.engine.checkpoint import load_checkpoint
+from zipfls_train.engine.out_of_memory import OutOfMemory
+from zipfls_train.engine.trainer import Trainer
+from zipfls_train.errors import user_errors
+
+ARGS = ("loss=ce", "trainer.epochs=2", "trainer.max_steps_per_epoch=3", "trainer.zipf_fit_at_end=false")
+# torch's CUDA allocator message (c10/cuda/CUDACachingAllocator.cpp), as an H100 prints it.
+CUDA_MESSAGE = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.20 GiB "
+                "is free. Including non-PyTorch memory, this process has 77.98 GiB memory in use. Of the allocated memory "
+                "75.10 GiB is allocated by PyTorch, and 1.37 GiB is reserved by PyTorch but unallocated. If reserved but "
+                "unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.")  # fmt: skip
+
+
+def _in_epoch_2(monkeypatch, method: str, failure) -> None:  # noqa: ANN001
+    original = getattr(Trainer, method)
+
+    def patched(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        if self.progress.epoch == 1 and self.progress.global_step == 4:
+            failure()
+        return original(self, *args, **kwargs)
+
+    patched.__name__ = method
+    monkeypatch.setattr(Trainer, method, patched)
+
+
+def test_a_training_step_out_of_gpu_memory_names_the_per_step_batch_and_accumulation(run_tiny, tmp_path, monkeypatch):
+    def cuda_out_of_memory() -> None:
+        raise torch.OutOfMemoryError(CUDA_MESSAGE)
+
+    _in_epoch_2(monkeypatch, "train_step", cuda_out_of_memory)
+    with pytest.raises(OutOfMemory) as error:
+        run_tiny(*ARGS, "trainer.batch_size=16", "trainer.accumulate_steps=2", run_dir=tmp_path / "run")
+    last = tmp_path / "run/checkpoints/last.pt"
+    # 16 images a step over 1 process and 2 micro-batches: 8 per forward pass.
+    assert str(error.value) == (
+        "out of GPU memory in a training step (2.00 GiB asked for; GPU 0: 79.19 GiB, 1.20 GiB of it free); each step "
+        "holds 8 images per process (trainer.batch_size=16 over 1 process(es) and trainer.accumulate_steps=2): "
+        f"trainer.accumulate_steps=4 halves that and keeps the global batch, the recipe; its last checkpoint, {last}, "
+        "is where the same command resumes"
+    )
+    assert isinstance(error.value, user_errors())  # train.py prints the line alone
+    assert load_checkpoint(last)["progress"]["epoch"] == 1  # epoch 1's, as it was
+
+
+def test_evaluation_out_of_gpu_memory_names_the_eval_batch(run_tiny, tmp_path, monkeypatch):
+    def cuda_out_of_memory() -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB.")
+
+    original = Trainer.evaluate
+
+    def evaluate(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        if self.progress.epoch == 1:
+            cuda_out_of_memory()
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    with pytest.raises(OutOfMemory, match=r"^out of GPU memory while evaluating \(20\.00 MiB asked for\); a smaller "
+                                          r"trainer\.eval_batch_size \(now 64; it changes no result\) needs less; its last checkpoint"):  # fmt: skip
+        run_tiny(*ARGS, run_dir=tmp_path / "run")
+
+
+def test_a_step_that_ram_cannot_hold_is_named_with_torch_s_own_error(run_tiny, tmp_path, monkeypatch):
+    """The CPU allocator's real error (an allocation no machine has), not a made-up message."""
+    _in_epoch_2(monkeypatch, "train_step", lambda: torch.empty(1 << 62, dtype=torch.uint8))
+    with pytest.raises(OutOfMemory, match=r"^out of memory \(RAM\) in a training step; each step holds 16 images per process"):
+        run_tiny(*ARGS, "trainer.batch_size=16", run_dir=tmp_path / "run")
+
+
+def test_other_runtime_errors_pass_through(run_tiny, tmp_path, monkeypatch):
+    def bug() -> None:
+        raise RuntimeError("a bug in a method")
+
+    _in_epoch_2(monkeypatch, "train_step", bug)
+    with pytest.raises(RuntimeError, match="^a bug in a method$"):
+        run_tiny(*ARGS, run_dir=tmp_path / "run")
