@@ -43,7 +43,7 @@ def test_a_training_step_out_of_gpu_memory_names_the_per_step_batch_and_accumula
     assert str(error.value) == (
         "out of GPU memory in a training step (2.00 GiB asked for; GPU 0: 79.19 GiB, 1.20 GiB of it free); each step "
         "holds 8 images per process (trainer.batch_size=16 over 1 process(es) and trainer.accumulate_steps=2): "
-        f"trainer.accumulate_steps=4 halves that and keeps the global batch, the recipe; its last checkpoint, {last}, "
+        f"trainer.accumulate_steps=4 makes that 4 and keeps the global batch, the recipe; its last checkpoint, {last}, "
         "is where the same command resumes"
     )
     assert isinstance(error.value, user_errors())  # train.py prints the line alone
@@ -72,6 +72,20 @@ def test_a_step_that_ram_cannot_hold_is_named_with_torch_s_own_error(run_tiny, t
     _in_epoch_2(monkeypatch, "train_step", lambda: torch.empty(1 << 62, dtype=torch.uint8))
     with pytest.raises(OutOfMemory, match=r"^out of memory \(RAM\) in a training step; each step holds 16 images per process"):
         run_tiny(*ARGS, "trainer.batch_size=16", run_dir=tmp_path / "run")
+
+
+@pytest.mark.parametrize(("batch", "processes", "accumulate", "advice"), [
+    (256, 4, 1, "each step holds 64 images per process (trainer.batch_size=256 over 4 process(es) and "
+                "trainer.accumulate_steps=1): trainer.accumulate_steps=2 makes that 32"),
+    (96, 1, 2, "trainer.accumulate_steps=3 makes that 32"),  # 96 = 3 x 32: the next even split
+    (6, 2, 3, "each step holds 1 images per process (trainer.batch_size=6 over 2 process(es) and "
+              "trainer.accumulate_steps=3): not even one image fits"),
+])  # fmt: skip
+def test_the_advice_is_an_accumulation_that_splits_the_global_batch_evenly(batch, processes, accumulate, advice):
+    from zipfls_train.engine.out_of_memory import out_of_memory
+
+    message = str(out_of_memory(torch.OutOfMemoryError("CUDA out of memory."), batch, processes, accumulate, 512, "saved"))
+    assert message.startswith("out of GPU memory in a training step; ") and advice in message and message.endswith("; saved")
 
 
 def test_other_runtime_errors_pass_through(run_tiny, tmp_path, monkeypatch):

@@ -39,11 +39,20 @@ def out_of_memory(error: BaseException, batch_size: int, processes: int, accumul
         fix = f"a smaller trainer.eval_batch_size (now {eval_batch_size}; it changes no result) needs less"
     else:
         where = "in a training step"
-        per_step = batch_size // max(1, processes * accumulate_steps)
-        fix = (f"each step holds {per_step} images per process (trainer.batch_size={batch_size} over {processes} "
-               f"process(es) and trainer.accumulate_steps={accumulate_steps}): trainer.accumulate_steps="
-               f"{accumulate_steps * 2} halves that and keeps the global batch, the recipe")  # fmt: skip
+        fix = _training_fix(batch_size, max(1, processes), accumulate_steps)
     return OutOfMemory(f"out of {memory} {where}{figures}; {fix}; {resume_note}")
+
+
+def _training_fix(batch_size: int, processes: int, accumulate_steps: int) -> str:
+    """The next accumulate_steps that splits the global batch evenly into smaller micro-batches."""
+    per_step = batch_size // (processes * accumulate_steps)
+    holds = (f"each step holds {per_step} images per process (trainer.batch_size={batch_size} over {processes} "
+             f"process(es) and trainer.accumulate_steps={accumulate_steps})")  # fmt: skip
+    for steps in range(accumulate_steps + 1, batch_size // processes + 1):
+        if batch_size % (processes * steps) == 0:
+            smaller = batch_size // (processes * steps)
+            return f"{holds}: trainer.accumulate_steps={steps} makes that {smaller} and keeps the global batch, the recipe"
+    return f"{holds}: not even one image fits; a smaller model or dataset.image_size, or trainer.precision=bf16, needs less"
 
 
 def _figures(message: str) -> str:
