@@ -289,6 +289,32 @@ def test_a_run_saved_by_one_process_resumes_on_two(tiny_pack_root, tmp_path, mon
         torch.testing.assert_close(resumed[name], tensor, rtol=1e-4, atol=2e-3, msg=name)
 
 
+def test_a_run_resumes_with_more_micro_batches_as_the_same_run(tiny_pack_root, tmp_path, monkeypatch):
+    """Out of memory in epoch 2, a run resumes with trainer.accumulate_steps=2 (what the message
+    advises) and ends as the same run uninterrupted with the whole batch at once."""
+    from zipfls_train.engine.trainer import Trainer
+
+    common = [*DDP_RUN, f"dataset.root={tiny_pack_root}", "trainer.max_steps_per_epoch=2", "trainer.epochs=2"]
+    run_training(compose(common), tmp_path / "uninterrupted")
+    real_step, steps = Trainer.train_step, []
+
+    def fail_in_the_second_epoch(self, batches):  # noqa: ANN001, ANN202
+        steps.append(1)
+        if len(steps) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+        return real_step(self, batches)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "train_step", fail_in_the_second_epoch)
+        with pytest.raises(RuntimeError, match="trainer.accumulate_steps=2 makes that 16"):
+            run_training(compose(common), tmp_path / "resumed")
+    run_training(compose([*common, "trainer.accumulate_steps=2"]), tmp_path / "resumed")
+    assert [record["epoch"] for record in _metrics(tmp_path / "resumed")] == [1, 2]
+    expected, resumed = _weights(tmp_path / "uninterrupted"), _weights(tmp_path / "resumed")
+    for name, tensor in expected.items():  # the tolerance of the accumulation test below
+        torch.testing.assert_close(resumed[name], tensor, rtol=1e-3, atol=1e-3, msg=name)
+
+
 def test_gradient_accumulation_equals_the_whole_batch_at_once(tiny_pack_root, tmp_path):
     common = [*DDP_RUN, f"dataset.root={tiny_pack_root}", "trainer.max_steps_per_epoch=3"]
     run_training(compose(common), tmp_path / "whole")

@@ -896,6 +896,32 @@ def test_a_loader_worker_killed_from_outside_is_one_line_naming_memory_and_the_c
     assert load_checkpoint(tmp_path / "run/checkpoints/last.pt")["progress"]["epoch"] == 1
 
 
+def test_every_way_torch_reports_a_dead_worker_gets_its_own_line(monkeypatch) -> None:
+    """torch's words (torch/utils/data/dataloader.py and the C++ SIGCHLD handler's strings)."""
+    import signal
+
+    from zipfls_train.data import file_loader
+
+    def killed(message: str) -> str:
+        return str(file_loader.loader_worker_killed(RuntimeError(message), 8, "saved"))
+
+    assert killed("DataLoader worker (pid 7) is killed by signal: Bus error. ").startswith(
+        "a data-loading worker (pid 7) died of SIGBUS: shared memory (/dev/shm) ran out")
+    assert killed("DataLoader worker (pid 7) is killed by signal: Segmentation fault. ") == "a data-loading worker (pid 7) died of SIGSEGV; saved"
+    assert killed("DataLoader worker (pid 7) exited unexpectedly with exit code 3. Details are lost due to multiprocessing. "
+                  "Rerunning with num_workers=0 may give better error trace.") == (
+        "a data-loading worker (pid 7) exited with code 3 (trainer.num_workers=0 runs the loading in the training process, "
+        "where its error shows); saved")  # fmt: skip
+    assert killed("DataLoader worker (pid(s) 12, 13) exited unexpectedly").startswith(
+        "data-loading workers (pids 12, 13) ended unexpectedly: out of memory, most often")
+    assert file_loader.loader_worker_killed(RuntimeError("CUDA error: device-side assert triggered"), 8, "saved") is None
+    # Windows lists CTRL_C_EVENT (0) among its signals, which strsignal refuses: the names are still made.
+    real = signal.strsignal
+    monkeypatch.setattr(signal, "strsignal", lambda sig: real(sig) if sig != signal.SIGINT else (_ for _ in ()).throw(ValueError(sig)))
+    names = file_loader._signal_names()
+    assert names["Killed"] == "SIGKILL" and "SIGINT" not in names.values()
+
+
 def test_sigterm_to_the_process_group_stops_a_run_with_loader_workers_at_a_saved_step(imagenet_root: Path, tmp_path: Path, monkeypatch) -> None:
     """A cluster's SIGTERM reaches the DataLoader workers too. They leave it to the training process,
     which saves at the next step and stops them (a worker killed by it would fail the run with

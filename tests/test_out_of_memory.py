@@ -70,7 +70,8 @@ def test_evaluation_out_of_gpu_memory_names_the_eval_batch(run_tiny, tmp_path, m
 def test_a_step_that_ram_cannot_hold_is_named_with_torch_s_own_error(run_tiny, tmp_path, monkeypatch):
     """The CPU allocator's real error (an allocation no machine has), not a made-up message."""
     _in_epoch_2(monkeypatch, "train_step", lambda: torch.empty(1 << 62, dtype=torch.uint8))
-    with pytest.raises(OutOfMemory, match=r"^out of memory \(RAM\) in a training step; each step holds 16 images per process"):
+    with pytest.raises(OutOfMemory, match=r"^out of memory \(RAM\) in a training step \(4294967296\.00 GiB asked for\); "
+                                          r"each step holds 16 images per process"):  # (2**62 bytes)
         run_tiny(*ARGS, "trainer.batch_size=16", run_dir=tmp_path / "run")
 
 
@@ -78,14 +79,41 @@ def test_a_step_that_ram_cannot_hold_is_named_with_torch_s_own_error(run_tiny, t
     (256, 4, 1, "each step holds 64 images per process (trainer.batch_size=256 over 4 process(es) and "
                 "trainer.accumulate_steps=1): trainer.accumulate_steps=2 makes that 32"),
     (96, 1, 2, "trainer.accumulate_steps=3 makes that 32"),  # 96 = 3 x 32: the next even split
-    (6, 2, 3, "each step holds 1 images per process (trainer.batch_size=6 over 2 process(es) and "
+    (6, 2, 3, "each step holds 1 image per process (trainer.batch_size=6 over 2 process(es) and "
               "trainer.accumulate_steps=3): not even one image fits"),
 ])  # fmt: skip
 def test_the_advice_is_an_accumulation_that_splits_the_global_batch_evenly(batch, processes, accumulate, advice):
     from zipfls_train.engine.out_of_memory import out_of_memory
 
-    message = str(out_of_memory(torch.OutOfMemoryError("CUDA out of memory."), batch, processes, accumulate, 512, "saved"))
+    message = str(out_of_memory(torch.OutOfMemoryError("CUDA out of memory."), batch, processes, accumulate, 512, 8, "saved"))
     assert message.startswith("out of GPU memory in a training step; ") and advice in message and message.endswith("; saved")
+
+
+def test_an_out_of_memory_error_behind_another_or_from_a_loader_worker(tmp_path):
+    from zipfls_train.engine.out_of_memory import out_of_memory
+
+    class BackendCompilerFailed(RuntimeError):  # (torch._dynamo's, which keeps the error as inner_exception)
+        def __init__(self, inner: BaseException) -> None:
+            super().__init__(f"backend='inductor' raised: {inner}")
+            self.inner_exception = inner
+
+    compiled = BackendCompilerFailed(torch.OutOfMemoryError(CUDA_MESSAGE))
+    try:
+        try:
+            raise torch.OutOfMemoryError(CUDA_MESSAGE)
+        except torch.OutOfMemoryError as error:
+            raise RuntimeError("a wrapper's own words") from error
+    except RuntimeError as wrapper:
+        chained = wrapper
+    for error in (compiled, chained):
+        message = str(out_of_memory(error, 128, 1, 1, 512, 8, "saved"))
+        assert message.startswith("out of GPU memory in a training step (2.00 GiB asked for; GPU 0: 79.19 GiB, 1.20 GiB of it free)")
+    # DataLoader brings a worker's error back as its type with the worker's traceback as message.
+    in_worker = torch.OutOfMemoryError("Caught OutOfMemoryError in DataLoader worker process 0.\nOriginal Traceback ...")
+    assert str(out_of_memory(in_worker, 128, 1, 1, 512, 8, "saved")) == (
+        "out of GPU memory in a data-loading worker; each of the 8 workers holds its own images: fewer "
+        "(trainer.num_workers=N) need less; saved")
+    assert out_of_memory(RuntimeError("CUDA error: an illegal memory access"), 128, 1, 1, 512, 8, "saved") is None
 
 
 def test_other_runtime_errors_pass_through(run_tiny, tmp_path, monkeypatch):

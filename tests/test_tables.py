@@ -416,22 +416,33 @@ def _set_trainer(run_dir: Path, **values: Any) -> None:
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
 
 
+def _record_precisions(run_dir: Path, **fields: str) -> None:
+    """Set fields of every epoch record (what the trainer records: precision, eval_precision)."""
+    lines = [json.loads(line) | fields for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
 def test_runs_scored_in_a_training_precision_other_than_fp32_are_kept_apart_and_say_so(tmp_path):
+    """What val was scored in, as each epoch's record says: fp32, or bf16 (trainer.eval_precision=train
+    with bf16 training; and every epoch recorded before eval_precision existed, scored in the training
+    precision). The config alone is not enough: trainer.precision=auto is fp32 on most CPUs."""
     recipe = {"format": "tree", "train_augment": "random_resized_crop"}
-    write_run(tmp_path / "fp32_default", seed=0, top1=(56.0,), epochs=200, dataset_options=recipe)  # (a config from before the key)
-    _set_trainer(write_run(tmp_path / "scored_fp32", seed=1, top1=(57.0,), epochs=200, dataset_options=recipe),
-                 precision="bf16", eval_precision="fp32")
-    # trained in fp32, scored "as trained": fp32 too, the same cell
-    _set_trainer(write_run(tmp_path / "fp32_as_trained", seed=2, top1=(58.0,), epochs=200, dataset_options=recipe),
-                 precision="fp32", eval_precision="train")
-    _set_trainer(write_run(tmp_path / "scored_bf16", seed=0, top1=(50.0,), epochs=200, dataset_options=recipe),
-                 precision="auto", eval_precision="train")
+    write_run(tmp_path / "before_either_field", seed=0, top1=(56.0,), epochs=200, dataset_options=recipe)
+    _record_precisions(write_run(tmp_path / "bf16_scored_fp32", seed=1, top1=(57.0,), epochs=200, dataset_options=recipe),
+                       precision="bf16", eval_precision="fp32")
+    auto_on_a_cpu = write_run(tmp_path / "auto_on_a_cpu", seed=2, top1=(58.0,), epochs=200, dataset_options=recipe)
+    _set_trainer(auto_on_a_cpu, precision="auto", eval_precision="train")
+    _record_precisions(auto_on_a_cpu, precision="fp32", eval_precision="fp32")
+    _record_precisions(write_run(tmp_path / "scored_bf16", seed=0, top1=(50.0,), epochs=200, dataset_options=recipe),
+                       precision="bf16", eval_precision="bf16")
+    _record_precisions(write_run(tmp_path / "older_bf16", seed=1, top1=(51.0,), epochs=200, dataset_options=recipe),
+                       precision="bf16")  # (before eval_precision: scored in bf16)
     report = build_report(load_runs([tmp_path]), load_paper(PAPER_TABLES), table="2")
     cells = [row["TinyImageNet ResNet18"] for label, row in table_rows(report, "Table 2").items() if label.startswith("Vanilla")]
     by_value = {cell[:5]: cell for cell in cells}
-    assert sorted(by_value) == ["50.00", "57.00"], cells  # 57.00 = mean of 56, 57, 58
+    assert sorted(by_value) == ["50.50", "57.00"], cells  # 57.00 = mean of 56, 57, 58; 50.50 of 50, 51
     assert "n=3" in by_value["57.00"] and "training precision" not in by_value["57.00"]
-    assert "n=1" in by_value["50.00"] and "val scored in the training precision (trainer.eval_precision=train)" in by_value["50.00"]
+    assert "n=2" in by_value["50.50"] and "val scored in the training precision (bf16/fp16), not fp32" in by_value["50.50"]
 
 
 def test_runs_with_other_optimiser_or_schedule_settings_are_separate_rows_named_by_the_setting(tmp_path):

@@ -154,8 +154,9 @@ def _require(config: Mapping[str, Any], dotted: str, source: Path) -> Any:
     return node
 
 
-def cell_key_from_config(config: Mapping[str, Any], source: Path) -> CellKey:
-    """The cell a run belongs to, from its resolved config."""
+def cell_key_from_config(config: Mapping[str, Any], source: Path, scored_in: str | None = None) -> CellKey:
+    """The cell a run belongs to, from its resolved config; ``scored_in``: what its val was scored
+    in as its metrics record it (:func:`scored_in`), else as its config says."""
     dataset = _require(config, "dataset.name", source)
     model = _require(config, "model.name", source)
     loss = _require(config, "loss", source)
@@ -169,7 +170,7 @@ def cell_key_from_config(config: Mapping[str, Any], source: Path) -> CellKey:
     recipe: dict[str, Any] = {"epochs": int(_require(config, "trainer.epochs", source))}
     for name in _RECIPE_TRAINER_KEYS:
         recipe[name] = config["trainer"].get(name)
-    recipe["eval_precision"] = _eval_precision(config["trainer"])
+    recipe["eval_precision"] = scored_in or _eval_precision(config["trainer"])
     for name in _RECIPE_DATASET_KEYS:
         recipe[name] = config["dataset"].get(name)
     # Model options (e.g. a narrower CIFAR ResNet) change the model, and the optimiser and schedule
@@ -189,12 +190,22 @@ def cell_key_from_config(config: Mapping[str, Any], source: Path) -> CellKey:
 
 
 def _eval_precision(trainer: Mapping[str, Any]) -> str:
-    """What val was scored in: "train" (trainer.eval_precision=train, the training precision's
-    autocast: a bf16 forward moves top-1 by 0.1-2 points from the fp32 score, so such runs never
-    average with fp32-scored ones) or "fp32" (the default, which configs from before the key had,
-    and "train" with fp32 training)."""
+    """What val was scored in, from the config alone (a run without epoch records): "train"
+    (trainer.eval_precision=train, the training precision's autocast: a bf16 forward moves top-1 by
+    0.1-2 points from the fp32 score, so such runs never average with fp32-scored ones) or "fp32"."""
     scored_as_trained = trainer.get("eval_precision", "fp32") == "train" and trainer.get("precision") != "fp32"
     return "train" if scored_as_trained else "fp32"
+
+
+def scored_in(records: Sequence[Mapping[str, Any]]) -> str | None:
+    """What a run's val was scored in, from its epoch records: "train" when any epoch was scored in
+    a precision other than fp32, else "fp32"; None without records. An epoch recorded before
+    ``eval_precision`` existed was scored in its training ``precision`` (bf16 where trainer.precision=auto
+    chose it); one recorded before either existed, in fp32."""
+    if not records:
+        return None
+    precisions = {record.get("eval_precision") or record.get("precision") or "fp32" for record in records}
+    return "fp32" if precisions <= {"fp32"} else "train"
 
 
 def read_epoch_records(path: Path) -> list[dict[str, Any]]:
@@ -226,8 +237,8 @@ def read_run(run_dir: Path) -> Run:
         raise RunFolderError(f"{config_path}: not valid YAML ({error})") from error
     if not isinstance(config, Mapping):
         raise RunFolderError(f"{config_path}: expected a mapping (the resolved config)")
-    key = cell_key_from_config(config, config_path)
     records = read_epoch_records(run_dir / "metrics.jsonl")
+    key = cell_key_from_config(config, config_path, scored_in(records))
     scored = [(int(r["epoch"]), top1) for r in records if (top1 := _finite(r.get("val_top1"))) is not None]
     best_epoch, best_top1 = max(scored, key=lambda pair: (pair[1], -pair[0])) if scored else (None, None)
     gpu = [m for r in records if (m := _finite(r.get("peak_gpu_mem_mb"))) is not None]

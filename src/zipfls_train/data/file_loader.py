@@ -132,7 +132,8 @@ class LoaderWorkerKilled(RuntimeError):
 # torch's words when a worker dies: its SIGCHLD handler ("... is killed by signal: Killed.", raised
 # wherever the main process is then, a backward pass included) or the next fetch ("... exited
 # unexpectedly").
-_WORKER_DIED = re.compile(r"DataLoader worker \(pids?\(?s?\)? ?([\d, ]+)\) (?:is killed by signal: ([^.\n]+)|exited unexpectedly)")
+_WORKER_DIED = re.compile(r"DataLoader worker \(pids?\(?s?\)? ?([\d, ]+)\) (?:is killed by signal: ([^.\n]+)|exited unexpectedly"
+                          r"(?: with exit code (-?\d+))?)")
 
 
 def loader_worker_killed(error: BaseException, workers: int, resume_note: str) -> LoaderWorkerKilled | None:
@@ -142,8 +143,11 @@ def loader_worker_killed(error: BaseException, workers: int, resume_note: str) -
     if match is None:
         return None
     pids = match.group(1).strip()
-    worker = f"a data-loading worker (pid{'s' if ',' in pids else ''} {pids})"
+    worker = f"data-loading workers (pids {pids})" if "," in pids else f"a data-loading worker (pid {pids})"
     signal_name = _SIGNAL_NAMES.get((match.group(2) or "").strip(), (match.group(2) or "").strip())
+    if match.group(3) is not None:  # it exited itself: a crash of its own, not the memory's
+        return LoaderWorkerKilled(f"{worker} exited with code {match.group(3)} (trainer.num_workers=0 runs the loading in "
+                                  f"the training process, where its error shows); {resume_note}")  # fmt: skip
     if signal_name == "SIGBUS":
         cause = ("died of SIGBUS: shared memory (/dev/shm) ran out, most often (a container's default 64 MB: "
                  "docker run --shm-size=... or --ipc=host)")  # fmt: skip
@@ -157,7 +161,19 @@ def loader_worker_killed(error: BaseException, workers: int, resume_note: str) -
 
 
 # strsignal's words (torch's report uses them) -> the signal's name.
-_SIGNAL_NAMES = {text: sig.name for sig in signal.Signals if (text := signal.strsignal(sig))}
+def _signal_names() -> dict[str, str]:
+    names = {}
+    for sig in signal.Signals:
+        try:
+            text = signal.strsignal(sig)
+        except ValueError:  # (Windows' CTRL_C_EVENT, 0, is out of strsignal's range)
+            continue
+        if text:
+            names[text] = sig.name
+    return names
+
+
+_SIGNAL_NAMES = _signal_names()
 
 
 def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:

@@ -19,22 +19,30 @@ class OutOfMemory(RuntimeError):
 # an epoch, the Figure 2 pass at the end).
 EVALUATION_FRAMES = ("evaluate", "mean_sorted_softmax")
 _CPU_ALLOCATOR = "DefaultCPUAllocator: can't allocate memory"
-_TRIED = re.compile(r"Tried to allocate ([\d.]+ [KMGT]?i?B)")
-_CAPACITY = re.compile(r"GPU (\d+) has a total capacity of ([\d.]+ [KMGT]?i?B) of which ([\d.]+ [KMGT]?i?B) is free")
+_SIZE = r"([\d.]+ (?:[KMGTPE]i?B|bytes))"
+_TRIED = re.compile(rf"Tried to allocate {_SIZE}")
+_CAPACITY = re.compile(rf"GPU (\d+) has a total capacity of {_SIZE} of which {_SIZE} is free")
+_TRIED_RAM = re.compile(r"you tried to allocate (\d+) bytes")
+_IN_A_WORKER = "in DataLoader worker process"  # (torch's words for an error it brings back from a worker)
 
 
 def out_of_memory(error: BaseException, batch_size: int, processes: int, accumulate_steps: int, eval_batch_size: int,
-                  resume_note: str) -> OutOfMemory | None:  # fmt: skip
-    """``error`` as an :class:`OutOfMemory` when it is torch's out-of-memory error (None otherwise).
-    ``batch_size``: trainer.batch_size (the global batch), split over ``processes`` and
-    ``accumulate_steps``; ``resume_note``: what is saved."""
-    on_gpu = isinstance(error, torch.OutOfMemoryError)
-    if not on_gpu and not (isinstance(error, RuntimeError) and _CPU_ALLOCATOR in str(error)):
+                  workers: int, resume_note: str) -> OutOfMemory | None:  # fmt: skip
+    """``error`` as an :class:`OutOfMemory` when torch's out-of-memory error is it or behind it (a
+    compiler's error wraps one raised while it compiled); None otherwise. ``batch_size``:
+    trainer.batch_size (the global batch), split over ``processes`` and ``accumulate_steps``;
+    ``workers``: trainer.num_workers as resolved; ``resume_note``: what is saved."""
+    cause = _memory_error_in(error)
+    if cause is None:
         return None
+    on_gpu = isinstance(cause, torch.OutOfMemoryError)
     memory = "GPU memory" if on_gpu else "memory (RAM)"
-    figures = _figures(str(error)) if on_gpu else ""
-    frames = {frame.name for frame in traceback.extract_tb(error.__traceback__)}
-    if frames.intersection(EVALUATION_FRAMES):
+    figures = _figures(str(cause)) if on_gpu else _ram_figures(str(cause))
+    frames = {frame.name for failure in (error, cause) for frame in traceback.extract_tb(failure.__traceback__)}
+    if _IN_A_WORKER in str(cause):
+        where = "in a data-loading worker"
+        fix = f"each of the {workers} workers holds its own images: fewer (trainer.num_workers=N) need less"
+    elif frames.intersection(EVALUATION_FRAMES):
         where = "while evaluating"
         fix = f"a smaller trainer.eval_batch_size (now {eval_batch_size}; it changes no result) needs less"
     else:
@@ -43,16 +51,37 @@ def out_of_memory(error: BaseException, batch_size: int, processes: int, accumul
     return OutOfMemory(f"out of {memory} {where}{figures}; {fix}; {resume_note}")
 
 
+def _memory_error_in(error: BaseException) -> BaseException | None:
+    """torch's out-of-memory error: ``error`` itself, or one it was raised from or while handling,
+    or a compiler error's ``inner_exception``."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, torch.OutOfMemoryError) or (isinstance(current, RuntimeError) and _CPU_ALLOCATOR in str(current)):
+            return current
+        pending += [current.__cause__, current.__context__, getattr(current, "inner_exception", None)]
+    return None
+
+
 def _training_fix(batch_size: int, processes: int, accumulate_steps: int) -> str:
     """The next accumulate_steps that splits the global batch evenly into smaller micro-batches."""
     per_step = batch_size // (processes * accumulate_steps)
-    holds = (f"each step holds {per_step} images per process (trainer.batch_size={batch_size} over {processes} "
-             f"process(es) and trainer.accumulate_steps={accumulate_steps})")  # fmt: skip
+    holds = (f"each step holds {per_step} image{'s' if per_step != 1 else ''} per process (trainer.batch_size={batch_size} "
+             f"over {processes} process(es) and trainer.accumulate_steps={accumulate_steps})")  # fmt: skip
     for steps in range(accumulate_steps + 1, batch_size // processes + 1):
         if batch_size % (processes * steps) == 0:
             smaller = batch_size // (processes * steps)
             return f"{holds}: trainer.accumulate_steps={steps} makes that {smaller} and keeps the global batch, the recipe"
     return f"{holds}: not even one image fits; a smaller model or dataset.image_size, or trainer.precision=bf16, needs less"
+
+
+def _ram_figures(message: str) -> str:
+    tried = _TRIED_RAM.search(message)
+    return f" ({int(tried.group(1)) / 2**30:.2f} GiB asked for)" if tried else ""
 
 
 def _figures(message: str) -> str:

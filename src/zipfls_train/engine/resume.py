@@ -30,6 +30,9 @@ RESUME_TOLERATED = {
     # (what scores the trained weights, not what trains them; metrics.jsonl records it per epoch,
     # and checkpoints written before it existed evaluated in the training precision)
     "trainer.eval_precision",
+    # (how each process splits its share of the same global batch, as trainer.devices is how the
+    # processes split it: out of memory, a run resumes with more micro-batches)
+    "trainer.accumulate_steps",
     *(f"loss.{option}" for option in IMPLEMENTATION_OPTIONS),
 }
 # Config values naming a file the run reads: spelled another way, the same file is the same run.

@@ -318,11 +318,14 @@ class Trainer:
             note = resume_note(self.run_dir)
             tcfg = self.cfg.trainer
             translated = loader_worker_killed(error, self.num_workers, note) or out_of_memory(
-                error, int(tcfg.batch_size), self.ctx.world_size, self.accumulate, int(tcfg.eval_batch_size), note)
+                error, int(tcfg.batch_size), self.ctx.world_size, self.accumulate, int(tcfg.eval_batch_size),
+                self.num_workers, note)  # fmt: skip
             if translated is None:
                 raise
-            self._close_loaders()  # now: another dead worker's report could otherwise come in its place
-            raise translated from error
+            try:
+                self._close_loaders()  # now: another dead worker's report could otherwise come in its place
+            finally:
+                raise translated from error
         finally:
             # Closing TensorBoard's writer fails too when the disk is full or the folder went read-only:
             # then the error that stopped the run is the one to report, not the writer's.
