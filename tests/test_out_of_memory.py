@@ -89,6 +89,21 @@ def test_the_advice_is_an_accumulation_that_splits_the_global_batch_evenly(batch
     assert message.startswith("out of GPU memory in a training step; ") and advice in message and message.endswith("; saved")
 
 
+def test_out_of_memory_while_setting_the_run_up_is_named_too(run_tiny, tmp_path, monkeypatch):
+    """Before the first step: the trainer builds the model, the optimiser and the method's state
+    (PS-KD's per-sample memory is the largest) and loads the checkpoint it resumes from."""
+    from zipfls_train.engine import trainer as trainer_module
+
+    def method_out_of_memory(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB.")
+
+    monkeypatch.setattr(trainer_module, "build_method", method_out_of_memory)
+    with pytest.raises(OutOfMemory, match=r"^out of GPU memory while setting the run up, before its first step \(20\.00 GiB "
+                                          r"asked for\); the model, the optimiser and the method's state did not fit: .*"
+                                          r"loss\.memory=topk, needs less; no checkpoint was written yet$"):  # fmt: skip
+        run_tiny(*ARGS, run_dir=tmp_path / "run")
+
+
 def test_an_out_of_memory_error_behind_another_or_from_a_loader_worker(tmp_path):
     from zipfls_train.engine.out_of_memory import out_of_memory
 

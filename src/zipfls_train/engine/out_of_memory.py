@@ -7,23 +7,40 @@ from __future__ import annotations
 
 import re
 import traceback
+from pathlib import Path
 
 import torch
+from omegaconf import DictConfig
+
+TRAINER_FILE = str(Path("engine") / "trainer.py")  # (whose frames say setup)
 
 
 class OutOfMemory(RuntimeError):
     """A training step or evaluation needed more GPU memory (or RAM) than there was."""
 
 
-# Functions whose frames in the traceback mean the memory ran out while evaluating (the val pass of
-# an epoch, the Figure 2 pass at the end).
+# Functions whose frames in the traceback say where the memory ran out: while evaluating (the val
+# pass of an epoch, the Figure 2 pass at the end), or setting the run up (the trainer's constructor:
+# model, optimiser, a method's per-sample state; loading the checkpoint to resume from).
 EVALUATION_FRAMES = ("evaluate", "mean_sorted_softmax")
+SETUP_FRAMES = ("__init__", "maybe_resume")
 _CPU_ALLOCATOR = "DefaultCPUAllocator: can't allocate memory"
 _SIZE = r"([\d.]+ (?:[KMGTPE]i?B|bytes))"
 _TRIED = re.compile(rf"Tried to allocate {_SIZE}")
 _CAPACITY = re.compile(rf"GPU (\d+) has a total capacity of {_SIZE} of which {_SIZE} is free")
 _TRIED_RAM = re.compile(r"you tried to allocate (\d+) bytes")
 _IN_A_WORKER = "in DataLoader worker process"  # (torch's words for an error it brings back from a worker)
+
+
+def out_of_memory_of_a_run(error: BaseException, cfg: DictConfig, processes: int, processes_on_the_node: int,
+                           run_dir: Path) -> OutOfMemory | None:  # fmt: skip
+    """:func:`out_of_memory` with the figures of the run's config (``processes``: all ranks)."""
+    from .checkpoint import resume_note
+    from .config_checks import loader_workers
+
+    tcfg = cfg.trainer
+    return out_of_memory(error, int(tcfg.batch_size), processes, int(tcfg.accumulate_steps), int(tcfg.eval_batch_size),
+                         loader_workers(tcfg.num_workers, processes_on_the_node), resume_note(run_dir))  # fmt: skip
 
 
 def out_of_memory(error: BaseException, batch_size: int, processes: int, accumulate_steps: int, eval_batch_size: int,
@@ -38,10 +55,16 @@ def out_of_memory(error: BaseException, batch_size: int, processes: int, accumul
     on_gpu = isinstance(cause, torch.OutOfMemoryError)
     memory = "GPU memory" if on_gpu else "memory (RAM)"
     figures = _figures(str(cause)) if on_gpu else _ram_figures(str(cause))
+    trainer_frames = [frame.name for failure in (error, cause) for frame in traceback.extract_tb(failure.__traceback__)
+                      if frame.filename.endswith(TRAINER_FILE)]  # fmt: skip
     frames = {frame.name for failure in (error, cause) for frame in traceback.extract_tb(failure.__traceback__)}
     if _IN_A_WORKER in str(cause):
         where = "in a data-loading worker"
         fix = f"each of the {workers} workers holds its own images: fewer (trainer.num_workers=N) need less"
+    elif set(trainer_frames).intersection(SETUP_FRAMES):
+        where = "while setting the run up, before its first step"
+        fix = ("the model, the optimiser and the method's state did not fit: a smaller model or image size, or for "
+               "PS-KD's per-sample memory loss.memory=topk, needs less")  # fmt: skip
     elif frames.intersection(EVALUATION_FRAMES):
         where = "while evaluating"
         fix = f"a smaller trainer.eval_batch_size (now {eval_batch_size}; it changes no result) needs less"

@@ -29,6 +29,7 @@ from ..stop_signals import release_stop_signals, stop_signals_held
 from .checkpoint import resume_note
 from .config_checks import validate_config
 from .cpu_cores import cpu_threads_for_a_run
+from .out_of_memory import out_of_memory_of_a_run
 from .distributed import barrier, init_distributed, launched_by_torchrun, shutdown
 from .interrupt import StopRequests, TrainingInterrupted
 from .resume import finished_as_recorded, report_finished
@@ -102,10 +103,17 @@ def _worker(local_rank: int, container: dict[str, Any], run_dir: str, world_size
     rank = base_rank + local_rank
     callers_group = dist.is_available() and dist.is_initialized()  # a process group the caller made stays theirs
     ctx = init_distributed(str(cfg.trainer.device), rank, world_size, local_rank, store_port)
+    processes_on_the_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     try:
-        with _torch_state_of_a_run(), cpu_threads_for_a_run(ctx.device, int(os.environ.get("LOCAL_WORLD_SIZE", world_size))):
-            trainer = Trainer(cfg, ctx, Path(run_dir))
-            summary = trainer.fit()
+        with _torch_state_of_a_run(), cpu_threads_for_a_run(ctx.device, processes_on_the_node):
+            try:
+                trainer = Trainer(cfg, ctx, Path(run_dir))
+                summary = trainer.fit()
+            except RuntimeError as error:  # from setting the run up to its last evaluation
+                translated = out_of_memory_of_a_run(error, cfg, world_size, processes_on_the_node, Path(run_dir))
+                if translated is None:
+                    raise
+                raise translated from error
         # Release the DDP model (its reducer holds the process group) and let every rank finish
         # before any tears the group down: otherwise gloo can abort at exit ("terminate called
         # without an active exception"). Not on errors, where the other ranks may never arrive.

@@ -43,7 +43,6 @@ from .interrupt import StopRequests, StopVotes, TrainingInterrupted
 from .memory import peak_cpu_memory_mb, peak_gpu_memory_mb, reset_peak_memory
 from .metrics import RunRecords, TermAccumulator, read_metrics, topk_correct
 from .optim import build_optimizer, build_scheduler
-from .out_of_memory import out_of_memory
 from .precision import precision_history, precision_name, resolve_precision
 from .provenance import record_attempt
 from .resume import (
@@ -313,19 +312,15 @@ class Trainer:
                 raise
             raise DatasetError(self._saved_after_data_error(error)) from error
         except RuntimeError as error:
-            # No save here: these come mid-step too (torch reports a dead worker wherever the main
-            # process is), where a checkpoint would not be the state of a whole step.
-            note = resume_note(self.run_dir)
-            tcfg = self.cfg.trainer
-            translated = loader_worker_killed(error, self.num_workers, note) or out_of_memory(
-                error, int(tcfg.batch_size), self.ctx.world_size, self.accumulate, int(tcfg.eval_batch_size),
-                self.num_workers, note)  # fmt: skip
-            if translated is None:
+            # No save here: torch reports a dead worker wherever the main process is, mid-step too,
+            # where a checkpoint would not be the state of a whole step. (Out of memory: run.py.)
+            killed = loader_worker_killed(error, self.num_workers, resume_note(self.run_dir))
+            if killed is None:
                 raise
             try:
                 self._close_loaders()  # now: another dead worker's report could otherwise come in its place
             finally:
-                raise translated from error
+                raise killed from error
         finally:
             # Closing TensorBoard's writer fails too when the disk is full or the folder went read-only:
             # then the error that stopped the run is the one to report, not the writer's.
