@@ -260,28 +260,34 @@ def test_ctrl_c_while_the_ranks_start_is_one_line(tiny_pack_root, tmp_path):
     assert line == "error: interrupted (SIGINT) before the ranks saved a checkpoint; no checkpoint was written yet", line
 
 
-def test_a_run_saved_by_one_process_resumes_on_two(tiny_pack_root, tmp_path, monkeypatch):
-    """A run stopped after its first epoch on one process and resumed with trainer.devices=2 ends as
-    the same run uninterrupted on one process: the global batch order and the weights carry over, and
-    rank 1, which the checkpoint has no RNG state of, starts from its own seed (a restore of the
-    missing state crashed it)."""
+def _stop_in_the_second_epoch(monkeypatch, overrides: list[str], run_dir: Path, error: Exception, message: str) -> None:  # noqa: ANN001
+    """Train ``overrides`` into ``run_dir`` until ``error`` is raised at the first step of epoch 2
+    (2 steps an epoch), which must end the run with ``message``; epoch 1 is saved."""
     from zipfls_train.engine.trainer import Trainer
 
-    common = [*DDP_RUN, f"dataset.root={tiny_pack_root}", "trainer.max_steps_per_epoch=2", "trainer.epochs=2"]
-    run_training(compose(common), tmp_path / "uninterrupted")
     real_step, steps = Trainer.train_step, []
 
     def fail_in_the_second_epoch(self, batches):  # noqa: ANN001, ANN202
         steps.append(1)
         if len(steps) > 2:
-            raise RuntimeError("stopped in epoch 2")
+            raise error
         return real_step(self, batches)
 
     with monkeypatch.context() as patch:
         patch.setattr(Trainer, "train_step", fail_in_the_second_epoch)
-        with pytest.raises(RuntimeError, match="stopped in epoch 2"):
-            run_training(compose(common), tmp_path / "resumed")
-    assert [record["epoch"] for record in _metrics(tmp_path / "resumed")] == [1]
+        with pytest.raises(RuntimeError, match=message):
+            run_training(compose(overrides), run_dir)
+    assert [record["epoch"] for record in _metrics(run_dir)] == [1]
+
+
+def test_a_run_saved_by_one_process_resumes_on_two(tiny_pack_root, tmp_path, monkeypatch):
+    """A run stopped after its first epoch on one process and resumed with trainer.devices=2 ends as
+    the same run uninterrupted on one process: the global batch order and the weights carry over, and
+    rank 1, which the checkpoint has no RNG state of, starts from its own seed (a restore of the
+    missing state crashed it)."""
+    common = [*DDP_RUN, f"dataset.root={tiny_pack_root}", "trainer.max_steps_per_epoch=2", "trainer.epochs=2"]
+    run_training(compose(common), tmp_path / "uninterrupted")
+    _stop_in_the_second_epoch(monkeypatch, common, tmp_path / "resumed", RuntimeError("stopped in epoch 2"), "stopped in epoch 2")
     summary = run_training(compose([*common, "trainer.devices=2"]), tmp_path / "resumed")
     assert summary["processes"] == 2 and [record["epoch"] for record in _metrics(tmp_path / "resumed")] == [1, 2]
     expected, resumed = _weights(tmp_path / "uninterrupted"), _weights(tmp_path / "resumed")
@@ -292,22 +298,10 @@ def test_a_run_saved_by_one_process_resumes_on_two(tiny_pack_root, tmp_path, mon
 def test_a_run_resumes_with_more_micro_batches_as_the_same_run(tiny_pack_root, tmp_path, monkeypatch):
     """Out of memory in epoch 2, a run resumes with trainer.accumulate_steps=2 (what the message
     advises) and ends as the same run uninterrupted with the whole batch at once."""
-    from zipfls_train.engine.trainer import Trainer
-
     common = [*DDP_RUN, f"dataset.root={tiny_pack_root}", "trainer.max_steps_per_epoch=2", "trainer.epochs=2"]
     run_training(compose(common), tmp_path / "uninterrupted")
-    real_step, steps = Trainer.train_step, []
-
-    def fail_in_the_second_epoch(self, batches):  # noqa: ANN001, ANN202
-        steps.append(1)
-        if len(steps) > 2:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
-        return real_step(self, batches)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "train_step", fail_in_the_second_epoch)
-        with pytest.raises(RuntimeError, match="trainer.accumulate_steps=2 makes that 16"):
-            run_training(compose(common), tmp_path / "resumed")
+    _stop_in_the_second_epoch(monkeypatch, common, tmp_path / "resumed", torch.OutOfMemoryError("CUDA out of memory."),
+                              "trainer.accumulate_steps=2 makes that 16")  # fmt: skip
     run_training(compose([*common, "trainer.accumulate_steps=2"]), tmp_path / "resumed")
     assert [record["epoch"] for record in _metrics(tmp_path / "resumed")] == [1, 2]
     expected, resumed = _weights(tmp_path / "uninterrupted"), _weights(tmp_path / "resumed")

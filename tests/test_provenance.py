@@ -23,6 +23,19 @@ def _git(root: Path, *arguments: str) -> str:
                           capture_output=True, text=True, check=True).stdout  # fmt: skip
 
 
+def _project_checkout(root: Path) -> Path:
+    """A checkout of the project with one commit: pyproject.toml beside src/zipfls_train (a link to
+    the package these tests import)."""
+    (root / "src").mkdir(parents=True)
+    (root / "src" / "zipfls_train").symlink_to(Path(code_version.__code__.co_filename).resolve().parents[1])
+    (root / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    (root / ".gitignore").write_text("src/zipfls_train\n")
+    _git(root, "init", "-q")
+    _git(root, "add", "pyproject.toml", ".gitignore")
+    _git(root, "commit", "-q", "-m", "start")
+    return root
+
+
 def test_each_attempt_of_a_run_records_its_code_packages_machine_and_first_step(run_tiny, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     run_until_the_epoch_checkpoint(monkeypatch, run_tiny, *ARGS, run_dir=run_dir)
@@ -57,16 +70,8 @@ def test_a_fresh_start_sets_the_earlier_attempts_records_aside_with_their_result
 
 
 def test_uncommitted_changes_are_named_and_digested(tmp_path):
-    """A checkout of the project (pyproject.toml beside src/zipfls_train, here a link to the package
-    these tests import) with a changed tracked file and a new one (a user's own method module)."""
-    root = tmp_path / "checkout"
-    (root / "src").mkdir(parents=True)
-    (root / "src" / "zipfls_train").symlink_to(Path(code_version.__code__.co_filename).resolve().parents[1])
-    (root / "pyproject.toml").write_text("[project]\nname = 'x'\n")
-    (root / ".gitignore").write_text("src/zipfls_train\n")
-    _git(root, "init", "-q")
-    _git(root, "add", "pyproject.toml", ".gitignore")
-    _git(root, "commit", "-q", "-m", "start")
+    """A checkout of the project with a changed tracked file and a new one (a user's own method module)."""
+    root = _project_checkout(tmp_path / "checkout")
     clean = code_version(root)
     assert (clean["git_commit"], clean["dirty"], clean["changed"], clean["diff_sha256"]) == (
         _git(root, "rev-parse", "HEAD").strip(), False, [], None)
@@ -100,14 +105,7 @@ def test_a_copy_of_the_project_inside_another_repository_has_no_commit_of_its_ow
 
 
 def test_file_names_that_are_not_utf8_and_a_git_that_hangs(tmp_path, monkeypatch):
-    root = tmp_path / "checkout"
-    (root / "src").mkdir(parents=True)
-    (root / "src" / "zipfls_train").symlink_to(Path(code_version.__code__.co_filename).resolve().parents[1])
-    (root / "pyproject.toml").write_text("[project]\nname = 'x'\n")
-    (root / ".gitignore").write_text("src/zipfls_train\n")
-    _git(root, "init", "-q")
-    _git(root, "add", "pyproject.toml", ".gitignore")
-    _git(root, "commit", "-q", "-m", "start")
+    root = _project_checkout(tmp_path / "checkout")
     _git(root, "config", "core.quotePath", "false")
     (root / os.fsdecode(b"caf\xe9.txt")).write_text("Latin-1 name\n")
     record = code_version(root)

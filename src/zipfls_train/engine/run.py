@@ -29,9 +29,9 @@ from ..stop_signals import release_stop_signals, stop_signals_held
 from .checkpoint import resume_note
 from .config_checks import validate_config
 from .cpu_cores import cpu_threads_for_a_run
-from .out_of_memory import out_of_memory_of_a_run
 from .distributed import barrier, init_distributed, launched_by_torchrun, shutdown
 from .interrupt import StopRequests, TrainingInterrupted
+from .out_of_memory import out_of_memory_of_a_run
 from .resume import finished_as_recorded, report_finished
 from .trainer import Trainer
 
