@@ -191,8 +191,10 @@ def test_a_run_reports_its_own_peak_memory_not_an_earlier_run_of_the_same_proces
     assert logged < process_peak - 400, (logged, process_peak)
     # And it is a peak over the run: at least the mark the reset set (the size then). Not compared
     # with the size after the run, which goes on allocating (Figure 2, TensorBoard's last flush)
-    # after its last metrics line is written (CI failed so by 9 MiB).
-    assert logged >= marks_at_reset[0], (logged, marks_at_reset)
+    # after its last metrics line is written (CI failed so by 9 MiB). Within 1 MiB: getrusage and
+    # /proc's VmHWM read the kernel's RSS counters, which it batches per thread (64 pages each), and
+    # the floors check once saw the peak 12 KiB under the mark.
+    assert logged >= marks_at_reset[0] - 1.0, (logged, marks_at_reset)
 
 
 @pytest.mark.cuda
