@@ -25,6 +25,8 @@ class OutOfMemory(RuntimeError):
 EVALUATION_FRAMES = ("evaluate", "mean_sorted_softmax")
 SETUP_FRAMES = ("__init__", "maybe_resume")
 _CPU_ALLOCATOR = "DefaultCPUAllocator: can't allocate memory"
+# GPU memory that CUDA's libraries (not torch's allocator) failed to get: a plain RuntimeError.
+_GPU_LIBRARY = re.compile(r"CUDA error: out of memory|CU(?:BLAS|DNN|SOLVER|SPARSE)_STATUS_ALLOC_FAILED")
 _SIZE = r"([\d.]+ (?:[KMGTPE]i?B|bytes))"
 _TRIED = re.compile(rf"Tried to allocate {_SIZE}")
 _CAPACITY = re.compile(rf"GPU (\d+) has a total capacity of {_SIZE} of which {_SIZE} is free")
@@ -52,7 +54,7 @@ def out_of_memory(error: BaseException, batch_size: int, processes: int, accumul
     cause = _memory_error_in(error)
     if cause is None:
         return None
-    on_gpu = isinstance(cause, torch.OutOfMemoryError)
+    on_gpu = isinstance(cause, torch.OutOfMemoryError) or _GPU_LIBRARY.search(str(cause)) is not None
     memory = "GPU memory" if on_gpu else "memory (RAM)"
     figures = _figures(str(cause)) if on_gpu else _ram_figures(str(cause))
     trainer_frames = [frame.name for failure in (error, cause) for frame in traceback.extract_tb(failure.__traceback__)
@@ -84,7 +86,9 @@ def _memory_error_in(error: BaseException) -> BaseException | None:
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
-        if isinstance(current, torch.OutOfMemoryError) or (isinstance(current, RuntimeError) and _CPU_ALLOCATOR in str(current)):
+        if isinstance(current, torch.OutOfMemoryError) or (
+            isinstance(current, RuntimeError) and (_CPU_ALLOCATOR in str(current) or _GPU_LIBRARY.search(str(current)))
+        ):
             return current
         pending += [current.__cause__, current.__context__, getattr(current, "inner_exception", None)]
     return None
