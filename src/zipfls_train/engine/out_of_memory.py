@@ -1,7 +1,7 @@
 """Running out of GPU memory (or RAM) is the commonest way a new setting fails: torch's error, a
-page of allocator figures after a traceback, becomes one line saying where it ran out (a training
-step or evaluation), the figures that matter, the setting that needs less memory while keeping the
-recipe, and the checkpoint to resume from."""
+page of allocator figures after a traceback, becomes one line saying where it ran out (setting the
+run up, a training step, evaluation, a loader worker), the figures that matter, the setting that
+needs less memory while keeping the recipe, and the checkpoint to resume from."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ TRAINER_FILE = str(Path("engine") / "trainer.py")  # (whose frames say setup)
 
 
 class OutOfMemory(RuntimeError):
-    """A training step or evaluation needed more GPU memory (or RAM) than there was."""
+    """A run needed more GPU memory (or RAM) than there was; the message says where and what helps."""
 
 
 # Functions whose frames in the traceback say where the memory ran out: while evaluating (the val
@@ -57,13 +57,13 @@ def out_of_memory(error: BaseException, batch_size: int, processes: int, accumul
     on_gpu = isinstance(cause, torch.OutOfMemoryError) or _GPU_LIBRARY.search(str(cause)) is not None
     memory = "GPU memory" if on_gpu else "memory (RAM)"
     figures = _figures(str(cause)) if on_gpu else _ram_figures(str(cause))
-    trainer_frames = [frame.name for failure in (error, cause) for frame in traceback.extract_tb(failure.__traceback__)
-                      if frame.filename.endswith(TRAINER_FILE)]  # fmt: skip
-    frames = {frame.name for failure in (error, cause) for frame in traceback.extract_tb(failure.__traceback__)}
+    stack = [frame for failure in (error, cause) for frame in traceback.extract_tb(failure.__traceback__)]
+    frames = {frame.name for frame in stack}
+    trainer_frames = {frame.name for frame in stack if frame.filename.endswith(TRAINER_FILE)}
     if _IN_A_WORKER in str(cause):
         where = "in a data-loading worker"
         fix = f"each of the {workers} workers holds its own images: fewer (trainer.num_workers=N) need less"
-    elif set(trainer_frames).intersection(SETUP_FRAMES):
+    elif trainer_frames.intersection(SETUP_FRAMES):
         where = "while setting the run up, before its first step"
         fix = ("the model, the optimiser and the method's state did not fit: a smaller model or image size, or for "
                "PS-KD's per-sample memory loss.memory=topk, needs less")  # fmt: skip
