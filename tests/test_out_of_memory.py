@@ -129,6 +129,15 @@ def test_an_out_of_memory_error_behind_another_or_from_a_loader_worker(tmp_path)
         "out of GPU memory in a data-loading worker; each of the 8 workers holds its own images: fewer "
         "(trainer.num_workers=N) need less; saved")
     assert out_of_memory(RuntimeError("CUDA error: an illegal memory access"), 128, 1, 1, 512, 8, "saved") is None
+    from zipfls_train.engine.resume import ResumeError
+
+    try:  # a user error raised while an out-of-memory error was being handled keeps its own message
+        try:
+            raise torch.OutOfMemoryError(CUDA_MESSAGE)
+        except torch.OutOfMemoryError:
+            raise ResumeError("the checkpoint is another run's") from None
+    except ResumeError as user_error:
+        assert user_error.__context__ is not None and out_of_memory(user_error, 128, 1, 1, 512, 8, "saved") is None
     # CUDA's libraries' own allocation failures (torch's C10_CUDA_CHECK and cuBLAS wording)
     for words in ("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported",
                   "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"):

@@ -51,6 +51,10 @@ def out_of_memory(error: BaseException, batch_size: int, processes: int, accumul
     compiler's error wraps one raised while it compiled); None otherwise. ``batch_size``:
     trainer.batch_size (the global batch), split over ``processes`` and ``accumulate_steps``;
     ``workers``: trainer.num_workers as resolved; ``resume_note``: what is saved."""
+    from ..errors import user_errors
+
+    if isinstance(error, user_errors()):  # (already one line that says what to do, whatever it was raised while handling)
+        return None
     cause = _memory_error_in(error)
     if cause is None:
         return None
