@@ -92,6 +92,15 @@ def test_uncommitted_changes_are_named_and_digested(tmp_path):
     assert code_version(root)["diff_sha256"] == digests[2]  # the same changes, the same digest
 
 
+def test_a_renamed_file_is_named_once_by_its_new_path(tmp_path):
+    root = _project_checkout(tmp_path / "checkout")
+    (root / "notes.txt").write_text("mine\n")
+    _git(root, "add", "notes.txt")
+    _git(root, "commit", "-q", "-m", "notes")
+    _git(root, "mv", "notes.txt", "my notes.txt")  # (git status -z: "R  <new>\0<old>\0")
+    assert code_version(root)["changed"] == ["my notes.txt"]
+
+
 def test_a_copy_of_the_project_inside_another_repository_has_no_commit_of_its_own(tmp_path):
     outer = tmp_path / "experiments"
     (outer / "vendored" / "src").mkdir(parents=True)

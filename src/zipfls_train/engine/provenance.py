@@ -93,7 +93,7 @@ def _status_entries(status: str) -> list[tuple[str, str]]:
     for field in fields:
         if len(field) > 3:
             entries.append((field[:2], field[3:]))
-            if field[0] in "RC":
+            if set(field[:2]) & {"R", "C"}:  # (staged or, with intent-to-add, in the worktree)
                 next(fields, None)
     return entries
 
