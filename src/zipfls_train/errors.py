@@ -4,6 +4,7 @@ traceback, since each one already names the key, file or value and what was expe
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -51,3 +52,19 @@ def original_message(error: BaseException) -> str:
     marker = f"{kind.__module__}.{kind.__qualname__}: "
     position = text.rfind(marker)
     return text[position + len(marker):].rstrip("\n") if position >= 0 else text
+
+
+def error_in_chain(error: BaseException, wanted: Callable[[BaseException], bool]) -> BaseException | None:
+    """The first error ``wanted`` accepts: ``error`` itself, one it was raised from or while
+    handling, or a compiler error's ``inner_exception`` (torch._dynamo keeps the original there)."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if wanted(current):
+            return current
+        pending += [current.__cause__, current.__context__, getattr(current, "inner_exception", None)]
+    return None

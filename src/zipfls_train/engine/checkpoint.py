@@ -15,6 +15,8 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
+from ..errors import error_in_chain
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be read; the message names the file."""
@@ -76,13 +78,8 @@ def _os_error_in(error: BaseException) -> OSError | None:
     """The OSError behind ``error``: itself, or one it was raised from or while handling (torch.save
     on a full disk raises RuntimeError "[enforce fail at inline_container.cc] unexpected pos ..."
     while handling the OSError that says why)."""
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, OSError):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
+    cause = error_in_chain(error, lambda candidate: isinstance(candidate, OSError))
+    return cause if isinstance(cause, OSError) else None
 
 
 def write_error(path: Path, cause: OSError, kept: str | None = None) -> FileWriteError:

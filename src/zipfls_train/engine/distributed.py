@@ -26,6 +26,11 @@ class DistContext:
         return self.world_size > 1
 
 
+def processes_on_this_node(world_size: int) -> int:
+    """The training processes on this machine: torchrun's LOCAL_WORLD_SIZE, else all of them."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+
+
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
 

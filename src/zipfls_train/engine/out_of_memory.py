@@ -51,11 +51,11 @@ def out_of_memory(error: BaseException, batch_size: int, processes: int, accumul
     compiler's error wraps one raised while it compiled); None otherwise. ``batch_size``:
     trainer.batch_size (the global batch), split over ``processes`` and ``accumulate_steps``;
     ``workers``: trainer.num_workers as resolved; ``resume_note``: what is saved."""
-    from ..errors import user_errors
+    from ..errors import error_in_chain, user_errors
 
     if isinstance(error, user_errors()):  # (already one line that says what to do, whatever it was raised while handling)
         return None
-    cause = _memory_error_in(error)
+    cause = error_in_chain(error, _is_memory_error)
     if cause is None:
         return None
     on_gpu = isinstance(cause, torch.OutOfMemoryError) or _GPU_LIBRARY.search(str(cause)) is not None
@@ -80,22 +80,10 @@ def out_of_memory(error: BaseException, batch_size: int, processes: int, accumul
     return OutOfMemory(f"out of {memory} {where}{figures}; {fix}; {resume_note}")
 
 
-def _memory_error_in(error: BaseException) -> BaseException | None:
-    """torch's out-of-memory error: ``error`` itself, or one it was raised from or while handling,
-    or a compiler error's ``inner_exception``."""
-    seen: set[int] = set()
-    pending: list[BaseException | None] = [error]
-    while pending:
-        current = pending.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, torch.OutOfMemoryError) or (
-            isinstance(current, RuntimeError) and (_CPU_ALLOCATOR in str(current) or _GPU_LIBRARY.search(str(current)))
-        ):
-            return current
-        pending += [current.__cause__, current.__context__, getattr(current, "inner_exception", None)]
-    return None
+def _is_memory_error(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and (_CPU_ALLOCATOR in str(error) or _GPU_LIBRARY.search(str(error)) is not None)
+    )
 
 
 def _training_fix(batch_size: int, processes: int, accumulate_steps: int) -> str:

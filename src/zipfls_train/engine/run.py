@@ -29,7 +29,7 @@ from ..stop_signals import release_stop_signals, stop_signals_held
 from .checkpoint import resume_note
 from .config_checks import validate_config
 from .cpu_cores import cpu_threads_for_a_run
-from .distributed import barrier, init_distributed, launched_by_torchrun, shutdown
+from .distributed import barrier, init_distributed, launched_by_torchrun, processes_on_this_node, shutdown
 from .interrupt import StopRequests, TrainingInterrupted
 from .out_of_memory import out_of_memory_of_a_run
 from .resume import finished_as_recorded, report_finished
@@ -103,7 +103,7 @@ def _worker(local_rank: int, container: dict[str, Any], run_dir: str, world_size
     rank = base_rank + local_rank
     callers_group = dist.is_available() and dist.is_initialized()  # a process group the caller made stays theirs
     ctx = init_distributed(str(cfg.trainer.device), rank, world_size, local_rank, store_port)
-    processes_on_the_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    processes_on_the_node = processes_on_this_node(world_size)
     try:
         with _torch_state_of_a_run(), cpu_threads_for_a_run(ctx.device, processes_on_the_node):
             try:
@@ -187,7 +187,7 @@ def _record_torchrun_processes(container: dict[str, Any], rank: int) -> None:
     """Under torchrun the processes per node are its --nproc-per-node, whatever trainer.devices says:
     the run's config records those, and a trainer.devices that asked for another number is warned
     about (it used to be ignored without a word and recorded as if it had been used)."""
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+    per_node = processes_on_this_node(int(os.environ["WORLD_SIZE"]))
     asked = container["trainer"]["devices"]
     if asked not in (1, per_node) and rank == 0:
         warnings.warn(

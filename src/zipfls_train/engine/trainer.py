@@ -9,7 +9,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import sys
 import time
 import warnings
@@ -37,7 +36,9 @@ from .checkpoint import (
     resume_note, save_atomic, seed_rngs, write_text_atomically,
 )
 from .config_checks import ConfigError, compile_mode, loader_workers
-from .distributed import DistContext, all_reduce_sum, barrier, broadcast_buffers, gather_objects, wrap_ddp
+from .distributed import (
+    DistContext, all_reduce_sum, barrier, broadcast_buffers, gather_objects, processes_on_this_node, wrap_ddp,
+)
 from .folder_lock import RunFolderBusy, RunFolderLock
 from .interrupt import StopRequests, StopVotes, TrainingInterrupted
 from .memory import peak_cpu_memory_mb, peak_gpu_memory_mb, reset_peak_memory
@@ -128,7 +129,7 @@ class Trainer:
         self.method: Method = build_method(OmegaConf.to_container(cfg.loss, resolve=True), num_classes, int(tcfg.batch_size))
         needs = self.method.needs
         micro_batch = per_process_batch(int(tcfg.batch_size), ctx.world_size, int(tcfg.accumulate_steps))
-        self.num_workers = loader_workers(tcfg.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size)))
+        self.num_workers = loader_workers(tcfg.num_workers, processes_on_this_node(ctx.world_size))
         self.data: DataBundle = build_data(
             OmegaConf.to_container(cfg.dataset, resolve=True),
             LoaderOptions(
