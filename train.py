@@ -38,12 +38,15 @@ class SweepRunFailed(CompactHydraException):
     """A run of a sweep, in a process of its own (e.g. submitit's), stopped on a user error (its
     message was printed as it happened). Hydra records it, runs the sweep's other runs, then prints
     the first failed run's exception and exits with status 1; a SystemExit instead would end the
-    whole sweep at the first failed run. (Runs in this process are reported by FailedRuns.)"""
+    whole sweep at the first failed run. (Runs of the basic and parallel launchers are reported by
+    FailedRuns.)"""
 
 
-def _runs_in_this_process() -> bool:
-    """The sweep's launcher runs its jobs one after another in this process (Hydra's basic launcher)."""
-    return str(HydraConfig.get().launcher.get("_target_", "")).endswith(".BasicLauncher")
+def _launcher_lists_failed_runs() -> bool:
+    """The sweep's launcher gathers failed runs in FailedRuns: Hydra's basic launcher, which runs them
+    one after another in this process, and hydra/launcher=parallel, whose run processes send theirs
+    to it."""
+    return str(HydraConfig.get().launcher.get("_target_", "")).endswith((".BasicLauncher", ".ParallelLauncher"))
 
 
 def _remove_if_empty(folder: Path) -> None:
@@ -88,7 +91,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
     except user_errors() as error:
         _remove_if_empty(run_dir)
         in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
-        if in_sweep and not isinstance(error, TrainingInterrupted) and _runs_in_this_process():
+        if in_sweep and not isinstance(error, TrainingInterrupted) and _launcher_lists_failed_runs():
             # The sweep goes on with its other runs; this one is named again at the end, exit status 1.
             print(f"error: {FailedRuns.add(run_dir, str(error))}", file=sys.stderr)
             return None

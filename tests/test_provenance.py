@@ -50,6 +50,7 @@ def test_each_attempt_of_a_run_records_its_code_packages_machine_and_first_step(
     assert record["packages"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
     assert record["python"] == platform.python_version()
     assert (record["processes"], record["device"].split(":")[0], record["cuda"]) == (1, "cpu", torch.version.cuda)
+    assert 1 <= record["cpu_cores"] <= len(os.sched_getaffinity(0))
     assert record["command"][0] == sys.executable and record["cwd"] == os.getcwd()
     # The checkout these tests run from, as git itself says it is (none: a source archive).
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)

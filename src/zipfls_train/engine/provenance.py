@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .checkpoint import write_text_atomically
+from .cpu_cores import usable_cpu_cores
 
 ENVIRONMENT_FILE = "environment.jsonl"
 PACKAGES = ("torch", "torchvision", "timm", "numpy", "hydra-core", "omegaconf", "pillow", "triton")
@@ -51,6 +52,7 @@ def attempt_record(device: torch.device, processes: int, from_step: int) -> dict
         "packages": {name: _installed_version(name) for name in PACKAGES} | {"torch": torch.__version__},
         "device": describe_device(device),
         "processes": processes,
+        "cpu_cores": usable_cpu_cores(),  # (its affinity, capped by a cgroup CPU limit)
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "host": platform.node(),

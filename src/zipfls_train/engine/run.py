@@ -30,6 +30,7 @@ from .checkpoint import resume_note
 from .config_checks import validate_config
 from .cpu_cores import cpu_threads_for_a_run
 from .distributed import barrier, init_distributed, launched_by_torchrun, processes_on_this_node, shutdown
+from .environment_variables import variables_set
 from .interrupt import StopRequests, TrainingInterrupted
 from .out_of_memory import out_of_memory_of_a_run
 from .resume import finished_as_recorded, report_finished
@@ -80,21 +81,6 @@ def _torch_state_of_a_run() -> Iterator[None]:
         torch.set_default_dtype(dtype)
         torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
         torch.backends.cudnn.benchmark = benchmark
-
-
-@contextlib.contextmanager
-def _environment(**values: str) -> Iterator[None]:
-    """``os.environ`` with ``values`` set, as it was afterwards."""
-    before = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def _worker(local_rank: int, container: dict[str, Any], run_dir: str, world_size: int, base_rank: int,
@@ -216,7 +202,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     # The ranks are this machine's own processes: loopback, whatever MASTER_ADDR the shell carries
     # (a cluster's address there would make them wait for a peer that never comes). (The variables
     # name the store for whatever else in the ranks reads them.)
-    with _rendezvous_store(devices) as port, _environment(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)):
+    with _rendezvous_store(devices) as port, variables_set(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)):
         _spawn_ranks(container, run_dir, devices, port)
     # What one process returns: the summary rank 0 wrote (a spawned rank's return value is lost).
     return json.loads((run_dir / "summary.json").read_text())

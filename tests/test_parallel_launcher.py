@@ -1,0 +1,254 @@
+"""hydra/launcher=parallel: a sweep's runs at once, each in its own process, on its own GPUs and
+CPU cores (zipfls_train.engine.parallel_runs; hydra_plugins/zipfls_train_launcher)."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, TINY_RUN
+from zipfls_train.engine.config_checks import ConfigError
+from zipfls_train.engine.parallel_runs import Job, Places, environment_for, run_jobs, split_cores, visible_gpus
+
+# --- where runs go -------------------------------------------------------------------------------
+
+
+def test_cores_are_split_in_consecutive_slices_that_differ_by_at_most_one():
+    assert split_cores(range(8), 3) == [(0, 1, 2), (3, 4, 5), (6, 7)]
+    assert split_cores([4, 5, 6, 7], 2) == [(4, 5), (6, 7)]
+    assert split_cores([0, 1], 1) == [(0, 1)]
+    assert split_cores([0, 1], 3) == [(0,), (1,), (0,)]  # fewer cores than places: shared, one each
+    assert split_cores([], 2) == [(), ()]
+
+
+def test_runs_spread_over_the_gpus_before_sharing_one_each_with_its_own_cores():
+    places = Places(["0", "1"], per_gpu=2, cores=range(8))
+    first, second, third = places.take(1), places.take(1), places.take(1)
+    assert [(place.gpu, place.cores) for place in first + second + third] == [("0", (0, 1)), ("1", (2, 3)), ("0", (4, 5))]
+    assert places.take(2) is None  # GPU 0 is full: a run of two GPUs waits
+    places.give_back(first)
+    both = places.take(2)
+    assert sorted(place.gpu for place in both) == ["0", "1"]
+    assert places.take(1) is None  # all four places taken
+    assert sorted(environment_for(both)["CUDA_VISIBLE_DEVICES"].split(",")) == ["0", "1"]
+
+
+def test_cpu_places_hold_cpu_runs_and_give_them_no_gpu():
+    places = Places([], per_gpu=2, cores=[0, 1, 2])
+    first, second = places.take(0), places.take(0)
+    assert [(place.gpu, place.cores) for place in first + second] == [(None, (0, 1)), (None, (2,))]
+    assert places.take(0) is None
+    assert environment_for(first) == {"CUDA_VISIBLE_DEVICES": ""}  # auto must not find a GPU
+
+
+def test_the_gpus_are_those_cuda_visible_devices_names_or_a_list(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, 5,GPU-1a2b")
+    assert visible_gpus("auto") == ["2", "5", "GPU-1a2b"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert visible_gpus("auto") == []
+    assert visible_gpus([0, 3]) == ["0", "3"]
+    for wrong in ("0,1", 2, [0, 0], [0.5]):
+        with pytest.raises(ConfigError, match=r"hydra.launcher.gpus"):
+            visible_gpus(wrong)
+
+
+# --- running them ----------------------------------------------------------------------------------
+
+
+def _report_where_it_runs(send, seconds: float) -> None:  # (module level: spawned processes import it)
+    time.sleep(seconds)
+    send.send({"gpus": os.environ.get("CUDA_VISIBLE_DEVICES"), "end": time.monotonic()})
+
+
+def _starter(seconds: float, started: list[float]):
+    def start(job: Job):
+        context = multiprocessing.get_context("spawn")
+        receive, send = context.Pipe(duplex=False)
+        process = context.Process(target=_report_where_it_runs, args=(send, seconds))
+        process.start()
+        send.close()
+        started.append(time.monotonic())
+        return process, receive
+
+    return start
+
+
+def test_jobs_run_at_most_as_many_at_once_as_there_are_places_each_with_its_gpus():
+    jobs = [Job(index, gpus=1, payload=None) for index in range(3)] + [Job(3, gpus=2, payload=None)]
+    started: list[float] = []
+    ended: list[Job] = []
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    assert run_jobs(jobs, Places(["0", "1"], per_gpu=1, cores=[]), _starter(1.0, started), on_end=ended.append) is None
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") == before  # (set only while each process started)
+    assert all(job.exitcode == 0 for job in jobs) and sorted(job.index for job in ended) == [0, 1, 2, 3]
+    gpus = [job.outcome["gpus"] for job in jobs]
+    assert gpus[:2] == ["0", "1"] and gpus[3] == "0,1"
+    # Two places: the third job started on the GPU of the first to end, after it ended; the fourth
+    # (two GPUs) after every other had.
+    first_to_end = min(jobs[:2], key=lambda job: job.outcome["end"])
+    assert gpus[2] == first_to_end.outcome["gpus"]
+    assert started[2] >= first_to_end.outcome["end"]
+    assert started[3] >= max(job.outcome["end"] for job in jobs[:3])
+
+
+# --- a sweep of train.py ---------------------------------------------------------------------------
+
+LAUNCHER = ["hydra/launcher=parallel", "hydra.launcher.cpu_runs=2"]
+
+
+def _sweep(tmp_path: Path, *overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "train.py", "-m", *LAUNCHER, *TINY_RUN, f"hydra.sweep.dir={tmp_path}/sweep", *overrides],
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
+def _usable_cores() -> int:
+    from zipfls_train.engine.cpu_cores import usable_cpu_cores
+
+    return usable_cpu_cores()
+
+
+@pytest.mark.slow
+def test_a_sweep_runs_two_at_once_each_on_half_the_cores_with_its_output_in_its_log(tiny_pack_root, tmp_path):
+    result = _sweep(tmp_path, f"dataset.root={tiny_pack_root}", "trainer.epochs=1", "trainer.max_steps_per_epoch=2", "loss=ce,zipf,ls")
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep = tmp_path / "sweep"
+    runs = sorted(sweep.glob("*/summary.json"))
+    assert len(runs) == 3 and all(json.loads(path.read_text())["status"] == "finished" for path in runs)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("[zipfls-train]")]
+    assert lines[0] == f"[zipfls-train] 3 run(s) on the CPU, 2 run(s) at once; each run's console output goes to {sweep}/logs/"
+    assert lines[1:3] == ["[zipfls-train] started 1/3 on the CPU: loss=ce", "[zipfls-train] started 2/3 on the CPU: loss=zipf"]
+    assert lines.index("[zipfls-train] started 3/3 on the CPU: loss=ls") > 3  # after one of the first two ended
+    assert sum(line.startswith("[zipfls-train] finished ") and "best val top-1" in line for line in lines) == 3
+    # Each run's own console output is in its log, named as its folder.
+    for run in runs:
+        log = (sweep / "logs" / f"{run.parent.name}.log").read_text()
+        assert "epoch 1/1" in log and f"run started: {run.parent}" in log
+    # The two places split the cores the sweep may use; each run's record says how many it had.
+    cores = _usable_cores()
+    halves = {cores // 2, cores - cores // 2} if cores > 1 else {1}
+    had = {json.loads((run.parent / "environment.jsonl").read_text().splitlines()[0])["cpu_cores"] for run in runs}
+    assert had <= halves
+
+
+@pytest.mark.slow
+def test_failed_runs_of_a_sweep_are_named_at_its_end_and_the_others_finish(tiny_pack_root, tmp_path):
+    result = _sweep(tmp_path, f"dataset.root={tiny_pack_root}", "trainer.max_steps_per_epoch=2", "trainer.epochs=1,0")
+    assert result.returncode == 1
+    expected = "trainer.epochs must be an integer >= 1, got 0"
+    (error,) = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    failed = Path(error.removeprefix("error: ").removesuffix(f": {expected}"))
+    assert failed.parent == tmp_path / "sweep" and "epochs=0" in failed.name
+    assert not failed.exists()  # (a refused run leaves no folder behind)
+    assert result.stderr.rstrip().splitlines()[-2:] == ["[zipfls-train] 1 run(s) of the sweep failed:", f"{failed}: {expected}"]
+    assert len(list((tmp_path / "sweep").glob("*/summary.json"))) == 1
+
+
+APP = '''
+import os, signal, hydra
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg):
+    if cfg.x == 2:
+        raise RuntimeError("boom")
+    if cfg.x == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    print(f"x is {cfg.x}")
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+def test_a_run_that_crashes_or_is_killed_is_reported_with_its_log_and_fails_the_sweep(tmp_path):
+    """Any Hydra app can use the launcher; a run's exception (not a user error of train.py) or death
+    ends in Hydra's report of the failed job, after the other runs."""
+    (tmp_path / "conf/hydra/launcher").mkdir(parents=True)
+    (tmp_path / "conf/hydra/launcher/parallel.yaml").write_text((REPO / "configs/hydra/launcher/parallel.yaml").read_text())
+    (tmp_path / "conf/config.yaml").write_text("x: 0\n")
+    (tmp_path / "app.py").write_text(APP)
+    result = subprocess.run([sys.executable, "app.py", "-m", *LAUNCHER, "hydra.launcher.gpus=[]", "x=1,2,3", "hydra.sweep.dir=sweep"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 1
+    logs = "sweep/logs"  # (as given: relative; the runs' subfolders are Hydra's default, the job number)
+    assert "x is 1" in (tmp_path / logs / "0.log").read_text()
+    assert "[zipfls-train] finished 1/3 x=1" in result.stderr.splitlines()
+    assert f"error: run 2/3 x=2 failed: RuntimeError: boom (traceback in {logs}/1.log)" in result.stderr.splitlines()
+    assert 'raise RuntimeError("boom")' in (tmp_path / logs / "1.log").read_text()  # the traceback
+    assert f"[zipfls-train] stopped 3/3 x=3: its process was killed by SIGKILL; its log: {logs}/2.log" in result.stderr.splitlines()
+    # Hydra reports the first failed job as it reports any: its overrides, then the message.
+    assert "Error executing job with overrides: ['x=2']" in result.stderr
+    assert f"sweep/1: RuntimeError: boom (traceback in {logs}/1.log)" in result.stderr.splitlines()
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_running_runs_at_a_checkpoint_and_starts_no_other(tiny_pack_root, tmp_path):
+    """SIGINT to the sweep's process alone (a terminal sends it to the runs too: they take the two as
+    one request) goes on to the runs, which save and stop; the sweep then exits, naming what is left."""
+    command = [sys.executable, "train.py", "-m", *LAUNCHER, *TINY_RUN, f"hydra.sweep.dir={tmp_path}/sweep", f"dataset.root={tiny_pack_root}",
+               "trainer.epochs=200", "trainer.max_steps_per_epoch=2", "trainer.zipf_fit_at_end=false", "loss=ce,zipf,ls"]  # fmt: skip
+    sweep = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list((tmp_path / "sweep").glob("*/metrics.jsonl"))) < 2:  # both first runs are training
+            assert sweep.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        sweep.send_signal(signal.SIGINT)
+        _, stderr = sweep.communicate(timeout=120)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+    assert sweep.returncode == 1, stderr[-3000:]
+    runs = sorted((tmp_path / "sweep").glob("*/checkpoints/last.pt"))
+    assert len(runs) == 2 and not list((tmp_path / "sweep").glob("*loss=ls*"))
+    lines = stderr.splitlines()
+    assert sum(line.startswith("[zipfls-train] stopped ") and line.split(": ")[1].startswith("asked to stop, it saved") for line in lines) == 2
+    assert lines[-1].startswith("[zipfls-train] SIGINT: the sweep stops here (1 run(s) not started); rerun the same command to go on")
+    for log in (tmp_path / "sweep/logs").iterdir():
+        assert "error: interrupted (SIGINT)" in log.read_text()
+
+
+@pytest.mark.slow
+def test_ban_generations_start_once_the_generation_they_distil_from_has_finished(tiny_pack_root, tmp_path):
+    """Generation 2 distils from generation 1's best checkpoint, a sibling run of the sweep: with a
+    place free it still waits for generation 1 to finish (started at once, it would find no
+    checkpoint, or an early epoch's)."""
+    result = _sweep(tmp_path, "experiment=ban_generations", f"dataset.root={tiny_pack_root}", "trainer.epochs=1",
+                    "trainer.max_steps_per_epoch=2", "loss.generation=1,2", "seed=0,1")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stderr.splitlines()
+    for seed in (0, 1):
+        first = next(i for i, line in enumerate(lines) if line.startswith("[zipfls-train] finished ") and f"loss.generation=1 seed={seed}" in line)
+        second = next(i for i, line in enumerate(lines) if line.startswith("[zipfls-train] started ") and f"loss.generation=2 seed={seed}" in line)
+        assert second > first, lines
+    assert len(list((tmp_path / "sweep").glob("*/summary.json"))) == 4
+
+
+def _exit_with(send, code: int) -> None:
+    send.close()
+    sys.exit(code)
+
+
+def test_a_job_after_one_that_did_not_end_well_never_starts_nor_do_those_after_it():
+    def start(job: Job):
+        context = multiprocessing.get_context("spawn")
+        receive, send = context.Pipe(duplex=False)
+        process = context.Process(target=_exit_with, args=(send, job.payload))
+        process.start()
+        send.close()
+        return process, receive
+
+    # 0 fails; 1 comes after it, 2 after 1; 3 after 4, which ends well (a later job: order waits on it).
+    jobs = [Job(0, 0, 1), Job(1, 0, 0, after=(0,)), Job(2, 0, 0, after=(1,)), Job(3, 0, 0, after=(4,)), Job(4, 0, 0)]
+    ended: list[int] = []
+    assert run_jobs(jobs, Places([], per_gpu=2, cores=[]), start, on_end=lambda job: ended.append(job.index)) is None
+    assert [job.exitcode for job in jobs] == [1, None, None, 0, 0]
+    assert (jobs[1].blocked_by, jobs[2].blocked_by) == (jobs[0], jobs[1])
+    assert ended.index(3) > ended.index(4) and sorted(ended) == [0, 1, 2, 3, 4]
