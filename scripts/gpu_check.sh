@@ -106,21 +106,16 @@ if wants methods; then
   log "    exit $?"
 fi
 if wants quick; then
-  log "quick: quick_tinyimagenet (4 runs at once)"
+  log "quick: quick_tinyimagenet (4 runs at once on the GPU: hydra/launcher=parallel)"
   sweep=$PWD/outputs/gpu_check_quick
   rm -rf "$sweep" && mkdir -p "$sweep"
-  pids=()
-  for loss in ce zipf; do
-    for seed in 0 1; do
-      timeout "${T_QUICK:-190}" $PY train.py experiment=quick_tinyimagenet "dataset.root=$data" "loss=$loss" "seed=$seed" \
-        trainer.progress_bar=false "hydra.run.dir=$sweep/${loss}_seed${seed}" ${QUICK_EXTRA:-} > "$sweep/${loss}_seed${seed}.log" 2>&1 &
-      pids+=($!)
-    done
-  done
-  for pid in "${pids[@]}"; do wait "$pid"; done
+  # (timeout's SIGTERM reaches the sweep's process, which passes it on: the runs save and stop)
+  timeout "${T_QUICK:-190}" $PY train.py -m hydra/launcher=parallel hydra.launcher.runs_per_gpu=4 experiment=quick_tinyimagenet \
+    "dataset.root=$data" trainer.progress_bar=false "hydra.sweep.dir=$sweep" ${QUICK_EXTRA:-} > "$sweep/sweep.log" 2>&1
+  log "    exit $?"
   $PY -m zipfls_train.tables "$sweep" --out "$sweep/table.md" > "$out/quick_table.txt" 2>&1
   # Whole logs (a traceback is never cut) and whatever each run wrote, finished or not.
-  (cd "$sweep" && tar czf "$out/quick_runs.tgz" --ignore-failed-read *.log table.md */config.yaml */metrics.jsonl */summary.json */zipf_fit.png 2>/dev/null)
+  (cd "$sweep" && tar czf "$out/quick_runs.tgz" --ignore-failed-read sweep.log logs table.md */config.yaml */metrics.jsonl */summary.json */zipf_fit.png 2>/dev/null)
   log "    $(tail -n +1 "$out/quick_table.txt" | wc -l) lines of table; runs in quick_runs.tgz"
 fi
 
