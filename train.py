@@ -42,11 +42,16 @@ class SweepRunFailed(CompactHydraException):
     FailedRuns.)"""
 
 
+def _launcher_is(*names: str) -> bool:
+    """The sweep's launcher is one of these classes."""
+    return str(HydraConfig.get().launcher.get("_target_", "")).endswith(tuple(f".{name}" for name in names))
+
+
 def _launcher_lists_failed_runs() -> bool:
     """The sweep's launcher gathers failed runs in FailedRuns: Hydra's basic launcher, which runs them
     one after another in this process, and hydra/launcher=parallel, whose run processes send theirs
     to it."""
-    return str(HydraConfig.get().launcher.get("_target_", "")).endswith((".BasicLauncher", ".ParallelLauncher"))
+    return _launcher_is("BasicLauncher", "ParallelLauncher")
 
 
 def _remove_if_empty(folder: Path) -> None:
@@ -99,7 +104,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
             print(f"error: {error}", file=sys.stderr)
         if in_sweep and not isinstance(error, TrainingInterrupted):
             raise SweepRunFailed(f"{run_dir}: {error}") from None  # a run in a process of its own: Hydra reports it
-        if in_sweep:
+        if in_sweep and not _launcher_is("ParallelLauncher"):  # (whose own process says what the sweep does)
             # Ctrl-C or SIGTERM (a preempted job) stops the sweep, not only its current run: SystemExit
             # passes through Hydra's launcher, which would otherwise start the next run.
             print("[zipfls-train] the sweep stops here, before its later runs; rerun the same command to go on "

@@ -3,6 +3,7 @@ CPU cores (zipfls_train.engine.parallel_runs; hydra_plugins/zipfls_train_launche
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -54,10 +55,15 @@ def test_the_gpus_are_those_cuda_visible_devices_names_or_a_list(monkeypatch):
     assert visible_gpus("auto") == ["2", "5", "GPU-1a2b"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert visible_gpus("auto") == []
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
     assert visible_gpus([0, 3]) == ["0", "3"]
-    for wrong in ("0,1", 2, [0, 0], [0.5]):
+    assert visible_gpus(["GPU-5f0c"]) == ["GPU-5f0c"]  # (a UUID: CUDA refuses one that does not exist)
+    for wrong in ("0,1", 2, None, True, [0, 0], [0.5]):
         with pytest.raises(ConfigError, match=r"hydra.launcher.gpus"):
             visible_gpus(wrong)
+    # A GPU this process does not see would leave its runs training on the CPU (device auto).
+    with pytest.raises(ConfigError, match=r"hydra.launcher.gpus=\[1, 4\]: 4 is not a GPU this process sees \(0, 1, 2, 3: "):
+        visible_gpus([1, 4])
 
 
 # --- running them ----------------------------------------------------------------------------------
@@ -91,11 +97,10 @@ def test_jobs_run_at_most_as_many_at_once_as_there_are_places_each_with_its_gpus
     assert all(job.exitcode == 0 for job in jobs) and sorted(job.index for job in ended) == [0, 1, 2, 3]
     gpus = [job.outcome["gpus"] for job in jobs]
     assert gpus[:2] == ["0", "1"] and gpus[3] == "0,1"
-    # Two places: the third job started on the GPU of the first to end, after it ended; the fourth
+    # Two places: the third job started on a GPU after the job that held it had ended; the fourth
     # (two GPUs) after every other had.
-    first_to_end = min(jobs[:2], key=lambda job: job.outcome["end"])
-    assert gpus[2] == first_to_end.outcome["gpus"]
-    assert started[2] >= first_to_end.outcome["end"]
+    (before_it,) = [job for job in jobs[:2] if job.outcome["gpus"] == gpus[2]]
+    assert started[2] >= before_it.outcome["end"]
     assert started[3] >= max(job.outcome["end"] for job in jobs[:3])
 
 
@@ -136,6 +141,11 @@ def test_a_sweep_runs_two_at_once_each_on_half_the_cores_with_its_output_in_its_
     halves = {cores // 2, cores - cores // 2} if cores > 1 else {1}
     had = {json.loads((run.parent / "environment.jsonl").read_text().splitlines()[0])["cpu_cores"] for run in runs}
     assert had <= halves
+    # The same command again: the finished runs are told from their folders, no process started.
+    again = _sweep(tmp_path, f"dataset.root={tiny_pack_root}", "trainer.epochs=1", "trainer.max_steps_per_epoch=2", "loss=ce,zipf,ls")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [line for line in again.stderr.splitlines() if line.startswith("[zipfls-train]")] == [
+        f"[zipfls-train] 0 run(s) on the CPU, 2 run(s) at once (3 of 3 finished before: skipped); each run's console output goes to {sweep}/logs/"]
 
 
 @pytest.mark.slow
@@ -179,14 +189,13 @@ def test_a_run_that_crashes_or_is_killed_is_reported_with_its_log_and_fails_the_
     assert result.returncode == 1
     logs = "sweep/logs"  # (as given: relative; the runs' subfolders are Hydra's default, the job number)
     assert "x is 1" in (tmp_path / logs / "0.log").read_text()
-    assert "[zipfls-train] finished 1/3 x=1" in result.stderr.splitlines()
-    assert f"error: run 2/3 x=2 failed: RuntimeError: boom (traceback in {logs}/1.log)" in result.stderr.splitlines()
+    lines = result.stderr.splitlines()
+    assert "[zipfls-train] finished 1/3 x=1" in lines
+    crashed, killed = f"sweep/1: RuntimeError: boom (traceback in {logs}/1.log)", f"sweep/2: its process was killed by SIGKILL; its log: {logs}/2.log"
+    assert f"error: {crashed}" in lines and f"error: {killed}" in lines
     assert 'raise RuntimeError("boom")' in (tmp_path / logs / "1.log").read_text()  # the traceback
-    assert f"[zipfls-train] stopped 3/3 x=3: its process was killed by SIGKILL; its log: {logs}/2.log" in result.stderr.splitlines()
-    # Hydra reports the first failed job as it reports any: its overrides, then the message.
-    assert "Error executing job with overrides: ['x=2']" in result.stderr
-    assert f"sweep/1: RuntimeError: boom (traceback in {logs}/1.log)" in result.stderr.splitlines()
-
+    # Named again at the end, both (this app has no FailedRuns callback: the launcher says it).
+    assert lines[-3:] == ["[zipfls-train] 2 run(s) of the sweep failed:", crashed, killed]
 
 @pytest.mark.slow
 def test_ctrl_c_stops_the_running_runs_at_a_checkpoint_and_starts_no_other(tiny_pack_root, tmp_path):
@@ -209,7 +218,7 @@ def test_ctrl_c_stops_the_running_runs_at_a_checkpoint_and_starts_no_other(tiny_
     runs = sorted((tmp_path / "sweep").glob("*/checkpoints/last.pt"))
     assert len(runs) == 2 and not list((tmp_path / "sweep").glob("*loss=ls*"))
     lines = stderr.splitlines()
-    assert sum(line.startswith("[zipfls-train] stopped ") and line.split(": ")[1].startswith("asked to stop, it saved") for line in lines) == 2
+    assert sum(line.startswith("[zipfls-train] stopped ") and ": stopped; a rerun resumes it from " in line for line in lines) == 2
     assert lines[-1].startswith("[zipfls-train] SIGINT: the sweep stops here (1 run(s) not started); rerun the same command to go on")
     for log in (tmp_path / "sweep/logs").iterdir():
         assert "error: interrupted (SIGINT)" in log.read_text()
@@ -252,3 +261,128 @@ def test_a_job_after_one_that_did_not_end_well_never_starts_nor_do_those_after_i
     assert [job.exitcode for job in jobs] == [1, None, None, 0, 0]
     assert (jobs[1].blocked_by, jobs[2].blocked_by) == (jobs[0], jobs[1])
     assert ended.index(3) > ended.index(4) and sorted(ended) == [0, 1, 2, 3, 4]
+
+
+def _stopped_by_a_signal_held_while_it_started(send) -> None:
+    got = []
+    signal.signal(signal.SIGTERM, lambda number, frame: got.append(number))
+    from zipfls_train.stop_signals import release_stop_signals
+
+    release_stop_signals()
+    deadline = time.monotonic() + 10
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.05)
+    send.send({"got_signal": bool(got)})
+
+
+def test_a_signal_that_comes_while_a_run_starts_reaches_it_and_no_other_starts():
+    """SIGTERM to the sweep's process alone (kill, a scheduler, timeout) while a run's process is
+    being started: held back meanwhile, it must still reach that run."""
+
+    def start(job: Job):
+        context = multiprocessing.get_context("spawn")
+        receive, send = context.Pipe(duplex=False)
+        process = context.Process(target=_stopped_by_a_signal_held_while_it_started, args=(send,))
+        process.start()
+        send.close()
+        os.kill(os.getpid(), signal.SIGTERM)  # (held back here: the launcher starts runs with it blocked)
+        return process, receive
+
+    jobs = [Job(0, 0, None), Job(1, 0, None)]
+    assert run_jobs(jobs, Places([], per_gpu=1, cores=[]), start) == "SIGTERM"
+    assert jobs[0].outcome == {"got_signal": True}
+    assert not jobs[1].ended  # never started
+
+
+def _send_a_large_outcome(send) -> None:
+    send.send({"error": "x" * 1_000_000})  # (far more than a pipe holds: blocks until it is read)
+
+
+def test_a_large_outcome_is_read_while_its_process_waits_to_send_it():
+    def start(job: Job):
+        context = multiprocessing.get_context("spawn")
+        receive, send = context.Pipe(duplex=False)
+        process = context.Process(target=_send_a_large_outcome, args=(send,))
+        process.start()
+        send.close()
+        return process, receive
+
+    def hung(number, frame):
+        raise TimeoutError("run_jobs waited for a process that waited for it")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        jobs = [Job(0, 0, None)]
+        assert run_jobs(jobs, Places([], per_gpu=1, cores=[]), start) is None
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert len(jobs[0].outcome["error"]) == 1_000_000 and jobs[0].exitcode == 0
+
+
+def test_launcher_values_that_cannot_work_are_one_error_line(tmp_path):
+    for value, expected in (("hydra.launcher.runs_per_gpu=0", "error: hydra.launcher.runs_per_gpu must be an integer >= 1, got 0"),
+                            ("hydra.launcher.cpu_runs=two", "error: hydra.launcher.cpu_runs must be an integer >= 1, got 'two'"),
+                            ("hydra.launcher.gpus=null", "error: hydra.launcher.gpus must be auto or a list of GPUs (indices or UUIDs, e.g. [0,1]), got None")):  # fmt: skip
+        result = _sweep(tmp_path, value, "loss=ce,zipf", timeout=120)
+        assert (result.returncode, result.stderr.strip().splitlines()[-1]) == (1, expected), result.stderr[-2000:]
+
+
+def _sweep_process(tmp_path: Path, tiny_pack_root: Path, *overrides: str) -> subprocess.Popen:
+    command = [sys.executable, "train.py", "-m", *LAUNCHER, *TINY_RUN, f"hydra.sweep.dir={tmp_path}/sweep", f"dataset.root={tiny_pack_root}",
+               "trainer.zipf_fit_at_end=false", *overrides]  # fmt: skip
+    return subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_the_runs_start_stops_them_quietly_with_nothing_saved(tiny_pack_root, tmp_path):
+    """The runs' processes get the terminal's SIGINT too (the same process group) while they import
+    torch: each stops without a traceback, and the sweep says that nothing was saved."""
+    sweep = _sweep_process(tmp_path, tiny_pack_root, "trainer.epochs=2", "loss=ce,zipf,ls")
+    try:
+        for line in sweep.stderr:  # (read as it comes: the second run started)
+            if line.startswith("[zipfls-train] started 2/3"):
+                break
+        os.killpg(sweep.pid, signal.SIGINT)
+        _, rest = sweep.communicate(timeout=120)
+    finally:
+        if sweep.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(sweep.pid, signal.SIGKILL)
+    assert sweep.returncode == 1, rest[-3000:]
+    lines = rest.splitlines()
+    assert sum(line.endswith(": stopped before its first checkpoint; a rerun starts it over") for line in lines) == 2, rest
+    assert lines[-1].startswith("[zipfls-train] SIGINT: the sweep stops here (1 run(s) not started)")
+    for log in (tmp_path / "sweep/logs").iterdir():
+        assert "Traceback" not in log.read_text()
+
+
+@pytest.mark.slow
+def test_runs_whose_sweep_process_dies_save_and_stop_rather_than_train_on(tiny_pack_root, tmp_path):
+    sweep = _sweep_process(tmp_path, tiny_pack_root, "trainer.epochs=200", "trainer.max_steps_per_epoch=2", "loss=ce,zipf")
+    try:
+        deadline = time.monotonic() + 120
+        while len(list((tmp_path / "sweep").glob("*/metrics.jsonl"))) < 2:  # both runs are training
+            assert sweep.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        sweep.kill()  # (SIGKILL: it can pass nothing on)
+        sweep.wait()
+        logs = list((tmp_path / "sweep/logs").iterdir())
+        while not all("error: interrupted (SIGTERM)" in log.read_text() for log in logs):
+            assert time.monotonic() < deadline, [log.read_text()[-500:] for log in logs]
+            time.sleep(0.2)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(sweep.pid, signal.SIGKILL)  # (whatever is left of the group)
+
+
+def test_a_ban_generation_whose_teacher_run_failed_is_not_started_and_named_at_the_end(tiny_pack_root, tmp_path):
+    result = _sweep(tmp_path, "experiment=ban_generations", f"dataset.root={tiny_pack_root}", "trainer.epochs=0", "loss.generation=1,2")
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2, result.stderr[-3000:]
+    teacher = Path(errors[0].removeprefix("error: ").split(": ")[0])
+    assert "generation=1" in teacher.name and errors[0].endswith(": trainer.epochs must be an integer >= 1, got 0")
+    assert "generation=2" in errors[1] and errors[1].endswith(f": not started: it distils from run 1/2 ({teacher}), which did not finish")
+    assert result.stderr.splitlines()[-3] == "[zipfls-train] 2 run(s) of the sweep failed:"

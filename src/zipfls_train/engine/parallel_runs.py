@@ -13,9 +13,11 @@ hands it jobs and a function that starts one.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing.connection
 import os
-from collections.abc import Callable, Sequence
+import signal
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,11 +72,17 @@ def visible_gpus(requested: Any) -> list[str]:
         import torch
 
         return [str(index) for index in range(torch.cuda.device_count())]
-    if isinstance(requested, (str, int)) or not all(isinstance(gpu, (int, str)) for gpu in requested):
+    if not isinstance(requested, (list, tuple)) or not all(isinstance(gpu, (int, str)) and not isinstance(gpu, bool) for gpu in requested):
         raise ConfigError(f"hydra.launcher.gpus must be auto or a list of GPUs (indices or UUIDs, e.g. [0,1]), got {requested!r}")
     gpus = [str(gpu).strip() for gpu in requested]
     if len(set(gpus)) != len(gpus):
         raise ConfigError(f"hydra.launcher.gpus names a GPU twice: {requested!r}")
+    seen = visible_gpus("auto")
+    # (a GPU's UUID cannot be checked without NVML: CUDA itself refuses one that does not exist)
+    unseen = [gpu for gpu in gpus if gpu not in seen and not gpu.startswith(("GPU-", "MIG-"))]
+    if unseen:  # (its runs would otherwise train on the CPU, trainer.device=auto finding no GPU)
+        raise ConfigError(f"hydra.launcher.gpus={requested!r}: {', '.join(unseen)} is not a GPU this process sees "
+                          f"({', '.join(seen) or 'none'}: CUDA_VISIBLE_DEVICES, else torch's count)")  # fmt: skip
     return gpus
 
 
@@ -152,50 +160,95 @@ def run_jobs(jobs: Sequence[Job], places: Places, start: Starter, on_start: Call
     every started one has ended. Ctrl-C or SIGTERM goes on to the running runs (which save and stop),
     and no other starts: returns the signal's name then (None when all ran). Every job needs places
     that exist (the caller checks)."""
-    by_index = {job.index: job for job in jobs}
-    waiting = list(jobs)
-    running: dict[int, tuple[Job, multiprocessing.process.BaseProcess, multiprocessing.connection.Connection]] = {}
-    with StopRequests(announce=False) as stops:
-        while waiting or running:
-            progressed = False
-            for job in list(waiting):
-                if stops.signal_name is not None:
-                    break
-                before = [by_index[index] for index in job.after if index in by_index]
-                if not all(other.ended for other in before):
-                    continue
-                job.blocked_by = next((other for other in before if not ended_well(other)), None)
-                if job.blocked_by is not None:
-                    waiting.remove(job)
-                    on_end(job)
-                    progressed = True
-                    continue
-                taken = places.take(job.gpus)
-                if taken is None:
-                    break  # (in order: a later job does not overtake one waiting for places)
-                waiting.remove(job)
-                job.places = taken
-                with stop_signals_held("spawn"), variables_set(**environment_for(taken)):
-                    process, connection = start(job)
-                stops.forward_to.append(process.pid)
-                running[process.sentinel] = (job, process, connection)
-                on_start(job)
-                progressed = True
-            if not running:
-                if progressed and waiting and stops.signal_name is None:
+    runner = _Runner(jobs, places, start, on_start, on_end, ended_well)
+    with runner.stops, runner.children_waited_for():
+        while runner.waiting or runner.running:
+            progressed = runner.start_what_can_start()
+            if not runner.running:
+                if progressed and runner.waiting and runner.stops.signal_name is None:
                     continue  # (a job blocked just now decides those after it: look again)
                 break  # (all done, stopped, or what waits can never start: it comes after itself)
-            for sentinel in multiprocessing.connection.wait(list(running)):
-                job, process, connection = running.pop(sentinel)
-                process.join()
+            runner.collect()
+    return runner.stops.signal_name
+
+
+class _Runner:
+    """run_jobs' state: the jobs waiting, the processes running (by sentinel) with the pipes their
+    outcomes come through, and the stop requests (Ctrl-C, SIGTERM) that go on to them."""
+
+    def __init__(self, jobs: Sequence[Job], places: Places, start: Starter, on_start: Callable[[Job], None],
+                 on_end: Callable[[Job], None], ended_well: Callable[[Job], bool]) -> None:  # fmt: skip
+        self.by_index = {job.index: job for job in jobs}
+        self.waiting = list(jobs)
+        self.running: dict[Any, tuple[Job, multiprocessing.process.BaseProcess, multiprocessing.connection.Connection]] = {}
+        self.places, self.start, self.on_start, self.on_end, self.ended_well = places, start, on_start, on_end, ended_well
+        self.stops = StopRequests()  # (it says so on the console)
+
+    def start_what_can_start(self) -> bool:
+        """Starts (or, after a job that ended badly, blocks) the waiting jobs that can, in order;
+        whether any was."""
+        progressed = False
+        for job in list(self.waiting):
+            if self.stops.signal_name is not None:
+                break
+            before = [self.by_index[index] for index in job.after if index in self.by_index]
+            if not all(other.ended for other in before):
+                continue
+            job.blocked_by = next((other for other in before if not self.ended_well(other)), None)
+            if job.blocked_by is None and not self._started(job):
+                break  # (no places: a later job does not overtake it)
+            self.waiting.remove(job)
+            if job.blocked_by is not None:
+                self.on_end(job)
+            progressed = True
+        return progressed
+
+    def _started(self, job: Job) -> bool:
+        taken = self.places.take(job.gpus)
+        if taken is None:
+            return False
+        job.places = taken
+        # Signals held while the process starts (it inherits the hold, and takes them once its
+        # handlers are set); one that came meanwhile reaches it after it is named here.
+        with stop_signals_held("spawn"), variables_set(**environment_for(taken)):
+            process, connection = self.start(job)
+            self.stops.forward_to.append(process.pid)
+        if self.stops.signal_name is not None:  # (it may have come through another thread already)
+            self.stops.forward(signal.Signals[self.stops.signal_name])  # (twice within 1 s is one request)
+        self.running[process.sentinel] = (job, process, connection)
+        self.on_start(job)
+        return True
+
+    def collect(self) -> None:
+        """Waits until a process ends, reading outcomes as they come: a process that sends more than
+        a pipe holds only ends once its outcome has been read."""
+        pipes = {connection: job for job, _, connection in self.running.values() if not connection.closed}
+        for ready in multiprocessing.connection.wait([*self.running, *pipes]):
+            if ready in pipes:
+                if not ready.closed:  # (its process's end, earlier in this list, may have read it)
+                    pipes[ready].outcome = _received(ready)
+                    ready.close()
+                continue
+            job, process, connection = self.running.pop(ready)
+            process.join()
+            if not connection.closed:
                 job.outcome = _received(connection)
                 connection.close()
-                job.exitcode = process.exitcode
-                stops.forward_to.remove(process.pid)
-                places.give_back(job.places)
-                on_end(job)
-        return stops.signal_name
+            job.exitcode = process.exitcode
+            self.stops.forward_to.remove(process.pid)
+            self.places.give_back(job.places)
+            self.on_end(job)
 
+    @contextlib.contextmanager
+    def children_waited_for(self) -> Iterator[None]:
+        """A second Ctrl-C (KeyboardInterrupt here) also reached the running runs, which stop at
+        once: wait for them to end before it goes on (a third one stops the waiting)."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            for _, process, _ in self.running.values():
+                process.join()
+            raise
 
 
 def _received(connection: multiprocessing.connection.Connection) -> Any:
