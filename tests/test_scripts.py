@@ -163,3 +163,11 @@ def test_dependency_floors_are_read_from_the_project_and_the_test_extra(tmp_path
     assert declared_floors(tmp_path / "pyproject.toml") == {
         "timm": "1.0.31", "pillow": "10.2", "hydra-core": "1.3", "pytest": "7.4",
     }
+
+
+def test_bench_sweep_times_the_same_sweep_under_both_launchers():
+    output = run_script("scripts/bench_sweep.py", "--data", str(shared_data()), "--rounds", "1", "--losses", "ce,zipf", "--",
+                        "trainer.epochs=1", "trainer.max_steps_per_epoch=1", "dataset.train_per_class=8", "trainer.batch_size=16",
+                        "model.options.width=4")  # fmt: skip
+    seconds = {name: float(re.search(rf"round 1 {name}\s+([0-9.]+) s", output).group(1)) for name in ("basic", "parallel")}
+    assert_ratio_of_printed_times(ratio(output, "parallel/basic"), seconds["parallel"], seconds["basic"])
