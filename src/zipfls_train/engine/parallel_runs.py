@@ -1,8 +1,8 @@
 """A sweep's runs in parallel on one machine (``hydra/launcher=parallel``): each run in a process of
 its own, on its share of the GPUs and CPU cores, at most as many at once as there are places.
 
-Places: each GPU holds ``runs_per_gpu`` runs at once (a 32 px step at batch 128 is bound by kernel
-launches, so 2-4 runs fill a GPU that one leaves mostly idle); a run of ``trainer.devices=k`` takes
+Places: each GPU holds ``runs_per_gpu`` runs at once (an eager 32 px step at batch 128 is bound by
+kernel launches, so one run leaves its GPU partly idle); a run of ``trainer.devices=k`` takes
 a place on k GPUs. Without GPUs, ``cpu_runs`` runs at once. Each place has its own slice of the CPU
 cores the sweep may use, set as the run's CPU affinity: the run's torch threads and
 ``trainer.num_workers=auto`` count those (engine/cpu_cores.py), so runs do not fight over cores.
