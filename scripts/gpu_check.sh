@@ -18,6 +18,8 @@
 #   methods  scripts/bench_methods.py (Table 1's cost columns: every method vs CE)      T_METHODS 40 s
 #   quick    the quick_tinyimagenet protocol (CE vs Zipf x 2 seeds, four runs sharing
 #            the GPU) + its table; runs cut by T_QUICK still report their epochs      T_QUICK   190 s
+#   sweep    (only when named) scripts/bench_sweep.py: four eager 32 px runs one after another
+#            vs four at once on the GPU (hydra/launcher=parallel): does sharing pay?  T_SWEEP   240 s
 # A device call is limited to 600 s and a session's GPU time to ~15 minutes, the machine's start
 # (1-2 min) included: two calls, the second right after the first (a machine left idle for 30 s is
 # given back). Measured so far (experiments/gpu_h100_2026-11-27.md, gpu_h100_2026-11-28.md): tests,
@@ -104,6 +106,13 @@ if wants methods; then
   log "methods: every method's step cost (Table 1)"
   timeout "${T_METHODS:-40}" $PY scripts/bench_methods.py --device cuda --precision bf16 --width 64 --batch 128 --classes 100 --dataset cifar100 > "$out/bench_methods.txt" 2>&1
   log "    exit $?"
+fi
+if wants sweep; then
+  log "sweep: four 32 px runs one after another vs four at once on the GPU"
+  timeout "${T_SWEEP:-240}" $PY scripts/bench_sweep.py --data "$data" --device cuda --runs-at-once 4 --rounds 1 -- \
+    dataset.num_classes_subset=null dataset.train_per_class=250 trainer.epochs=4 trainer.batch_size=128 model.options.width=64 \
+    > "$out/bench_sweep.txt" 2>&1
+  log "    exit $? ($(tail -1 "$out/bench_sweep.txt"))"
 fi
 if wants quick; then
   log "quick: quick_tinyimagenet (4 runs at once on the GPU: hydra/launcher=parallel)"
