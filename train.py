@@ -121,4 +121,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C before a run started (Hydra composing a sweep's configs)
+        print("[zipfls-train] stopped at once (SIGINT): nothing was written", file=sys.stderr)
+        sys.exit(130)

@@ -74,14 +74,17 @@ def _report_where_it_runs(send, seconds: float) -> None:  # (module level: spawn
     send.send({"gpus": os.environ.get("CUDA_VISIBLE_DEVICES"), "end": time.monotonic()})
 
 
-def _starter(seconds: float, started: list[float]):
+def _starting(target, arguments=lambda job: (), then=lambda: None):
+    """A run_jobs starter: ``target(send, *arguments(job))`` in a spawned process; ``then()`` after
+    each start."""
+
     def start(job: Job):
         context = multiprocessing.get_context("spawn")
         receive, send = context.Pipe(duplex=False)
-        process = context.Process(target=_report_where_it_runs, args=(send, seconds))
+        process = context.Process(target=target, args=(send, *arguments(job)))
         process.start()
         send.close()
-        started.append(time.monotonic())
+        then()
         return process, receive
 
     return start
@@ -92,7 +95,7 @@ def test_jobs_run_at_most_as_many_at_once_as_there_are_places_each_with_its_gpus
     started: list[float] = []
     ended: list[Job] = []
     before = os.environ.get("CUDA_VISIBLE_DEVICES")
-    assert run_jobs(jobs, Places(["0", "1"], per_gpu=1, cores=[]), _starter(1.0, started), on_end=ended.append) is None
+    assert run_jobs(jobs, Places(["0", "1"], per_gpu=1, cores=[]), _starting(_report_where_it_runs, lambda job: (1.0,), lambda: started.append(time.monotonic())), on_end=ended.append) is None
     assert os.environ.get("CUDA_VISIBLE_DEVICES") == before  # (set only while each process started)
     assert all(job.exitcode == 0 for job in jobs) and sorted(job.index for job in ended) == [0, 1, 2, 3]
     gpus = [job.outcome["gpus"] for job in jobs]
@@ -145,7 +148,7 @@ def test_a_sweep_runs_two_at_once_each_on_half_the_cores_with_its_output_in_its_
     again = _sweep(tmp_path, f"dataset.root={tiny_pack_root}", "trainer.epochs=1", "trainer.max_steps_per_epoch=2", "loss=ce,zipf,ls")
     assert again.returncode == 0, again.stderr[-3000:]
     assert [line for line in again.stderr.splitlines() if line.startswith("[zipfls-train]")] == [
-        f"[zipfls-train] 0 run(s) on the CPU, 2 run(s) at once (3 of 3 finished before: skipped); each run's console output goes to {sweep}/logs/"]
+        "[zipfls-train] all 3 run(s) finished before: nothing to run"]
 
 
 @pytest.mark.slow
@@ -195,7 +198,7 @@ def test_a_run_that_crashes_or_is_killed_is_reported_with_its_log_and_fails_the_
     assert f"error: {crashed}" in lines and f"error: {killed}" in lines
     assert 'raise RuntimeError("boom")' in (tmp_path / logs / "1.log").read_text()  # the traceback
     # Named again at the end, both (this app has no FailedRuns callback: the launcher says it).
-    assert lines[-3:] == ["[zipfls-train] 2 run(s) of the sweep failed:", crashed, killed]
+    assert lines[-3] == "[zipfls-train] 2 run(s) of the sweep failed:" and set(lines[-2:]) == {crashed, killed}  # (as they ended)
 
 @pytest.mark.slow
 def test_ctrl_c_stops_the_running_runs_at_a_checkpoint_and_starts_no_other(tiny_pack_root, tmp_path):
@@ -246,17 +249,10 @@ def _exit_with(send, code: int) -> None:
 
 
 def test_a_job_after_one_that_did_not_end_well_never_starts_nor_do_those_after_it():
-    def start(job: Job):
-        context = multiprocessing.get_context("spawn")
-        receive, send = context.Pipe(duplex=False)
-        process = context.Process(target=_exit_with, args=(send, job.payload))
-        process.start()
-        send.close()
-        return process, receive
-
     # 0 fails; 1 comes after it, 2 after 1; 3 after 4, which ends well (a later job: order waits on it).
     jobs = [Job(0, 0, 1), Job(1, 0, 0, after=(0,)), Job(2, 0, 0, after=(1,)), Job(3, 0, 0, after=(4,)), Job(4, 0, 0)]
     ended: list[int] = []
+    start = _starting(_exit_with, lambda job: (job.payload,))
     assert run_jobs(jobs, Places([], per_gpu=2, cores=[]), start, on_end=lambda job: ended.append(job.index)) is None
     assert [job.exitcode for job in jobs] == [1, None, None, 0, 0]
     assert (jobs[1].blocked_by, jobs[2].blocked_by) == (jobs[0], jobs[1])
@@ -279,15 +275,8 @@ def test_a_signal_that_comes_while_a_run_starts_reaches_it_and_no_other_starts()
     """SIGTERM to the sweep's process alone (kill, a scheduler, timeout) while a run's process is
     being started: held back meanwhile, it must still reach that run."""
 
-    def start(job: Job):
-        context = multiprocessing.get_context("spawn")
-        receive, send = context.Pipe(duplex=False)
-        process = context.Process(target=_stopped_by_a_signal_held_while_it_started, args=(send,))
-        process.start()
-        send.close()
-        os.kill(os.getpid(), signal.SIGTERM)  # (held back here: the launcher starts runs with it blocked)
-        return process, receive
-
+    # (held back here: the launcher starts runs with it blocked)
+    start = _starting(_stopped_by_a_signal_held_while_it_started, then=lambda: os.kill(os.getpid(), signal.SIGTERM))
     jobs = [Job(0, 0, None), Job(1, 0, None)]
     assert run_jobs(jobs, Places([], per_gpu=1, cores=[]), start) == "SIGTERM"
     assert jobs[0].outcome == {"got_signal": True}
@@ -299,14 +288,6 @@ def _send_a_large_outcome(send) -> None:
 
 
 def test_a_large_outcome_is_read_while_its_process_waits_to_send_it():
-    def start(job: Job):
-        context = multiprocessing.get_context("spawn")
-        receive, send = context.Pipe(duplex=False)
-        process = context.Process(target=_send_a_large_outcome, args=(send,))
-        process.start()
-        send.close()
-        return process, receive
-
     def hung(number, frame):
         raise TimeoutError("run_jobs waited for a process that waited for it")
 
@@ -314,7 +295,7 @@ def test_a_large_outcome_is_read_while_its_process_waits_to_send_it():
     signal.alarm(60)
     try:
         jobs = [Job(0, 0, None)]
-        assert run_jobs(jobs, Places([], per_gpu=1, cores=[]), start) is None
+        assert run_jobs(jobs, Places([], per_gpu=1, cores=[]), _starting(_send_a_large_outcome)) is None
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
@@ -386,3 +367,20 @@ def test_a_ban_generation_whose_teacher_run_failed_is_not_started_and_named_at_t
     assert "generation=1" in teacher.name and errors[0].endswith(": trainer.epochs must be an integer >= 1, got 0")
     assert "generation=2" in errors[1] and errors[1].endswith(f": not started: it distils from run 1/2 ({teacher}), which did not finish")
     assert result.stderr.splitlines()[-3] == "[zipfls-train] 2 run(s) of the sweep failed:"
+
+
+@pytest.mark.slow
+def test_a_run_placed_on_a_gpu_cuda_does_not_find_is_refused_not_trained_on_the_cpu(tiny_pack_root, tmp_path):
+    """The sweep's own CUDA_VISIBLE_DEVICES names GPUs the launcher cannot check without CUDA (as a
+    UUID in hydra.launcher.gpus): a run placed on one that does not exist would find no GPU and,
+    with trainer.device=auto, train on the CPU while the console says GPU."""
+    result = subprocess.run([sys.executable, "train.py", "-m", *LAUNCHER, *[item for item in TINY_RUN if item != "trainer.device=cpu"],
+                             f"dataset.root={tiny_pack_root}", f"hydra.sweep.dir={tmp_path}/sweep", "trainer.max_steps_per_epoch=1",
+                             "hydra.launcher.gpus=[GPU-00000000-0000-0000-0000-000000000000]", "loss=ce,zipf"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 1
+    expected = ("the launcher placed this run on GPU GPU-00000000-0000-0000-0000-000000000000, but CUDA finds 0 of them: "
+                "hydra.launcher.gpus or CUDA_VISIBLE_DEVICES names a GPU this machine does not have")  # fmt: skip
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and errors[0].endswith(expected) and errors[1].endswith("the same error as the previous failed run")
+    assert not list((tmp_path / "sweep").glob("*/metrics.jsonl"))  # nothing trained

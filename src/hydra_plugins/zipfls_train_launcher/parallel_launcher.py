@@ -67,6 +67,9 @@ class ParallelLauncher(Launcher):
             _say("SIGINT: stopped before any run started")
             sys.exit(130)
         to_run = [job for job in jobs if job.payload.finished is None]
+        if not to_run:
+            _say(f"all {len(jobs)} run(s) finished before: nothing to run")
+            return [_job_return(job) for job in jobs]
         where = f"{len(places.gpus)} GPU(s), {self.runs_per_gpu} run(s) per GPU" if places.gpus else f"the CPU, {self.cpu_runs} run(s) at once"
         earlier = f" ({len(jobs) - len(to_run)} of {len(jobs)} finished before: skipped)" if len(to_run) < len(jobs) else ""
         _say(f"{len(to_run)} run(s) on {where}{earlier}; each run's console output goes to {self._log_folder()}/")
@@ -74,7 +77,9 @@ class ParallelLauncher(Launcher):
             stopped_by = run_jobs(to_run, places, self._start, on_start=lambda job: self._started(job, len(jobs)),
                                   on_end=lambda job: self._ended(job, len(jobs)), ended_well=_ended_well)  # fmt: skip
         except KeyboardInterrupt:  # Ctrl-C a second time: the runs stopped at once, as a single run does
-            _say("SIGINT again: the runs stopped at once, nothing since their last checkpoints saved; rerun the same command to go on")
+            _say("SIGINT again: the runs stopped at once, without saving; a rerun of the same command resumes each from its "
+                 "last checkpoint, if it had one")  # fmt: skip
+            _list_earlier_failures()
             sys.exit(130)
         if stopped_by is not None:
             self._stop_the_sweep(stopped_by, to_run)
@@ -99,9 +104,9 @@ class ParallelLauncher(Launcher):
         places = Places(gpus, self.runs_per_gpu, sweep_cores()) if any(job.gpus for job in jobs) else Places([], self.cpu_runs, sweep_cores())
         self._check_places(jobs, places)
         _after_their_teachers(jobs)
-        shared = set.intersection(*(set(job.payload.overrides) for job in jobs)) if len(jobs) > 1 else set()
-        for job in jobs:
-            job.payload.name = " ".join(item for item in filter_overrides(job.payload.overrides) if item not in shared) or "(no overrides)"
+        shared = set.intersection(*(set(job.payload.overrides) for job in jobs))
+        for job in jobs:  # (the overrides that set it apart; a sweep of one run has none)
+            job.payload.name = " ".join(item for item in filter_overrides(job.payload.overrides) if item not in shared) or "the sweep's run"
             job.payload.finished = _finished_before(job.payload)
         return jobs, places
 
@@ -179,9 +184,14 @@ class ParallelLauncher(Launcher):
         not_started = sum(not job.ended for job in jobs)
         left = f" ({not_started} run(s) not started)" if not_started else ""
         _say(f"{signal_name}: the sweep stops here{left}; rerun the same command to go on (finished runs are skipped, stopped ones resume)")
-        if FailedRuns.runs:
-            print(FailedRuns.listing(f"[zipfls-train] earlier in this sweep {len(FailedRuns.runs)} run(s) failed:"), file=sys.stderr)
+        _list_earlier_failures()
         sys.exit(1)
+
+
+def _list_earlier_failures() -> None:
+    """A sweep that stops early skips FailedRuns' closing list: the runs that failed before, here."""
+    if FailedRuns.runs:
+        print(FailedRuns.listing(f"[zipfls-train] earlier in this sweep {len(FailedRuns.runs)} run(s) failed:"), file=sys.stderr)
 
 
 def _callback_lists_failed_runs(config: DictConfig) -> bool:

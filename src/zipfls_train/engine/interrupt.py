@@ -35,14 +35,16 @@ class StopRequests:
 
     ``forward_to``: a parent's children (spawned DDP ranks), which get every signal it receives:
     they do the stopping and saving, so a parent stays quiet.
-    ``announce``: say so on stderr. Under DDP only rank 0 does: every rank gets the signal, and one
+    ``announce``: say so on stderr (``announcement``). Under DDP only rank 0 does: every rank gets the signal, and one
     line says it for all (torchrun also stops the other ranks with SIGTERM when one fails: one
     misleading line is then followed by torchrun's report of the failure, not one per rank)."""
 
-    def __init__(self, forward_to: Sequence[int] = (), announce: bool = True, on_request: Callable[[], None] | None = None) -> None:
+    def __init__(self, forward_to: Sequence[int] = (), announce: bool = True, on_request: Callable[[], None] | None = None,
+                 announcement: str = "stopping after this step and saving a checkpoint (send it again to stop at once)") -> None:  # fmt: skip
         self.signal_name: str | None = None
         self.forward_to = list(forward_to)
         self.announce = announce and not self.forward_to
+        self.announcement = announcement
         self.on_request = on_request  # called at the first request (e.g. to tell ranks still starting)
         self._first_at = 0.0
         self._previous: dict[int, Any] = {}
@@ -76,8 +78,7 @@ class StopRequests:
         if self.announce:
             # os.write, not print: the signal may land while the progress bar writes to stderr, and
             # a print inside that write raises "reentrant call".
-            os.write(2, f"[zipfls-train] {self.signal_name}: stopping after this step and saving a checkpoint "
-                        "(send it again to stop at once)\n".encode())
+            os.write(2, f"[zipfls-train] {self.signal_name}: {self.announcement}\n".encode())
 
     def _act_as_before(self, number: int, frame: FrameType | None) -> None:
         previous = self._previous.get(number, signal.SIG_DFL)

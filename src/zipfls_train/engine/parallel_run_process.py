@@ -50,6 +50,11 @@ def run_one(send: Any, log: str, cores: list[int], task: tuple[str, str], hydra_
     from zipfls_train.engine.hydra_callbacks import FailedRuns
     from zipfls_train.stop_signals import release_stop_signals
 
+    missing = _placed_on_gpus_cuda_lacks()
+    if missing is not None:  # (trainer.device=auto would train on the CPU, the console saying "GPU")
+        print(f"error: {missing}", file=sys.stderr)
+        _send(send, {"status": "completed", "value": None, "user_error": missing})
+        return
     try:
         release_stop_signals()
         setup_globals()
@@ -67,6 +72,20 @@ def run_one(send: Any, log: str, cores: list[int], task: tuple[str, str], hydra_
         traceback.print_exception(error)
         outcome = {"status": "failed", "error": f"{type(error).__name__}: {error}"[:MAX_MESSAGE]}
     _send(send, outcome)
+
+
+def _placed_on_gpus_cuda_lacks() -> str | None:
+    """Where the launcher placed this run on GPUs (CUDA_VISIBLE_DEVICES) that CUDA does not find, so
+    named (a UUID or an entry of the sweep's own CUDA_VISIBLE_DEVICES that no GPU has: the launcher
+    checks indices only against torch's count)."""
+    import torch
+
+    placed = [gpu for gpu in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if gpu]
+    found = torch.cuda.device_count() if placed else 0
+    if found >= len(placed):
+        return None
+    return (f"the launcher placed this run on GPU {','.join(placed)}, but CUDA finds {found} of them: hydra.launcher.gpus or "
+            "CUDA_VISIBLE_DEVICES names a GPU this machine does not have")  # fmt: skip
 
 
 def _stop_requested(number: int, frame: Any) -> None:

@@ -182,7 +182,8 @@ class _Runner:
         self.waiting = list(jobs)
         self.running: dict[Any, tuple[Job, multiprocessing.process.BaseProcess, multiprocessing.connection.Connection]] = {}
         self.places, self.start, self.on_start, self.on_end, self.ended_well = places, start, on_start, on_end, ended_well
-        self.stops = StopRequests()  # (it says so on the console)
+        self.stops = StopRequests(announcement="the running runs save a checkpoint (those that trained) and stop, no other "
+                                               "starts (send it again to stop them at once)")  # fmt: skip
 
     def start_what_can_start(self) -> bool:
         """Starts (or, after a job that ended badly, blocks) the waiting jobs that can, in order;
@@ -223,7 +224,10 @@ class _Runner:
         """Waits until a process ends, reading outcomes as they come: a process that sends more than
         a pipe holds only ends once its outcome has been read."""
         pipes = {connection: job for job, _, connection in self.running.values() if not connection.closed}
-        for ready in multiprocessing.connection.wait([*self.running, *pipes]):
+        # (with a timeout: a signal that another thread of this process took runs its Python handler,
+        # which passes it on, only once this thread runs Python code again; a wait without one could
+        # hold it back until a run ended)
+        for ready in multiprocessing.connection.wait([*self.running, *pipes], timeout=0.5):
             if ready in pipes:
                 if not ready.closed:  # (its process's end, earlier in this list, may have read it)
                     pipes[ready].outcome = _received(ready)

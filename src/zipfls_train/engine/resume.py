@@ -84,7 +84,7 @@ def check_same_config(cfg: DictConfig, saved: dict[str, Any], path: Path, traine
                f"trainer.epochs={before.get('trainer.epochs')}, so a longer run is another run.")
     raise ResumeError(
         f"{path} was written by a different configuration ({details}).{why} Use another run folder "
-        "(hydra.run.dir=... or tag=...), or trainer.resume=never to start over in this one."
+        "(tag=..., hydra.run.dir=... or for a sweep hydra.sweep.dir=...), or trainer.resume=never to start over in this one."
     )
 
 
@@ -118,7 +118,7 @@ def refuse_to_overwrite_results(run_dir: Path) -> None:
         raise ResumeError(
             f"{run_dir} holds the results of {done} epoch(s) but no checkpoints/last.pt "
             "to resume from; rerunning here would overwrite them. Put last.pt back, use another run "
-            "folder (tag=... or hydra.run.dir=...), or trainer.resume=never to start over in this one."
+            "folder (tag=..., hydra.run.dir=... or for a sweep hydra.sweep.dir=...), or trainer.resume=never to start over in this one."
         )
 
 
