@@ -95,7 +95,8 @@ def test_jobs_run_at_most_as_many_at_once_as_there_are_places_each_with_its_gpus
     started: list[float] = []
     ended: list[Job] = []
     before = os.environ.get("CUDA_VISIBLE_DEVICES")
-    assert run_jobs(jobs, Places(["0", "1"], per_gpu=1, cores=[]), _starting(_report_where_it_runs, lambda job: (1.0,), lambda: started.append(time.monotonic())), on_end=ended.append) is None
+    start = _starting(_report_where_it_runs, lambda job: (1.0,), then=lambda: started.append(time.monotonic()))
+    assert run_jobs(jobs, Places(["0", "1"], per_gpu=1, cores=[]), start, on_end=ended.append) is None
     assert os.environ.get("CUDA_VISIBLE_DEVICES") == before  # (set only while each process started)
     assert all(job.exitcode == 0 for job in jobs) and sorted(job.index for job in ended) == [0, 1, 2, 3]
     gpus = [job.outcome["gpus"] for job in jobs]

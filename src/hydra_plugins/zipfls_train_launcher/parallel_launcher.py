@@ -1,7 +1,7 @@
 """``hydra/launcher=parallel``: a sweep's runs at once on this machine, spread over its GPUs (and
-CPU cores), each in a process of its own (zipfls_train.engine.parallel_run_process) with its console output in
-``<sweep dir>/logs/``. Where the runs go and when: zipfls_train.engine.parallel_runs; this module is
-the Hydra side (it lives in Hydra's plugin package, where Hydra looks for launchers).
+CPU cores), each in a process of its own (zipfls_train.engine.parallel_run_process) with its
+console output in ``<sweep dir>/logs/``. Where the runs go and when: zipfls_train.engine.parallel_runs;
+this module is the Hydra side (it lives in Hydra's plugin package, where Hydra looks for launchers).
 
 Every run that did not train to its end is named again when the sweep ends (FailedRuns, exit
 status 1), as the basic launcher does for runs that fail on a user error."""
