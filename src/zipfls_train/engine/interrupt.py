@@ -35,9 +35,10 @@ class StopRequests:
 
     ``forward_to``: a parent's children (spawned DDP ranks), which get every signal it receives:
     they do the stopping and saving, so a parent stays quiet.
-    ``announce``: say so on stderr (``announcement``). Under DDP only rank 0 does: every rank gets the signal, and one
-    line says it for all (torchrun also stops the other ranks with SIGTERM when one fails: one
-    misleading line is then followed by torchrun's report of the failure, not one per rank)."""
+    ``announce``: say so on stderr (``announcement``). Under DDP only rank 0 does: every rank gets
+    the signal, and one line says it for all (torchrun also stops the other ranks with SIGTERM when
+    one fails: one misleading line is then followed by torchrun's report of the failure, not one per
+    rank)."""
 
     def __init__(self, forward_to: Sequence[int] = (), announce: bool = True, on_request: Callable[[], None] | None = None,
                  announcement: str = "stopping after this step and saving a checkpoint (send it again to stop at once)") -> None:  # fmt: skip
