@@ -71,10 +71,10 @@ def main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         return _train(cfg, run_dir)
-    except KeyboardInterrupt:  # Ctrl-C while the run sets up (training itself stops at a step), or twice
+    except KeyboardInterrupt as interrupt:  # Ctrl-C while the run sets up (training itself stops at a step), or twice
         _remove_if_empty(run_dir)
         said = "nothing since the last checkpoint is saved" if run_dir.exists() else "nothing was written"
-        print(f"[zipfls-train] stopped at once (SIGINT): {said}", file=sys.stderr)
+        print(f"[zipfls-train] stopped at once ({getattr(interrupt, 'signal_name', 'SIGINT')}): {said}", file=sys.stderr)
         sys.exit(130)
 
 

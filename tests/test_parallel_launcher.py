@@ -318,15 +318,17 @@ def _sweep_process(tmp_path: Path, tiny_pack_root: Path, *overrides: str) -> sub
 
 
 @pytest.mark.slow
-def test_ctrl_c_while_the_runs_start_stops_them_quietly_with_nothing_saved(tiny_pack_root, tmp_path):
-    """The runs' processes get the terminal's SIGINT too (the same process group) while they import
-    torch: each stops without a traceback, and the sweep says that nothing was saved."""
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_a_stop_while_the_runs_start_stops_them_quietly_with_nothing_saved(stop, tiny_pack_root, tmp_path):
+    """The runs' processes get the terminal's SIGINT (or a scheduler's SIGTERM to the job) too, the
+    same process group, while they import torch or set up: each stops without a traceback, and the
+    sweep says that nothing was saved."""
     sweep = _sweep_process(tmp_path, tiny_pack_root, "trainer.epochs=2", "loss=ce,zipf,ls")
     try:
         for line in sweep.stderr:  # (read as it comes: the second run started)
             if line.startswith("[zipfls-train] started 2/3"):
                 break
-        os.killpg(sweep.pid, signal.SIGINT)
+        os.killpg(sweep.pid, signal.Signals[stop])
         _, rest = sweep.communicate(timeout=120)
     finally:
         if sweep.poll() is None:
@@ -335,9 +337,11 @@ def test_ctrl_c_while_the_runs_start_stops_them_quietly_with_nothing_saved(tiny_
     assert sweep.returncode == 1, rest[-3000:]
     lines = rest.splitlines()
     assert sum(line.endswith(": stopped before its first checkpoint; a rerun starts it over") for line in lines) == 2, rest
-    assert lines[-1].startswith("[zipfls-train] SIGINT: the sweep stops here (1 run(s) not started)")
+    assert lines[-1].startswith(f"[zipfls-train] {stop}: the sweep stops here (1 run(s) not started)")
     for log in (tmp_path / "sweep/logs").iterdir():
-        assert "Traceback" not in log.read_text()
+        text = log.read_text()
+        assert "Traceback" not in text
+        assert "stopped at once (" not in text or f"stopped at once ({stop})" in text  # (when it came in train.py's setup)
 
 
 @pytest.mark.slow

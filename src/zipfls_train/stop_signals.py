@@ -11,6 +11,13 @@ import threading
 from collections.abc import Iterator
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class TerminateRequested(KeyboardInterrupt):
+    """SIGTERM where a process stops at once on it as on Ctrl-C (a run of the parallel launcher
+    while it sets up): a KeyboardInterrupt that names its signal."""
+
+    signal_name = "SIGTERM"
 # POSIX signal masks; Windows has none (there, ignoring the signals meanwhile stands in).
 _CAN_BLOCK = hasattr(signal, "pthread_sigmask")
 

@@ -90,7 +90,9 @@ def _placed_on_gpus_cuda_lacks() -> str | None:
 
 def _stop_requested(number: int, frame: Any) -> None:
     """SIGTERM before the run's trainer takes it over: stop, as Ctrl-C does."""
-    raise KeyboardInterrupt
+    from zipfls_train.stop_signals import TerminateRequested
+
+    raise TerminateRequested
 
 
 def _send(send: Any, outcome: dict[str, Any]) -> None:
