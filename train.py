@@ -109,8 +109,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
             # passes through Hydra's launcher, which would otherwise start the next run.
             print("[zipfls-train] the sweep stops here, before its later runs; rerun the same command to go on "
                   "(finished runs are skipped, this one resumes)", file=sys.stderr)  # fmt: skip
-            if FailedRuns.runs:  # the sweep's closing report of them is skipped by this exit
-                print(FailedRuns.listing(f"[zipfls-train] earlier in this sweep {len(FailedRuns.runs)} run(s) failed:"), file=sys.stderr)
+            FailedRuns.list_earlier()  # (the sweep's closing report of them is skipped by this exit)
         sys.exit(1)
     except RuntimeError as error:
         if launched_by_torchrun() and lost_a_peer(error):

@@ -79,16 +79,15 @@ class ParallelLauncher(Launcher):
         except KeyboardInterrupt:  # Ctrl-C a second time: the runs stopped at once, as a single run does
             _say("SIGINT again: the runs stopped at once, without saving; a rerun of the same command resumes each from its "
                  "last checkpoint, if it had one")  # fmt: skip
-            _list_earlier_failures()
+            FailedRuns.list_earlier()
             sys.exit(130)
         if stopped_by is not None:
             self._stop_the_sweep(stopped_by, to_run)
         for job in to_run:  # stopped alone (a SIGTERM to its process), or never started
             if (job.outcome or {}).get("status") == "stopped" or not job.ended:
                 FailedRuns.add(job.payload.folder, _what_is_left(job))
-        if FailedRuns.runs and not _callback_lists_failed_runs(self.config):  # (another Hydra app: say it here)
-            print(FailedRuns.listing(f"[zipfls-train] {len(FailedRuns.runs)} run(s) of the sweep failed:"), file=sys.stderr)
-            sys.exit(1)
+        if not _callback_lists_failed_runs(self.config):  # (another Hydra app: FailedRuns' closing list, here)
+            FailedRuns().on_multirun_end(self.config)
         return [_job_return(job) for job in jobs]
 
     # --- the jobs -------------------------------------------------------------------------------
@@ -184,14 +183,8 @@ class ParallelLauncher(Launcher):
         not_started = sum(not job.ended for job in jobs)
         left = f" ({not_started} run(s) not started)" if not_started else ""
         _say(f"{signal_name}: the sweep stops here{left}; rerun the same command to go on (finished runs are skipped, stopped ones resume)")
-        _list_earlier_failures()
+        FailedRuns.list_earlier()
         sys.exit(1)
-
-
-def _list_earlier_failures() -> None:
-    """A sweep that stops early skips FailedRuns' closing list: the runs that failed before, here."""
-    if FailedRuns.runs:
-        print(FailedRuns.listing(f"[zipfls-train] earlier in this sweep {len(FailedRuns.runs)} run(s) failed:"), file=sys.stderr)
 
 
 def _callback_lists_failed_runs(config: DictConfig) -> bool:

@@ -161,6 +161,12 @@ class FailedRuns(Callback):
         """``heading``, then one line per failed run."""
         return "\n".join([heading, *cls.runs])
 
+    @classmethod
+    def list_earlier(cls) -> None:
+        """For a sweep that stops early, which skips the closing list: the runs that failed so far."""
+        if cls.runs:
+            print(cls.listing(f"[zipfls-train] earlier in this sweep {len(cls.runs)} run(s) failed:"), file=sys.stderr)
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.runs:
             print(self.listing(f"[zipfls-train] {len(self.runs)} run(s) of the sweep failed:"), file=sys.stderr)

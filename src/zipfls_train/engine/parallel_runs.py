@@ -95,16 +95,15 @@ class Places:
 
     def __init__(self, gpus: Sequence[str], per_gpu: int, cores: Sequence[int]) -> None:
         slots = [gpu for _ in range(per_gpu) for gpu in gpus] if gpus else [None] * per_gpu
-        self.gpus = list(gpus)
+        self.gpus, self.per_gpu = list(gpus), per_gpu
         self.free = [Place(gpu, part) for gpu, part in zip(slots, split_cores(cores, len(slots)), strict=True)]
-        self.size = len(self.free)
 
     def take(self, gpus_needed: int) -> list[Place] | None:
         """Places for a run of ``gpus_needed`` GPUs (0: a CPU run, one place), or None while there
         are not enough free ones."""
         if not self.gpus:
             return [self.free.pop(0)] if self.free else None
-        busy = {gpu: self.size // len(self.gpus) - sum(place.gpu == gpu for place in self.free) for gpu in self.gpus}
+        busy = {gpu: self.per_gpu - sum(place.gpu == gpu for place in self.free) for gpu in self.gpus}
         taken: list[Place] = []
         for gpu in sorted(self.gpus, key=lambda name: busy[name]):  # (stable: GPU order among equals)
             place = next((place for place in self.free if place.gpu == gpu), None)
@@ -228,16 +227,12 @@ class _Runner:
         # which passes it on, only once this thread runs Python code again; a wait without one could
         # hold it back until a run ended)
         for ready in multiprocessing.connection.wait([*self.running, *pipes], timeout=0.5):
-            if ready in pipes:
-                if not ready.closed:  # (its process's end, earlier in this list, may have read it)
-                    pipes[ready].outcome = _received(ready)
-                    ready.close()
+            if ready in pipes:  # (its process's end, earlier in this list, may have read it already)
+                _read_outcome(pipes[ready], ready)
                 continue
             job, process, connection = self.running.pop(ready)
             process.join()
-            if not connection.closed:
-                job.outcome = _received(connection)
-                connection.close()
+            _read_outcome(job, connection)
             job.exitcode = process.exitcode
             self.stops.forward_to.remove(process.pid)
             self.places.give_back(job.places)
@@ -255,10 +250,13 @@ class _Runner:
             raise
 
 
-def _received(connection: multiprocessing.connection.Connection) -> Any:
-    """What an ended process sent, or None where it ended without sending (killed, or exited on a
-    signal's request: the pipe is closed)."""
+def _read_outcome(job: Job, connection: multiprocessing.connection.Connection) -> None:
+    """The job's outcome from its pipe, read once (then closed): what its process sent, or None
+    where it ended without sending (killed, or exited on a signal's request)."""
+    if connection.closed:
+        return
     try:
-        return connection.recv() if connection.poll() else None
+        job.outcome = connection.recv() if connection.poll() else None
     except EOFError:
-        return None
+        job.outcome = None
+    connection.close()
