@@ -208,6 +208,8 @@ def recipe_notes(key: CellKey, paper: Paper) -> list[str]:
         notes.append(f"{size} px")
     if recipe.get("eval_precision") == "train":
         notes.append("val scored in the training precision (bf16/fp16), not fp32")
+    if recipe.get("init_from") is not None:
+        notes.append(f"initialised from {recipe['init_from']} (paper: from scratch)")
     if recipe.get("max_steps_per_epoch") is not None:
         notes.append(f"trainer.max_steps_per_epoch={recipe['max_steps_per_epoch']}")
     for name, config_key in (("format", "dataset.format"), ("train_augment", "dataset.train_augment"),

@@ -177,6 +177,8 @@ def cell_key_from_config(config: Mapping[str, Any], source: Path, scored_in: str
     # (lr, weight decay, milestones) the training: runs that differ never mix.
     for name, value in flatten(config["model"].get("options") or {}).items():
         recipe[f"model.{name}"] = value
+    # Weights trained elsewhere (the paper trains from scratch): never averaged with runs from scratch.
+    recipe["init_from"] = initial_weights_label(config["model"].get("init_from"))
     for group in ("optim", "sched"):
         for name, value in flatten(config.get(group) or {}).items():
             recipe[f"{group}.{name}"] = value
@@ -187,6 +189,20 @@ def cell_key_from_config(config: Mapping[str, Any], source: Path, scored_in: str
         options=tuple(sorted((k, _freeze(v)) for k, v in options.items())),
         recipe=tuple(sorted((k, _freeze(v)) for k, v in recipe.items())),
     )
+
+
+def initial_weights_label(source: object) -> str | None:
+    """``model.init_from`` as a cell tells it: timm's tag as given, a weights file by its name, a run
+    by what it is (run folders and checkpoint paths differ per seed, the source's kind does not)."""
+    if source is None:
+        return None
+    text = str(source)
+    if text == "timm" or text.startswith("timm:"):
+        return text
+    path = Path(text)
+    if path.parent.name == "checkpoints":
+        return f"a zipfls-train run's {path.name}"
+    return path.name if path.suffix else "a zipfls-train run"
 
 
 def _eval_precision(trainer: Mapping[str, Any]) -> str:

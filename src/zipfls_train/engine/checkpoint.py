@@ -109,20 +109,27 @@ def remove_stale_temporaries(folder: Path) -> None:
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     if path.is_dir():
         raise CheckpointError(f"checkpoint {path} is a folder, not a checkpoint file (e.g. {path / 'checkpoints' / 'last.pt'})")
+    state = read_torch_file(path, map_location, expected="a checkpoint file such as <run>/checkpoints/last.pt or best.pt")
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{path} is a torch file but not a zipfls-train checkpoint (no 'model' entry)")
+    return state
+
+
+def read_torch_file(path: Path, map_location: str | torch.device = "cpu", expected: str = "a torch file") -> Any:
+    """What ``torch.save`` wrote to ``path``, read as data only (``weights_only``); a CheckpointError
+    naming the file, and ``expected`` (what it should have been), when it is missing, not a torch
+    file, corrupt, or holds objects other than data."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     kind = _file_kind(path)
     if kind == "other":
-        raise CheckpointError(
-            f"{path} is not a torch checkpoint (neither the zip archive nor the pickle torch.save writes); "
-            "expected a checkpoint file such as <run>/checkpoints/last.pt or best.pt"
-        )
+        raise CheckpointError(f"{path} is not a torch checkpoint (neither the zip archive nor the pickle torch.save writes); expected {expected}")
     try:
         # weights_only: a checkpoint is data (tensors, numbers, strings, containers); unpickling any
         # other object could run code from whatever file a user points at (a BAN teacher, zipf_fit's
-        # argument). The numpy classes are those of the numpy RNG state earlier versions stored.
+        # argument, model.init_from). The numpy classes are those of the numpy RNG state earlier versions stored.
         with torch.serialization.safe_globals(_legacy_numpy_globals()):
-            state = torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
         if refused is None:
@@ -134,9 +141,6 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         ) from error
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
         raise _corrupt(path, error) from error
-    if not isinstance(state, dict) or "model" not in state:
-        raise CheckpointError(f"{path} is a torch file but not a zipfls-train checkpoint (no 'model' entry)")
-    return state
 
 
 def _corrupt(path: Path, error: BaseException) -> CheckpointError:

@@ -125,6 +125,7 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"model.name must be given ({MODEL_NAME_HINT})") from None
     _check_model_name(str(name))
     _check_model_options(cfg)
+    _check_initial_weights(cfg)
     _check_dataset_subsets(cfg)
     _check_normalisation(cfg)
     device = _check_devices(cfg)
@@ -294,6 +295,15 @@ def _check_model_options(cfg: DictConfig) -> None:
     try:
         check_model_options(str(cfg.model.name), OmegaConf.to_container(options, resolve=True))
     except (TypeError, ValueError) as error:
+        raise ConfigError(str(error)) from error
+
+
+def _check_initial_weights(cfg: DictConfig) -> None:
+    from ..initial_weights import InitialWeightsError, check_source
+
+    try:
+        check_source(cfg.model.get("init_from"), str(cfg.model.name))
+    except InitialWeightsError as error:
         raise ConfigError(str(error)) from error
 
 

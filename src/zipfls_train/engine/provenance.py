@@ -29,14 +29,16 @@ LISTED_CHANGES = 20  # uncommitted paths named in a record (the count is whole)
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
 
 
-def record_attempt(run_dir: Path, device: torch.device, processes: int, from_step: int, resumed: bool) -> None:
-    """Write this attempt's line: the file's only line on a fresh start, one more on a resume."""
+def record_attempt(run_dir: Path, device: torch.device, processes: int, from_step: int, resumed: bool,
+                   extra: dict[str, Any] | None = None) -> None:  # fmt: skip
+    """Write this attempt's line (with ``extra``'s entries): the file's only line on a fresh start,
+    one more on a resume."""
     path = run_dir / ENVIRONMENT_FILE
     # (The file is replaced whole, never cut short; one edited by hand keeps its lines, on their own.)
     earlier = path.read_bytes().decode(errors="replace") if resumed and path.is_file() else ""
     if earlier and not earlier.endswith("\n"):
         earlier += "\n"
-    line = json.dumps(attempt_record(device, processes, from_step), sort_keys=True)
+    line = json.dumps(attempt_record(device, processes, from_step) | (extra or {}), sort_keys=True)
     write_text_atomically(path, earlier + line + "\n")
 
 

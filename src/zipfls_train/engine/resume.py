@@ -36,7 +36,7 @@ RESUME_TOLERATED = {
     *(f"loss.{option}" for option in IMPLEMENTATION_OPTIONS),
 }
 # Config values naming a file the run reads: spelled another way, the same file is the same run.
-SAME_FILE_KEYS = ("loss.teacher_checkpoint",)
+SAME_FILE_KEYS = ("loss.teacher_checkpoint", "model.init_from")
 # Config values a run records as the dataset resolved them, which older runs recorded as requested.
 RESOLVED_SINCE = ("dataset.format",)
 # What a checkpoint to resume from holds (best.pt holds only the model).

@@ -27,6 +27,7 @@ from ..data.bundle import configured_num_classes
 from ..data.file_loader import loader_worker_killed
 from ..data.images import DatasetError
 from ..errors import original_message
+from ..initial_weights import InitialWeights, InitialWeightsError, apply_initial_weights
 from ..losses import Method, build_method
 from ..losses.base import check_terms
 from ..models import build_model, check_trains_on
@@ -293,9 +294,10 @@ class Trainer:
         if state == "finished":
             return self._already_finished()
         resumed = state == "resumed"
+        initial = None if resumed else self._start_from_initial_weights()
         if self.ctx.is_main:
             # Only once the resume check has passed: a refused rerun leaves the folder as it was.
-            self._prepare_run_folder(resumed)
+            self._prepare_run_folder(resumed, initial)
         records = RunRecords(self.run_dir, self.progress.epoch, self.progress.global_step, enabled=self.ctx.is_main)
         if self.ctx.is_main:
             print(f"[zipfls-train] run {self._resumed_at() if resumed else 'started'}: {self.run_dir} "
@@ -699,14 +701,29 @@ class Trainer:
         return "finished" if self.progress.epoch >= self.epochs and (self.run_dir / "summary.json").is_file() else "resumed"
 
     # --- run folder, messages and the summary -------------------------------------------------
-    def _prepare_run_folder(self, resumed: bool) -> None:
+    def _start_from_initial_weights(self) -> InitialWeights | None:
+        """model.init_from's weights into the model, on every process (a fresh run only: a resumed one
+        has them in its checkpoint)."""
+        source = self.cfg.model.get("init_from")
+        if source is None:
+            return None
+        try:
+            initial = apply_initial_weights(self.model, str(source), str(self.cfg.model.name))
+        except InitialWeightsError as error:
+            raise ConfigError(str(error)) from error
+        if self.ctx.is_main:
+            print(f"[zipfls-train] {initial.describe()}", flush=True)
+        return initial
+
+    def _prepare_run_folder(self, resumed: bool, initial: InitialWeights | None = None) -> None:
         """Create the folder, set an earlier attempt's results aside on a fresh start, write config.yaml
-        and this attempt's line of environment.jsonl."""
+        and this attempt's line of environment.jsonl (with what ``initial`` weights it started from)."""
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             earlier = None if resumed else set_aside_earlier_attempt(self.run_dir)
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
-            record_attempt(self.run_dir, self.device, self.ctx.world_size, self.progress.global_step, resumed)
+            record_attempt(self.run_dir, self.device, self.ctx.world_size, self.progress.global_step, resumed,
+                           {"initial_weights": initial.record()} if initial is not None else None)
         except OSError as error:
             raise not_writable(self.run_dir, error) from error
         if earlier is not None:

@@ -110,6 +110,8 @@ class TimmBackbone(nn.Module):
             self.init_classifier = init_classifier
         # Read by the wrapper, which owns the classifier (timm's head, where drop_rate acts, is removed).
         self.classifier_dropout = float(timm_kwargs.pop("drop_rate", 0.0))
+        # What built the network, for model.init_from=timm (timm's published weights for it).
+        self.timm_name, self.timm_kwargs = timm_name, dict(timm_kwargs)
         # num_classes=0 and global_pool="": no pooling, no classifier (the wrapper owns both).
         self.model = timm.create_model(timm_name, pretrained=False, num_classes=0, global_pool="", **timm_kwargs)
         if not hasattr(self.model, "forward_intermediates"):
