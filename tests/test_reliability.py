@@ -751,14 +751,14 @@ def test_zipf_fit_of_a_run_whose_relative_data_root_is_elsewhere_mentions_data_r
     from omegaconf import OmegaConf
 
     from conftest import TINY_RUN
-    from zipfls_train.analysis.zipf_fit import _load
+    from zipfls_train.analysis.run_loading import load_run
     from zipfls_train.data import DatasetError
 
     config = OmegaConf.to_container(compose([*TINY_RUN, "dataset.root=../not-here/data"]), resolve=True)
     path = tmp_path / "last.pt"
     save_atomic({"model": {}, "config": config}, path)
     with pytest.raises(DatasetError) as error:
-        _load(path, None, torch.device("cpu"))
+        load_run(path, None, torch.device("cpu"))
     message = str(error.value)
     assert "dataset.root='../not-here/data'" in message and "pass --data-root" in message
 

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from ..engine.distributed import all_reduce_sum
 from ..loss_options import IMPLEMENTATION_OPTIONS
+from .run_loading import load_run
 
 
 @dataclass
@@ -137,43 +138,6 @@ def report_fit(curves: dict[str, Tensor], title: str, png: Path, writer=None, st
     return fit
 
 
-def _load(path: Path, data_root: str | None, device: torch.device):  # noqa: ANN202
-    from omegaconf import OmegaConf
-
-    from ..data import DatasetError, LoaderOptions, build_data
-    from ..engine.checkpoint import CheckpointError, load_checkpoint
-    from ..engine.config_checks import loader_workers
-    from ..trained import model_from_checkpoint
-
-    if not path.exists():
-        raise CheckpointError(f"{path} does not exist: expected a run folder (holding checkpoints/last.pt) or a checkpoint file")
-    checkpoint_path = path / "checkpoints" / "last.pt" if path.is_dir() else path
-    if path.is_dir() and not checkpoint_path.exists():
-        runs = sorted(found.parent.parent for found in path.glob("*/checkpoints/last.pt"))
-        if runs:
-            names = ", ".join(run.name for run in runs[:3]) + (f" ... ({len(runs)} runs)" if len(runs) > 3 else "")
-            raise CheckpointError(f"{path} is a folder of runs (a sweep's, say), not one run: pass one of them ({names})")
-    state = load_checkpoint(checkpoint_path, map_location="cpu")
-    cfg = OmegaConf.create(state["config"])
-    if data_root is not None:
-        cfg.dataset.root = data_root
-    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
-    # Loader workers for this machine (the run's own setting was for the machine it trained on).
-    options = LoaderOptions(batch_size=int(cfg.trainer.batch_size), eval_batch_size=int(cfg.trainer.eval_batch_size),
-                            device=device, seed=int(cfg.seed), num_workers=loader_workers("auto"))
-    try:
-        data = build_data(dataset, options)
-    except DatasetError as error:
-        if data_root is not None:
-            raise
-        raise DatasetError(
-            f"{error}\nThe dataset.root above is the one stored in {checkpoint_path} (a relative path is relative to the "
-            "folder the run was started from): pass --data-root <dataset folder> to read the dataset from another place"
-        ) from error
-    model = model_from_checkpoint(state)  # auxiliary heads (training-only) left out
-    return model.to(device), data.val, figure_title(cfg, checkpoint_path.name), checkpoint_path
-
-
 def default_png(checkpoint: Path) -> Path:
     """``<run>/zipf_fit.png`` for a run's last.pt (the end-of-training figure, redrawn the same),
     ``<run>/zipf_fit_<name>.png`` for its other checkpoints, ``<file>.zipf_fit.png`` elsewhere."""
@@ -196,11 +160,11 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         device = resolve_device(args.device)
-        model, loader, title, checkpoint = _load(args.path, args.data_root, device)
+        run = load_run(args.path, args.data_root, device)
     except user_errors() as error:
         raise SystemExit(f"error: {error}") from None
-    png = args.out or default_png(checkpoint)
-    fit = report_fit(mean_sorted_softmax(model, loader, device), title, png)
+    png = args.out or default_png(run.checkpoint)
+    fit = report_fit(mean_sorted_softmax(run.model, run.val, device), figure_title(run.cfg, run.checkpoint.name), png)
     print(f"Zipf fit of the mean sorted softmax: alpha = {fit.alpha:.3f}, R^2 = {fit.r_squared:.4f}")
     print(f"plot: {png}")
     if not math.isfinite(fit.alpha):

@@ -1,0 +1,59 @@
+"""A trained run read back for analysis: its model (from a checkpoint) and its val loader (from the
+config stored in the checkpoint), for the figure scripts (``zipf_fit``, ``feature_space``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LoadedRun:
+    model: nn.Module  # on the device asked for, without its training-only auxiliary heads
+    val: Any  # the run's val loader, built on this machine (loader.epoch(0) yields its batches)
+    cfg: Any  # the run's config (a DictConfig), as its checkpoint stored it
+    checkpoint: Path  # the file read
+
+
+def load_run(path: Path, data_root: str | None, device: torch.device, default_checkpoint: str = "last.pt") -> LoadedRun:
+    """A run folder (its ``checkpoints/<default_checkpoint>``) or a checkpoint file. ``data_root``
+    replaces the stored ``dataset.root`` (the run may have trained on another machine, or from
+    another folder: a relative root is relative to where it was started)."""
+    from omegaconf import OmegaConf
+
+    from ..data import DatasetError, LoaderOptions, build_data
+    from ..engine.checkpoint import CheckpointError, load_checkpoint
+    from ..engine.config_checks import loader_workers
+    from ..trained import model_from_checkpoint
+
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist: expected a run folder (holding checkpoints/{default_checkpoint}) or a checkpoint file")
+    checkpoint_path = path / "checkpoints" / default_checkpoint if path.is_dir() else path
+    if path.is_dir() and not checkpoint_path.exists():
+        runs = sorted(found.parent.parent for found in path.glob(f"*/checkpoints/{default_checkpoint}"))
+        if runs:
+            names = ", ".join(run.name for run in runs[:3]) + (f" ... ({len(runs)} runs)" if len(runs) > 3 else "")
+            raise CheckpointError(f"{path} is a folder of runs (a sweep's, say), not one run: pass one of them ({names})")
+    state = load_checkpoint(checkpoint_path, map_location="cpu")
+    cfg = OmegaConf.create(state["config"])
+    if data_root is not None:
+        cfg.dataset.root = data_root
+    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
+    # Loader workers for this machine (the run's own setting was for the machine it trained on).
+    options = LoaderOptions(batch_size=int(cfg.trainer.batch_size), eval_batch_size=int(cfg.trainer.eval_batch_size),
+                            device=device, seed=int(cfg.seed), num_workers=loader_workers("auto"))
+    try:
+        data = build_data(dataset, options)
+    except DatasetError as error:
+        if data_root is not None:
+            raise
+        raise DatasetError(
+            f"{error}\nThe dataset.root above is the one stored in {checkpoint_path} (a relative path is relative to the "
+            "folder the run was started from): pass --data-root <dataset folder> to read the dataset from another place"
+        ) from error
+    model = model_from_checkpoint(state)  # auxiliary heads (training-only) left out
+    return LoadedRun(model.to(device), data.val, cfg, checkpoint_path)
