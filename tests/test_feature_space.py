@@ -82,8 +82,21 @@ def test_tsne_keeps_clusters_apart():
     assert embedding.points.shape == (150, 2) and torch.isfinite(embedding.points).all()
     distances = torch.cdist(embedding.points, embedding.points).fill_diagonal_(math.inf)
     assert (labels[distances.argmin(1)] == labels).all()  # every point's nearest neighbour is of its cluster
-    assert class_separation(embedding.points, labels).ratio < 0.2
     assert embedding.kl < embedding.kl_at_start / 3
+
+
+def test_degenerate_features_are_named_not_drawn_blank():
+    same = torch.ones(40, 6)
+    embedding = tsne(same, perplexity=5.0, steps=50)  # no principal direction: a random start, still finite
+    assert torch.isfinite(embedding.points).all()
+    with pytest.raises(FeatureSpaceError, match="collapsed features"):
+        class_separation(same, torch.arange(4).repeat(10))
+    nan = torch.randn(40, 6)
+    nan[3, 2] = math.nan
+    with pytest.raises(FeatureSpaceError, match="NaN or infinite"):
+        class_separation(nan, torch.arange(4).repeat(10))
+    with pytest.raises(FeatureSpaceError, match=r"perplexity must be in \[1, 39\) for 40 images, got 50: lower --perplexity"):
+        tsne(torch.randn(40, 6), perplexity=50.0)
 
 
 def test_classes_are_drawn_by_seed():
@@ -127,6 +140,13 @@ def test_the_command_draws_one_panel_per_run_with_its_numbers(run_tiny, tmp_path
     printed = {name: float(re.search(rf"{name} ([0-9.]+)", lines[0]).group(1)) for name in ("intra", "inter", "intra/inter")}
     assert printed["intra"] == pytest.approx(intra, abs=1e-4) and printed["inter"] == pytest.approx(inter, abs=1e-4)
     assert printed["intra/inter"] == pytest.approx(intra / inter, abs=1e-4)
+
+
+def test_too_few_images_for_the_perplexity_still_prints_the_distances(run_tiny, tmp_path, capsys):
+    _, ce = run_tiny("loss=ce", "trainer.max_steps_per_epoch=1", run_dir=tmp_path / "ce")
+    with pytest.raises(SystemExit, match=r"error: t-SNE's perplexity must be in \[1, 19\) for 20 images, got 30"):
+        main([str(ce), "--classes", "2", "--out", str(tmp_path / "x.png"), "--device", "cpu"])
+    assert "20 images of 2 classes  intra " in capsys.readouterr().out
 
 
 def test_runs_of_different_class_counts_are_refused(run_tiny, tmp_path):

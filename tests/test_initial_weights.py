@@ -4,6 +4,7 @@ the tensors of the files themselves."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -89,15 +90,19 @@ def test_torchvision_densenet_weights_under_their_published_names_load(tmp_path)
     torch.testing.assert_close(pooled(model, images), penultimate(network, "classifier", images), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("container", ["safetensors", "training checkpoint of a DDP run"])
+@pytest.mark.parametrize("container", ["safetensors", "timm training checkpoint of a DDP run", "compiled model's state_dict"])
 def test_weights_files_in_other_containers_load(container, tmp_path):
     weights = torchvision_network("resnet18", seed=1).state_dict()
+    path = tmp_path / "checkpoint-90.pth"
     if container == "safetensors":
         path = tmp_path / "model.safetensors"
         save_file({key: value.contiguous() for key, value in weights.items()}, str(path))
-    else:  # timm's train.py: {'state_dict': ..., 'epoch': ...}, names prefixed by DDP's 'module.'
-        path = tmp_path / "checkpoint-90.pth"
-        torch.save({"epoch": 90, "arch": "resnet18", "state_dict": {f"module.{k}": v for k, v in weights.items()}}, path)
+    elif container.startswith("timm"):
+        # timm's train.py: {'state_dict': ..., 'args': its argparse.Namespace, ...}, names prefixed by DDP's 'module.'
+        args = argparse.Namespace(model="resnet18", lr=0.5, epochs=90)
+        torch.save({"epoch": 90, "arch": "resnet18", "args": args, "state_dict": {f"module.{k}": v for k, v in weights.items()}}, path)
+    else:
+        torch.save({f"_orig_mod.{k}": v for k, v in weights.items()}, path)
     model = build_model("resnet18", 10)
 
     apply_initial_weights(model, str(path), "resnet18")
@@ -123,6 +128,16 @@ def test_weights_named_as_another_library_names_them_are_refused_and_nothing_is_
     assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
 
 
+def test_unreadable_weights_files_are_named_with_what_to_do(tmp_path):
+    model = build_model("resnet18", 10)
+    (tmp_path / "cut.pth").write_bytes(b"PK\x03\x04" + bytes(20))  # a zip archive cut short
+    with pytest.raises(InitialWeightsError, match=r"model.init_from=.*cut.pth: checkpoint .*cut.pth is corrupt or truncated .*; download or copy the weights again$"):
+        apply_initial_weights(model, str(tmp_path / "cut.pth"), "resnet18")
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "note": "trained on birds"}, tmp_path / "odd.pth")
+    with pytest.raises(InitialWeightsError, match=r"odd.pth: expected a network's weights .*; its entry 'note' is a str"):
+        apply_initial_weights(model, str(tmp_path / "odd.pth"), "resnet18")
+
+
 def test_a_model_timm_does_not_build_takes_no_published_weights(tmp_path):
     torch.save(torchvision_network("resnet18").state_dict(), tmp_path / "resnet18.pth")
     with pytest.raises(InitialWeightsError, match=r"model=cifar_resnet18 is not built by timm.*zipfls-train run of the same model"):
@@ -131,10 +146,11 @@ def test_a_model_timm_does_not_build_takes_no_published_weights(tmp_path):
         apply_initial_weights(build_model("cifar_resnet18", 10, width=8), "timm", "cifar_resnet18")
 
 
-def write_zipfls_run(run_dir: Path, model, name: str = "cifar_resnet18", options: dict | None = None) -> Path:
+def write_zipfls_run(run_dir: Path, model, name: str = "cifar_resnet18", options: dict | None = None, dataset: str = "tinyimagenet") -> Path:
     """A run folder with a checkpoint as the trainer writes one (the model's weights and the config)."""
     (run_dir / "checkpoints").mkdir(parents=True)
-    config = {"model": {"name": name, "options": options or {"width": 8}}, "dataset": {"num_classes": 10}}
+    config = {"model": {"name": name, "options": options or {"width": 8}}, "dataset": {"name": dataset, "num_classes": 10},
+              "loss": {"name": "ce"}, "trainer": {"epochs": 3}}  # fmt: skip
     torch.save({"model": model.state_dict(), "config": config, "progress": {"epoch": 3}}, run_dir / "checkpoints" / "best.pt")
     return run_dir
 
@@ -161,6 +177,32 @@ def test_a_run_gives_its_backbone_and_the_heads_that_fit(tmp_path):
     for key, value in other.state_dict().items():
         if key.startswith("backbone."):
             assert torch.equal(value, weights[key]), key
+    assert loaded.cell == "a zipfls-train run (tinyimagenet, model=cifar_resnet18, loss=ce, 3 epochs)"
+
+
+def test_a_runs_classifier_stays_with_its_own_dataset(tmp_path):
+    # 10 classes here and there, but CIFAR-100's first ten are not TinyImageNet's.
+    trained = build_model("cifar_resnet18", 10, width=8)
+    run_dir = write_zipfls_run(tmp_path / "run", trained, dataset="cifar100")
+    model = build_model("cifar_resnet18", 10, width=8)
+    classifier = model.classifier.weight.detach().clone()
+    loaded = apply_initial_weights(model, str(run_dir), "cifar_resnet18", dataset_name="tinyimagenet")
+    assert loaded.kept == ["classifier (the checkpoint's is for cifar100's classes, this run trains on tinyimagenet)"]
+    assert torch.equal(model.classifier.weight, classifier)
+    assert torch.equal(model.backbone.stem[0].weight, trained.backbone.stem[0].weight)
+    assert apply_initial_weights(build_model("cifar_resnet18", 10, width=8), str(run_dir), "cifar_resnet18", "cifar100").loaded == [
+        "backbone", "classifier"]
+
+
+def test_a_models_own_state_dict_loads_and_old_files_without_step_counters_too(tmp_path):
+    # torch.save(load_trained_model(run).state_dict()), less BatchNorm's step counters (older files).
+    trained = build_model("cifar_resnet18", 10, width=8)
+    weights = {k: v for k, v in trained.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(weights, tmp_path / "exported.pt")
+    model = build_model("cifar_resnet18", 10, width=8)
+    loaded = apply_initial_weights(model, str(tmp_path / "exported.pt"), "cifar_resnet18")
+    assert loaded.loaded == ["backbone", "classifier"]
+    assert all(torch.equal(model.state_dict()[key], value) for key, value in weights.items())
 
 
 def test_a_run_of_another_model_or_width_is_refused(tmp_path):
@@ -245,6 +287,8 @@ def test_train_py_starts_from_timms_published_weights_read_from_its_cache(tiny_p
     for key in ("conv1.weight", "layer4.1.conv2.weight", "layer2.0.bn1.weight"):
         torch.testing.assert_close(trained[f"backbone.model.{key}"], weights[key], rtol=1e-6, atol=1e-9)
     assert trained["classifier.weight"].shape == (10, 512)
+    (record,) = [json.loads(line) for line in (tmp_path / "run" / "environment.jsonl").read_text().splitlines()]
+    assert record["initial_weights"]["cell"] == "timm resnet18.tv_in1k" and record["initial_weights"]["from"] == "timm:tv_in1k"
 
     # Not in the cache (offline): the error says how to do without the network.
     result = subprocess.run(
@@ -258,21 +302,33 @@ def test_train_py_starts_from_timms_published_weights_read_from_its_cache(tiny_p
 
 
 def test_tables_keep_runs_from_trained_weights_apart_and_say_so(tmp_path):
-    scratch = write_run(tmp_path / "scratch", top1=(50.0,), epochs=200, model_options={"width": 64})
-    for seed, top1 in ((0, 60.0), (1, 62.0)):  # each seed from its own run: one cell all the same
-        folder = write_run(tmp_path / f"from_run{seed}", seed=seed, top1=(top1,), epochs=200, model_options={"width": 64})
-        _set_model(folder, init_from=f"/runs/ce_seed{seed}/checkpoints/best.pt")
-    _set_model(write_run(tmp_path / "timm", top1=(70.0,), epochs=200, model_options={"width": 64}), init_from="timm:tv_in1k")
+    def fine_tuned(name: str, seed: int, top1: float, init_from: str, cell: str | None) -> None:
+        folder = write_run(tmp_path / name, seed=seed, top1=(top1,), epochs=200, model_options={"width": 64})
+        _set_model(folder, init_from=init_from)
+        if cell is not None:  # what the trainer records at a fresh start
+            (folder / "environment.jsonl").write_text(json.dumps({"from_step": 0, "initial_weights": {"from": init_from, "cell": cell}}) + "\n")
+
+    write_run(tmp_path / "scratch", top1=(50.0,), epochs=200, model_options={"width": 64})
+    # Each seed from its own CE run: other paths, one setting, one cell.
+    for seed, top1 in ((0, 60.0), (1, 62.0)):
+        fine_tuned(f"from_ce{seed}", seed, top1, f"/runs/ce_seed{seed}", "a zipfls-train run (tinyimagenet, model=cifar_resnet18, loss=ce, 200 epochs)")
+    fine_tuned("from_zipf", 0, 64.0, "/runs/zipf_seed0", "a zipfls-train run (tinyimagenet, model=cifar_resnet18, loss=zipf, 200 epochs)")
+    # Two files of one name (every timm download is model.safetensors), other weights: two cells.
+    fine_tuned("a1", 0, 70.0, "/w/resnet18.a1_in1k/model.safetensors", "model.safetensors sha256:aaaaaaaaaaaa")
+    fine_tuned("tv", 0, 72.0, "/w/resnet18.tv_in1k/model.safetensors", "model.safetensors sha256:bbbbbbbbbbbb")
+    # A run without its record (environment.jsonl gone): the value as written.
+    fine_tuned("unrecorded", 0, 74.0, "timm:tv_in1k", None)
     runs = load_runs([tmp_path])
-    assert len(group_cells(runs)) == 3
+    assert len(group_cells(runs)) == 6
     report = build_report(runs, load_paper(PAPER_TABLES), table="2")
     cells = {row["TinyImageNet ResNet18"][:5]: row["TinyImageNet ResNet18"]
              for label, row in table_rows(report, "Table 2").items() if label.startswith("Vanilla")}  # fmt: skip
-    assert sorted(cells) == ["50.00", "61.00", "70.00"], cells
+    assert sorted(cells) == ["50.00", "61.00", "64.00", "70.00", "72.00", "74.00"], cells
     assert "initialised from" not in cells["50.00"]
-    assert "n=2" in cells["61.00"] and "initialised from a zipfls-train run's best.pt (paper: from scratch)" in cells["61.00"]
-    assert "initialised from timm:tv_in1k (paper: from scratch)" in cells["70.00"]
-    assert scratch.is_dir()
+    assert "n=2" in cells["61.00"] and "initialised from a zipfls-train run (tinyimagenet, model=cifar_resnet18, loss=ce, 200 epochs) (paper: from scratch)" in cells["61.00"]
+    assert "loss=zipf" in cells["64.00"]
+    assert "initialised from model.safetensors sha256:aaaaaaaaaaaa" in cells["70.00"] and "sha256:bbbbbbbbbbbb" in cells["72.00"]
+    assert "initialised from timm:tv_in1k (paper: from scratch)" in cells["74.00"]
 
 
 def _set_model(run_dir: Path, **values: object) -> None:

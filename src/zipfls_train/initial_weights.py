@@ -3,15 +3,17 @@
 The paper trains every model from scratch (``model.init_from: null``, the default). A researcher
 fine-tuning on a dataset of their own starts from weights trained elsewhere, from one of three sources:
 
-* a zipfls-train run folder (its ``checkpoints/best.pt``) or checkpoint file: every weight of this
-  model that the checkpoint holds under the same name and shape. The backbone must all be there
-  (the same ``model.name`` and shape-changing options); the classifier and the auxiliary heads are
-  taken where their shapes fit (the same class count) and stay as initialised otherwise;
+* a zipfls-train run folder (its ``checkpoints/best.pt``) or checkpoint file, or a zipfls-train
+  model's ``state_dict()`` saved with ``torch.save``: the backbone must all be there (the same
+  ``model.name`` and shape-changing options); the classifier and the auxiliary heads are taken for
+  the same classes (the same class count, and the same ``dataset.name`` where the checkpoint
+  records its own) and stay as initialised otherwise;
 * a weights file published for the network (``.pth``, ``.pt``, ``.bin``, ``.safetensors``:
   torchvision's or timm's ImageNet weights, or a timm training checkpoint), for the timm-built models
   (``resnet50``, ``densenet121``, ..., ``timm.<architecture>``): the backbone's weights, with
   timm's conversion of the family's older names (torchvision's DenseNet files) applied; the
-  file's classifier is left out, the run's own is trained from its initialisation;
+  file's classifier is left out, the run's own is trained from its initialisation. The prefixes
+  DDP (``module.``) and ``torch.compile`` (``_orig_mod.``) add to names are removed;
 * ``timm`` or ``timm:<tag>``: timm's published weights for the architecture (its default tag, or
   e.g. ``timm:tv_in1k`` for torchvision's), which timm downloads from Hugging Face or reads from its
   cache (``HF_HUB_OFFLINE=1`` to use the cache only).
@@ -24,6 +26,7 @@ gone), on every process alike.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -62,13 +65,17 @@ class InitialWeights:
     kept: list[str] = field(default_factory=list)  # parts left as initialised, each with why
     resolved: str | None = None  # the file read (or timm's model.tag)
     sha256: str | None = None  # of that file
+    # What the tables key a cell on: the same weights, or runs of the same setting, whatever the path
+    # (timm's model.tag; a file's name and sha256; a run's dataset, model, loss and epochs).
+    cell: str | None = None
 
     def describe(self) -> str:
         text = f"weights from {self.resolved or self.source}: {', '.join(self.loaded)}"
         return text + (f"; as initialised: {'; '.join(self.kept)}" if self.kept else "")
 
     def record(self) -> dict[str, Any]:
-        return {"from": self.source, "file": self.resolved, "sha256": self.sha256, "loaded": self.loaded, "as_initialised": self.kept}
+        return {"from": self.source, "file": self.resolved, "sha256": self.sha256, "loaded": self.loaded, "as_initialised": self.kept,
+                "cell": self.cell}  # fmt: skip
 
 
 def check_source(source: object, model_name: str) -> None:
@@ -116,9 +123,11 @@ def timm_architecture(model_name: str) -> str:
     )
 
 
-def apply_initial_weights(model: nn.Module, source: str, model_name: str) -> InitialWeights:
+def apply_initial_weights(model: nn.Module, source: str, model_name: str, dataset_name: str | None = None) -> InitialWeights:
     """Loads ``source``'s weights into ``model`` (a :class:`~zipfls_train.models.ClassifierWrapper`,
-    on any device) in place and says what it took. InitialWeightsError when the source is missing,
+    on any device) in place and says what it took. A run's classifier and auxiliary heads are taken
+    only for the same classes: the same class count, and the same dataset (``dataset_name``, this
+    run's) where the source names its own. InitialWeightsError when the source is missing,
     unreadable, or does not fit."""
     check_source(source, model_name)
     if is_timm_source(source):
@@ -131,29 +140,50 @@ def apply_initial_weights(model: nn.Module, source: str, model_name: str) -> Ini
     except CheckpointError as error:
         raise InitialWeightsError(f"model.init_from={source}: {error}") from error
     result = InitialWeights(source, resolved=str(path), sha256=_sha256(path))
+    result.cell = f"{path.name} sha256:{result.sha256[:12]}"
     if _is_zipfls_checkpoint(content):
-        _from_run(model, content, model_name, result)
+        _from_run(model, content, model_name, dataset_name, result)
+        return result
+    weights = _network_weights(content, path)
+    if _is_wrapper_state(weights):  # a zipfls-train model's own state_dict (load_trained_model(...).state_dict())
+        _load_wrapper(model, weights, model_name, None, dataset_name, result)
     else:
-        _load_published(model, _network_weights(content, path), result, model_name)
+        _load_published(model, weights, result, model_name)
     return result
 
 
 # --- the three sources ------------------------------------------------------------------------------
-def _from_run(model: nn.Module, checkpoint: Mapping[str, Any], model_name: str, result: InitialWeights) -> None:
-    """A zipfls-train checkpoint: the backbone whole, the classifier and each auxiliary head where they fit."""
-    trained_as = str(checkpoint["config"]["model"].get("name"))
+def _from_run(model: nn.Module, checkpoint: Mapping[str, Any], model_name: str, dataset_name: str | None,
+              result: InitialWeights) -> None:  # fmt: skip
+    """A zipfls-train checkpoint, of a run of the same model."""
+    config = checkpoint["config"]
+    trained_as = str(config["model"].get("name"))
     if trained_as != model_name:
         raise InitialWeightsError(f"model.init_from={result.source}: that run trained model={trained_as}, this one is model={model_name}")
-    weights = checkpoint["model"]
+    dataset = config.get("dataset") if isinstance(config.get("dataset"), Mapping) else {}
+    loss = config.get("loss") if isinstance(config.get("loss"), Mapping) else {}
+    trainer = config.get("trainer") if isinstance(config.get("trainer"), Mapping) else {}
+    result.cell = (f"a zipfls-train run ({dataset.get('name')}, model={model_name}, loss={loss.get('name')}, "
+                   f"{trainer.get('epochs')} epochs)")  # fmt: skip
+    source_dataset = dataset.get("name")
+    _load_wrapper(model, checkpoint["model"], model_name, None if source_dataset is None else str(source_dataset), dataset_name, result)
+
+
+def _load_wrapper(model: nn.Module, weights: Mapping[str, Tensor], model_name: str, source_dataset: str | None,
+                  dataset_name: str | None, result: InitialWeights) -> None:  # fmt: skip
+    """A zipfls-train model's weights: the backbone whole, the classifier and each auxiliary head
+    where they fit (the same shapes; the same dataset, where both are known)."""
     own = model.state_dict()
     backbone = {key: value for key, value in own.items() if key.startswith("backbone.")}
     _require_all(backbone, weights, result.source, f"this run's model={model_name}",
                  "That run's model had other model.options (its config.yaml has them), or its checkpoint is not of this version")
-    taken = {key: weights[key] for key in backbone}
+    taken = {key: weights[key] for key in backbone if key in weights}  # (but optional keys it lacks)
     result.loaded.append("backbone")
+    other_classes = source_dataset is not None and dataset_name is not None and source_dataset != dataset_name
     for part, keys in _head_parts(own).items():
-        fits = all(key in weights and weights[key].shape == own[key].shape for key in keys)
-        if fits:
+        if other_classes:
+            result.kept.append(f"{part} (the checkpoint's is for {source_dataset}'s classes, this run trains on {dataset_name})")
+        elif all(key in weights and weights[key].shape == own[key].shape for key in keys):
             taken.update({key: weights[key] for key in keys})
             result.loaded.append(part)
         else:
@@ -177,7 +207,8 @@ def _from_timm(model: nn.Module, source: str, model_name: str) -> InitialWeights
             "Without internet: download the weights file elsewhere (e.g. the model.safetensors of "
             f"https://huggingface.co/timm/{published_name(name)}) and give its path, model.init_from=/path/to/model.safetensors"
         ) from error
-    result = InitialWeights(source, resolved=f"timm {published.pretrained_cfg.get('architecture')}.{published.pretrained_cfg.get('tag')}")
+    resolved = f"timm {published.pretrained_cfg.get('architecture')}.{published.pretrained_cfg.get('tag')}"
+    result = InitialWeights(source, resolved=resolved, cell=resolved)
     _load_published(model, published.state_dict(), result, model_name, published.pretrained_cfg.get("classifier"))
     return result
 
@@ -222,7 +253,10 @@ def _read(path: Path) -> Any:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as error:
             raise CheckpointError(f"{path} is not a readable safetensors file ({error})") from error
-    return read_torch_file(path, expected="a run's checkpoint or a network's weights saved with torch.save")
+    # timm's training checkpoints hold their command line as an argparse.Namespace (data, but not a
+    # class torch.load admits by itself; timm's own loader admits it too).
+    return read_torch_file(path, expected="a run's checkpoint or a network's weights saved with torch.save",
+                           allowed=[argparse.Namespace], if_corrupt="download or copy the weights again")
 
 
 def _is_zipfls_checkpoint(content: Any) -> bool:
@@ -232,18 +266,30 @@ def _is_zipfls_checkpoint(content: Any) -> bool:
 
 def _network_weights(content: Any, path: Path) -> dict[str, Tensor]:
     """The name -> tensor mapping of a weights file: the file itself, or its EMA / state_dict / model
-    entry; DDP's ``module.`` prefixes removed."""
+    entry; the prefixes of DDP (``module.``) and torch.compile (``_orig_mod.``) removed."""
     if isinstance(content, Mapping):
         for entry in _WEIGHT_ENTRIES:
             if isinstance(content.get(entry), Mapping):
                 content = content[entry]
                 break
-    if not isinstance(content, Mapping) or not content or not all(isinstance(v, Tensor) for v in content.values()):
-        raise InitialWeightsError(
-            f"model.init_from={path}: expected a network's weights (a mapping of parameter names to tensors, "
-            f"or a checkpoint holding one under {' / '.join(_WEIGHT_ENTRIES)}); got {type(content).__name__}"
-        )
-    return {key.removeprefix("module."): value for key, value in content.items()}
+    expected = f"expected a network's weights (a mapping of parameter names to tensors, or a checkpoint holding one under {' / '.join(_WEIGHT_ENTRIES)})"
+    if not isinstance(content, Mapping) or not content:
+        raise InitialWeightsError(f"model.init_from={path}: {expected}; got {'an empty ' if isinstance(content, Mapping) else ''}{type(content).__name__}")
+    for key, value in content.items():
+        if not isinstance(value, Tensor):
+            raise InitialWeightsError(f"model.init_from={path}: {expected}; its entry {key!r} is a {type(value).__name__}")
+    return {_unprefixed(str(key)): value for key, value in content.items()}
+
+
+def _unprefixed(key: str) -> str:
+    for prefix in ("module.", "_orig_mod."):
+        while key.startswith(prefix):
+            key = key.removeprefix(prefix)
+    return key
+
+
+def _is_wrapper_state(weights: Mapping[str, Tensor]) -> bool:
+    return all(key.startswith(("backbone.", "classifier.", "aux_heads.")) for key in weights) and any(key.startswith("backbone.") for key in weights)
 
 
 def _timm_names(weights: dict[str, Tensor], network: nn.Module) -> dict[str, Tensor]:

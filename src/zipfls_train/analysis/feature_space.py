@@ -58,8 +58,12 @@ class Separation:
 
 
 def class_separation(features: Tensor, labels: Tensor) -> Separation:
-    """Intra- and inter-class distances of N x D ``features`` with integer ``labels`` (float64)."""
+    """Intra- and inter-class distances of N x D ``features`` with integer ``labels`` (float64);
+    FeatureSpaceError for non-finite features, fewer than 2 classes, or centroids that all coincide
+    (collapsed features: no ratio)."""
     features = features.double()
+    if not torch.isfinite(features).all():
+        raise FeatureSpaceError("the features hold NaN or infinite values (a diverged model?)")
     classes, index = torch.unique(labels, return_inverse=True)
     if classes.numel() < 2:
         raise FeatureSpaceError(f"class separation needs images of at least 2 classes, got {classes.numel()}")
@@ -68,6 +72,8 @@ def class_separation(features: Tensor, labels: Tensor) -> Separation:
     intra = (features - centroids[index]).norm(dim=1).mean()
     pairs = torch.triu_indices(classes.numel(), classes.numel(), offset=1)
     inter = (centroids[pairs[0]] - centroids[pairs[1]]).norm(dim=1).mean()
+    if not inter > 0:
+        raise FeatureSpaceError("every class has the same mean feature (collapsed features: a dead or untrained model?)")
     return Separation(float(intra), float(inter), int(classes.numel()), int(features.shape[0]))
 
 
@@ -79,12 +85,15 @@ def squared_distances(points: Tensor) -> Tensor:
     return distances.fill_diagonal_(0)
 
 
-def conditional_affinities(distances: Tensor, perplexity: float = PERPLEXITY, iterations: int = 100) -> Tensor:
+def conditional_affinities(distances: Tensor, perplexity: float = PERPLEXITY, iterations: int = 64) -> Tensor:
     """P(j | i) = exp(-beta_i d_ij) / sum_k exp(-beta_i d_ik) (k != i), each row's beta_i found by
     bisection so that the row's perplexity exp(H_i) is ``perplexity`` (all rows at once)."""
     n = distances.shape[0]
     if not 1 <= perplexity < n - 1:
-        raise ValueError(f"perplexity must be in [1, {n - 1}) for {n} points, got {perplexity}")
+        raise FeatureSpaceError(
+            f"t-SNE's perplexity must be in [1, {n - 1}) for {n} images, got {perplexity:g}: lower --perplexity, "
+            "or draw more --classes"
+        )
     target = math.log(perplexity)
     off_diagonal = ~torch.eye(n, dtype=torch.bool)
     # Bisect log(beta) per row: entropy falls as beta rises. Distances scaled by their row's mean
@@ -137,7 +146,10 @@ def tsne(features: Tensor, perplexity: float = PERPLEXITY, steps: int = STEPS) -
     # The descent in float32 (half the time of float64 at 2,500 points; the embedding is a picture).
     p = joint_affinities(reduced, perplexity).clamp_min_(1e-12).float()
     start = principal_components(reduced, 2)
-    y = (start / start[:, 0].std() * 1e-4).float()
+    spread = start[:, 0].std()
+    if not spread > 0:  # every feature the same: no direction to start along, a seeded random start
+        start, spread = torch.randn(n, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64), 1.0
+    y = (start / spread * 1e-4).float()
     learning_rate = max(n / EXAGGERATION / 4, 50.0)  # scikit-learn's "auto"
     update = torch.zeros_like(y)
     gains = torch.ones_like(y)
@@ -238,12 +250,17 @@ def main(argv: list[str] | None = None) -> None:
         panels = []
         for path, run in zip(args.runs, runs):
             features, labels = pooled_features(run.model, run.val, classes, device)
-            separation = class_separation(features, labels)
+            try:
+                separation = class_separation(features, labels)
+            except FeatureSpaceError as error:
+                raise FeatureSpaceError(f"{path}: {error}") from None
+            absent = len(classes) - separation.classes
+            print(f"{path}: loss={method_label(run)}  {separation.samples} images of {separation.classes} classes"
+                  + (f" ({absent} of the {len(classes)} drawn have no val image)" if absent else "")
+                  + f"  intra {separation.intra:.4f}  inter {separation.inter:.4f}  intra/inter {separation.ratio:.4f}", flush=True)
             embedding = tsne(features, args.perplexity)
+            print(f"  t-SNE: KL {embedding.kl_at_start:.3f} -> {embedding.kl:.3f}", flush=True)
             panels.append((f"{method_label(run)} ({path.name})", embedding.points, labels, separation))
-            print(f"{path}: loss={method_label(run)}  {separation.samples} images of {separation.classes} classes  "
-                  f"intra {separation.intra:.4f}  inter {separation.inter:.4f}  intra/inter {separation.ratio:.4f}  "
-                  f"(t-SNE KL {embedding.kl_at_start:.3f} -> {embedding.kl:.3f})", flush=True)
     except (*user_errors(), FeatureSpaceError) as error:
         raise SystemExit(f"error: {error}") from None
     plot(panels, args.out)

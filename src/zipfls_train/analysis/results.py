@@ -154,9 +154,12 @@ def _require(config: Mapping[str, Any], dotted: str, source: Path) -> Any:
     return node
 
 
-def cell_key_from_config(config: Mapping[str, Any], source: Path, scored_in: str | None = None) -> CellKey:
+def cell_key_from_config(config: Mapping[str, Any], source: Path, scored_in: str | None = None,
+                         initial_weights: str | None = None) -> CellKey:  # fmt: skip
     """The cell a run belongs to, from its resolved config; ``scored_in``: what its val was scored
-    in as its metrics record it (:func:`scored_in`), else as its config says."""
+    in as its metrics record it (:func:`scored_in`), else as its config says; ``initial_weights``:
+    the weights it started from as its environment.jsonl records them (:func:`initial_weights_cell`),
+    else as its config names them."""
     dataset = _require(config, "dataset.name", source)
     model = _require(config, "model.name", source)
     loss = _require(config, "loss", source)
@@ -178,7 +181,7 @@ def cell_key_from_config(config: Mapping[str, Any], source: Path, scored_in: str
     for name, value in flatten(config["model"].get("options") or {}).items():
         recipe[f"model.{name}"] = value
     # Weights trained elsewhere (the paper trains from scratch): never averaged with runs from scratch.
-    recipe["init_from"] = initial_weights_label(config["model"].get("init_from"))
+    recipe["init_from"] = initial_weights or initial_weights_label(config["model"].get("init_from"))
     for group in ("optim", "sched"):
         for name, value in flatten(config.get(group) or {}).items():
             recipe[f"{group}.{name}"] = value
@@ -192,17 +195,20 @@ def cell_key_from_config(config: Mapping[str, Any], source: Path, scored_in: str
 
 
 def initial_weights_label(source: object) -> str | None:
-    """``model.init_from`` as a cell tells it: timm's tag as given, a weights file by its name, a run
-    by what it is (run folders and checkpoint paths differ per seed, the source's kind does not)."""
-    if source is None:
-        return None
-    text = str(source)
-    if text == "timm" or text.startswith("timm:"):
-        return text
-    path = Path(text)
-    if path.parent.name == "checkpoints":
-        return f"a zipfls-train run's {path.name}"
-    return path.name if path.suffix else "a zipfls-train run"
+    """``model.init_from`` as written, for a run that did not record what it read (its
+    environment.jsonl is gone): the same value, the same cell."""
+    return None if source is None else str(source)
+
+
+def initial_weights_cell(records: Sequence[Mapping[str, Any]]) -> str | None:
+    """What a run's fresh start recorded as its initial weights' cell (``initial_weights.cell`` in
+    environment.jsonl: the weights' sha256, or the setting of the run they come from; the path, which
+    differs per seed and per machine, does not count), or None."""
+    for record in records:
+        initial = record.get("initial_weights")
+        if isinstance(initial, Mapping) and isinstance(initial.get("cell"), str):
+            return initial["cell"]
+    return None
 
 
 def _eval_precision(trainer: Mapping[str, Any]) -> str:
@@ -254,7 +260,8 @@ def read_run(run_dir: Path) -> Run:
     if not isinstance(config, Mapping):
         raise RunFolderError(f"{config_path}: expected a mapping (the resolved config)")
     records = read_epoch_records(run_dir / "metrics.jsonl")
-    key = cell_key_from_config(config, config_path, scored_in(records))
+    attempts = read_environment(run_dir)
+    key = cell_key_from_config(config, config_path, scored_in(records), initial_weights_cell(attempts or []))
     scored = [(int(r["epoch"]), top1) for r in records if (top1 := _finite(r.get("val_top1"))) is not None]
     best_epoch, best_top1 = max(scored, key=lambda pair: (pair[1], -pair[0])) if scored else (None, None)
     gpu = [m for r in records if (m := _finite(r.get("peak_gpu_mem_mb"))) is not None]
@@ -271,22 +278,20 @@ def read_run(run_dir: Path) -> Run:
         epoch_times_s=_steady_epoch_times(records),
         peak_gpu_mem_mb=max(gpu) if gpu else None,
         peak_cpu_mem_mb=max(cpu) if cpu else None,
-        setups=read_setups(run_dir),
+        setups=setups_of(attempts),
     )
 
 
 NOT_RECORDED = "not recorded"  # a run from before environment.jsonl, or one whose file is gone
 
 
-def read_setups(run_dir: Path) -> tuple[str, ...]:
-    """The distinct setups of a run's attempts (:func:`setup_label`), in the order they first
-    trained; NOT_RECORDED for attempts before the first recorded one (a run begun before
-    environment.jsonl existed: its first line starts past step 0) and for a run without the file.
-    A line that is not a JSON object (a write cut short by a kill) is passed over."""
+def read_environment(run_dir: Path) -> list[dict[str, Any]] | None:
+    """The attempts' records of a run's environment.jsonl (None without the file). A line that is not
+    a JSON object (a write cut short by a kill) is passed over."""
     try:
         lines = (run_dir / "environment.jsonl").read_bytes().decode(errors="replace").splitlines()
     except OSError:
-        return (NOT_RECORDED,)
+        return None
     records = []
     for line in lines:
         try:
@@ -295,6 +300,18 @@ def read_setups(run_dir: Path) -> tuple[str, ...]:
             continue
         if isinstance(record, dict):
             records.append(record)
+    return records
+
+
+def read_setups(run_dir: Path) -> tuple[str, ...]:
+    """:func:`setups_of` the run folder's environment.jsonl."""
+    return setups_of(read_environment(run_dir))
+
+
+def setups_of(records: list[dict[str, Any]] | None) -> tuple[str, ...]:
+    """The distinct setups of a run's attempts (:func:`setup_label`), in the order they first
+    trained; NOT_RECORDED for attempts before the first recorded one (a run begun before
+    environment.jsonl existed: its first line starts past step 0) and for a run without the file."""
     if not records:
         return (NOT_RECORDED,)
     earlier = [NOT_RECORDED] if _field(records[0], "from_step", int, 0) > 0 else []

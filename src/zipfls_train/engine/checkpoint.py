@@ -8,7 +8,7 @@ import random
 import re
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -115,10 +115,12 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     return state
 
 
-def read_torch_file(path: Path, map_location: str | torch.device = "cpu", expected: str = "a torch file") -> Any:
-    """What ``torch.save`` wrote to ``path``, read as data only (``weights_only``); a CheckpointError
-    naming the file, and ``expected`` (what it should have been), when it is missing, not a torch
-    file, corrupt, or holds objects other than data."""
+def read_torch_file(path: Path, map_location: str | torch.device = "cpu", expected: str = "a torch file",
+                    allowed: Sequence[Any] = (), if_corrupt: str | None = None) -> Any:  # fmt: skip
+    """What ``torch.save`` wrote to ``path``, read as data only (``weights_only``, plus the classes in
+    ``allowed``); a CheckpointError naming the file, and ``expected`` (what it should have been),
+    when it is missing, not a torch file, corrupt (``if_corrupt``: what to do then, by default the
+    advice for a run's own checkpoint), or holds objects other than data."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     kind = _file_kind(path)
@@ -128,27 +130,27 @@ def read_torch_file(path: Path, map_location: str | torch.device = "cpu", expect
         # weights_only: a checkpoint is data (tensors, numbers, strings, containers); unpickling any
         # other object could run code from whatever file a user points at (a BAN teacher, zipf_fit's
         # argument, model.init_from). The numpy classes are those of the numpy RNG state earlier versions stored.
-        with torch.serialization.safe_globals(_legacy_numpy_globals()):
+        with torch.serialization.safe_globals([*_legacy_numpy_globals(), *allowed]):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
         if refused is None:
-            raise _corrupt(path, error) from error
+            raise _corrupt(path, error, if_corrupt) from error
         raise CheckpointError(
             f"{path} holds a Python object that zipfls-train checkpoints do not ({refused.group(1)}); "
             "it is not loaded, since unpickling it could run arbitrary code. Only if you trust the file and know "
             "where it comes from: torch.load(path, weights_only=False), then torch.save the plain tensors you need"
         ) from error
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
-        raise _corrupt(path, error) from error
+        raise _corrupt(path, error, if_corrupt) from error
 
 
-def _corrupt(path: Path, error: BaseException) -> CheckpointError:
-    return CheckpointError(
-        f"checkpoint {path} is corrupt or truncated ({type(error).__name__}: {error}); "
+def _corrupt(path: Path, error: BaseException, advice: str | None = None) -> CheckpointError:
+    advice = advice or (
         "restore a copy; a run whose last.pt this is starts over with trainer.resume=never (deleting the "
         "file is not enough once it has recorded epochs: the run then refuses to overwrite them)"
     )
+    return CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(error).__name__}: {error}); {advice}")
 
 
 def _legacy_numpy_globals() -> list[Any]:

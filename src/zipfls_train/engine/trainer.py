@@ -708,7 +708,7 @@ class Trainer:
         if source is None:
             return None
         try:
-            initial = apply_initial_weights(self.model, str(source), str(self.cfg.model.name))
+            initial = apply_initial_weights(self.model, str(source), str(self.cfg.model.name), str(self.cfg.dataset.name))
         except InitialWeightsError as error:
             raise ConfigError(str(error)) from error
         if self.ctx.is_main:
