@@ -106,7 +106,7 @@ def conditional_affinities(distances: Tensor, perplexity: float = PERPLEXITY, it
         log_beta = (low + high) / 2
         logits = -scaled * log_beta.exp()
         # Shifted by the row's largest (as softmax does) and floored at -700: exp of less is a
-        # subnormal float64, whose arithmetic ran this loop 8 times slower (and weighs nothing).
+        # subnormal float64, whose arithmetic is many times slower on the CPU (and weighs nothing).
         logits = (logits - logits.masked_fill(~off_diagonal, -math.inf).amax(1, keepdim=True)).clamp_min(-700.0)
         unnormalised = logits.exp().masked_fill(~off_diagonal, 0.0)
         p = unnormalised / unnormalised.sum(1, keepdim=True)
