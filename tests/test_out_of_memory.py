@@ -43,7 +43,8 @@ def test_a_training_step_out_of_gpu_memory_names_the_per_step_batch_and_accumula
     assert str(error.value) == (
         "out of GPU memory in a training step (2.00 GiB asked for; GPU 0: 79.19 GiB, 1.20 GiB of it free); each step "
         "holds 8 images per process (trainer.batch_size=16 over 1 process(es) and trainer.accumulate_steps=2): "
-        f"trainer.accumulate_steps=4 makes that 4 and keeps the global batch, the recipe; its last checkpoint, {last}, "
+        "trainer.accumulate_steps=4 makes that 4 and keeps the global batch and the learning rate (BatchNorm then normalises "
+        f"over 4 images at a time, as over a process's share under DDP); its last checkpoint, {last}, "
         "is where the same command resumes"
     )
     assert isinstance(error.value, user_errors())  # train.py prints the line alone
@@ -81,6 +82,11 @@ def test_a_step_that_ram_cannot_hold_is_named_with_torch_s_own_error(run_tiny, t
     (96, 1, 2, "trainer.accumulate_steps=3 makes that 32"),  # 96 = 3 x 32: the next even split
     (6, 2, 3, "each step holds 1 image per process (trainer.batch_size=6 over 2 process(es) and "
               "trainer.accumulate_steps=3): not even one image fits"),
+    # 2 images per process: the only smaller split is 1, which the advice does not go down to.
+    (8, 2, 2, "each step holds 2 images per process (trainer.batch_size=8 over 2 process(es) and trainer.accumulate_steps=2): "
+              "micro-batches of fewer than 2 images would leave BatchNorm one image; a smaller model"),
+    (12, 1, 2, "trainer.accumulate_steps=3 makes that 4"),  # 6 per step; 5 does not divide 12; 4 does
+    (6, 1, 2, "trainer.accumulate_steps=3 makes that 2"),  # 3 per step: 2 is as low as the advice goes
 ])  # fmt: skip
 def test_the_advice_is_an_accumulation_that_splits_the_global_batch_evenly(batch, processes, accumulate, advice):
     from zipfls_train.engine.out_of_memory import out_of_memory

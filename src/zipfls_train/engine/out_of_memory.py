@@ -86,16 +86,26 @@ def _is_memory_error(error: BaseException) -> bool:
     )
 
 
+# Micro-batches the advice goes down to: BatchNorm normalises each over its own images, and over one
+# image (per pixel of a 1 x 1 map: nothing) it trains on statistics of no use, or fails.
+MIN_MICRO_BATCH = 2
+
+
 def _training_fix(batch_size: int, processes: int, accumulate_steps: int) -> str:
-    """The next accumulate_steps that splits the global batch evenly into smaller micro-batches."""
+    """The next accumulate_steps that splits the global batch evenly into smaller micro-batches (of
+    at least MIN_MICRO_BATCH images)."""
     per_step = batch_size // (processes * accumulate_steps)
     holds = (f"each step holds {per_step} image{'s' if per_step != 1 else ''} per process (trainer.batch_size={batch_size} "
              f"over {processes} process(es) and trainer.accumulate_steps={accumulate_steps})")  # fmt: skip
     for steps in range(accumulate_steps + 1, batch_size // processes + 1):
+        smaller = batch_size // (processes * steps)
+        if smaller < MIN_MICRO_BATCH:
+            break
         if batch_size % (processes * steps) == 0:
-            smaller = batch_size // (processes * steps)
-            return f"{holds}: trainer.accumulate_steps={steps} makes that {smaller} and keeps the global batch, the recipe"
-    return f"{holds}: not even one image fits; a smaller model or dataset.image_size, or trainer.precision=bf16, needs less"
+            return (f"{holds}: trainer.accumulate_steps={steps} makes that {smaller} and keeps the global batch and the learning "
+                    f"rate (BatchNorm then normalises over {smaller} images at a time, as over a process's share under DDP)")
+    fewer = "not even one image fits" if per_step <= 1 else f"micro-batches of fewer than {MIN_MICRO_BATCH} images would leave BatchNorm one image"
+    return f"{holds}: {fewer}; a smaller model or dataset.image_size, or trainer.precision=bf16, needs less"
 
 
 def _ram_figures(message: str) -> str:
