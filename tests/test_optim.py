@@ -59,3 +59,54 @@ def test_base_batch_size_scales_the_lr_linearly():
         assert optimizer.param_groups[0]["lr"] == pytest.approx(lr)
     unscaled = build_optimizer({**cfg, "base_batch_size": None}, [torch.nn.Parameter(torch.zeros(1))], 512, torch.device("cpu"))
     assert unscaled.param_groups[0]["lr"] == 0.1
+
+
+def test_backbone_lr_factor_puts_the_backbone_in_a_group_of_its_own_at_a_multiple_of_the_lr():
+    from zipfls_train.engine.optim import parameter_groups
+    from zipfls_train.models import build_model
+
+    model = build_model("cifar_resnet18", 10, aux_stages=("penultimate",), width=8)
+    method_weight = torch.nn.Parameter(torch.zeros(3))  # a method's own parameter (CS-KD has none; a user's may)
+    cfg = {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "base_batch_size": 128}
+
+    (single,) = parameter_groups(model, [method_weight], None)
+    assert len(single["params"]) == len(list(model.parameters())) + 1
+
+    heads, backbone = parameter_groups(model, [method_weight], 0.1)
+    assert {id(p) for p in backbone["params"]} == {id(p) for p in model.backbone.parameters()}
+    expected_heads = [*model.classifier.parameters(), *model.aux_heads.parameters(), method_weight]
+    assert {id(p) for p in heads["params"]} == {id(p) for p in expected_heads}
+    # lr 0.1 at batch 128, scaled to the global batch of 256: 0.2 for the heads, 0.02 for the backbone.
+    optimizer = build_optimizer(cfg, parameter_groups(model, [method_weight], 0.1), global_batch=256, device=torch.device("cpu"))
+    assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([0.2, 0.02])
+    scheduler = build_scheduler({"name": "multistep", "milestones": [1], "gamma": 0.1}, optimizer, epochs=2, steps_per_epoch=1)
+    optimizer.step()
+    scheduler.step()
+    assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([0.02, 0.002])  # the ratio survives the decay
+
+
+def test_a_backbone_at_factor_zero_keeps_its_weights_while_the_classifier_trains(run_tiny, tmp_path):
+    from zipfls_train.engine.checkpoint import load_checkpoint
+
+    _, source = run_tiny("loss=ce", "trainer.max_steps_per_epoch=2", run_dir=tmp_path / "source")
+    start = load_checkpoint(source / "checkpoints" / "best.pt")["model"]
+    _, probe = run_tiny("loss=ce", "trainer.max_steps_per_epoch=3", f"model.init_from={source}", "optim.backbone_lr_factor=0",
+                        run_dir=tmp_path / "probe")  # fmt: skip
+    trained = load_checkpoint(probe / "checkpoints" / "last.pt")["model"]
+    for key, value in start.items():
+        if key.startswith("backbone.") and not key.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            assert torch.equal(trained[key], value), key
+    assert not torch.equal(trained["classifier.weight"], start["classifier.weight"])
+    # BatchNorm's statistics follow the new data (a linear probe of the backbone's features otherwise).
+    assert not torch.equal(trained["backbone.stem.1.running_mean"], start["backbone.stem.1.running_mean"])
+    import json
+
+    assert [json.loads(line)["lr"] for line in (probe / "metrics.jsonl").read_text().splitlines()] == pytest.approx([0.1])
+
+
+def test_a_negative_backbone_lr_factor_is_refused():
+    from conftest import compose
+    from zipfls_train.engine.config_checks import ConfigError, validate_config
+
+    with pytest.raises(ConfigError, match=r"optim.backbone_lr_factor must be null \(the backbone at optim.lr\) or a number >= 0 \(0 freezes it\), got -0.1"):
+        validate_config(compose(["optim.backbone_lr_factor=-0.1"]))

@@ -184,7 +184,8 @@ def cell_key_from_config(config: Mapping[str, Any], source: Path, scored_in: str
     recipe["init_from"] = initial_weights or initial_weights_label(config["model"].get("init_from"))
     for group in ("optim", "sched"):
         for name, value in flatten(config.get(group) or {}).items():
-            recipe[f"{group}.{name}"] = value
+            if value is not None:  # null is a key's default (optim.backbone_lr_factor), as is its absence in older runs
+                recipe[f"{group}.{name}"] = value
     return CellKey(
         dataset=str(dataset),
         model=str(model),

@@ -237,6 +237,9 @@ def _check_optimiser(cfg: DictConfig) -> None:
         raise ConfigError("optim.nesterov=true needs optim.momentum > 0 (Nesterov's step is a momentum step)")
     if not _number(cfg, "optim.weight_decay") >= 0:
         raise ConfigError(f"optim.weight_decay must be >= 0 (the paper: 1e-4), got {cfg.optim.weight_decay}")
+    factor = cfg.optim.get("backbone_lr_factor")
+    if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 <= factor < math.inf):
+        raise ConfigError(f"optim.backbone_lr_factor must be null (the backbone at optim.lr) or a number >= 0 (0 freezes it), got {factor!r}")
     base_batch = cfg.optim.get("base_batch_size")
     if base_batch is not None and not _is_int_at_least(base_batch, 1):
         raise ConfigError(f"optim.base_batch_size must be null (lr as given) or an integer >= 1 (the batch lr is for), got {base_batch!r}")

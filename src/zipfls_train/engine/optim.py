@@ -36,15 +36,35 @@ def check_names(optim_name: object, sched_name: object) -> None:
     check_schedule_name(sched_name)
 
 
-def build_optimizer(cfg: Mapping[str, Any], parameters: Iterable[nn.Parameter], global_batch: int, device: torch.device) -> torch.optim.Optimizer:
+def parameter_groups(model: nn.Module, others: Iterable[nn.Parameter], backbone_lr_factor: float | None) -> list[dict[str, Any]]:
+    """The trainable parameters of ``model`` (a ClassifierWrapper) and ``others`` (a method's own) as
+    optimiser groups: one, or with ``backbone_lr_factor`` the heads and ``others`` first (group 0,
+    the lr the logs show) and then the backbone, at ``lr_factor`` times the lr."""
+    trainable = [p for p in [*model.parameters(), *others] if p.requires_grad]
+    if backbone_lr_factor is None:
+        return [{"params": trainable}]
+    backbone = {id(p) for p in model.backbone.parameters()}
+    return [
+        {"params": [p for p in trainable if id(p) not in backbone]},
+        {"params": [p for p in trainable if id(p) in backbone], "lr_factor": float(backbone_lr_factor)},
+    ]
+
+
+def build_optimizer(cfg: Mapping[str, Any], parameters: Iterable[nn.Parameter] | list[dict[str, Any]], global_batch: int,
+                    device: torch.device) -> torch.optim.Optimizer:  # fmt: skip
+    """SGD at ``cfg``'s settings over ``parameters``, or over the groups of :func:`parameter_groups`
+    (each at lr x its ``lr_factor``)."""
     check_optimizer_name(cfg["name"])
     lr = float(cfg["lr"])
     if cfg.get("base_batch_size"):
         lr *= global_batch / float(cfg["base_batch_size"])  # linear scaling rule
+    groups = list(parameters)
+    if groups and isinstance(groups[0], dict):
+        groups = [{**group, "lr": lr * group.get("lr_factor", 1.0)} for group in groups]
     # fused SGD on CUDA: one kernel for the whole update instead of several per tensor.
     kind = {"fused": True} if device.type == "cuda" else {"foreach": True}
     return torch.optim.SGD(
-        list(parameters),
+        groups,
         lr=lr,
         momentum=float(cfg["momentum"]),
         weight_decay=float(cfg["weight_decay"]),

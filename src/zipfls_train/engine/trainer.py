@@ -44,7 +44,7 @@ from .folder_lock import RunFolderBusy, RunFolderLock
 from .interrupt import StopRequests, StopVotes, TrainingInterrupted
 from .memory import peak_cpu_memory_mb, peak_gpu_memory_mb, reset_peak_memory
 from .metrics import RunRecords, TermAccumulator, read_metrics, topk_correct
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, parameter_groups
 from .precision import precision_history, precision_name, resolve_precision
 from .provenance import record_attempt
 from .resume import (
@@ -172,7 +172,7 @@ class Trainer:
 
         self.accumulate = int(tcfg.accumulate_steps)
         self.steps_per_epoch = self._steps_per_epoch()
-        parameters = [p for p in [*model.parameters(), *self.method.parameters()] if p.requires_grad]
+        parameters = parameter_groups(model, self.method.parameters(), cfg.optim.get("backbone_lr_factor"))
         self.optimizer = build_optimizer(cfg.optim, parameters, int(tcfg.batch_size), self.device)
         self.scheduler = build_scheduler(cfg.sched, self.optimizer, self.epochs, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
