@@ -73,9 +73,13 @@ def main(cfg: DictConfig) -> float | None:
         return _train(cfg, run_dir)
     except KeyboardInterrupt as interrupt:  # Ctrl-C while the run sets up (training itself stops at a step), or twice
         _remove_if_empty(run_dir)
-        said = "nothing since the last checkpoint is saved" if run_dir.exists() else "nothing was written"
-        print(f"[zipfls-train] stopped at once ({getattr(interrupt, 'signal_name', 'SIGINT')}): {said}", file=sys.stderr)
-        sys.exit(130)
+        _stopped_at_once(interrupt, "nothing since the last checkpoint is saved" if run_dir.exists() else "nothing was written")
+
+
+def _stopped_at_once(interrupt: KeyboardInterrupt, said: str) -> None:
+    """Ctrl-C (or the parallel launcher's SIGTERM, TerminateRequested) outside a training step: one line, exit 130."""
+    print(f"[zipfls-train] stopped at once ({getattr(interrupt, 'signal_name', 'SIGINT')}): {said}", file=sys.stderr)
+    sys.exit(130)
 
 
 def _train(cfg: DictConfig, run_dir: Path) -> float | None:
@@ -122,6 +126,5 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
 if __name__ == "__main__":
     try:
         main()
-    except KeyboardInterrupt:  # Ctrl-C before a run started (Hydra composing a sweep's configs)
-        print("[zipfls-train] stopped at once (SIGINT): nothing was written", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as interrupt:  # Ctrl-C before a run started (Hydra composing a sweep's configs)
+        _stopped_at_once(interrupt, "nothing was written")

@@ -36,7 +36,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from .engine.checkpoint import CheckpointError, read_torch_file
-from .trained import checkpoint_path
+from .trained import AUX_HEADS_PREFIX, checkpoint_path
 
 TIMM_SOURCE = "timm"
 # Entries under which training scripts store a network's weights in a checkpoint (timm's train.py,
@@ -165,8 +165,8 @@ def _from_run(model: nn.Module, checkpoint: Mapping[str, Any], model_name: str, 
     trainer = config.get("trainer") if isinstance(config.get("trainer"), Mapping) else {}
     result.cell = (f"a zipfls-train run ({dataset.get('name')}, model={model_name}, loss={loss.get('name')}, "
                    f"{trainer.get('epochs')} epochs)")  # fmt: skip
-    source_dataset = dataset.get("name")
-    _load_wrapper(model, checkpoint["model"], model_name, None if source_dataset is None else str(source_dataset), dataset_name, result)
+    source_dataset = None if dataset.get("name") is None else str(dataset["name"])
+    _load_wrapper(model, checkpoint["model"], model_name, source_dataset, dataset_name, result)
 
 
 def _load_wrapper(model: nn.Module, weights: Mapping[str, Tensor], model_name: str, source_dataset: str | None,
@@ -289,7 +289,7 @@ def _unprefixed(key: str) -> str:
 
 
 def _is_wrapper_state(weights: Mapping[str, Tensor]) -> bool:
-    return all(key.startswith(("backbone.", "classifier.", "aux_heads.")) for key in weights) and any(key.startswith("backbone.") for key in weights)
+    return all(key.startswith(("backbone.", "classifier.", AUX_HEADS_PREFIX)) for key in weights) and any(key.startswith("backbone.") for key in weights)
 
 
 def _timm_names(weights: dict[str, Tensor], network: nn.Module) -> dict[str, Tensor]:
@@ -332,7 +332,7 @@ def _head_parts(state: Mapping[str, Tensor]) -> dict[str, list[str]]:
     for key in state:
         if key.startswith("backbone."):
             continue
-        head = key.split(".")[0] if not key.startswith("aux_heads.") else ".".join(key.split(".")[:2])
+        head = ".".join(key.split(".")[:2]) if key.startswith(AUX_HEADS_PREFIX) else key.split(".")[0]
         parts.setdefault(head, []).append(key)
     return parts
 

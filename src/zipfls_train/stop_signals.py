@@ -18,6 +18,8 @@ class TerminateRequested(KeyboardInterrupt):
     while it sets up): a KeyboardInterrupt that names its signal."""
 
     signal_name = "SIGTERM"
+
+
 # POSIX signal masks; Windows has none (there, ignoring the signals meanwhile stands in).
 _CAN_BLOCK = hasattr(signal, "pthread_sigmask")
 

@@ -156,9 +156,7 @@ def tsne(features: Tensor, perplexity: float = PERPLEXITY, steps: int = STEPS) -
     kl_at_start = _kl(p, y)
     for step in range(steps):
         exaggeration, momentum = (EXAGGERATION, 0.5) if step < EXAGGERATED_STEPS else (1.0, 0.8)
-        inverse = 1.0 / (1.0 + squared_distances(y))
-        inverse.fill_diagonal_(0)
-        q = (inverse / inverse.sum()).clamp_min_(1e-12)
+        inverse, q = _embedding_affinities(y)
         weights = (exaggeration * p - q) * inverse
         gradient = 4 * (weights.sum(1, keepdim=True) * y - weights @ y)
         same_sign = (gradient > 0) == (update > 0)
@@ -169,11 +167,17 @@ def tsne(features: Tensor, perplexity: float = PERPLEXITY, steps: int = STEPS) -
     return Embedding(y, _kl(p, y), kl_at_start)
 
 
+def _embedding_affinities(y: Tensor) -> tuple[Tensor, Tensor]:
+    """The Student-t kernel 1 / (1 + |y_i - y_j|^2) of the embedding (0 on the diagonal) and Q, its
+    normalisation, floored at 1e-12, in ``y``'s dtype."""
+    inverse = 1.0 / (1.0 + squared_distances(y))
+    inverse.fill_diagonal_(0)
+    return inverse, (inverse / inverse.sum()).clamp_min_(1e-12)
+
+
 def _kl(p: Tensor, y: Tensor) -> float:
     """KL(P || Q) of the embedding ``y``, in float64."""
-    p, inverse = p.double(), 1.0 / (1.0 + squared_distances(y.double()))
-    inverse.fill_diagonal_(0)
-    q = (inverse / inverse.sum()).clamp_min(1e-12)
+    p, q = p.double(), _embedding_affinities(y.double())[1]
     return float((p * (p / q).log()).sum())
 
 

@@ -181,7 +181,9 @@ def cell_key_from_config(config: Mapping[str, Any], source: Path, scored_in: str
     for name, value in flatten(config["model"].get("options") or {}).items():
         recipe[f"model.{name}"] = value
     # Weights trained elsewhere (the paper trains from scratch): never averaged with runs from scratch.
-    recipe["init_from"] = initial_weights or initial_weights_label(config["model"].get("init_from"))
+    # (A run without its record, its environment.jsonl gone: the value as written, the same cell.)
+    written = config["model"].get("init_from")
+    recipe["init_from"] = initial_weights or (None if written is None else str(written))
     for group in ("optim", "sched"):
         for name, value in flatten(config.get(group) or {}).items():
             if value is not None:  # null is a key's default (optim.backbone_lr_factor), as is its absence in older runs
@@ -193,12 +195,6 @@ def cell_key_from_config(config: Mapping[str, Any], source: Path, scored_in: str
         options=tuple(sorted((k, _freeze(v)) for k, v in options.items())),
         recipe=tuple(sorted((k, _freeze(v)) for k, v in recipe.items())),
     )
-
-
-def initial_weights_label(source: object) -> str | None:
-    """``model.init_from`` as written, for a run that did not record what it read (its
-    environment.jsonl is gone): the same value, the same cell."""
-    return None if source is None else str(source)
 
 
 def initial_weights_cell(records: Sequence[Mapping[str, Any]]) -> str | None:
