@@ -860,13 +860,23 @@ def test_loader_warns_once_and_copies_synchronously_when_page_locking_is_refused
     assert loader._registered == [buffer.data_ptr() for buffers in loader._ring for buffer in buffers.values()]
 
 
+def signal_loader_workers(trainer, sig: int) -> None:  # noqa: ANN001
+    """Send ``sig`` to the training loader's own worker processes. Not to every live child of this
+    process: a child left by an earlier test can be reaped elsewhere while multiprocessing still
+    lists it, and os.kill on its pid then fails (seen once in CI)."""
+    import os
+
+    workers = trainer.data.train._loader._iterator._workers
+    assert workers and all(worker.is_alive() for worker in workers)
+    for worker in workers:
+        os.kill(worker.pid, sig)
+
+
 def test_a_loader_worker_killed_from_outside_is_one_line_naming_memory_and_the_checkpoint(imagenet_root: Path, tmp_path: Path,
                                                                                           monkeypatch) -> None:  # fmt: skip
     """The kernel's out-of-memory killer takes a DataLoader worker (SIGKILL) in epoch 2: torch's
     RuntimeError, raised wherever the main process is (a backward pass included), becomes a user
     error that names the likely cause and the checkpoint of epoch 1, which is left as it was."""
-    import multiprocessing
-    import os
     import signal
     import time
 
@@ -879,8 +889,7 @@ def test_a_loader_worker_killed_from_outside_is_one_line_naming_memory_and_the_c
 
     def train_step(self, batches):  # noqa: ANN001, ANN202
         if self.progress.global_step == 4:  # the second step of epoch 2
-            for worker in multiprocessing.active_children():
-                os.kill(worker.pid, signal.SIGKILL)
+            signal_loader_workers(self, signal.SIGKILL)
             time.sleep(1)  # (torch's SIGCHLD handler raises here, or the next fetch does)
         return original(self, batches)
 
@@ -927,8 +936,6 @@ def test_sigterm_to_the_process_group_stops_a_run_with_loader_workers_at_a_saved
     which saves at the next step and stops them (a worker killed by it would fail the run with
     DataLoader's "worker exited unexpectedly" at the next batch it owed). Here the workers get the
     signal during step 1 and must still deliver steps 2-4; the trainer gets it during step 4."""
-    import multiprocessing
-    import os
     import signal
 
     from zipfls_train.engine.checkpoint import load_checkpoint
@@ -941,8 +948,7 @@ def test_sigterm_to_the_process_group_stops_a_run_with_loader_workers_at_a_saved
     def train_step(self, batches):  # noqa: ANN001, ANN202
         terms = original(self, batches)
         if self.progress.global_step == 0:
-            for worker in multiprocessing.active_children():
-                os.kill(worker.pid, signal.SIGTERM)
+            signal_loader_workers(self, signal.SIGTERM)
         if self.progress.global_step == 3:
             signal.raise_signal(signal.SIGTERM)  # (this thread: handled before the step ends)
         return terms
