@@ -1,5 +1,6 @@
 """A trained run read back for analysis: its model (from a checkpoint) and its val loader (from the
-config stored in the checkpoint), for the figure scripts (``zipf_fit``, ``feature_space``)."""
+config stored in the checkpoint), for the figure scripts (``zipf_fit``, ``feature_space``,
+``top_predictions``)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ class LoadedRun:
     val: Any  # the run's val loader, built on this machine (loader.epoch(0) yields its batches)
     cfg: Any  # the run's config (a DictConfig), as its checkpoint stored it
     checkpoint: Path  # the file read
+    classes: list[str]  # the class ids, by label (wnids for the ImageNet family)
 
 
 def load_run(path: Path, data_root: str | None, device: torch.device, default_checkpoint: str = "last.pt") -> LoadedRun:
@@ -56,4 +58,4 @@ def load_run(path: Path, data_root: str | None, device: torch.device, default_ch
             "folder the run was started from): pass --data-root <dataset folder> to read the dataset from another place"
         ) from error
     model = model_from_checkpoint(state)  # auxiliary heads (training-only) left out
-    return LoadedRun(model.to(device), data.val, cfg, checkpoint_path)
+    return LoadedRun(model.to(device), data.val, cfg, checkpoint_path, list(data.classes))
