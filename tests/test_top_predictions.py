@@ -23,6 +23,7 @@ from zipfls_train.analysis.top_predictions import (
     ranked,
     read_class_names,
     read_hierarchy,
+    wordnet_names,
 )
 
 # animal -> mammal -> dog -> {c0, c1};  mammal -> cat -> c2;  animal -> bird -> c3
@@ -104,6 +105,11 @@ def test_class_names_take_the_first_name_of_words_txt_lines(tmp_path):
     assert read_class_names(words, ["c0", "c1", "c9"]) == ["Labrador retriever", "beagle", "c9"]
     with pytest.raises(TopPredictionsError, match=r"words.txt names none of the runs' 2 classes \(e.g. 'x'\)"):
         read_class_names(words, ["x", "y"])
+
+
+def test_wordnet_ids_are_named_by_their_first_lemma_without_a_file():
+    # WordNet 3.0: n01443537 "goldfish, Carassius auratus"; n02123045 "tabby, tabby cat".
+    assert wordnet_names(["n01443537", "n02123045", "cat", "n99999999"]) == ["goldfish", "tabby", "cat", "n99999999"]
 
 
 def test_ranked_breaks_ties_by_class_index():

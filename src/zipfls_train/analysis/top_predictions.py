@@ -24,8 +24,10 @@ auxiliary head (Dense2) is shown with the final map's votes alone, and says so.
 Images: --pick random (default) draws --images val images by --seed; --pick disagree draws them
 among the images whose top-1 class differs between the runs.
 
-Class names: --class-names reads "<id> <name>[, more names]" lines (Tiny ImageNet's ``words.txt``,
-ImageNet's ``LOC_synset_mapping.txt``); the first name is shown, the id where a class has none.
+Class names: a class whose id is a WordNet id (the ImageNet family's) is shown by its first lemma,
+from timm's copy of ImageNet-21k's synset list; --class-names reads "<id> <name>[, more names]"
+lines instead (Tiny ImageNet's ``words.txt``, ImageNet's ``LOC_synset_mapping.txt``, a list of your
+own); the first name is shown, the id where a class has none.
 
     python -m zipfls_train.analysis.top_predictions RUN_CE RUN_ZIPF --class-names words.txt --hierarchy wordnet.is_a.txt
     python -m zipfls_train.analysis.top_predictions RUN... --images 8 --pick disagree --seed 1 --out fig4.png
@@ -78,6 +80,21 @@ def read_class_names(path: Path, classes: Sequence[str]) -> list[str]:
         raise TopPredictionsError(f"{path} names none of the runs' {len(classes)} classes (e.g. {classes[0]!r}): "
                                   "expected '<id> <name>' lines with the dataset's class ids")  # fmt: skip
     return [names.get(c, c) for c in classes]
+
+
+def wordnet_names(classes: Sequence[str]) -> list[str]:
+    """Each class's first WordNet lemma where its id is a synset of ImageNet-21k, else its id."""
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo("imagenet-22k")  # (the lemmas of all 21k synsets, whatever the subset)
+
+    def name(cls: str) -> str:
+        try:
+            return info.label_name_to_description(cls).split(",")[0].strip() or cls
+        except KeyError:
+            return cls
+
+    return [name(c) for c in classes]
 
 
 def read_hierarchy(path: Path) -> dict[str, set[str]]:
@@ -264,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pick", choices=("random", "disagree"), default="random", help="how the images are drawn (default random)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the image draw and of random soft labels")
     parser.add_argument("--top", type=int, default=5, help="classes shown and counted per image (default 5, as the paper)")
-    parser.add_argument("--class-names", type=Path, default=None, help="'<id> <name>' lines (words.txt, LOC_synset_mapping.txt)")
+    parser.add_argument("--class-names", type=Path, default=None, help="'<id> <name>' lines (default: WordNet's lemmas for WordNet ids)")
     parser.add_argument("--hierarchy", type=Path, default=None, help="'<parent id> <child id>' lines (wordnet.is_a.txt)")
     parser.add_argument("--similar-within", type=int, default=2, help="is-a steps to the shared ancestor of similar classes (default 2)")
     parser.add_argument("--data-root", default=None, help="override dataset.root stored in the checkpoints' configs")
@@ -280,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
         device = resolve_device(args.device)
         runs = [load_run(path, args.data_root, device) for path in args.runs]
         classes = runs[0].classes
-        names = read_class_names(args.class_names, classes) if args.class_names else list(classes)
+        names = read_class_names(args.class_names, classes) if args.class_names else wordnet_names(classes)
         similarity = None
         if args.hierarchy:
             similarity = Similarity(classes, read_hierarchy(args.hierarchy), args.similar_within, args.hierarchy)
