@@ -23,6 +23,7 @@ from zipfls_train.analysis.top_predictions import (
     ranked,
     read_class_names,
     read_hierarchy,
+    read_wordnet_nouns,
     wordnet_names,
 )
 
@@ -98,6 +99,35 @@ def test_malformed_files_name_the_file_and_line(tmp_path):
         read_hierarchy(_write(tmp_path / "bad.txt", "a b c\n"))
     with pytest.raises(TopPredictionsError, match=r"cannot read .*absent.txt"):
         read_hierarchy(tmp_path / "absent.txt")
+
+
+# Lines of WordNet 3.0's data.noun, as the file has them (two trailing spaces included).
+WORDNET_LINES = """  1 This software and database is being provided to you, the LICENSEE, by  
+  2 Princeton University under the following license.  By obtaining, using  
+00060548 04 n 02 Hegira 1 Hejira 1 001 @i 00058743 n 0000 | the flight of Muhammad from Mecca to Medina in 622 which marked the beginning of the Muslim era; the Muslim calendar begins in that year  
+01443537 05 n 02 goldfish 0 Carassius_auratus 0 003 @ 01439121 n 0000 #m 01443398 n 0000 ~ 01443736 n 0000 | small golden or orange-red freshwater fishes of Eurasia used as pond or aquarium fishes  
+02121620 05 n 02 cat 0 true_cat 0 003 @ 02120997 n 0000 ~ 02121808 n 0000 ~ 02124623 n 0000 | feline mammal usually having thick soft fur and no ability to roar: domestic cats; wildcats  
+02121808 05 n 04 domestic_cat 0 house_cat 0 Felis_domesticus 0 Felis_catus 0 005 @ 02121620 n 0000 @ 01317541 n 0000 #m 02121234 n 0000 ~ 02123045 n 0000 ~ 02124075 n 0000 | any domesticated member of the genus Felis  
+02123045 05 n 02 tabby 1 tabby_cat 0 001 @ 02121808 n 0000 | a cat with a grey or tawny coat mottled with black  
+02124075 05 n 01 Egyptian_cat 0 001 @ 02121808 n 0000 | a domestic cat of Egypt  
+"""
+
+
+def test_wordnets_data_noun_gives_each_synset_its_hypernyms_as_imagenet_ids(tmp_path):
+    path = _write(tmp_path / "data.noun", WORDNET_LINES)
+    parents = read_hierarchy(path)  # (the file's name says how to read it)
+    assert parents == read_wordnet_nouns(path) == {
+        "n00060548": {"n00058743"},  # an instance hypernym (@i)
+        "n01443537": {"n01439121"},  # not the member holonym (#m) nor the hyponyms (~)
+        "n02121620": {"n02120997"},
+        "n02121808": {"n02121620", "n01317541"},  # domestic cat: a cat and a domestic animal
+        "n02123045": {"n02121808"},
+        "n02124075": {"n02121808"},
+    }
+    similarity = Similarity(["n02123045", "n02124075", "n01443537"], parents, 1, path)
+    assert similarity(0, 1) and not similarity(0, 2)  # tabby and Egyptian cat: both domestic cats
+    with pytest.raises(TopPredictionsError, match=r"data.noun, line 2: not a WordNet data.noun entry"):
+        read_hierarchy(_write(tmp_path / "bad" / "data.noun", "02124075 05 n 01 Egyptian_cat 0 001 @ 02121808 n 0000 | ok\n02123045 05 n\n"))
 
 
 def test_class_names_take_the_first_name_of_words_txt_lines(tmp_path):
@@ -200,6 +230,7 @@ def test_runs_of_other_val_images_are_refused(run_tiny, tmp_path):
 
 
 def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
 

@@ -3,9 +3,11 @@ with the soft label Zipf's LS gives each image (for a run trained with it: the s
 trained towards), coloured as the paper colours them: the ground truth dark green, classes similar
 to it light green, the others red.
 
-"Similar" needs a class hierarchy, which the datasets do not carry: pass one with --hierarchy, a
-file of "<parent id> <child id>" lines (ImageNet's ``wordnet.is_a.txt``; iNaturalist's taxonomy
-written as such pairs). Two classes are similar when they share an ancestor at most
+"Similar" needs a class hierarchy, which the datasets do not carry: pass one with --hierarchy,
+WordNet 3.0's ``data.noun`` for the ImageNet family (nltk's copy is
+``~/nltk_data/corpora/wordnet/data.noun``; ImageNet's wnids are its offsets), or a file of
+"<parent id> <child id>" lines (ImageNet's ``wordnet.is_a.txt``; iNaturalist's taxonomy written as
+such pairs). Two classes are similar when they share an ancestor at most
 --similar-within is-a steps above each (default 2: siblings and cousins). Without a hierarchy the
 ground truth is dark green and every other class grey.
 
@@ -29,7 +31,7 @@ from timm's copy of ImageNet-21k's synset list; --class-names reads "<id> <name>
 lines instead (Tiny ImageNet's ``words.txt``, ImageNet's ``LOC_synset_mapping.txt``, a list of your
 own); the first name is shown, the id where a class has none.
 
-    python -m zipfls_train.analysis.top_predictions RUN_CE RUN_ZIPF --class-names words.txt --hierarchy wordnet.is_a.txt
+    python -m zipfls_train.analysis.top_predictions RUN_CE RUN_ZIPF --hierarchy ~/nltk_data/corpora/wordnet/data.noun
     python -m zipfls_train.analysis.top_predictions RUN... --images 8 --pick disagree --seed 1 --out fig4.png
 """
 
@@ -98,12 +100,42 @@ def wordnet_names(classes: Sequence[str]) -> list[str]:
 
 
 def read_hierarchy(path: Path) -> dict[str, set[str]]:
-    """The parents of every child in ``path`` ("<parent id> <child id>" lines)."""
+    """The parents of every child in ``path``: "<parent id> <child id>" lines, or WordNet's own
+    ``data.noun`` (read by :func:`read_wordnet_nouns`)."""
+    if path.name == "data.noun":
+        return read_wordnet_nouns(path)
     parents: dict[str, set[str]] = {}
     for number, parent, child in _pairs(path, "'<parent id> <child id>' lines"):
         if len(child.split()) != 1:
             raise TopPredictionsError(f"{path}, line {number}: {parent} {child!r} has more than two fields, expected '<parent id> <child id>'")
         parents.setdefault(child, set()).add(parent)
+    return parents
+
+
+def read_wordnet_nouns(path: Path) -> dict[str, set[str]]:
+    """The hypernyms of every noun synset in WordNet's ``data.noun`` (its database format, wndb(5WN):
+    "offset lex_filenum n w_cnt (word lex_id){w_cnt} p_cnt (symbol offset pos source/target){p_cnt}
+    ... | gloss", w_cnt in hex), as ImageNet's ids: "n" + the 8-digit offset. Hypernyms are the
+    pointers "@" and "@i" (instance of) to nouns; the licence lines at the top start with a space."""
+    parents: dict[str, set[str]] = {}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise TopPredictionsError(f"cannot read {path} as WordNet's data.noun: {error}") from None
+    for number, line in enumerate(lines, start=1):
+        if not line or line[0] == " ":
+            continue
+        fields = line.split(" | ")[0].split()
+        try:
+            pointers_at = 4 + 2 * int(fields[3], 16)
+            count = int(fields[pointers_at])
+            pointers = [fields[pointers_at + 1 + 4 * j : pointers_at + 5 + 4 * j] for j in range(count)]
+        except (IndexError, ValueError):
+            raise TopPredictionsError(f"{path}, line {number}: not a WordNet data.noun entry "
+                                      "('offset lex_filenum n w_cnt words... p_cnt pointers... | gloss')") from None  # fmt: skip
+        found = {f"n{offset}" for symbol, offset, pos, _ in pointers if symbol in ("@", "@i") and pos == "n"}
+        if found:
+            parents[f"n{fields[0]}"] = found
     return parents
 
 
@@ -282,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the image draw and of random soft labels")
     parser.add_argument("--top", type=int, default=5, help="classes shown and counted per image (default 5, as the paper)")
     parser.add_argument("--class-names", type=Path, default=None, help="'<id> <name>' lines (default: WordNet's lemmas for WordNet ids)")
-    parser.add_argument("--hierarchy", type=Path, default=None, help="'<parent id> <child id>' lines (wordnet.is_a.txt)")
+    parser.add_argument("--hierarchy", type=Path, default=None, help="WordNet's data.noun, or '<parent id> <child id>' lines (wordnet.is_a.txt)")
     parser.add_argument("--similar-within", type=int, default=2, help="is-a steps to the shared ancestor of similar classes (default 2)")
     parser.add_argument("--data-root", default=None, help="override dataset.root stored in the checkpoints' configs")
     parser.add_argument("--out", type=Path, default=Path("top_predictions.png"), help="PNG path (default: top_predictions.png)")
