@@ -81,6 +81,9 @@ def test_the_share_of_similar_classes_of_a_hand_example(tmp_path):
     targets = torch.tensor([0, 4])
     chosen = torch.tensor([[1, 3, 2], [5, 0, 1]])  # similar: 1, 2 | 5  ->  3 of 6
     assert similarity.share(targets, chosen) == pytest.approx(0.5)
+    # c0 has 2 similar classes among its 5 others, c3 none: at random, (2/5 + 0) / 2.
+    assert similarity.chance(torch.tensor([0, 3])) == pytest.approx(0.2)
+    assert similarity.chance(torch.tensor([0, 0, 3, 4])) == pytest.approx((0.4 + 0.4 + 0 + 0.2) / 4)
 
 
 def test_a_class_outside_the_hierarchy_is_similar_to_none_and_a_file_of_other_ids_is_refused(tmp_path):
@@ -185,6 +188,8 @@ def test_the_command_prints_each_runs_numbers_and_the_zipf_soft_label_of_the_ima
     lines = {line.split(":")[0]: line for line in out.splitlines() if " val images " in line}
     assert set(lines) == {str(ce), str(zipf)}
     assert "soft label similar@5" in lines[str(zipf)] and "soft label" not in lines[str(ce)]
+    # At random: each class has 1 sibling among its 9 others.
+    assert "similar@5 by chance (non-target classes drawn at random): 0.111" in out
     for path in (ce, zipf):
         targets, logits, final_maps, classifier = _evaluate(path)
         printed = {key: float(value) for key, value in re.findall(r"(top-1|top-5|similar@5) ([0-9.]+)", lines[str(path)].split("soft label")[0])}

@@ -17,7 +17,9 @@ The numbers, over the whole val set, per run (printed; the figure shows a few im
 * with --hierarchy, ``similar@5``: the share of each image's 5 most probable *non-target* classes
   that are similar to its target, averaged over the images: the paper's reading of its Figure 4
   ("more similar concepts arise in the top-5 prediction"). For a run trained with Zipf's LS, also
-  the same share of its soft labels' 5 largest classes (ties broken by class index).
+  the same share of its soft labels' 5 largest classes (ties broken by class index). Printed beside
+  them: the share that non-target classes drawn at random would have (the fraction of an image's
+  other classes similar to its target, averaged).
 
 The soft label is computed as the run computed it (its loss options: rank_by, distribution, alpha,
 upsample), in float32, eval mode, from the final map's votes: a run that also voted with an
@@ -164,6 +166,13 @@ class Similarity:
     def __call__(self, a: int, b: int) -> bool:
         return a != b and not self._ancestors[a].isdisjoint(self._ancestors[b])
 
+    def chance(self, targets: Tensor) -> float:
+        """The share a draw of non-target classes at random would score: per image, the fraction of
+        the other classes similar to its target, averaged over ``targets``."""
+        others = len(self._ancestors) - 1
+        similar_to = {t: sum(self(t, c) for c in range(len(self._ancestors))) for t in set(targets.tolist())}
+        return sum(similar_to[t] for t in targets.tolist()) / (others * max(targets.numel(), 1))
+
     def share(self, targets: Tensor, chosen: Tensor) -> float:
         """The share of ``chosen`` (N x k class indices, none the target) similar to ``targets`` (N)."""
         pairs = zip(targets.tolist(), chosen.tolist())
@@ -278,15 +287,15 @@ def plot(images: list[Tensor], targets: list[int], columns: list[tuple[str, Tens
     """One row per image: the image, then one column per (title, classes, probabilities)."""
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(1.6 + 2.4 * len(columns), 1.5 * len(images)))
-    axes = figure.subplots(len(images), 1 + len(columns), squeeze=False, gridspec_kw={"width_ratios": [1.6] + [2.4] * len(columns)})
+    figure = Figure(figsize=(1.6 + 2.6 * len(columns), 1.5 * len(images)))
+    axes = figure.subplots(len(images), 1 + len(columns), squeeze=False, gridspec_kw={"width_ratios": [1.6] + [2.6] * len(columns)})
     for row, (image, target) in enumerate(zip(images, targets)):
         axes[row][0].imshow(image.numpy(), interpolation="nearest")
         axes[row][0].set_xlabel(names[target], fontsize=7, color=GROUND_TRUTH)
         for column, (title, classes, probabilities) in enumerate(columns, start=1):
             axis = axes[row][column]
             for line, (cls, p) in enumerate(zip(classes[row].tolist(), probabilities[row].tolist())):
-                axis.text(0.02, 0.9 - 0.19 * line, f"{p:6.1%}  {names[cls][:28]}", fontsize=7, family="monospace",
+                axis.text(0.02, 0.9 - 0.19 * line, f"{p:6.1%}  {names[cls][:24]}", fontsize=7, family="monospace",
                           color=colour(target, cls, similarity), transform=axis.transAxes, va="top")
             if row == 0:
                 axis.set_title(title, fontsize=8)
@@ -356,6 +365,8 @@ def main(argv: list[str] | None = None) -> None:
             if found.soft is not None:
                 columns.append((f"{label}: Zipf soft label", found.soft, found.soft_p))
         check_same_val_set(args.runs, runs, predictions)
+        if similarity is not None:
+            print(f"similar@{k} by chance (non-target classes drawn at random): {similarity.chance(predictions[0].targets):.3f}")
         positions = pick_images(predictions, args.images, args.pick, args.seed)
         images = images_at(runs[0].val, positions)
     except (*user_errors(), TopPredictionsError) as error:
