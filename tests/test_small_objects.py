@@ -22,6 +22,7 @@ from zipfls_train.analysis.run_loading import load_run
 from zipfls_train.analysis.small_objects import (
     SmallObjectsError,
     box_share,
+    class_maps,
     main,
     read_boxes,
     size_bins,
@@ -167,8 +168,10 @@ def test_on_the_official_tiny_imagenet_slice_the_smallest_objects_are_scored_by_
     # Boxes of half the classes: the other half's images are left out, and said to be.
     half = tmp_path / "val_annotations.txt"
     half.write_text("".join("\t".join(row) + "\n" for row in rows if row[1] in wnids[:10]))
-    main([str(runs[0]), "--boxes", str(half), "--per-class", "5", "--device", "cpu"])
+    figure = tmp_path / "figure6.png"
+    main([str(runs[0]), "--boxes", str(half), "--per-class", "5", "--device", "cpu", "--figure", str(figure), "--figure-images", "3"])
     out = capsys.readouterr().out
+    assert figure.stat().st_size > 10_000 and f"figure: {figure}" in out
     assert "a box of their own class for 500 of 1000 val images (500 without: left out);" in out
     assert "the 5 smallest objects of each of 10 classes: 50 images" in out
     targets, right = correct_in_val_order(runs[0])
@@ -224,3 +227,22 @@ def test_boxes_of_another_dataset_are_refused(official_subset_root, run_tiny, tm
     annotations = official_subset_root / "tiny-imagenet-200/val/val_annotations.txt"
     with pytest.raises(SystemExit, match=r"val_annotations.txt has a box of its own class for none of the 100 val images: not the boxes of this dataset\?"):
         main([str(run), "--boxes", str(annotations), "--device", "cpu"])
+
+
+def test_class_maps_average_to_the_logit_and_are_the_classifier_on_each_pixel(run_tiny, tmp_path):
+    _, run_dir = run_tiny("loss=zipf", "trainer.max_steps_per_epoch=2")
+    run = load_run(run_dir, None, torch.device("cpu"))
+    inputs = next(iter(run.val.epoch(0))).inputs[:4]
+    classes = [3, 0, 9, 3]
+    maps, logits = class_maps(run.model, inputs, classes)
+    model = run.model.eval().double()
+    with torch.no_grad():
+        outputs = model(inputs.double(), features=("final",))
+    final, weight, bias = outputs.features["final"], model.classifier.weight.detach().double(), model.classifier.bias.detach().double()
+    assert maps.shape == (4, *final.shape[-2:])
+    for i, c in enumerate(classes):
+        # Pooling and the classifier are linear: the map's mean is the logit of its class.
+        assert float(maps[i].double().mean()) == pytest.approx(float(outputs.logits[i, c]), abs=1e-4)
+        y, x = 1, 2
+        assert float(maps[i, y, x]) == pytest.approx(float(weight[c] @ final[i, :, y, x] + bias[c]), abs=1e-4)
+    np.testing.assert_allclose(logits.numpy(), outputs.logits.numpy(), atol=1e-4)

@@ -4,12 +4,13 @@ config stored in the checkpoint), for the figure scripts (``zipf_fit``, ``featur
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 
 @dataclass
@@ -59,3 +60,24 @@ def load_run(path: Path, data_root: str | None, device: torch.device, default_ch
         ) from error
     model = model_from_checkpoint(state)  # auxiliary heads (training-only) left out
     return LoadedRun(model.to(device), data.val, cfg, checkpoint_path, list(data.classes))
+
+
+def inputs_at(loader, positions: Sequence[int]) -> Tensor:  # noqa: ANN001
+    """The ``loader``'s inputs (normalised, on its device) at ``positions`` (ascending, in the order
+    of ``loader.epoch(0)``), stacked; the loader is read only as far as the last of them."""
+    wanted, found, start = list(positions), [], 0
+    for batch in loader.epoch(0):
+        found += [batch.inputs[p - start] for p in wanted if start <= p < start + batch.size]
+        start += batch.size
+        if len(found) == len(wanted):
+            break
+    if len(found) != len(wanted):
+        raise IndexError(f"positions {wanted} reach past the loader's {start} images")
+    return torch.stack(found)
+
+
+def images_at(loader, positions: Sequence[int]) -> list[Tensor]:  # noqa: ANN001
+    """The images at ``positions`` as shown: un-normalised, H x W x 3 floats in [0, 1], on the CPU."""
+    mean = torch.tensor(loader.normalize.mean).view(3, 1, 1)
+    std = torch.tensor(loader.normalize.std).view(3, 1, 1)
+    return [(image.float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0) for image in inputs_at(loader, positions)]

@@ -10,6 +10,10 @@ a box of its class is left out, and counted. The ``--per-class`` smallest of eac
 chosen once, from the boxes, and every run is scored on the same images (ties: the earlier image
 in val order). The size quintiles are of all val images with a box.
 
+With --figure, the paper's Figure 6: the smallest of the chosen objects, and each run's class
+activation map of the true class over them (its classifier applied to every pixel of the final
+map), titled with the run's top-1 class.
+
 Boxes (--boxes), by what the path is:
 
 * a folder of PASCAL VOC ``.xml`` files (ImageNet's ``ILSVRC2012_bbox_val_v3.tgz``, or
@@ -22,6 +26,7 @@ Boxes (--boxes), by what the path is:
 
     python -m zipfls_train.analysis.small_objects RUN_CE RUN_ZIPF --boxes <imagenet>/LOC_val_solution.csv
     python -m zipfls_train.analysis.small_objects RUN... --boxes tiny-imagenet-200/val/val_annotations.txt --per-class 5
+    python -m zipfls_train.analysis.small_objects RUN_CE RUN_ZIPF --boxes <imagenet>/ILSVRC2012_bbox_val --figure fig6.png
 """
 
 from __future__ import annotations
@@ -35,9 +40,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch import Tensor, nn
 
-from .run_loading import LoadedRun, load_run
-from .top_predictions import check_same_val_set, predict
+from ..models.wrapper import unwrap
+from .run_loading import LoadedRun, images_at, inputs_at, load_run
+from .top_predictions import check_same_val_set, predict, wordnet_names
 
 TINYIMAGENET_SIZE = (64, 64)  # every image of the official Tiny ImageNet
 QUINTILES = (0.2, 0.4, 0.6, 0.8)
@@ -197,6 +205,54 @@ def size_bins(shares: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return edges, bins
 
 
+# --- Figure 6: where the models look on the smallest objects ------------------------------------------------
+@torch.no_grad()
+def class_maps(model: nn.Module, inputs: Tensor, classes: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """Class activation maps (Zhou et al., 2016; the paper's Figure 6) of ``classes[i]`` for input
+    i: the classifier's row of that class applied to every pixel of the final map, before any
+    upsample (N x h x w, float32; their mean over the pixels is the class's logit, as pooling and
+    the classifier are linear), and the logits (N x C)."""
+    model.eval()
+    with torch.autocast(inputs.device.type, enabled=False):
+        outputs = model(inputs, features=("final",))
+    classifier = unwrap(model).classifier
+    index = torch.as_tensor(list(classes), device=inputs.device)
+    maps = torch.einsum("ndhw,nd->nhw", outputs.features["final"].float(), classifier.weight.float()[index])
+    if classifier.bias is not None:
+        maps = maps + classifier.bias.float()[index][:, None, None]
+    return maps, outputs.logits.float()
+
+
+def plot_class_maps(images: list[Tensor], maps: list[Tensor], logits: list[Tensor], titles: list[str], targets: list[int],
+                    shares: list[float], names: list[str], path: Path):  # noqa: ANN201 - a Figure
+    """One row per image: the image, then each run's map of the target class over it (bilinear to
+    the image's size, scaled to [0, 1] per map) titled with its top-1 class, green when right."""
+    import torch.nn.functional as F
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(1.9 * (1 + len(titles)), 2.1 * len(images)))
+    axes = figure.subplots(len(images), 1 + len(titles), squeeze=False)
+    for row, (image, target, share) in enumerate(zip(images, targets, shares)):
+        axes[row][0].imshow(image.numpy(), interpolation="nearest")
+        axes[row][0].set_title(f"{names[target][:22]}\nobject {share:.1%} of the image", fontsize=7)
+        for column, title in enumerate(titles, start=1):
+            heat = F.interpolate(maps[column - 1][row][None, None].cpu(), size=image.shape[:2], mode="bilinear", align_corners=False)[0, 0]
+            heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-12)
+            probabilities = torch.softmax(logits[column - 1][row], dim=0)
+            top = int(probabilities.argmax())
+            axis = axes[row][column]
+            axis.imshow(image.numpy(), interpolation="nearest")
+            axis.imshow(heat.numpy(), cmap="jet", alpha=0.45, interpolation="nearest")
+            axis.set_title(f"{title}\n{names[top][:20]} {float(probabilities[top]):.0%}", fontsize=7, color="#1b5e20" if top == target else "#c62828")
+        for axis in axes[row]:
+            axis.set_xticks([])
+            axis.set_yticks([])
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=130)
+    return figure
+
+
 def _image_sizes(run: LoadedRun) -> Callable[[str], tuple[int, int] | None]:
     """stem -> (width, height) of the run's val file of that stem (read from its header), or None."""
     from PIL import Image
@@ -221,6 +277,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("runs", type=Path, nargs="+", help="run folders (their checkpoints/last.pt) or checkpoint files")
     parser.add_argument("--boxes", type=Path, required=True, help="VOC .xml folder, LOC_val_solution.csv or val_annotations.txt")
     parser.add_argument("--per-class", type=int, default=5, help="smallest objects taken per class (default 5, as the paper)")
+    parser.add_argument("--figure", type=Path, default=None, help="PNG of the runs' class activation maps on the smallest objects (Figure 6)")
+    parser.add_argument("--figure-images", type=int, default=6, help="images in --figure: the smallest of the chosen objects (default 6)")
     parser.add_argument("--data-root", default=None, help="override dataset.root stored in the checkpoints' configs")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
@@ -228,8 +286,8 @@ def main(argv: list[str] | None = None) -> None:
     from ..errors import user_errors
 
     try:
-        if args.per_class < 1:
-            raise SmallObjectsError(f"--per-class must be at least 1, got {args.per_class}")
+        if args.per_class < 1 or args.figure_images < 1:
+            raise SmallObjectsError(f"--per-class and --figure-images must be at least 1, got {args.per_class} and {args.figure_images}")
         device = resolve_device(args.device)
         runs = [load_run(path, args.data_root, device) for path in args.runs]
         correct = []
@@ -263,6 +321,15 @@ def main(argv: list[str] | None = None) -> None:
               f"({int(right[chosen].sum())}/{len(chosen)})  all val images: {100 * right.mean():.2f}%  "
               f"those with a box: {100 * right[boxed].mean():.2f}%  "
               f"by object-area quintile, smallest first: " + " / ".join(f"{100 * a:.2f}" for a in by_bin), flush=True)  # fmt: skip
+
+    if args.figure is not None:
+        shown = sorted(chosen.tolist(), key=lambda i: (shares[i], i))[: args.figure_images]
+        in_order = sorted(shown)  # (the loaders are read in val order)
+        classes = [int(targets[i]) for i in in_order]
+        maps, logits = zip(*(class_maps(run.model, inputs_at(run.val, in_order), classes) for run in runs))
+        plot_class_maps(images_at(runs[0].val, in_order), list(maps), list(logits), [f"{run.cfg.loss.name} ({path.name})" for path, run in zip(args.runs, runs)],
+                        classes, [float(shares[i]) for i in in_order], wordnet_names(runs[0].classes), args.figure)  # fmt: skip
+        print(f"figure: {args.figure}")
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .run_loading import LoadedRun, load_run
+from .run_loading import LoadedRun, images_at, load_run
 
 GROUND_TRUTH, SIMILAR, IRRELEVANT, UNRATED = "#1b5e20", "#7cb342", "#c62828", "#616161"
 
@@ -259,20 +259,6 @@ def pick_images(predictions: Sequence[Predictions], count: int, how: str, seed: 
     return candidates[order].sort().values
 
 
-def images_at(loader, positions: Tensor) -> list[Tensor]:  # noqa: ANN001
-    """The val images at ``positions`` (ascending), un-normalised: H x W x 3 floats in [0, 1]."""
-    mean = torch.tensor(loader.normalize.mean).view(3, 1, 1)
-    std = torch.tensor(loader.normalize.std).view(3, 1, 1)
-    wanted, found, start = positions.tolist(), [], 0
-    for batch in loader.epoch(0):
-        size = batch.size
-        found += [batch.inputs[p - start].float().cpu() for p in wanted if start <= p < start + size]
-        start += size
-        if len(found) == len(wanted):
-            break
-    return [(image * std + mean).clamp(0, 1).permute(1, 2, 0) for image in found]
-
-
 # --- the figure -----------------------------------------------------------------------------------------
 def colour(target: int, cls: int, similarity: Similarity | None) -> str:
     if cls == target:
@@ -368,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
         if similarity is not None:
             print(f"similar@{k} by chance (non-target classes drawn at random): {similarity.chance(predictions[0].targets):.3f}")
         positions = pick_images(predictions, args.images, args.pick, args.seed)
-        images = images_at(runs[0].val, positions)
+        images = images_at(runs[0].val, positions.tolist())
     except (*user_errors(), TopPredictionsError) as error:
         raise SystemExit(f"error: {error}") from None
     targets = predictions[0].targets[positions].tolist()
