@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .run_loading import LoadedRun, load_run
+from .run_loading import add_run_arguments, load_runs, run_title
 
 PERPLEXITY = 30.0
 STEPS = 1000
@@ -210,11 +210,6 @@ def pooled_features(model: nn.Module, loader, classes: Tensor, device: torch.dev
     return torch.cat(features), torch.cat(labels)
 
 
-def method_label(run: LoadedRun) -> str:
-    """The panel's name: ``loss.name`` (the run folder's name beside it tells variants apart)."""
-    return str(run.cfg.loss.name)
-
-
 def plot(panels: list[tuple[str, Tensor, Tensor, Separation]], path: Path):  # noqa: ANN201 - a Figure
     from matplotlib.figure import Figure
 
@@ -233,20 +228,16 @@ def plot(panels: list[tuple[str, Tensor, Tensor, Separation]], path: Path):  # n
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", type=Path, nargs="+", help="run folders (their checkpoints/last.pt) or checkpoint files, one panel each")
+    add_run_arguments(parser, ", one panel each")
     parser.add_argument("--classes", type=int, default=50, help="classes drawn at random (default 50, as the paper; all if the runs have fewer)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the class draw")
     parser.add_argument("--perplexity", type=float, default=PERPLEXITY)
-    parser.add_argument("--data-root", default=None, help="override dataset.root stored in the checkpoints' configs")
     parser.add_argument("--out", type=Path, default=Path("feature_space.png"), help="PNG path (default: feature_space.png)")
-    parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
-    from ..engine.distributed import resolve_device
     from ..errors import user_errors
 
     try:
-        device = resolve_device(args.device)
-        runs = [load_run(path, args.data_root, device) for path in args.runs]
+        device, runs = load_runs(args)
         counts = {int(run.model.num_classes) for run in runs}
         if len(counts) > 1:
             raise FeatureSpaceError(f"the runs classify different numbers of classes ({sorted(counts)}): they were not trained on one dataset")
@@ -259,12 +250,12 @@ def main(argv: list[str] | None = None) -> None:
             except FeatureSpaceError as error:
                 raise FeatureSpaceError(f"{path}: {error}") from None
             absent = len(classes) - separation.classes
-            print(f"{path}: loss={method_label(run)}  {separation.samples} images of {separation.classes} classes"
+            print(f"{path}: loss={run.cfg.loss.name}  {separation.samples} images of {separation.classes} classes"
                   + (f" ({absent} of the {len(classes)} drawn have no val image)" if absent else "")
                   + f"  intra {separation.intra:.4f}  inter {separation.inter:.4f}  intra/inter {separation.ratio:.4f}", flush=True)
             embedding = tsne(features, args.perplexity)
             print(f"  t-SNE: KL {embedding.kl_at_start:.3f} -> {embedding.kl:.3f}", flush=True)
-            panels.append((f"{method_label(run)} ({path.name})", embedding.points, labels, separation))
+            panels.append((run_title(path, run), embedding.points, labels, separation))
     except (*user_errors(), FeatureSpaceError) as error:
         raise SystemExit(f"error: {error}") from None
     plot(panels, args.out)

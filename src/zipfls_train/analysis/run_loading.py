@@ -22,6 +22,26 @@ class LoadedRun:
     classes: list[str]  # the class ids, by label (wnids for the ImageNet family)
 
 
+def add_run_arguments(parser, runs_help: str) -> None:  # noqa: ANN001 - an ArgumentParser
+    """The runs (one or more) and the options every multi-run figure command takes."""
+    parser.add_argument("runs", type=Path, nargs="+", help=f"run folders (their checkpoints/last.pt) or checkpoint files{runs_help}")
+    parser.add_argument("--data-root", default=None, help="override dataset.root stored in the checkpoints' configs")
+    parser.add_argument("--device", default="auto")
+
+
+def load_runs(args) -> tuple[torch.device, list[LoadedRun]]:  # noqa: ANN001 - parsed arguments
+    """The device asked for and the runs of ``add_run_arguments``' options, read onto it."""
+    from ..engine.distributed import resolve_device
+
+    device = resolve_device(args.device)
+    return device, [load_run(path, args.data_root, device) for path in args.runs]
+
+
+def run_title(path: Path, run: LoadedRun) -> str:
+    """A run's name in a figure: its method, and its folder's name (which tells variants apart)."""
+    return f"{run.cfg.loss.name} ({path.name})"
+
+
 def load_run(path: Path, data_root: str | None, device: torch.device, default_checkpoint: str = "last.pt") -> LoadedRun:
     """A run folder (its ``checkpoints/<default_checkpoint>``) or a checkpoint file. ``data_root``
     replaces the stored ``dataset.root`` (the run may have trained on another machine, or from

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models.wrapper import unwrap
-from .run_loading import LoadedRun, images_at, inputs_at, load_run
+from .run_loading import LoadedRun, add_run_arguments, images_at, inputs_at, load_runs, run_title
 from .top_predictions import check_same_val_set, predict, wordnet_names
 
 TINYIMAGENET_SIZE = (64, 64)  # every image of the official Tiny ImageNet
@@ -274,22 +274,18 @@ def _image_sizes(run: LoadedRun) -> Callable[[str], tuple[int, int] | None]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", type=Path, nargs="+", help="run folders (their checkpoints/last.pt) or checkpoint files")
+    add_run_arguments(parser, "")
     parser.add_argument("--boxes", type=Path, required=True, help="VOC .xml folder, LOC_val_solution.csv or val_annotations.txt")
     parser.add_argument("--per-class", type=int, default=5, help="smallest objects taken per class (default 5, as the paper)")
     parser.add_argument("--figure", type=Path, default=None, help="PNG of the runs' class activation maps on the smallest objects (Figure 6)")
     parser.add_argument("--figure-images", type=int, default=6, help="images in --figure: the smallest of the chosen objects (default 6)")
-    parser.add_argument("--data-root", default=None, help="override dataset.root stored in the checkpoints' configs")
-    parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
-    from ..engine.distributed import resolve_device
     from ..errors import user_errors
 
     try:
         if args.per_class < 1 or args.figure_images < 1:
             raise SmallObjectsError(f"--per-class and --figure-images must be at least 1, got {args.per_class} and {args.figure_images}")
-        device = resolve_device(args.device)
-        runs = [load_run(path, args.data_root, device) for path in args.runs]
+        device, runs = load_runs(args)
         correct = []
         predictions = []
         for run in runs:
@@ -327,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
         in_order = sorted(shown)  # (the loaders are read in val order)
         classes = [int(targets[i]) for i in in_order]
         maps, logits = zip(*(class_maps(run.model, inputs_at(run.val, in_order), classes) for run in runs))
-        plot_class_maps(images_at(runs[0].val, in_order), list(maps), list(logits), [f"{run.cfg.loss.name} ({path.name})" for path, run in zip(args.runs, runs)],
+        plot_class_maps(images_at(runs[0].val, in_order), list(maps), list(logits), [run_title(path, run) for path, run in zip(args.runs, runs)],
                         classes, [float(shares[i]) for i in in_order], wordnet_names(runs[0].classes), args.figure)  # fmt: skip
         print(f"figure: {args.figure}")
 

@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .run_loading import LoadedRun, images_at, load_run
+from .run_loading import LoadedRun, add_run_arguments, images_at, load_runs, run_title
 
 GROUND_TRUTH, SIMILAR, IRRELEVANT, UNRATED = "#1b5e20", "#7cb342", "#c62828", "#616161"
 
@@ -303,7 +303,7 @@ def check_same_val_set(paths: Sequence[Path], runs: Sequence[LoadedRun], predict
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", type=Path, nargs="+", help="run folders (their checkpoints/last.pt) or checkpoint files, one column each")
+    add_run_arguments(parser, ", one column each")
     parser.add_argument("--images", type=int, default=6, help="val images shown (default 6)")
     parser.add_argument("--pick", choices=("random", "disagree"), default="random", help="how the images are drawn (default random)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the image draw and of random soft labels")
@@ -311,18 +311,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--class-names", type=Path, default=None, help="'<id> <name>' lines (default: WordNet's lemmas for WordNet ids)")
     parser.add_argument("--hierarchy", type=Path, default=None, help="WordNet's data.noun, or '<parent id> <child id>' lines (wordnet.is_a.txt)")
     parser.add_argument("--similar-within", type=int, default=2, help="is-a steps to the shared ancestor of similar classes (default 2)")
-    parser.add_argument("--data-root", default=None, help="override dataset.root stored in the checkpoints' configs")
     parser.add_argument("--out", type=Path, default=Path("top_predictions.png"), help="PNG path (default: top_predictions.png)")
-    parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
-    from ..engine.distributed import resolve_device
     from ..errors import user_errors
 
     try:
         if args.images < 1 or args.top < 1:
             raise TopPredictionsError(f"--images and --top must be at least 1, got {args.images} and {args.top}")
-        device = resolve_device(args.device)
-        runs = [load_run(path, args.data_root, device) for path in args.runs]
+        device, runs = load_runs(args)
         classes = runs[0].classes
         names = read_class_names(args.class_names, classes) if args.class_names else wordnet_names(classes)
         similarity = None
@@ -346,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
             if method is not None and list(run.cfg.loss.stages) != ["final"]:
                 line += f"  (soft label from the final map's votes alone; the run voted with {list(run.cfg.loss.stages)})"
             print(line, flush=True)
-            label = f"{run.cfg.loss.name} ({path.name})"
+            label = run_title(path, run)
             columns.append((label, found.top, found.top_p))
             if found.soft is not None:
                 columns.append((f"{label}: Zipf soft label", found.soft, found.soft_p))
