@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .figures import save, without_ticks
 from .run_loading import add_run_arguments, load_runs, run_title
 
 PERPLEXITY = 30.0
@@ -218,12 +219,8 @@ def plot(panels: list[tuple[str, Tensor, Tensor, Separation]], path: Path):  # n
     for axis, (title, points, labels, separation) in zip(axes, panels):
         axis.scatter(points[:, 0], points[:, 1], c=labels, cmap="gist_ncar", s=3, linewidths=0)
         axis.set_title(f"{title}\nintra/inter {separation.ratio:.3f}", fontsize=9)
-        axis.set_xticks([])
-        axis.set_yticks([])
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    return figure
+    without_ticks(axes)
+    return save(figure, path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models.wrapper import unwrap
+from .figures import save, without_ticks
 from .run_loading import LoadedRun, add_run_arguments, images_at, inputs_at, load_runs, run_title
 from .top_predictions import check_same_val_set, predict, wordnet_names
 
@@ -244,13 +245,8 @@ def plot_class_maps(images: list[Tensor], maps: list[Tensor], logits: list[Tenso
             axis.imshow(image.numpy(), interpolation="nearest")
             axis.imshow(heat.numpy(), cmap="jet", alpha=0.45, interpolation="nearest")
             axis.set_title(f"{title}\n{names[top][:20]} {float(probabilities[top]):.0%}", fontsize=7, color="#1b5e20" if top == target else "#c62828")
-        for axis in axes[row]:
-            axis.set_xticks([])
-            axis.set_yticks([])
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=130)
-    return figure
+    without_ticks(axes.flat)
+    return save(figure, path, dpi=130)
 
 
 def _image_sizes(run: LoadedRun) -> Callable[[str], tuple[int, int] | None]:

@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .figures import save, without_ticks
 from .run_loading import LoadedRun, add_run_arguments, images_at, load_runs, run_title
 
 GROUND_TRUTH, SIMILAR, IRRELEVANT, UNRATED = "#1b5e20", "#7cb342", "#c62828", "#616161"
@@ -285,13 +286,8 @@ def plot(images: list[Tensor], targets: list[int], columns: list[tuple[str, Tens
                           color=colour(target, cls, similarity), transform=axis.transAxes, va="top")
             if row == 0:
                 axis.set_title(title, fontsize=8)
-        for axis in axes[row]:
-            axis.set_xticks([])
-            axis.set_yticks([])
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=130)
-    return figure
+    without_ticks(axes.flat)
+    return save(figure, path, dpi=130)
 
 
 def check_same_val_set(paths: Sequence[Path], runs: Sequence[LoadedRun], predictions: Sequence[Predictions]) -> None:

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from ..engine.distributed import all_reduce_sum
 from ..loss_options import IMPLEMENTATION_OPTIONS
+from .figures import save
 from .run_loading import load_run
 
 
@@ -104,10 +105,7 @@ def plot(curves: dict[str, Tensor], fit: ZipfFit, title: str, path: Path):  # no
     axis.set_ylabel("probability")
     axis.set_title(title, fontsize=9)
     axis.legend(fontsize=8)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    return figure
+    return save(figure, path, dpi=120)
 
 
 # Loss options that say how a run computes, not what (or, the name, are in the title already): left
