@@ -72,7 +72,7 @@ def test_malformed_box_files_name_the_file_and_line(tmp_path):
         read_boxes(bad, lambda stem: None)
     csv_file = tmp_path / "solution.csv"
     csv_file.write_text("ImageId,PredictionString\nx,n1 0 0 1\n")
-    with pytest.raises(SmallObjectsError, match=r"solution.csv, line 2: PredictionString should be '<wnid> <x0> <y0> <x1> <y1>' repeated"):
+    with pytest.raises(SmallObjectsError, match=r"solution.csv, line 2: expected '<wnid> <x0> <y0> <x1> <y1>' \(repeated for more boxes\) with numbers"):
         read_boxes(csv_file, lambda stem: (10, 10))
     (tmp_path / "xml").mkdir()
     (tmp_path / "xml" / "a.xml").write_text("<annotation><filename>a</filename></annotation>")
@@ -80,6 +80,10 @@ def test_malformed_box_files_name_the_file_and_line(tmp_path):
         read_boxes(tmp_path / "xml", lambda stem: None)
     with pytest.raises(SmallObjectsError, match=r"absent does not exist"):
         read_boxes(tmp_path / "absent", lambda stem: None)
+    for name in ("binary.txt", "binary.csv"):
+        (tmp_path / name).write_bytes(b"\xff\xfe\x00\x01")
+        with pytest.raises(SmallObjectsError, match=rf"{name} \(or a file in it\) is not UTF-8 text"):
+            read_boxes(tmp_path / name, lambda stem: (10, 10))
 
 
 def test_the_smallest_objects_of_each_class_ties_to_the_earlier_image():
@@ -95,6 +99,10 @@ def test_size_quintiles_of_a_hand_example():
     edges, bins = size_bins(shares)
     np.testing.assert_allclose(edges, [0.28, 0.46, 0.64, 0.82])  # numpy's linear quantiles of 0.1 .. 1.0
     assert bins.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, -1]
+    # An image on an edge is in the quintile that edge closes ("<= edge"), however many share it.
+    edges, bins = size_bins(np.array([0.1, 0.2, 0.2, 0.2, 0.2, 0.5, 0.6, 0.7, 0.8, 1.0]))
+    np.testing.assert_allclose(edges, [0.2, 0.2, 0.54, 0.72])
+    assert bins.tolist() == [0, 0, 0, 0, 0, 2, 3, 3, 4, 4]
 
 
 def test_a_packs_val_images_are_placed_by_their_file_numbers_within_each_class():
@@ -106,6 +114,8 @@ def test_a_packs_val_images_are_placed_by_their_file_numbers_within_each_class()
     assert val_stems(run, np.array([0, 1, 1, 0, 0]), boxes) == ["val_1", "val_2", "val_3", "val_7", "val_10"]
     with pytest.raises(SmallObjectsError, match="the boxes list 2 val image"):
         val_stems(run, np.array([1, 1, 1]), boxes)
+    boxes["val_99"] = []  # (a VOC file listing no object: no class to place it in)
+    assert val_stems(run, np.array([0, 0, 0, 1, 1]), boxes) == ["val_1", "val_7", "val_10", "val_2", "val_3"]
     run.classes = ["a", "b", "c"]  # a class the boxes do not list: its images have none
     assert val_stems(run, np.array([0, 2, 1]), boxes) == ["val_1", None, "val_2"]
     run.cfg.dataset.name = "cifar100"
@@ -215,11 +225,27 @@ def test_imagenet_runs_are_scored_on_the_images_whose_object_is_smallest(tmp_pat
     assert numbers["smallest"] == pytest.approx(100 * right.mean(), abs=0.006) == numbers["all"]
     share = np.array([sides[n] ** 2 / (sizes[n][0] * sizes[n][1]) for n in names])
     edges = np.quantile(share, [0.2, 0.4, 0.6, 0.8])
-    assert "object-area quintiles, % of the image: " + " | ".join(f"<= {100 * e:.1f}" for e in edges) in out
+    bins = np.searchsorted(edges, share, side="left")
+    assert ("object-area quintiles, % of the image: " + " | ".join(f"<= {100 * e:.1f}" for e in edges) + f" | > {100 * edges[-1]:.1f}"
+            + "  (images: " + " / ".join(str(int((bins == b).sum())) for b in range(5)) + ")") in out  # fmt: skip
     line = [line for line in out.splitlines() if line.startswith(f"{tmp_path / 'run'}: ")][0]
     by_bin = [float(v) for v in line.split("smallest first: ")[1].split(" / ")]
-    bins = np.searchsorted(edges, share, side="right")
     np.testing.assert_allclose(by_bin, [100 * right[bins == b].mean() for b in range(5)], atol=0.006)
+
+
+def test_options_runs_of_other_datasets_and_the_figure_path_are_refused_in_one_line(run_tiny, tmp_path, official_subset_root):
+    annotations = str(official_subset_root / "tiny-imagenet-200/val/val_annotations.txt")
+    for options, message in [
+        (["--per-class", "0"], r"--per-class must be at least 1, got 0"),
+        (["--figure-images", "0"], r"--figure-images must be at least 1, got 0"),
+        (["--figure", str(tmp_path)], rf"{re.escape(str(tmp_path))} is a folder: give the figure's file name"),
+    ]:
+        with pytest.raises(SystemExit, match=f"error: {message}"):
+            main([str(tmp_path / "no-run"), "--boxes", annotations, *options, "--device", "cpu"])
+    _, ten = run_tiny("loss=ce", "trainer.max_steps_per_epoch=1", run_dir=tmp_path / "ten")
+    _, five = run_tiny("loss=ce", "trainer.max_steps_per_epoch=1", "dataset.num_classes_subset=5", run_dir=tmp_path / "five")
+    with pytest.raises(SystemExit, match=rf"error: {re.escape(str(five))} classifies other classes than"):
+        main([str(ten), str(five), "--boxes", annotations, "--device", "cpu"])
 
 
 def test_boxes_of_another_dataset_are_refused(official_subset_root, run_tiny, tmp_path):

@@ -1,7 +1,6 @@
-"""Figure 4 (analysis/top_predictions.py): the class hierarchy's notion of "similar" on a hand-made
-tree, ranking and the share of similar classes on hand examples, and the command on real run
-folders, its numbers recomputed here in numpy and its Zipf soft labels from an explicit per-pixel
-loop over the dense map."""
+"""Figure 4 (analysis/top_predictions.py): ranking and the drawing of images on hand examples, and the
+command on real run folders, its numbers recomputed here in numpy and its soft labels from an
+explicit per-pixel loop over the dense maps (the hierarchy itself: test_classes.py)."""
 
 from __future__ import annotations
 
@@ -13,137 +12,7 @@ import pytest
 import torch
 
 from zipfls_train.analysis.run_loading import load_run
-from zipfls_train.analysis.top_predictions import (
-    Predictions,
-    Similarity,
-    TopPredictionsError,
-    ancestors_within,
-    main,
-    pick_images,
-    ranked,
-    read_class_names,
-    read_hierarchy,
-    read_wordnet_nouns,
-    wordnet_names,
-)
-
-# animal -> mammal -> dog -> {c0, c1};  mammal -> cat -> c2;  animal -> bird -> c3
-# thing -> tool -> c4;  thing -> c5 and vehicle -> c5 (two parents, as in WordNet)
-HAND_TREE = """animal mammal
-mammal dog
-mammal cat
-dog c0
-dog c1
-cat c2
-animal bird
-bird c3
-thing tool
-tool c4
-
-thing c5
-vehicle c5
-"""
-CLASSES = ["c0", "c1", "c2", "c3", "c4", "c5"]
-
-
-def hand_similarity(tmp_path: Path, within: int, classes=CLASSES) -> Similarity:  # noqa: ANN001
-    path = tmp_path / "is_a.txt"
-    path.write_text(HAND_TREE)
-    return Similarity(classes, read_hierarchy(path), within, path)
-
-
-def test_ancestors_follow_every_parent_up_to_the_step_limit(tmp_path):
-    parents = read_hierarchy(_write(tmp_path / "is_a.txt", HAND_TREE))
-    assert parents["c5"] == {"thing", "vehicle"} and parents["mammal"] == {"animal"}
-    assert ancestors_within("c0", parents, 0) == {"c0"}
-    assert ancestors_within("c0", parents, 2) == {"c0", "dog", "mammal"}
-    assert ancestors_within("c0", parents, 9) == {"c0", "dog", "mammal", "animal"}
-    assert ancestors_within("c5", parents, 1) == {"c5", "thing", "vehicle"}
-
-
-@pytest.mark.parametrize(
-    ("within", "similar_pairs"),
-    [
-        (1, {(0, 1)}),  # siblings only
-        (2, {(0, 1), (0, 2), (1, 2), (4, 5)}),  # + cousins (mammal), and c4 (2 up) with c5 (1 up) under thing
-        (3, {(0, 1), (0, 2), (1, 2), (4, 5), (0, 3), (1, 3), (2, 3)}),  # + every animal
-    ],
-)
-def test_similar_classes_share_an_ancestor_within_the_steps(tmp_path, within, similar_pairs):
-    similarity = hand_similarity(tmp_path, within)
-    for a in range(6):
-        for b in range(6):
-            assert similarity(a, b) == ((min(a, b), max(a, b)) in similar_pairs), (a, b)
-
-
-def test_the_share_of_similar_classes_of_a_hand_example(tmp_path):
-    similarity = hand_similarity(tmp_path, 2)
-    targets = torch.tensor([0, 4])
-    chosen = torch.tensor([[1, 3, 2], [5, 0, 1]])  # similar: 1, 2 | 5  ->  3 of 6
-    assert similarity.share(targets, chosen) == pytest.approx(0.5)
-    # c0 has 2 similar classes among its 5 others, c3 none: at random, (2/5 + 0) / 2.
-    assert similarity.chance(torch.tensor([0, 3])) == pytest.approx(0.2)
-    assert similarity.chance(torch.tensor([0, 0, 3, 4])) == pytest.approx((0.4 + 0.4 + 0 + 0.2) / 4)
-
-
-def test_a_class_outside_the_hierarchy_is_similar_to_none_and_a_file_of_other_ids_is_refused(tmp_path):
-    similarity = hand_similarity(tmp_path, 5, classes=["c0", "c1", "zebra"])
-    assert similarity.missing == ["zebra"] and similarity(0, 1) and not similarity(0, 2)
-    with pytest.raises(TopPredictionsError, match=r"is_a.txt places none of the runs' 2 classes \(e.g. 'n1'\) under a parent"):
-        hand_similarity(tmp_path, 2, classes=["n1", "n2"])
-    with pytest.raises(TopPredictionsError, match="--similar-within must be at least 1"):
-        hand_similarity(tmp_path, 0)
-
-
-def test_malformed_files_name_the_file_and_line(tmp_path):
-    with pytest.raises(TopPredictionsError, match=r"bad.txt, line 2: 'lonely' has one field, expected '<parent id> <child id>'"):
-        read_hierarchy(_write(tmp_path / "bad.txt", "a b\nlonely\n"))
-    with pytest.raises(TopPredictionsError, match=r"bad.txt, line 1: a 'b c' has more than two fields"):
-        read_hierarchy(_write(tmp_path / "bad.txt", "a b c\n"))
-    with pytest.raises(TopPredictionsError, match=r"cannot read .*absent.txt"):
-        read_hierarchy(tmp_path / "absent.txt")
-
-
-# Lines of WordNet 3.0's data.noun, as the file has them (two trailing spaces included).
-WORDNET_LINES = """  1 This software and database is being provided to you, the LICENSEE, by  
-  2 Princeton University under the following license.  By obtaining, using  
-00060548 04 n 02 Hegira 1 Hejira 1 001 @i 00058743 n 0000 | the flight of Muhammad from Mecca to Medina in 622 which marked the beginning of the Muslim era; the Muslim calendar begins in that year  
-01443537 05 n 02 goldfish 0 Carassius_auratus 0 003 @ 01439121 n 0000 #m 01443398 n 0000 ~ 01443736 n 0000 | small golden or orange-red freshwater fishes of Eurasia used as pond or aquarium fishes  
-02121620 05 n 02 cat 0 true_cat 0 003 @ 02120997 n 0000 ~ 02121808 n 0000 ~ 02124623 n 0000 | feline mammal usually having thick soft fur and no ability to roar: domestic cats; wildcats  
-02121808 05 n 04 domestic_cat 0 house_cat 0 Felis_domesticus 0 Felis_catus 0 005 @ 02121620 n 0000 @ 01317541 n 0000 #m 02121234 n 0000 ~ 02123045 n 0000 ~ 02124075 n 0000 | any domesticated member of the genus Felis  
-02123045 05 n 02 tabby 1 tabby_cat 0 001 @ 02121808 n 0000 | a cat with a grey or tawny coat mottled with black  
-02124075 05 n 01 Egyptian_cat 0 001 @ 02121808 n 0000 | a domestic cat of Egypt  
-"""
-
-
-def test_wordnets_data_noun_gives_each_synset_its_hypernyms_as_imagenet_ids(tmp_path):
-    path = _write(tmp_path / "data.noun", WORDNET_LINES)
-    parents = read_hierarchy(path)  # (the file's name says how to read it)
-    assert parents == read_wordnet_nouns(path) == {
-        "n00060548": {"n00058743"},  # an instance hypernym (@i)
-        "n01443537": {"n01439121"},  # not the member holonym (#m) nor the hyponyms (~)
-        "n02121620": {"n02120997"},
-        "n02121808": {"n02121620", "n01317541"},  # domestic cat: a cat and a domestic animal
-        "n02123045": {"n02121808"},
-        "n02124075": {"n02121808"},
-    }
-    similarity = Similarity(["n02123045", "n02124075", "n01443537"], parents, 1, path)
-    assert similarity(0, 1) and not similarity(0, 2)  # tabby and Egyptian cat: both domestic cats
-    with pytest.raises(TopPredictionsError, match=r"data.noun, line 2: not a WordNet data.noun entry"):
-        read_hierarchy(_write(tmp_path / "bad" / "data.noun", "02124075 05 n 01 Egyptian_cat 0 001 @ 02121808 n 0000 | ok\n02123045 05 n\n"))
-
-
-def test_class_names_take_the_first_name_of_words_txt_lines(tmp_path):
-    words = _write(tmp_path / "words.txt", "c0\tLabrador retriever, lab\nc1\tbeagle\nother\tnot ours\n")
-    assert read_class_names(words, ["c0", "c1", "c9"]) == ["Labrador retriever", "beagle", "c9"]
-    with pytest.raises(TopPredictionsError, match=r"words.txt names none of the runs' 2 classes \(e.g. 'x'\)"):
-        read_class_names(words, ["x", "y"])
-
-
-def test_wordnet_ids_are_named_by_their_first_lemma_without_a_file():
-    # WordNet 3.0: n01443537 "goldfish, Carassius auratus"; n02123045 "tabby, tabby cat".
-    assert wordnet_names(["n01443537", "n02123045", "cat", "n99999999"]) == ["goldfish", "tabby", "cat", "n99999999"]
-
+from zipfls_train.analysis.top_predictions import Predictions, TopPredictionsError, main, pick_images, ranked
 
 def test_ranked_breaks_ties_by_class_index():
     values, indices = ranked(torch.tensor([[1.0, 3.0, 3.0, 0.0], [0.0, 0.0, 0.0, 5.0]]), 3)
@@ -152,7 +21,7 @@ def test_ranked_breaks_ties_by_class_index():
 
 def _predictions(first: list[int]) -> Predictions:
     top = torch.tensor(first)[:, None]
-    return Predictions(targets=torch.zeros(len(first), dtype=torch.long), top=top, top_p=top.float(), non_target=top)
+    return Predictions(targets=torch.zeros(len(first), dtype=torch.long), top=top, top_p=top.float())
 
 
 def test_disagree_draws_only_images_whose_top1_differs():
@@ -200,38 +69,92 @@ def test_the_command_prints_each_runs_numbers_and_the_zipf_soft_label_of_the_ima
         non_target = [[c for c in row if c != t][:5] for row, t in zip(order, targets)]
         similar = np.mean([[c // 2 == t // 2 for c in row] for row, t in zip(non_target, targets)])
         assert printed["similar@5"] == pytest.approx(similar, abs=6e-4)
-    # The images shown (seed 2), and the Zipf run's soft label of each from its own dense votes: the
-    # bilinear x2 map classified pixel by pixel in float64, ranks with ties at the smallest, 1/rank.
+    # The Zipf run's soft labels from its own dense votes (per pixel, float64), for every val image:
+    # similar@5 with a tie at the 5th place shared out in proportion.
+    targets, labels = reference_soft_labels(zipf, ["final"])
+    order = np.argsort(-labels, axis=1, kind="stable")
+    fifth = labels[np.arange(len(labels)), order[:, 4]]
+    expected = []
+    for label, target, value in zip(labels, targets, fifth):
+        similar = np.array([c // 2 == target // 2 and c != target for c in range(10)])
+        above, tied = label > value, label == value
+        expected.append(np.sum(above & similar) + (5 - above.sum()) * np.sum(tied & similar) / tied.sum())
+    soft_similar = float(re.search(r"Zipf soft label similar@5 ([0-9.]+)", lines[str(zipf)]).group(1))
+    assert soft_similar == pytest.approx(np.mean(expected) / 5, abs=6e-4)
+    assert np.mean([np.sum(labels[i] == fifth[i]) > 1 for i in range(len(labels))]) > 0.2  # (ties at the 5th place: common)
+    # The images shown (seed 2), each with its soft label's 5 largest classes, "*" where a tie goes on past the 5th.
     shown = [int(m) for m in re.findall(r"^val image (\d+) \(name\d\):$", out, flags=re.M)]
     assert len(shown) == 12 and shown == sorted(shown)
     soft_lines = [line for line in out.splitlines() if "Zipf soft label:" in line]
     assert len(soft_lines) == 12
-    targets, _, final_maps, (weight, bias) = _evaluate(zipf)
-    voted = []
     for position, line in zip(shown, soft_lines):
-        upsampled = torch.nn.functional.interpolate(final_maps[position : position + 1], scale_factor=2, mode="bilinear", align_corners=False)[0]
-        counts = np.zeros(10)
-        for y in range(upsampled.shape[1]):
-            for x in range(upsampled.shape[2]):
-                counts[int(np.argmax(weight @ upsampled[:, y, x].numpy() + bias))] += 1
-        voted.append(int(np.count_nonzero(counts)))
-        ranks = np.array([1 + np.sum(counts > c) for c in counts])
-        label = 1.0 / ranks
-        label[targets[position]] = 0
-        label /= label.sum()
-        expected = np.argsort(-label, kind="stable")[:5]
-        entries = re.findall(r"name(\d) ([0-9.]+)%", line.split("Zipf soft label:")[1])
-        assert [int(c) for c, _ in entries] == expected.tolist()
-        np.testing.assert_allclose([float(p) for _, p in entries], 100 * label[expected], atol=0.051)
-    assert max(voted) >= 3  # (3 epochs: the votes of an image are split, so the ranks are not all tied)
+        entries = re.findall(r"name(\d)(\*?) ([0-9.]+)%", line.split("Zipf soft label:")[1])
+        assert [int(c) for c, _, _ in entries] == order[position, :5].tolist()
+        np.testing.assert_allclose([float(p) for _, _, p in entries], 100 * labels[position, order[position, :5]], atol=0.051)
+        sixth = labels[position, order[position, 5]]
+        assert [star == "*" for _, star, _ in entries] == (labels[position, order[position, :5]] == sixth).tolist()
+    assert max(np.count_nonzero(labels[i] < labels[i].max()) for i in shown) >= 3  # (votes split: ranks not all tied)
 
 
-def test_runs_of_other_val_images_are_refused(run_tiny, tmp_path):
+def reference_soft_labels(run_dir: Path, stages: list[str], alpha: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Targets and Zipf soft labels (N x C, float64) of a run's val images, from SPEC.md's equations:
+    each stage's map upsampled bilinearly x2 and classified pixel by pixel by its classifier (the
+    final one's, or the stage's auxiliary head's), one vote per pixel, ranks 1 + #{larger counts}
+    over all classes, P_c proportional to rank_c^-alpha off the target."""
+    run = load_run(run_dir, None, torch.device("cpu"), aux_heads=True)
+    model = run.model.eval().double()
+    voters = {stage: model.classifier if stage == "final" else model.aux_heads[stage].fc for stage in stages}
+    targets, labels = [], []
+    with torch.no_grad():
+        for batch in run.val.epoch(0):
+            outputs = model(batch.inputs.double(), features=tuple(stages))
+            for i, target in enumerate(batch.targets.tolist()):
+                counts = np.zeros(model.num_classes)
+                for stage, voter in voters.items():
+                    upsampled = torch.nn.functional.interpolate(outputs.features[stage][i : i + 1], scale_factor=2, mode="bilinear",
+                                                                align_corners=False)[0].numpy()  # fmt: skip
+                    weight, bias = voter.weight.detach().numpy(), voter.bias.detach().numpy()
+                    for y in range(upsampled.shape[1]):
+                        for x in range(upsampled.shape[2]):
+                            counts[int(np.argmax(weight @ upsampled[:, y, x] + bias))] += 1
+                ranks = np.array([1 + np.sum(counts > c) for c in counts])
+                label = ranks ** -alpha
+                label[target] = 0
+                labels.append(label / label.sum())
+                targets.append(target)
+    return np.array(targets), np.array(labels)
+
+
+def test_runs_of_other_classes_or_other_val_images_are_refused_before_any_is_evaluated(run_tiny, tmp_path):
     _, ten = run_tiny("loss=ce", "trainer.max_steps_per_epoch=1", run_dir=tmp_path / "ten")
     _, five = run_tiny("loss=ce", "trainer.max_steps_per_epoch=1", "dataset.num_classes_subset=5", run_dir=tmp_path / "five")
-    with pytest.raises(SystemExit, match=rf"error: {re.escape(str(five))} was not evaluated on the val images of {re.escape(str(ten))}"):
+    with pytest.raises(SystemExit, match=rf"error: {re.escape(str(five))} classifies other classes than {re.escape(str(ten))} \(5 vs 10"):
         main([str(ten), str(five), "--out", str(tmp_path / "x.png"), "--device", "cpu"])
+    _, fewer = run_tiny("loss=ce", "trainer.max_steps_per_epoch=1", "dataset.val_per_class=4", run_dir=tmp_path / "fewer")
+    with pytest.raises(SystemExit, match=rf"error: {re.escape(str(fewer))} was not evaluated on the val images of {re.escape(str(ten))} \(40 vs 100 images"):
+        main([str(ten), str(fewer), "--out", str(tmp_path / "x.png"), "--device", "cpu"])
     assert not (tmp_path / "x.png").exists()
+
+
+def test_options_and_the_figure_path_are_checked_before_any_run_is_read(tmp_path):
+    missing = str(tmp_path / "no-run")  # (never read: the options are refused first)
+    for options, message in [
+        (["--images", "65"], r"--images must be in \[1, 64\] \(a row of the figure each\), got 65"),
+        (["--images", "0"], r"--images must be in \[1, 64\]"),
+        (["--top", "0"], r"--top must be at least 1, got 0"),
+        (["--pick", "disagree"], r"--pick disagree compares runs: pass at least 2"),
+        (["--out", str(tmp_path)], rf"{re.escape(str(tmp_path))} is a folder: give the figure's file name"),
+    ]:
+        with pytest.raises(SystemExit, match=f"error: {message}"):
+            main([missing, *options, "--device", "cpu"])
+
+
+def test_top_above_the_class_count_says_so_and_a_name_without_suffix_gets_png(run_tiny, tmp_path, capsys):
+    _, run = run_tiny("loss=ce", "trainer.max_steps_per_epoch=1")
+    main([str(run), "--top", "50", "--images", "1", "--out", str(tmp_path / "figure"), "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "--top 50: the runs have 10 classes, so 9 non-target classes at the most: showing 9" in out
+    assert "top-9 " in out and (tmp_path / "figure.png").stat().st_size > 5_000 and f"plot: {tmp_path / 'figure.png'}" in out
 
 
 def _write(path: Path, text: str) -> Path:
@@ -256,11 +179,42 @@ def _evaluate(run_dir: Path):  # noqa: ANN202
             (classifier.weight.detach().numpy(), classifier.bias.detach().numpy()))  # fmt: skip
 
 
-def test_a_dense2_run_shows_the_soft_label_of_its_final_map_and_says_so(run_tiny, tmp_path, capsys):
-    # Its auxiliary head (the penultimate map's voter) is training-only: the checkpoint's model leaves it out.
-    _, dense2 = run_tiny("loss=zipf_dense2", "trainer.max_steps_per_epoch=1", run_dir=tmp_path / "dense2")
-    main([str(dense2), "--images", "2", "--top", "3", "--out", str(tmp_path / "x.png"), "--device", "cpu"])
+def test_a_dense2_runs_soft_label_counts_the_votes_of_its_auxiliary_head_too(run_tiny, tmp_path, capsys):
+    # The penultimate map votes through its auxiliary head's classifier, which the checkpoint keeps.
+    _, dense2 = run_tiny("loss=zipf_dense2", "trainer.epochs=2", run_dir=tmp_path / "dense2")
+    main([str(dense2), "--images", "6", "--out", str(tmp_path / "x.png"), "--device", "cpu"])
     out = capsys.readouterr().out
-    assert "top-3 " in out and "(soft label from the final map's votes alone; the run voted with ['final', 'penultimate'])" in out
-    soft = [line for line in out.splitlines() if "Zipf soft label:" in line]
-    assert len(soft) == 2 and all(line.count("%") == 3 for line in soft)
+    targets, labels = reference_soft_labels(dense2, ["final", "penultimate"])
+    _, final_only = reference_soft_labels(dense2, ["final"])
+    shown = [int(m) for m in re.findall(r"^val image (\d+) ", out, flags=re.M)]
+    soft_lines = [line for line in out.splitlines() if "Zipf soft label:" in line]
+    assert len(shown) == len(soft_lines) == 6
+    differs = 0
+    for position, line in zip(shown, soft_lines):
+        probabilities = sorted((float(p) for p in re.findall(r"([0-9.]+)%", line.split("Zipf soft label:")[1])), reverse=True)
+        expected = np.sort(labels[position])[::-1][:5]
+        np.testing.assert_allclose(probabilities, 100 * expected, atol=0.051)
+        differs += not np.allclose(np.sort(final_only[position])[::-1][:5], expected)
+    assert differs > 0  # (the penultimate votes change some labels: a final-map-only label would fail above)
+
+
+def test_soft_labels_ranked_by_logits_or_drawn_at_random_are_named_so(run_tiny, tmp_path, capsys):
+    _, by_logits = run_tiny("loss=zipf", "loss.rank_by=logits", "trainer.max_steps_per_epoch=2", run_dir=tmp_path / "logits")
+    _, random = run_tiny("loss=zipf", "loss.distribution=random_uniform", "trainer.max_steps_per_epoch=2", run_dir=tmp_path / "random")
+    main([str(by_logits), str(random), "--images", "1", "--out", str(tmp_path / "x.png"), "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "(logits): Zipf soft label, ranked by logits: " in out and "(random): random_uniform soft label: " in out
+    # Ranked by logits: the label is 1 / rank of the logits, off the target (here: of the image shown).
+    position = int(re.search(r"^val image (\d+) ", out, flags=re.M).group(1))
+    run = load_run(by_logits, None, torch.device("cpu"))
+    with torch.no_grad():
+        batch = next(iter(run.val.epoch(0)))
+        logits = run.model.eval().double()(batch.inputs.double()).logits[position].numpy()
+    target = int(batch.targets[position])
+    ranks = np.array([1 + np.sum(logits > v) for v in logits])
+    label = 1.0 / ranks
+    label[target] = 0
+    label /= label.sum()
+    line = next(line for line in out.splitlines() if "ranked by logits:" in line)
+    printed = [float(p) for p in re.findall(r"([0-9.]+)%", line.split("ranked by logits:")[1])]
+    np.testing.assert_allclose(printed, 100 * np.sort(label)[::-1][:5], atol=0.051)

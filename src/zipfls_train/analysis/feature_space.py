@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .figures import save, without_ticks
-from .run_loading import add_run_arguments, load_runs, run_title
+from .figures import output_path, save, without_ticks
+from .run_loading import AnalysisError, add_run_arguments, load_runs, run_title
 
 PERPLEXITY = 30.0
 STEPS = 1000
@@ -42,7 +42,7 @@ EXAGGERATION, EXAGGERATED_STEPS = 12.0, 250
 PCA_DIMENSIONS = 50
 
 
-class FeatureSpaceError(ValueError):
+class FeatureSpaceError(AnalysisError):
     """Runs, classes or images that cannot make the figure; the message says which."""
 
 
@@ -234,11 +234,9 @@ def main(argv: list[str] | None = None) -> None:
     from ..errors import user_errors
 
     try:
-        device, runs = load_runs(args)
-        counts = {int(run.model.num_classes) for run in runs}
-        if len(counts) > 1:
-            raise FeatureSpaceError(f"the runs classify different numbers of classes ({sorted(counts)}): they were not trained on one dataset")
-        classes = chosen_classes(counts.pop(), args.classes, args.seed)
+        out = output_path(args.out)
+        device, runs = load_runs(args)  # (runs of other classes are refused there)
+        classes = chosen_classes(len(runs[0].classes), args.classes, args.seed)
         panels = []
         for path, run in zip(args.runs, runs):
             features, labels = pooled_features(run.model, run.val, classes, device)
@@ -253,10 +251,10 @@ def main(argv: list[str] | None = None) -> None:
             embedding = tsne(features, args.perplexity)
             print(f"  t-SNE: KL {embedding.kl_at_start:.3f} -> {embedding.kl:.3f}", flush=True)
             panels.append((run_title(path, run), embedding.points, labels, separation))
-    except (*user_errors(), FeatureSpaceError) as error:
+        plot(panels, out)
+    except (*user_errors(), AnalysisError) as error:
         raise SystemExit(f"error: {error}") from None
-    plot(panels, args.out)
-    print(f"plot: {args.out}")
+    print(f"plot: {out}")
 
 
 if __name__ == "__main__":

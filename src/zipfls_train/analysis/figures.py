@@ -7,6 +7,16 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from .run_loading import AnalysisError
+
+
+def output_path(path: Path) -> Path:
+    """A figure's path as asked for, checked before any run is read: not a folder; a name without a
+    suffix gets ``.png`` (matplotlib would add it without saying so)."""
+    if path.is_dir():
+        raise AnalysisError(f"{path} is a folder: give the figure's file name, e.g. {path / 'figure.png'}")
+    return path if path.suffix else path.with_suffix(".png")
+
 
 def without_ticks(axes: Iterable[Any]) -> None:
     """Image and embedding panels: their axes' numbers mean nothing."""
@@ -16,8 +26,11 @@ def without_ticks(axes: Iterable[Any]) -> None:
 
 
 def save(figure: Any, path: Path, dpi: int) -> Any:
-    """Lay the panels out and write the PNG (its folder made if missing); the figure, for notebooks."""
+    """Lay the panels out and write the image file (its folder made if missing); the figure, for notebooks."""
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=dpi)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=dpi)
+    except OSError as error:
+        raise AnalysisError(f"cannot write the figure {path}: {error.strerror or error}") from None
     return figure

@@ -32,9 +32,7 @@ Boxes (--boxes), by what the path is:
 from __future__ import annotations
 
 import argparse
-import csv
 import os
-import re
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -44,9 +42,10 @@ import torch
 from torch import Tensor, nn
 
 from ..models.wrapper import unwrap
-from .figures import save, without_ticks
-from .run_loading import LoadedRun, add_run_arguments, images_at, inputs_at, load_runs, run_title
-from .top_predictions import check_same_val_set, predict, wordnet_names
+from .classes import wordnet_names
+from .figures import output_path, save, without_ticks
+from .run_loading import (AnalysisError, LoadedRun, add_run_arguments, as_shown, check_same_val_set, evaluated, inputs_at, load_runs,
+                          run_title, same_inputs)  # fmt: skip
 
 TINYIMAGENET_SIZE = (64, 64)  # every image of the official Tiny ImageNet
 QUINTILES = (0.2, 0.4, 0.6, 0.8)
@@ -55,7 +54,7 @@ QUINTILES = (0.2, 0.4, 0.6, 0.8)
 Boxes = dict[str, list[tuple[str, float]]]
 
 
-class SmallObjectsError(ValueError):
+class SmallObjectsError(AnalysisError):
     """Boxes, runs or options that cannot give the measurement; the message says which."""
 
 
@@ -89,67 +88,62 @@ def read_voc_folder(folder: Path) -> Boxes:
     return boxes
 
 
+SOLUTION_ROW = "'<wnid> <x0> <y0> <x1> <y1>' (repeated for more boxes)"
+TINYIMAGENET_ROW = "'<file>\\t<wnid>\\t<x0>\\t<y0>\\t<x1>\\t<y1>' (Tiny ImageNet's val_annotations.txt)"
+
+
+def _box_shares(path: Path, line: int, tokens: Sequence[str], size: tuple[int, int], expected: str) -> list[tuple[str, float]]:
+    """(wnid, share) of each "<wnid> <x0> <y0> <x1> <y1>" group of ``tokens``."""
+    try:
+        if not tokens or len(tokens) % 5:
+            raise ValueError
+        return [(tokens[i], box_share(*map(float, tokens[i + 1 : i + 5]), *size)) for i in range(0, len(tokens), 5)]
+    except ValueError:
+        raise SmallObjectsError(f"{path}, line {line}: expected {expected} with numbers for coordinates, got {' '.join(tokens)!r}") from None
+
+
 def read_solution_csv(path: Path, image_size: Callable[[str], tuple[int, int] | None]) -> Boxes:
     """Kaggle's LOC_val_solution.csv; ``image_size(stem)`` gives (width, height), None for an image
     not in the run's val set (left out)."""
+    from ..data.imagenet import solution_rows
+
     boxes: Boxes = {}
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        if not reader.fieldnames or not {"ImageId", "PredictionString"} <= set(reader.fieldnames):
-            raise SmallObjectsError(f"{path}: expected a header 'ImageId,PredictionString', got {reader.fieldnames}")
-        for line, row in enumerate(reader, start=2):
-            tokens = (row["PredictionString"] or "").split()
-            if not tokens or len(tokens) % 5:
-                raise SmallObjectsError(f"{path}, line {line}: PredictionString should be '<wnid> <x0> <y0> <x1> <y1>' repeated, got {tokens}")
-            stem = Path(row["ImageId"]).stem
-            size = image_size(stem)
-            if size is None:
-                continue
-            try:
-                boxes[stem] = [(tokens[i], box_share(*map(float, tokens[i + 1 : i + 5]), *size)) for i in range(0, len(tokens), 5)]
-            except ValueError:
-                raise SmallObjectsError(f"{path}, line {line}: box coordinates must be numbers, got {tokens}") from None
+    for line, image, tokens in solution_rows(path):
+        size = image_size(Path(image).stem)
+        if size is not None:
+            boxes[Path(image).stem] = _box_shares(path, line, tokens, size, SOLUTION_ROW)
     return boxes
 
 
 def read_tinyimagenet_annotations(path: Path) -> Boxes:
     """Tiny ImageNet's val_annotations.txt: one box per image, in a 64 x 64 image."""
-    boxes: Boxes = {}
-    for line, text in enumerate(path.read_text().splitlines(), start=1):
-        if not text.strip():
-            continue
-        fields = text.split("\t")
-        try:
-            if len(fields) != 6:
-                raise ValueError
-            boxes[Path(fields[0].strip()).stem] = [(fields[1].strip(), box_share(*map(float, fields[2:]), *TINYIMAGENET_SIZE))]
-        except ValueError:
-            raise SmallObjectsError(f"{path}, line {line}: expected '<file>\\t<wnid>\\t<x0>\\t<y0>\\t<x1>\\t<y1>' (Tiny ImageNet's "
-                                    f"val_annotations.txt), got {text!r}") from None  # fmt: skip
-    return boxes
+    from ..data.tinyimagenet import read_val_annotations
+
+    return {Path(name).stem: _box_shares(path, line, [wnid, *box], TINYIMAGENET_SIZE, TINYIMAGENET_ROW) for line, name, wnid, box in read_val_annotations(path)}
 
 
 def read_boxes(path: Path, image_size: Callable[[str], tuple[int, int] | None]) -> Boxes:
+    expected = "a folder of VOC .xml files, LOC_val_solution.csv or val_annotations.txt"
     if not path.exists():
-        raise SmallObjectsError(f"{path} does not exist: expected a folder of VOC .xml files, LOC_val_solution.csv or val_annotations.txt")
-    if path.is_dir():
-        return read_voc_folder(path)
-    if path.suffix.lower() == ".csv":
-        return read_solution_csv(path, image_size)
-    return read_tinyimagenet_annotations(path)
+        raise SmallObjectsError(f"{path} does not exist: expected {expected}")
+    try:
+        if path.is_dir():
+            return read_voc_folder(path)
+        if path.suffix.lower() == ".csv":
+            return read_solution_csv(path, image_size)
+        return read_tinyimagenet_annotations(path)
+    except UnicodeDecodeError:
+        raise SmallObjectsError(f"{path} (or a file in it) is not UTF-8 text: expected {expected}") from None
 
 
 # --- which val image is which file ----------------------------------------------------------------------
-def _number(stem: str) -> int:
-    digits = re.search(r"(\d+)$", stem)
-    return int(digits.group(1)) if digits else -1
-
-
 def val_stems(run: LoadedRun, targets: np.ndarray, boxes: Boxes) -> list[str | None]:
     """The file stem of each val image, in val order: from the run's file list, or, for Tiny ImageNet
     (held in memory), from the boxes: the j-th val image of a class is the file of that class with
     the j-th smallest number (the order of the official tree and of the pack alike). None for the
     images of a class the boxes do not list at all (left out: boxes of a part of the classes)."""
+    from ..data.tinyimagenet import trailing_number
+
     files = getattr(run.val, "files", None)
     if files is not None:
         return [Path(os.fsdecode(name)).stem for name in files.names]
@@ -157,9 +151,10 @@ def val_stems(run: LoadedRun, targets: np.ndarray, boxes: Boxes) -> list[str | N
         raise SmallObjectsError(f"dataset={run.cfg.dataset.name} has no bounding boxes to measure object sizes with")
     by_class: dict[str, list[str]] = {}
     for stem, found in boxes.items():
-        by_class.setdefault(found[0][0], []).append(stem)
+        if found:  # (a VOC file may list no object)
+            by_class.setdefault(found[0][0], []).append(stem)
     for stems in by_class.values():
-        stems.sort(key=_number)
+        stems.sort(key=trailing_number)
     seen = np.zeros(len(run.classes), dtype=np.int64)
     result = []
     for target in targets.tolist():
@@ -198,11 +193,13 @@ def smallest_per_class(shares: np.ndarray, targets: np.ndarray, per_class: int) 
 
 
 def size_bins(shares: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The quintile edges of the boxed images' shares, and each image's quintile (0 smallest; -1 none)."""
+    """The quintile edges of the boxed images' shares, and each image's quintile (0 smallest; -1 none):
+    quintile i holds the shares in (edge i-1, edge i], an image on an edge the lower one (many share
+    an edge where boxes are whole pixels of small images: 13 of Tiny ImageNet's 1,000 at 84.375%)."""
     boxed = ~np.isnan(shares)
     edges = np.quantile(shares[boxed], QUINTILES)
     bins = np.full(len(shares), -1)
-    bins[boxed] = np.searchsorted(edges, shares[boxed], side="right")
+    bins[boxed] = np.searchsorted(edges, shares[boxed], side="left")
     return edges, bins
 
 
@@ -268,61 +265,77 @@ def _image_sizes(run: LoadedRun) -> Callable[[str], tuple[int, int] | None]:
     return size
 
 
+def _checked_options(args) -> None:  # noqa: ANN001
+    for option, value in (("--per-class", args.per_class), ("--figure-images", args.figure_images)):
+        if value < 1:
+            raise SmallObjectsError(f"{option} must be at least 1, got {value}")
+
+
+def correct_top1(run: LoadedRun, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """The run's val labels and whether its top-1 class is each one, in val order."""
+    targets, right = [], []
+    for batch, outputs in evaluated(run.model, run.val, device):
+        targets.append(batch.targets.cpu())
+        right.append((outputs.logits.argmax(dim=1) == batch.targets).cpu())
+    return torch.cat(targets).numpy(), torch.cat(right).numpy()
+
+
+def draw_figure(args, runs: Sequence[LoadedRun], chosen: np.ndarray, shares: np.ndarray, targets: np.ndarray, out: Path) -> None:  # noqa: ANN001
+    """Figure 6: the smallest of the chosen objects, each run's class map of the true class over them."""
+    shown = sorted(sorted(chosen.tolist(), key=lambda i: (shares[i], i))[: args.figure_images])  # (loaders are read in val order)
+    classes = [int(targets[i]) for i in shown]
+    inputs = inputs_at(runs[0].val, shown)
+    # One read of the images serves every run whose val images are the same; others read their own.
+    maps, logits = zip(*(class_maps(run.model, inputs if same_inputs([runs[0], run]) else inputs_at(run.val, shown), classes) for run in runs))
+    plot_class_maps(as_shown(runs[0].val, inputs), list(maps), list(logits), [run_title(path, run) for path, run in zip(args.runs, runs)],
+                    classes, [float(shares[i]) for i in shown], wordnet_names(runs[0].classes), out)  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser, "")
     parser.add_argument("--boxes", type=Path, required=True, help="VOC .xml folder, LOC_val_solution.csv or val_annotations.txt")
     parser.add_argument("--per-class", type=int, default=5, help="smallest objects taken per class (default 5, as the paper)")
-    parser.add_argument("--figure", type=Path, default=None, help="PNG of the runs' class activation maps on the smallest objects (Figure 6)")
+    parser.add_argument("--figure", type=Path, default=None, help="image file of the runs' class activation maps on the smallest objects (Figure 6)")
     parser.add_argument("--figure-images", type=int, default=6, help="images in --figure: the smallest of the chosen objects (default 6)")
     args = parser.parse_args(argv)
     from ..errors import user_errors
 
     try:
-        if args.per_class < 1 or args.figure_images < 1:
-            raise SmallObjectsError(f"--per-class and --figure-images must be at least 1, got {args.per_class} and {args.figure_images}")
+        _checked_options(args)
+        out = output_path(args.figure) if args.figure is not None else None
         device, runs = load_runs(args)
-        correct = []
-        predictions = []
-        for run in runs:
-            found = predict(run.model, run.val, 1, device)
-            predictions.append(found)
-            correct.append((found.top[:, 0] == found.targets).numpy())
-        check_same_val_set(args.runs, runs, predictions)
-        targets = predictions[0].targets.numpy()
+        targets, right = zip(*(correct_top1(run, device) for run in runs))
+        check_same_val_set(args.runs, runs, [torch.from_numpy(t) for t in targets])
+        targets = targets[0]
         boxes = read_boxes(args.boxes, _image_sizes(runs[0]))
         shares = object_shares(val_stems(runs[0], targets, boxes), targets, runs[0].classes, boxes)
         boxed = ~np.isnan(shares)
         if not boxed.any():
             raise SmallObjectsError(f"{args.boxes} has a box of its own class for none of the {len(targets)} val images: "
                                     "not the boxes of this dataset?")  # fmt: skip
-    except (*user_errors(), SmallObjectsError, OSError) as error:
+        chosen = smallest_per_class(shares, targets, args.per_class)
+        edges, bins = size_bins(shares)
+        percent = 100 * shares
+        print(f"{args.boxes}: a box of their own class for {int(boxed.sum())} of {len(targets)} val images"
+              + (f" ({int((~boxed).sum())} without: left out)" if not boxed.all() else "")
+              + f"; object area, % of the image: median {np.median(percent[boxed]):.1f}, smallest {percent[boxed].min():.1f}")
+        print(f"the {args.per_class} smallest objects of each of {len(np.unique(targets[chosen]))} classes: {len(chosen)} images, "
+              f"object area {percent[chosen].min():.1f}-{percent[chosen].max():.1f}% of the image")
+        counts = [int((bins == b).sum()) for b in range(len(QUINTILES) + 1)]
+        print("object-area quintiles, % of the image: " + " | ".join(f"<= {100 * edge:.1f}" for edge in edges)
+              + f" | > {100 * edges[-1]:.1f}  (images: " + " / ".join(map(str, counts)) + ")")
+        for path, run, correct in zip(args.runs, runs, right):
+            by_bin = [correct[bins == b].mean() if (bins == b).any() else float("nan") for b in range(len(QUINTILES) + 1)]
+            print(f"{path}: loss={run.cfg.loss.name}  smallest {args.per_class} per class: top-1 {100 * correct[chosen].mean():.2f}% "
+                  f"({int(correct[chosen].sum())}/{len(chosen)})  all val images: {100 * correct.mean():.2f}%  "
+                  f"those with a box: {100 * correct[boxed].mean():.2f}%  "
+                  f"by object-area quintile, smallest first: " + " / ".join(f"{100 * a:.2f}" for a in by_bin), flush=True)  # fmt: skip
+        if out is not None:
+            draw_figure(args, runs, chosen, shares, targets, out)
+            print(f"figure: {out}")
+    except (*user_errors(), AnalysisError, OSError) as error:
         raise SystemExit(f"error: {error}") from None
-    chosen = smallest_per_class(shares, targets, args.per_class)
-    edges, bins = size_bins(shares)
-    percent = 100 * shares
-    print(f"{args.boxes}: a box of their own class for {int(boxed.sum())} of {len(targets)} val images"
-          + (f" ({int((~boxed).sum())} without: left out)" if not boxed.all() else "")
-          + f"; object area, % of the image: median {np.median(percent[boxed]):.1f}, smallest {percent[boxed].min():.1f}")
-    print(f"the {args.per_class} smallest objects of each of {len(np.unique(targets[chosen]))} classes: {len(chosen)} images, "
-          f"object area {percent[chosen].min():.1f}-{percent[chosen].max():.1f}% of the image")
-    print("object-area quintiles, % of the image: " + " | ".join(f"<= {100 * edge:.1f}" for edge in edges) + f" | > {100 * edges[-1]:.1f}")
-    for path, run, right in zip(args.runs, runs, correct):
-        by_bin = [right[bins == b].mean() if (bins == b).any() else float("nan") for b in range(len(QUINTILES) + 1)]
-        print(f"{path}: loss={run.cfg.loss.name}  smallest {args.per_class} per class: top-1 {100 * right[chosen].mean():.2f}% "
-              f"({int(right[chosen].sum())}/{len(chosen)})  all val images: {100 * right.mean():.2f}%  "
-              f"those with a box: {100 * right[boxed].mean():.2f}%  "
-              f"by object-area quintile, smallest first: " + " / ".join(f"{100 * a:.2f}" for a in by_bin), flush=True)  # fmt: skip
-
-    if args.figure is not None:
-        shown = sorted(chosen.tolist(), key=lambda i: (shares[i], i))[: args.figure_images]
-        in_order = sorted(shown)  # (the loaders are read in val order)
-        classes = [int(targets[i]) for i in in_order]
-        maps, logits = zip(*(class_maps(run.model, inputs_at(run.val, in_order), classes) for run in runs))
-        plot_class_maps(images_at(runs[0].val, in_order), list(maps), list(logits), [run_title(path, run) for path, run in zip(args.runs, runs)],
-                        classes, [float(shares[i]) for i in in_order], wordnet_names(runs[0].classes), args.figure)  # fmt: skip
-        print(f"figure: {args.figure}")
-
 
 if __name__ == "__main__":
     main()

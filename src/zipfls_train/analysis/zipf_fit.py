@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ..engine.distributed import all_reduce_sum
 from ..loss_options import IMPLEMENTATION_OPTIONS
 from .figures import save
-from .run_loading import load_run
+from .run_loading import evaluated, load_run
 
 
 @dataclass
@@ -71,14 +71,11 @@ def mean_sorted_softmax(model: nn.Module, loader, device: torch.device) -> dict[
     from ..models import unwrap
 
     num_classes = unwrap(model).num_classes
-    model.eval()
     total_all = torch.zeros(num_classes, dtype=torch.float64, device=device)
     total_non = torch.zeros(num_classes - 1, dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
-    for batch in loader.epoch(0):
-        with torch.autocast(device.type, enabled=False):
-            logits = model(batch.inputs).logits
-        part_all, part_non = sorted_softmax_sums(logits, batch.targets)
+    for batch, outputs in evaluated(model, loader, device):
+        part_all, part_non = sorted_softmax_sums(outputs.logits, batch.targets)
         total_all += part_all.double()
         total_non += part_non.double()
         count += batch.size

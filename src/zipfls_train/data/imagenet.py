@@ -22,7 +22,7 @@ Class index = position of the wnid in sorted order (ImageFolder's order), 1000 c
 from __future__ import annotations
 
 import csv
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -74,20 +74,25 @@ def find_ground_truth(root: Path, base: Path, configured: str | None) -> Path:
     raise missing_dataset_error(f"ImageNet val ground truth (flat {base / 'val'})", root, LAYOUT, HOW_TO_GET)
 
 
+def solution_rows(path: Path) -> Iterator[tuple[int, str, list[str]]]:
+    """(line number, image id, PredictionString's tokens: "<wnid> <x0> <y0> <x1> <y1>" repeated) of
+    each row of Kaggle's LOC_val_solution.csv (its boxes are read by ``analysis/small_objects``)."""
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        if not reader.fieldnames or not {"ImageId", "PredictionString"} <= set(reader.fieldnames):
+            raise DatasetError(f"{path}: expected a header 'ImageId,PredictionString', got {reader.fieldnames}")
+        for line_number, row in enumerate(reader, 2):
+            tokens = (row["PredictionString"] or "").split()
+            if not tokens:
+                raise DatasetError(f"{path}: line {line_number} has an empty PredictionString")
+            yield line_number, row["ImageId"], tokens
+
+
 def read_ground_truth(path: Path) -> dict[str, str]:
     """Image name without extension -> wnid, from Kaggle's csv or a two-column text file."""
     labels: dict[str, str] = {}
     if path.suffix.lower() == ".csv":
-        with path.open(newline="") as handle:
-            reader = csv.DictReader(handle)
-            if not reader.fieldnames or not {"ImageId", "PredictionString"} <= set(reader.fieldnames):
-                raise DatasetError(f"{path}: expected a header 'ImageId,PredictionString', got {reader.fieldnames}")
-            for line_number, row in enumerate(reader, 2):
-                tokens = (row["PredictionString"] or "").split()
-                if not tokens:
-                    raise DatasetError(f"{path}: line {line_number} has an empty PredictionString")
-                labels[Path(row["ImageId"]).stem] = tokens[0]
-        return labels
+        return {Path(image).stem: tokens[0] for _, image, tokens in solution_rows(path)}
     for line_number, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue

@@ -60,9 +60,10 @@ def _load_rgb(path: Path) -> np.ndarray:
         raise unreadable_image(str(path), error) from error
 
 
-def _read_val_annotations(path: Path) -> list[tuple[int, str, str]]:
-    """(line number, file name, wnid) of each row of the official val_annotations.txt:
-    ``<file>\t<wnid>\t<x0>\t<y0>\t<x1>\t<y1>``."""
+def read_val_annotations(path: Path) -> list[tuple[int, str, str, list[str]]]:
+    """(line number, file name, wnid, the box's fields) of each row of the official
+    val_annotations.txt: ``<file>\t<wnid>\t<x0>\t<y0>\t<x1>\t<y1>`` (the box read by
+    ``analysis/small_objects``)."""
     rows = []
     for line_number, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -73,7 +74,7 @@ def _read_val_annotations(path: Path) -> list[tuple[int, str, str]]:
                 f"{path}: line {line_number} should be tab-separated fields <file> <wnid> <x0> <y0> <x1> <y1> "
                 f"(as in the official tiny-imagenet-200.zip), got {line!r}"
             )
-        rows.append((line_number, fields[0].strip(), fields[1].strip()))
+        rows.append((line_number, fields[0].strip(), fields[1].strip(), fields[2:]))
     return rows
 
 
@@ -87,7 +88,7 @@ def read_tree(root: Path, split: str) -> ImageTensors:
     if split == "train":
         for wnid in wnids:
             folder = base / "train" / wnid / "images"
-            found = sorted((p for p in folder.glob("*.JPEG") if not is_hidden(p.name)), key=lambda p: _trailing_number(p.stem))
+            found = sorted((p for p in folder.glob("*.JPEG") if not is_hidden(p.name)), key=lambda p: trailing_number(p.stem))
             if not found:
                 raise DatasetError(f"empty or missing class folder {folder} (class {wnid} from wnids.txt)")
             files += found
@@ -96,9 +97,9 @@ def read_tree(root: Path, split: str) -> ImageTensors:
         annotations = base / "val" / "val_annotations.txt"
         if not annotations.is_file():
             raise missing_dataset_error("TinyImageNet val annotations", root, TREE_LAYOUT, HOW_TO_GET)
-        rows = _read_val_annotations(annotations)
-        rows.sort(key=lambda row: _trailing_number(Path(row[1]).stem))
-        for line_number, name, wnid in rows:
+        rows = read_val_annotations(annotations)
+        rows.sort(key=lambda row: trailing_number(Path(row[1]).stem))
+        for line_number, name, wnid, _ in rows:
             if wnid not in index_of:
                 raise DatasetError(f"{annotations}: line {line_number} names wnid {wnid!r}, not in wnids.txt")
             files.append(base / "val" / "images" / name)
@@ -110,7 +111,8 @@ def read_tree(root: Path, split: str) -> ImageTensors:
     return ImageTensors(images, torch.tensor(labels, dtype=torch.int64), wnids)
 
 
-def _trailing_number(stem: str) -> int:
+def trailing_number(stem: str) -> int:
+    """The number a file name ends with (``val_12`` -> 12; 0 for none): the official files' order."""
     digits = stem.rsplit("_", 1)[-1]
     return int(digits) if digits.isdigit() else 0
 
