@@ -218,3 +218,17 @@ def test_soft_labels_ranked_by_logits_or_drawn_at_random_are_named_so(run_tiny, 
     line = next(line for line in out.splitlines() if "ranked by logits:" in line)
     printed = [float(p) for p in re.findall(r"([0-9.]+)%", line.split("ranked by logits:")[1])]
     np.testing.assert_allclose(printed, 100 * np.sort(label)[::-1][:5], atol=0.051)
+
+
+def test_a_run_is_titled_by_its_method_and_folder_and_a_checkpoint_file_by_its_run_too(tmp_path):
+    from types import SimpleNamespace
+
+    from zipfls_train.analysis.run_loading import run_title
+
+    run = SimpleNamespace(cfg=SimpleNamespace(loss=SimpleNamespace(name="zipf")))
+    (tmp_path / "seed=1" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "seed=1" / "checkpoints" / "best.pt").write_bytes(b"")
+    (tmp_path / "elsewhere.pt").write_bytes(b"")
+    assert run_title(tmp_path / "seed=1", run) == "zipf (seed=1)"
+    assert run_title(tmp_path / "seed=1" / "checkpoints" / "best.pt", run) == "zipf (seed=1/best.pt)"
+    assert run_title(tmp_path / "elsewhere.pt", run) == "zipf (elsewhere.pt)"
