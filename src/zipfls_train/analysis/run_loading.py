@@ -47,9 +47,9 @@ def load_runs(args, aux_heads: bool = False) -> tuple[torch.device, list[LoadedR
     return device, runs
 
 
-def check_same_val_set(paths: Sequence[Path], runs: Sequence[LoadedRun], targets: Sequence[Tensor]) -> None:
+def check_same_val_set(paths: Sequence[Path], targets: Sequence[Tensor]) -> None:
     """Runs compared image by image must have read the same val images: the same labels in order."""
-    for path, run, found in zip(paths[1:], runs[1:], targets[1:]):
+    for path, found in zip(paths[1:], targets[1:]):
         if not torch.equal(found, targets[0]):
             raise AnalysisError(f"{path} was not evaluated on the val images of {paths[0]} ({found.numel()} vs "
                                 f"{targets[0].numel()} images, or other labels): the runs must be of one dataset")  # fmt: skip

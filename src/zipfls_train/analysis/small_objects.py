@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
         out = output_path(args.figure) if args.figure is not None else None
         device, runs = load_runs(args)
         targets, right = zip(*(correct_top1(run, device) for run in runs))
-        check_same_val_set(args.runs, runs, [torch.from_numpy(t) for t in targets])
+        check_same_val_set(args.runs, [torch.from_numpy(t) for t in targets])
         targets = targets[0]
         boxes = read_boxes(args.boxes, _image_sizes(runs[0]))
         shares = object_shares(val_stems(runs[0], targets, boxes), targets, runs[0].classes, boxes)

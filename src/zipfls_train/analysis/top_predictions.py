@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
             columns.append(Column(run_title(path, run), found.top, found.top_p))
             if found.soft is not None:
                 columns.append(Column(f"{run_title(path, run)}: {soft_label_title(method)}", found.soft, found.soft_p, found.soft_tied))
-        check_same_val_set(args.runs, runs, [found.targets for found in predictions])
+        check_same_val_set(args.runs, [found.targets for found in predictions])
         if similarity is not None:
             print(f"similar@{k} by chance (non-target classes drawn at random): {similarity.chance(predictions[0].targets):.3f}")
         positions = pick_images(predictions, args.images, args.pick, args.seed)
