@@ -344,6 +344,49 @@ def test_a_stop_while_the_runs_start_stops_them_quietly_with_nothing_saved(stop,
         assert "stopped at once (" not in text or f"stopped at once ({stop})" in text  # (when it came in train.py's setup)
 
 
+A_KILLED_SWEEP = """
+import multiprocessing, os, signal, sys, threading, time
+
+
+def run(path):
+    from zipfls_train.engine.parallel_run_process import _stop_when_the_sweep_process_dies
+
+    terms = []
+    signal.signal(signal.SIGTERM, lambda number, frame: terms.append(time.monotonic()))
+    _stop_when_the_sweep_process_dies()
+    open(path + ".ready", "w").close()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not (terms and time.monotonic() - terms[0] > 2):
+        time.sleep(0.05)
+    with open(path, "w") as file:
+        file.write(str(len(terms)))
+
+
+if __name__ == "__main__":
+    for _ in range(8):  # (a sweep's process has threads: Hydra's, the launcher's, torch's)
+        threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+    multiprocessing.get_context("spawn").Process(target=run, args=(sys.argv[1],)).start()
+    while not os.path.exists(sys.argv[1] + ".ready"):
+        time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's (prctl)")
+def test_a_run_hears_once_that_its_sweep_process_was_killed_however_many_threads_it_had(tmp_path):
+    """The kernel sends the parent-death signal again each time the run is handed on from one
+    ending thread of the killed process to the next: as SIGTERM, the second one meant "stop at once,
+    unsaved" (seen in CI). The run must get one SIGTERM."""
+    script, result = tmp_path / "sweep.py", tmp_path / "terms"
+    script.write_text(A_KILLED_SWEEP)
+    subprocess.run([sys.executable, str(script), str(result)], cwd=REPO, timeout=120)
+    deadline = time.monotonic() + 60
+    while not result.exists() or not result.read_text():
+        assert time.monotonic() < deadline, "the run process wrote nothing"
+        time.sleep(0.1)
+    assert result.read_text() == "1"
+
+
 @pytest.mark.slow
 def test_runs_whose_sweep_process_dies_save_and_stop_rather_than_train_on(tiny_pack_root, tmp_path):
     sweep = _sweep_process(tmp_path, tiny_pack_root, "trainer.epochs=200", "trainer.max_steps_per_epoch=2", "loss=ce,zipf")
@@ -358,6 +401,9 @@ def test_runs_whose_sweep_process_dies_save_and_stop_rather_than_train_on(tiny_p
         while not all("error: interrupted (SIGTERM)" in log.read_text() for log in logs):
             assert time.monotonic() < deadline, [log.read_text()[-500:] for log in logs]
             time.sleep(0.2)
+        time.sleep(1)  # (a second SIGTERM would stop a run at once, or land in its exit: a traceback)
+        for log in logs:
+            assert "stopped at once" not in log.read_text() and "Traceback" not in log.read_text(), log.read_text()[-1500:]
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(sweep.pid, signal.SIGKILL)  # (whatever is left of the group)

@@ -102,15 +102,32 @@ def _send(send: Any, outcome: dict[str, Any]) -> None:
         send.send(outcome)
 
 
+# The signal the kernel sends this process when the sweep's process dies (PR_SET_PDEATHSIG). Not
+# SIGTERM itself: it comes once per thread of the sweep's process that the run is handed on to as
+# those threads end (prctl(2): the "parent" is the thread that forked), so a killed sweep sent two
+# or more SIGTERMs, and a second one a second later means "stop at once, unsaved" to the trainer.
+SWEEP_DIED = getattr(signal, "SIGRTMIN", None)
+
+
 def _stop_when_the_sweep_process_dies() -> None:
-    """Linux: SIGTERM to this process when the sweep's process dies (killed, say), so that the run
-    saves a checkpoint and stops rather than train on unseen; where the sweep's process is already
-    gone, the same now."""
+    """Linux: one SIGTERM to this process when the sweep's process dies (killed, say), so that the
+    run saves a checkpoint and stops rather than train on unseen; where the sweep's process is
+    already gone, the same now."""
+    if SWEEP_DIED is None:  # (not Linux: no parent-death signal)
+        return
     parent = os.getppid()
+    told = []
+
+    def sweep_died(number: int, frame: Any) -> None:
+        if not told:  # (the first of its deliveries; the others are the same news)
+            told.append(number)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(SWEEP_DIED, sweep_died)
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(1, SWEEP_DIED)  # PR_SET_PDEATHSIG
     if os.getppid() != parent:
-        os.kill(os.getpid(), signal.SIGTERM)
+        sweep_died(SWEEP_DIED, None)
 
 
 def _output_to(log: str) -> None:
