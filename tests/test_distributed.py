@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -212,12 +213,17 @@ def test_sigterm_to_the_launching_process_stops_every_rank_at_one_step_with_a_ch
 
 
 def _spawned_ranks(parent: int) -> list[int]:
-    """Pids of the DDP ranks a train.py process spawned (multiprocessing's resource tracker left out)."""
+    """Pids of the DDP ranks a train.py process spawned (multiprocessing's resource tracker left out).
+    A process that ends while it is looked at is left out: between the listing of the children and
+    the reading of one's command line, a short-lived child (a compile worker, say) can be gone (seen
+    in CI), and the parent too."""
     ranks = []
-    for child in Path(f"/proc/{parent}/task/{parent}/children").read_text().split():
-        command = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        if "spawn_main" in command:
-            ranks.append(int(child))
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+        children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+        for child in children:
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                if "spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode():
+                    ranks.append(int(child))
     return sorted(ranks)
 
 
