@@ -9,6 +9,10 @@ from typing import Any
 
 from .run_loading import AnalysisError
 
+# The paper's colours for classes (Figure 4): the ground truth, a similar class, any other (right /
+# wrong in Figure 6); grey where similarity is unknown.
+GROUND_TRUTH, SIMILAR, IRRELEVANT, UNRATED = "#1b5e20", "#7cb342", "#c62828", "#616161"
+
 
 def output_path(path: Path) -> Path:
     """A figure's path as asked for, checked before any run is read: not a folder; a name without a

@@ -65,15 +65,19 @@ def run_title(path: Path, run: LoadedRun) -> str:
 
 
 @torch.no_grad()
-def evaluated(model: nn.Module, loader, device: torch.device, features: Sequence[str] = ()) -> Iterator[tuple[Any, Any]]:  # noqa: ANN001
-    """``(batch, model output)`` for each batch of ``loader``'s epoch, in eval mode and float32
-    whatever autocast is on outside; ``features``: the dense maps to return too."""
+def forward_eval(model: nn.Module, inputs: Tensor, features: Sequence[str] = ()) -> Any:
+    """``model``'s output on ``inputs`` in eval mode and float32, whatever autocast is on outside;
+    ``features``: the dense maps to return too."""
     model.eval()
+    with torch.autocast(inputs.device.type, enabled=False):
+        # (no features argument when none is asked for: the trainer's compiled model is called so)
+        return model(inputs, features=tuple(features)) if features else model(inputs)
+
+
+def evaluated(model: nn.Module, loader, features: Sequence[str] = ()) -> Iterator[tuple[Any, Any]]:  # noqa: ANN001
+    """``(batch, forward_eval's output)`` for each batch of ``loader``'s epoch."""
     for batch in loader.epoch(0):
-        with torch.autocast(device.type, enabled=False):
-            # (no features argument when none is asked for: the trainer's compiled model is called so)
-            outputs = model(batch.inputs, features=tuple(features)) if features else model(batch.inputs)
-        yield batch, outputs
+        yield batch, forward_eval(model, batch.inputs, features)
 
 
 def load_run(path: Path, data_root: str | None, device: torch.device, default_checkpoint: str = "last.pt",

@@ -43,9 +43,9 @@ from torch import Tensor, nn
 
 from ..models.wrapper import unwrap
 from .classes import wordnet_names
-from .figures import output_path, save, without_ticks
-from .run_loading import (AnalysisError, LoadedRun, add_run_arguments, as_shown, check_same_val_set, evaluated, inputs_at, load_runs,
-                          run_title, same_inputs)  # fmt: skip
+from .figures import GROUND_TRUTH, IRRELEVANT, output_path, save, without_ticks
+from .run_loading import (AnalysisError, LoadedRun, add_run_arguments, as_shown, check_same_val_set, evaluated, forward_eval, inputs_at,
+                          load_runs, run_title, same_inputs)  # fmt: skip
 
 TINYIMAGENET_SIZE = (64, 64)  # every image of the official Tiny ImageNet
 QUINTILES = (0.2, 0.4, 0.6, 0.8)
@@ -137,6 +137,11 @@ def read_boxes(path: Path, image_size: Callable[[str], tuple[int, int] | None]) 
 
 
 # --- which val image is which file ----------------------------------------------------------------------
+def _file_stems(files) -> list[str]:  # noqa: ANN001 - a data.file_list.FileList
+    """Each file's name without its folder and extension: what box files name an image by."""
+    return [Path(os.fsdecode(name)).stem for name in files.names]
+
+
 def val_stems(run: LoadedRun, targets: np.ndarray, boxes: Boxes) -> list[str | None]:
     """The file stem of each val image, in val order: from the run's file list, or, for Tiny ImageNet
     (held in memory), from the boxes: the j-th val image of a class is the file of that class with
@@ -146,7 +151,7 @@ def val_stems(run: LoadedRun, targets: np.ndarray, boxes: Boxes) -> list[str | N
 
     files = getattr(run.val, "files", None)
     if files is not None:
-        return [Path(os.fsdecode(name)).stem for name in files.names]
+        return _file_stems(files)
     if run.cfg.dataset.name != "tinyimagenet":
         raise SmallObjectsError(f"dataset={run.cfg.dataset.name} has no bounding boxes to measure object sizes with")
     by_class: dict[str, list[str]] = {}
@@ -210,9 +215,7 @@ def class_maps(model: nn.Module, inputs: Tensor, classes: Sequence[int]) -> tupl
     i: the classifier's row of that class applied to every pixel of the final map, before any
     upsample (N x h x w, float32; their mean over the pixels is the class's logit, as pooling and
     the classifier are linear), and the logits (N x C)."""
-    model.eval()
-    with torch.autocast(inputs.device.type, enabled=False):
-        outputs = model(inputs, features=("final",))
+    outputs = forward_eval(model, inputs, ("final",))
     classifier = unwrap(model).classifier
     index = torch.as_tensor(list(classes), device=inputs.device)
     maps = torch.einsum("ndhw,nd->nhw", outputs.features["final"].float(), classifier.weight.float()[index])
@@ -241,7 +244,7 @@ def plot_class_maps(images: list[Tensor], maps: list[Tensor], logits: list[Tenso
             axis = axes[row][column]
             axis.imshow(image.numpy(), interpolation="nearest")
             axis.imshow(heat.numpy(), cmap="jet", alpha=0.45, interpolation="nearest")
-            axis.set_title(f"{title}\n{names[top][:20]} {float(probabilities[top]):.0%}", fontsize=7, color="#1b5e20" if top == target else "#c62828")
+            axis.set_title(f"{title}\n{names[top][:20]} {float(probabilities[top]):.0%}", fontsize=7, color=GROUND_TRUTH if top == target else IRRELEVANT)
     without_ticks(axes.flat)
     return save(figure, path, dpi=130)
 
@@ -253,7 +256,7 @@ def _image_sizes(run: LoadedRun) -> Callable[[str], tuple[int, int] | None]:
     files = getattr(run.val, "files", None)
     if files is None:
         return lambda stem: None
-    path_of = {Path(os.fsdecode(files.names[i])).stem: i for i in range(len(files))}
+    path_of = {stem: i for i, stem in enumerate(_file_stems(files))}
 
     def size(stem: str) -> tuple[int, int] | None:
         index = path_of.get(stem)
@@ -271,10 +274,10 @@ def _checked_options(args) -> None:  # noqa: ANN001
             raise SmallObjectsError(f"{option} must be at least 1, got {value}")
 
 
-def correct_top1(run: LoadedRun, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+def correct_top1(run: LoadedRun) -> tuple[np.ndarray, np.ndarray]:
     """The run's val labels and whether its top-1 class is each one, in val order."""
     targets, right = [], []
-    for batch, outputs in evaluated(run.model, run.val, device):
+    for batch, outputs in evaluated(run.model, run.val):
         targets.append(batch.targets.cpu())
         right.append((outputs.logits.argmax(dim=1) == batch.targets).cpu())
     return torch.cat(targets).numpy(), torch.cat(right).numpy()
@@ -304,8 +307,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         _checked_options(args)
         out = output_path(args.figure) if args.figure is not None else None
-        device, runs = load_runs(args)
-        targets, right = zip(*(correct_top1(run, device) for run in runs))
+        _, runs = load_runs(args)
+        targets, right = zip(*(correct_top1(run) for run in runs))
         check_same_val_set(args.runs, [torch.from_numpy(t) for t in targets])
         targets = targets[0]
         boxes = read_boxes(args.boxes, _image_sizes(runs[0]))

@@ -48,10 +48,9 @@ import torch
 from torch import Tensor, nn
 
 from .classes import Similarity, read_class_names, read_hierarchy, wordnet_names
-from .figures import output_path, save, without_ticks
+from .figures import GROUND_TRUTH, IRRELEVANT, SIMILAR, UNRATED, output_path, save, without_ticks
 from .run_loading import AnalysisError, LoadedRun, add_run_arguments, as_shown, check_same_val_set, evaluated, inputs_at, load_runs, run_title
 
-GROUND_TRUTH, SIMILAR, IRRELEVANT, UNRATED = "#1b5e20", "#7cb342", "#c62828", "#616161"
 MAX_IMAGES = 64  # rows of the figure
 
 
@@ -111,7 +110,7 @@ def predict(model: nn.Module, loader, k: int, device: torch.device, method=None,
     stages = method.needs.feature_stages if method is not None else ()
     generator = torch.Generator(device=device).manual_seed(seed)
     parts: dict[str, list[Tensor]] = {}
-    for batch, outputs in evaluated(model, loader, device, stages):
+    for batch, outputs in evaluated(model, loader, stages):
         logits, targets = outputs.logits.float(), batch.targets
         top_p, top = ranked(torch.softmax(logits, dim=1), k)
         found = {"targets": targets, "top": top, "top_p": top_p}
@@ -119,9 +118,8 @@ def predict(model: nn.Module, loader, k: int, device: torch.device, method=None,
             found["similar"] = similarity.expected_similar(logits, targets, k)
         if method is not None:
             soft = zipf_soft_labels(method.scores(outputs, model), targets, method.alpha, method.distribution, generator=generator)
-            values, found["soft"] = ranked(soft, k + 1)
-            found["soft_p"], found["soft"] = values[:, :k], found["soft"][:, :k]
-            found["soft_tied"] = values[:, :k] == values[:, k:]
+            values, classes = ranked(soft, k + 1)  # (the (k+1)-th tells a tie that goes on past the k-th)
+            found["soft"], found["soft_p"], found["soft_tied"] = classes[:, :k], values[:, :k], values[:, :k] == values[:, k:]
             if similarity is not None:
                 found["soft_similar"] = similarity.expected_similar(soft, targets, k)
         for key, value in found.items():
@@ -131,13 +129,17 @@ def predict(model: nn.Module, loader, k: int, device: torch.device, method=None,
     return Predictions(**{key: torch.cat(values) for key, values in parts.items()})
 
 
+def _check_runs_to_compare(how: str, runs: int) -> None:
+    if how == "disagree" and runs < 2:
+        raise TopPredictionsError("--pick disagree compares runs: pass at least 2")
+
+
 def pick_images(predictions: Sequence[Predictions], count: int, how: str, seed: int) -> Tensor:
     """Positions (in val order, ascending) of ``count`` images drawn by ``seed``: among all, or
     (``how="disagree"``) among those whose top-1 class is not the same for every run."""
     n = predictions[0].targets.numel()
+    _check_runs_to_compare(how, len(predictions))
     if how == "disagree":
-        if len(predictions) < 2:
-            raise TopPredictionsError("--pick disagree compares runs: pass at least 2")
         first = torch.stack([p.top[:, 0] for p in predictions])
         candidates = torch.nonzero((first != first[0]).any(dim=0)).flatten()
         if candidates.numel() == 0:
@@ -155,6 +157,11 @@ class Column:
     classes: Tensor  # images x k
     probabilities: Tensor
     tied: Tensor | None = None  # images x k, or None
+
+    def entries(self, row: int) -> list[tuple[int, float, bool]]:
+        """(class, probability, shown out of a tie that goes on past the k-th) of image ``row``."""
+        tied = self.tied[row].tolist() if self.tied is not None else [False] * self.classes.shape[1]
+        return list(zip(self.classes[row].tolist(), self.probabilities[row].tolist(), tied))
 
 
 def colour(target: int, cls: int, similarity: Similarity | None) -> str:
@@ -181,8 +188,7 @@ def plot(images: list[Tensor], targets: list[int], columns: list[Column], names:
         axes[row][0].imshow(image.numpy(), interpolation="nearest")
         axes[row][0].set_xlabel(names[target], fontsize=7, color=GROUND_TRUTH)
         for axis, column in zip(axes[row][1:], columns):
-            tied = column.tied[row].tolist() if column.tied is not None else [False] * k
-            for line, (cls, p, tie) in enumerate(zip(column.classes[row].tolist(), column.probabilities[row].tolist(), tied)):
+            for line, (cls, p, tie) in enumerate(column.entries(row)):
                 axis.text(0.02, 0.94 - 0.9 * line / k, entry(names[cls], p, tie), fontsize=7, family="monospace",
                           color=colour(target, cls, similarity), transform=axis.transAxes, va="top")  # fmt: skip
             if row == 0:
@@ -196,8 +202,7 @@ def _checked_options(args) -> None:  # noqa: ANN001
         raise TopPredictionsError(f"--images must be in [1, {MAX_IMAGES}] (a row of the figure each), got {args.images}")
     if args.top < 1:
         raise TopPredictionsError(f"--top must be at least 1, got {args.top}")
-    if args.pick == "disagree" and len(args.runs) < 2:
-        raise TopPredictionsError("--pick disagree compares runs: pass at least 2")
+    _check_runs_to_compare(args.pick, len(args.runs))  # (before any run is evaluated)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -257,9 +262,7 @@ def main(argv: list[str] | None = None) -> None:
         for row, (position, target) in enumerate(zip(positions.tolist(), targets)):
             print(f"val image {position} ({names[target]}):")
             for column in shown:
-                tied = column.tied[row].tolist() if column.tied is not None else [False] * k
-                print(f"  {column.title}: " + ", ".join(f"{names[c]}{'*' if tie else ''} {q:.1%}"
-                                                        for c, q, tie in zip(column.classes[row].tolist(), column.probabilities[row].tolist(), tied)))  # fmt: skip
+                print(f"  {column.title}: " + ", ".join(f"{names[c]}{'*' if tie else ''} {q:.1%}" for c, q, tie in column.entries(row)))
         plot(images, targets, shown, names, similarity, out)
     except (*user_errors(), AnalysisError) as error:
         raise SystemExit(f"error: {error}") from None

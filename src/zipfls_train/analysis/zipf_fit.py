@@ -74,7 +74,7 @@ def mean_sorted_softmax(model: nn.Module, loader, device: torch.device) -> dict[
     total_all = torch.zeros(num_classes, dtype=torch.float64, device=device)
     total_non = torch.zeros(num_classes - 1, dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
-    for batch, outputs in evaluated(model, loader, device):
+    for batch, outputs in evaluated(model, loader):
         part_all, part_non = sorted_softmax_sums(outputs.logits, batch.targets)
         total_all += part_all.double()
         total_non += part_non.double()
