@@ -12,9 +12,10 @@ PyTorch step (:class:`PlainStep`: the same model, resp. torchvision's ResNet-50,
 code) beside the trainer's, the trainer's overhead being their ratio; small_real (the real
 loader), compile (ce and zipf with trainer.compile=default and reduce-overhead, beside eager ce), compile_real
 (reduce-overhead with the real loader: what a long 32 px run trains at), resnet50_compile (the
-same for ResNet-50), layout and precision (eager CE with trainer.channels_last false and true, with
-trainer.precision fp32 and bf16, for each of --models: the 32 px ones at --batch-size, the others at
-224 px and --r50-batch-size; --precision sets the layout case's, the precision case sets its own),
+same for ResNet-50), layout, precision and frozen_backbone (eager CE with trainer.channels_last false
+and true, with trainer.precision fp32 and bf16, with optim.backbone_lr_factor null and 0, for each of
+--models: the 32 px ones at --batch-size, the others at 224 px and --r50-batch-size; --precision sets
+the layout and frozen_backbone cases', the precision case sets its own),
 threads (CPU: eager CE at each of --thread-counts torch threads, by default torch's own count and
 the cores the process may use, which a cgroup's CPU limit lowers: experiments/cpu_threads.md).
 Run in that order: the eager cases take seconds, each compiled one a minute or more.
@@ -48,7 +49,12 @@ from zipfls_train.engine.trainer import Trainer  # noqa: E402
 
 
 # Cases that time one setting's two values (eager CE) for each of --models: (config key, values).
-SETTING_CASES = {"layout": ("trainer.channels_last", ("false", "true")), "precision": ("trainer.precision", ("fp32", "bf16"))}
+SETTING_CASES = {
+    "layout": ("trainer.channels_last", ("false", "true")),
+    "precision": ("trainer.precision", ("fp32", "bf16")),
+    # Fine-tuning with the backbone frozen (a linear probe) beside training all of it.
+    "frozen_backbone": ("optim.backbone_lr_factor", ("null", "0")),
+}
 CASES = ("small", "compile", "resnet50", "small_real", "compile_real", "resnet50_compile", *SETTING_CASES, "threads")
 
 

@@ -104,6 +104,36 @@ def test_a_backbone_at_factor_zero_keeps_its_weights_while_the_classifier_trains
     assert [json.loads(line)["lr"] for line in (probe / "metrics.jsonl").read_text().splitlines()] == pytest.approx([0.1])
 
 
+@pytest.mark.parametrize("loss", ["ce", "zipf", "byot"])
+def test_at_factor_zero_no_backbone_gradient_is_computed_and_an_earlier_optimiser_state_still_loads(loss, tmp_path):
+    from conftest import compose
+    from zipfls_train.engine.distributed import DistContext
+    from zipfls_train.engine.trainer import Trainer
+
+    cfg = compose(["dataset=synthetic", "dataset.image_size=32", "dataset.num_classes=10", "model.options.width=8", "trainer.device=cpu",
+                   "trainer.batch_size=8", "trainer.precision=fp32", f"loss={loss}", "optim.backbone_lr_factor=0"])  # fmt: skip
+    trainer = Trainer(cfg, DistContext(), tmp_path)
+    backbone = list(trainer.model.backbone.parameters())
+    heads = [p for name, p in trainer.model.named_parameters() if not name.startswith("backbone.")]
+    batches = trainer.data.train.epoch(0)
+    # The graph stops at the heads: the backbone's output is a leaf, so its backward never runs.
+    output = trainer.model(next(trainer.data.train.epoch(1)).inputs, features=("final",))
+    assert output.logits.requires_grad and not output.features["final"].requires_grad
+    trainer.train_step(batches)
+    assert all(p.grad is None for p in backbone)
+    assert all(p.grad is not None for p in heads)  # the classifier (and BYOT's heads) train
+    # The backbone keeps its group (one optimiser layout at every factor). A state written when its
+    # gradients were computed at lr 0 holds momentum for it: it loads, and moves nothing.
+    assert [len(group["params"]) for group in trainer.optimizer.param_groups] == [len(heads), len(backbone)]
+    state = trainer.optimizer.state_dict()
+    for index in state["param_groups"][1]["params"]:
+        state["state"][index] = {"momentum_buffer": torch.ones_like(backbone[index - len(heads)])}
+    trainer.optimizer.load_state_dict(state)
+    before = [p.detach().clone() for p in backbone]
+    trainer.train_step(batches)
+    assert all(torch.equal(p, b) for p, b in zip(backbone, before))
+
+
 def test_a_negative_backbone_lr_factor_is_refused():
     from conftest import compose
     from zipfls_train.engine.config_checks import ConfigError, validate_config

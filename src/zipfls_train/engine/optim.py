@@ -36,18 +36,29 @@ def check_names(optim_name: object, sched_name: object) -> None:
     check_schedule_name(sched_name)
 
 
+def freeze_backbone_at_factor_zero(model: nn.Module, backbone_lr_factor: float | None) -> None:
+    """``optim.backbone_lr_factor=0``: the backbone's weights never move (lr 0), so their gradients
+    are not computed either: the backward pass stops at the classifier and the heads, skipping the
+    backbone's, most of a step (experiments/finetune_speed.md). Its BatchNorm statistics still follow
+    the new data (the layers stay in training mode). Called before DDP wraps the model, whose all-reduce then
+    leaves the backbone out."""
+    if backbone_lr_factor is not None and float(backbone_lr_factor) == 0:
+        model.backbone.requires_grad_(False)
+
+
 def parameter_groups(model: nn.Module, others: Iterable[nn.Parameter], backbone_lr_factor: float | None) -> list[dict[str, Any]]:
     """The trainable parameters of ``model`` (a ClassifierWrapper) and ``others`` (a method's own) as
     optimiser groups: one, or with ``backbone_lr_factor`` the heads and ``others`` first (group 0,
-    the lr the logs show) and then the backbone, at ``lr_factor`` times the lr."""
-    trainable = [p for p in [*model.parameters(), *others] if p.requires_grad]
+    the lr the logs show) and then the backbone, at ``lr_factor`` times the lr. The backbone's group
+    holds all its parameters, those :func:`freeze_backbone_at_factor_zero` froze too (SGD passes
+    over a parameter without a gradient): the optimiser's state has one layout at every factor, and
+    a checkpoint written before factor 0 froze the backbone resumes."""
     if backbone_lr_factor is None:
-        return [{"params": trainable}]
-    backbone = {id(p) for p in model.backbone.parameters()}
-    return [
-        {"params": [p for p in trainable if id(p) not in backbone]},
-        {"params": [p for p in trainable if id(p) in backbone], "lr_factor": float(backbone_lr_factor)},
-    ]
+        return [{"params": [p for p in [*model.parameters(), *others] if p.requires_grad]}]
+    backbone = list(model.backbone.parameters())
+    in_backbone = {id(p) for p in backbone}
+    heads = [p for p in [*model.parameters(), *others] if p.requires_grad and id(p) not in in_backbone]
+    return [{"params": heads}, {"params": backbone, "lr_factor": float(backbone_lr_factor)}]
 
 
 def build_optimizer(cfg: Mapping[str, Any], parameters: Iterable[nn.Parameter] | list[dict[str, Any]], global_batch: int,

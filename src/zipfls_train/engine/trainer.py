@@ -44,7 +44,7 @@ from .folder_lock import RunFolderBusy, RunFolderLock
 from .interrupt import StopRequests, StopVotes, TrainingInterrupted
 from .memory import peak_cpu_memory_mb, peak_gpu_memory_mb, reset_peak_memory
 from .metrics import RunRecords, TermAccumulator, read_metrics, topk_correct
-from .optim import build_optimizer, build_scheduler, parameter_groups
+from .optim import build_optimizer, build_scheduler, freeze_backbone_at_factor_zero, parameter_groups
 from .precision import precision_history, precision_name, resolve_precision
 from .provenance import record_attempt
 from .resume import (
@@ -166,6 +166,7 @@ class Trainer:
         self.method.to(self.device)
         self.method.setup(num_classes=self.data.num_classes, dataset_size=self.data.train_size, model_factory=self.build_fresh_model)
         self.model: nn.Module = model
+        freeze_backbone_at_factor_zero(model, cfg.optim.get("backbone_lr_factor"))  # (before DDP registers its parameters)
         self.train_model: nn.Module = self._wrap_for_training(model)
         self.step_fn = self.method.training_step  # (model, batch) -> loss terms; compiled on request
         self._compile_step()
