@@ -42,6 +42,11 @@ class SweepRunFailed(CompactHydraException):
     FailedRuns.)"""
 
 
+# Said under torchrun by a node's first rank to lose another rank, on a node where no rank said an error.
+LOST_A_PEER = ("[zipfls-train] stopped: another rank's process ended (the output of its node, and torchrun's "
+               "failure report there, say why)")
+
+
 def _launcher_is(*names: str) -> bool:
     """The sweep's launcher is one of these classes."""
     return str(HydraConfig.get().launcher.get("_target_", "")).endswith(tuple(f".{name}" for name in names))
@@ -84,7 +89,9 @@ def _stopped_at_once(interrupt: KeyboardInterrupt, said: str) -> None:
 
 def _train(cfg: DictConfig, run_dir: Path) -> float | None:
     from zipfls_train.engine.config_checks import check_added_keys
-    from zipfls_train.engine.distributed import launched_by_torchrun, lost_a_peer, speaks_for_its_node
+    from zipfls_train.engine.distributed import (
+        first_on_its_node_to_lose_a_peer, first_on_its_node_to_say, launched_by_torchrun, lost_a_peer, tell_torchrun,
+    )
     from zipfls_train.engine.interrupt import TrainingInterrupted
     from zipfls_train.engine.run import run_training
     from zipfls_train.errors import user_errors
@@ -104,8 +111,9 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
             # The sweep goes on with its other runs; this one is named again at the end, exit status 1.
             print(f"error: {FailedRuns.add(run_dir, str(error))}", file=sys.stderr)
             return None
-        if speaks_for_its_node():  # (under torchrun a node's ranks raise the same error: one line)
+        if first_on_its_node_to_say(str(error)):  # (under torchrun a node's ranks often raise the same error: one line)
             print(f"error: {error}", file=sys.stderr)
+            tell_torchrun(error)
         if in_sweep and not isinstance(error, TrainingInterrupted):
             raise SweepRunFailed(f"{run_dir}: {error}") from None  # a run in a process of its own: Hydra reports it
         if in_sweep and not _launcher_is("ParallelLauncher"):  # (whose own process says what the sweep does)
@@ -116,8 +124,10 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
             FailedRuns.list_earlier()  # (the sweep's closing report of them is skipped by this exit)
         sys.exit(1)
     except RuntimeError as error:
-        if launched_by_torchrun() and lost_a_peer(error):
-            sys.exit(1)  # another rank stopped first and its process says why; this one only lost it
+        if launched_by_torchrun() and lost_a_peer(error):  # another rank stopped first: its process says why
+            if first_on_its_node_to_lose_a_peer():
+                print(LOST_A_PEER, file=sys.stderr)
+            sys.exit(1)
         raise
     # Returned for Hydra sweepers that optimise a metric.
     return None if summary is None else summary.get("best_val_top1")

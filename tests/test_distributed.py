@@ -110,6 +110,50 @@ def test_under_torchrun_a_user_error_is_one_line_not_one_per_rank(tiny_pack_root
     assert errors == ["error: trainer.precision must be one of ['auto', 'fp32', 'bf16', 'fp16'], got 'fp8'"], result.stderr[-3000:]
 
 
+def test_under_torchrun_one_ranks_own_error_is_said_by_that_rank_and_in_torchruns_report(tiny_pack_root, tmp_path):
+    """A user error only rank 1 meets (here its data root, which differs by LOCAL_RANK; in a cluster a
+    corrupt image in its shard, or a node without the data) used to be said by no one: only each
+    node's first rank printed errors, and rank 0 only lost its peer. Now the rank that meets it says
+    it, once, and writes it where torchrun's failure report reads it; rank 0, on the same node, adds
+    nothing."""
+    (tmp_path / "root0").symlink_to(tiny_pack_root)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    result = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node=2", "train.py", *DDP_RUN,
+                             f"dataset.root={tmp_path}/root${{oc.env:LOCAL_RANK}}", f"hydra.run.dir={tmp_path}/run"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode != 0
+    said = f"TinyImageNet not found under dataset.root='{tmp_path}/root1'"
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {said} (resolved: {tmp_path}/root1)."], result.stderr[-3000:]
+    assert f"DatasetError: {said}" in result.stderr  # the report's traceback of rank 1, from its error file
+    assert "another rank's process ended" not in result.stderr
+
+
+def test_on_two_nodes_the_one_without_the_data_says_so_and_the_other_says_it_lost_it(tiny_pack_root, tmp_path):
+    """Two torchrun "nodes" of one rank each on this machine (static rendezvous), node 1 without the
+    data (its root differs by an environment variable, as a node's own disk would): node 1 says its
+    error, node 0, whose rank only lost its peer, says one line pointing there; neither waits."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    nodes = [
+        subprocess.Popen([str(torchrun), "--nnodes=2", f"--node-rank={node}", "--nproc-per-node=1", "--master-addr=127.0.0.1",
+                          f"--master-port={port}", "train.py", *DDP_RUN, "dataset.root=${oc.env:NODE_DATA}", f"hydra.run.dir={tmp_path}/run"],
+                         cwd=REPO, env={**os.environ, "NODE_DATA": str(root)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for node, root in enumerate([tiny_pack_root, tmp_path / "not_on_this_node"])
+    ]  # fmt: skip
+    outputs = [node.communicate(timeout=300)[1] for node in nodes]
+    assert all(node.returncode != 0 for node in nodes)
+    errors = [[line for line in output.splitlines() if line.startswith(("error:", "[zipfls-train] stopped"))] for output in outputs]
+    assert errors[1] == [f"error: TinyImageNet not found under dataset.root='{tmp_path}/not_on_this_node' "
+                         f"(resolved: {tmp_path}/not_on_this_node)."], outputs[1][-3000:]  # fmt: skip
+    assert errors[0] == ["[zipfls-train] stopped: another rank's process ended (the output of its node, and torchrun's failure "
+                         "report there, say why)"], outputs[0][-3000:]  # fmt: skip
+
+
 def test_slurm_launcher_runs_a_sweep_through_submitit_local_executor(tiny_pack_root, tmp_path):
     """hydra/launcher=submitit_slurm shares everything with submitit_local but the cluster: the local
     executor pickles and runs our job function in fresh processes, as SLURM nodes would."""
