@@ -89,7 +89,7 @@ def write_error(path: Path, cause: OSError, kept: str | None = None) -> FileWrit
         kept = f"the previous {path.name} is unchanged" if path.exists() else f"no {path.name} was written"
     return FileWriteError(
         f"cannot write {path} ({reason}): {kept}; free disk space or fix the folder's permissions, "
-        "then rerun the same command to resume from the last checkpoint"
+        "then rerun the same command (it resumes from the run's last checkpoint, or starts over where none was written yet)"
     )
 
 
