@@ -129,10 +129,11 @@ def test_under_torchrun_one_ranks_own_error_is_said_by_that_rank_and_in_torchrun
     assert "another rank's process ended" not in result.stderr
 
 
-def test_on_two_nodes_the_one_without_the_data_says_so_and_the_other_says_it_lost_it(tiny_pack_root, tmp_path):
+def test_on_two_nodes_the_one_without_the_data_says_so_and_the_other_says_which_rank_stopped_and_why(tiny_pack_root, tmp_path):
     """Two torchrun "nodes" of one rank each on this machine (static rendezvous), node 1 without the
     data (its root differs by an environment variable, as a node's own disk would): node 1 says its
-    error, node 0, whose rank only lost its peer, says one line pointing there; neither waits."""
+    error; node 0, whose rank waited for it before their first collective (with NCCL, a rank gone
+    leaves the others in it until its timeout), says which rank stopped and why; neither waits."""
     import socket
 
     with socket.socket() as probe:
@@ -147,11 +148,10 @@ def test_on_two_nodes_the_one_without_the_data_says_so_and_the_other_says_it_los
     ]  # fmt: skip
     outputs = [node.communicate(timeout=300)[1] for node in nodes]
     assert all(node.returncode != 0 for node in nodes)
+    said = f"TinyImageNet not found under dataset.root='{tmp_path}/not_on_this_node' (resolved: {tmp_path}/not_on_this_node)."
     errors = [[line for line in output.splitlines() if line.startswith(("error:", "[zipfls-train] stopped"))] for output in outputs]
-    assert errors[1] == [f"error: TinyImageNet not found under dataset.root='{tmp_path}/not_on_this_node' "
-                         f"(resolved: {tmp_path}/not_on_this_node)."], outputs[1][-3000:]  # fmt: skip
-    assert errors[0] == ["[zipfls-train] stopped: another rank's process ended (the output of its node, and torchrun's failure "
-                         "report there, say why)"], outputs[0][-3000:]  # fmt: skip
+    assert errors[1] == [f"error: {said}"], outputs[1][-3000:]
+    assert errors[0] == [f"error: rank 1 (node 1, {socket.gethostname()}) stopped before training started: {said}"], outputs[0][-3000:]
 
 
 def test_slurm_launcher_runs_a_sweep_through_submitit_local_executor(tiny_pack_root, tmp_path):

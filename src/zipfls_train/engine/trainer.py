@@ -52,6 +52,8 @@ from .resume import (
     report_finished, warn_if_precision_changed,
 )
 from .run_folder import not_writable, set_aside_earlier_attempt
+from .torchrun_store import wait_for_every_rank
+
 
 class NonFiniteLossError(RuntimeError):
     """Raised when a loss term, or the model's weights, become NaN/inf; the last good checkpoint is
@@ -218,7 +220,12 @@ class Trainer:
             )
 
     def _wrap_for_training(self, model: nn.Module) -> nn.Module:
-        return wrap_ddp(model, self.device, bool(self.cfg.trainer.sync_batchnorm)) if self.ctx.enabled else model
+        if not self.ctx.enabled:
+            return model
+        # Before DDP's first broadcast: under torchrun a rank that stopped setting up on another node
+        # (its data missing) is said at once, not waited for in the collective (NCCL: 10 minutes).
+        wait_for_every_rank(self.ctx.world_size)
+        return wrap_ddp(model, self.device, bool(self.cfg.trainer.sync_batchnorm))
 
     def _compile_step(self) -> None:
         """trainer.compile: one compiled graph for the model's forward and the method's loss (on
