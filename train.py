@@ -125,6 +125,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
             FailedRuns.list_earlier()  # (the sweep's closing report of them is skipped by this exit)
         sys.exit(1)
     except AnotherRankStopped as stopped:  # under torchrun, on another node: said once per node
+        _remove_if_empty(run_dir)
         if first_on_its_node_to_lose_a_peer():
             print(f"error: {stopped}", file=sys.stderr)
         sys.exit(1)

@@ -61,7 +61,7 @@ def test_without_torchrun_or_without_its_store_every_process_speaks_and_nobody_w
     monkeypatch.setattr(torchrun_store, "STORE_TIMEOUT_S", 0.2)
     assert first_on_its_node_to_say("x") and first_on_its_node_to_say("x")
     assert first_on_its_node_to_lose_a_peer() and first_on_its_node_to_lose_a_peer()
-    wait_for_every_rank(2)  # returns (the collective after it fails, or waits, as it would have)
+    wait_for_every_rank(2, "model built")  # returns (the collective after it fails, or waits, as it would have)
     monkeypatch.delenv("RANK")
     assert first_on_its_node_to_say("x") and first_on_its_node_to_lose_a_peer()
 
@@ -75,7 +75,7 @@ def test_ranks_wait_for_each_other_and_stop_at_once_when_one_on_another_node_sto
         raise ValueError("a later failure")  # the first rank's to stop is kept
     as_rank(monkeypatch, rank=0, node=0)
     with pytest.raises(AnotherRankStopped) as stopped:
-        wait_for_every_rank(4)
+        wait_for_every_rank(4, "model built")
     assert str(stopped.value) == f"rank 1 (node 1, {socket.gethostname()}) stopped before training started: said: no /data on this node"
 
 
@@ -85,7 +85,7 @@ def test_a_rank_stopped_on_this_node_is_left_to_torchrun_for_a_while(store, monk
     as_rank(monkeypatch, rank=1, node=0)
     monkeypatch.setattr(torchrun_store, "SAME_NODE_GRACE_S", 0.3)  # torchrun's agent stops this rank meanwhile
     with pytest.raises(AnotherRankStopped, match=r"^rank 0 of this node stopped before training started: CUDA error"):
-        wait_for_every_rank(2)
+        wait_for_every_rank(2, "model built")
 
 
 def test_a_rank_that_lost_a_peer_or_was_interrupted_records_nothing(store, monkeypatch):
@@ -96,9 +96,11 @@ def test_a_rank_that_lost_a_peer_or_was_interrupted_records_nothing(store, monke
 
 
 def test_every_rank_set_up_lets_each_go_on(store, monkeypatch):
-    store.add(torchrun_store._attempt_key("set_up"), 1)  # rank 1 got there first
-    wait_for_every_rank(2)
-    assert store.add(torchrun_store._attempt_key("set_up"), 0) == 2
+    store.add(torchrun_store._attempt_key("arrived", "model built"), 1)  # rank 1 got there first
+    wait_for_every_rank(2, "model built")
+    assert store.add(torchrun_store._attempt_key("arrived", "model built"), 0) == 2
+    store.add(torchrun_store._attempt_key("arrived", "weights read"), 1)  # each place counts its own arrivals
+    wait_for_every_rank(2, "weights read")
 
 
 def _closed_port() -> int:

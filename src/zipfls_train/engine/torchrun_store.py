@@ -5,10 +5,11 @@ ranks of every node.
 - Which rank prints an error: the first of its node to raise that same error
   (:func:`first_on_its_node_to_say`), and a rank that only lost a peer says so once per node
   (:func:`first_on_its_node_to_lose_a_peer`).
-- A rank that stops before training starts (its node lacks the data, say) records why
-  (:func:`others_told_if_this_rank_stops`); every rank waits for all to be set up before their first
-  collective (:func:`wait_for_every_rank`) and stops at once with that message, where it would
-  otherwise wait in the collective for a rank that is gone: with NCCL until its timeout (10 minutes).
+- A rank that stops before training starts (its node lacks the data or model.init_from, say)
+  records why (:func:`others_told_if_this_rank_stops`); the ranks wait for each other where their
+  set-up could fail on one rank alone, before a collective (:func:`wait_for_every_rank`), and stop
+  at once with that message, where they would otherwise wait in the collective for a rank that is
+  gone: with NCCL until its timeout (10 minutes).
 
 Keys are per launch, restart and (where said so) node. Outside torchrun every function is a no-op
 that lets the process speak for itself. An unreachable store is never a reason to fail: the error is
@@ -109,9 +110,10 @@ def others_told_if_this_rank_stops(describe: Callable[[BaseException], str]) -> 
         raise
 
 
-def wait_for_every_rank(world_size: int) -> None:
-    """Under torchrun, before the ranks' first collective: return once all ``world_size`` ranks got
-    here, or raise :class:`AnotherRankStopped` once a rank on another node recorded that it stopped.
+def wait_for_every_rank(world_size: int, stage: str) -> None:
+    """Under torchrun, before a collective of the ranks' set-up (``stage`` names the place): return
+    once all ``world_size`` ranks got here, or raise :class:`AnotherRankStopped` once a rank on
+    another node recorded that it stopped.
     One on this node is left to torchrun, whose agent stops this rank too when it sees that one end
     (its failure report naming the rank that failed first): this rank keeps waiting, for at most
     ``SAME_NODE_GRACE_S``. After the process group's timeout it returns, as if all had come (the
@@ -120,7 +122,7 @@ def wait_for_every_rank(world_size: int) -> None:
         return
 
     def wait(store: dist.TCPStore) -> None:
-        arrived, stopped = _attempt_key("set_up"), _attempt_key("stopped")
+        arrived, stopped = _attempt_key("arrived", stage), _attempt_key("stopped")
         store.add(arrived, 1)
         deadline, same_node_since = time.monotonic() + default_pg_timeout.total_seconds(), None
         while time.monotonic() < deadline:

@@ -224,7 +224,7 @@ class Trainer:
             return model
         # Before DDP's first broadcast: under torchrun a rank that stopped setting up on another node
         # (its data missing) is said at once, not waited for in the collective (NCCL: 10 minutes).
-        wait_for_every_rank(self.ctx.world_size)
+        wait_for_every_rank(self.ctx.world_size, "model built")
         return wrap_ddp(model, self.device, bool(self.cfg.trainer.sync_batchnorm))
 
     def _compile_step(self) -> None:
@@ -303,6 +303,8 @@ class Trainer:
             return self._already_finished()
         resumed = state == "resumed"
         initial = None if resumed else self._start_from_initial_weights()
+        if self.ctx.enabled:  # (model.init_from missing on one node, say: said before the first step's all-reduce)
+            wait_for_every_rank(self.ctx.world_size, "weights read")
         if self.ctx.is_main:
             # Only once the resume check has passed: a refused rerun leaves the folder as it was.
             self._prepare_run_folder(resumed, initial)
