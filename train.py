@@ -89,9 +89,8 @@ def _stopped_at_once(interrupt: KeyboardInterrupt, said: str) -> None:
 
 def _train(cfg: DictConfig, run_dir: Path) -> float | None:
     from zipfls_train.engine.config_checks import check_added_keys
-    from zipfls_train.engine.distributed import launched_by_torchrun, lost_a_peer
-    from zipfls_train.engine.torchrun_store import (
-        AnotherRankStopped, first_on_its_node_to_lose_a_peer, first_on_its_node_to_say, tell_torchrun,
+    from zipfls_train.engine.distributed import (
+        first_on_its_node_to_lose_a_peer, first_on_its_node_to_say, launched_by_torchrun, lost_a_peer, tell_torchrun,
     )
     from zipfls_train.engine.interrupt import TrainingInterrupted
     from zipfls_train.engine.run import run_training
@@ -123,11 +122,6 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
             print("[zipfls-train] the sweep stops here, before its later runs; rerun the same command to go on "
                   "(finished runs are skipped, this one resumes)", file=sys.stderr)  # fmt: skip
             FailedRuns.list_earlier()  # (the sweep's closing report of them is skipped by this exit)
-        sys.exit(1)
-    except AnotherRankStopped as stopped:  # under torchrun, on another node: said once per node
-        _remove_if_empty(run_dir)
-        if first_on_its_node_to_lose_a_peer():
-            print(f"error: {stopped}", file=sys.stderr)
         sys.exit(1)
     except RuntimeError as error:
         if launched_by_torchrun() and lost_a_peer(error):  # another rank stopped first: its process says why

@@ -34,7 +34,6 @@ from .environment_variables import variables_set
 from .interrupt import StopRequests, TrainingInterrupted
 from .out_of_memory import out_of_memory_of_a_run
 from .resume import finished_as_recorded, report_finished
-from .torchrun_store import others_told_if_this_rank_stops
 from .trainer import Trainer
 
 
@@ -186,16 +185,6 @@ def _record_torchrun_processes(container: dict[str, Any], rank: int) -> None:
 
 def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     """Train one run in ``run_dir``; returns the summary (rank 0 / single process)."""
-    with others_told_if_this_rank_stops(_said):  # (under torchrun: the ranks of other nodes wait for this one)
-        return _run_training(cfg, run_dir)
-
-
-def _said(error: BaseException) -> str:
-    """An error as train.py says it: a user error's message, else the exception's kind too."""
-    return str(error) if isinstance(error, user_errors()) else f"{type(error).__name__}: {error}"
-
-
-def _run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     validate_config(cfg)
     # A rerun finished run needs no data, model or ranks. (Under torchrun every rank checks the folder
     # in the trainer, together: ranks that disagreed here would wait for each other forever.)

@@ -52,8 +52,6 @@ from .resume import (
     report_finished, warn_if_precision_changed,
 )
 from .run_folder import not_writable, set_aside_earlier_attempt
-from .torchrun_store import wait_for_every_rank
-
 
 class NonFiniteLossError(RuntimeError):
     """Raised when a loss term, or the model's weights, become NaN/inf; the last good checkpoint is
@@ -220,12 +218,7 @@ class Trainer:
             )
 
     def _wrap_for_training(self, model: nn.Module) -> nn.Module:
-        if not self.ctx.enabled:
-            return model
-        # Before DDP's first broadcast: under torchrun a rank that stopped setting up on another node
-        # (its data missing) is said at once, not waited for in the collective (NCCL: 10 minutes).
-        wait_for_every_rank(self.ctx.world_size, "model built")
-        return wrap_ddp(model, self.device, bool(self.cfg.trainer.sync_batchnorm))
+        return wrap_ddp(model, self.device, bool(self.cfg.trainer.sync_batchnorm)) if self.ctx.enabled else model
 
     def _compile_step(self) -> None:
         """trainer.compile: one compiled graph for the model's forward and the method's loss (on
@@ -303,8 +296,6 @@ class Trainer:
             return self._already_finished()
         resumed = state == "resumed"
         initial = None if resumed else self._start_from_initial_weights()
-        if self.ctx.enabled:  # (model.init_from missing on one node, say: said before the first step's all-reduce)
-            wait_for_every_rank(self.ctx.world_size, "weights read")
         if self.ctx.is_main:
             # Only once the resume check has passed: a refused rerun leaves the folder as it was.
             self._prepare_run_folder(resumed, initial)
