@@ -89,9 +89,8 @@ def _stopped_at_once(interrupt: KeyboardInterrupt, said: str) -> None:
 
 def _train(cfg: DictConfig, run_dir: Path) -> float | None:
     from zipfls_train.engine.config_checks import check_added_keys
-    from zipfls_train.engine.distributed import (
-        first_on_its_node_to_lose_a_peer, first_on_its_node_to_say, launched_by_torchrun, lost_a_peer, tell_torchrun,
-    )
+    from zipfls_train.engine.distributed import launched_by_torchrun, lost_a_peer
+    from zipfls_train.engine.torchrun_reports import first_on_its_node_to_lose_a_peer, first_on_its_node_to_say, tell_torchrun
     from zipfls_train.engine.interrupt import TrainingInterrupted
     from zipfls_train.engine.run import run_training
     from zipfls_train.errors import user_errors

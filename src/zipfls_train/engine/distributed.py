@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import datetime
-import hashlib
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,57 +33,6 @@ def processes_on_this_node(world_size: int) -> int:
 
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
-
-
-def first_on_its_node_to_say(error_message: str) -> bool:
-    """Whether this process prints ``error_message``, a user error: every process, but under
-    torchrun only the first of each node's ranks to raise this same error. A node's ranks often fail
-    alike (a config value, the node's data): one line, not one per rank; a rank's own error (a
-    corrupt image in its shard) is said, by that rank. The ranks count what they said in torchrun's
-    TCP store (its agent's, on the first node); unreachable, the error is said (twice, it may be,
-    never not at all)."""
-    digest = hashlib.sha256(error_message.encode()).hexdigest()[:16]
-
-    def first_to_say(store: dist.TCPStore) -> bool:
-        store.add(_node_key("errors"), 1)
-        return store.add(_node_key(digest), 1) == 1
-
-    return _count_on_the_node(first_to_say)
-
-
-def first_on_its_node_to_lose_a_peer() -> bool:
-    """Whether this process says it stopped because another rank's process ended: under torchrun
-    the node's first rank to lose one, where none of the node's ranks said an error (the peer was
-    one of them: its error is there already); every process otherwise."""
-    return _count_on_the_node(lambda store: store.add(_node_key("errors"), 0) == 0 and store.add(_node_key("lost_a_peer"), 1) == 1)
-
-
-def _node_key(name: str) -> str:
-    """A key of this torchrun attempt and node in its store."""
-    attempt = [os.environ.get(name, "") for name in ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "GROUP_RANK")]
-    return "/".join(["zipfls_train", *attempt, name])
-
-
-def _count_on_the_node(first: Callable[[dist.TCPStore], bool]) -> bool:
-    if not launched_by_torchrun():
-        return True
-    try:
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                              timeout=datetime.timedelta(seconds=5))  # fmt: skip
-        return first(store)
-    except Exception:  # noqa: BLE001 - no store (its host ended, a launcher without one): say it
-        return True
-
-
-def tell_torchrun(error: BaseException) -> None:
-    """Under torchrun: ``error`` into the file its agent reads a failed process's error from
-    (TORCHELASTIC_ERROR_FILE), so its failure report shows this rank's message (and traceback) rather
-    than "error_file: <N/A>"; the first rank to fail is its "Root Cause". Called in the ``except``
-    block that handles ``error``."""
-    if launched_by_torchrun() and os.environ.get("TORCHELASTIC_ERROR_FILE"):
-        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
-
-        ErrorHandler().record_exception(error)
 
 
 def lost_a_peer(error: BaseException) -> bool:
