@@ -39,9 +39,9 @@ def check_names(optim_name: object, sched_name: object) -> None:
 def freeze_backbone_at_factor_zero(model: nn.Module, backbone_lr_factor: float | None) -> None:
     """``optim.backbone_lr_factor=0``: the backbone's weights never move (lr 0), so their gradients
     are not computed either: the backward pass stops at the classifier and the heads, skipping the
-    backbone's, most of a step (experiments/finetune_speed.md). Its BatchNorm statistics still follow
-    the new data (the layers stay in training mode). Called before DDP wraps the model, whose all-reduce then
-    leaves the backbone out."""
+    backbone's, most of a step (experiments/finetune_speed.md). Its BatchNorm statistics still
+    follow the new data (the layers stay in training mode). Called before DDP wraps the model,
+    whose all-reduce then leaves the backbone out."""
     if backbone_lr_factor is not None and float(backbone_lr_factor) == 0:
         model.backbone.requires_grad_(False)
 
