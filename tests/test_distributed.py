@@ -60,6 +60,20 @@ def test_two_process_ddp_matches_one_process_on_the_global_batch(tiny_pack_root,
     assert abs(correct - round(correct)) < 1e-9  # a whole number of images out of 35
 
 
+def test_two_process_ddp_trains_the_heads_of_a_frozen_backbone_as_one_process(tiny_pack_root, tmp_path):
+    # optim.backbone_lr_factor=0 takes the backbone's gradients away before DDP registers the
+    # parameters: frozen after, DDP would wait for their gradients and fail at the second step.
+    common = [*DDP_RUN, f"dataset.root={tiny_pack_root}", "trainer.max_steps_per_epoch=3", "optim.backbone_lr_factor=0"]
+    run_training(compose([*common, "trainer.devices=1"]), tmp_path / "single")
+    run_training(compose([*common, "trainer.devices=2"]), tmp_path / "ddp")
+    single, ddp = _weights(tmp_path / "single"), _weights(tmp_path / "ddp")
+    for name, tensor in single.items():
+        if name.startswith("backbone."):  # the same initial weights (rank 0's, broadcast), never moved
+            assert torch.equal(ddp[name], tensor), name
+        else:
+            torch.testing.assert_close(ddp[name], tensor, rtol=1e-4, atol=2e-3, msg=name)
+
+
 def test_two_process_ddp_trains_channels_last_models_as_one_process(tiny_pack_root, tmp_path, monkeypatch):
     # DDP's gradient buckets hold channels_last gradients as views in the parameters' own strides:
     # one step agrees to float rounding (a wrong layout would scramble each 4-d weight's gradient).
