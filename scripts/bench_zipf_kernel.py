@@ -42,10 +42,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from zipfls_train.losses import zipf_fused  # noqa: E402
 from zipfls_train.losses.zipf_fused import LaunchConfig, launched_with  # noqa: E402
 
-# Candidates: the default (4 warps up to 64 votes, a 1,024-element vote tile) and more warps per
-# program, with the same or a larger tile (registers per thread on sm_90, from Triton's own build:
-# 4/1024 128, 8/1024 80, 8/2048 153, 16/1024 61, 16/2048 97, 16/4096 128 plus a 128-byte stack).
-CAST_CONFIGS = [LaunchConfig(w, t) for w, t in [(4, 1024), (8, 1024), (8, 2048), (16, 1024), (16, 2048), (16, 4096)]]
+# Candidates: the default first (16 warps where the kernel casts the votes, a 1,024-element vote
+# tile; 4 warps before 2026-11-29) and other warps per program, with the same or a larger tile
+# (registers per thread on sm_90, from Triton's own build: 4/1024 128, 8/1024 80, 8/2048 153,
+# 16/1024 61, 16/2048 97, 16/4096 128 plus a 128-byte stack).
+CAST_CONFIGS = [LaunchConfig(w, t) for w, t in [(16, 1024), (4, 1024), (8, 1024), (8, 2048), (16, 2048), (16, 4096)]]
 GIVEN_CONFIGS = [LaunchConfig(w) for w in (4, 8, 16)]  # no vote casting: the tile does not matter
 
 

@@ -22,14 +22,14 @@
 #            vs four at once on the GPU (hydra/launcher=parallel): does sharing pay?  T_SWEEP   240 s
 # A device call is limited to 600 s and a session's GPU time to ~15 minutes, the machine's start
 # (1-2 min) included: two calls, the second right after the first (a machine left idle for 30 s is
-# given back). Measured so far (experiments/gpu_h100_2026-11-27.md, gpu_h100_2026-11-28.md): tests,
-# loss, train, methods and quick; profile in part (cut at its old 120 s limit); never graphs or kernel.
-# On 2026-11-28 the tests part ran 17 of the 26 tests (a folder argument had put the kernel's files
-# last): the fused kernel's 8 CUDA tests last passed on 2026-11-27, and its pass over the logits
-# has changed since (sums relative to the row's maximum, 2026-11-28): not yet run on a GPU.
+# given back). Measured so far (experiments/gpu_h100_2026-11-27.md, gpu_h100_2026-11-28.md,
+# gpu_h200_2026-11-29.md): tests (all 26 passed on 2026-11-29), graphs (7 of 9: DDGSD and BAN over
+# the old tolerance, since loosened for epoch 2, not rerun), kernel, loss, profile, train, methods
+# and quick; never sweep. On 2026-11-29 the kernel's default became 16 warps at 32 px (half its
+# time); the compiled step's Zipf/CE in wall time with it is not yet measured over many rounds.
 # Next, most wanted first (what is left of issues #3 and #8), as two calls, the second at once:
-#   PARTS="tests kernel" bash scripts/gpu_check.sh $OUT               (~6 min)
-#   PARTS="graphs loss profile" bash scripts/gpu_check.sh $OUT        (~7 min)
+#   PARTS="graphs kernel" bash scripts/gpu_check.sh $OUT             (~6 min)
+#   PARTS="train sweep" TRAIN_ARGS="--cases compile --compile-modes reduce-overhead --rounds 31" bash scripts/gpu_check.sh $OUT
 # All parts at their limits take ~21 min, more than one session's GPU time: choose.
 # Usage: [PARTS="..."] bash scripts/gpu_check.sh [OUT_DIR]
 # Data: $ZIPFLS_DATA (a folder holding tinyimagenet-32/), default .gpu_data, else ../shared/data.

@@ -407,7 +407,8 @@ def test_kernel_backward_multiplies_by_the_upstream_gradient(tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize(
-    ("capability", "block_v", "block_c", "num_warps"), [(90, 64, 256, 4), (90, 128, 1024, 8), (80, 16, 16, 4), (90, 512, 256, 8), (80, 256, 1024, 8)]
+    ("capability", "block_v", "block_c", "num_warps"),
+    [(90, 64, 256, 4), (90, 64, 256, 16), (90, 128, 1024, 8), (80, 16, 16, 4), (90, 512, 256, 8), (80, 256, 1024, 8)],
 )
 def test_kernel_compiles_for_gpus_without_spilling(capability: int, block_v: int, block_c: int, num_warps: int, tmp_path: Path) -> None:
     triton_or_fail()
@@ -480,6 +481,19 @@ def test_a_launch_config_sets_the_kernels_warps_and_vote_tile(monkeypatch: pytes
             zipf_fused._run_kernel(logits, targets, *options)
     (launch,) = recorded.launches
     assert (launch["grid"], launch["num_warps"], launch["BLOCK_CV"]) == ((3,), warps, vote_classes)
+
+
+def test_by_default_the_kernel_casting_votes_runs_16_warps_and_with_given_votes_4(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 16 warps halved the kernel's time where it casts the votes (the 32 px recipe) on an H200; with
+    # given votes (224 px) 4 and 8 were within 5%, 16 slower (experiments/gpu_h200_2026-11-29.md).
+    triton_or_fail()
+    recorded = RecordedLaunch()
+    monkeypatch.setattr(zipf_fused, "_zipf_kernel", recorded)
+    logits, targets = torch.randn(3, 200), torch.tensor([0, 5, 7])
+    dense = torch.randn(3, 16, 200)  # a 4 x 4 map's dense logits: 64 votes once upsampled
+    zipf_fused._run_kernel(logits, targets, dense, zipf_fused._UPSAMPLED_DENSE_LOGITS, 4, 4, 1.0, "zipf", 1.0, True)
+    zipf_fused._run_kernel(logits, targets, torch.randint(200, (3, 49)), zipf_fused._GIVEN_VOTES, 1, 1, 1.0, "zipf", 1.0, True)
+    assert [(launch["num_warps"], launch["BLOCK_V"]) for launch in recorded.launches] == [(16, 64), (4, 64)]
 
 
 def test_launched_with_restores_the_default_after_its_block_even_on_an_error(monkeypatch: pytest.MonkeyPatch) -> None:

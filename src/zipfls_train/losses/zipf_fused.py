@@ -84,15 +84,20 @@ class LaunchConfig:
     At the paper's batch a program runs alone on its SM, so its latency is the kernel's:
     ``scripts/bench_zipf_kernel.py`` times the candidates on a GPU."""
 
-    # None: 4 up to 64 votes per sample, else 8.
+    # None: 16 where the kernel casts the votes itself (the 32 px recipe: on an H200 the kernel took
+    # 14.0 us with 16 warps, 28.8 us with 4, at batch 128 and 200 classes; 10.6 vs 19.0 us at 100:
+    # experiments/gpu_h200_2026-11-29.md); for given votes 4 up to 64 votes per sample (4 and 8
+    # within 5% at 224 px), else 8.
     num_warps: int | None = None
-    # Pixels x classes per step of the vote casting. The default takes 128 registers per thread at
-    # 64 votes and 4 warps on sm_90, no spills (tests/test_zipf_fused.py); other tiles and warps
-    # take other counts (scripts/bench_zipf_kernel.py lists its candidates').
+    # Pixels x classes per step of the vote casting. No spills at 64 votes with 4 or 16 warps on
+    # sm_90 (tests/test_zipf_fused.py); other tiles and warps take other register counts
+    # (scripts/bench_zipf_kernel.py lists its candidates').
     vote_tile: int = 1024
 
-    def warps(self, block_v: int) -> int:
-        return self.num_warps or (4 if block_v <= 64 else 8)
+    def warps(self, block_v: int, casts_votes: bool) -> int:
+        if self.num_warps is not None:
+            return self.num_warps
+        return 16 if casts_votes else (4 if block_v <= 64 else 8)
 
     def vote_class_block(self, block_v: int) -> int:
         """Classes per step of the vote casting (BLOCK_CV)."""
@@ -403,7 +408,7 @@ def _run_kernel(logits: Tensor, targets: Tensor, *options: object) -> tuple[Tens
         BLOCK_C=min(_MAX_CLASS_BLOCK, max(16, _next_power_of_two(num_classes))),
         BLOCK_CV=_launch_config.vote_class_block(block_v),
         BLOCK_T=_RANK_CHUNK,
-        num_warps=_launch_config.warps(block_v),
+        num_warps=_launch_config.warps(block_v, casts_votes=votes_from != _GIVEN_VOTES),
     )
     return rows.sum(dim=1), grad
 
