@@ -53,12 +53,12 @@ def parameter_groups(model: nn.Module, others: Iterable[nn.Parameter], backbone_
     holds all its parameters, those :func:`freeze_backbone_at_factor_zero` froze too (SGD passes
     over a parameter without a gradient): the optimiser's state has one layout at every factor, and
     a checkpoint written before factor 0 froze the backbone resumes."""
+    trainable = [p for p in [*model.parameters(), *others] if p.requires_grad]
     if backbone_lr_factor is None:
-        return [{"params": [p for p in [*model.parameters(), *others] if p.requires_grad]}]
+        return [{"params": trainable}]
     backbone = list(model.backbone.parameters())
     in_backbone = {id(p) for p in backbone}
-    heads = [p for p in [*model.parameters(), *others] if p.requires_grad and id(p) not in in_backbone]
-    return [{"params": heads}, {"params": backbone, "lr_factor": float(backbone_lr_factor)}]
+    return [{"params": [p for p in trainable if id(p) not in in_backbone]}, {"params": backbone, "lr_factor": float(backbone_lr_factor)}]
 
 
 def build_optimizer(cfg: Mapping[str, Any], parameters: Iterable[nn.Parameter] | list[dict[str, Any]], global_batch: int,
